@@ -1,0 +1,3 @@
+from fetcher.cli import entry
+
+entry()

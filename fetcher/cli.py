@@ -1,0 +1,378 @@
+"""The ``fetch`` command: options, display, and errors turned into messages and exit codes.
+
+``main(argv) -> int`` never raises for a user error and never prints a
+traceback for one; tests call it directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any, TextIO
+
+from rich.console import Console
+
+from fetcher import __version__
+from fetcher.config import MirrorJob, build_job, default_procs, load_config
+from fetcher.errors import FetchError, UsageError
+from fetcher.models import Summary
+from fetcher.pipeline import mirror
+from fetcher.progress import LineReporter, RichReporter
+from fetcher.report import exit_code, render, write_metrics, write_report
+
+__all__ = ["build_parser", "entry", "main"]
+
+EPILOG = """\
+examples:
+  fetch --mirror https://mirrors.example.org/centos/7/os/x86_64/Packages/ --procs 4
+  fetch --mirror URL --dest /srv/mirror/pkgs --exclude '*.src.rpm' --delete
+  fetch --mirror URL --dry-run              # what would be fetched, skipped, deleted
+  fetch --config configs/mirrors.toml --job centos
+  fetch demo                                # a local sample mirror, end to end
+
+exit codes: 0 done, 1 some files failed (listed), 2 usage or config error,
+            3 another run holds DEST's lock, 4 DEST unwritable or disk full, 130 interrupted
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # argparse would sys.exit(2) itself
+        raise UsageError(message, f"see '{self.prog} --help'")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="fetch",
+        description="Mirror the files below an HTTP directory listing into a local tree: "
+        "in parallel, politely, incrementally and safely.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("url", nargs="?", help=argparse.SUPPRESS)
+    g = p.add_argument_group("what to mirror")
+    g.add_argument(
+        "--mirror",
+        metavar="URL",
+        help="start URL: a directory listing; nothing above it or off-site is fetched",
+    )
+    g.add_argument(
+        "--dest",
+        metavar="DIR",
+        help="local directory (default: the URL's last path segment, as lftp does)",
+    )
+    g.add_argument(
+        "--include",
+        metavar="GLOB",
+        action="append",
+        help="fetch only files matching GLOB (repeatable; a GLOB without '/' matches the name, with '/' the relative path)",
+    )
+    g.add_argument(
+        "--exclude",
+        metavar="GLOB",
+        action="append",
+        help="skip files and directories matching GLOB; an excluded directory is not crawled (repeatable)",
+    )
+    g.add_argument(
+        "--depth",
+        type=int,
+        metavar="N",
+        help="how many directory levels below the start URL to crawl (default 64)",
+    )
+    g.add_argument(
+        "--alias",
+        dest="aliases",
+        metavar="HOST[:PORT]",
+        action="append",
+        help="another host serving the same tree; redirects to it are followed (repeatable)",
+    )
+    g.add_argument(
+        "--config",
+        metavar="FILE",
+        type=Path,
+        help="run the jobs of a TOML config file (see configs/)",
+    )
+    g.add_argument(
+        "--job",
+        metavar="NAME",
+        action="append",
+        help="with --config: run only this job (repeatable)",
+    )
+    g.add_argument(
+        "--check",
+        action="store_true",
+        help="with --config: validate and print the resolved jobs; no network",
+    )
+
+    g = p.add_argument_group("speed and politeness")
+    g.add_argument(
+        "--procs",
+        type=int,
+        metavar="N",
+        help=f"worker processes (default: CPU count, at most 4; here {default_procs()})",
+    )
+    g.add_argument(
+        "--max-connections",
+        type=int,
+        metavar="N",
+        help="connections to the mirror across all processes (default 8; big mirrors reset clients above ~12)",
+    )
+    g.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="download threads per process (default: max-connections ÷ procs); threads beyond the cap wait for a connection",
+    )
+    g.add_argument(
+        "--limit-rate", metavar="RATE", help="total bandwidth for the whole run, e.g. 500k, 20M"
+    )
+    g.add_argument(
+        "--listing-rate", type=float, metavar="N", help="at most N directory listings per second"
+    )
+    g.add_argument(
+        "--retries", type=int, metavar="N", help="attempts per file and per listing (default 5)"
+    )
+    g.add_argument(
+        "--timeout", type=float, metavar="S", help="read timeout in seconds (default 30)"
+    )
+    g.add_argument(
+        "--connect-timeout", type=float, metavar="S", help="connect timeout in seconds (default 10)"
+    )
+
+    g = p.add_argument_group("sync")
+    g.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan (fetch / skip / delete, with bytes); change nothing",
+    )
+    g.add_argument(
+        "--delete",
+        action="store_true",
+        help="remove local files no longer upstream (only after a complete, error-free crawl)",
+    )
+    g.add_argument(
+        "--max-delete",
+        metavar="N|P%",
+        help="refuse to delete more than N files or P%% of them (default 10%%)",
+    )
+    g.add_argument("--force", action="store_true", help="delete even beyond --max-delete")
+
+    g = p.add_argument_group("TLS")
+    g.add_argument("--ca-cert", metavar="FILE", help="trust this CA bundle instead of the system's")
+    g.add_argument(
+        "--insecure", action="store_true", help="do not verify TLS certificates (explicit opt-out)"
+    )
+
+    g = p.add_argument_group("output")
+    g.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress; only problems and the summary"
+    )
+    g.add_argument("-v", "--verbose", action="store_true", help="one line per file and per retry")
+    g.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default=None,
+        help="unattended output format (default text; json = JSON lines)",
+    )
+    g.add_argument(
+        "--log-file", metavar="PATH", type=Path, help="write the unattended log here too (appends)"
+    )
+    g.add_argument("--report", metavar="PATH", type=Path, help="write a JSON report")
+    g.add_argument(
+        "--metrics", metavar="PATH", type=Path, help="write a Prometheus textfile (node_exporter)"
+    )
+    g.add_argument("--version", action="version", version=f"fetch {__version__}")
+    return p
+
+
+_CLI_KEYS = {
+    "mirror": "url", "dest": "dest", "include": "include", "exclude": "exclude", "depth": "depth",
+    "aliases": "aliases", "procs": "procs", "max_connections": "max_connections", "threads": "threads",
+    "limit_rate": "limit_rate", "listing_rate": "listing_rate", "retries": "retries", "timeout": "timeout",
+    "connect_timeout": "connect_timeout", "dry_run": "dry_run", "delete": "delete", "max_delete": "max_delete",
+    "force": "force", "ca_cert": "ca_cert", "insecure": "insecure",
+}  # fmt: skip
+
+
+def _overrides(ns: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for attr, key in _CLI_KEYS.items():
+        v = getattr(ns, attr, None)
+        if v is None or v is False:
+            continue
+        if isinstance(v, list):
+            v = tuple(v)
+        out[key] = v
+    if isinstance(out.get("max_delete"), str) and out["max_delete"].isdigit():
+        out["max_delete"] = int(out["max_delete"])
+    return out
+
+
+def _flag(key: str) -> str:
+    return "--" + {"url": "mirror"}.get(key, key).replace("_", "-")
+
+
+def _job_from_cli(ns: argparse.Namespace) -> MirrorJob:
+    vals = _overrides(ns)
+    if ns.url and "url" not in vals:
+        vals["url"] = ns.url
+    if "url" not in vals:
+        raise UsageError(
+            "nothing to do: give --mirror URL (or --config FILE, or 'fetch demo')",
+            "see 'fetch --help'",
+        )
+    for key in ("include", "exclude", "aliases"):
+        if key in vals:
+            vals[key] = list(vals[key])
+    try:
+        return build_job(vals, "options")
+    except UsageError as exc:
+        # "options.threads: ..." reads better as "--threads: ..."
+        msg = exc.message.removeprefix("options.")
+        key, _, rest = msg.partition(":")
+        raise UsageError(f"{_flag(key)}:{rest}" if rest else msg, exc.hint) from None
+
+
+def _jobs(ns: argparse.Namespace) -> list[MirrorJob]:
+    if ns.config is None:
+        if ns.job or ns.check:
+            raise UsageError("--job and --check go with --config FILE")
+        return [_job_from_cli(ns)]
+    from dataclasses import replace
+
+    jobs = load_config(ns.config)
+    if ns.job:
+        missing = [n for n in ns.job if n not in jobs]
+        if missing:
+            raise UsageError(
+                f"{ns.config.name}: no job named {', '.join(missing)}; jobs: {', '.join(jobs)}"
+            )
+        jobs = {n: jobs[n] for n in ns.job}
+    over = _overrides(ns)
+    out = []
+    for name, job in jobs.items():
+        merged = {k: v for k, v in over.items() if k != "url"}
+        out.append(
+            replace(
+                job, **{k: (Path(v) if k in ("dest", "ca_cert") else v) for k, v in merged.items()}
+            )
+            if merged
+            else job
+        )
+        del name
+    return out
+
+
+def _make_reporter(ns: argparse.Namespace, console: Console, log: TextIO | None) -> Any:
+    if console.is_terminal and not ns.quiet and ns.log_format is None and log is None:
+        return RichReporter(console)
+    stream = log if log is not None else (console.file if not ns.quiet else open(os.devnull, "w"))  # noqa: SIM115
+    return LineReporter(stream, fmt=ns.log_format or "text", verbose=ns.verbose)
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    # systemd stops a unit with SIGTERM: treat it like Ctrl-C (keep partial files, save state).
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None, console: Console | None = None) -> int:
+    """Run ``fetch`` with ``argv``; return the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    console = console or Console(stderr=False, highlight=False)
+    err = Console(stderr=True, highlight=False) if console.file is sys.stdout else console
+    if argv[:1] == ["demo"]:
+        from fetcher.demo import demo_main
+
+        return demo_main(argv[1:], console)
+    try:
+        ns = build_parser().parse_args(argv)
+        jobs = _jobs(ns)
+    except FetchError as exc:
+        _print_error(err, exc)
+        return exc.exit_code
+    if ns.check:
+        for job in jobs:
+            console.print(f"[bold]{job.name}[/]: {job.url} → {job.dest}", highlight=False)
+            for k, v in sorted(_describe(job).items()):
+                console.print(f"    {k} = {v}", highlight=False)
+        console.print(f"{len(jobs)} job(s) valid")
+        return 0
+    log = ns.log_file.open("a", encoding="utf-8") if ns.log_file else None
+    old = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
+    results: list[tuple[str | None, Summary]] = []
+    try:
+        for job in jobs:
+            code = _run_one(job, ns, console, err, log, results)
+            if code == 130:
+                break
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+        if log is not None:
+            log.close()
+    summaries = [s for _, s in results]
+    try:
+        if ns.report:
+            write_report(ns.report, results)
+        if ns.metrics:
+            write_metrics(ns.metrics, results)
+    except OSError as exc:
+        err.print(f"fetch: error: cannot write report: {exc}")
+        return max(exit_code(summaries), 4)
+    return exit_code(summaries)
+
+
+def _run_one(job: MirrorJob, ns: argparse.Namespace, console: Console, err: Console,
+             log: TextIO | None, results: list[tuple[str | None, Summary]]) -> int:  # fmt: skip
+    name = job.name if ns.config else None
+    reporter = _make_reporter(ns, console, log)
+    try:
+        summary = mirror(job, reporter)
+    except FetchError as exc:
+        reporter.close()
+        _print_error(err, exc, prefix=f"{name}: " if name else "")
+        now = time.time()
+        failed = Summary(url=job.url, dest=str(job.dest), started=now, finished=now,
+                         error=str(exc), error_code=exc.exit_code)  # fmt: skip
+        results.append((name, failed))
+        return exc.exit_code
+    reporter.close()
+    render(summary, console, name)
+    results.append((name, summary))
+    return summary.exit_code
+
+
+def _print_error(err: Console, exc: FetchError, prefix: str = "") -> None:
+    err.print(f"fetch: error: {prefix}{exc.message}", highlight=False, markup=False)
+    if exc.hint:
+        err.print(f"  hint: {exc.hint}", highlight=False, markup=False)
+
+
+def _describe(job: MirrorJob) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    d = asdict(job)
+    d.pop("url")
+    d.pop("dest")
+    d.pop("name")
+    return d
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def entry() -> None:
+    """The console script."""
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)

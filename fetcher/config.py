@@ -1,0 +1,339 @@
+"""Configuration values: one :class:`MirrorJob` per mirror, built from TOML or the CLI.
+
+Both sources go through :func:`build_job`, so a bad value reads the same way
+wherever it came from and always names its key::
+
+    mirrors.toml: jobs.centos.threads: expected an integer ≥ 1, got "eight"
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from fetcher import __version__
+from fetcher.errors import ConfigError
+
+__all__ = ["MirrorJob", "Transfer", "build_job", "default_dest", "load_config"]
+
+USER_AGENT = f"fetch/{__version__} (+https://pypi.org/project/fetcher/)"
+
+
+@dataclass(frozen=True, slots=True)
+class Transfer:
+    """What a worker needs to fetch files; small, frozen and picklable."""
+
+    dest: str
+    root: str
+    threads: int = 2
+    retries: int = 5
+    connect_timeout: float = 10.0
+    read_timeout: float = 30.0
+    retry_after_cap: float = 120.0
+    backoff_initial: float = 0.5
+    backoff_max: float = 30.0
+    user_agent: str = USER_AGENT
+    verify: bool | str = True
+    aliases: tuple[str, ...] = ()
+    limit_rate: float | None = None
+    http2: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorJob:
+    """One mirror to sync: every option of the CLI, resolved and validated."""
+
+    url: str
+    dest: Path
+    name: str = "mirror"
+    procs: int = 2
+    threads: int = 4
+    max_connections: int = 8
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    depth: int = 64
+    retries: int = 5
+    timeout: float = 30.0
+    connect_timeout: float = 10.0
+    dry_run: bool = False
+    delete: bool = False
+    max_delete: float = 0.10
+    """A fraction (< 1) of the files, or an absolute count (≥ 1)."""
+    force: bool = False
+    aliases: tuple[str, ...] = ()
+    limit_rate: float | None = None
+    listing_rate: float | None = None
+    ca_cert: Path | None = None
+    insecure: bool = False
+    http2: bool = False
+    executor: str = "local"
+    scheduler: str | None = None
+    post: tuple[Any, ...] = ()
+    post_dest: Path | None = None
+    post_jobs: int = field(default_factory=lambda: os.cpu_count() or 2)
+    index: str = "html"
+    verify_digests: bool = False
+    max_listing_bytes: int = 64 << 20
+
+    def transfer(self) -> Transfer:
+        verify: bool | str = True
+        if self.insecure:
+            verify = False
+        elif self.ca_cert is not None:
+            verify = str(self.ca_cert)
+        return Transfer(
+            dest=str(self.dest),
+            root=self.url,
+            threads=self.threads,
+            retries=self.retries,
+            connect_timeout=self.connect_timeout,
+            read_timeout=self.timeout,
+            verify=verify,
+            aliases=self.aliases,
+            limit_rate=(self.limit_rate / self.procs) if self.limit_rate else None,
+            http2=self.http2,
+        )
+
+
+def default_dest(url: str) -> Path:
+    """The URL's last path segment, as ``lftp mirror`` does (``.../Packages/`` → ``Packages``)."""
+    segs = [s for s in urlsplit(url).path.split("/") if s]
+    name = unquote(segs[-1]) if segs else (urlsplit(url).hostname or "mirror")
+    if name in (".", "..") or "/" in name or "\0" in name:
+        name = urlsplit(url).hostname or "mirror"
+    return Path(name)
+
+
+def default_procs() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _int(lo: int) -> Callable[[Any], int]:
+    def check(v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"expected an integer ≥ {lo}, got {_show(v)}")
+        return v
+
+    return check
+
+
+def _float(lo: float, strict: bool = False) -> Callable[[Any], float]:
+    def check(v: Any) -> float:
+        bad = (
+            isinstance(v, bool) or not isinstance(v, int | float) or v < lo or (strict and v == lo)
+        )
+        if bad:
+            raise ValueError(f"expected a number {'>' if strict else '≥'} {lo}, got {_show(v)}")
+        return float(v)
+
+    return check
+
+
+def _rate(v: Any) -> float:
+    """``500k``, ``10M``, ``1.5G`` or a plain number of bytes per second."""
+    if isinstance(v, int | float) and not isinstance(v, bool) and v > 0:
+        return float(v)
+    if isinstance(v, str):
+        s = v.strip().upper().removesuffix("B").removesuffix("I")
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(s[-1:], 1)
+        try:
+            n = float(s[:-1] if mult > 1 else s) * mult
+        except ValueError:
+            pass
+        else:
+            if n > 0:
+                return n
+    raise ValueError(
+        f"expected a rate like 500k, 10M or a number of bytes per second, got {_show(v)}"
+    )
+
+
+def _bool(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError(f"expected true or false, got {_show(v)}")
+    return v
+
+
+def _str(v: Any) -> str:
+    if not isinstance(v, str) or not v:
+        raise ValueError(f"expected a non-empty string, got {_show(v)}")
+    return v
+
+
+def _url(v: Any) -> str:
+    s = _str(v)
+    parts = urlsplit(s)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"expected an http:// or https:// URL, got {_show(v)}")
+    return s
+
+
+def _strs(v: Any) -> tuple[str, ...]:
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, list | tuple) or not all(isinstance(x, str) and x for x in v):
+        raise ValueError(f"expected a string or a list of strings, got {_show(v)}")
+    return tuple(v)
+
+
+def _choice(*options: str) -> Callable[[Any], str]:
+    def check(v: Any) -> str:
+        if v not in options:
+            raise ValueError(f"expected one of {', '.join(options)}, got {_show(v)}")
+        return str(v)
+
+    return check
+
+
+def _max_delete(v: Any) -> float:
+    if isinstance(v, str) and v.endswith("%"):
+        try:
+            pct = float(v[:-1])
+        except ValueError:
+            pct = -1
+        if 0 <= pct <= 100:
+            return pct / 100 if pct < 100 else 1.0 - 1e-12
+    if isinstance(v, int | float) and not isinstance(v, bool) and v >= 0:
+        return float(v)
+    raise ValueError(f"expected a count like 500 or a percentage like '10%', got {_show(v)}")
+
+
+def _show(v: Any) -> str:
+    return f'"{v}"' if isinstance(v, str) else repr(v)
+
+
+_PATH_KEYS = {"dest", "ca_cert", "post_dest"}
+
+_FIELDS: dict[str, Callable[[Any], Any]] = {
+    "url": _url,
+    "dest": _str,
+    "procs": _int(1),
+    "threads": _int(1),
+    "max_connections": _int(1),
+    "include": _strs,
+    "exclude": _strs,
+    "depth": _int(0),
+    "retries": _int(1),
+    "timeout": _float(0, strict=True),
+    "connect_timeout": _float(0, strict=True),
+    "dry_run": _bool,
+    "delete": _bool,
+    "max_delete": _max_delete,
+    "force": _bool,
+    "aliases": _strs,
+    "limit_rate": _rate,
+    "listing_rate": _float(0, strict=True),
+    "ca_cert": _str,
+    "insecure": _bool,
+    "http2": _bool,
+    "executor": _choice("local", "dask"),
+    "scheduler": _str,
+    "post_dest": _str,
+    "post_jobs": _int(1),
+    "index": _choice("auto", "html", "repodata", "debian"),
+    "verify_digests": _bool,
+}
+
+ALIASES = {"max-connections": "max_connections", "verify": "verify_digests"}
+
+
+def build_job(
+    values: Mapping[str, Any],
+    where: str,
+    *,
+    base_dir: Path | None = None,
+    name: str = "mirror",
+    post_parser: Callable[[Any, str], Any] | None = None,
+) -> MirrorJob:
+    """Validate ``values`` (TOML keys, ``-`` or ``_``) into a :class:`MirrorJob`.
+
+    ``where`` prefixes every message (``mirrors.toml: jobs.centos``);
+    relative paths resolve against ``base_dir``.
+    """
+    out: dict[str, Any] = {}
+    for raw_key, value in values.items():
+        key = ALIASES.get(raw_key, raw_key.replace("-", "_"))
+        if key == "post":
+            if post_parser is None:
+                raise ConfigError(f"{where}.post: post-processing rules are not supported here")
+            if not isinstance(value, list):
+                raise ConfigError(f"{where}.post: expected an array of tables ([[...post]])")
+            out["post"] = tuple(post_parser(v, f"{where}.post[{i}]") for i, v in enumerate(value))
+            continue
+        check = _FIELDS.get(key)
+        if check is None:
+            raise ConfigError(f"{where}.{raw_key}: unknown key", _suggest(raw_key))
+        try:
+            v = check(value)
+        except ValueError as exc:
+            raise ConfigError(f"{where}.{raw_key}: {exc}") from None
+        if key in _PATH_KEYS:
+            p = Path(v).expanduser()
+            v = (base_dir / p) if base_dir is not None and not p.is_absolute() else p
+        out[key] = v
+    if "url" not in out:
+        raise ConfigError(f"{where}: missing required key 'url'")
+    out.setdefault(
+        "dest",
+        default_dest(out["url"]) if base_dir is None else base_dir / default_dest(out["url"]),
+    )
+    out.setdefault("procs", default_procs())
+    out.setdefault("max_connections", 8)
+    out.setdefault("threads", max(1, out["max_connections"] // out["procs"]))
+    if out.get("executor") == "dask" and not out.get("scheduler"):
+        env = os.environ.get("DASK_SCHEDULER_ADDRESS")
+        if env:
+            out["scheduler"] = env
+    known = {f.name for f in fields(MirrorJob)}
+    return MirrorJob(name=name, **{k: v for k, v in out.items() if k in known})
+
+
+def _suggest(key: str) -> str | None:
+    import difflib
+
+    close = difflib.get_close_matches(key.replace("-", "_"), [*_FIELDS, "post"], n=1)
+    return f"did you mean '{close[0]}'?" if close else None
+
+
+def load_config(
+    path: Path, post_parser: Callable[[Any, str], Any] | None = None
+) -> dict[str, MirrorJob]:
+    """Read a TOML file of ``[defaults]`` and ``[jobs.NAME]`` tables into jobs, in file order."""
+    label = path.name
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{label}: not valid TOML: {exc}") from None
+    for key in data:
+        if key not in ("defaults", "jobs"):
+            raise ConfigError(f"{label}: {key}: unknown table; expected [defaults] and [jobs.NAME]")
+    defaults = data.get("defaults", {})
+    jobs = data.get("jobs", {})
+    if not isinstance(defaults, dict) or not isinstance(jobs, dict):
+        raise ConfigError(f"{label}: [defaults] and [jobs] must be tables")
+    if not jobs:
+        raise ConfigError(f"{label}: no [jobs.NAME] table")
+    base = path.resolve().parent
+    out: dict[str, MirrorJob] = {}
+    for name, table in jobs.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{label}: jobs.{name}: expected a table")
+        merged = {**defaults, **table}
+        if "post" in defaults and "post" in table:
+            merged["post"] = [*defaults["post"], *table["post"]]
+        out[name] = build_job(
+            merged, f"{label}: jobs.{name}", base_dir=base, name=name, post_parser=post_parser
+        )
+    return out

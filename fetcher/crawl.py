@@ -1,0 +1,243 @@
+"""Walk a mirror's directory listings breadth-first, several directories at once.
+
+``crawl()`` yields :class:`RemoteFile` values as each directory is parsed, so
+downloads start long before the walk ends, plus :class:`RemoteDir` for every
+directory (empty ones are mirrored too) and :class:`CrawlProblem` for
+everything it refused or could not read.  Guards: scope, depth, a visited set
+of normalised directory URLs, a cap on one listing's size, and a loop check
+(a directory listing identical to one of its ancestors' is not descended).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+
+import httpx
+
+from fetcher.config import Transfer
+from fetcher.download import build_retrying, retry_after_seconds
+from fetcher.errors import (
+    HTTPStatusError,
+    IncompleteDownload,
+    ListingError,
+    TransferError,
+    UnsafePath,
+)
+from fetcher.listing import parse_listing
+from fetcher.models import (
+    CrawlProblem,
+    ListingEntry,
+    RelPath,
+    RemoteDir,
+    RemoteFile,
+    Scope,
+    normalise_dir_url,
+)
+from fetcher.plan import wanted
+
+__all__ = ["CrawlOptions", "crawl"]
+
+
+@dataclass(frozen=True, slots=True)
+class CrawlOptions:
+    depth: int = 64
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    concurrency: int = 4
+    listing_rate: float | None = None
+    max_listing_bytes: int = 64 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class _Dir:
+    url: str
+    path: str  # "" for the root
+    depth: int
+    ancestors: tuple[bytes, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Page:
+    url: str
+    entries: list[ListingEntry]
+
+
+CrawlItem = RemoteFile | RemoteDir | CrawlProblem
+
+
+class _RateGate:
+    def __init__(self, rate: float | None, stop: threading.Event | None) -> None:
+        self._interval = 1.0 / rate if rate else 0.0
+        self._next = 0.0
+        self._lock = threading.Lock()
+        self._stop = stop
+
+    def wait(self) -> None:
+        if not self._interval:
+            return
+        with self._lock:
+            now = time.monotonic()
+            at = max(now, self._next)
+            self._next = at + self._interval
+        delay = at - time.monotonic()
+        if delay > 0:
+            if self._stop is not None:
+                self._stop.wait(delay)
+            else:
+                time.sleep(delay)
+
+
+def _fetch_page(
+    client: httpx.Client, url: str, scope: Scope, opts: CrawlOptions, gate: _RateGate
+) -> _Page:
+    hops = 0
+    while True:
+        gate.wait()
+        with client.stream("GET", url, follow_redirects=False) as resp:
+            if resp.status_code in (301, 302, 303, 307, 308) and "location" in resp.headers:
+                target = str(httpx.URL(url).join(resp.headers["location"])).split("#", 1)[0]
+                if not scope.contains(target):
+                    raise ListingError(f"listing redirects off the mirror: {url} -> {target}")
+                hops += 1
+                if hops > 5:
+                    raise ListingError(f"more than 5 redirects from {url}")
+                url = target
+                continue
+            if resp.status_code != 200:
+                raise HTTPStatusError(
+                    resp.status_code, url, retry_after_seconds(resp.headers.get("retry-after"))
+                )
+            cl = resp.headers.get("content-length")
+            if cl and cl.isdigit() and int(cl) > opts.max_listing_bytes:
+                raise ListingError(
+                    f"listing of {cl} bytes is over the {opts.max_listing_bytes} byte cap: {url}"
+                )
+            body = bytearray()
+            try:
+                for chunk in resp.iter_bytes():
+                    body += chunk
+                    if len(body) > opts.max_listing_bytes:
+                        raise ListingError(
+                            f"listing is over the {opts.max_listing_bytes} byte cap: {url}"
+                        )
+            except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
+                raise IncompleteDownload(f"listing cut short: {url}: {exc}") from exc
+            ctype = resp.headers.get("content-type", "text/html")
+            if "html" not in ctype and "xml" not in ctype and not body.lstrip()[:1] == b"<":
+                raise ListingError(f"not a directory listing ({ctype}): {url}")
+        return _Page(url if url.endswith("/") else url + "/", parse_listing(bytes(body), url))
+
+
+def _fingerprint(entries: Sequence[ListingEntry]) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    for e in sorted(entries, key=lambda e: e.url.rsplit("/", 2)[-2 if e.is_dir else -1]):
+        last = e.url.rstrip("/").rsplit("/", 1)[-1]
+        h.update(f"{last}\0{e.is_dir}\0{e.size}\0{e.date}\n".encode("utf-8", "surrogateescape"))
+    return h.digest()
+
+
+def crawl(
+    client: httpx.Client,
+    t: Transfer,
+    opts: CrawlOptions,
+    *,
+    stop: threading.Event | None = None,
+    sleep: Callable[[float], object] = time.sleep,
+) -> Iterator[CrawlItem]:
+    """Yield every in-scope file and directory below ``t.root``, and every problem met.
+
+    Example::
+
+        with httpx.Client() as client:
+            for item in crawl(client, transfer, CrawlOptions()):
+                print(item)
+    """
+    scope = Scope.for_start(t.root, t.aliases)
+    retrying = build_retrying(t, sleep=sleep)
+    gate = _RateGate(opts.listing_rate, stop)
+    visited = {normalise_dir_url(scope.root)}
+    pool = ThreadPoolExecutor(max(1, opts.concurrency), thread_name_prefix="crawl")
+    running: dict[Future[_Page], _Dir] = {}
+
+    def fetch(d: _Dir) -> _Page:
+        for attempt in retrying.copy():
+            with attempt:
+                return _fetch_page(client, d.url, scope, opts, gate)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def submit(d: _Dir) -> None:
+        running[pool.submit(fetch, d)] = d
+
+    submit(_Dir(scope.root, "", 0, ()))
+    try:
+        while running:
+            if stop is not None and stop.is_set():
+                return
+            done, _ = wait(list(running), timeout=0.5, return_when=FIRST_COMPLETED)
+            for fut in sorted(done, key=lambda f: running[f].url):
+                d = running.pop(fut)
+                try:
+                    page = fut.result()
+                except (TransferError, ListingError) as exc:
+                    yield CrawlProblem(d.url, str(exc), "listing")
+                    continue
+                except httpx.HTTPError as exc:
+                    yield CrawlProblem(d.url, f"{type(exc).__name__}: {exc}", "listing")
+                    continue
+                yield from _children(page, d, scope, opts, visited, submit)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _children(
+    page: _Page,
+    d: _Dir,
+    scope: Scope,
+    opts: CrawlOptions,
+    visited: set[str],
+    submit: Callable[[_Dir], None],
+) -> Iterator[CrawlItem]:
+    fp = _fingerprint(page.entries)
+    if fp in d.ancestors:
+        yield CrawlProblem(
+            d.url,
+            "listing identical to an ancestor's (a server-side symlink loop?); not descended",
+            "loop",
+        )
+        return
+    chain = (*d.ancestors, fp)
+    files: list[RemoteFile] = []
+    for e in page.entries:
+        try:
+            rel = scope.relative(e.url)
+        except UnsafePath as exc:
+            yield CrawlProblem(e.url, str(exc), "unsafe")
+            continue
+        if rel is None:
+            continue  # off-site, above the start, the page itself: silently out of scope
+        if d.path and not (rel.startswith(d.path + "/")):
+            continue  # a link elsewhere in the mirror: it is crawled from its own parent
+        if "/" in rel[len(d.path) + 1 if d.path else 0 :]:
+            continue  # not a direct child: reached from its own parent
+        if not wanted(rel, e.is_dir, opts.include, opts.exclude):
+            continue
+        if e.is_dir:
+            key = normalise_dir_url(e.url)
+            if key in visited:
+                continue
+            visited.add(key)
+            if d.depth + 1 > opts.depth:
+                yield CrawlProblem(e.url, f"deeper than --depth {opts.depth}; not crawled", "depth")
+                continue
+            yield RemoteDir(rel)
+            url = e.url if e.url.endswith("/") else e.url + "/"
+            submit(_Dir(url, rel, d.depth + 1, chain))
+        else:
+            files.append(RemoteFile(e.url, RelPath(rel), e.size, e.size_exact, e.mtime, e.stamp))
+    files.sort(key=lambda f: f.path)
+    yield from files

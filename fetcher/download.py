@@ -1,0 +1,421 @@
+"""Fetch one file robustly: stream, resume, verify, atomic rename, mtime.
+
+Bytes are written exactly as sent (``Accept-Encoding: identity``, raw stream)
+to ``DEST/.fetcher/partial/<hash>``; only a complete, verified body is moved
+to its final name with ``os.replace``.  A partial file is kept for the next
+attempt (or the next run) together with a small sidecar recording the
+validator (ETag / Last-Modified) it was fetched under, so a resume can send
+``If-Range`` and never splice two versions of a file.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import re
+import threading
+import time
+from collections.abc import Callable
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import tenacity
+
+from fetcher.config import Transfer
+from fetcher.errors import (
+    ChecksumMismatch,
+    FatalIOError,
+    HTTPStatusError,
+    IncompleteDownload,
+    IsADirectory,
+    RangeMismatch,
+    RedirectRefused,
+    TransferError,
+)
+from fetcher.limits import SharedLimits
+from fetcher.models import STATE_DIR, Action, Job, Outcome, RelPath, Scope, Status
+
+__all__ = ["Interrupted", "build_retrying", "fetch_file", "partial_paths", "retry_after_seconds"]
+
+MAX_REDIRECTS = 5
+CHUNK = 256 * 1024
+_FATAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
+
+class Interrupted(Exception):
+    """The run is stopping; the partial file is kept for the next run."""
+
+
+def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+    """``Retry-After`` as seconds from now: a number of seconds or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    return max(0.0, when - (time.time() if now is None else now))
+
+
+def _is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, httpx.TransportError):
+        return not isinstance(exc, httpx.UnsupportedProtocol)
+    if isinstance(exc, TransferError):
+        return bool(exc.retryable)
+    return False
+
+
+class _WaitRetryAfter(tenacity.wait.wait_base):
+    """Exponential backoff with jitter, but at least what ``Retry-After`` asked (capped)."""
+
+    def __init__(self, t: Transfer) -> None:
+        self._backoff = tenacity.wait_exponential_jitter(
+            initial=t.backoff_initial, max=t.backoff_max
+        )
+        self._cap = t.retry_after_cap
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> float:
+        wait = float(self._backoff(retry_state))
+        exc = retry_state.outcome.exception() if retry_state.outcome else None
+        if isinstance(exc, HTTPStatusError) and exc.retry_after is not None:
+            return min(self._cap, max(exc.retry_after, 0.0))
+        return wait
+
+
+def build_retrying(
+    t: Transfer,
+    sleep: Callable[[float], Any] = time.sleep,
+    before_sleep: Callable[[tenacity.RetryCallState], Any] | None = None,
+) -> tenacity.Retrying:
+    """The one retry policy: transient errors only, backoff with jitter, ``Retry-After``."""
+    return tenacity.Retrying(
+        stop=tenacity.stop_after_attempt(t.retries),
+        wait=_WaitRetryAfter(t),
+        retry=tenacity.retry_if_exception(_is_transient),
+        reraise=True,
+        sleep=sleep,
+        before_sleep=before_sleep,
+    )
+
+
+def partial_paths(dest: Path, path: RelPath) -> tuple[Path, Path]:
+    """The partial file and its sidecar for ``path``: flat, fixed-length names."""
+    h = hashlib.sha256(path.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+    base = dest / STATE_DIR / "partial"
+    return base / f"{h}.part", base / f"{h}.json"
+
+
+def _read_sidecar(meta: Path, url: str) -> dict[str, Any] | None:
+    try:
+        data = json.loads(meta.read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("url") != url:
+        return None
+    return data
+
+
+def _parse_last_modified(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+
+
+class _Ctx:
+    """Per-call plumbing: what ``fetch_file`` needs besides the job."""
+
+    def __init__(
+        self,
+        client: httpx.Client,
+        t: Transfer,
+        scope: Scope,
+        limits: SharedLimits | None,
+        stop: threading.Event | None,
+        on_bytes: Callable[[int], None],
+    ) -> None:
+        self.client = client
+        self.t = t
+        self.scope = scope
+        self.limits = limits
+        self.stop = stop
+        self.on_bytes = on_bytes
+
+
+def _send(ctx: _Ctx, url: str, headers: dict[str, str]) -> httpx.Response:
+    """GET with redirects followed by hand: in scope (or to an alias) and at most 5 hops."""
+    seen = [url]
+    for _ in range(MAX_REDIRECTS + 1):
+        if ctx.limits is not None:
+            ctx.limits.wait_pause(ctx.stop)
+        req = ctx.client.build_request("GET", url, headers=headers)
+        resp = ctx.client.send(req, stream=True, follow_redirects=False)
+        if resp.status_code not in (301, 302, 303, 307, 308):
+            return resp
+        location = resp.headers.get("location")
+        resp.close()
+        if not location:
+            raise HTTPStatusError(resp.status_code, url)
+        target = str(httpx.URL(url).join(location)).split("#", 1)[0]
+        if target == seen[0] + "/":
+            raise IsADirectory(f"{seen[0]} is a directory (redirects to {target})")
+        if not _redirect_allowed(ctx.scope, target):
+            raise RedirectRefused(f"redirect off the mirror refused: {url} -> {target}")
+        if target in seen:
+            raise RedirectRefused(f"redirect loop: {' -> '.join([*seen, target])}")
+        seen.append(target)
+        url = target
+    raise RedirectRefused(f"more than {MAX_REDIRECTS} redirects from {seen[0]}")
+
+
+def _redirect_allowed(scope: Scope, target: str) -> bool:
+    """Below the start URL on the mirror itself, or anywhere on a configured alias."""
+    if scope.contains(target):
+        return True
+    u = httpx.URL(target)
+    root = httpx.URL(scope.root)
+    same_host = (u.scheme, u.host, u.port) == (root.scheme, root.host, root.port)
+    return not same_host and scope.same_origin_or_alias(target)
+
+
+def _status_error(resp: httpx.Response, url: str) -> HTTPStatusError:
+    return HTTPStatusError(
+        resp.status_code, url, retry_after_seconds(resp.headers.get("retry-after"))
+    )
+
+
+def _attempt(ctx: _Ctx, job: Job, final: Path, part: Path, meta: Path) -> Outcome:
+    f = job.file
+    t = ctx.t
+    headers = {"Accept-Encoding": "identity"}
+    offset = 0
+    side = _read_sidecar(meta, f.url) if part.exists() else None
+    if side is not None:
+        validator = side.get("etag") or side.get("last_modified")
+        size = part.stat().st_size
+        if validator and size > 0:
+            offset = size
+            headers["Range"] = f"bytes={offset}-"
+            headers["If-Range"] = validator
+    if offset == 0 and job.action in (Action.CHECK, Action.CHANGED) and final.exists():
+        if job.etag:
+            headers["If-None-Match"] = job.etag
+        if job.last_modified:
+            headers["If-Modified-Since"] = job.last_modified
+
+    resp = _send(ctx, f.url, headers)
+    try:
+        status = resp.status_code
+        if status == 304:
+            return Outcome(
+                f.path,
+                f.url,
+                Status.UNCHANGED,
+                size=final.stat().st_size,
+                etag=job.etag,
+                last_modified=job.last_modified,
+                stamp=f.stamp,
+            )
+        if status == 416 and offset:
+            # Our partial is not a prefix of what the server has now: start over.
+            _discard(part, meta)
+            raise RangeMismatch(f"server refused range {offset}- for {f.url}")
+        if status not in (200, 206):
+            if status in (429, 503):
+                ra = retry_after_seconds(resp.headers.get("retry-after"))
+                if ra and ctx.limits is not None:
+                    ctx.limits.pause(min(ra, t.retry_after_cap))
+            raise _status_error(resp, f.url)
+        etag = resp.headers.get("etag")
+        last_mod = resp.headers.get("last-modified")
+        if status == 206:
+            m = _CONTENT_RANGE.fullmatch(resp.headers.get("content-range", "").strip())
+            if not offset or not m or int(m.group(1)) != offset:
+                _discard(part, meta)
+                raise RangeMismatch(
+                    f"206 with Content-Range {resp.headers.get('content-range')!r}"
+                    f" for a request from byte {offset}; not spliced"
+                )
+            total = None if m.group(3) == "*" else int(m.group(3))
+            mode = "ab"
+        else:
+            offset = 0
+            mode = "wb"
+            cl = resp.headers.get("content-length")
+            total = int(cl) if cl and cl.isdigit() else None
+        if resp.headers.get("content-encoding", "identity").lower() not in ("identity", ""):
+            # We asked for identity; a server that encodes anyway sends the file's bytes
+            # as stored, which are what we keep.  Lengths refer to those raw bytes.
+            pass
+        part.parent.mkdir(parents=True, exist_ok=True)
+        meta.write_text(
+            json.dumps({"url": f.url, "etag": etag, "last_modified": last_mod}), "utf-8"
+        )
+        digest = _digest_for(f.checksum, part if offset else None)
+        received = _stream_body(ctx, resp, part, mode, digest)
+    finally:
+        resp.close()
+
+    size = offset + received
+    if total is not None and size != total:
+        raise IncompleteDownload(f"got {size} of {total} bytes for {f.url}")
+    cl = resp.headers.get("content-length")
+    if status == 200 and cl and cl.isdigit() and received != int(cl):
+        raise IncompleteDownload(f"got {received} of {cl} bytes for {f.url}")
+    sha256 = None
+    if digest is not None and f.checksum is not None:
+        algo, want = f.checksum
+        got = digest.hexdigest()
+        if got.lower() != want.lower():
+            _discard(part, meta)
+            raise ChecksumMismatch(f"{algo} mismatch for {f.url}: expected {want}, got {got}")
+        if algo == "sha256":
+            sha256 = got
+    mtime = _parse_last_modified(last_mod) or f.mtime
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if mtime is not None:
+        os.utime(part, (mtime, mtime))
+    os.replace(part, final)
+    meta.unlink(missing_ok=True)
+    return Outcome(
+        f.path,
+        f.url,
+        Status.FETCHED,
+        size=size,
+        received=received,
+        mtime=mtime,
+        etag=etag,
+        last_modified=last_mod,
+        sha256=sha256,
+        stamp=f.stamp,
+    )
+
+
+def _digest_for(checksum: tuple[str, str] | None, existing: Path | None) -> Any:
+    if checksum is None:
+        return None
+    try:
+        h = hashlib.new(checksum[0])
+    except ValueError:
+        return None
+    if existing is not None:
+        with existing.open("rb") as fh:
+            while block := fh.read(1 << 20):
+                h.update(block)
+    return h
+
+
+def _stream_body(ctx: _Ctx, resp: httpx.Response, part: Path, mode: str, digest: Any) -> int:
+    received = 0
+    limits = ctx.limits
+    with part.open(mode) as fh:
+        try:
+            for chunk in resp.iter_raw():
+                if ctx.stop is not None and ctx.stop.is_set():
+                    raise Interrupted
+                fh.write(chunk)
+                if digest is not None:
+                    digest.update(chunk)
+                n = len(chunk)
+                received += n
+                ctx.on_bytes(n)
+                if limits is not None and limits.rate:
+                    limits.consume(n)
+        except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
+            raise IncompleteDownload(f"connection broke after {received} bytes: {exc}") from exc
+    return received
+
+
+def _discard(part: Path, meta: Path) -> None:
+    part.unlink(missing_ok=True)
+    meta.unlink(missing_ok=True)
+
+
+def fetch_file(
+    client: httpx.Client,
+    job: Job,
+    t: Transfer,
+    *,
+    retrying: tenacity.Retrying,
+    scope: Scope | None = None,
+    limits: SharedLimits | None = None,
+    stop: threading.Event | None = None,
+    on_bytes: Callable[[int], None] = lambda n: None,
+    on_retry: Callable[[int, str], None] | None = None,
+) -> Outcome:
+    """Fetch ``job`` into ``t.dest``; never raises for a per-file problem.
+
+    Example::
+
+        with httpx.Client() as client:
+            out = fetch_file(client, job, transfer, retrying=build_retrying(transfer))
+    """
+    dest = Path(t.dest)
+    f = job.file
+    ctx = _Ctx(client, t, scope or Scope.for_start(t.root, t.aliases), limits, stop, on_bytes)
+    final = dest / f.path
+    part, meta = partial_paths(dest, f.path)
+    attempts = 0
+
+    def before_sleep(state: tenacity.RetryCallState) -> None:
+        if on_retry is not None and state.outcome is not None:
+            on_retry(state.attempt_number, str(state.outcome.exception()))
+
+    try:
+        for attempt in retrying.copy(before_sleep=before_sleep):
+            with attempt:
+                attempts += 1
+                return _attempt(ctx, job, final, part, meta)
+    except Interrupted:
+        return Outcome(
+            f.path, f.url, Status.FAILED, error="interrupted", attempts=attempts, stamp=f.stamp
+        )
+    except IsADirectory as exc:
+        return Outcome(f.path, f.url, Status.DIRECTORY, error=str(exc), attempts=attempts)
+    except TransferError as exc:
+        return Outcome(
+            f.path, f.url, Status.FAILED, error=str(exc), attempts=attempts, stamp=f.stamp
+        )
+    except httpx.HTTPError as exc:
+        return Outcome(
+            f.path,
+            f.url,
+            Status.FAILED,
+            error=f"{type(exc).__name__}: {exc}",
+            attempts=attempts,
+            stamp=f.stamp,
+        )
+    except OSError as exc:
+        fatal = exc.errno in _FATAL_ERRNOS
+        where = exc.filename or final
+        return Outcome(
+            f.path,
+            f.url,
+            Status.FAILED,
+            error=f"{where}: {exc.strerror or exc}",
+            attempts=attempts,
+            fatal=fatal,
+            stamp=f.stamp,
+        )
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def check_writable(dest: Path) -> None:
+    """Raise :class:`FatalIOError` when DEST cannot hold our state and partial files."""
+    try:
+        (dest / STATE_DIR / "partial").mkdir(parents=True, exist_ok=True)
+        probe = dest / STATE_DIR / f".probe-{os.getpid()}"
+        probe.write_bytes(b"x")
+        probe.unlink()
+    except OSError as exc:
+        raise FatalIOError(f"cannot write to {dest}: {exc.strerror or exc}") from exc

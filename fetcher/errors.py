@@ -1,0 +1,133 @@
+"""The one exception tree of ``fetch``.
+
+Every error pickles (it may cross a process boundary) and carries a message
+meant for a person, plus an optional hint saying what to do about it::
+
+    FetchError
+    ├── UsageError ............ bad option or argument            (exit 2)
+    │   └── ConfigError ....... a config file is missing or wrong   (exit 2)
+    ├── LockHeld .............. another run holds DEST's lock       (exit 3)
+    ├── FatalIOError .......... DEST unwritable, disk full          (exit 4)
+    ├── UnsafePath ............ a remote name that cannot live safely below DEST
+    ├── ListingError .......... a directory listing could not be read or was refused
+    └── TransferError ......... one file could not be fetched (recorded, run goes on)
+        ├── HTTPStatusError ... an HTTP status we do not accept (``.retryable``)
+        ├── IncompleteDownload  fewer bytes than announced, or a connection cut
+        ├── RangeMismatch ..... a 206 answer for a range we did not ask for
+        ├── RedirectRefused ... a redirect off the mirror or too many hops
+        ├── ChecksumMismatch .. the bytes do not match the published digest
+        └── IsADirectory ...... the "file" turned out to be a directory
+
+Foreign exceptions (httpx, OSError) are translated where they enter, with
+``raise ... from exc``, so the rest of the code only sees this tree.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ChecksumMismatch",
+    "ConfigError",
+    "FatalIOError",
+    "FetchError",
+    "HTTPStatusError",
+    "IncompleteDownload",
+    "IsADirectory",
+    "ListingError",
+    "LockHeld",
+    "RangeMismatch",
+    "RedirectRefused",
+    "TransferError",
+    "UnsafePath",
+    "UsageError",
+]
+
+
+class FetchError(Exception):
+    """Base of every error ``fetch`` raises on purpose."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message, hint)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class UsageError(FetchError):
+    """A bad command line."""
+
+    exit_code = 2
+
+
+class ConfigError(UsageError):
+    """A config file that is missing, unreadable or invalid."""
+
+
+class LockHeld(FetchError):
+    """Another run holds the destination's lock."""
+
+    exit_code = 3
+
+
+class FatalIOError(FetchError):
+    """The destination cannot be written (permissions, disk full)."""
+
+    exit_code = 4
+
+
+class UnsafePath(FetchError):
+    """A remote name that cannot be stored safely below DEST."""
+
+
+class ListingError(FetchError):
+    """A directory listing could not be fetched, or was refused."""
+
+
+class TransferError(FetchError):
+    """One file could not be fetched; recorded as a failed outcome."""
+
+    retryable = False
+
+
+class HTTPStatusError(TransferError):
+    """The server answered with a status we do not accept."""
+
+    def __init__(self, status: int, url: str, retry_after: float | None = None) -> None:
+        super().__init__(f"HTTP {status} for {url}")
+        self.args = (status, url, retry_after)
+        self.status = status
+        self.url = url
+        self.retry_after = retry_after
+
+    @property
+    def retryable(self) -> bool:  # type: ignore[override]
+        return self.status in (408, 425, 429) or self.status >= 500
+
+
+class IncompleteDownload(TransferError):
+    """The body ended before the announced length, or the connection broke."""
+
+    retryable = True
+
+
+class RangeMismatch(TransferError):
+    """A ``206`` answered a different range than the one asked for."""
+
+    retryable = True
+
+
+class RedirectRefused(TransferError):
+    """A redirect leaving the mirror, or a redirect chain that is too long."""
+
+
+class ChecksumMismatch(TransferError):
+    """The received bytes do not match the published digest."""
+
+    retryable = True
+
+
+class IsADirectory(TransferError):
+    """A link without a trailing slash that redirects to a directory."""

@@ -1,0 +1,117 @@
+"""Run shard runners somewhere: local ``spawn`` processes, or a Dask cluster.
+
+An executor takes shards with ``submit()``, is told ``finish()`` when no more
+will come, and hands back batches of events with ``events()``.  It never
+writes state or draws anything: that is the coordinator's job.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import queue
+from typing import Any, Protocol
+
+from fetcher.config import Transfer
+from fetcher.limits import SharedLimits
+from fetcher.models import Event, WorkerExit
+from fetcher.runner import worker_main
+from fetcher.shard import Shard
+
+__all__ = ["Executor", "LocalExecutor"]
+
+
+class Executor(Protocol):
+    def submit(self, shard: Shard) -> None: ...
+    def finish(self) -> None: ...
+    def events(self, timeout: float) -> list[Event]: ...
+    def done(self) -> bool: ...
+    def stop(self) -> None: ...
+    def kill(self) -> None: ...
+    def join(self, timeout: float) -> None: ...
+    def backlog(self) -> int: ...
+
+
+class LocalExecutor:
+    """``procs`` spawned worker processes pulling small shards from one queue."""
+
+    def __init__(self, t: Transfer, procs: int, limits: SharedLimits) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._shards: Any = ctx.Queue()
+        self._events: Any = ctx.Queue()
+        self._stop: Any = ctx.Event()
+        self._submitted = 0
+        self._taken = 0
+        self._exited: set[int] = set()
+        self._procs = [
+            ctx.Process(
+                target=worker_main,
+                args=(i, t, self._shards, self._events, limits, self._stop),
+                name=f"fetch-worker-{i}",
+                daemon=True,
+            )
+            for i in range(procs)
+        ]
+        for p in self._procs:
+            p.start()
+        self._finished = False
+
+    def submit(self, shard: Shard) -> None:
+        self._submitted += 1
+        self._shards.put(shard)
+
+    def finish(self) -> None:
+        if not self._finished:
+            self._finished = True
+            for _ in self._procs:
+                self._shards.put(None)
+
+    def backlog(self) -> int:
+        try:
+            return int(self._shards.qsize())
+        except NotImplementedError:  # pragma: no cover - macOS
+            return 0
+
+    def events(self, timeout: float) -> list[Event]:
+        out: list[Event] = []
+        try:
+            batch = self._events.get(timeout=timeout)
+        except queue.Empty:
+            batch = None
+        while batch is not None:
+            out.extend(batch)
+            try:
+                batch = self._events.get_nowait()
+            except queue.Empty:
+                batch = None
+        for ev in out:
+            if isinstance(ev, WorkerExit):
+                self._exited.add(ev.worker)
+        return out
+
+    def done(self) -> bool:
+        """All workers have exited (cleanly, or died)."""
+        return all(i in self._exited or not p.is_alive() for i, p in enumerate(self._procs))
+
+    def dead(self) -> list[int]:
+        """Workers that died without saying goodbye (killed, crashed)."""
+        return [
+            i
+            for i, p in enumerate(self._procs)
+            if not p.is_alive() and i not in self._exited and p.exitcode not in (0, None)
+        ]
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def kill(self) -> None:
+        for p in self._procs:
+            if p.is_alive():
+                p.kill()
+        for p in self._procs:
+            p.join(timeout=5)
+
+    def join(self, timeout: float = 10) -> None:
+        for p in self._procs:
+            p.join(timeout=timeout)
+        self._shards.cancel_join_thread()
+        self._events.cancel_join_thread()

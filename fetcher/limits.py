@@ -1,0 +1,177 @@
+"""Politeness limits that hold across every process of a run.
+
+* a cap on open connections to the mirror (one token per TCP connection,
+  taken when httpcore opens a socket and given back when it closes), so
+  ``--max-connections`` holds however many processes and threads there are;
+* a pause gate: a ``429``/``503`` with ``Retry-After`` seen by any thread
+  slows the whole run down for that host, not just that thread;
+* a token bucket for ``--limit-rate`` shared by all workers.
+
+:class:`SharedLimits` is built by the coordinator from ``multiprocessing``
+primitives of the ``spawn`` context and handed to workers when they start.
+Without one (a Dask task, a unit test) each limit is process-local.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import httpcore
+
+__all__ = ["CappedBackend", "SharedLimits", "local_limits"]
+
+
+@dataclass(frozen=True)
+class SharedLimits:
+    """Cross-process limits; every field pickles to a spawned worker."""
+
+    connections: Any  # a Semaphore (multiprocessing or threading)
+    pause_until: Any  # a Value('d') holding a time.time() deadline
+    rate: float | None
+    bucket: Any  # Value('d') tokens, Value('d') last refill
+    bucket_stamp: Any
+    lock: Any
+
+    @staticmethod
+    def create(max_connections: int, rate: float | None, ctx: Any = None) -> SharedLimits:
+        ctx = ctx or multiprocessing.get_context("spawn")
+        lock = ctx.Lock()
+        return SharedLimits(
+            connections=ctx.BoundedSemaphore(max_connections),
+            pause_until=ctx.Value("d", 0.0, lock=False),
+            rate=rate,
+            bucket=ctx.Value("d", 0.0, lock=False),
+            bucket_stamp=ctx.Value("d", time.monotonic(), lock=False),
+            lock=lock,
+        )
+
+    # -- pause gate -------------------------------------------------------
+    def pause(self, seconds: float) -> None:
+        until = time.time() + seconds
+        with self.lock:
+            if until > self.pause_until.value:
+                self.pause_until.value = until
+
+    def wait_pause(
+        self, stop: threading.Event | None = None, sleep: Callable[[float], Any] = time.sleep
+    ) -> None:
+        while True:
+            left = self.pause_until.value - time.time()
+            if left <= 0 or (stop is not None and stop.is_set()):
+                return
+            sleep(min(left, 0.5))
+
+    # -- rate -------------------------------------------------------------
+    def consume(self, nbytes: int, sleep: Callable[[float], Any] = time.sleep) -> None:
+        """Block until ``nbytes`` may be sent under the shared rate."""
+        if not self.rate:
+            return
+        burst = max(self.rate * 0.25, 65536.0)
+        with self.lock:
+            now = time.monotonic()
+            tokens = min(burst, self.bucket.value + (now - self.bucket_stamp.value) * self.rate)
+            tokens -= nbytes
+            self.bucket.value = tokens
+            self.bucket_stamp.value = now
+        if tokens < 0:
+            sleep(-tokens / self.rate)
+
+
+def local_limits(max_connections: int, rate: float | None = None) -> SharedLimits:
+    """The same limits for one process only (Dask tasks, tests)."""
+    return SharedLimits(
+        connections=threading.BoundedSemaphore(max_connections),
+        pause_until=_Box(0.0),
+        rate=rate,
+        bucket=_Box(0.0),
+        bucket_stamp=_Box(time.monotonic()),
+        lock=threading.Lock(),
+    )
+
+
+class _Box:
+    __slots__ = ("value",)
+
+    def __init__(self, value: float) -> None:
+        self.value = value
+
+
+class _CappedStream(httpcore.NetworkStream):
+    def __init__(self, inner: httpcore.NetworkStream, release: Callable[[], None]) -> None:
+        self._inner = inner
+        self._release: Callable[[], None] | None = release
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._inner.read(max_bytes, timeout)
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._inner.write(buffer, timeout)
+
+    def close(self) -> None:
+        try:
+            self._inner.close()
+        finally:
+            release, self._release = self._release, None
+            if release is not None:
+                release()
+
+    def start_tls(
+        self, ssl_context: Any, server_hostname: str | None = None, timeout: float | None = None
+    ) -> httpcore.NetworkStream:
+        tls = self._inner.start_tls(ssl_context, server_hostname, timeout)
+        self._inner = tls
+        return self
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+    def __del__(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+
+class CappedBackend(httpcore.NetworkBackend):
+    """An httpcore backend whose every TCP connection holds one token of ``sem``.
+
+    Waiting for a token is interruptible by ``stop`` and never times out by
+    itself: a thread beyond the cap simply waits its turn.
+    """
+
+    def __init__(
+        self, inner: httpcore.NetworkBackend, sem: Any, stop: threading.Event | None = None
+    ) -> None:
+        self._inner = inner
+        self._sem = sem
+        self._stop = stop
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.NetworkStream:
+        while not self._sem.acquire(timeout=0.5):
+            if self._stop is not None and self._stop.is_set():
+                raise httpcore.ConnectError("stopping")
+        try:
+            stream = self._inner.connect_tcp(host, port, timeout, local_address, socket_options)
+        except BaseException:
+            self._sem.release()
+            raise
+        return _CappedStream(stream, self._sem.release)
+
+    def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
+    ) -> httpcore.NetworkStream:
+        return self._inner.connect_unix_socket(path, timeout, socket_options)
+
+    def sleep(self, seconds: float) -> None:
+        self._inner.sleep(seconds)

@@ -1,0 +1,384 @@
+"""The pipeline's vocabulary: frozen, slotted, picklable values, and scope rules.
+
+``rel_path()`` is the only way to make a :data:`RelPath`; every join below
+DEST goes through one, so an unsafe name cannot reach the filesystem.
+"""
+
+from __future__ import annotations
+
+import enum
+import posixpath
+from dataclasses import dataclass, field
+from typing import NewType
+from urllib.parse import unquote_to_bytes, urldefrag, urljoin, urlsplit
+
+from fetcher.errors import UnsafePath
+
+__all__ = [
+    "STATE_DIR",
+    "Action",
+    "BytesEvent",
+    "Counts",
+    "CrawlProblem",
+    "Event",
+    "FileDone",
+    "FileStarted",
+    "Job",
+    "ListingEntry",
+    "Outcome",
+    "RelPath",
+    "RemoteDir",
+    "RemoteFile",
+    "Retried",
+    "Scope",
+    "Status",
+    "Summary",
+    "WorkerExit",
+    "WorkerFatal",
+    "join_url",
+    "normalise_dir_url",
+    "rel_path",
+]
+
+RelPath = NewType("RelPath", str)
+"""A '/'-separated, decoded path that is safe to join below DEST."""
+
+STATE_DIR = ".fetcher"
+"""DEST's private directory (state, lock, partial files); never mirrored into."""
+
+_MAX_SEGMENT_BYTES = 255
+
+
+def rel_path(encoded: str) -> RelPath:
+    """Decode a percent-encoded relative URL path into a safe :data:`RelPath`.
+
+    Each segment is percent-decoded exactly once, as UTF-8.  Raises
+    :class:`UnsafePath` for anything that could resolve outside DEST or cannot
+    be stored as a file name::
+
+        >>> rel_path("a%20b/caf%C3%A9.rpm")
+        'a b/café.rpm'
+        >>> rel_path("a/%2e%2e/etc")
+        Traceback (most recent call last):
+        ...
+        fetcher.errors.UnsafePath: unsafe path segment '..' in 'a/%2e%2e/etc'
+    """
+    if not encoded or encoded.startswith("/"):
+        raise UnsafePath(f"not a relative path: {encoded!r}")
+    segments = encoded.split("/")
+    out: list[str] = []
+    for raw in segments:
+        if "\\" in raw:
+            raise UnsafePath(f"backslash in path {encoded!r}")
+        data = unquote_to_bytes(raw)
+        try:
+            name = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise UnsafePath(f"name is not valid UTF-8: {encoded!r}") from None
+        if name in ("", ".", ".."):
+            raise UnsafePath(f"unsafe path segment {name!r} in {encoded!r}")
+        if "/" in name or "\\" in name:
+            raise UnsafePath(f"separator inside a name in {encoded!r}")
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+            raise UnsafePath(f"control character in name {encoded!r}")
+        if len(data) > _MAX_SEGMENT_BYTES:
+            raise UnsafePath(f"name longer than {_MAX_SEGMENT_BYTES} bytes: {encoded[:60]!r}...")
+        out.append(name)
+    if out[0] == STATE_DIR:
+        raise UnsafePath(f"{STATE_DIR!r} is reserved for fetch's own state: {encoded!r}")
+    return RelPath("/".join(out))
+
+
+def _split_url(url: str) -> tuple[str, str, int, str]:
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port
+    except ValueError:
+        raise UnsafePath(f"bad port in {url!r}") from None
+    if port is None:
+        port = {"http": 80, "https": 443}.get(scheme, 0)
+    return scheme, (parts.hostname or "").lower(), port, parts.path
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """Which URLs belong to the mirror: same origin (or an alias), below ``root``.
+
+    ``root`` is normalised to end with '/'.  ``aliases`` are ``host[:port]``
+    strings of other servers that carry the same tree (followed in redirects).
+    """
+
+    root: str
+    aliases: tuple[str, ...] = ()
+
+    @staticmethod
+    def for_start(url: str, aliases: tuple[str, ...] = ()) -> Scope:
+        url = urldefrag(url)[0].split("?", 1)[0]
+        if not url.endswith("/"):
+            url += "/"
+        return Scope(url, aliases)
+
+    def _origin_ok(self, scheme: str, host: str, port: int) -> bool:
+        rs, rh, rp, _ = _split_url(self.root)
+        if (scheme, host, port) == (rs, rh, rp):
+            return True
+        if scheme not in ("http", "https"):
+            return False
+        for alias in self.aliases:
+            a = alias.lower()
+            if a == host or a == f"{host}:{port}":
+                return True
+        return False
+
+    def relative(self, url: str) -> RelPath | None:
+        """The in-scope relative path of ``url``, ``None`` when out of scope.
+
+        Raises :class:`UnsafePath` for an in-scope URL whose name is unsafe.
+        The root itself has no relative path and gives ``None``.
+        """
+        url = urldefrag(url)[0]
+        if "?" in url:
+            return None
+        scheme, host, port, path = _split_url(url)
+        if not self._origin_ok(scheme, host, port):
+            return None
+        root_path = _split_url(self.root)[3]
+        # Compare decoded segments, so %7E and ~ are the same place, but keep
+        # the encoded remainder for rel_path() to decode exactly once.
+        if not path.startswith("/"):
+            return None
+        rsegs = [unquote_to_bytes(s) for s in root_path.strip("/").split("/") if s]
+        segs = path.lstrip("/").split("/")
+        if len(segs) <= len(rsegs):
+            return None
+        if [unquote_to_bytes(s) for s in segs[: len(rsegs)]] != rsegs:
+            return None
+        rest = segs[len(rsegs) :]
+        if rest and rest[-1] == "":
+            rest = rest[:-1]
+        if not rest:
+            return None
+        return rel_path("/".join(rest))
+
+    def contains(self, url: str) -> bool:
+        """True when ``url`` is the root or lies below it (unsafe names excluded)."""
+        try:
+            return self.relative(url) is not None or self.is_root(url)
+        except UnsafePath:
+            return False
+
+    def is_root(self, url: str) -> bool:
+        a = _split_url(urldefrag(url)[0])
+        b = _split_url(self.root)
+        return a[:3] == b[:3] and a[3].rstrip("/") == b[3].rstrip("/")
+
+    def same_origin_or_alias(self, url: str) -> bool:
+        scheme, host, port, _ = _split_url(url)
+        return self._origin_ok(scheme, host, port)
+
+
+def join_url(base: str, href: str) -> str:
+    """Resolve ``href`` against ``base`` and drop the fragment (pure)."""
+    joined = urljoin(base, href)
+    return urldefrag(joined)[0]
+
+
+def normalise_dir_url(url: str) -> str:
+    """The canonical form of a directory URL, for the crawl's visited set."""
+    parts = urlsplit(url)
+    path = posixpath.normpath(unquote_to_bytes(parts.path).decode("utf-8", "surrogateescape"))
+    if not path.endswith("/"):
+        path += "/"
+    host = (parts.hostname or "").lower()
+    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower(), 0)
+    return f"{parts.scheme.lower()}://{host}:{port}{path}"
+
+
+@dataclass(frozen=True, slots=True)
+class ListingEntry:
+    """One link of a directory listing, as the page shows it."""
+
+    url: str
+    """Absolute URL, resolved against the page (or its ``<base href>``), no fragment."""
+    name: str
+    """The link's text or, when truncated, the last segment of the URL, decoded."""
+    is_dir: bool
+    size: int | None = None
+    """Bytes; rounded when ``size_exact`` is false (``2.3K``)."""
+    size_exact: bool = False
+    date: str | None = None
+    """The date exactly as printed, whitespace-normalised (timezone unknown)."""
+    mtime: float | None = None
+    """``date`` parsed as UTC epoch seconds, when it could be parsed."""
+
+    @property
+    def stamp(self) -> str | None:
+        """What the listing says about this file, for change detection."""
+        if self.size is None and self.date is None:
+            return None
+        return f"{self.size if self.size is not None else '-'}|{self.date or '-'}"
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteFile:
+    """A file below the start URL, as found by the crawl or an index."""
+
+    url: str
+    path: RelPath
+    size: int | None = None
+    size_exact: bool = False
+    mtime: float | None = None
+    stamp: str | None = None
+    """The listing's size and date text; equal stamps mean unchanged."""
+    checksum: tuple[str, str] | None = None
+    """``(algorithm, hexdigest)`` when an index publishes one."""
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteDir:
+    """A directory below the start URL (mirrored even when empty)."""
+
+    path: RelPath
+
+
+@dataclass(frozen=True, slots=True)
+class CrawlProblem:
+    """Something the crawl refused or could not read; ``kind`` says which."""
+
+    url: str
+    message: str
+    kind: str
+    """``listing`` (could not read: blocks deletion), ``unsafe``, ``loop`` or ``depth``."""
+
+
+class Action(enum.StrEnum):
+    NEW = "new"
+    CHANGED = "changed"
+    RESUME = "resume"
+    CHECK = "check"
+    """The listing shows neither size nor date: ask with a conditional GET."""
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One file to fetch, and what we know that makes the request conditional."""
+
+    file: RemoteFile
+    action: Action
+    etag: str | None = None
+    last_modified: str | None = None
+
+
+class Status(enum.StrEnum):
+    FETCHED = "fetched"
+    UNCHANGED = "unchanged"
+    FAILED = "failed"
+    DIRECTORY = "directory"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What happened to one :class:`Job`; the only thing workers return."""
+
+    path: RelPath
+    url: str
+    status: Status
+    size: int = 0
+    received: int = 0
+    mtime: float | None = None
+    etag: str | None = None
+    last_modified: str | None = None
+    sha256: str | None = None
+    stamp: str | None = None
+    error: str | None = None
+    attempts: int = 1
+    fatal: bool = False
+    """The failure is about DEST (disk full, unwritable), not about this file."""
+
+
+@dataclass(frozen=True, slots=True)
+class BytesEvent:
+    worker: int
+    nbytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class FileStarted:
+    worker: int
+    path: RelPath
+    size: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Retried:
+    worker: int
+    path: RelPath
+    attempt: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class FileDone:
+    worker: int
+    outcome: Outcome
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerFatal:
+    worker: int
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerExit:
+    worker: int
+
+
+Event = BytesEvent | FileStarted | Retried | FileDone | WorkerFatal | WorkerExit
+
+
+@dataclass(slots=True)
+class Counts:
+    files: int = 0
+    bytes: int = 0
+
+
+@dataclass(slots=True)
+class Summary:
+    """The result of one mirror run; ``report.py`` renders it."""
+
+    url: str
+    dest: str
+    fetched: Counts = field(default_factory=Counts)
+    unchanged: Counts = field(default_factory=Counts)
+    skipped: Counts = field(default_factory=Counts)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    vanished: int = 0
+    listing_errors: list[tuple[str, str]] = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)
+    directories: int = 0
+    started: float = 0.0
+    finished: float = 0.0
+    interrupted: bool = False
+    fatal: str | None = None
+    dry_run: bool = False
+    planned: dict[str, Counts] = field(default_factory=dict)
+    post: dict[str, int] = field(default_factory=dict)
+    post_failed: list[tuple[str, str]] = field(default_factory=list)
+    error: str | None = None
+    """The run did not start: a usage, lock or I/O error (``error_code`` says which)."""
+    error_code: int = 0
+
+    @property
+    def exit_code(self) -> int:
+        if self.error is not None:
+            return self.error_code
+        if self.interrupted:
+            return 130
+        if self.fatal:
+            return 4
+        if self.failed or self.listing_errors or self.post_failed:
+            return 1
+        return 0

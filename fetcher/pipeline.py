@@ -1,0 +1,428 @@
+"""The coordinator: the only place that knows the order of the stages.
+
+``mirror(job)`` crawls in a background thread, plans each file against the
+state as it arrives, packs jobs into shards for the executor, and consumes the
+executor's events: progress, state writes, post-processing.  Repository
+metadata is published last; deletion waits for a complete, error-free crawl.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from fetcher.config import MirrorJob
+from fetcher.crawl import CrawlOptions, crawl
+from fetcher.download import check_writable, partial_paths
+from fetcher.errors import FatalIOError, FetchError
+from fetcher.executor import Executor, LocalExecutor
+from fetcher.limits import SharedLimits
+from fetcher.models import (
+    STATE_DIR,
+    BytesEvent,
+    Counts,
+    CrawlProblem,
+    Event,
+    FileDone,
+    FileStarted,
+    Job,
+    Outcome,
+    RemoteDir,
+    RemoteFile,
+    Retried,
+    Status,
+    Summary,
+    WorkerFatal,
+)
+from fetcher.plan import LocalFile, decide, is_metadata, wanted
+from fetcher.runner import make_client
+from fetcher.shard import make_shards
+from fetcher.state import RunLock, State
+
+__all__ = ["Reporter", "mirror"]
+
+_AHEAD = 20_000  # files planned but not finished before the crawl is made to wait
+_CRAWL_DONE = object()
+
+
+class Reporter(Protocol):
+    """What the coordinator tells the outside world (the CLI's display, logs)."""
+
+    def planned(self, job: Job) -> None: ...
+    def skipped(self, f: RemoteFile) -> None: ...
+    def transferred(self, nbytes: int) -> None: ...
+    def started(self, ev: FileStarted) -> None: ...
+    def finished(self, out: Outcome) -> None: ...
+    def retried(self, ev: Retried) -> None: ...
+    def problem(self, p: CrawlProblem) -> None: ...
+    def notice(self, message: str) -> None: ...
+    def crawl_done(self) -> None: ...
+
+
+class NullReporter:
+    def planned(self, job: Job) -> None: ...
+    def skipped(self, f: RemoteFile) -> None: ...
+    def transferred(self, nbytes: int) -> None: ...
+    def started(self, ev: FileStarted) -> None: ...
+    def finished(self, out: Outcome) -> None: ...
+    def retried(self, ev: Retried) -> None: ...
+    def problem(self, p: CrawlProblem) -> None: ...
+    def notice(self, message: str) -> None: ...
+    def crawl_done(self) -> None: ...
+
+
+@dataclass
+class _Run:
+    job: MirrorJob
+    dest: Path
+    state: State
+    run_id: int
+    summary: Summary
+    reporter: Reporter
+    outstanding: dict[str, Job] = field(default_factory=dict)
+    held: list[Job] = field(default_factory=list)
+    batch: list[Job] = field(default_factory=list)
+    crawl_complete: bool = False
+    executor: Executor | None = None
+    seen_dirs: set[str] = field(default_factory=set)
+
+
+def mirror(
+    job: MirrorJob,
+    reporter: Reporter | None = None,
+    *,
+    stop: threading.Event | None = None,
+) -> Summary:
+    """Mirror ``job.url`` into ``job.dest``; returns the run's :class:`Summary`.
+
+    Raises :class:`~fetcher.errors.LockHeld` or :class:`~fetcher.errors.FatalIOError`
+    before anything starts when DEST is busy or unwritable.
+    """
+    rep = reporter or NullReporter()
+    dest = job.dest.absolute()
+    summary = Summary(url=job.url, dest=str(dest), started=time.time(), dry_run=job.dry_run)
+    lock: RunLock | None = None
+    if job.dry_run:
+        state = State.open(dest, readonly=True)
+    else:
+        try:
+            dest.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise FatalIOError(f"cannot create {dest}: {exc.strerror or exc}") from exc
+        lock = RunLock(dest)
+        try:
+            lock.acquire()
+        except OSError as exc:
+            raise FatalIOError(f"cannot write to {dest}: {exc.strerror or exc}") from exc
+        check_writable(dest)
+        state = State.open(dest)
+    try:
+        run = _Run(job, dest, state, state.begin_run(job.url), summary, rep)
+        _coordinate(run, stop or threading.Event())
+        if not summary.dry_run or job.delete:
+            _finish_deletions(run)
+        summary.finished = time.time()
+        state.end_run(run.run_id, _crawl_clean(run), summary.exit_code)
+    finally:
+        state.close()
+        if lock is not None:
+            lock.release()
+    return summary
+
+
+def _crawl_clean(run: _Run) -> bool:
+    s = run.summary
+    return run.crawl_complete and not s.listing_errors and not s.interrupted and not s.fatal
+
+
+def _crawl_thread(
+    run: _Run, inbox: queue.Queue[Any], stop: threading.Event, limits: SharedLimits
+) -> threading.Thread:
+    job = run.job
+    t = job.transfer()
+    opts = CrawlOptions(
+        depth=job.depth,
+        include=job.include,
+        exclude=job.exclude,
+        concurrency=max(1, min(4, job.max_connections)),
+        listing_rate=job.listing_rate,
+        max_listing_bytes=job.max_listing_bytes,
+    )
+
+    def body() -> None:
+        try:
+            with make_client(t, limits, stop, pool_size=opts.concurrency) as client:
+                for item in crawl(client, t, opts, stop=stop):
+                    while not stop.is_set():
+                        try:
+                            inbox.put(item, timeout=0.5)
+                            break
+                        except queue.Full:
+                            continue
+        except FetchError as exc:
+            inbox.put(CrawlProblem(job.url, str(exc), "listing"))
+        finally:
+            inbox.put(_CRAWL_DONE)
+
+    th = threading.Thread(target=body, name="crawl", daemon=True)
+    th.start()
+    return th
+
+
+def _coordinate(run: _Run, stop: threading.Event) -> None:
+    job = run.job
+    limits = SharedLimits.create(job.max_connections, job.limit_rate)
+    inbox: queue.Queue[Any] = queue.Queue(maxsize=10_000)
+    crawler = _crawl_thread(run, inbox, stop, limits)
+    try:
+        _loop(run, inbox, stop, limits)
+    except KeyboardInterrupt:
+        run.summary.interrupted = True
+        stop.set()
+        if run.executor is not None:
+            run.executor.stop()
+            try:
+                _drain(run, deadline=time.monotonic() + 30)
+            except KeyboardInterrupt:
+                run.executor.kill()
+    finally:
+        stop.set()
+        if run.executor is not None:
+            run.executor.stop()
+            run.executor.join(timeout=10)
+            run.executor.kill()
+        crawler.join(timeout=10)
+        run.state.flush()
+
+
+def _loop(run: _Run, inbox: queue.Queue[Any], stop: threading.Event, limits: SharedLimits) -> None:
+    finishing = False
+    while True:
+        # 1. take what the crawl found, while the workers are not too far behind
+        took = 0
+        while not run.crawl_complete and len(run.outstanding) < _AHEAD and took < 2000:
+            try:
+                item = inbox.get(timeout=0.05 if run.executor is None else 0)
+            except queue.Empty:
+                break
+            took += 1
+            if item is _CRAWL_DONE:
+                run.crawl_complete = True
+                run.reporter.crawl_done()
+            else:
+                _take(run, item)
+        if run.summary.fatal or stop.is_set():
+            break
+        # 2. hand full shards on; publish metadata once everything else is in
+        if run.batch:
+            _submit(run, run.batch, limits)
+            run.batch = []
+        if run.crawl_complete and not finishing:
+            if run.held and not run.outstanding:
+                if run.summary.failed:
+                    for j in run.held:
+                        run.summary.failed.append(
+                            (j.file.path, "metadata not published: other files failed")
+                        )
+                        run.state.seen(run.run_id, j.file.path)
+                else:
+                    _submit(run, run.held, limits)
+                run.held = []
+            if not run.held:
+                finishing = True
+                if run.executor is not None:
+                    run.executor.finish()
+        if finishing and not run.outstanding:
+            break
+        # 3. events from the workers
+        if run.executor is not None:
+            _handle(run, run.executor.events(timeout=0.05))
+            dead = getattr(run.executor, "dead", list)()
+            if dead and run.outstanding:
+                run.summary.fatal = f"worker process(es) {dead} died; run again to resume"
+                for path, j in run.outstanding.items():
+                    run.summary.failed.append((path, "worker process died"))
+                    run.state.seen(run.run_id, j.file.path)
+                run.outstanding.clear()
+                break
+
+
+def _drain(run: _Run, deadline: float) -> None:
+    ex = run.executor
+    while ex is not None and not ex.done() and time.monotonic() < deadline:
+        _handle(run, ex.events(timeout=0.1))
+    if ex is not None:
+        _handle(run, ex.events(timeout=0))
+
+
+def _take(run: _Run, item: RemoteFile | RemoteDir | CrawlProblem) -> None:
+    s = run.summary
+    if isinstance(item, RemoteDir):
+        s.directories += 1
+        run.seen_dirs.add(item.path)
+        if not run.job.dry_run:
+            try:
+                (run.dest / item.path).mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                s.failed.append((item.path, f"cannot create directory: {exc.strerror or exc}"))
+        return
+    if isinstance(item, CrawlProblem):
+        if item.kind == "listing":
+            s.listing_errors.append((item.url, item.message))
+        elif item.kind == "unsafe":
+            s.failed.append((item.url, item.message))
+        else:
+            s.notices.append(f"{item.url}: {item.message}")
+        run.reporter.problem(item)
+        return
+    f = item
+    local = _stat(run.dest / f.path)
+    part = partial_paths(run.dest, f.path)[0]
+    d = decide(f, run.state.get(f.path), local, partial=part.exists())
+    if d.adopt and local is not None:
+        run.state.adopt(run.run_id, f, local.size, local.mtime)
+        _count(s, "skipped", local.size)
+        run.reporter.skipped(f)
+    elif d.job is None:
+        run.state.seen(run.run_id, f.path)
+        _count(s, "skipped", local.size if local else 0)
+        run.reporter.skipped(f)
+    else:
+        _count(s, d.job.action.value, f.size or 0)
+        run.reporter.planned(d.job)
+        if run.job.dry_run:
+            return
+        run.outstanding[f.path] = d.job
+        (run.held if is_metadata(f.path) else run.batch).append(d.job)
+
+
+def _count(s: Summary, key: str, nbytes: int) -> None:
+    c = s.planned.setdefault(key, Counts())
+    c.files += 1
+    c.bytes += nbytes
+
+
+def _stat(p: Path) -> LocalFile | None:
+    try:
+        st = p.stat()
+    except (OSError, ValueError):
+        return None
+    if not os.path.isfile(p):
+        return None
+    return LocalFile(st.st_size, st.st_mtime)
+
+
+def _submit(run: _Run, jobs: list[Job], limits: SharedLimits) -> None:
+    if run.executor is None:
+        run.executor = LocalExecutor(run.job.transfer(), run.job.procs, limits)
+    for shard in make_shards(jobs):
+        run.executor.submit(shard)
+
+
+def _handle(run: _Run, events: list[Event]) -> None:
+    s = run.summary
+    rep = run.reporter
+    for ev in events:
+        if isinstance(ev, BytesEvent):
+            rep.transferred(ev.nbytes)
+        elif isinstance(ev, FileDone):
+            out = ev.outcome
+            run.outstanding.pop(out.path, None)
+            if out.status is Status.FETCHED:
+                s.fetched.files += 1
+                s.fetched.bytes += out.size
+                run.state.record(run.run_id, out)
+            elif out.status is Status.UNCHANGED:
+                s.unchanged.files += 1
+                s.unchanged.bytes += out.size
+                run.state.record(run.run_id, out)
+            else:
+                if out.error != "interrupted":
+                    s.failed.append((out.path, out.error or "failed"))
+                run.state.seen(run.run_id, out.path)
+            rep.finished(out)
+        elif isinstance(ev, FileStarted):
+            rep.started(ev)
+        elif isinstance(ev, Retried):
+            rep.retried(ev)
+        elif isinstance(ev, WorkerFatal) and not s.fatal:
+            s.fatal = ev.message
+            rep.notice(f"stopping: {ev.message}")
+
+
+def _local_files(dest: Path) -> Iterator[str]:
+    for root, dirs, files in os.walk(dest):
+        rel_root = os.path.relpath(root, dest)
+        if rel_root == ".":
+            dirs[:] = [d for d in dirs if d != STATE_DIR]
+            rel_root = ""
+        for name in files:
+            yield f"{rel_root}/{name}" if rel_root else name
+
+
+def _finish_deletions(run: _Run) -> None:
+    """Vanished files: counted always, removed with ``--delete`` after a clean crawl."""
+    job, s = run.job, run.summary
+    if not _crawl_clean(run):
+        if job.delete:
+            s.notices.append("--delete skipped: the crawl was incomplete or had listing errors")
+        return
+    candidates: list[str] = []
+    for rel in _local_files(run.dest):
+        if not wanted(rel, False, job.include, job.exclude):
+            continue
+        row = run.state.get(rel)
+        if row is not None and row.last_seen == run.run_id:
+            continue
+        candidates.append(rel)
+    if not job.delete:
+        s.vanished = len(candidates)
+        if candidates:
+            s.notices.append(
+                f"{len(candidates)} local files are no longer upstream (kept; use --delete)"
+            )
+        return
+    total = max(run.state.count(), len(candidates))
+    limit = int(job.max_delete) if job.max_delete >= 1 else int(job.max_delete * total)
+    if len(candidates) > limit and not job.force:
+        s.notices.append(
+            f"refusing to delete {len(candidates)} files: more than --max-delete ({limit}); use --force"
+        )
+        s.failed.append(("--delete", f"{len(candidates)} deletions over the limit of {limit}"))
+        return
+    for rel in candidates:
+        s.deleted.append(rel)
+        if job.dry_run:
+            continue
+        try:
+            (run.dest / rel).unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            s.failed.append((rel, f"cannot delete: {exc.strerror or exc}"))
+    if not job.dry_run:
+        run.state.forget(candidates)
+        _remove_empty_dirs(run)
+
+
+def _remove_empty_dirs(run: _Run) -> None:
+    keep = set()
+    for root, dirs, files in os.walk(run.dest, topdown=False):
+        p = Path(root)
+        if p == run.dest or STATE_DIR in p.relative_to(run.dest).parts[:1]:
+            continue
+        if not files and not any((p / d) in keep for d in dirs):
+            rel = p.relative_to(run.dest).as_posix()
+            if rel not in run.seen_dirs:
+                try:
+                    p.rmdir()
+                    continue
+                except OSError:
+                    pass
+        keep.add(p)

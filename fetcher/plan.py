@@ -1,0 +1,112 @@
+"""Decide, per file, what a run must do: pure functions over values.
+
+``decide()`` takes what the listing says, what the state remembers and what
+is on disk, and returns a :class:`Job` or ``None`` (skip).  Nothing here
+touches the network or the filesystem; the caller passes ``stat`` results in.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from fetcher.models import Action, Job, RemoteFile
+from fetcher.state import Row
+
+__all__ = ["Decision", "LocalFile", "decide", "is_metadata", "matches", "wanted"]
+
+# Repository metadata is published after the files it points at (DESIGN: incremental sync).
+_METADATA = re.compile(
+    r"(^|/)(repodata/[^/]+|Release|Release\.gpg|InRelease|Packages(\.[a-z0-9]+)?"
+    r"|Sources(\.[a-z0-9]+)?|[A-Za-z0-9]*SUMS(\.[a-z]+)?|Contents-[^/]+|Index)$"
+)
+
+_ADOPT_SLACK = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class LocalFile:
+    size: int
+    mtime: float
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    job: Job | None
+    adopt: bool = False
+    """No state row, but the local file matches the listing: record it, fetch nothing."""
+
+
+def is_metadata(path: str) -> bool:
+    """True for index files that must be published after everything they reference."""
+    return _METADATA.search(path) is not None
+
+
+def matches(path: str, globs: Sequence[str]) -> bool:
+    """Glob match: a pattern without '/' matches the name, one with '/' the whole relative path."""
+    name = path.rsplit("/", 1)[-1]
+    for g in globs:
+        target = path if "/" in g.strip("/") else name
+        if fnmatch.fnmatchcase(target, g.strip("/")):
+            return True
+    return False
+
+
+def wanted(path: str, is_dir: bool, include: Sequence[str], exclude: Sequence[str]) -> bool:
+    """Filters: an excluded directory is not crawled; includes select files only."""
+    if exclude and matches(path, exclude):
+        return False
+    if is_dir or not include:
+        return True
+    return matches(path, include)
+
+
+def _same_time(listing: float, local: float) -> bool:
+    # Listing dates carry no timezone (nginx prints UTC, Apache local time) and
+    # often only minutes: accept whole-hour offsets up to ±14 h, within a minute.
+    diff = abs(listing - local)
+    if diff > 14 * 3600 + _ADOPT_SLACK:
+        return False
+    off = diff % 3600
+    return off <= _ADOPT_SLACK or 3600 - off <= _ADOPT_SLACK
+
+
+def decide(
+    f: RemoteFile,
+    row: Row | None,
+    local: LocalFile | None,
+    partial: bool = False,
+) -> Decision:
+    """What to do with ``f`` this run.
+
+    >>> decide(RemoteFile("u", "a", 3, True, None, "3|x"), None, None).job.action
+    <Action.NEW: 'new'>
+    """
+    if partial:
+        return Decision(
+            Job(f, Action.RESUME, row.etag if row else None, row.last_modified if row else None)
+        )
+    if row is None or row.status not in ("ok", "adopted"):
+        if local is not None and _adoptable(f, local):
+            return Decision(None, adopt=True)
+        return Decision(Job(f, Action.NEW))
+    if local is None:
+        return Decision(Job(f, Action.NEW))
+    if f.checksum is not None and row.sha256 and f.checksum[0] == "sha256":
+        if f.checksum[1].lower() == row.sha256.lower() and local.size == row.size:
+            return Decision(None)
+        return Decision(Job(f, Action.CHANGED, row.etag, row.last_modified))
+    if f.stamp is not None:
+        if f.stamp == row.stamp and (row.size is None or local.size == row.size):
+            return Decision(None)
+        return Decision(Job(f, Action.CHANGED, row.etag, row.last_modified))
+    # The listing shows neither size nor date: ask the server with a conditional GET.
+    return Decision(Job(f, Action.CHECK, row.etag, row.last_modified))
+
+
+def _adoptable(f: RemoteFile, local: LocalFile) -> bool:
+    if f.size is None or not f.size_exact or f.size != local.size:
+        return False
+    return f.mtime is not None and _same_time(f.mtime, local.mtime)

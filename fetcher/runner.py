@@ -1,0 +1,230 @@
+"""The per-process shard runner: one ``httpx.Client``, one thread pool, batched events.
+
+The same :class:`ShardRunner` serves a local worker process (fed from a
+queue, :func:`worker_main`) and a Dask task (:func:`run_shard`).  It catches
+every per-file failure inside :func:`fetcher.download.fetch_file`, so nothing
+escapes to break the pool; events go back to the coordinator in batches.
+"""
+
+from __future__ import annotations
+
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import httpcore
+import httpx
+
+from fetcher.config import Transfer
+from fetcher.download import build_retrying, fetch_file
+from fetcher.limits import CappedBackend, SharedLimits
+from fetcher.models import (
+    BytesEvent,
+    Event,
+    FileDone,
+    FileStarted,
+    Job,
+    Outcome,
+    Retried,
+    Scope,
+    Status,
+    WorkerExit,
+    WorkerFatal,
+)
+from fetcher.shard import Shard
+
+__all__ = ["ShardRunner", "make_client", "run_shard", "worker_main"]
+
+_STARTED_MIN_SIZE = 1 << 20  # FileStarted only for files worth watching
+
+
+def _tune_httpcore() -> None:
+    # httpcore reads 64 KiB per socket read; per-chunk overhead in the HTTP
+    # stack, not Python, limits large transfers (DESIGN: performance notes).
+    # A bigger read costs nothing for small bodies and cuts that overhead.
+    httpcore._sync.http11.HTTP11Connection.READ_NUM_BYTES = 256 * 1024
+
+
+def make_client(
+    t: Transfer,
+    limits: SharedLimits | None = None,
+    stop: threading.Event | None = None,
+    pool_size: int | None = None,
+) -> httpx.Client:
+    """A client for one process: keep-alive pool sized to its threads, capped by ``limits``."""
+    _tune_httpcore()
+    size = pool_size or t.threads
+    transport = httpx.HTTPTransport(
+        verify=t.verify,
+        http2=t.http2,
+        limits=httpx.Limits(
+            max_connections=size, max_keepalive_connections=size, keepalive_expiry=30
+        ),
+    )
+    if limits is not None:
+        pool = transport._pool
+        pool._network_backend = CappedBackend(pool._network_backend, limits.connections, stop)
+    return httpx.Client(
+        transport=transport,
+        timeout=httpx.Timeout(t.read_timeout, connect=t.connect_timeout, pool=None),
+        headers={"User-Agent": t.user_agent, "Accept-Encoding": "identity"},
+        follow_redirects=False,
+    )
+
+
+class _Batcher:
+    """Collects events and hands them on in batches (per-event IPC costs more than the event)."""
+
+    def __init__(
+        self, send: Callable[[list[Event]], None], worker: int, interval: float = 0.1
+    ) -> None:
+        self._send = send
+        self._worker = worker
+        self._lock = threading.Lock()
+        self._events: list[Event] = []
+        self._bytes = 0
+        self._interval = interval
+        self._last = time.monotonic()
+
+    def add_bytes(self, n: int) -> None:
+        with self._lock:
+            self._bytes += n
+        if time.monotonic() - self._last > self._interval:
+            self.flush()
+
+    def add(self, ev: Event) -> None:
+        with self._lock:
+            self._events.append(ev)
+            full = len(self._events) >= 256
+        if full or time.monotonic() - self._last > self._interval:
+            self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            events, self._events = self._events, []
+            if self._bytes:
+                events.insert(0, BytesEvent(self._worker, self._bytes))
+                self._bytes = 0
+            self._last = time.monotonic()
+        if events:
+            self._send(events)
+
+
+class ShardRunner:
+    """Fetches jobs on a bounded thread pool over one client; reports through ``send``."""
+
+    def __init__(
+        self,
+        t: Transfer,
+        worker: int,
+        send: Callable[[list[Event]], None],
+        limits: SharedLimits | None = None,
+        stop: threading.Event | None = None,
+    ) -> None:
+        self.t = t
+        self.worker = worker
+        self.stop = stop or threading.Event()
+        self.limits = limits
+        self.client = make_client(t, limits, self.stop)
+        self.scope = Scope.for_start(t.root, t.aliases)
+        self.retrying = build_retrying(t, sleep=self._sleep)
+        self.pool = ThreadPoolExecutor(t.threads, thread_name_prefix=f"w{worker}")
+        self.batch = _Batcher(send, worker)
+        self._ticker = threading.Thread(target=self._tick, daemon=True)
+        self._closed = threading.Event()
+        self._ticker.start()
+
+    def _sleep(self, seconds: float) -> None:
+        self.stop.wait(seconds)
+
+    def _tick(self) -> None:
+        while not self._closed.wait(0.2):
+            self.batch.flush()
+
+    def fetch(self, job: Job) -> Outcome:
+        f = job.file
+        if self.stop.is_set():
+            return Outcome(
+                f.path, f.url, Status.FAILED, error="interrupted", attempts=0, stamp=f.stamp
+            )
+        if f.size is None or f.size >= _STARTED_MIN_SIZE:
+            self.batch.add(FileStarted(self.worker, f.path, f.size))
+
+        def on_retry(attempt: int, reason: str) -> None:
+            self.batch.add(Retried(self.worker, f.path, attempt, reason))
+
+        out = fetch_file(
+            self.client,
+            job,
+            self.t,
+            retrying=self.retrying,
+            scope=self.scope,
+            limits=self.limits,
+            stop=self.stop,
+            on_bytes=self.batch.add_bytes,
+            on_retry=on_retry,
+        )
+        self.batch.add(FileDone(self.worker, out))
+        if out.fatal:
+            self.stop.set()
+            self.batch.add(WorkerFatal(self.worker, out.error or "fatal I/O error"))
+        return out
+
+    def submit(self, job: Job) -> Future[Outcome]:
+        return self.pool.submit(self.fetch, job)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        self._closed.set()
+        self._ticker.join()
+        self.batch.flush()
+        self.client.close()
+
+
+def worker_main(
+    worker: int,
+    t: Transfer,
+    shards: Any,
+    events: Any,
+    limits: SharedLimits | None,
+    stop: Any,
+) -> None:
+    """Entry point of a local worker process (``spawn``): pull shards until ``None``."""
+    # Ctrl-C reaches the whole process group; only the coordinator decides what it means.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    runner = ShardRunner(t, worker, events.put, limits, stop)
+    inflight = threading.BoundedSemaphore(t.threads * 2)
+    try:
+        while not stop.is_set():
+            try:
+                shard: Shard | None = shards.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if shard is None:
+                break
+            for job in shard.jobs:
+                while not inflight.acquire(timeout=0.5):
+                    if stop.is_set():
+                        break
+                else:
+                    runner.submit(job).add_done_callback(lambda _f: inflight.release())
+                    continue
+                break
+    finally:
+        runner.close()
+        events.put([WorkerExit(worker)])
+
+
+def run_shard(shard: Shard, t: Transfer, worker: int = 0) -> list[Outcome]:
+    """Run one shard to completion in this process; the Dask task body."""
+    sink: list[Event] = []
+    runner = ShardRunner(t, worker, sink.extend)
+    try:
+        futures = [runner.submit(j) for j in shard.jobs]
+        return [f.result() for f in futures]
+    finally:
+        runner.close()

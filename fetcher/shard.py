@@ -1,0 +1,61 @@
+"""Split jobs into small shards, biggest first, balanced by bytes (pure)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from fetcher.models import Job
+
+__all__ = ["Shard", "make_shards"]
+
+MAX_FILES = 32
+MAX_BYTES = 32 << 20
+_UNKNOWN = 1 << 20  # size assumed for a file whose listing shows none
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    """A unit of work for one worker: a few files, fetched by its thread pool."""
+
+    jobs: tuple[Job, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(_size(j) for j in self.jobs)
+
+
+def _size(job: Job) -> int:
+    return job.file.size if job.file.size is not None else _UNKNOWN
+
+
+def make_shards(
+    jobs: Iterable[Job], max_files: int = MAX_FILES, max_bytes: int = MAX_BYTES
+) -> list[Shard]:
+    """Pack ``jobs`` into shards of at most ``max_files`` files and about ``max_bytes`` bytes.
+
+    Files are taken biggest first, so a long transfer starts early and the
+    small ones fill in around it; a file bigger than ``max_bytes`` is a shard
+    of its own.  The number of shards is the fewest both limits allow, and
+    bytes are dealt to the lightest shard, so shards come out even.
+
+    >>> [len(s.jobs) for s in make_shards([])]
+    []
+    """
+    ordered = sorted(jobs, key=lambda j: (-_size(j), j.file.path))
+    if not ordered:
+        return []
+    big = [j for j in ordered if _size(j) >= max_bytes]
+    rest = ordered[len(big) :]
+    shards: list[list[Job]] = [[j] for j in big]
+    if rest:
+        total = sum(_size(j) for j in rest)
+        n = max(-(-len(rest) // max_files), -(-total // max_bytes), 1)
+        bins: list[list[Job]] = [[] for _ in range(n)]
+        loads = [0] * n
+        for j in rest:
+            i = min((k for k in range(n) if len(bins[k]) < max_files), key=loads.__getitem__)
+            bins[i].append(j)
+            loads[i] += _size(j)
+        shards.extend(bins)
+    return [Shard(tuple(s)) for s in shards if s]
