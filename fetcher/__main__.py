@@ -1,3 +1,4 @@
 from fetcher.cli import entry
 
-entry()
+if __name__ == "__main__":  # spawned workers import this module again
+    entry()

@@ -7,7 +7,7 @@ traceback for one; tests call it directly.
 from __future__ import annotations
 
 import argparse
-import os
+import io
 import signal
 import sys
 import time
@@ -226,16 +226,11 @@ def _job_from_cli(ns: argparse.Namespace) -> MirrorJob:
             "nothing to do: give --mirror URL (or --config FILE, or 'fetch demo')",
             "see 'fetch --help'",
         )
-    for key in ("include", "exclude", "aliases"):
-        if key in vals:
-            vals[key] = list(vals[key])
+    _validate_cli({k: v for k, v in vals.items() if k != "url"})
     try:
         return build_job(vals, "options")
     except UsageError as exc:
-        # "options.threads: ..." reads better as "--threads: ..."
-        msg = exc.message.removeprefix("options.")
-        key, _, rest = msg.partition(":")
-        raise UsageError(f"{_flag(key)}:{rest}" if rest else msg, exc.hint) from None
+        raise UsageError(exc.message.replace("options.url", "--mirror"), exc.hint) from None
 
 
 def _jobs(ns: argparse.Namespace) -> list[MirrorJob]:
@@ -243,9 +238,11 @@ def _jobs(ns: argparse.Namespace) -> list[MirrorJob]:
         if ns.job or ns.check:
             raise UsageError("--job and --check go with --config FILE")
         return [_job_from_cli(ns)]
-    from dataclasses import replace
-
-    jobs = load_config(ns.config)
+    over = {k: v for k, v in _overrides(ns).items() if k != "url"}
+    if ns.url or ns.mirror:
+        raise UsageError("--mirror goes without --config: a config file names its own URLs")
+    _validate_cli(over)
+    jobs = load_config(ns.config, overrides=over)
     if ns.job:
         missing = [n for n in ns.job if n not in jobs]
         if missing:
@@ -253,26 +250,30 @@ def _jobs(ns: argparse.Namespace) -> list[MirrorJob]:
                 f"{ns.config.name}: no job named {', '.join(missing)}; jobs: {', '.join(jobs)}"
             )
         jobs = {n: jobs[n] for n in ns.job}
-    over = _overrides(ns)
-    out = []
-    for name, job in jobs.items():
-        merged = {k: v for k, v in over.items() if k != "url"}
-        out.append(
-            replace(
-                job, **{k: (Path(v) if k in ("dest", "ca_cert") else v) for k, v in merged.items()}
-            )
-            if merged
-            else job
-        )
-        del name
-    return out
+    return list(jobs.values())
+
+
+def _validate_cli(over: dict[str, Any]) -> None:
+    try:
+        build_job({**over, "url": "http://localhost/"}, "options")
+    except UsageError as exc:
+        msg = exc.message.removeprefix("options.")
+        key, _, rest = msg.partition(":")
+        raise UsageError(f"{_flag(key)}:{rest}" if rest else msg, exc.hint) from None
 
 
 def _make_reporter(ns: argparse.Namespace, console: Console, log: TextIO | None) -> Any:
     if console.is_terminal and not ns.quiet and ns.log_format is None and log is None:
         return RichReporter(console)
-    stream = log if log is not None else (console.file if not ns.quiet else open(os.devnull, "w"))  # noqa: SIM115
+    stream: Any = log if log is not None else console.file
+    if ns.quiet and log is None:
+        stream = _Discard()
     return LineReporter(stream, fmt=ns.log_format or "text", verbose=ns.verbose)
+
+
+class _Discard(io.StringIO):
+    def write(self, s: str) -> int:
+        return len(s)
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:

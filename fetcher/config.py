@@ -304,7 +304,9 @@ def _suggest(key: str) -> str | None:
 
 
 def load_config(
-    path: Path, post_parser: Callable[[Any, str], Any] | None = None
+    path: Path,
+    post_parser: Callable[[Any, str], Any] | None = None,
+    overrides: Mapping[str, Any] | None = None,
 ) -> dict[str, MirrorJob]:
     """Read a TOML file of ``[defaults]`` and ``[jobs.NAME]`` tables into jobs, in file order."""
     label = path.name
@@ -330,7 +332,7 @@ def load_config(
     for name, table in jobs.items():
         if not isinstance(table, dict):
             raise ConfigError(f"{label}: jobs.{name}: expected a table")
-        merged = {**defaults, **table}
+        merged = {**defaults, **table, **(overrides or {})}
         if "post" in defaults and "post" in table:
             merged["post"] = [*defaults["post"], *table["post"]]
         out[name] = build_job(

@@ -44,7 +44,18 @@ def _blob(name: str, size: int) -> bytes:
 def build_sample(root: Path, packages: int = 300, media: bool = True) -> int:
     """Write the sample tree below ``root``; returns the number of files."""
     count = 0
-    names = ["bash", "coreutils", "curl", "glibc", "httpd", "kernel", "nginx", "openssl", "python3", "zlib"]
+    names = [
+        "bash",
+        "coreutils",
+        "curl",
+        "glibc",
+        "httpd",
+        "kernel",
+        "nginx",
+        "openssl",
+        "python3",
+        "zlib",
+    ]
     for i in range(packages):
         base = names[i % len(names)]
         sub = root / "Packages" / base[0]
@@ -102,7 +113,9 @@ class _ListingHandler(SimpleHTTPRequestHandler):
             name = e.name + ("/" if e.is_dir() else "")
             date = time.strftime("%d-%b-%Y %H:%M", time.gmtime(st.st_mtime))
             size = "-" if e.is_dir() else str(st.st_size)
-            rows.append(f'<a href="{quote(name)}">{html.escape(name)}</a>{" " * max(1, 51 - len(name))}{date} {size:>19}')
+            rows.append(
+                f'<a href="{quote(name)}">{html.escape(name)}</a>{" " * max(1, 51 - len(name))}{date} {size:>19}'
+            )
         title = html.escape(self.path.split("?", 1)[0])
         body = (f"<html>\r\n<head><title>Index of {title}</title></head>\r\n<body>\r\n<h1>Index of {title}</h1>"
                 f'<hr><pre><a href="../">../</a>\r\n' + "\r\n".join(rows) + "\r\n</pre><hr></body>\r\n</html>\r\n").encode()  # fmt: skip
@@ -117,7 +130,12 @@ class _ListingHandler(SimpleHTTPRequestHandler):
     def send_head(self) -> Any:
         path = self.translate_path(self.path)
         rng = self.headers.get("Range")
-        if os.path.isdir(path) or not rng or not rng.startswith("bytes=") or not os.path.isfile(path):
+        if (
+            os.path.isdir(path)
+            or not rng
+            or not rng.startswith("bytes=")
+            or not os.path.isfile(path)
+        ):
             return super().send_head()
         st = os.stat(path)
         if_range = self.headers.get("If-Range")
@@ -169,9 +187,18 @@ def serve_directory(root: Path) -> Iterator[str]:
 def demo_main(argv: list[str], console: Console) -> int:
     from fetcher.cli import main
 
-    p = argparse.ArgumentParser(prog="fetch demo", description="Mirror a built-in sample mirror served on 127.0.0.1.")
-    p.add_argument("--dir", type=Path, default=Path("fetch-demo"), help="where the sample and the mirror go (default ./fetch-demo)")
-    p.add_argument("--packages", type=int, default=300, help="number of package files (default 300)")
+    p = argparse.ArgumentParser(
+        prog="fetch demo", description="Mirror a built-in sample mirror served on 127.0.0.1."
+    )
+    p.add_argument(
+        "--dir",
+        type=Path,
+        default=Path("fetch-demo"),
+        help="where the sample and the mirror go (default ./fetch-demo)",
+    )
+    p.add_argument(
+        "--packages", type=int, default=300, help="number of package files (default 300)"
+    )
     p.add_argument("--no-media", action="store_true", help="no video clips (and no thumbnails)")
     p.add_argument("--procs", type=int, default=2)
     try:

@@ -77,9 +77,9 @@ class _WaitRetryAfter(tenacity.wait.wait_base):
     """Exponential backoff with jitter, but at least what ``Retry-After`` asked (capped)."""
 
     def __init__(self, t: Transfer) -> None:
-        self._backoff = tenacity.wait_exponential_jitter(
-            initial=t.backoff_initial, max=t.backoff_max
-        )
+        self._backoff = tenacity.wait_exponential(
+            multiplier=t.backoff_initial, max=t.backoff_max
+        ) + tenacity.wait_random(0, t.backoff_initial)
         self._cap = t.retry_after_cap
 
     def __call__(self, retry_state: tenacity.RetryCallState) -> float:

@@ -298,7 +298,6 @@ def _take(run: _Run, item: RemoteFile | RemoteDir | CrawlProblem) -> None:
         run.reporter.planned(d.job)
         if run.job.dry_run:
             return
-        run.outstanding[f.path] = d.job
         (run.held if is_metadata(f.path) else run.batch).append(d.job)
 
 
@@ -321,6 +320,8 @@ def _stat(p: Path) -> LocalFile | None:
 def _submit(run: _Run, jobs: list[Job], limits: SharedLimits) -> None:
     if run.executor is None:
         run.executor = LocalExecutor(run.job.transfer(), run.job.procs, limits)
+    for j in jobs:
+        run.outstanding[j.file.path] = j
     for shard in make_shards(jobs):
         run.executor.submit(shard)
 

@@ -56,8 +56,11 @@ def matches(path: str, globs: Sequence[str]) -> bool:
 
 def wanted(path: str, is_dir: bool, include: Sequence[str], exclude: Sequence[str]) -> bool:
     """Filters: an excluded directory is not crawled; includes select files only."""
-    if exclude and matches(path, exclude):
-        return False
+    if exclude:
+        parts = path.split("/")
+        # an excluded directory excludes everything below it
+        if any(matches("/".join(parts[: i + 1]), exclude) for i in range(len(parts))):
+            return False
     if is_dir or not include:
         return True
     return matches(path, include)

@@ -1,0 +1,306 @@
+"""Find ffmpeg, build its argument lists (pure), and run one with a timeout.
+
+Every argv starts with the absolute executable and ``-nostdin -hide_banner``;
+every path is absolute and ``file:``-prefixed, so a name beginning with ``-``
+or containing ``:`` is never read as an option or a protocol.  Nothing here
+uses a shell: :func:`run` is the one place a process starts::
+
+    >>> ff = FFmpeg("/usr/bin/ffmpeg", (5, 1, 2))
+    >>> remux_argv(ff, Path("/m/-i a:b.mkv"), Path("/d/.tmp/remux.mp4"))[-5:]
+    ['-movflags', '+faststart', '-f', 'mp4', 'file:/d/.tmp/remux.mp4']
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from fetcher.errors import FetchError
+
+__all__ = [
+    "FFmpeg",
+    "PostProcessError",
+    "RunResult",
+    "audio_argv",
+    "custom_argv",
+    "file_arg",
+    "find_ffmpeg",
+    "probe_argv",
+    "remux_argv",
+    "run",
+    "thumbnails_argv",
+    "transcode_argv",
+]
+
+_TAIL_LINES = 20
+_VERSION_RE = re.compile(r"version\s+n?(\d+)\.(\d+)(?:\.(\d+))?")
+
+
+class PostProcessError(FetchError):
+    """ffmpeg failed, timed out or could not start; ``tail`` is its stderr's end."""
+
+    # TODO(lead): move into errors.py, below FetchError in the drawn tree.
+    def __init__(self, message: str, tail: str = "") -> None:
+        super().__init__(message)
+        self.args = (message, tail)
+        self.tail = tail
+
+
+@dataclass(frozen=True, slots=True)
+class FFmpeg:
+    """An ffmpeg executable, its version and the flags that depend on it."""
+
+    path: str
+    version: tuple[int, ...] = ()
+    """``(major, minor[, patch])``; empty when unparseable (a git build: assume new)."""
+    ffprobe: str | None = None
+    fps_mode: tuple[str, str] = field(init=False)
+    """``("-fps_mode", "vfr")`` from 5.1 on, ``("-vsync", "vfr")`` before (deprecated since)."""
+
+    def __post_init__(self) -> None:
+        modern = not self.version or self.version >= (5, 1)
+        object.__setattr__(self, "fps_mode", ("-fps_mode" if modern else "-vsync", "vfr"))
+
+
+def parse_version(text: str) -> tuple[int, ...]:
+    """The version in ``ffmpeg -version`` output: ``n9.0.2-17-g…`` → ``(9, 0, 2)``."""
+    m = _VERSION_RE.search(text.splitlines()[0] if text else "")
+    if m is None:
+        return ()
+    return tuple(int(g) for g in m.groups() if g is not None)
+
+
+def _candidates(search_path: str | None, fallback: bool) -> list[str]:
+    found = [p for p in (shutil.which("ffmpeg", path=search_path),) if p]
+    if fallback:
+        try:
+            import imageio_ffmpeg
+        except ImportError:
+            pass
+        else:
+            try:
+                found.append(str(imageio_ffmpeg.get_ffmpeg_exe()))
+            except RuntimeError:  # the package is there but its binary is not
+                pass
+    return found
+
+
+def find_ffmpeg(search_path: str | None = None, *, fallback: bool = True) -> FFmpeg | None:
+    """ffmpeg from ``PATH`` (or ``search_path``), else from ``imageio-ffmpeg``.
+
+    A candidate that does not answer ``-version`` is passed over; ``None``
+    when none works.  ``ffprobe`` is looked for beside it, then on the path.
+    """
+    for exe in _candidates(search_path, fallback):
+        try:
+            done = subprocess.run(
+                [exe, "-hide_banner", "-version"],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                errors="replace",
+                timeout=20,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if done.returncode != 0:
+            continue
+        sibling = Path(exe).with_name("ffprobe")
+        if sibling.is_file() and os.access(sibling, os.X_OK):
+            probe: str | None = str(sibling)
+        else:
+            probe = shutil.which("ffprobe", path=search_path)
+        return FFmpeg(os.path.abspath(exe), parse_version(done.stdout), probe)
+    return None
+
+
+def file_arg(path: Path) -> str:
+    """``file:/abs/path``: never an option, never another protocol."""
+    if not path.is_absolute():
+        raise ValueError(f"ffmpeg paths must be absolute: {str(path)!r}")
+    return f"file:{path}"
+
+
+def _base(ff: FFmpeg, *, overwrite: bool = True) -> list[str]:
+    # -y is safe: outputs are always fresh temporary paths of our own.
+    head = [ff.path, "-nostdin", "-hide_banner"]
+    return [*head, "-y", "-loglevel", "error"] if overwrite else [*head, "-loglevel", "error"]
+
+
+def thumbnails_argv(
+    ff: FFmpeg, src: Path, outdir: Path, *, size: tuple[int, int] = (160, 90), count: int = 10
+) -> list[str]:
+    """Up to ``count`` key frames as ``outdir/thumb-001.jpg``…, letterboxed to ``size``."""
+    w, h = size
+    vf = (
+        r"select='eq(pict_type\,I)',"
+        f"scale={w}:{h}:force_original_aspect_ratio=decrease,pad={w}:{h}:(ow-iw)/2:(oh-ih)/2"
+    )
+    # image2 expands '%' in the whole name, so a '%' in the directory is doubled.
+    pattern = file_arg(outdir).replace("%", "%%") + "/thumb-%03d.jpg"
+    return [
+        *_base(ff),
+        # Decode key frames only: fast even on long files.
+        "-skip_frame", "nokey",
+        "-i", file_arg(src),
+        "-an", "-sn", "-dn",
+        "-vf", vf,
+        *ff.fps_mode,
+        "-frames:v", str(count),
+        "-q:v", "3",
+        "-f", "image2",
+        pattern,
+    ]  # fmt: skip
+
+
+def probe_argv(ff: FFmpeg, src: Path) -> list[str]:
+    """Decode every stream to nowhere; any stderr line or a non-zero exit is a failure."""
+    return [*_base(ff, overwrite=False), "-xerror", "-i", file_arg(src), "-f", "null", "-"]
+
+
+def transcode_argv(
+    ff: FFmpeg, src: Path, out: Path, *, height: int = 480, crf: int = 23, preset: str = "veryfast"
+) -> list[str]:
+    """H.264 + AAC in mp4, ``height`` lines at most (never upscaled, always even)."""
+    return [
+        *_base(ff),
+        "-i", file_arg(src),
+        "-sn", "-dn",
+        "-vf", f"scale=-2:'trunc(min({height},ih)/2)*2'",
+        "-c:v", "libx264", "-crf", str(crf), "-preset", preset, "-pix_fmt", "yuv420p",
+        "-c:a", "aac", "-b:a", "128k",
+        "-movflags", "+faststart",
+        "-f", "mp4",
+        file_arg(out),
+    ]  # fmt: skip
+
+
+def remux_argv(ff: FFmpeg, src: Path, out: Path) -> list[str]:
+    """The best video and audio streams, copied into mp4 with the index up front."""
+    return [
+        *_base(ff),
+        "-i", file_arg(src),
+        "-sn", "-dn", "-c", "copy",
+        "-movflags", "+faststart",
+        "-f", "mp4",
+        file_arg(out),
+    ]  # fmt: skip
+
+
+def audio_argv(ff: FFmpeg, src: Path, out: Path) -> list[str]:
+    """The best audio stream as AAC in ``.m4a``."""
+    return [
+        *_base(ff),
+        "-i", file_arg(src),
+        "-vn", "-sn", "-dn",
+        "-c:a", "aac", "-b:a", "160k",
+        "-movflags", "+faststart",
+        "-f", "ipod",
+        file_arg(out),
+    ]  # fmt: skip
+
+
+def custom_argv(
+    ff: FFmpeg, template: Sequence[str], *, src: Path, out: Path, outdir: Path
+) -> list[str]:
+    """The user's arguments with placeholders replaced inside each element.
+
+    ``{input}``, ``{output}`` and ``{outdir}`` become ``file:`` paths;
+    ``{stem}`` is the source's name without its extension.  The program is
+    always ffmpeg, and no element is ever split or given to a shell.
+    """
+    subs = {
+        "{input}": file_arg(src),
+        "{output}": file_arg(out),
+        "{outdir}": file_arg(outdir),
+        "{stem}": src.stem,
+    }
+    pattern = re.compile("|".join(re.escape(k) for k in subs))
+    # One pass, so a substituted name containing "{output}" is left alone.
+    return [*_base(ff), *(pattern.sub(lambda m: subs[m.group(0)], a) for a in template)]
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    """How one ffmpeg run ended."""
+
+    returncode: int
+    stderr_tail: str
+    """The last lines of stderr (at most 20)."""
+    seconds: float
+
+
+def _drain(stream: IO[bytes], tail: collections.deque[str]) -> None:
+    for raw in iter(stream.readline, b""):
+        tail.append(raw.decode("utf-8", "replace").rstrip())
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    # Not yet reaped, so its pid (= the group id of the session it leads) is
+    # still ours: the group is killed, never a recycled pid.
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def run(argv: Sequence[str], timeout: float, stop: threading.Event | None = None) -> RunResult:
+    """Run ``argv`` (no shell, no stdin), keeping the tail of its stderr.
+
+    Raises :class:`PostProcessError` when it cannot start, runs longer than
+    ``timeout`` seconds, or ``stop`` is set; the process group it started is
+    killed first.  A non-zero exit is returned, not raised.
+    """
+    started = time.monotonic()
+    tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
+    try:
+        proc = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        raise PostProcessError(f"cannot run {argv[0]}: {exc}") from exc
+    # A thread reads stderr, so a chatty decoder never blocks on a full pipe
+    # and memory stays bounded by the tail.
+    reader = threading.Thread(target=_drain, args=(proc.stderr, tail), daemon=True)
+    reader.start()
+    why = ""
+    try:
+        while proc.poll() is None:
+            left = started + timeout - time.monotonic()
+            if left <= 0:
+                why = f"timed out after {timeout:g} s"
+            elif stop is not None and stop.is_set():
+                why = "cancelled"
+            if why:
+                _kill(proc)
+                break
+            try:
+                proc.wait(timeout=min(left, 0.1))
+            except subprocess.TimeoutExpired:
+                pass
+    finally:
+        if proc.returncode is None:  # an exception above (KeyboardInterrupt)
+            _kill(proc)
+        reader.join(timeout=5)
+        if proc.stderr is not None:
+            proc.stderr.close()
+    text = "\n".join(tail)
+    if why:
+        raise PostProcessError(why, text)
+    return RunResult(proc.returncode, text, time.monotonic() - started)

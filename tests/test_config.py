@@ -1,0 +1,64 @@
+from pathlib import Path
+
+import pytest
+
+from fetcher.config import build_job, default_dest, load_config
+from fetcher.errors import ConfigError
+
+
+def test_defaults_follow_lftp_and_the_connection_cap() -> None:
+    job = build_job({"url": "https://m.example/centos/7/os/x86_64/Packages/", "procs": 4}, "x")
+    assert job.dest == Path("Packages")
+    assert job.max_connections == 8 and job.threads == 2
+    assert default_dest("http://h/") == Path("h")
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"url": "http://h/", "threads": 0}, "x.threads: expected an integer ≥ 1, got 0"),
+        ({"url": "http://h/", "threads": "eight"}, 'x.threads: expected an integer ≥ 1, got "eight"'),
+        ({"url": "http://h/", "procs": True}, "x.procs: expected an integer ≥ 1, got True"),
+        ({"url": "ftp://h/"}, 'x.url: expected an http:// or https:// URL, got "ftp://h/"'),
+        ({"url": "http://h/", "limit_rate": "fast"}, "x.limit_rate: expected a rate"),
+        ({"url": "http://h/", "thread": 3}, "x.thread: unknown key"),
+        ({"url": "http://h/", "max_delete": "200%"}, "x.max_delete"),
+        ({}, "x: missing required key 'url'"),
+    ],
+)
+def test_bad_values_name_the_key(values: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        build_job(values, "x")
+    assert message in str(exc.value)
+
+
+def test_rates_and_percentages() -> None:
+    job = build_job({"url": "http://h/", "limit_rate": "1.5M", "max_delete": "5%"}, "x")
+    assert job.limit_rate == 1.5 * (1 << 20) and abs(job.max_delete - 0.05) < 1e-9
+
+
+def test_load_config(tmp_path: Path) -> None:
+    cfg = tmp_path / "m.toml"
+    cfg.write_text('[defaults]\nprocs = 2\n[jobs.a]\nurl = "http://h/a/"\ndest = "out/a"\n[jobs.b]\nurl = "http://h/b/"\nthreads = 1\n')
+    jobs = load_config(cfg)
+    assert list(jobs) == ["a", "b"]
+    assert jobs["a"].dest == tmp_path / "out/a" and jobs["a"].procs == 2
+    assert jobs["b"].dest == tmp_path / "b" and jobs["b"].threads == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[jobs.a]\nurl = 'http://h/'\nthreads = 'eight'\n", 'm.toml: jobs.a.threads: expected an integer ≥ 1, got "eight"'),
+        ("[jobs.a\n", "m.toml: not valid TOML"),
+        ("[defaults]\n", "m.toml: no [jobs.NAME] table"),
+        ("[job.a]\nurl='http://h/'\n", "m.toml: job: unknown table"),
+        ("[jobs.a]\ndest = 'x'\n", "m.toml: jobs.a: missing required key 'url'"),
+    ],
+)
+def test_config_errors(tmp_path: Path, text: str, message: str) -> None:
+    cfg = tmp_path / "m.toml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError) as exc:
+        load_config(cfg)
+    assert message in str(exc.value)

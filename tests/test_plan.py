@@ -1,0 +1,68 @@
+from fetcher.models import Action, RelPath, RemoteFile
+from fetcher.plan import LocalFile, decide, is_metadata, matches, wanted
+from fetcher.state import Row
+
+
+def remote(size: int | None = 10, stamp: str | None = "10|25-Nov-2026 14:02", mtime: float | None = 1_764_079_320.0) -> RemoteFile:
+    return RemoteFile("http://h/a", RelPath("a"), size, True, mtime, stamp)
+
+
+def row(stamp: str | None = "10|25-Nov-2026 14:02", size: int = 10, status: str = "ok") -> Row:
+    return Row("a", "http://h/a", size, 1.0, '"e1"', "Wed, 25 Nov 2026 14:02:00 GMT", None, stamp, 1.0, 1, status)
+
+
+def test_new_file() -> None:
+    d = decide(remote(), None, None)
+    assert d.job is not None and d.job.action is Action.NEW
+
+
+def test_unchanged_when_stamp_matches() -> None:
+    assert decide(remote(), row(), LocalFile(10, 5.0)).job is None
+
+
+def test_changed_when_stamp_differs() -> None:
+    d = decide(remote(stamp="11|25-Nov-2026 15:00"), row(), LocalFile(10, 5.0))
+    assert d.job is not None and d.job.action is Action.CHANGED
+    assert d.job.etag == '"e1"'
+
+
+def test_local_file_missing_or_resized_refetched() -> None:
+    assert decide(remote(), row(), None).job is not None
+    assert decide(remote(), row(), LocalFile(3, 5.0)).job is not None
+
+
+def test_no_listing_metadata_means_conditional_get() -> None:
+    d = decide(remote(size=None, stamp=None, mtime=None), row(stamp=None), LocalFile(10, 5.0))
+    assert d.job is not None and d.job.action is Action.CHECK
+    assert d.job.last_modified is not None
+
+
+def test_partial_means_resume() -> None:
+    d = decide(remote(), None, None, partial=True)
+    assert d.job is not None and d.job.action is Action.RESUME
+
+
+def test_adopt_matching_local_file_even_with_timezone_offset() -> None:
+    f = remote()
+    assert decide(f, None, LocalFile(10, f.mtime + 30)).adopt  # type: ignore[operator]
+    assert decide(f, None, LocalFile(10, f.mtime - 3600 * 5)).adopt  # type: ignore[operator]
+    assert not decide(f, None, LocalFile(10, f.mtime + 1800)).adopt  # type: ignore[operator]
+    assert not decide(f, None, LocalFile(11, f.mtime)).adopt  # type: ignore[arg-type]
+
+
+def test_metadata_paths() -> None:
+    for p in ["repodata/repomd.xml", "x/repodata/primary.xml.gz", "dists/stable/Release", "dists/stable/InRelease",
+              "dists/stable/main/binary-amd64/Packages.xz", "SHA256SUMS", "iso/MD5SUMS"]:
+        assert is_metadata(p), p
+    for p in ["Packages/a.rpm", "repodata-old.txt", "pool/main/r/release-notes.deb"]:
+        assert not is_metadata(p), p
+
+
+def test_globs() -> None:
+    assert matches("a/b/c.rpm", ["*.rpm"])
+    assert matches("a/b/c.rpm", ["a/*/c.rpm"])
+    assert not matches("a/b/c.rpm", ["b/*.rpm"])
+    assert not wanted("debug/x.rpm", False, (), ("debug",))
+    assert not wanted("debug", True, (), ("debug",))
+    assert wanted("sub", True, ("*.rpm",), ())
+    assert not wanted("sub/x.txt", False, ("*.rpm",), ())

@@ -1,0 +1,78 @@
+import pickle
+
+import httpx
+import pytest
+
+from fetcher.config import Transfer
+from fetcher.download import build_retrying, retry_after_seconds
+from fetcher.errors import HTTPStatusError, IncompleteDownload
+
+T = Transfer(dest="/tmp/x", root="http://127.0.0.1/", retries=5, backoff_initial=0.5, backoff_max=8, retry_after_cap=60)
+
+
+def run(fail_with: list[BaseException], t: Transfer = T) -> tuple[list[float], int, BaseException | None]:
+    sleeps: list[float] = []
+    calls = 0
+    errors = iter(fail_with)
+
+    def op() -> str:
+        nonlocal calls
+        calls += 1
+        err = next(errors, None)
+        if err is not None:
+            raise err
+        return "ok"
+
+    try:
+        for attempt in build_retrying(t, sleep=sleeps.append):
+            with attempt:
+                op()
+    except Exception as exc:  # noqa: BLE001
+        return sleeps, calls, exc
+    return sleeps, calls, None
+
+
+def test_transient_errors_retried_with_backoff() -> None:
+    sleeps, calls, err = run([httpx.ConnectError("x"), httpx.ReadTimeout("x"), IncompleteDownload("short")])
+    assert err is None and calls == 4
+    assert len(sleeps) == 3 and all(0 < s <= 8 for s in sleeps)
+
+
+@pytest.mark.parametrize("status", [408, 429, 500, 502, 503, 504])
+def test_retryable_statuses(status: int) -> None:
+    _, calls, err = run([HTTPStatusError(status, "u")])
+    assert err is None and calls == 2
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 410, 451])
+def test_other_4xx_not_retried(status: int) -> None:
+    sleeps, calls, err = run([HTTPStatusError(status, "u")])
+    assert calls == 1 and sleeps == [] and isinstance(err, HTTPStatusError)
+
+
+def test_gives_up_after_attempts() -> None:
+    sleeps, calls, err = run([HTTPStatusError(503, "u")] * 10)
+    assert calls == 5 and len(sleeps) == 4 and isinstance(err, HTTPStatusError)
+
+
+def test_retry_after_honoured_and_capped() -> None:
+    sleeps, _, _ = run([HTTPStatusError(429, "u", 7.0), HTTPStatusError(503, "u", 3600.0)])
+    assert sleeps == [7.0, 60.0]
+
+
+def test_programming_errors_not_retried() -> None:
+    _, calls, err = run([ValueError("bug")])
+    assert calls == 1 and isinstance(err, ValueError)
+
+
+def test_retry_after_parsing() -> None:
+    assert retry_after_seconds("120") == 120
+    assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412480 - 60) == 60
+    assert retry_after_seconds("soon") is None
+    assert retry_after_seconds(None) is None
+
+
+def test_policy_pickles() -> None:
+    r = build_retrying(T)
+    r2 = pickle.loads(pickle.dumps(r))
+    assert r2.stop.max_attempt_number == 5  # type: ignore[attr-defined]
