@@ -243,7 +243,7 @@ def _loop(run: _Run, inbox: queue.Queue[Any], stop: threading.Event, limits: Sha
         # 3. events from the workers
         if run.executor is not None:
             _handle(run, run.executor.events(timeout=0.05))
-            dead = getattr(run.executor, "dead", list)()
+            dead = run.executor.dead()
             if dead and run.outstanding:
                 run.summary.fatal = f"worker process(es) {dead} died; run again to resume"
                 for path, j in run.outstanding.items():
