@@ -31,7 +31,10 @@ __all__ = ["parse_listing"]
 
 _META_CHARSET = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?\s*([\w.:+-]+)""", re.I)
 _XML_ENCODING = re.compile(rb"""<\?xml[^>]+encoding\s*=\s*["']([\w.:+-]+)""", re.I)
-_WESTERN = {"ascii", "iso8859-1", "cp1252", "iso8859-15", "latin-1"}
+_WESTERN = {"ascii", "iso8859-1", "cp1252", "iso8859-15"}
+_NOT_PAGE_CHARSETS = {
+    "undefined", "unicode-escape", "raw-unicode-escape", "idna", "punycode", "utf-7", "charmap",
+}  # fmt: skip
 _GB = {"gb2312", "gbk", "cp936"}  # WHATWG reads them all as GB18030, a superset
 _URL_SAFE = "".join(map(chr, range(0x21, 0x7F)))  # printable ASCII stays as written
 _NEEDS_QUOTE = re.compile(r"[^\x21-\x7e]")
@@ -44,8 +47,10 @@ def parse_listing(body: bytes, page_url: str) -> list[ListingEntry]:
     """Every child link of a listing page, in page order, one entry per URL.
 
     Honours the first ``<base href>``.  Drops sort links (anything with a
-    query), the parent, the page itself, other hosts and schemes.  Never
-    raises on malformed input::
+    query), the parent, the page itself, other hosts and schemes.  URLs keep
+    the href's bytes (non-ASCII percent-encoded); a name is the link's text
+    without a trailing '/', or the URL's last segment, decoded, when the text
+    is empty or cut short ("..>").  Never raises on malformed input::
 
         >>> page = b'<pre><a href="../">../</a>\\n<a href="a%20b.iso">a b.iso</a> 25-Nov-2026 14:02 1234\\n'
         >>> parse_listing(page, "http://mirror.test/pub/")
@@ -105,9 +110,12 @@ def _decode(body: bytes) -> tuple[str, str | None]:
 
 def _charset(label: str) -> str | None:
     try:
-        name = codecs.lookup(label).name
+        info = codecs.lookup(label)
     except LookupError:
         return None
+    name = info.name
+    if not getattr(info, "_is_text_encoding", True) or name in _NOT_PAGE_CHARSETS:
+        return None  # <meta charset="rot13"> and friends: not a page's charset
     if name.startswith("utf-16"):
         return "utf-8"  # a meta tag cannot really mean UTF-16 (HTML spec)
     return "gb18030" if name in _GB else name

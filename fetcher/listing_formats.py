@@ -160,7 +160,7 @@ class DateFinder:
         """The first date in whitespace-normalised ``text`` (at its start, if ``anchored``)."""
         for i in self._order:
             pattern = _DATES[i]
-            for m in [pattern.match(text)] if anchored else pattern.finditer(text):
+            for m in (pattern.match(text),) if anchored else pattern.finditer(text):
                 if m is None:
                     continue
                 month = _month(m)

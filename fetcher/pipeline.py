@@ -13,7 +13,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -33,6 +33,7 @@ from fetcher.models import (
     FileStarted,
     Job,
     Outcome,
+    RelPath,
     RemoteDir,
     RemoteFile,
     Retried,
@@ -89,6 +90,11 @@ class _Run:
     held: list[Job] = field(default_factory=list)
     batch: list[Job] = field(default_factory=list)
     crawl_complete: bool = False
+    crawlers: int = 0
+    inbox: queue.Queue[Any] = field(default_factory=lambda: queue.Queue(maxsize=10_000))
+    stop: threading.Event = field(default_factory=threading.Event)
+    limits: SharedLimits | None = None
+    threads: list[threading.Thread] = field(default_factory=list)
     executor: Executor | None = None
     seen_dirs: set[str] = field(default_factory=set)
 
@@ -124,7 +130,9 @@ def mirror(
         state = State.open(dest)
     try:
         run = _Run(job, dest, state, state.begin_run(job.url), summary, rep)
-        _coordinate(run, stop or threading.Event())
+        if stop is not None:
+            run.stop = stop
+        _coordinate(run)
         if not summary.dry_run or job.delete:
             _finish_deletions(run)
         summary.finished = time.time()
@@ -141,50 +149,57 @@ def _crawl_clean(run: _Run) -> bool:
     return run.crawl_complete and not s.listing_errors and not s.interrupted and not s.fatal
 
 
-def _crawl_thread(
-    run: _Run, inbox: queue.Queue[Any], stop: threading.Event, limits: SharedLimits
-) -> threading.Thread:
+def _start_crawl(run: _Run, root: str, prefix: str = "") -> None:
+    """Crawl below ``root`` in a thread; items go to ``run.inbox``, paths under ``prefix``."""
     job = run.job
-    t = job.transfer()
+    t = replace(job.transfer(), root=root)
     opts = CrawlOptions(
-        depth=job.depth,
+        depth=job.depth - (prefix.count("/") + 1 if prefix else 0),
         include=job.include,
         exclude=job.exclude,
         concurrency=max(1, min(4, job.max_connections)),
         listing_rate=job.listing_rate,
         max_listing_bytes=job.max_listing_bytes,
     )
+    inbox, stop = run.inbox, run.stop
+    assert run.limits is not None
+
+    def put(item: Any) -> None:
+        while not stop.is_set():
+            try:
+                inbox.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
 
     def body() -> None:
         try:
-            with make_client(t, limits, stop, pool_size=opts.concurrency) as client:
+            with make_client(t, run.limits, stop, pool_size=opts.concurrency) as client:
                 for item in crawl(client, t, opts, stop=stop):
-                    while not stop.is_set():
-                        try:
-                            inbox.put(item, timeout=0.5)
-                            break
-                        except queue.Full:
-                            continue
+                    if prefix and isinstance(item, RemoteFile | RemoteDir):
+                        item = replace(item, path=RelPath(f"{prefix}/{item.path}"))
+                    put(item)
         except FetchError as exc:
-            inbox.put(CrawlProblem(job.url, str(exc), "listing"))
+            put(CrawlProblem(root, str(exc), "listing"))
         finally:
             inbox.put(_CRAWL_DONE)
 
+    run.crawlers += 1
+    run.crawl_complete = False
     th = threading.Thread(target=body, name="crawl", daemon=True)
     th.start()
-    return th
+    run.threads.append(th)
 
 
-def _coordinate(run: _Run, stop: threading.Event) -> None:
+def _coordinate(run: _Run) -> None:
     job = run.job
-    limits = SharedLimits.create(job.max_connections, job.limit_rate)
-    inbox: queue.Queue[Any] = queue.Queue(maxsize=10_000)
-    crawler = _crawl_thread(run, inbox, stop, limits)
+    run.limits = SharedLimits.create(job.max_connections, job.limit_rate)
+    _start_crawl(run, job.url)
     try:
-        _loop(run, inbox, stop, limits)
+        _loop(run)
     except KeyboardInterrupt:
         run.summary.interrupted = True
-        stop.set()
+        run.stop.set()
         if run.executor is not None:
             run.executor.stop()
             try:
@@ -192,54 +207,53 @@ def _coordinate(run: _Run, stop: threading.Event) -> None:
             except KeyboardInterrupt:
                 run.executor.kill()
     finally:
-        stop.set()
+        run.stop.set()
         if run.executor is not None:
+            run.executor.finish()
             run.executor.stop()
             run.executor.join(timeout=10)
             run.executor.kill()
-        crawler.join(timeout=10)
+        for th in run.threads:
+            th.join(timeout=10)
         run.state.flush()
 
 
-def _loop(run: _Run, inbox: queue.Queue[Any], stop: threading.Event, limits: SharedLimits) -> None:
-    finishing = False
+def _loop(run: _Run) -> None:
     while True:
         # 1. take what the crawl found, while the workers are not too far behind
         took = 0
-        while not run.crawl_complete and len(run.outstanding) < _AHEAD and took < 2000:
+        while run.crawlers and len(run.outstanding) < _AHEAD and took < 2000:
             try:
-                item = inbox.get(timeout=0.05 if run.executor is None else 0)
+                item = run.inbox.get(timeout=0.05 if run.executor is None else 0)
             except queue.Empty:
                 break
             took += 1
             if item is _CRAWL_DONE:
-                run.crawl_complete = True
-                run.reporter.crawl_done()
+                run.crawlers -= 1
+                if not run.crawlers:
+                    run.crawl_complete = True
+                    run.reporter.crawl_done()
             else:
                 _take(run, item)
-        if run.summary.fatal or stop.is_set():
+        if run.summary.fatal or run.stop.is_set():
             break
         # 2. hand full shards on; publish metadata once everything else is in
         if run.batch:
-            _submit(run, run.batch, limits)
+            _submit(run, run.batch)
             run.batch = []
-        if run.crawl_complete and not finishing:
-            if run.held and not run.outstanding:
-                if run.summary.failed:
-                    for j in run.held:
-                        run.summary.failed.append(
-                            (j.file.path, "metadata not published: other files failed")
-                        )
-                        run.state.seen(run.run_id, j.file.path)
-                else:
-                    _submit(run, run.held, limits)
-                run.held = []
+        if run.crawl_complete and not run.outstanding:
             if not run.held:
-                finishing = True
-                if run.executor is not None:
-                    run.executor.finish()
-        if finishing and not run.outstanding:
-            break
+                break
+            if run.summary.failed:
+                for j in run.held:
+                    run.summary.failed.append(
+                        (j.file.path, "metadata not published: other files failed")
+                    )
+                    run.state.seen(run.run_id, j.file.path)
+            else:
+                _submit(run, run.held)
+            run.held = []
+            continue
         # 3. events from the workers
         if run.executor is not None:
             _handle(run, run.executor.events(timeout=0.05))
@@ -317,9 +331,10 @@ def _stat(p: Path) -> LocalFile | None:
     return LocalFile(st.st_size, st.st_mtime)
 
 
-def _submit(run: _Run, jobs: list[Job], limits: SharedLimits) -> None:
+def _submit(run: _Run, jobs: list[Job]) -> None:
     if run.executor is None:
-        run.executor = LocalExecutor(run.job.transfer(), run.job.procs, limits)
+        assert run.limits is not None
+        run.executor = LocalExecutor(run.job.transfer(), run.job.procs, run.limits)
     for j in jobs:
         run.outstanding[j.file.path] = j
     for shard in make_shards(jobs):
@@ -343,6 +358,10 @@ def _handle(run: _Run, events: list[Event]) -> None:
                 s.unchanged.files += 1
                 s.unchanged.bytes += out.size
                 run.state.record(run.run_id, out)
+            elif out.status is Status.DIRECTORY and run.job.depth > out.path.count("/"):
+                # a link without a trailing slash that turned out to be a directory
+                run.summary.notices.append(f"{out.path}: a directory linked without '/'; crawled")
+                _start_crawl(run, out.url.rstrip("/") + "/", out.path)
             else:
                 if out.error != "interrupted":
                     s.failed.append((out.path, out.error or "failed"))
