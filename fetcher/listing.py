@@ -52,9 +52,9 @@ def parse_listing(body: bytes, page_url: str) -> list[ListingEntry]:
     without a trailing '/', or the URL's last segment, decoded, when the text
     is empty or cut short ("..>").  Never raises on malformed input::
 
-        >>> page = b'<pre><a href="../">../</a>\\n<a href="a%20b.iso">a b.iso</a> 25-Nov-2026 14:02 1234\\n'
+        >>> page = b'<pre><a href="../">../</a>\\n<a href="a%20b">a b</a> 25-Nov-2026 14:02 1234\\n'
         >>> parse_listing(page, "http://mirror.test/pub/")
-        [ListingEntry(url='http://mirror.test/pub/a%20b.iso', name='a b.iso', is_dir=False, \
+        [ListingEntry(url='http://mirror.test/pub/a%20b', name='a b', is_dir=False, \
 size=1234, size_exact=True, date='25-Nov-2026 14:02', mtime=1795615320.0)]
     """
     page = _Page.of(page_url)

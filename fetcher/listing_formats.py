@@ -66,25 +66,12 @@ def parse_size(text: str) -> tuple[int, bool] | None:
     return _size(m) if m else None
 
 
+_MONTH_NAMES = (
+    "january february march april may june july august september october november december"
+)
 _MONTHS = {
     name: number
-    for number, full in enumerate(
-        (
-            "january",
-            "february",
-            "march",
-            "april",
-            "may",
-            "june",
-            "july",
-            "august",
-            "september",
-            "october",
-            "november",
-            "december",
-        ),
-        start=1,
-    )
+    for number, full in enumerate(_MONTH_NAMES.split(), start=1)
     for name in (full, full[:3])
 } | {"sept": 9}
 
