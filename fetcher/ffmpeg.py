@@ -284,7 +284,7 @@ def run(argv: Sequence[str], timeout: float, stop: threading.Event | None = None
         while proc.poll() is None:
             left = started + timeout - time.monotonic()
             if left <= 0:
-                why = f"timed out after {timeout:g} s"
+                why = f"timed out after {timeout:.1f}".rstrip("0").rstrip(".") + " s"
             elif stop is not None and stop.is_set():
                 why = "cancelled"
             if why:

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpcore
@@ -134,6 +135,7 @@ class ShardRunner:
         self.retrying = build_retrying(t, sleep=self._sleep)
         self.pool = ThreadPoolExecutor(t.threads, thread_name_prefix=f"w{worker}")
         self.batch = _Batcher(send, worker)
+        self.known_dirs: set[Path] = set()
         self._ticker = threading.Thread(target=self._tick, daemon=True)
         self._closed = threading.Event()
         self._ticker.start()
@@ -167,6 +169,7 @@ class ShardRunner:
             stop=self.stop,
             on_bytes=self.batch.add_bytes,
             on_retry=on_retry,
+            known_dirs=self.known_dirs,
         )
         self.batch.add(FileDone(self.worker, out))
         if out.fatal:
