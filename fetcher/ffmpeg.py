@@ -35,6 +35,7 @@ __all__ = [
     "custom_argv",
     "file_arg",
     "find_ffmpeg",
+    "parse_version",
     "probe_argv",
     "remux_argv",
     "run",

@@ -467,7 +467,8 @@ class PostPool:
                     continue
                 if not force and _fresh(out, st.st_mtime):
                     self._counts["skipped"] += 1
-                    self._finished.append(PostOutcome(rel, task.rule.action, PostStatus.SKIPPED))
+                    skipped = PostOutcome(rel, task.rule.action, PostStatus.SKIPPED, (task.output,))
+                    self._finished.append(skipped)
                     continue
                 self._inflight.add(task.output)
                 self._counts["queued"] += 1
@@ -514,8 +515,16 @@ class PostPool:
             elif fut.exception() is not None and self._crash is None:
                 self._crash = fut.exception()
 
-    def _finish(self, task: PostTask, status: PostStatus, *, outputs: tuple[str, ...] = (),
-                error: str | None = None, seconds: float = 0.0, ran: bool = False) -> None:  # fmt: skip
+    def _finish(
+        self,
+        task: PostTask,
+        status: PostStatus,
+        *,
+        outputs: tuple[str, ...] = (),
+        error: str | None = None,
+        ran: bool = False,
+        seconds: float = 0.0,
+    ) -> None:
         outcome = PostOutcome(task.source, task.rule.action, status, outputs, error, seconds)
         with self._lock:
             if ran:
@@ -529,19 +538,17 @@ class PostPool:
             self._counts["queued"] -= 1
             self._counts["running"] += 1
         started = time.monotonic()
+        status, error = PostStatus.FAILED, None
+        outputs: tuple[str, ...] = ()
         try:
             outputs = self._make(task, src, mtime, limit)
+            status = PostStatus.DONE
         except PostProcessError as exc:
             error = f"{exc.message}\n{exc.tail}".strip()
         except (OSError, UnsafePath) as exc:
             error = str(exc)
-        else:
-            self._finish(task, PostStatus.DONE, outputs=outputs, ran=True,
-                         seconds=time.monotonic() - started)  # fmt: skip
-            return
-        self._finish(
-            task, PostStatus.FAILED, error=error, ran=True, seconds=time.monotonic() - started
-        )
+        seconds = time.monotonic() - started
+        self._finish(task, status, outputs=outputs, error=error, ran=True, seconds=seconds)
 
     def _argv(self, task: PostTask, src: Path, out: Path, tmp: Path) -> list[str]:
         o, action = task.rule.options, task.rule.action

@@ -17,7 +17,10 @@ def test_defaults_follow_lftp_and_the_connection_cap() -> None:
     ("values", "message"),
     [
         ({"url": "http://h/", "threads": 0}, "x.threads: expected an integer ≥ 1, got 0"),
-        ({"url": "http://h/", "threads": "eight"}, 'x.threads: expected an integer ≥ 1, got "eight"'),
+        (
+            {"url": "http://h/", "threads": "eight"},
+            'x.threads: expected an integer ≥ 1, got "eight"',
+        ),
         ({"url": "http://h/", "procs": True}, "x.procs: expected an integer ≥ 1, got True"),
         ({"url": "ftp://h/"}, 'x.url: expected an http:// or https:// URL, got "ftp://h/"'),
         ({"url": "http://h/", "limit_rate": "fast"}, "x.limit_rate: expected a rate"),
@@ -39,7 +42,9 @@ def test_rates_and_percentages() -> None:
 
 def test_load_config(tmp_path: Path) -> None:
     cfg = tmp_path / "m.toml"
-    cfg.write_text('[defaults]\nprocs = 2\n[jobs.a]\nurl = "http://h/a/"\ndest = "out/a"\n[jobs.b]\nurl = "http://h/b/"\nthreads = 1\n')
+    cfg.write_text(
+        '[defaults]\nprocs = 2\n[jobs.a]\nurl = "http://h/a/"\ndest = "out/a"\n[jobs.b]\nurl = "http://h/b/"\nthreads = 1\n'
+    )
     jobs = load_config(cfg)
     assert list(jobs) == ["a", "b"]
     assert jobs["a"].dest == tmp_path / "out/a" and jobs["a"].procs == 2
@@ -49,7 +54,10 @@ def test_load_config(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("[jobs.a]\nurl = 'http://h/'\nthreads = 'eight'\n", 'm.toml: jobs.a.threads: expected an integer ≥ 1, got "eight"'),
+        (
+            "[jobs.a]\nurl = 'http://h/'\nthreads = 'eight'\n",
+            'm.toml: jobs.a.threads: expected an integer ≥ 1, got "eight"',
+        ),
         ("[jobs.a\n", "m.toml: not valid TOML"),
         ("[defaults]\n", "m.toml: no [jobs.NAME] table"),
         ("[job.a]\nurl='http://h/'\n", "m.toml: job: unknown table"),

@@ -3,12 +3,28 @@ from fetcher.plan import LocalFile, decide, is_metadata, matches, wanted
 from fetcher.state import Row
 
 
-def remote(size: int | None = 10, stamp: str | None = "10|25-Nov-2026 14:02", mtime: float | None = 1_764_079_320.0) -> RemoteFile:
+def remote(
+    size: int | None = 10,
+    stamp: str | None = "10|25-Nov-2026 14:02",
+    mtime: float | None = 1_764_079_320.0,
+) -> RemoteFile:
     return RemoteFile("http://h/a", RelPath("a"), size, True, mtime, stamp)
 
 
 def row(stamp: str | None = "10|25-Nov-2026 14:02", size: int = 10, status: str = "ok") -> Row:
-    return Row("a", "http://h/a", size, 1.0, '"e1"', "Wed, 25 Nov 2026 14:02:00 GMT", None, stamp, 1.0, 1, status)
+    return Row(
+        "a",
+        "http://h/a",
+        size,
+        1.0,
+        '"e1"',
+        "Wed, 25 Nov 2026 14:02:00 GMT",
+        None,
+        stamp,
+        1.0,
+        1,
+        status,
+    )
 
 
 def test_new_file() -> None:
@@ -51,8 +67,15 @@ def test_adopt_matching_local_file_even_with_timezone_offset() -> None:
 
 
 def test_metadata_paths() -> None:
-    for p in ["repodata/repomd.xml", "x/repodata/primary.xml.gz", "dists/stable/Release", "dists/stable/InRelease",
-              "dists/stable/main/binary-amd64/Packages.xz", "SHA256SUMS", "iso/MD5SUMS"]:
+    for p in [
+        "repodata/repomd.xml",
+        "x/repodata/primary.xml.gz",
+        "dists/stable/Release",
+        "dists/stable/InRelease",
+        "dists/stable/main/binary-amd64/Packages.xz",
+        "SHA256SUMS",
+        "iso/MD5SUMS",
+    ]:
         assert is_metadata(p), p
     for p in ["Packages/a.rpm", "repodata-old.txt", "pool/main/r/release-notes.deb"]:
         assert not is_metadata(p), p

@@ -7,10 +7,19 @@ from fetcher.config import Transfer
 from fetcher.download import build_retrying, retry_after_seconds
 from fetcher.errors import HTTPStatusError, IncompleteDownload
 
-T = Transfer(dest="/tmp/x", root="http://127.0.0.1/", retries=5, backoff_initial=0.5, backoff_max=8, retry_after_cap=60)
+T = Transfer(
+    dest="/tmp/x",
+    root="http://127.0.0.1/",
+    retries=5,
+    backoff_initial=0.5,
+    backoff_max=8,
+    retry_after_cap=60,
+)
 
 
-def run(fail_with: list[BaseException], t: Transfer = T) -> tuple[list[float], int, BaseException | None]:
+def run(
+    fail_with: list[BaseException], t: Transfer = T
+) -> tuple[list[float], int, BaseException | None]:
     sleeps: list[float] = []
     calls = 0
     errors = iter(fail_with)
@@ -27,13 +36,15 @@ def run(fail_with: list[BaseException], t: Transfer = T) -> tuple[list[float], i
         for attempt in build_retrying(t, sleep=sleeps.append):
             with attempt:
                 op()
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         return sleeps, calls, exc
     return sleeps, calls, None
 
 
 def test_transient_errors_retried_with_backoff() -> None:
-    sleeps, calls, err = run([httpx.ConnectError("x"), httpx.ReadTimeout("x"), IncompleteDownload("short")])
+    sleeps, calls, err = run(
+        [httpx.ConnectError("x"), httpx.ReadTimeout("x"), IncompleteDownload("short")]
+    )
     assert err is None and calls == 4
     assert len(sleeps) == 3 and all(0 < s <= 8 for s in sleeps)
 

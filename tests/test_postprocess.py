@@ -1,0 +1,628 @@
+"""Post-processing: argv builders, rules, the plan, and the pool against real ffmpeg."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+
+from fetcher import ffmpeg as ffmpeg_mod
+from fetcher.errors import ConfigError, UnsafePath, UsageError
+from fetcher.ffmpeg import (
+    FFmpeg,
+    PostProcessError,
+    RunResult,
+    audio_argv,
+    custom_argv,
+    find_ffmpeg,
+    parse_version,
+    probe_argv,
+    remux_argv,
+    run,
+    thumbnails_argv,
+    transcode_argv,
+)
+from fetcher.postprocess import (
+    AUDIO_GLOBS,
+    VIDEO_GLOBS,
+    PostCounts,
+    PostOutcome,
+    PostPool,
+    PostRule,
+    PostStatus,
+    check_derived,
+    needs_ffmpeg,
+    parse_post_spec,
+    plan_post,
+    remove_derived,
+    require_ffmpeg,
+    rule_from_mapping,
+)
+
+try:
+    from tests.media import ffprobe_exe, jpeg_size, make_clip, streams, truncate
+except ImportError:  # tests/ itself is on sys.path, not its parent
+    from media import (  # type: ignore[no-redef,import-not-found,unused-ignore]
+        ffprobe_exe,
+        jpeg_size,
+        make_clip,
+        streams,
+        truncate,
+    )
+
+FF = find_ffmpeg()
+needs_ff = pytest.mark.skipif(
+    FF is None, reason="ffmpeg not found: apt-get install ffmpeg, or pip install imageio-ffmpeg"
+)
+needs_ffprobe = pytest.mark.skipif(ffprobe_exe() is None, reason="ffprobe not found")
+FAKE = FFmpeg("/opt/ff/ffmpeg", (5, 1, 2))
+FOREVER = ["-re", "-f", "lavfi", "-i", "testsrc", "-f", "mp4", "{output}"]
+
+
+# --- argv builders: pure, no shell, every path behind file: -------------------------------
+
+
+def _all_argvs(src: Path, out: Path, tmp: Path) -> dict[str, list[str]]:
+    return {
+        "thumbnails": thumbnails_argv(FAKE, src, tmp, size=(320, 180), count=4),
+        "probe": probe_argv(FAKE, src),
+        "transcode": transcode_argv(FAKE, src, out, height=360, crf=30, preset="fast"),
+        "remux": remux_argv(FAKE, src, out),
+        "audio": audio_argv(FAKE, src, out),
+        "custom": custom_argv(FAKE, ["-i", "{input}", "{output}"], src=src, out=out, outdir=tmp),
+    }
+
+
+def test_argv_builders_are_lists_with_safe_prefix_and_file_paths() -> None:
+    src, out, tmp = Path("/m/-i evil:name.mp4"), Path("/d/.tmp-1-x/o.mp4"), Path("/d/.tmp-1-x")
+    for action, argv in _all_argvs(src, out, tmp).items():
+        assert argv[0] == "/opt/ff/ffmpeg", action
+        assert argv[1:3] == ["-nostdin", "-hide_banner"], action
+        assert argv[argv.index("-loglevel") + 1] == "error", action
+        assert ("-y" in argv) == (action != "probe"), action  # -y only where we write a temp
+        assert all(isinstance(a, str) for a in argv)
+        assert f"file:{src}" in argv, action
+        # No element is a bare path (an option or protocol to ffmpeg).
+        assert not any(a.startswith(("/m/", "/d/", "-i evil")) for a in argv), action
+    argvs = _all_argvs(src, out, tmp)
+    assert argvs["probe"][-3:] == ["-f", "null", "-"] and "-xerror" in argvs["probe"]
+    assert argvs["transcode"][-1] == f"file:{out}" and "libx264" in argvs["transcode"]
+    assert (
+        "+faststart" in argvs["remux"] and argvs["remux"][argvs["remux"].index("-c") + 1] == "copy"
+    )
+    assert "-vn" in argvs["audio"] and "aac" in argvs["audio"]
+    thumbs = argvs["thumbnails"]
+    assert thumbs[-1] == "file:/d/.tmp-1-x/thumb-%03d.jpg"
+    assert thumbs[thumbs.index("-frames:v") + 1] == "4"
+    assert thumbs[thumbs.index("-fps_mode") + 1] == "vfr"
+    assert "select='eq(pict_type\\,I)'" in thumbs[thumbs.index("-vf") + 1]
+    assert "shell=" not in Path(ffmpeg_mod.__file__).read_text()
+
+
+def test_argv_builders_handle_percent_old_versions_and_relative_paths() -> None:
+    tmp = Path("/d/100%/.tmp-1-x")
+    assert (
+        thumbnails_argv(FAKE, Path("/m/a.mp4"), tmp)[-1] == "file:/d/100%%/.tmp-1-x/thumb-%03d.jpg"
+    )
+    old = FFmpeg("/ff", (4, 4))
+    assert "-vsync" in thumbnails_argv(old, Path("/a"), Path("/o")) and old.fps_mode[0] == "-vsync"
+    assert FFmpeg("/ff", ()).fps_mode == ("-fps_mode", "vfr")  # a git build: assume new
+    with pytest.raises(ValueError, match="absolute"):
+        probe_argv(FAKE, Path("relative.mp4"))
+
+
+def test_custom_placeholders_are_substituted_inside_each_element_once() -> None:
+    src = Path("/m/{output} x.mkv")
+    argv = custom_argv(
+        FAKE,
+        ["-i", "{input}", "-metadata", "title={stem}", "{outdir}/f-%02d.png", "{output}"],
+        src=src,
+        out=Path("/d/t/custom-1.mkv"),
+        outdir=Path("/d/t"),
+    )
+    assert argv[-6:] == [
+        "-i",
+        "file:/m/{output} x.mkv",  # a name containing a placeholder is left as it is
+        "-metadata",
+        "title={output} x",
+        "file:/d/t/f-%02d.png",
+        "file:/d/t/custom-1.mkv",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "version"),
+    [
+        ("ffmpeg version 5.1.9-0+deb12u1 Copyright (c) 2000-2026", (5, 1, 9)),
+        ("ffmpeg version n9.0.2-17-g2a571b6068-20260930 Copyright", (9, 0, 2)),
+        ("ffmpeg version 4.4 Copyright", (4, 4)),
+        ("ffmpeg version N-112345-gabcdef Copyright", ()),
+        ("", ()),
+    ],
+)
+def test_parse_version(text: str, version: tuple[int, ...]) -> None:
+    assert parse_version(text) == version
+
+
+# --- finding ffmpeg ---------------------------------------------------------------------
+
+
+def test_absent_ffmpeg_is_a_usage_error_naming_both_remedies(tmp_path: Path) -> None:
+    assert find_ffmpeg(str(tmp_path), fallback=False) is None
+    rules = [parse_post_spec("probe")]
+    assert needs_ffmpeg(rules) and not needs_ffmpeg([])
+    with pytest.raises(UsageError) as info:
+        require_ffmpeg(rules, find=lambda: None)
+    assert info.value.exit_code == 2
+    assert str(info.value) == (
+        "ffmpeg not found: install it (apt-get install ffmpeg) or `pip install 'fetcher[media]'`"
+    )
+
+
+@needs_ff
+def test_found_ffmpeg_has_a_version_and_the_right_fps_flag() -> None:
+    assert FF is not None and os.path.isabs(FF.path)
+    assert FF.version >= (5, 1) and FF.fps_mode == ("-fps_mode", "vfr")
+    assert pickle.loads(pickle.dumps(FF)) == FF
+
+
+# --- run(): the one subprocess seam -------------------------------------------------------
+
+
+def test_run_keeps_the_stderr_tail_and_returns_the_status() -> None:
+    code = "import sys\nfor i in range(100): print('line', i, file=sys.stderr)\nsys.exit(3)"
+    result = run([sys.executable, "-c", code], timeout=30)
+    assert result.returncode == 3
+    assert result.stderr_tail.splitlines() == [f"line {i}" for i in range(80, 100)]
+
+
+def test_run_kills_the_whole_process_group_on_timeout(tmp_path: Path) -> None:
+    pidfile = tmp_path / "pid"
+    code = (
+        "import subprocess, sys, time\n"
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        f"open({str(pidfile)!r}, 'w').write(str(p.pid))\n"
+        "time.sleep(60)\n"
+    )
+    started = time.monotonic()
+    with pytest.raises(PostProcessError, match="timed out after 1 s"):
+        run([sys.executable, "-c", code], timeout=1)
+    assert time.monotonic() - started < 10
+    # The grandchild went with the group (SIGKILL lands at once; dying takes a moment).
+    assert _eventually(lambda: not _alive(int(pidfile.read_text())))
+
+
+def test_run_reports_a_missing_program_and_a_cancel() -> None:
+    with pytest.raises(PostProcessError, match="cannot run"):
+        run(["/nonexistent/ffmpeg", "-version"], timeout=5)
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(PostProcessError, match="cancelled"):
+        run([sys.executable, "-c", "import time; time.sleep(60)"], timeout=30, stop=stop)
+
+
+def test_post_process_error_pickles() -> None:
+    err = pickle.loads(pickle.dumps(PostProcessError("ffmpeg exited with status 1", "moov")))
+    assert (err.message, err.tail, str(err)) == ("ffmpeg exited with status 1", "moov", err.message)
+
+
+# --- rules ------------------------------------------------------------------------------
+
+
+def test_post_spec_and_default_globs() -> None:
+    assert parse_post_spec("thumbnails=*.mp4") == PostRule("thumbnails", ("*.mp4",))
+    assert parse_post_spec("remux=a/*.mkv,*.ts").globs == ("a/*.mkv", "*.ts")
+    assert parse_post_spec("transcode").globs == VIDEO_GLOBS
+    assert parse_post_spec("probe").globs == VIDEO_GLOBS + AUDIO_GLOBS
+    for bad, match in [
+        ("resize", "unknown action"),
+        ("custom", "config file"),
+        ("probe=", "empty"),
+    ]:
+        with pytest.raises(UsageError, match=match):
+            parse_post_spec(bad)
+
+
+def test_globs_match_base_name_without_slash_and_whole_path_with_one() -> None:
+    rule = PostRule("probe", ("*.mp4", "raw/*.ts"))
+    assert rule.matches("a/b/C.MP4") and rule.matches("raw/x/y.ts")
+    assert not rule.matches("a/raw/y.ts") and not rule.matches("a/mp4") and not rule.matches("x.ts")
+
+
+def test_rule_from_mapping_reads_every_option() -> None:
+    rule = rule_from_mapping(
+        {"action": "thumbnails", "glob": ["*.mkv"], "size": "320x180", "count": 3, "timeout": 5},
+        "post[0]",
+    )
+    assert (rule.globs, rule.options.size, rule.options.count, rule.timeout) == (
+        ("*.mkv",),
+        (320, 180),
+        3,
+        5.0,
+    )
+    custom = rule_from_mapping({"action": "custom", "args": FOREVER, "ext": "mkv"}, "p")
+    assert custom.options.args == tuple(FOREVER) and custom.globs == VIDEO_GLOBS
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        (
+            {"action": "transcode", "height": "x"},
+            'j.height: expected an integer ≥ 16 and ≤ 4320, got "x"',
+        ),
+        ({"action": "transcode", "crf": 99}, "j.crf: expected an integer ≥ 0 and ≤ 51, got 99"),
+        ({"action": "thumbnails", "count": True}, "j.count: expected an integer"),
+        ({"action": "thumbnails", "size": "161x90"}, 'j.size: expected "WIDTHxHEIGHT"'),
+        ({"action": "transcode", "preset": "quick"}, "j.preset: expected one of ultrafast"),
+        ({"action": "probe", "glob": 3}, "j.glob: expected a glob or a list of globs, got 3"),
+        ({"action": "probe", "timeout": 0}, "j.timeout: expected a number of seconds > 0"),
+        ({"action": "thumbnails", "height": 480}, "j.height: not an option of thumbnails"),
+        ({"action": "transcode", "heigth": 480}, "j.heigth: unknown key"),
+        (
+            {"action": "resize"},
+            'j.action: expected one of thumbnails, probe, transcode, remux, audio, custom; got "resize"',
+        ),
+        ({"glob": "*.mp4"}, "j.action: expected one of"),
+        ({"action": "custom"}, "j.args: missing"),
+        (
+            {"action": "custom", "args": ["-i", "{input}"]},
+            "j.args: must contain {output} or {outdir}",
+        ),
+        ({"action": "custom", "args": "-i {input} {output}"}, "j.args: expected a list of strings"),
+        ({"action": "custom", "args": ["{output}"], "ext": "../x"}, "j.ext: expected"),
+        ("probe", 'j: expected a table with an action, got "probe"'),
+    ],
+)
+def test_config_errors_name_the_key(table: object, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        rule_from_mapping(table, "j")
+    assert str(info.value).startswith(message)
+    assert info.value.exit_code == 2
+
+
+def test_unknown_key_suggests_the_near_one() -> None:
+    with pytest.raises(ConfigError) as info:
+        rule_from_mapping({"action": "transcode", "heigth": 480}, "j")
+    assert info.value.hint == "did you mean 'height'?"
+
+
+# --- the plan and the derived tree -------------------------------------------------------
+
+
+def test_plan_lays_out_one_directory_per_source() -> None:
+    rules = [
+        rule_from_mapping({"action": "thumbnails"}, "a"),
+        parse_post_spec("probe"),
+        rule_from_mapping({"action": "transcode", "height": 720}, "b"),
+        parse_post_spec("remux"),
+        parse_post_spec("audio"),
+        rule_from_mapping({"action": "custom", "args": ["-i", "{input}", "{output}"]}, "c"),
+        rule_from_mapping({"action": "custom", "args": ["{outdir}/x.png"], "name": "frames"}, "d"),
+        parse_post_spec("probe"),  # the same output again: the first rule wins
+    ]
+    tasks = plan_post(rules, "tv/s01/Ep 1.MKV")
+    assert [(t.output, t.is_dir) for t in tasks] == [
+        ("tv/s01/Ep 1.MKV/thumbnails-160x90", True),
+        ("tv/s01/Ep 1.MKV/probe.ok", False),
+        ("tv/s01/Ep 1.MKV/transcode-720p.mp4", False),
+        ("tv/s01/Ep 1.MKV/remux.mp4", False),
+        ("tv/s01/Ep 1.MKV/audio.m4a", False),
+        ("tv/s01/Ep 1.MKV/custom-1.mkv", False),
+        ("tv/s01/Ep 1.MKV/custom-frames", True),
+    ]
+    assert all(t.source == "tv/s01/Ep 1.MKV" for t in tasks)
+    assert pickle.loads(pickle.dumps(tasks)) == tasks
+    assert [t.output for t in plan_post(rules, "song.flac")] == ["song.flac/probe.ok"]
+    assert plan_post(rules, "README.txt") == []
+
+
+@pytest.mark.parametrize(
+    "rel", ["../x.mp4", "a/../../x.mp4", "/etc/x.mp4", ".fetcher/x.mp4", "a//b.mp4"]
+)
+def test_plan_refuses_unsafe_paths(rel: str) -> None:
+    with pytest.raises(UnsafePath):
+        plan_post([parse_post_spec("probe")], rel)
+
+
+def test_remove_derived_stays_inside_the_tree(tmp_path: Path) -> None:
+    derived = tmp_path / "dest.derived"
+    (derived / "a/b/clip.mp4/thumbnails-160x90").mkdir(parents=True)
+    (derived / "a/b/clip.mp4/probe.ok").write_text("ok")
+    (derived / "a/keep.mp4").mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious").write_text("x")
+    (derived / "a/link.mp4").symlink_to(outside)
+    assert remove_derived(derived, "a/b/clip.mp4")
+    assert not (derived / "a/b").exists() and (derived / "a/keep.mp4").is_dir()
+    assert not remove_derived(derived, "a/b/clip.mp4")
+    for bad in ["../outside", "a/link.mp4"]:
+        with pytest.raises(UnsafePath):
+            remove_derived(derived, bad)
+    assert (outside / "precious").read_text() == "x"
+
+
+def test_derived_tree_must_not_overlap_the_mirror(tmp_path: Path) -> None:
+    dest = tmp_path / "dest"
+    check_derived(dest, tmp_path / "dest.derived")
+    check_derived(dest, dest / ".fetcher" / "derived")
+    for bad in [dest / "derived", tmp_path]:
+        with pytest.raises(UsageError, match="outside"):
+            check_derived(dest, bad)
+
+
+# --- the pool, against real ffmpeg ----------------------------------------------------------
+
+
+class Counting:
+    """A runner that counts ffmpeg runs and remembers their argv."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+
+    def __call__(
+        self, argv: Sequence[str], timeout: float, stop: threading.Event | None
+    ) -> RunResult:
+        self.calls.append(list(argv))
+        return run(argv, timeout, stop)
+
+
+@pytest.fixture(scope="module")
+def clip_bytes(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    if FF is None:
+        pytest.skip("ffmpeg not found: apt-get install ffmpeg, or pip install imageio-ffmpeg")
+    return make_clip(tmp_path_factory.mktemp("clips") / "clip.mp4").read_bytes()
+
+
+@pytest.fixture
+def tree(tmp_path: Path, clip_bytes: bytes) -> tuple[Path, Path]:
+    dest, derived = tmp_path / "dest", tmp_path / "dest.derived"
+    (dest / "videos").mkdir(parents=True)
+    (dest / "videos/clip.mp4").write_bytes(clip_bytes)
+    return dest, derived
+
+
+def _pool(tree: tuple[Path, Path], rules: list[PostRule], **kw: object) -> PostPool:
+    assert FF is not None
+    return PostPool(FF, rules, tree[0], tree[1], jobs=2, **kw)  # type: ignore[arg-type]
+
+
+def _leftovers(derived: Path) -> list[str]:
+    return [str(p) for p in derived.rglob(".tmp-*")]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return not any(line.startswith("State:\tZ") for line in f)
+    except FileNotFoundError:
+        return False
+
+
+def _eventually(condition: Callable[[], bool], within: float = 5.0) -> bool:
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        threading.Event().wait(0.01)
+    return True
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if text.encode() in f.read():
+                    found.append(int(entry))
+        except (FileNotFoundError, ProcessLookupError, PermissionError, NotADirectoryError):
+            continue
+    return found
+
+
+@needs_ff
+def test_thumbnails_are_jpegs_of_the_requested_size(tree: tuple[Path, Path]) -> None:
+    derived = tree[1]
+    rule = rule_from_mapping({"action": "thumbnails", "size": "128x96", "count": 5}, "t")
+    with _pool(tree, [rule]) as pool:
+        assert pool.submit("videos/clip.mp4") == 1
+        [outcome] = pool.close()
+    assert outcome.status == PostStatus.DONE, outcome.error
+    assert outcome.outputs and all(
+        o.startswith("videos/clip.mp4/thumbnails-128x96/thumb-") for o in outcome.outputs
+    )
+    assert 1 <= len(outcome.outputs) <= 5
+    for rel in outcome.outputs:
+        assert jpeg_size((derived / rel).read_bytes()) == (128, 96)
+    if ffprobe_exe():
+        [s] = streams(derived / outcome.outputs[0])
+        assert (s["codec_name"], s["width"], s["height"]) == ("mjpeg", 128, 96)
+    assert pool.counts.done == 1 and pool.counts.running == pool.counts.queued == 0
+    assert _leftovers(derived) == []
+
+
+@needs_ff
+def test_probe_passes_a_good_clip_and_fails_a_truncated_one_with_a_reason(
+    tree: tuple[Path, Path],
+) -> None:
+    dest, derived = tree
+    (dest / "videos/broken.mp4").write_bytes((dest / "videos/clip.mp4").read_bytes())
+    truncate(dest / "videos/broken.mp4")
+    with _pool(tree, [parse_post_spec("probe")]) as pool:
+        pool.submit("videos/clip.mp4")
+        pool.submit("videos/broken.mp4")
+        outcomes = {o.rel: o for o in pool.close()}
+    good, bad = outcomes["videos/clip.mp4"], outcomes["videos/broken.mp4"]
+    assert good.status == PostStatus.DONE and good.outputs == ("videos/clip.mp4/probe.ok",)
+    assert (derived / "videos/clip.mp4/probe.ok").is_file()
+    assert bad.status == PostStatus.FAILED and bad.error is not None
+    assert "ffmpeg exited with status" in bad.error and "moov atom not found" in bad.error
+    assert not (derived / "videos/broken.mp4/probe.ok").exists()
+    assert pool.counts.failed == 1 and _leftovers(derived) == []
+
+
+@needs_ff
+@needs_ffprobe
+def test_transcode_has_the_requested_height_and_h264_aac(tree: tuple[Path, Path]) -> None:
+    derived = tree[1]
+    rule = rule_from_mapping(
+        {"action": "transcode", "height": 120, "crf": 35, "preset": "ultrafast"}, "t"
+    )
+    with _pool(tree, [rule]) as pool:
+        pool.submit("videos/clip.mp4")
+        [outcome] = pool.close()
+    assert outcome.status == PostStatus.DONE, outcome.error
+    found = {s["codec_type"]: s for s in streams(derived / "videos/clip.mp4/transcode-120p.mp4")}
+    assert (found["video"]["codec_name"], found["video"]["height"], found["video"]["width"]) == (
+        "h264",
+        120,
+        160,
+    )
+    assert found["audio"]["codec_name"] == "aac"
+
+
+@needs_ff
+def test_a_name_like_an_option_and_a_protocol_is_processed_safely(
+    tree: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dest, derived = tree
+    evil = "odd 100%/-i evil:name.mp4"  # '%' would be a pattern to image2
+    (dest / "odd 100%").mkdir()
+    (dest / evil).write_bytes((dest / "videos/clip.mp4").read_bytes())
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    rules = [parse_post_spec("probe"), parse_post_spec("remux"), parse_post_spec("thumbnails")]
+    with _pool(tree, rules) as pool:
+        assert pool.submit(evil) == 3
+        outcomes = pool.close()
+    assert {o.status for o in outcomes} == {PostStatus.DONE}, [o.error for o in outcomes]
+    assert (derived / evil / "remux.mp4").stat().st_size > 1000
+    assert list(cwd.iterdir()) == []  # nothing written where "evil" or "name.mp4" would land
+    assert sorted(p.name for p in (dest / "odd 100%").iterdir()) == ["-i evil:name.mp4"]
+    assert next(o for o in outcomes if o.action == "thumbnails").outputs[0] == (
+        f"{evil}/thumbnails-160x90/thumb-001.jpg"
+    )
+
+
+@needs_ff
+def test_fresh_outputs_are_skipped_without_running_ffmpeg(tree: tuple[Path, Path]) -> None:
+    dest, derived = tree
+    rules = [parse_post_spec("probe"), parse_post_spec("thumbnails")]
+    first = Counting()
+    with _pool(tree, rules, runner=first) as pool:
+        assert pool.submit("videos/clip.mp4") == 2
+        assert {o.status for o in pool.close()} == {PostStatus.DONE}
+    assert len(first.calls) == 2
+    stamps = {p: p.stat().st_mtime_ns for p in derived.rglob("*")}
+
+    again = Counting()
+    with _pool(tree, rules, runner=again) as pool:
+        assert pool.submit("videos/clip.mp4") == 0
+        skipped = pool.close()
+    assert again.calls == [] and all(o.outputs for o in skipped)
+    assert sorted((o.action, o.status) for o in skipped) == [
+        ("probe", PostStatus.SKIPPED),
+        ("thumbnails", PostStatus.SKIPPED),
+    ]
+    assert {p: p.stat().st_mtime_ns for p in derived.rglob("*")} == stamps
+
+    # A source newer than its outputs (or a forced one) is done again.
+    future = time.time() + 3600
+    os.utime(dest / "videos/clip.mp4", (future, future))
+    with _pool(tree, rules[:1], runner=again) as pool:
+        assert pool.submit("videos/clip.mp4") == 1
+        [redone] = pool.close()
+    assert redone.status == PostStatus.DONE and len(again.calls) == 1
+    assert (derived / redone.outputs[0]).stat().st_mtime >= future  # fresh from now on
+    with _pool(tree, rules[:1], runner=again) as pool:
+        assert pool.submit("videos/clip.mp4") == 0
+        assert pool.submit("videos/clip.mp4", force=True) == 1
+        pool.close()
+    assert len(again.calls) == 2
+
+
+@needs_ff
+def test_a_never_ending_custom_command_is_killed_at_its_timeout(tree: tuple[Path, Path]) -> None:
+    derived = tree[1]
+    rule = rule_from_mapping({"action": "custom", "args": FOREVER, "timeout": 1}, "c")
+    started = time.monotonic()
+    with _pool(tree, [rule]) as pool:
+        assert pool.submit("videos/clip.mp4") == 1
+        [outcome] = pool.close()
+    assert time.monotonic() - started < 15
+    assert outcome.status == PostStatus.FAILED and outcome.error is not None
+    assert outcome.error.startswith("timed out after 1 s")
+    assert _processes_mentioning(str(derived)) == []
+    assert not (derived / "videos/clip.mp4/custom-1.mp4").exists() and _leftovers(derived) == []
+
+
+class Started:
+    """A runner that says when its first ffmpeg is about to start."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+    def __call__(
+        self, argv: Sequence[str], timeout: float, stop: threading.Event | None
+    ) -> RunResult:
+        self.event.set()
+        return run(argv, timeout, stop)
+
+
+@needs_ff
+def test_cancel_kills_running_work_and_drops_the_queue(tree: tuple[Path, Path]) -> None:
+    dest, derived = tree
+    for n in range(3):
+        (dest / f"videos/more-{n}.mp4").write_bytes(b"not really")
+    rule = rule_from_mapping({"action": "custom", "args": FOREVER, "timeout": 120}, "c")
+    assert FF is not None
+    started = Started()
+    pool = PostPool(FF, [rule], dest, derived, jobs=1, runner=started)
+    t0 = time.monotonic()
+    for rel in ["videos/clip.mp4", *(f"videos/more-{n}.mp4" for n in range(3))]:
+        assert pool.submit(rel) == 1
+    assert started.event.wait(timeout=10)
+    pool.cancel()
+    outcomes = pool.close()
+    assert time.monotonic() - t0 < 15
+    assert [(o.rel, o.status, o.error) for o in outcomes] == [
+        ("videos/clip.mp4", PostStatus.FAILED, "cancelled")
+    ]
+    assert pool.counts == PostCounts(failed=1)
+    assert _processes_mentioning(str(derived)) == [] and _leftovers(derived) == []
+    with pytest.raises(RuntimeError, match="after close"):
+        pool.submit("videos/clip.mp4")
+
+
+@needs_ff
+def test_a_custom_rule_writing_only_to_outdir_makes_a_directory(tree: tuple[Path, Path]) -> None:
+    derived = tree[1]
+    args = ["-i", "{input}", "-frames:v", "2", "-update", "0", "{outdir}/{stem}-%02d.png"]
+    rule = rule_from_mapping({"action": "custom", "args": args, "name": "frames"}, "c")
+    with _pool(tree, [rule]) as pool:
+        assert pool.submit("videos/clip.mp4") == 1
+        [outcome] = pool.close()
+    assert outcome.status == PostStatus.DONE, outcome.error
+    assert outcome.outputs == (
+        "videos/clip.mp4/custom-frames/clip-01.png",
+        "videos/clip.mp4/custom-frames/clip-02.png",
+    )
+    assert (derived / outcome.outputs[1]).read_bytes()[:4] == b"\x89PNG"
+
+
+@needs_ff
+def test_a_missing_source_is_a_failed_outcome(tree: tuple[Path, Path]) -> None:
+    with _pool(tree, [parse_post_spec("probe")]) as pool:
+        assert pool.submit("videos/gone.mp4") == 0
+        assert pool.submit("notes.txt") == 0
+        [outcome] = pool.close()
+    assert outcome == PostOutcome("videos/gone.mp4", "probe", PostStatus.FAILED, (), outcome.error)
+    assert outcome.error is not None and "cannot read videos/gone.mp4" in outcome.error
