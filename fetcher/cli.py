@@ -162,6 +162,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--force", action="store_true", help="delete even beyond --max-delete")
 
+    g = p.add_argument_group("post-processing (ffmpeg)")
+    g.add_argument(
+        "--post",
+        metavar="ACTION[=GLOB,...]",
+        action="append",
+        help="run ffmpeg on finished files: thumbnails, probe, transcode, remux or audio, optionally only for GLOBs (default: common video/audio extensions); repeatable",
+    )
+    g.add_argument(
+        "--post-dest", metavar="DIR", help="where outputs go (default: DEST.derived beside DEST)"
+    )
+    g.add_argument(
+        "--post-jobs", type=int, metavar="N", help="ffmpeg processes at once (default: CPU count)"
+    )
+
     g = p.add_argument_group("TLS")
     g.add_argument("--ca-cert", metavar="FILE", help="trust this CA bundle instead of the system's")
     g.add_argument(
@@ -195,7 +209,8 @@ _CLI_KEYS = {
     "aliases": "aliases", "procs": "procs", "max_connections": "max_connections", "threads": "threads",
     "limit_rate": "limit_rate", "listing_rate": "listing_rate", "retries": "retries", "timeout": "timeout",
     "connect_timeout": "connect_timeout", "dry_run": "dry_run", "delete": "delete", "max_delete": "max_delete",
-    "force": "force", "ca_cert": "ca_cert", "insecure": "insecure",
+    "force": "force", "ca_cert": "ca_cert", "insecure": "insecure", "post_dest": "post_dest",
+    "post_jobs": "post_jobs",
 }  # fmt: skip
 
 
@@ -208,6 +223,10 @@ def _overrides(ns: argparse.Namespace) -> dict[str, Any]:
         if isinstance(v, list):
             v = tuple(v)
         out[key] = v
+    if ns.post:
+        from fetcher.postrules import parse_post_spec
+
+        out["post"] = tuple(parse_post_spec(spec) for spec in ns.post)
     if isinstance(out.get("max_delete"), str) and out["max_delete"].isdigit():
         out["max_delete"] = int(out["max_delete"])
     return out

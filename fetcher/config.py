@@ -263,7 +263,12 @@ def build_job(
         key = ALIASES.get(raw_key, raw_key.replace("-", "_"))
         if key == "post":
             if post_parser is None:
-                raise ConfigError(f"{where}.post: post-processing rules are not supported here")
+                from fetcher.postrules import rule_from_mapping
+
+                post_parser = rule_from_mapping
+            if isinstance(value, tuple):  # rules already parsed (from the CLI)
+                out["post"] = value
+                continue
             if not isinstance(value, list):
                 raise ConfigError(f"{where}.post: expected an array of tables ([[...post]])")
             out["post"] = tuple(post_parser(v, f"{where}.post[{i}]") for i, v in enumerate(value))

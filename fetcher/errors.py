@@ -10,6 +10,7 @@ meant for a person, plus an optional hint saying what to do about it::
     ├── FatalIOError .......... DEST unwritable, disk full          (exit 4)
     ├── UnsafePath ............ a remote name that cannot live safely below DEST
     ├── ListingError .......... a directory listing could not be read or was refused
+    ├── PostProcessError ...... ffmpeg failed, timed out or could not start (``.tail``)
     └── TransferError ......... one file could not be fetched (recorded, run goes on)
         ├── HTTPStatusError ... an HTTP status we do not accept (``.retryable``)
         ├── IncompleteDownload  fewer bytes than announced, or a connection cut
@@ -34,6 +35,7 @@ __all__ = [
     "IsADirectory",
     "ListingError",
     "LockHeld",
+    "PostProcessError",
     "RangeMismatch",
     "RedirectRefused",
     "TransferError",
@@ -84,6 +86,15 @@ class UnsafePath(FetchError):
 
 class ListingError(FetchError):
     """A directory listing could not be fetched, or was refused."""
+
+
+class PostProcessError(FetchError):
+    """ffmpeg failed, timed out or could not start; ``tail`` is the end of its stderr."""
+
+    def __init__(self, message: str, tail: str = "") -> None:
+        super().__init__(message)
+        self.args = (message, tail)
+        self.tail = tail
 
 
 class TransferError(FetchError):

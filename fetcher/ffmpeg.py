@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from fetcher.errors import FetchError
+from fetcher.errors import PostProcessError
 
 __all__ = [
     "FFmpeg",
@@ -45,16 +45,6 @@ __all__ = [
 
 _TAIL_LINES = 20
 _VERSION_RE = re.compile(r"version\s+n?(\d+)\.(\d+)(?:\.(\d+))?")
-
-
-class PostProcessError(FetchError):
-    """ffmpeg failed, timed out or could not start; ``tail`` is its stderr's end."""
-
-    # TODO(lead): move into errors.py, below FetchError in the drawn tree.
-    def __init__(self, message: str, tail: str = "") -> None:
-        super().__init__(message)
-        self.args = (message, tail)
-        self.tail = tail
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,6 +42,15 @@ from fetcher.models import (
     WorkerFatal,
 )
 from fetcher.plan import LocalFile, decide, is_metadata, wanted
+from fetcher.postprocess import (
+    PostCounts,
+    PostOutcome,
+    PostPool,
+    PostStatus,
+    check_derived,
+    remove_derived,
+)
+from fetcher.postrules import require_ffmpeg
 from fetcher.runner import make_client
 from fetcher.shard import make_shards
 from fetcher.state import RunLock, State
@@ -64,6 +73,8 @@ class Reporter(Protocol):
     def problem(self, p: CrawlProblem) -> None: ...
     def notice(self, message: str) -> None: ...
     def crawl_done(self) -> None: ...
+    def post_progress(self, counts: PostCounts) -> None: ...
+    def post_failed(self, out: PostOutcome) -> None: ...
 
 
 class NullReporter:
@@ -76,6 +87,8 @@ class NullReporter:
     def problem(self, p: CrawlProblem) -> None: ...
     def notice(self, message: str) -> None: ...
     def crawl_done(self) -> None: ...
+    def post_progress(self, counts: PostCounts) -> None: ...
+    def post_failed(self, out: PostOutcome) -> None: ...
 
 
 @dataclass
@@ -95,6 +108,8 @@ class _Run:
     stop: threading.Event = field(default_factory=threading.Event)
     limits: SharedLimits | None = None
     threads: list[threading.Thread] = field(default_factory=list)
+    post: PostPool | None = None
+    derived: Path | None = None
     executor: Executor | None = None
     seen_dirs: set[str] = field(default_factory=set)
 
@@ -114,6 +129,10 @@ def mirror(
     dest = job.dest.absolute()
     summary = Summary(url=job.url, dest=str(dest), started=time.time(), dry_run=job.dry_run)
     lock: RunLock | None = None
+    ffmpeg = require_ffmpeg(job.post) if job.post and not job.dry_run else None
+    derived = derived_root(job)
+    if job.post:
+        check_derived(dest, derived)
     if job.dry_run:
         state = State.open(dest, readonly=True)
     else:
@@ -132,6 +151,9 @@ def mirror(
         run = _Run(job, dest, state, state.begin_run(job.url), summary, rep)
         if stop is not None:
             run.stop = stop
+        if ffmpeg is not None:
+            run.derived = derived
+            run.post = PostPool(ffmpeg, job.post, dest, derived, jobs=job.post_jobs)
         _coordinate(run)
         if not summary.dry_run or job.delete:
             _finish_deletions(run)
@@ -142,6 +164,14 @@ def mirror(
         if lock is not None:
             lock.release()
     return summary
+
+
+def derived_root(job: MirrorJob) -> Path:
+    """Where post-processing outputs go: ``--post-dest``, else ``<dest>.derived`` beside DEST."""
+    if job.post_dest is not None:
+        return job.post_dest.absolute()
+    dest = job.dest.absolute()
+    return dest.parent / f"{dest.name}.derived"
 
 
 def _crawl_clean(run: _Run) -> bool:
@@ -197,9 +227,13 @@ def _coordinate(run: _Run) -> None:
     _start_crawl(run, job.url)
     try:
         _loop(run)
+        if run.post is not None:
+            _finish_post(run)
     except KeyboardInterrupt:
         run.summary.interrupted = True
         run.stop.set()
+        if run.post is not None:
+            run.post.cancel()
         if run.executor is not None:
             run.executor.stop()
             try:
@@ -215,6 +249,9 @@ def _coordinate(run: _Run) -> None:
             run.executor.kill()
         for th in run.threads:
             th.join(timeout=10)
+        if run.post is not None and not run.post.closed:
+            run.post.cancel()
+            _post_outcomes(run, run.post.close(wait=True))
         run.state.flush()
 
 
@@ -254,7 +291,9 @@ def _loop(run: _Run) -> None:
                 _submit(run, run.held)
             run.held = []
             continue
-        # 3. events from the workers
+        # 3. events from the workers, and finished post-processing
+        if run.post is not None:
+            _post_outcomes(run, run.post.poll())
         if run.executor is not None:
             _handle(run, run.executor.events(timeout=0.05))
             dead = run.executor.dead()
@@ -307,6 +346,8 @@ def _take(run: _Run, item: RemoteFile | RemoteDir | CrawlProblem) -> None:
         run.state.seen(run.run_id, f.path)
         _count(s, "skipped", local.size if local else 0)
         run.reporter.skipped(f)
+        if run.post is not None:
+            run.post.submit(f.path)  # catches up on outputs missing or older than the file
     else:
         _count(s, d.job.action.value, f.size or 0)
         run.reporter.planned(d.job)
@@ -354,10 +395,15 @@ def _handle(run: _Run, events: list[Event]) -> None:
                 s.fetched.files += 1
                 s.fetched.bytes += out.size
                 run.state.record(run.run_id, out)
+                if run.post is not None:
+                    # force: the server's date may be older than outputs of the old file
+                    run.post.submit(out.path, force=True)
             elif out.status is Status.UNCHANGED:
                 s.unchanged.files += 1
                 s.unchanged.bytes += out.size
                 run.state.record(run.run_id, out)
+                if run.post is not None:
+                    run.post.submit(out.path)
             elif out.status is Status.DIRECTORY and run.job.depth > out.path.count("/"):
                 # a link without a trailing slash that turned out to be a directory
                 run.summary.notices.append(f"{out.path}: a directory linked without '/'; crawled")
@@ -374,6 +420,42 @@ def _handle(run: _Run, events: list[Event]) -> None:
         elif isinstance(ev, WorkerFatal) and not s.fatal:
             s.fatal = ev.message
             rep.notice(f"stopping: {ev.message}")
+
+
+def _post_outcomes(run: _Run, outs: list[PostOutcome]) -> None:
+    s = run.summary
+    for o in outs:
+        key = f"{o.action} {o.status.value}"
+        s.post[key] = s.post.get(key, 0) + 1
+        if o.status is PostStatus.FAILED:
+            s.post_failed.append((f"{o.rel} ({o.action})", o.error or "failed"))
+            run.reporter.post_failed(o)
+            if o.action == "probe":
+                # the file does not decode: fetch it again next run
+                run.state.invalidate(o.rel)
+    if run.post is not None and outs:
+        run.reporter.post_progress(run.post.counts)
+
+
+def _finish_post(run: _Run) -> None:
+    """Let queued post-processing finish (the downloads are done), unless interrupted."""
+    pool = run.post
+    assert pool is not None
+    if run.summary.interrupted or run.summary.fatal:
+        pool.cancel()
+        _post_outcomes(run, pool.close(wait=True))
+        return
+    try:
+        while True:
+            c = pool.counts
+            if not (c.queued or c.running):
+                break
+            _post_outcomes(run, pool.poll())
+            time.sleep(0.1)
+    except KeyboardInterrupt:
+        run.summary.interrupted = True
+        pool.cancel()
+    _post_outcomes(run, pool.close(wait=True))
 
 
 def _local_files(dest: Path) -> Iterator[str]:
@@ -420,6 +502,8 @@ def _finish_deletions(run: _Run) -> None:
         s.deleted.append(rel)
         if job.dry_run:
             continue
+        if run.derived is not None:
+            remove_derived(run.derived, rel)
         try:
             (run.dest / rel).unlink()
         except FileNotFoundError:

@@ -28,6 +28,7 @@ from rich.progress import (
 from rich.text import Text
 
 from fetcher.models import CrawlProblem, FileStarted, Job, Outcome, RemoteFile, Retried, Status
+from fetcher.postprocess import PostCounts, PostOutcome
 
 __all__ = ["LineReporter", "RichReporter", "human_bytes"]
 
@@ -74,6 +75,7 @@ class RichReporter:
         self.bytes_task: TaskID = self.progress.add_task("crawling", total=None)
         self.files_task: TaskID = self.files.add_task("files", total=None, extra="")
         self.active: dict[int, str] = {}
+        self.post_task: TaskID | None = None
         self.live = Live(Group(self.progress, self.files, self._active_view()), console=console,
                          refresh_per_second=8, transient=False)  # fmt: skip
         self.live.start()
@@ -143,6 +145,18 @@ class RichReporter:
         self.progress.update(self.bytes_task, description="bytes", total=self.t.planned_bytes)
         self._update_files()
 
+    def post_progress(self, c: PostCounts) -> None:
+        if self.post_task is None:
+            self.post_task = self.files.add_task("ffmpeg", total=None, extra="")
+        finished = c.done + c.skipped + c.failed
+        extra = f"running {c.running}" + (f", [red]failed {c.failed}[/]" if c.failed else "")
+        self.files.update(
+            self.post_task, completed=finished, total=finished + c.queued + c.running, extra=extra
+        )
+
+    def post_failed(self, out: PostOutcome) -> None:
+        self.console.print(f"[red]{out.action} failed[/] {out.rel}: {out.error}", highlight=False)
+
     def close(self) -> None:
         self.active.clear()
         self.live.stop()
@@ -167,6 +181,7 @@ class LineReporter:
         self.t = _Tally()
         self.start = get_time()
         self.last = self.start
+        self.post: PostCounts | None = None
 
     def _emit(self, kind: str, text: str, **fields: Any) -> None:
         if self.fmt == "json":
@@ -190,7 +205,8 @@ class LineReporter:
             "status",
             f"status: {t.done_files}/{total} files, {human_bytes(t.bytes)} at "
             f"{human_bytes(t.bytes / elapsed)}/s, {t.skipped} unchanged, {t.failed} failed, "
-            f"{t.retries} retries{' (crawling)' if t.crawling else ''}",
+            f"{t.retries} retries{' (crawling)' if t.crawling else ''}"
+            + (f"; ffmpeg {self.post.done} done, {self.post.queued + self.post.running} to do, {self.post.failed} failed" if self.post else ""),
             files_done=t.done_files, files_planned=t.planned_files, bytes=t.bytes,
             skipped=t.skipped, failed=t.failed, retries=t.retries, crawling=t.crawling,
         )  # fmt: skip
@@ -251,6 +267,19 @@ class LineReporter:
                 f"crawl done: {self.t.planned_files} files to fetch",
                 files=self.t.planned_files,
             )
+
+    def post_progress(self, c: PostCounts) -> None:
+        self.post = c
+        self._tick()
+
+    def post_failed(self, out: PostOutcome) -> None:
+        self._emit(
+            "post_failed",
+            f"{out.action} failed: {out.rel}: {out.error}",
+            path=out.rel,
+            action=out.action,
+            error=out.error,
+        )
 
     def close(self) -> None:
         self.status()

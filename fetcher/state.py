@@ -225,6 +225,12 @@ class State:
         for (path,) in cur:
             yield path
 
+    def invalidate(self, path: str) -> None:
+        """Mark a file as bad (it failed a probe): the next run fetches it again."""
+        self.flush()
+        if not self.readonly:
+            self._db.execute("UPDATE files SET status = 'invalid' WHERE path = ?", (path,))
+
     def count(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM files").fetchone()[0])
 
