@@ -20,7 +20,7 @@ from rich.console import Console
 
 from fetcher import __version__
 from fetcher.config import MirrorJob, build_job, default_procs, load_config
-from fetcher.errors import FetchError, UsageError
+from fetcher.errors import FetchError, LockHeld, UsageError
 from fetcher.models import Summary
 from fetcher.pipeline import mirror
 from fetcher.progress import LineReporter, RichReporter
@@ -161,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="refuse to delete more than N files or P%% of them (default 10%%)",
     )
     g.add_argument("--force", action="store_true", help="delete even beyond --max-delete")
+    g.add_argument(
+        "--skip-if-locked",
+        action="store_true",
+        help="when another run holds DEST's lock, say so and exit 0 instead of 3 (for timers)",
+    )
 
     g = p.add_argument_group("post-processing (ffmpeg)")
     g.add_argument(
@@ -210,7 +215,7 @@ _CLI_KEYS = {
     "limit_rate": "limit_rate", "listing_rate": "listing_rate", "retries": "retries", "timeout": "timeout",
     "connect_timeout": "connect_timeout", "dry_run": "dry_run", "delete": "delete", "max_delete": "max_delete",
     "force": "force", "ca_cert": "ca_cert", "insecure": "insecure", "post_dest": "post_dest",
-    "post_jobs": "post_jobs",
+    "post_jobs": "post_jobs", "skip_if_locked": "skip_if_locked",
 }  # fmt: skip
 
 
@@ -303,7 +308,11 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
 def main(argv: Sequence[str] | None = None, console: Console | None = None) -> int:
     """Run ``fetch`` with ``argv``; return the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    console = console or Console(stderr=False, highlight=False)
+    if console is None:
+        console = Console(highlight=False)
+        if not console.is_terminal:
+            # logs: one line per message, however long, and no colour codes
+            console = Console(highlight=False, soft_wrap=True, width=160)
     err = Console(stderr=True, highlight=False) if console.file is sys.stdout else console
     if argv[:1] == ["demo"]:
         from fetcher.demo import demo_main
@@ -355,8 +364,18 @@ def _run_one(job: MirrorJob, ns: argparse.Namespace, console: Console, err: Cons
         summary = mirror(job, reporter)
     except FetchError as exc:
         reporter.close()
-        _print_error(err, exc, prefix=f"{name}: " if name else "")
         now = time.time()
+        if isinstance(exc, LockHeld) and job.skip_if_locked:
+            console.print(
+                f"{name + ': ' if name else ''}skipped: {exc.message}",
+                highlight=False,
+                markup=False,
+            )
+            skipped = Summary(url=job.url, dest=str(job.dest), started=now, finished=now)
+            skipped.notices.append(f"skipped: {exc.message}")
+            results.append((name, skipped))
+            return 0
+        _print_error(err, exc, prefix=f"{name}: " if name else "")
         failed = Summary(url=job.url, dest=str(job.dest), started=now, finished=now,
                          error=str(exc), error_code=exc.exit_code)  # fmt: skip
         results.append((name, failed))

@@ -79,6 +79,8 @@ class MirrorJob:
     index: str = "html"
     verify_digests: bool = False
     max_listing_bytes: int = 64 << 20
+    skip_if_locked: bool = False
+    """Another run still holds DEST's lock: log it and exit 0 instead of 3 (for timers)."""
 
     def transfer(self) -> Transfer:
         verify: bool | str = True
@@ -240,6 +242,7 @@ _FIELDS: dict[str, Callable[[Any], Any]] = {
     "post_jobs": _int(1),
     "index": _choice("auto", "html", "repodata", "debian"),
     "verify_digests": _bool,
+    "skip_if_locked": _bool,
 }
 
 ALIASES = {"max-connections": "max_connections", "verify": "verify_digests"}
