@@ -11,6 +11,7 @@ of normalised directory URLs, a cap on one listing's size, and a loop check
 from __future__ import annotations
 
 import hashlib
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -92,7 +93,35 @@ class _RateGate:
                 time.sleep(delay)
 
 
+def _untrusted_certificate(exc: BaseException) -> ssl.SSLCertVerificationError | None:
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, ssl.SSLCertVerificationError):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
 def _fetch_page(
+    client: httpx.Client, url: str, scope: Scope, opts: CrawlOptions, gate: _RateGate
+) -> _Page:
+    try:
+        return _read_page(client, url, scope, opts, gate)
+    except httpx.ConnectError as exc:
+        cert = _untrusted_certificate(exc)
+        if cert is None:
+            raise
+        # Not transient: retrying would only repeat the same refusal.
+        raise ListingError(
+            f"TLS certificate of {httpx.URL(url).host} not trusted: "
+            f"{cert.verify_message or cert.reason}; "
+            "use --ca-cert FILE to trust its CA, or --insecure to skip verification"
+        ) from exc
+
+
+def _read_page(
     client: httpx.Client, url: str, scope: Scope, opts: CrawlOptions, gate: _RateGate
 ) -> _Page:
     hops = 0
@@ -158,6 +187,8 @@ def crawl(
                 print(item)
     """
     scope = Scope.for_start(t.root, t.aliases)
+    if sleep is time.sleep and stop is not None:
+        sleep = stop.wait  # a Retry-After wait must not outlast Ctrl-C
     retrying = build_retrying(t, sleep=sleep)
     gate = _RateGate(opts.listing_rate, stop)
     visited = {normalise_dir_url(scope.root)}
@@ -184,14 +215,26 @@ def crawl(
                 try:
                     page = fut.result()
                 except (TransferError, ListingError) as exc:
-                    yield CrawlProblem(d.url, str(exc), "listing")
+                    yield from _unread(d, str(exc))
                     continue
                 except httpx.HTTPError as exc:
-                    yield CrawlProblem(d.url, f"{type(exc).__name__}: {exc}", "listing")
+                    yield from _unread(d, f"{type(exc).__name__}: {exc}")
+                    continue
+                except Exception as exc:  # noqa: BLE001
+                    # Whatever a hostile page or header sets off, one unreadable listing
+                    # must end as a listing error (which blocks --delete), never as the
+                    # silent end of a crawl that then looks complete and clean.
+                    yield from _unread(d, f"unexpected {type(exc).__name__}: {exc}")
                     continue
                 yield from _children(page, d, scope, opts, visited, submit)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _unread(d: _Dir, message: str) -> Iterator[CrawlItem]:
+    if d.path:
+        yield RemoteDir(RelPath(d.path))  # it exists upstream, even if unreadable now
+    yield CrawlProblem(d.url, message, "listing")
 
 
 def _children(
@@ -204,14 +247,18 @@ def _children(
 ) -> Iterator[CrawlItem]:
     fp = _fingerprint(page.entries)
     if fp in d.ancestors:
+        # Not even the directory itself is mirrored: it is a view of an ancestor.
         yield CrawlProblem(
             d.url,
             "listing identical to an ancestor's (a server-side symlink loop?); not descended",
             "loop",
         )
         return
+    if d.path:
+        yield RemoteDir(RelPath(d.path))
     chain = (*d.ancestors, fp)
-    files: list[RemoteFile] = []
+    files: dict[str, RemoteFile] = {}
+    dirs: set[str] = set()
     for e in page.entries:
         try:
             rel = scope.relative(e.url)
@@ -227,6 +274,7 @@ def _children(
         if not wanted(rel, e.is_dir, opts.include, opts.exclude):
             continue
         if e.is_dir:
+            dirs.add(rel)
             key = normalise_dir_url(e.url)
             if key in visited:
                 continue
@@ -234,10 +282,17 @@ def _children(
             if d.depth + 1 > opts.depth:
                 yield CrawlProblem(e.url, f"deeper than --depth {opts.depth}; not crawled", "depth")
                 continue
-            yield RemoteDir(rel)
             url = e.url if e.url.endswith("/") else e.url + "/"
             submit(_Dir(url, rel, d.depth + 1, chain))
+        elif rel not in files:
+            # "a.txt" and "%61.txt" are one local file: fetch it once, not twice at once.
+            files[rel] = RemoteFile(e.url, rel, e.size, e.size_exact, e.mtime, e.stamp)
+    for name in sorted(files):
+        if name in dirs:
+            yield CrawlProblem(
+                files[name].url,
+                "the listing shows a file and a directory of this name; the directory is mirrored",
+                "unsafe",
+            )
         else:
-            files.append(RemoteFile(e.url, RelPath(rel), e.size, e.size_exact, e.mtime, e.stamp))
-    files.sort(key=lambda f: f.path)
-    yield from files
+            yield files[name]

@@ -250,6 +250,13 @@ def _attempt(ctx: _Ctx, job: Job, final: Path, part: Path, meta: Path) -> Outcom
                     f" for a request from byte {offset}; not spliced"
                 )
             total = None if m.group(3) == "*" else int(m.group(3))
+            changed = _changed_since(side, etag, last_mod, total)
+            if changed:
+                # A server or cache that honours Range but ignores If-Range.
+                _discard(part, meta)
+                raise RangeMismatch(
+                    f"{f.url} changed since the partial file ({changed}); not spliced"
+                )
             mode = "ab"
         else:
             offset = 0
@@ -264,9 +271,8 @@ def _attempt(ctx: _Ctx, job: Job, final: Path, part: Path, meta: Path) -> Outcom
         if resumable and (etag or last_mod):
             # The validator survives a crash with the partial file, so a later run can
             # resume with If-Range; small files just start over (one write less each).
-            meta.write_text(
-                json.dumps({"url": f.url, "etag": etag, "last_modified": last_mod}), "utf-8"
-            )
+            side_data = {"url": f.url, "etag": etag, "last_modified": last_mod, "size": total}
+            meta.write_text(json.dumps(side_data), "utf-8")
         digest = _digest_for(f.checksum, part if offset else None)
         received = _stream_body(ctx, resp, part, mode, digest)
     finally:
@@ -306,6 +312,22 @@ def _attempt(ctx: _Ctx, job: Job, final: Path, part: Path, meta: Path) -> Outcom
         sha256=sha256,
         stamp=f.stamp,
     )
+
+
+def _changed_since(
+    side: dict[str, Any] | None, etag: str | None, last_mod: str | None, total: int | None
+) -> str | None:
+    """Why a 206 answer belongs to another version than the partial file, or None."""
+    if side is None:
+        return None
+    old_etag, old_lm, old_size = side.get("etag"), side.get("last_modified"), side.get("size")
+    if etag and isinstance(old_etag, str) and etag != old_etag:
+        return f"ETag {old_etag} -> {etag}"
+    if not (etag and old_etag) and last_mod and isinstance(old_lm, str) and last_mod != old_lm:
+        return f"Last-Modified {old_lm} -> {last_mod}"
+    if isinstance(old_size, int) and total is not None and total != old_size:
+        return f"size {old_size} -> {total}"
+    return None
 
 
 def _ensure_dir(d: Path, known: set[Path] | None) -> None:

@@ -149,6 +149,24 @@ class CappedBackend(httpcore.NetworkBackend):
         self._inner = inner
         self._sem = sem
         self._stop = stop
+        self.pool: httpcore.ConnectionPool | None = None
+        """The pool this backend serves; its idle connections can give their tokens back."""
+
+    def _reclaim(self) -> bool:
+        # httpcore binds a request to a new connection as it arrives, before it connects.
+        # If our own idle keep-alive connections hold the tokens, that request would wait
+        # for ever: close one idle connection of this pool, under the pool's lock.
+        pool = self.pool
+        if pool is None:
+            return False
+        with pool._optional_thread_lock:
+            idle = [c for c in pool._connections if c.is_idle()]
+            if not idle:
+                return False
+            victim = idle[0]
+            pool._connections.remove(victim)
+        victim.close()
+        return True
 
     def connect_tcp(
         self,
@@ -158,9 +176,10 @@ class CappedBackend(httpcore.NetworkBackend):
         local_address: str | None = None,
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore.NetworkStream:
-        while not self._sem.acquire(timeout=0.5):
+        while not self._sem.acquire(timeout=0.05):
             if self._stop is not None and self._stop.is_set():
                 raise httpcore.ConnectError("stopping")
+            self._reclaim()
         try:
             stream = self._inner.connect_tcp(host, port, timeout, local_address, socket_options)
         except BaseException:

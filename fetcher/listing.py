@@ -93,7 +93,9 @@ def _decode(body: bytes) -> tuple[str, str | None]:
         body, declared = body[3:], "utf-8"
     elif body.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         body, declared = body.decode("utf-16", "replace").encode("utf-8", "replace"), "utf-8"
-    body = body.replace(b"\0", b"")
+    # lxml refuses NUL.  Dropping it would turn the href "a\0b" into "ab", another
+    # file's name; as "%00" it stays the unsafe name it is, and is reported as such.
+    body = body.replace(b"\0", b"%00")
     if declared is None:
         head = body[:4096]
         m = _META_CHARSET.search(head) or _XML_ENCODING.search(head)

@@ -70,7 +70,10 @@ def rel_path(encoded: str) -> RelPath:
     for raw in segments:
         if "\\" in raw:
             raise UnsafePath(f"backslash in path {encoded!r}")
-        data = unquote_to_bytes(raw)
+        try:
+            data = unquote_to_bytes(raw)
+        except UnicodeEncodeError:  # a lone surrogate: no bytes could name this file
+            raise UnsafePath(f"name is not valid UTF-8: {encoded!r}") from None
         try:
             name = data.decode("utf-8")
         except UnicodeDecodeError:
@@ -90,12 +93,13 @@ def rel_path(encoded: str) -> RelPath:
 
 
 def _split_url(url: str) -> tuple[str, str, int, str]:
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
     try:
+        parts = urlsplit(url)
         port = parts.port
-    except ValueError:
-        raise UnsafePath(f"bad port in {url!r}") from None
+        url.encode("utf-8")
+    except ValueError:  # "http://[::1", port 99999, a lone surrogate
+        raise UnsafePath(f"not a usable URL: {url!r}") from None
+    scheme = parts.scheme.lower()
     if port is None:
         port = {"http": 80, "https": 443}.get(scheme, 0)
     return scheme, (parts.hostname or "").lower(), port, parts.path
@@ -137,7 +141,7 @@ class Scope:
         Raises :class:`UnsafePath` for an in-scope URL whose name is unsafe.
         The root itself has no relative path and gives ``None``.
         """
-        url = urldefrag(url)[0]
+        url = url.partition("#")[0]  # not urldefrag(): it raises on "http://[x"
         if "?" in url:
             return None
         scheme, host, port, path = _split_url(url)
@@ -148,8 +152,10 @@ class Scope:
         # the encoded remainder for rel_path() to decode exactly once.
         if not path.startswith("/"):
             return None
-        rsegs = [unquote_to_bytes(s) for s in root_path.strip("/").split("/") if s]
-        segs = path.lstrip("/").split("/")
+        # Empty segments count: "//pub/x" is not "/pub/x" to every server.
+        inner = root_path[1:].removesuffix("/")
+        rsegs = [unquote_to_bytes(s) for s in inner.split("/")] if inner else []
+        segs = path[1:].split("/")
         if len(segs) <= len(rsegs):
             return None
         if [unquote_to_bytes(s) for s in segs[: len(rsegs)]] != rsegs:
@@ -169,12 +175,22 @@ class Scope:
             return False
 
     def is_root(self, url: str) -> bool:
-        a = _split_url(urldefrag(url)[0])
+        try:
+            a = _split_url(url.partition("#")[0])
+        except UnsafePath:
+            return False
         b = _split_url(self.root)
         return a[:3] == b[:3] and a[3].rstrip("/") == b[3].rstrip("/")
 
     def same_origin_or_alias(self, url: str) -> bool:
-        scheme, host, port, _ = _split_url(url)
+        """True for the mirror's own origin or a configured alias; False for anything unusable.
+
+        A predicate never raises: a hostile ``Location: http://host:99999/`` is just "no".
+        """
+        try:
+            scheme, host, port, _ = _split_url(url)
+        except UnsafePath:
+            return False
         return self._origin_ok(scheme, host, port)
 
 

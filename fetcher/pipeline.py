@@ -187,7 +187,7 @@ def _start_crawl(run: _Run, root: str, prefix: str = "") -> None:
         depth=job.depth - (prefix.count("/") + 1 if prefix else 0),
         include=job.include,
         exclude=job.exclude,
-        concurrency=max(1, min(4, job.max_connections)),
+        concurrency=max(1, min(4, job.max_connections // 4)),
         listing_rate=job.listing_rate,
         max_listing_bytes=job.max_listing_bytes,
     )
@@ -204,7 +204,11 @@ def _start_crawl(run: _Run, root: str, prefix: str = "") -> None:
 
     def body() -> None:
         try:
-            with make_client(t, run.limits, stop, pool_size=opts.concurrency) as client:
+            # Under a tiny cap the crawl must not sit on a token between listings.
+            keep = job.max_connections >= 3
+            with make_client(
+                t, run.limits, stop, pool_size=opts.concurrency, keepalive=keep
+            ) as client:
                 for item in crawl(client, t, opts, stop=stop):
                     if prefix and isinstance(item, RemoteFile | RemoteDir):
                         item = replace(item, path=RelPath(f"{prefix}/{item.path}"))

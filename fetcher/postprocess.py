@@ -338,8 +338,34 @@ class PostPool:
             error = f"{exc.message}\n{exc.tail}".strip()
         except (OSError, UnsafePath) as exc:
             error = str(exc)
+        if status is PostStatus.FAILED:
+            self._discard(task)
         seconds = time.monotonic() - started
         self._finish(task, status, outputs=outputs, error=error, ran=True, seconds=seconds)
+
+    def _discard(self, task: PostTask) -> None:
+        # A queued output is stale (or its source was fetched again), so what is on
+        # disk was made from an older version of the source.  Left in place after a
+        # failed remake it would look fresh next run (a probe.ok vouching for a file
+        # that no longer decodes): remove it, and directories that leaves empty.
+        # Under the lock, so a sibling task's mkdir + mkdtemp never loses its parent.
+        final = self._derived / task.output
+        with self._lock:
+            try:
+                _inside(final, self._derived)
+                if final.is_dir() and not final.is_symlink():
+                    shutil.rmtree(final)
+                elif os.path.lexists(final):
+                    final.unlink()
+            except (OSError, UnsafePath):
+                return
+            for parent in final.parents:
+                if parent == self._derived or not parent.is_relative_to(self._derived):
+                    break
+                try:
+                    parent.rmdir()
+                except OSError:  # not empty (other outputs, a sibling's temporary)
+                    break
 
     def _argv(self, task: PostTask, src: Path, out: Path, tmp: Path) -> list[str]:
         o, action = task.rule.options, task.rule.action
@@ -358,9 +384,10 @@ class PostPool:
     def _make(self, task: PostTask, src: Path, mtime: float, limit: float) -> tuple[str, ...]:
         final = self._derived / task.output
         parent = _inside(final.parent, self._derived)
-        parent.mkdir(parents=True, exist_ok=True)
+        with self._lock:  # see _discard
+            parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", dir=parent))
         _sweep(parent)
-        tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", dir=parent))
         old: str | None = None
         try:
             made = tmp if task.is_dir else tmp / final.name

@@ -55,6 +55,7 @@ def make_client(
     limits: SharedLimits | None = None,
     stop: threading.Event | None = None,
     pool_size: int | None = None,
+    keepalive: bool = True,
 ) -> httpx.Client:
     """A client for one process: keep-alive pool sized to its threads, capped by ``limits``."""
     _tune_httpcore()
@@ -68,7 +69,9 @@ def make_client(
     )
     if limits is not None:
         pool = transport._pool
-        pool._network_backend = CappedBackend(pool._network_backend, limits.connections, stop)
+        backend = CappedBackend(pool._network_backend, limits.connections, stop)
+        backend.pool = pool
+        pool._network_backend = backend
     return httpx.Client(
         transport=transport,
         timeout=httpx.Timeout(t.read_timeout, connect=t.connect_timeout, pool=None),
@@ -136,6 +139,9 @@ class ShardRunner:
         self.pool = ThreadPoolExecutor(t.threads, thread_name_prefix=f"w{worker}")
         self.batch = _Batcher(send, worker)
         self.known_dirs: set[Path] = set()
+        self._lock = threading.Lock()
+        self._inflight = 0
+        self._released = False
         self._ticker = threading.Thread(target=self._tick, daemon=True)
         self._closed = threading.Event()
         self._ticker.start()
@@ -148,6 +154,7 @@ class ShardRunner:
             self.batch.flush()
 
     def fetch(self, job: Job) -> Outcome:
+        self._released = False
         f = job.file
         if self.stop.is_set():
             return Outcome(
@@ -178,7 +185,28 @@ class ShardRunner:
         return out
 
     def submit(self, job: Job) -> Future[Outcome]:
-        return self.pool.submit(self.fetch, job)
+        with self._lock:
+            self._inflight += 1
+        fut = self.pool.submit(self.fetch, job)
+        fut.add_done_callback(self._done)
+        return fut
+
+    def _done(self, _fut: Future[Outcome]) -> None:
+        with self._lock:
+            self._inflight -= 1
+
+    def release_idle(self) -> None:
+        """Close idle keep-alive connections so other processes can have their tokens.
+
+        Called when this worker has nothing to do: an idle connection still holds one
+        of the run's ``--max-connections`` tokens, and another worker may be waiting.
+        """
+        with self._lock:
+            if self._inflight or self._released:
+                return
+            old, self.client = self.client, make_client(self.t, self.limits, self.stop)
+            self._released = True
+        old.close()
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
@@ -206,6 +234,7 @@ def worker_main(
             try:
                 shard: Shard | None = shards.get(timeout=0.5)
             except queue.Empty:
+                runner.release_idle()
                 continue
             if shard is None:
                 break

@@ -1,11 +1,15 @@
 """The run's memory: a SQLite manifest in ``DEST/.fetcher/state.sqlite`` and the run lock.
 
-Only the coordinating process writes here, in batched transactions.  The
-schema carries a version; :data:`_MIGRATIONS` brings an older file forward.
+Only the coordinating process writes here, in batched transactions, in WAL
+mode while a run is on; the file is switched back to a rollback journal when
+the run closes it, so a read-only dry run finds one file and adds none.  The
+schema carries a version (``PRAGMA user_version``); :data:`_MIGRATIONS`
+brings an older file forward, and a newer one is refused with a clear error.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import sqlite3
@@ -115,6 +119,13 @@ class State:
         self._pending: list[tuple[Any, ...]] = []
         self._seen: list[tuple[int, str]] = []
         self._last_flush = time.monotonic()
+        self._write_failed = False
+        self._dry_run_id: int | None = None
+        if readonly:
+            # A dry run changes nothing on disk, yet deletion needs to know what this
+            # run saw: remember it in a temporary table (SQLite's temp store, which
+            # spills to a temp file, so memory stays flat however many files there are).
+            conn.execute("CREATE TEMP TABLE seen (path TEXT PRIMARY KEY)")
 
     @staticmethod
     def open(dest: Path, readonly: bool = False) -> State:
@@ -125,26 +136,54 @@ class State:
                 _migrate(conn)
                 return State(conn, True)
             conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            try:
+                _check_version(conn)
+            except BaseException:
+                conn.close()
+                raise
             return State(conn, True)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(path, isolation_level=None)
+        except (OSError, sqlite3.DatabaseError) as exc:
+            raise FatalIOError(f"cannot open state database {path}: {exc}") from exc
+        try:
+            _check_version(conn)  # before WAL: a newer or foreign file is left as it is
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             _migrate(conn)
-        except sqlite3.OperationalError as exc:
+        except sqlite3.DatabaseError as exc:
+            conn.close()
             raise FatalIOError(f"cannot open state database {path}: {exc}") from exc
+        except BaseException:
+            conn.close()
+            raise
         return State(conn, False)
 
     def close(self) -> None:
-        self.flush()
-        self._db.close()
+        """Write what is pending and close; a write error already raised is not raised again
+        (the caller is unwinding from it, and must still get to release the lock)."""
+        reported = self._write_failed
+        try:
+            try:
+                self.flush()
+            except FatalIOError:
+                if not reported:
+                    raise
+            if not self.readonly:
+                # WAL while the run writes; a single self-contained file at rest, so that
+                # a dry run (read-only) can open it without creating -wal and -shm files.
+                with contextlib.suppress(sqlite3.DatabaseError):
+                    self._db.execute("PRAGMA journal_mode=DELETE")
+        finally:
+            self._db.close()
 
     # -- runs -------------------------------------------------------------
     def begin_run(self, url: str) -> int:
         if self.readonly:
             row = self._db.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM runs").fetchone()
-            return int(row[0])
+            self._dry_run_id = int(row[0])
+            return self._dry_run_id
         cur = self._db.execute("INSERT INTO runs (url, started) VALUES (?, ?)", (url, time.time()))
         return int(cur.lastrowid or 0)
 
@@ -158,11 +197,20 @@ class State:
 
     # -- files ------------------------------------------------------------
     def get(self, path: str) -> Row | None:
-        r = self._db.execute(
-            "SELECT path, url, size, mtime, etag, last_modified, sha256, stamp, fetched_at,"
-            " last_seen, status FROM files WHERE path = ?",
-            (path,),
-        ).fetchone()
+        if self.readonly:
+            # what this (dry) run saw counts as seen by it, as after a real run
+            r = self._db.execute(
+                "SELECT f.path, url, size, mtime, etag, last_modified, sha256, stamp,"
+                " fetched_at, CASE WHEN s.path IS NULL THEN last_seen ELSE ? END, status"
+                " FROM files f LEFT JOIN temp.seen s ON s.path = f.path WHERE f.path = ?",
+                (self._dry_run_id, path),
+            ).fetchone()
+        else:
+            r = self._db.execute(
+                "SELECT path, url, size, mtime, etag, last_modified, sha256, stamp, fetched_at,"
+                " last_seen, status FROM files WHERE path = ?",
+                (path,),
+            ).fetchone()
         return Row(*r) if r else None
 
     def seen(self, run_id: int, path: str) -> None:
@@ -191,7 +239,11 @@ class State:
 
     def flush(self) -> None:
         self._last_flush = time.monotonic()
-        if self.readonly or not (self._pending or self._seen):
+        if not (self._pending or self._seen):
+            return
+        if self.readonly:
+            paths = [(p[0],) for p in self._pending] + [(p,) for _, p in self._seen]
+            self._db.executemany("INSERT OR IGNORE INTO temp.seen (path) VALUES (?)", paths)
             self._pending.clear()
             self._seen.clear()
             return
@@ -210,7 +262,8 @@ class State:
                     self._pending,
                 )
                 self._db.executemany("UPDATE files SET last_seen = ? WHERE path = ?", self._seen)
-        except sqlite3.OperationalError as exc:
+        except sqlite3.DatabaseError as exc:
+            self._write_failed = True
             raise FatalIOError(f"cannot write state database: {exc}") from exc
         self._pending.clear()
         self._seen.clear()
@@ -218,8 +271,10 @@ class State:
     def not_seen(self, run_id: int) -> Iterator[str]:
         """Paths recorded before but not seen upstream in ``run_id``."""
         self.flush()
+        seen = " AND path NOT IN (SELECT path FROM temp.seen)" if self.readonly else ""
         cur = self._db.execute(
-            "SELECT path FROM files WHERE last_seen IS NULL OR last_seen != ? ORDER BY path",
+            "SELECT path FROM files WHERE (last_seen IS NULL OR last_seen != ?)"
+            f"{seen} ORDER BY path",
             (run_id,),
         )
         for (path,) in cur:
@@ -250,12 +305,23 @@ class State:
             yield Row(*r)
 
 
-def _migrate(conn: sqlite3.Connection) -> None:
-    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+def _check_version(conn: sqlite3.Connection) -> int:
+    try:
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    except sqlite3.DatabaseError as exc:  # not a database, or unreadable
+        raise FatalIOError(
+            f"cannot read state database: {exc}",
+            "remove DEST/.fetcher/state.sqlite to start over (files on disk are adopted)",
+        ) from exc
     if version > SCHEMA_VERSION:
         raise FatalIOError(
             f"state database has schema version {version}, newer than this fetch ({SCHEMA_VERSION})",
             "upgrade fetch, or remove DEST/.fetcher/state.sqlite to start over",
         )
+    return version
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    version = _check_version(conn)
     for v in range(version + 1, SCHEMA_VERSION + 1):
         conn.executescript(f"BEGIN; {_MIGRATIONS[v]} PRAGMA user_version = {v}; COMMIT;")

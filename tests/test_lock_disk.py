@@ -1,0 +1,173 @@
+"""The run lock (a second run on one DEST exits 3 at once and names the holder; a stale
+lock never blocks) and a full disk (exit 4 with a one-line reason, nothing truncated
+under a final name, a re-run with space completes)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.faultserver import Fault, FaultServer
+from tests.trees import tree_manifest
+
+RunFetch = Callable[..., Any]
+REPO = Path(__file__).resolve().parent.parent
+MIB = 1 << 20
+
+
+@contextlib.contextmanager
+def _serving(root: Path | None = None) -> Iterator[FaultServer]:
+    """A fault server that stops at the end and fails the test if a handler raised."""
+    with FaultServer(root=root) as srv:
+        yield srv
+    assert not srv.errors, "fault server handler errors:\n" + "\n".join(srv.errors)
+
+
+def _small_tree(root: Path, n: int = 6) -> None:
+    for i in range(n):
+        p = root / f"d{i % 2}" / f"f{i}.txt"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"%d\n" % i * 100)
+
+
+# --- 5. the lock ------------------------------------------------------------------------
+
+
+def test_second_run_exits_3_naming_the_holder_and_first_completes(
+    tmp_path: Path, run_fetch: RunFetch
+) -> None:
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    _small_tree(src)
+    gate = threading.Event()
+    with _serving(src) as srv:
+        srv.persist("/d0/f*", Fault.gated(gate))  # listings pass, these files wait
+        argv = [sys.executable, "-m", "fetcher", "--mirror", srv.url, "--dest", str(dest),
+                "--procs", "1", "-q"]  # fmt: skip
+        out = tmp_path / "first.log"
+        with out.open("wb") as log:
+            first = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            assert srv.wait_for(1, path="/d0/f0.txt", timeout=30), "first run never got busy"
+            started = time.monotonic()
+            # short timeout, one attempt: if the lock did not hold, fail fast, not hang
+            r = run_fetch(
+                "--mirror", srv.url, "--dest", dest, "--procs", "1", "--timeout", "2",
+                "--retries", "1",
+            )  # fmt: skip
+            took = time.monotonic() - started
+            assert r.code == 3, r
+            assert f"pid {first.pid}" in r.output, r.output
+            assert "started" in r.output, r.output
+            assert took < 5, f"the second run waited {took:.1f} s instead of exiting at once"
+            assert first.poll() is None, "the second run disturbed the first"
+        finally:
+            gate.set()
+            try:
+                code = first.wait(30)
+            finally:
+                if first.poll() is None:
+                    first.kill()
+                    first.wait()
+        assert code == 0, out.read_text(errors="replace")
+    assert tree_manifest(dest) == tree_manifest(src)
+
+
+def test_stale_lock_file_does_not_block(tmp_path: Path, run_fetch: RunFetch) -> None:
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    _small_tree(src)
+    lock = dest / ".fetcher" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_bytes(b"pid 999999, started 1999-01-01 00:00:00\n\x00\xffjunk")
+    with _serving(src) as srv:
+        r = run_fetch("--mirror", srv.url, "--dest", dest, "--procs", "1")
+        assert r.code == 0, r
+    assert tree_manifest(dest) == tree_manifest(src)
+    assert lock.read_text().startswith(f"pid {os.getpid()}, started ")
+
+
+# --- 6. disk full -------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _tmpfs(where: Path, size: str) -> Iterator[Path]:
+    where.mkdir(parents=True, exist_ok=True)
+    try:
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+            check=True,
+            capture_output=True,
+        )
+    except (OSError, subprocess.CalledProcessError) as exc:
+        err = getattr(exc, "stderr", b"") or b""
+        pytest.skip(f"cannot mount a tmpfs here (needs root/CAP_SYS_ADMIN): {exc} {err!r}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False, capture_output=True)
+
+
+def test_disk_full_exits_4_then_rerun_with_space_completes(
+    tmp_path: Path, run_fetch: RunFetch
+) -> None:
+    src = tmp_path / "src"
+    rng = random.Random(9)
+    for i in range(6):
+        p = src / f"d{i % 2}" / f"big{i}.bin"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(rng.randbytes(3 * MIB))
+    (src / "small.txt").write_bytes(b"small\n")
+    want = tree_manifest(src)
+    with _tmpfs(tmp_path / "mnt", "8m") as mnt, _serving(src) as srv:
+        dest = mnt / "dest"
+        args = ("--mirror", srv.url, "--dest", dest, "--procs", "1", "--threads", "2")
+        r = run_fetch(*args)
+        assert r.code == 4, r
+        reasons = [
+            ln.strip()
+            for ln in r.output.splitlines()
+            if ln.lstrip().startswith(("stopped:", "fetch: error:"))
+        ]
+        assert reasons, r.output
+        assert any("No space left" in ln or "disk is full" in ln for ln in reasons), reasons
+        assert "Traceback" not in r.output
+        complete = []
+        for path, digest in tree_manifest(dest).items():
+            if digest is not None:
+                assert want.get(path) == digest, f"{path} is truncated or wrong"
+                complete.append("/" + path)
+
+        subprocess.run(["mount", "-o", "remount,size=64m", str(mnt)], check=True)
+        srv.reset_stats()
+        r = run_fetch(*args)
+        assert r.code == 0, r
+        again = [q.path for q in srv.requests if q.path in complete]
+        assert again == [], f"files finished before the disk filled were fetched again: {again}"
+        assert tree_manifest(dest) == want
+        assert not list((dest / ".fetcher" / "partial").glob("*.part"))
+
+
+def test_read_only_dest_exits_4_with_a_reason(tmp_path: Path, run_fetch: RunFetch) -> None:
+    src = tmp_path / "src"
+    _small_tree(src)
+    with _tmpfs(tmp_path / "mnt", "8m") as mnt, _serving(src) as srv:
+        dest = mnt / "dest"
+        args = ("--mirror", srv.url, "--procs", "1")
+        assert run_fetch(*args, "--dest", dest).code == 0
+        (src / "d0" / "f0.txt").write_bytes(b"changed upstream\n")
+        os.utime(src / "d0" / "f0.txt", (2_000_000_000, 2_000_000_000))
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+        for where in (dest, mnt / "fresh"):
+            r = run_fetch(*args, "--dest", where)
+            assert r.code == 4, r
+            assert "Read-only file system" in r.output and "Traceback" not in r.output, r
+        assert (dest / "d0" / "f0.txt").read_bytes() == b"0\n" * 100

@@ -1,0 +1,297 @@
+"""Resume: a run killed mid-transfer (SIGKILL to its whole process group) leaves no
+truncated file under a final name and the next run continues where it stopped; a server
+that ignores ``Range``, a file that changes between attempts, and a 206 with the wrong
+``Content-Range`` never produce spliced bytes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from fetcher.config import Transfer
+from fetcher.download import build_retrying, fetch_file, partial_paths
+from fetcher.models import Action, Job, RelPath, RemoteFile, Status
+from tests.faultserver import Fault, FaultServer
+from tests.trees import tree_manifest
+
+RunFetch = Callable[..., Any]
+REPO = Path(__file__).resolve().parent.parent
+MIB = 1 << 20
+
+
+@contextlib.contextmanager
+def _serving(root: Path | None = None) -> Iterator[FaultServer]:
+    """A fault server that stops at the end and fails the test if a handler raised."""
+    with FaultServer(root=root) as srv:
+        yield srv
+    assert not srv.errors, "fault server handler errors:\n" + "\n".join(srv.errors)
+
+
+def _parts(dest: Path) -> list[Path]:
+    return sorted((dest / ".fetcher" / "partial").glob("*.part"))
+
+
+def _partial_bytes(dest: Path) -> int:
+    total = 0
+    for p in _parts(dest):
+        with contextlib.suppress(FileNotFoundError):
+            total += p.stat().st_size
+    return total
+
+
+def _assert_nothing_truncated(dest: Path, src: Path) -> None:
+    """Every file under its final name in DEST is byte-identical to the source."""
+    want = tree_manifest(src)
+    for path, digest in tree_manifest(dest).items():
+        if digest is not None:
+            assert want.get(path) == digest, f"{path} differs from the source"
+
+
+# --- 3. SIGKILL the whole process group, then resume ---------------------------------------
+
+
+def test_kill_mid_transfer_then_resume(tmp_path: Path, run_fetch: RunFetch) -> None:
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    rng = random.Random(7)
+    (src / "big").mkdir(parents=True)
+    for i in range(4):
+        (src / "big" / f"part{i}.bin").write_bytes(rng.randbytes(24 * MIB))
+    (src / "small.txt").write_bytes(b"small\n")
+    tree_bytes = 4 * 24 * MIB + 6
+    with _serving(src) as srv:
+        srv.persist("/big/*", Fault.trickle(6 * MIB))
+        argv = [sys.executable, "-m", "fetcher", "--mirror", srv.url, "--dest", str(dest),
+                "--procs", "2", "--threads", "2", "-q"]  # fmt: skip
+        log = (tmp_path / "run1.log").open("wb")
+        proc = subprocess.Popen(
+            argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while _partial_bytes(dest) < 4 * MIB:
+                assert proc.poll() is None, f"run ended early: {proc.returncode}"
+                assert time.monotonic() < deadline, "no partial bytes after 30 s"
+                time.sleep(0.05)
+            os.killpg(proc.pid, signal.SIGKILL)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+            log.close()
+        assert proc.returncode == -signal.SIGKILL
+        _assert_nothing_truncated(dest, src)
+        assert _parts(dest), "the killed run left no partial file to resume"
+
+        srv.persist("/big/*", None)
+        r = run_fetch("--mirror", srv.url, "--dest", dest, "--procs", "2")
+        assert r.code == 0, r
+        assert tree_manifest(dest) == tree_manifest(src)
+        assert _parts(dest) == []
+        ranged = [q for q in srv.requests if q.is_file and q.status == 206]
+        assert ranged, "nothing was resumed with a Range request"
+        assert srv.file_bytes_sent < 1.2 * tree_bytes, (srv.file_bytes_sent, tree_bytes)
+
+
+# --- 4. resume faults ------------------------------------------------------------------------
+
+SIZE = 3 * MIB
+"""Above download.RESUME_MIN, so a broken transfer keeps its partial file."""
+
+
+def _first_attempt_breaks(srv: FaultServer, dest: Path, run_fetch: RunFetch) -> None:
+    """Run once with one attempt per file; the file breaks after 1 MiB: a partial is kept."""
+    srv.script("/pub/file.bin", [Fault.drop_after(MIB)])
+    r = run_fetch("--mirror", srv.url + "pub/", "--dest", dest, "--procs", "1", "--retries", "1")
+    assert r.code == 1, r
+    assert not (dest / "file.bin").exists()
+    assert _partial_bytes(dest) == MIB
+
+
+def test_server_ignoring_range_restarts_from_zero(tmp_path: Path, run_fetch: RunFetch) -> None:
+    dest = tmp_path / "dest"
+    data = random.Random(1).randbytes(SIZE)
+    with _serving() as srv:
+        srv.add_file("/pub/file.bin", data)
+        _first_attempt_breaks(srv, dest, run_fetch)
+        srv.persist("/pub/file.bin", Fault.ignore_range())
+        srv.reset_stats()
+        r = run_fetch("--mirror", srv.url + "pub/", "--dest", dest, "--procs", "1")
+        assert r.code == 0, r
+        (req,) = [q for q in srv.requests if q.path == "/pub/file.bin"]
+        assert req.headers.get("range") == f"bytes={MIB}-" and req.status == 200
+    assert (dest / "file.bin").read_bytes() == data
+    assert _parts(dest) == []
+
+
+def test_file_changed_between_attempts_gives_the_new_content(
+    tmp_path: Path, run_fetch: RunFetch
+) -> None:
+    dest = tmp_path / "dest"
+    old = random.Random(2).randbytes(SIZE)
+    new = random.Random(3).randbytes(SIZE)  # same size: only the validator tells them apart
+    with _serving() as srv:
+        srv.add_file("/pub/file.bin", old, last_modified=1_700_000_000)
+        _first_attempt_breaks(srv, dest, run_fetch)
+        srv.add_file("/pub/file.bin", new, last_modified=1_700_000_000)  # new ETag, same date
+        srv.reset_stats()
+        r = run_fetch("--mirror", srv.url + "pub/", "--dest", dest, "--procs", "1")
+        assert r.code == 0, r
+        (req,) = [q for q in srv.requests if q.path == "/pub/file.bin"]
+        assert req.headers.get("if-range") and req.status == 200
+    got = (dest / "file.bin").read_bytes()
+    assert got[:MIB] != old[:MIB], "spliced: the old first MiB survived"
+    assert got == new
+
+
+def test_wrong_content_range_is_not_spliced(tmp_path: Path, run_fetch: RunFetch) -> None:
+    dest = tmp_path / "dest"
+    data = random.Random(4).randbytes(SIZE)
+    with _serving() as srv:
+        srv.add_file("/pub/file.bin", data)
+        _first_attempt_breaks(srv, dest, run_fetch)
+        srv.persist("/pub/file.bin", Fault.wrong_content_range())
+        args = ("--mirror", srv.url + "pub/", "--dest", dest, "--procs", "1")
+        # one attempt: the bad 206 is reported, nothing lands under the final name
+        r = run_fetch(*args, "--retries", "1")
+        assert r.code == 1, r
+        assert "Content-Range" in r.output, r.output
+        assert not (dest / "file.bin").exists()
+        # the next attempt starts over (no Range, so no skew) and gets it right
+        srv.reset_stats()
+        r = run_fetch(*args)
+        assert r.code == 0, r
+        assert [q.headers.get("range") for q in srv.requests if q.is_file] == [None]
+    assert (dest / "file.bin").read_bytes() == data
+
+
+def test_wrong_content_range_then_retry_in_the_same_run(
+    tmp_path: Path, run_fetch: RunFetch
+) -> None:
+    dest = tmp_path / "dest"
+    data = random.Random(5).randbytes(SIZE)
+    with _serving() as srv:
+        srv.add_file("/pub/file.bin", data)
+        _first_attempt_breaks(srv, dest, run_fetch)
+        srv.script("/pub/file.bin", [Fault.wrong_content_range()])
+        srv.reset_stats()
+        r = run_fetch("--mirror", srv.url + "pub/", "--dest", dest, "--procs", "1")
+        assert r.code == 0, r
+        statuses = [q.status for q in srv.requests if q.is_file]
+        assert statuses == [206, 200], statuses
+    assert (dest / "file.bin").read_bytes() == data
+
+
+# --- the same at the seam: fetch_file over httpx.MockTransport ------------------------------
+
+URL = "http://mirror.test/pub/file.bin"
+_CHUNK = 256 * 1024
+
+
+class _Body(httpx.SyncByteStream):
+    """A body streamed as sent (``content=`` would be read up front, and iter_raw refuses);
+    ``break_after`` cuts the connection after that many bytes."""
+
+    def __init__(self, data: bytes, break_after: int | None = None) -> None:
+        self.data = data
+        self.break_after = break_after
+
+    def __iter__(self) -> Iterator[bytes]:
+        for pos in range(0, len(self.data), _CHUNK):
+            if self.break_after is not None and pos >= self.break_after:
+                raise httpx.ReadError("connection reset by peer")
+            yield self.data[pos : pos + _CHUNK]
+
+
+def _response(
+    status: int, headers: dict[str, str], body: bytes, break_after: int | None = None
+) -> httpx.Response:
+    headers = {**headers, "Content-Length": str(len(body))}
+    return httpx.Response(status, headers=headers, stream=_Body(body, break_after))
+
+
+def _fetch(tmp_path: Path, size: int, handler: Callable[[httpx.Request], httpx.Response]) -> Any:
+    f = RemoteFile(URL, RelPath("file.bin"), size, True)
+    t = Transfer(dest=str(tmp_path), root="http://mirror.test/pub/", retries=2,
+                 backoff_initial=0.0, backoff_max=0.0)  # fmt: skip
+    with httpx.Client(transport=httpx.MockTransport(handler)) as client:
+        retrying = build_retrying(t, sleep=lambda s: None)
+        return fetch_file(client, Job(f, Action.RESUME), t, retrying=retrying)
+
+
+def _break_first(tmp_path: Path, data: bytes, headers: dict[str, str]) -> None:
+    """A first fetch whose connection breaks after 1 MiB, twice: a partial file is kept."""
+    out = _fetch(tmp_path, len(data), lambda r: _response(200, headers, data, break_after=MIB))
+    assert out.status is Status.FAILED and "broke" in (out.error or ""), out
+    part, _ = partial_paths(tmp_path, RelPath("file.bin"))
+    assert part.stat().st_size == MIB
+
+
+def test_206_with_a_different_etag_is_not_spliced(tmp_path: Path) -> None:
+    """A server (or cache) that honours Range but ignores If-Range must not splice."""
+    old, new = b"A" * (2 * MIB), b"B" * (2 * MIB)
+    _break_first(tmp_path, old, {"ETag": '"old"'})
+    seen: list[httpx.Headers] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers)
+        rng = request.headers.get("range")
+        if rng:  # If-Range ignored: the range of the NEW content
+            start = int(rng.removeprefix("bytes=").rstrip("-"))
+            crange = f"bytes {start}-{len(new) - 1}/{len(new)}"
+            return _response(206, {"ETag": '"new"', "Content-Range": crange}, new[start:])
+        return _response(200, {"ETag": '"new"'}, new)
+
+    out = _fetch(tmp_path, len(new), handler)
+    assert seen[0].get("if-range") == '"old"' and seen[0].get("range") == f"bytes={MIB}-"
+    assert out.status is Status.FETCHED, out
+    assert (tmp_path / "file.bin").read_bytes() == new
+
+
+def test_206_with_a_different_total_is_not_spliced(tmp_path: Path) -> None:
+    """No ETag, same Last-Modified, If-Range ignored: the new total length gives it away."""
+    lm = "Tue, 14 Nov 2023 22:13:20 GMT"
+    old, new = b"A" * (2 * MIB), b"B" * (3 * MIB)
+    _break_first(tmp_path, old, {"Last-Modified": lm})
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        rng = request.headers.get("range")
+        if rng:
+            start = int(rng.removeprefix("bytes=").rstrip("-"))
+            crange = f"bytes {start}-{len(new) - 1}/{len(new)}"
+            return _response(206, {"Last-Modified": lm, "Content-Range": crange}, new[start:])
+        return _response(200, {"Last-Modified": lm}, new)
+
+    out = _fetch(tmp_path, len(new), handler)
+    assert out.status is Status.FETCHED, out
+    assert (tmp_path / "file.bin").read_bytes() == new
+
+
+@pytest.mark.parametrize("etag", ['"v1"', None])
+def test_resume_continues_a_matching_partial(tmp_path: Path, etag: str | None) -> None:
+    """The ordinary case: If-Range carries the ETag (else the date); the 206 is appended."""
+    data = random.Random(6).randbytes(2 * MIB)
+    headers = {"Last-Modified": "Tue, 14 Nov 2023 22:13:20 GMT"}
+    if etag:
+        headers["ETag"] = etag
+    _break_first(tmp_path, data, headers)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        assert request.headers["range"] == f"bytes={MIB}-"
+        assert request.headers["if-range"] == (etag or headers["Last-Modified"])
+        crange = f"bytes {MIB}-{len(data) - 1}/{len(data)}"
+        return _response(206, {**headers, "Content-Range": crange}, data[MIB:])
+
+    out = _fetch(tmp_path, len(data), handler)
+    assert out.status is Status.FETCHED and out.received == MIB, out
+    assert (tmp_path / "file.bin").read_bytes() == data

@@ -1,0 +1,260 @@
+"""Config-driven, unattended runs: jobs from TOML, reports, metrics, logs, politeness limits."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.faultserver import Fault, FaultServer
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _tree(root: Path, n: int = 5, size: int = 1000) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        (root / f"f{i}.bin").write_bytes(os.urandom(size))
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.toml")), ids=lambda p: p.name)
+def test_example_configs_validate(config: Path, run_fetch) -> None:
+    r = run_fetch("--config", config, "--check")
+    assert r.code == 0, r
+    assert "job(s) valid" in r.output
+
+
+def test_two_jobs_one_fails(tmp_path: Path, run_fetch) -> None:
+    _tree(tmp_path / "www" / "good")
+    cfg = tmp_path / "m.toml"
+    with FaultServer(root=tmp_path / "www") as srv:
+        cfg.write_text(
+            f"[defaults]\nprocs = 1\nretries = 1\n"
+            f'[jobs.broken]\nurl = "{srv.url}missing/"\ndest = "out/broken"\n'
+            f'[jobs.good]\nurl = "{srv.url}good/"\ndest = "out/good"\n'
+        )
+        report, metrics = tmp_path / "r.json", tmp_path / "m.prom"
+        r = run_fetch("--config", cfg, "--report", report, "--metrics", metrics)
+    assert r.code == 1, r
+    assert sorted(p.name for p in (tmp_path / "out" / "good").iterdir()) == [".fetcher"] + [
+        f"f{i}.bin" for i in range(5)
+    ]
+    doc = json.loads(report.read_text())
+    jobs = {j["job"]: j for j in doc["jobs"]}
+    assert doc["exit_code"] == 1
+    assert jobs["good"]["exit_code"] == 0 and jobs["good"]["fetched"]["files"] == 5
+    assert (
+        jobs["broken"]["exit_code"] == 1 and "404" in jobs["broken"]["listing_errors"][0]["error"]
+    )
+
+    parser = pytest.importorskip("prometheus_client.parser")
+    samples = {
+        (s.name, s.labels["job"]): s.value
+        for fam in parser.text_string_to_metric_families(metrics.read_text())
+        for s in fam.samples
+    }
+    assert samples[("fetch_exit_code", "good")] == 0
+    assert samples[("fetch_exit_code", "broken")] == 1
+    assert samples[("fetch_files_fetched", "good")] == 5
+    assert ("fetch_last_success_timestamp_seconds", "good") in samples
+    assert ("fetch_last_success_timestamp_seconds", "broken") not in samples
+
+
+def test_job_selection(tmp_path: Path, run_fetch) -> None:
+    _tree(tmp_path / "www" / "a")
+    _tree(tmp_path / "www" / "b")
+    cfg = tmp_path / "m.toml"
+    with FaultServer(root=tmp_path / "www") as srv:
+        cfg.write_text(f'[jobs.a]\nurl = "{srv.url}a/"\n[jobs.b]\nurl = "{srv.url}b/"\n')
+        r = run_fetch("--config", cfg, "--job", "b", "--procs", "1")
+        assert r.code == 0, r
+        assert not (tmp_path / "a").exists() and (tmp_path / "b" / "f0.bin").exists()
+        assert not any(q.path.startswith("/a/") for q in srv.requests)
+        assert run_fetch("--config", cfg, "--job", "nope").code == 2
+
+
+BAD_CONFIGS = [
+    (
+        '[jobs.c]\nurl = "http://127.0.0.1:9/"\nthreads = "eight"\n',
+        'm.toml: jobs.c.threads: expected an integer ≥ 1, got "eight"',
+    ),
+    (
+        '[jobs.c]\nurl = "http://127.0.0.1:9/"\nprocs = 0\n',
+        "m.toml: jobs.c.procs: expected an integer ≥ 1, got 0",
+    ),
+    ('[jobs.c]\nurl = "http://127.0.0.1:9/"\nthreds = 2\n', "m.toml: jobs.c.threds: unknown key"),
+    ('[jobs.c]\nurl = "gopher://x/"\n', "m.toml: jobs.c.url: expected an http:// or https:// URL"),
+    (
+        '[jobs.c]\nurl = "http://127.0.0.1:9/"\nlimit_rate = "lots"\n',
+        "m.toml: jobs.c.limit_rate: expected a rate",
+    ),
+    (
+        '[jobs.c]\nurl = "http://127.0.0.1:9/"\n[[jobs.c.post]]\naction = "explode"\n',
+        "jobs.c.post[0].action",
+    ),
+    (
+        '[jobs.c]\nurl = "http://127.0.0.1:9/"\n[[jobs.c.post]]\naction = "transcode"\nheight = "tall"\n',
+        "jobs.c.post[0].height",
+    ),
+    ("[jobs.c]\nurl = \n", "m.toml: not valid TOML"),
+    ("[defaults]\nprocs = 2\n", "m.toml: no [jobs.NAME] table"),
+    ('[jobs.c]\ndest = "x"\n', "m.toml: jobs.c: missing required key 'url'"),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), BAD_CONFIGS, ids=[m for _, m in BAD_CONFIGS])
+def test_bad_config_exit_2_names_the_key(
+    tmp_path: Path, text: str, message: str, run_fetch
+) -> None:
+    cfg = tmp_path / "m.toml"
+    cfg.write_text(text)
+    r = run_fetch("--config", cfg)
+    assert r.code == 2, r
+    assert message in r.output
+    assert "Traceback" not in r.output
+
+
+def test_missing_config_file(tmp_path: Path, run_fetch) -> None:
+    r = run_fetch("--config", tmp_path / "nope.toml")
+    assert r.code == 2 and "no such config file" in r.output
+
+
+def test_piped_output_has_no_ansi_and_json_lines_parse(tmp_path: Path) -> None:
+    _tree(tmp_path / "www" / "d", n=20)
+    with FaultServer(root=tmp_path / "www") as srv:
+        srv.persist("/d/f3.bin", Fault.status(404))
+        srv.persist("/d/f4.bin", Fault.status(404))
+        env = {**os.environ, "TERM": "xterm-256color", "FORCE_COLOR": "", "COLUMNS": "80"}
+        env.pop("FORCE_COLOR")
+        p = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "fetcher",
+                "--mirror",
+                srv.url + "d/",
+                "--dest",
+                str(tmp_path / "o"),
+                "--procs",
+                "1",
+                "--retries",
+                "1",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+        assert p.returncode == 1, p.stderr
+        out = p.stdout + p.stderr
+        assert "\x1b[" not in out
+        assert "failed: f3.bin" in out and "f4.bin" in out
+        for line in p.stdout.splitlines():
+            assert len(line) < 400
+        log = tmp_path / "run.log"
+        p = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "fetcher",
+                "--mirror",
+                srv.url + "d/",
+                "--dest",
+                str(tmp_path / "o2"),
+                "--procs",
+                "1",
+                "--retries",
+                "1",
+                "--log-format",
+                "json",
+                "--log-file",
+                str(log),
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+        assert p.returncode == 1
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert {"status", "failed"} <= {r["event"] for r in records}
+    assert sorted(r["path"] for r in records if r["event"] == "failed") == ["f3.bin", "f4.bin"]
+
+
+def test_limit_rate_shared_by_processes(tmp_path: Path, run_fetch) -> None:
+    rate = 2 << 20  # 2 MiB/s in all, over 2 processes
+    size = 1 << 20
+    _tree(tmp_path / "www" / "r", n=10, size=size)  # 10 MiB → about 5 s
+    with FaultServer(root=tmp_path / "www") as srv:
+        t0 = time.monotonic()
+        r = run_fetch(
+            "--mirror",
+            srv.url + "r/",
+            "--dest",
+            tmp_path / "o",
+            "--procs",
+            "2",
+            "--threads",
+            "2",
+            "--limit-rate",
+            str(rate),
+        )
+        end = time.monotonic()
+        wall = end - t0
+        assert r.code == 0, r
+        firsts = [q.started for q in srv.requests if q.is_file]
+    # from the first file request the server saw to the end of the run: socket buffers
+    # hide the client's pace from the server's own "finished" times
+    transfer = end - min(firsts)
+    achieved = 10 * size / transfer
+    assert 0.85 * rate <= achieved <= 1.15 * rate, (
+        f"{achieved / rate:.2f} of the limit in {transfer:.2f} s (wall {wall:.1f} s)"
+    )
+
+
+def test_connection_cap_holds_across_processes(tmp_path: Path, run_fetch) -> None:
+    _tree(tmp_path / "www" / "c", n=60, size=20_000)
+    for d in range(4):
+        _tree(tmp_path / "www" / "c" / f"sub{d}", n=10, size=5_000)
+    with FaultServer(root=tmp_path / "www") as srv:
+        srv.persist("/c/*", Fault.delay(0.02))
+        r = run_fetch(
+            "--mirror",
+            srv.url + "c/",
+            "--dest",
+            tmp_path / "o",
+            "--procs",
+            "3",
+            "--threads",
+            "8",
+            "--max-connections",
+            "5",
+        )
+        assert r.code == 0, r
+        assert 2 <= srv.max_concurrent_requests <= 5, srv.max_concurrent_requests
+        # A socket the client has closed to hand its token on is seen closed by the
+        # server a moment later, so the server may count one extra at that instant.
+        assert srv.max_concurrent_connections <= 6, srv.max_concurrent_connections
+        assert len([q for q in srv.requests if q.is_file]) == 100
+
+
+def test_lock_held_skip_if_locked(tmp_path: Path, run_fetch) -> None:
+    import fcntl
+
+    _tree(tmp_path / "www" / "l", n=1)
+    dest = tmp_path / "o"
+    (dest / ".fetcher").mkdir(parents=True)
+    with open(dest / ".fetcher" / "lock", "w") as fh, FaultServer(root=tmp_path / "www") as srv:
+        fh.write("pid 4242, started 2026-01-01 00:00:00\n")
+        fh.flush()
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        r = run_fetch("--mirror", srv.url + "l/", "--dest", dest)
+        assert r.code == 3 and "pid 4242" in r.output, r
+        r = run_fetch("--mirror", srv.url + "l/", "--dest", dest, "--skip-if-locked")
+        assert r.code == 0 and "skipped" in r.output, r
+        assert srv.count() == 0

@@ -1,0 +1,99 @@
+"""TLS: certificates are verified by default; ``--ca-cert`` and ``--insecure`` are explicit.
+
+The mirror is the fault server with a trustme certificate: signed by a CA that
+no system trust store knows, so to a default client it is self-signed.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.faultserver import FaultServer
+from tests.fixtures_servers import TLS
+
+START = "/pub/start/"
+
+
+def _mirror(tls: TLS) -> FaultServer:
+    srv = FaultServer(tls=tls.server)
+    srv.add_file(START + "a.txt", b"over tls")
+    srv.add_file(START + "sub/b.bin", b"\0" * 5000)
+    return srv
+
+
+def _check_tree(dest: Path) -> None:
+    assert (dest / "a.txt").read_bytes() == b"over tls"
+    assert (dest / "sub" / "b.bin").read_bytes() == b"\0" * 5000
+
+
+def test_untrusted_certificate_fails_clearly(tls: TLS, tmp_path: Path, run_fetch) -> None:
+    with _mirror(tls) as srv:
+        t0 = time.monotonic()
+        r = run_fetch("--mirror", srv.url + START[1:], "--dest", tmp_path / "d", "--procs", "1")
+        elapsed = time.monotonic() - t0
+        assert srv.requests == [], "a request went over an unverified connection"
+        # a refused certificate is not a transient error: one handshake, no backoff
+        assert srv.connections == 1, srv.connections
+        assert not srv.errors
+    assert r.code in (1, 2), r
+    assert "Traceback" not in r.output, r
+    assert elapsed < 10, elapsed
+    lines = [line for line in r.output.splitlines() if "not trusted" in line]
+    assert lines, r
+    # one line says what happened and what to do
+    assert all("--ca-cert" in line and "--insecure" in line for line in lines), lines
+    assert any("certificate" in line.lower() for line in lines), lines
+    assert not (tmp_path / "d" / "a.txt").exists()
+
+
+# The crawl thread dies in these two; pytest would also report that as a thread warning.
+_THREAD_DIES = pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+
+
+@_THREAD_DIES
+@pytest.mark.xfail(
+    strict=True,
+    reason="runner.py make_client passes verify=<str> (the --ca-cert path) to httpx.HTTPTransport: "
+    "deprecated in httpx 0.28, an error under filterwarnings=error; the crawl thread dies and "
+    "pipeline._start_crawl.body (catches only FetchError) ends the run as an empty, clean crawl",
+)
+def test_ca_cert_makes_it_work(tls: TLS, tmp_path: Path, run_fetch) -> None:
+    dest = tmp_path / "d"
+    with _mirror(tls) as srv:
+        r = run_fetch(
+            "--mirror", srv.url + START[1:], "--dest", dest, "--procs", "1", "--ca-cert", tls.ca_pem
+        )
+        assert not srv.errors
+    assert r.code == 0, r
+    _check_tree(dest)
+
+
+def test_insecure_makes_it_work(tls: TLS, tmp_path: Path, run_fetch) -> None:
+    dest = tmp_path / "d"
+    with _mirror(tls) as srv:
+        r = run_fetch("--mirror", srv.url + START[1:], "--dest", dest, "--procs", "1", "--insecure")
+        assert not srv.errors
+    assert r.code == 0, r
+    _check_tree(dest)
+
+
+@_THREAD_DIES
+@pytest.mark.xfail(
+    strict=True,
+    reason="config.py does not check that --ca-cert exists; ssl.create_default_context raises "
+    "FileNotFoundError in runner.make_client inside the crawl thread, pipeline._start_crawl.body "
+    "lets it kill the thread (traceback on stderr) and the run exits 0 having fetched nothing",
+)
+def test_missing_ca_file_is_a_clear_error(tls: TLS, tmp_path: Path, run_fetch) -> None:
+    with _mirror(tls) as srv:
+        r = run_fetch(
+            "--mirror", srv.url + START[1:], "--dest", tmp_path / "d", "--procs", "1",
+            "--ca-cert", tmp_path / "no-such-ca.pem",
+        )  # fmt: skip
+        assert srv.requests == []
+    assert r.code in (1, 2), r
+    assert "Traceback" not in r.output, r
+    assert "no-such-ca.pem" in r.output, r
