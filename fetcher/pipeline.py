@@ -22,6 +22,7 @@ from fetcher.crawl import CrawlOptions, crawl
 from fetcher.download import check_writable, partial_paths
 from fetcher.errors import FatalIOError, FetchError
 from fetcher.executor import Executor, LocalExecutor
+from fetcher.ffmpeg import FFmpeg
 from fetcher.limits import SharedLimits
 from fetcher.models import (
     STATE_DIR,
@@ -128,25 +129,40 @@ def mirror(
     rep = reporter or NullReporter()
     dest = job.dest.absolute()
     summary = Summary(url=job.url, dest=str(dest), started=time.time(), dry_run=job.dry_run)
-    lock: RunLock | None = None
     ffmpeg = require_ffmpeg(job.post) if job.post and not job.dry_run else None
     derived = derived_root(job)
     if job.post:
         check_derived(dest, derived)
     if job.dry_run:
         state = State.open(dest, readonly=True)
-    else:
-        try:
-            dest.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise FatalIOError(f"cannot create {dest}: {exc.strerror or exc}") from exc
-        lock = RunLock(dest)
-        try:
-            lock.acquire()
-        except OSError as exc:
-            raise FatalIOError(f"cannot write to {dest}: {exc.strerror or exc}") from exc
+        return _run_with_state(job, dest, state, summary, rep, stop, None, derived)
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FatalIOError(f"cannot create {dest}: {exc.strerror or exc}") from exc
+    lock = RunLock(dest)
+    try:
+        lock.acquire()
+    except OSError as exc:
+        raise FatalIOError(f"cannot write to {dest}: {exc.strerror or exc}") from exc
+    try:
         check_writable(dest)
         state = State.open(dest)
+        return _run_with_state(job, dest, state, summary, rep, stop, ffmpeg, derived)
+    finally:
+        lock.release()
+
+
+def _run_with_state(
+    job: MirrorJob,
+    dest: Path,
+    state: State,
+    summary: Summary,
+    rep: Reporter,
+    stop: threading.Event | None,
+    ffmpeg: FFmpeg | None,
+    derived: Path,
+) -> Summary:
     try:
         run = _Run(job, dest, state, state.begin_run(job.url), summary, rep)
         if stop is not None:
@@ -154,15 +170,21 @@ def mirror(
         if ffmpeg is not None:
             run.derived = derived
             run.post = PostPool(ffmpeg, job.post, dest, derived, jobs=job.post_jobs)
-        _coordinate(run)
-        if not summary.dry_run or job.delete:
-            _finish_deletions(run)
-        summary.finished = time.time()
-        state.end_run(run.run_id, _crawl_clean(run), summary.exit_code)
+        try:
+            _coordinate(run)
+            if not summary.dry_run or job.delete:
+                _finish_deletions(run)
+            summary.finished = time.time()
+            state.end_run(run.run_id, _crawl_clean(run), summary.exit_code)
+        except FatalIOError as exc:
+            # e.g. the disk filled up under the state database: still report the run
+            summary.fatal = summary.fatal or exc.message
+            summary.finished = time.time()
     finally:
-        state.close()
-        if lock is not None:
-            lock.release()
+        try:
+            state.close()
+        except FatalIOError as exc:
+            summary.fatal = summary.fatal or exc.message
     return summary
 
 
@@ -346,6 +368,8 @@ def _take(run: _Run, item: RemoteFile | RemoteDir | CrawlProblem) -> None:
         run.state.adopt(run.run_id, f, local.size, local.mtime)
         _count(s, "skipped", local.size)
         run.reporter.skipped(f)
+        if run.post is not None:
+            run.post.submit(f.path)
     elif d.job is None:
         run.state.seen(run.run_id, f.path)
         _count(s, "skipped", local.size if local else 0)
@@ -356,6 +380,7 @@ def _take(run: _Run, item: RemoteFile | RemoteDir | CrawlProblem) -> None:
         _count(s, d.job.action.value, f.size or 0)
         run.reporter.planned(d.job)
         if run.job.dry_run:
+            run.state.seen(run.run_id, f.path)  # upstream, so never a deletion candidate
             return
         (run.held if is_metadata(f.path) else run.batch).append(d.job)
 

@@ -91,6 +91,8 @@ def decide(
         return Decision(
             Job(f, Action.RESUME, row.etag if row else None, row.last_modified if row else None)
         )
+    if row is not None and row.status == "invalid":
+        return Decision(Job(f, Action.NEW))  # it failed a probe: fetch it again
     if row is None or row.status not in ("ok", "adopted"):
         if local is not None and _adoptable(f, local):
             return Decision(None, adopt=True)

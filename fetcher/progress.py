@@ -15,6 +15,7 @@ from typing import Any, TextIO
 
 from rich.console import Console, Group
 from rich.live import Live
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -135,10 +136,12 @@ class RichReporter:
 
     def problem(self, p: CrawlProblem) -> None:
         style = "red" if p.kind in ("listing", "unsafe") else "yellow"
-        self.console.print(f"[{style}]{p.kind}[/] {p.url}: {p.message}", highlight=False)
+        self.console.print(
+            f"[{style}]{p.kind}[/] {escape(p.url)}: {escape(p.message)}", highlight=False
+        )
 
     def notice(self, message: str) -> None:
-        self.console.print(f"[yellow]{message}[/]", highlight=False)
+        self.console.print(f"[yellow]{escape(message)}[/]", highlight=False)
 
     def crawl_done(self) -> None:
         self.t.crawling = False
@@ -155,7 +158,10 @@ class RichReporter:
         )
 
     def post_failed(self, out: PostOutcome) -> None:
-        self.console.print(f"[red]{out.action} failed[/] {out.rel}: {out.error}", highlight=False)
+        self.console.print(
+            f"[red]{out.action} failed[/] {escape(out.rel)}: {escape(out.error or '')}",
+            highlight=False,
+        )
 
     def close(self) -> None:
         self.active.clear()

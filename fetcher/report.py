@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from fetcher.models import Summary
@@ -64,22 +65,27 @@ def render(s: Summary, console: Console, name: str | None = None) -> None:
         table.add_row("listing errors", f"[red]{len(s.listing_errors)}[/]", "")
     table.add_row("directories", str(s.directories), f"{elapsed:.1f} s")
     console.print(table)
+    if s.deleted and not s.dry_run:
+        for p in s.deleted[:_SHOW_FAILURES]:
+            console.print(f"  deleted {escape(p)}", highlight=False)
+        if len(s.deleted) > _SHOW_FAILURES:
+            console.print(f"  … and {len(s.deleted) - _SHOW_FAILURES} more deleted (see --report)")
     for what, items in (
         ("failed", s.failed),
         ("listing error", s.listing_errors),
         ("post-processing failed", s.post_failed),
     ):
         for path, why in items[:_SHOW_FAILURES]:
-            console.print(f"  [red]{what}[/] {path}: {why}", highlight=False)
+            console.print(f"  [red]{what}[/] {escape(path)}: {escape(why)}", highlight=False)
         if len(items) > _SHOW_FAILURES:
             console.print(f"  … and {len(items) - _SHOW_FAILURES} more (see --report)")
     for note in s.notices[:_SHOW_FAILURES]:
-        console.print(f"  [yellow]note[/] {note}", highlight=False)
+        console.print(f"  [yellow]note[/] {escape(note)}", highlight=False)
     if s.deleted and s.dry_run:
         for p in s.deleted[:_SHOW_FAILURES]:
-            console.print(f"  would delete {p}", highlight=False)
+            console.print(f"  would delete {escape(p)}", highlight=False)
     if s.fatal:
-        console.print(f"[red bold]stopped:[/] {s.fatal}", highlight=False)
+        console.print(f"[red bold]stopped:[/] {escape(s.fatal)}", highlight=False)
     if s.interrupted:
         console.print("[yellow]interrupted: partial files kept; run again to resume[/]")
 

@@ -275,11 +275,6 @@ def test_delete_guard_refuses_half_the_tree_unless_forced(
     assert not (dest / "d001").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="report.render() prints only the number of deleted files after a real run "
-    "(paths only for a dry run, as 'would delete'); the issue wants them listed",
-)
 def test_deleted_paths_are_listed_in_the_summary(mirrored: Any, run_fetch: RunFetch) -> None:
     srv, src, dest, files = mirrored
     (src / files[4]).unlink()
@@ -358,12 +353,6 @@ def test_dry_run_delete_lists_only_the_vanished_file(
     assert _snapshot(dest) == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pipeline._take() returns for a planned job in a dry run without "
-    "run.state.seen(): a changed file then looks vanished to _finish_deletions() "
-    "and is listed (or, with more of them, refused) as a deletion",
-)
 def test_dry_run_delete_does_not_list_changed_files(
     mirrored: Any, tmp_path: Path, run_fetch: RunFetch
 ) -> None:
@@ -423,12 +412,6 @@ def test_unreadable_state_file_is_a_clear_error(mirrored: Any, run_fetch: RunFet
         assert "state database" in r.output and "Traceback" not in r.output, r.output
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pipeline.mirror() acquires DEST's lock, then calls check_writable() and "
-    "State.open() outside the try/finally that releases it: a start-up FatalIOError "
-    "leaks the flock'd fd, so the next run in the same process exits 3",
-)
 def test_start_up_error_releases_the_lock(mirrored: Any, run_fetch: RunFetch) -> None:
     srv, _, dest, _ = mirrored
     db = dest / ".fetcher" / "state.sqlite"

@@ -198,11 +198,6 @@ def test_a_clip_that_breaks_upstream_loses_its_old_outputs(
 
 
 @pytest.mark.real_server
-@pytest.mark.xfail(
-    strict=True,
-    reason="plan.decide() adopts a row with status 'invalid' (set by a failed probe) when the "
-    "local file matches the listing, so the broken clip is never fetched again",
-)
 def test_a_clip_that_failed_probe_is_fetched_again_next_run(
     tmp_path: Path, clips: dict[str, Path], nginx: Callable[[Path], Served], run_fetch: Fetch
 ) -> None:
@@ -225,11 +220,6 @@ def test_a_clip_that_failed_probe_is_fetched_again_next_run(
 
 
 @pytest.mark.real_server
-@pytest.mark.xfail(
-    strict=True,
-    reason="report.render() prints paths and ffmpeg's stderr as rich markup: "
-    "'[draft] bad.mp4' loses '[draft]', ffmpeg's '[mov,mp4,…]' prefix vanishes",
-)
 def test_the_summary_prints_names_and_reasons_with_brackets_verbatim(
     tmp_path: Path, clips: dict[str, Path], nginx: Callable[[Path], Served], run_fetch: Fetch
 ) -> None:
