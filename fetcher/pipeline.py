@@ -17,7 +17,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from fetcher.config import MirrorJob
+import httpx
+
+from fetcher.config import MirrorJob, Transfer
 from fetcher.crawl import CrawlOptions, crawl
 from fetcher.download import check_writable, partial_paths
 from fetcher.errors import FatalIOError, FetchError
@@ -231,7 +233,7 @@ def _start_crawl(run: _Run, root: str, prefix: str = "") -> None:
             with make_client(
                 t, run.limits, stop, pool_size=opts.concurrency, keepalive=keep
             ) as client:
-                for item in crawl(client, t, opts, stop=stop):
+                for item in _walk(job, client, t, opts, stop, prefix):
                     if prefix and isinstance(item, RemoteFile | RemoteDir):
                         item = replace(item, path=RelPath(f"{prefix}/{item.path}"))
                     put(item)
@@ -245,6 +247,22 @@ def _start_crawl(run: _Run, root: str, prefix: str = "") -> None:
     th = threading.Thread(target=body, name="crawl", daemon=True)
     th.start()
     run.threads.append(th)
+
+
+def _walk(
+    job: MirrorJob,
+    client: httpx.Client,
+    t: Transfer,
+    opts: CrawlOptions,
+    stop: threading.Event,
+    prefix: str,
+) -> Iterator[RemoteFile | RemoteDir | CrawlProblem]:
+    """The file list: from the HTML listings, or from repository metadata (``--index``)."""
+    if job.index != "html" and not prefix:
+        from fetcher.repo_index import index_files
+
+        return index_files(client, t, opts, job.index, stop=stop)
+    return crawl(client, t, opts, stop=stop)
 
 
 def _coordinate(run: _Run) -> None:
