@@ -215,7 +215,7 @@ _CLI_KEYS = {
     "limit_rate": "limit_rate", "listing_rate": "listing_rate", "retries": "retries", "timeout": "timeout",
     "connect_timeout": "connect_timeout", "dry_run": "dry_run", "delete": "delete", "max_delete": "max_delete",
     "force": "force", "ca_cert": "ca_cert", "insecure": "insecure", "post_dest": "post_dest",
-    "post_jobs": "post_jobs", "skip_if_locked": "skip_if_locked",
+    "post_jobs": "post_jobs", "skip_if_locked": "skip_if_locked", "index": "index",
 }  # fmt: skip
 
 

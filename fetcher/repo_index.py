@@ -19,7 +19,12 @@ __all__ = ["index_files"]
 
 
 def index_files(
-    client: httpx.Client, t: Transfer, opts: CrawlOptions, kind: str, *, stop: threading.Event | None = None
+    client: httpx.Client,
+    t: Transfer,
+    opts: CrawlOptions,
+    kind: str,
+    *,
+    stop: threading.Event | None = None,
 ) -> Iterator[CrawlItem]:
     if kind == "auto":
         return crawl(client, t, opts, stop=stop)
