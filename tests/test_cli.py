@@ -1,0 +1,155 @@
+"""The command line: exit codes, messages, --help, Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fetcher import __version__
+from tests.faultserver import Fault, FaultServer
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([], "nothing to do"),
+        (["--mirror", "ftp://x/"], "--mirror: expected an http:// or https:// URL"),
+        (
+            ["--mirror", "http://127.0.0.1:9/", "--threads", "0"],
+            "--threads: expected an integer ≥ 1, got 0",
+        ),
+        (
+            ["--mirror", "http://127.0.0.1:9/", "--procs", "x"],
+            "argument --procs: invalid int value",
+        ),
+        (
+            ["--mirror", "http://127.0.0.1:9/", "--limit-rate", "fast"],
+            "--limit-rate: expected a rate",
+        ),
+        (["--mirror", "http://127.0.0.1:9/", "--max-delete", "lots"], "--max-delete"),
+        (["--mirror", "http://127.0.0.1:9/", "--post", "explode"], "explode"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+        (["--job", "x"], "--job and --check go with --config"),
+    ],
+)
+def test_usage_errors_exit_2_without_traceback(argv: list[str], message: str, run_fetch) -> None:
+    r = run_fetch(*argv)
+    assert r.code == 2, r
+    assert message in r.output
+    assert "Traceback" not in r.output
+
+
+def test_version_and_help() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "fetcher", "--version"], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0 and out.stdout.strip() == f"fetch {__version__}"
+    out = subprocess.run(
+        [sys.executable, "-m", "fetcher", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0
+    for flag in (
+        "--mirror",
+        "--dest",
+        "--procs",
+        "--max-connections",
+        "--threads",
+        "--include",
+        "--exclude",
+        "--depth",
+        "--retries",
+        "--timeout",
+        "--dry-run",
+        "--delete",
+        "--quiet",
+        "--verbose",
+        "exit codes",
+    ):
+        assert flag in out.stdout, flag
+
+
+def test_some_files_failed_exit_1_and_listed(tmp_path: Path, run_fetch) -> None:
+    (tmp_path / "www").mkdir()
+    for name in ("a.bin", "b.bin", "c.bin"):
+        (tmp_path / "www" / name).write_bytes(name.encode() * 100)
+    with FaultServer(root=tmp_path / "www") as srv:
+        srv.persist("/b.bin", Fault.status(403))
+        r = run_fetch(
+            "--mirror", srv.url, "--dest", tmp_path / "d", "--procs", "2", "--threads", "4"
+        )
+        assert srv.count(path="/b.bin") == 1  # 403 is not retried
+    assert r.code == 1, r
+    assert "b.bin: HTTP 403" in r.output
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == [".fetcher", "a.bin", "c.bin"]
+
+
+def test_dry_run_lists_the_plan(tmp_path: Path, run_fetch) -> None:
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "a.bin").write_bytes(b"x" * 5000)
+    with FaultServer(root=tmp_path / "www") as srv:
+        r = run_fetch("--mirror", srv.url, "--dest", tmp_path / "d", "--dry-run")
+        assert srv.count(path="/a.bin") == 0
+    assert r.code == 0, r
+    assert "to fetch: new" in r.output and "4.9 KiB" in r.output
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_interrupt_exits_130_keeps_partials_and_resumes(
+    tmp_path: Path, sig: signal.Signals, run_fetch
+) -> None:
+    www = tmp_path / "www"
+    www.mkdir()
+    payload = os.urandom(3 << 20)
+    (www / "big.bin").write_bytes(payload)
+    (www / "small.txt").write_bytes(b"small")
+    dest = tmp_path / "d"
+    with FaultServer(root=www) as srv:
+        srv.script("/big.bin", [Fault.trickle(512 * 1024)])
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "fetcher",
+                "--mirror",
+                srv.url,
+                "--dest",
+                str(dest),
+                "--procs",
+                "1",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            partial = dest / ".fetcher" / "partial"
+            while time.monotonic() < deadline:
+                parts = list(partial.glob("*.part")) if partial.exists() else []
+                if parts and parts[0].stat().st_size > 256 * 1024:
+                    break
+                time.sleep(0.05)
+            else:
+                pytest.fail("the download never started")
+            os.killpg(proc.pid, sig)  # what a terminal's Ctrl-C does: the whole group
+            out, _ = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        assert proc.returncode == 130, out.decode(errors="replace")
+        assert b"Traceback" not in out
+        assert not (dest / "big.bin").exists()
+        assert any(p.stat().st_size > 0 for p in partial.glob("*.part"))
+        sent_before = srv.file_bytes_sent
+        r = run_fetch("--mirror", srv.url, "--dest", dest, "--procs", "1")
+        assert r.code == 0, r
+        assert (dest / "big.bin").read_bytes() == payload
+        assert srv.file_bytes_sent - sent_before < len(payload)  # resumed, not restarted
