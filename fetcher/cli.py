@@ -138,6 +138,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--retries", type=int, metavar="N", help="attempts per file and per listing (default 5)"
     )
     g.add_argument(
+        "--executor",
+        choices=("local", "dask"),
+        default=None,
+        help="run shards in local processes (default) or on a Dask cluster (needs fetcher[dask])",
+    )
+    g.add_argument(
+        "--scheduler",
+        metavar="tcp://HOST:PORT",
+        help="with --executor dask: the Dask scheduler (default: $DASK_SCHEDULER_ADDRESS)",
+    )
+    g.add_argument(
         "--timeout", type=float, metavar="S", help="read timeout in seconds (default 30)"
     )
     g.add_argument(
@@ -216,6 +227,7 @@ _CLI_KEYS = {
     "connect_timeout": "connect_timeout", "dry_run": "dry_run", "delete": "delete", "max_delete": "max_delete",
     "force": "force", "ca_cert": "ca_cert", "insecure": "insecure", "post_dest": "post_dest",
     "post_jobs": "post_jobs", "skip_if_locked": "skip_if_locked", "index": "index",
+    "executor": "executor", "scheduler": "scheduler",
 }  # fmt: skip
 
 

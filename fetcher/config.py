@@ -286,6 +286,8 @@ def build_job(
         if key in _PATH_KEYS:
             p = Path(v).expanduser()
             v = (base_dir / p) if base_dir is not None and not p.is_absolute() else p
+            if key == "ca_cert" and not v.is_file():
+                raise ConfigError(f"{where}.{raw_key}: no such CA file: {v}")
         out[key] = v
     if "url" not in out:
         raise ConfigError(f"{where}: missing required key 'url'")

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -57,7 +58,7 @@ def retry_after_seconds(value: str | None, now: float | None = None) -> float | 
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():
         return float(value)
     try:
         when = parsedate_to_datetime(value).timestamp()
@@ -68,7 +69,12 @@ def retry_after_seconds(value: str | None, now: float | None = None) -> float | 
 
 def _is_transient(exc: BaseException) -> bool:
     if isinstance(exc, httpx.TransportError):
-        return not isinstance(exc, httpx.UnsupportedProtocol)
+        if isinstance(exc, httpx.UnsupportedProtocol):
+            return False
+        # a certificate that does not verify will not verify on the next attempt either
+        return not isinstance(
+            exc.__context__, ssl.SSLCertVerificationError
+        ) and "CERTIFICATE_VERIFY_FAILED" not in str(exc)
     if isinstance(exc, TransferError):
         return bool(exc.retryable)
     return False
@@ -169,7 +175,10 @@ def _send(ctx: _Ctx, url: str, headers: dict[str, str]) -> httpx.Response:
         resp.close()
         if not location:
             raise HTTPStatusError(resp.status_code, url)
-        target = str(httpx.URL(url).join(location)).split("#", 1)[0]
+        try:
+            target = str(httpx.URL(url).join(location)).split("#", 1)[0]
+        except (httpx.InvalidURL, ValueError):
+            raise RedirectRefused(f"unusable redirect from {url}: {location[:200]!r}") from None
         if target == seen[0] + "/":
             raise IsADirectory(f"{seen[0]} is a directory (redirects to {target})")
         if not _redirect_allowed(ctx.scope, target):
@@ -217,6 +226,7 @@ def _attempt(ctx: _Ctx, job: Job, final: Path, part: Path, meta: Path) -> Outcom
             headers["If-Modified-Since"] = job.last_modified
 
     resp = _send(ctx, f.url, headers)
+    redirected = str(resp.request.url) != f.url
     try:
         status = resp.status_code
         if status == 304:
@@ -284,6 +294,13 @@ def _attempt(ctx: _Ctx, job: Job, final: Path, part: Path, meta: Path) -> Outcom
     cl = resp.headers.get("content-length")
     if status == 200 and cl and cl.isdigit() and received != int(cl):
         raise IncompleteDownload(f"got {received} of {cl} bytes for {f.url}")
+    if f.size_exact and f.size is not None and size != f.size and not redirected:
+        # The listing printed an exact size and the body disagrees: a cut-short body with
+        # a matching Content-Length, or a file changed since the listing.  Either way it
+        # must not land; a later attempt (or run) sees the file as the listing does.
+        # (After a redirect the listing described the link, not the target.)
+        _discard(part, meta)
+        raise IncompleteDownload(f"got {size} bytes, the listing says {f.size}, for {f.url}")
     sha256 = None
     if digest is not None and f.checksum is not None:
         algo, want = f.checksum
@@ -437,7 +454,7 @@ def fetch_file(
         )
     except OSError as exc:
         fatal = exc.errno in _FATAL_ERRNOS
-        where = exc.filename or final
+        where = exc.filename2 or exc.filename or final
         return Outcome(
             f.path,
             f.url,

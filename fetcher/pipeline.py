@@ -239,6 +239,9 @@ def _start_crawl(run: _Run, root: str, prefix: str = "") -> None:
                     put(item)
         except FetchError as exc:
             put(CrawlProblem(root, str(exc), "listing"))
+        except Exception as exc:  # noqa: BLE001 - the crawl thread must never die silently:
+            # a dead crawl would look like an empty mirror (and, with --delete, an empty one).
+            put(CrawlProblem(root, f"crawl stopped: {type(exc).__name__}: {exc}", "listing"))
         finally:
             inbox.put(_CRAWL_DONE)
 
@@ -271,6 +274,10 @@ def _coordinate(run: _Run) -> None:
     _start_crawl(run, job.url)
     try:
         _loop(run)
+        if run.stop.is_set() and (
+            run.outstanding or run.held or run.batch or not run.crawl_complete
+        ):
+            run.summary.interrupted = True  # stopped from outside (the caller's stop event)
         if run.post is not None:
             _finish_post(run)
     except KeyboardInterrupt:
@@ -422,7 +429,12 @@ def _stat(p: Path) -> LocalFile | None:
 def _submit(run: _Run, jobs: list[Job]) -> None:
     if run.executor is None:
         assert run.limits is not None
-        run.executor = LocalExecutor(run.job.transfer(), run.job.procs, run.limits)
+        if run.job.executor == "dask":
+            from fetcher.dask_executor import DaskExecutor
+
+            run.executor = DaskExecutor(run.job.transfer(), run.job, run.limits)
+        else:
+            run.executor = LocalExecutor(run.job.transfer(), run.job.procs, run.limits)
     for j in jobs:
         run.outstanding[j.file.path] = j
     for shard in make_shards(jobs):

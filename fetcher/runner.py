@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import queue
 import signal
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -61,7 +62,7 @@ def make_client(
     _tune_httpcore()
     size = pool_size or t.threads
     transport = httpx.HTTPTransport(
-        verify=t.verify,
+        verify=_ssl_context(t.verify),
         http2=t.http2,
         limits=httpx.Limits(
             max_connections=size, max_keepalive_connections=size, keepalive_expiry=30
@@ -78,6 +79,13 @@ def make_client(
         headers={"User-Agent": t.user_agent, "Accept-Encoding": "identity"},
         follow_redirects=False,
     )
+
+
+def _ssl_context(verify: bool | str) -> ssl.SSLContext | bool:
+    # httpx 0.28 wants an SSLContext for a custom CA bundle (a path is deprecated).
+    if isinstance(verify, str):
+        return ssl.create_default_context(cafile=verify)
+    return verify
 
 
 class _Batcher:
@@ -166,7 +174,25 @@ class ShardRunner:
         def on_retry(attempt: int, reason: str) -> None:
             self.batch.add(Retried(self.worker, f.path, attempt, reason))
 
-        out = fetch_file(
+        try:
+            out = self._fetch(job, on_retry)
+        except Exception as exc:  # noqa: BLE001 - a worker must return an Outcome, always:
+            # an escaping exception would leave the file unreported and the run waiting.
+            out = Outcome(
+                f.path,
+                f.url,
+                Status.FAILED,
+                error=f"internal error: {type(exc).__name__}: {exc}",
+                stamp=f.stamp,
+            )
+        self.batch.add(FileDone(self.worker, out))
+        if out.fatal:
+            self.stop.set()
+            self.batch.add(WorkerFatal(self.worker, out.error or "fatal I/O error"))
+        return out
+
+    def _fetch(self, job: Job, on_retry: Callable[[int, str], None]) -> Outcome:
+        return fetch_file(
             self.client,
             job,
             self.t,
@@ -178,11 +204,6 @@ class ShardRunner:
             on_retry=on_retry,
             known_dirs=self.known_dirs,
         )
-        self.batch.add(FileDone(self.worker, out))
-        if out.fatal:
-            self.stop.set()
-            self.batch.add(WorkerFatal(self.worker, out.error or "fatal I/O error"))
-        return out
 
     def submit(self, job: Job) -> Future[Outcome]:
         with self._lock:
@@ -251,10 +272,12 @@ def worker_main(
         events.put([WorkerExit(worker)])
 
 
-def run_shard(shard: Shard, t: Transfer, worker: int = 0) -> list[Outcome]:
+def run_shard(
+    shard: Shard, t: Transfer, worker: int = 0, limits: SharedLimits | None = None
+) -> list[Outcome]:
     """Run one shard to completion in this process; the Dask task body."""
     sink: list[Event] = []
-    runner = ShardRunner(t, worker, sink.extend)
+    runner = ShardRunner(t, worker, sink.extend, limits)
     try:
         futures = [runner.submit(j) for j in shard.jobs]
         return [f.result() for f in futures]

@@ -54,12 +54,6 @@ _THREAD_DIES = pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadE
 
 
 @_THREAD_DIES
-@pytest.mark.xfail(
-    strict=True,
-    reason="runner.py make_client passes verify=<str> (the --ca-cert path) to httpx.HTTPTransport: "
-    "deprecated in httpx 0.28, an error under filterwarnings=error; the crawl thread dies and "
-    "pipeline._start_crawl.body (catches only FetchError) ends the run as an empty, clean crawl",
-)
 def test_ca_cert_makes_it_work(tls: TLS, tmp_path: Path, run_fetch) -> None:
     dest = tmp_path / "d"
     with _mirror(tls) as srv:
@@ -81,12 +75,6 @@ def test_insecure_makes_it_work(tls: TLS, tmp_path: Path, run_fetch) -> None:
 
 
 @_THREAD_DIES
-@pytest.mark.xfail(
-    strict=True,
-    reason="config.py does not check that --ca-cert exists; ssl.create_default_context raises "
-    "FileNotFoundError in runner.make_client inside the crawl thread, pipeline._start_crawl.body "
-    "lets it kill the thread (traceback on stderr) and the run exits 0 having fetched nothing",
-)
 def test_missing_ca_file_is_a_clear_error(tls: TLS, tmp_path: Path, run_fetch) -> None:
     with _mirror(tls) as srv:
         r = run_fetch(

@@ -1,0 +1,287 @@
+"""Run shards as tasks on a Dask cluster (``--executor dask --scheduler tcp://HOST:8786``).
+
+One task is one shard: :func:`run_shard_task` builds a
+:class:`~fetcher.runner.ShardRunner` on the worker (its own ``httpx.Client``
+and thread pool), fetches the shard's files into DEST and returns plain
+:class:`~fetcher.models.Outcome` values.  The coordinator alone writes state,
+progress and reports, exactly as with local processes.
+
+Progress
+    arrives per shard, when its task completes: a :class:`BytesEvent` with the
+    shard's bytes, then a :class:`FileDone` per file.  Dask hands results back
+    cleanly only when a task ends; a ``Queue``/``Pub`` for bytes would put a
+    scheduler round trip on every batch of every worker for a display, and
+    shards are small (≤ 32 files, ≤ 32 MiB), so per-shard steps are fine.
+
+Connection cap
+    ``--max-connections`` holds across the cluster because the coordinator
+    hands out the connections.  Before a task is submitted it takes up to
+    ``--threads`` tokens from the run's connection semaphore (the one the crawl
+    also draws from) and sizes the task to what it got: the task runs that many
+    threads over a client capped by ``local_limits(n)``.  The tokens come back
+    when the task's future completes.  So the crawl and the tasks in flight
+    hold at most the cap's connections in all, and a crawl thread waiting for
+    a connection is woken by the first token given back.  Shards that get no
+    token wait in this executor, not on the cluster.  ``--limit-rate`` is
+    split the same way: each task gets ``rate × n ÷ cap``.
+
+Failures
+    A file that fails is a FAILED outcome from the runner, as locally.  A task
+    that raises is retried twice by Dask; a worker that dies mid-task has its
+    task rescheduled by Dask elsewhere, and partial files in DEST plus resume
+    make the retry cheap.  When Dask gives up (retries exhausted,
+    ``KilledWorker``) every file of the shard becomes a FAILED outcome with
+    the reason.  A worker that cannot see or write DEST fails its shard with a
+    reason naming the host: DEST must be the same path on a shared filesystem.
+"""
+
+from __future__ import annotations
+
+import importlib
+import queue
+import socket
+from collections import deque
+from dataclasses import dataclass, replace
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from fetcher.config import MirrorJob, Transfer
+from fetcher.download import check_writable
+from fetcher.errors import FatalIOError, UsageError
+from fetcher.limits import SharedLimits, local_limits
+from fetcher.models import STATE_DIR, BytesEvent, Event, FileDone, Outcome, Status, WorkerFatal
+from fetcher.runner import run_shard
+from fetcher.shard import Shard
+
+__all__ = ["DaskExecutor", "require_distributed", "run_shard_task"]
+
+INSTALL_HINT = "pip install 'fetcher[dask]'"
+TASK_RETRIES = 2
+
+
+def require_distributed() -> ModuleType:
+    """``distributed``, or a :class:`UsageError` saying how to install it."""
+    try:
+        return importlib.import_module("distributed")
+    except ImportError as exc:
+        raise UsageError(
+            f"--executor dask needs Dask distributed, which is not installed ({exc})",
+            INSTALL_HINT,
+        ) from None
+
+
+def run_shard_task(shard: Shard, t: Transfer, worker: int = 0) -> list[Outcome]:
+    """The Dask task: check DEST is this worker's too, then run the shard."""
+    dest = Path(t.dest)
+    host = socket.gethostname()
+    # The coordinator made DEST/.fetcher before submitting anything; a worker that
+    # does not see it has another filesystem there, and must not create a private DEST.
+    if not (dest / STATE_DIR).is_dir():
+        return failed_outcomes(
+            shard,
+            f"worker {host} cannot see DEST {dest}: mount it at the same path on every worker",
+        )
+    try:
+        check_writable(dest)
+    except FatalIOError as exc:
+        return failed_outcomes(shard, f"worker {host} cannot write DEST: {exc.message}")
+    return run_shard(shard, t, worker, local_limits(t.threads, t.limit_rate))
+
+
+def failed_outcomes(shard: Shard, reason: str, attempts: int = 0) -> list[Outcome]:
+    return [
+        Outcome(
+            j.file.path,
+            j.file.url,
+            Status.FAILED,
+            error=reason,
+            attempts=attempts,
+            stamp=j.file.stamp,
+        )
+        for j in shard.jobs
+    ]
+
+
+@dataclass(slots=True)
+class _Task:
+    future: Any
+    shard: Shard
+    tokens: int
+    seq: int
+
+
+class DaskExecutor:
+    """Shards as Dask tasks; the :class:`~fetcher.executor.Executor` protocol.
+
+    ``client`` may be injected (tests, an embedding application); otherwise one
+    is connected to ``job.scheduler`` and closed by :meth:`kill`.
+    """
+
+    def __init__(
+        self,
+        t: Transfer,
+        job: MirrorJob,
+        limits: SharedLimits | None = None,
+        client: Any = None,
+    ) -> None:
+        dist = require_distributed()
+        cap = job.max_connections
+        self._budget = cap
+        self._per_task = max(1, min(job.threads, self._budget))
+        self._rate_per_conn = job.limit_rate / cap if job.limit_rate else None
+        # Workers run elsewhere, in another directory: give them an absolute DEST.
+        self._t = replace(t, dest=str(Path(t.dest).absolute()))
+        self._limits = limits
+        self._own_client = client is None
+        self._client = client if client is not None else _connect(dist, job.scheduler)
+        self._pending: deque[Shard] = deque()
+        self._running: dict[str, _Task] = {}
+        self._completed: queue.Queue[Any] = queue.Queue()
+        self._ready: list[Event] = []
+        self._held = 0
+        self._seq = 0
+        self._finished = False
+        self._stopped = False
+
+    # -- the protocol ------------------------------------------------------
+    def submit(self, shard: Shard) -> None:
+        if self._stopped:
+            self._ready.extend(_events(-1, failed_outcomes(shard, "interrupted")))
+            return
+        self._pending.append(shard)
+        self._dispatch()
+
+    def finish(self) -> None:
+        self._finished = True
+
+    def backlog(self) -> int:
+        return len(self._pending)
+
+    def events(self, timeout: float) -> list[Event]:
+        self._dispatch()
+        out, self._ready = self._ready, []
+        try:
+            fut = self._completed.get(timeout=timeout) if timeout > 0 and not out else None
+        except queue.Empty:
+            fut = None
+        while fut is not None:
+            self._collect(fut, out)
+            try:
+                fut = self._completed.get_nowait()
+            except queue.Empty:
+                fut = None
+        self._dispatch()
+        return out
+
+    def done(self) -> bool:
+        return not self._running and (self._stopped or (self._finished and not self._pending))
+
+    def dead(self) -> list[int]:
+        return []  # a lost worker's task is rescheduled by Dask, not lost
+
+    def stop(self) -> None:
+        """Submit nothing more; cancel what has not finished (its files stay partial)."""
+        self._stopped = True
+        while self._pending:
+            self._ready.extend(_events(-1, failed_outcomes(self._pending.popleft(), "interrupted")))
+        tasks = list(self._running.values())
+        self._running.clear()
+        if tasks:
+            self._client.cancel([task.future for task in tasks])
+        for task in tasks:
+            self._release(task.tokens)
+            self._ready.extend(_events(task.seq, failed_outcomes(task.shard, "interrupted")))
+
+    def kill(self) -> None:
+        self.stop()
+        if self._own_client:
+            self._own_client = False
+            self._client.close(timeout=10)
+
+    def join(self, timeout: float = 10) -> None:
+        futures = [task.future for task in self._running.values()]
+        if futures:
+            try:
+                require_distributed().wait(futures, timeout=timeout)
+            except TimeoutError:
+                pass
+
+    # -- inside ------------------------------------------------------------
+    def _dispatch(self) -> None:
+        while self._pending and not self._stopped:
+            n = self._acquire(min(self._per_task, self._budget - self._held))
+            if not n:
+                return
+            shard = self._pending.popleft()
+            self._seq += 1
+            t = replace(
+                self._t,
+                threads=n,
+                limit_rate=self._rate_per_conn * n if self._rate_per_conn else None,
+            )
+            fut = self._client.submit(
+                run_shard_task, shard, t, self._seq, pure=False, retries=TASK_RETRIES
+            )
+            self._running[fut.key] = _Task(fut, shard, n, self._seq)
+            fut.add_done_callback(self._completed.put)
+
+    def _acquire(self, want: int) -> int:
+        if want <= 0:
+            return 0
+        got = want
+        if self._limits is not None:
+            got = 0
+            while got < want and self._limits.connections.acquire(False):
+                got += 1
+        self._held += got
+        return got
+
+    def _release(self, n: int) -> None:
+        self._held -= n
+        if self._limits is not None:
+            for _ in range(n):
+                self._limits.connections.release()
+
+    def _collect(self, fut: Any, out: list[Event]) -> None:
+        task = self._running.pop(fut.key, None)
+        if task is None:  # cancelled by stop(), already reported
+            return
+        self._release(task.tokens)
+        status = fut.status
+        if status == "finished":
+            outcomes: list[Outcome] = fut.result()
+        elif status == "cancelled":
+            outcomes = failed_outcomes(task.shard, "interrupted")
+        else:
+            exc = fut.exception()
+            reason = f"Dask task failed after {TASK_RETRIES} retries: {type(exc).__name__}: {exc}"
+            outcomes = failed_outcomes(task.shard, reason, attempts=TASK_RETRIES + 1)
+        out.extend(_events(task.seq, outcomes))
+
+
+def _events(worker: int, outcomes: list[Outcome]) -> list[Event]:
+    events: list[Event] = []
+    nbytes = sum(o.received for o in outcomes)
+    if nbytes:
+        events.append(BytesEvent(worker, nbytes))
+    for o in outcomes:
+        events.append(FileDone(worker, o))
+        if o.fatal:
+            events.append(WorkerFatal(worker, o.error or "fatal I/O error on a worker"))
+    return events
+
+
+def _connect(dist: ModuleType, address: str | None) -> Any:
+    if not address:
+        raise UsageError(
+            "--executor dask needs --scheduler tcp://HOST:8786 (or DASK_SCHEDULER_ADDRESS)",
+            "start one with 'dask scheduler --host HOST'",
+        )
+    try:
+        return dist.Client(address, timeout=10, set_as_default=False)
+    except (OSError, TimeoutError) as exc:
+        raise UsageError(
+            f"cannot reach the Dask scheduler at {address}: {exc}",
+            "is 'dask scheduler' running there, and its port open to this machine?",
+        ) from None

@@ -1,0 +1,183 @@
+"""A Debian-style archive's file list from ``dists/SUITE/Release`` and ``Packages``.
+
+The start URL is the archive root (the directory holding ``dists/`` and
+``pool/``).  Suites are the directories of the ``dists/`` listing that have a
+``Release`` (or ``InRelease``).  For every component and architecture the
+``Release`` names, one ``Packages`` index (``.xz``, ``.gz``, ``.bz2``, plain:
+the first the server has) is fetched, checked against ``Release``'s SHA256
+section, and read: every ``Filename`` is yielded with its ``Size`` and
+``SHA256``.  Then the index files of those directories that the server has and
+``Release`` / ``InRelease`` / ``Release.gpg`` themselves, which the pipeline
+publishes last.  GPG signatures are mirrored, not checked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import IO
+
+from fetcher.crawl import CrawlItem
+from fetcher.errors import HTTPStatusError, ListingError
+from fetcher.listing import parse_listing
+from fetcher.repo_index import IndexSource, check_digest, decompressed
+
+__all__ = ["Release", "Suite", "find_suites", "parse_paragraphs", "parse_release", "walk"]
+
+_PREFERRED = (".xz", ".gz", ".bz2", ".zst", "")
+_RELEASE_FILES = ("Release", "InRelease", "Release.gpg")
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """What a ``Release`` file says: its fields and the SHA256 section."""
+
+    fields: dict[str, str]
+    sha256: dict[str, tuple[str, int]]
+    """Path below ``dists/SUITE/`` → (hex digest, size)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Suite:
+    name: str
+    release: Release
+    copies: dict[str, bytes]
+    """``Release`` / ``InRelease`` / ``Release.gpg`` as read, by name (those the server has)."""
+
+
+def _strip_signature(text: str) -> str:
+    # InRelease is a clear-signed message: the fields are between the armour header
+    # (and its "Hash:" lines) and the signature block.
+    if not text.startswith("-----BEGIN PGP SIGNED MESSAGE-----"):
+        return text
+    body = text.split("\n\n", 1)[1] if "\n\n" in text else ""
+    body = body.split("\n-----BEGIN PGP SIGNATURE-----", 1)[0]
+    return "\n".join(line[2:] if line.startswith("- ") else line for line in body.split("\n"))
+
+
+def parse_paragraphs(lines: Iterator[str]) -> Iterator[dict[str, str]]:
+    """deb822 paragraphs as dicts; continuation lines are joined with newlines (pure)."""
+    para: dict[str, str] = {}
+    key = None
+    for raw in lines:
+        line = raw.rstrip("\r\n")
+        if not line.strip():
+            if para:
+                yield para
+            para, key = {}, None
+        elif line[0] in " \t":
+            if key is not None:
+                para[key] += "\n" + line.strip()
+        elif ":" in line:
+            key, _, value = line.partition(":")
+            para[key] = value.strip()
+    if para:
+        yield para
+
+
+def parse_release(data: bytes) -> Release:
+    """``Release`` or ``InRelease`` → :class:`Release` (pure)."""
+    text = _strip_signature(data.decode("utf-8", "replace"))
+    paras = list(parse_paragraphs(iter(text.split("\n"))))
+    if not paras:
+        raise ListingError("empty Release file")
+    fields = paras[0]
+    sums: dict[str, tuple[str, int]] = {}
+    for line in fields.get("SHA256", "").split("\n"):
+        parts = line.split()
+        if len(parts) == 3 and parts[1].isdigit():
+            sums[parts[2]] = (parts[0].lower(), int(parts[1]))
+    return Release(fields, sums)
+
+
+def find_suites(src: IndexSource, *, probe: bool = False) -> list[Suite]:
+    """The suites below ``dists/`` that have a Release file (none: not a Debian archive)."""
+    listing = src.get("dists/", probe=probe)
+    if listing is None:
+        return []
+    names = sorted(
+        {
+            e.url.rstrip("/").rsplit("/", 1)[-1]
+            for e in parse_listing(listing, src.url("dists/"))
+            if e.is_dir and src.scope.contains(e.url)
+        }
+    )
+    suites = []
+    for name in names:
+        copies: dict[str, bytes] = {}
+        for f in _RELEASE_FILES:
+            body = src.get_url(src.url("dists/") + name + "/" + f)
+            if body is not None:
+                copies[f] = body
+        text = copies.get("Release") or copies.get("InRelease")
+        if text is not None:
+            suites.append(Suite(name, parse_release(text), copies))
+    return suites
+
+
+def walk(src: IndexSource, suites: list[Suite]) -> Iterator[CrawlItem]:
+    """Every package file of every suite, then the index and Release files."""
+    seen: set[str] = set()  # arch "all" packages appear in every architecture's index
+    for suite in suites:
+        yield from _suite(src, suite, seen)
+
+
+def _suite(src: IndexSource, suite: Suite, seen: set[str]) -> Iterator[CrawlItem]:
+    base = src.url("dists/") + suite.name + "/"
+    rel = suite.release
+    comps = rel.fields.get("Components", "").split()
+    archs = rel.fields.get("Architectures", "").split()
+    index_dirs = [f"{c}/binary-{a}/" for c in comps for a in archs]
+    for d in index_dirs:
+        stem = d + "Packages"
+        listed = [stem + ext for ext in _PREFERRED if stem + ext in rel.sha256]
+        for name in listed:
+            data = src.get_url(base + name)
+            if data is None:
+                continue
+            digest, size = rel.sha256[name]
+            check_digest(data, "sha256", digest, size, base + name)
+            yield from _packages(src, decompressed(data, name), seen)
+            break
+        else:
+            if listed:
+                raise ListingError(f"none of {', '.join(listed)} found below {base}")
+    # The index files themselves: those of the directories read, that the server has.
+    for name, (digest, size) in sorted(rel.sha256.items()):
+        if not any(name.startswith(d) for d in index_dirs) or "/by-hash/" in name:
+            continue
+        if _exists(src, base + name):
+            yield from src.file(base + name, size, ("sha256", digest))
+    for f in _RELEASE_FILES:
+        if f in suite.copies:
+            body = suite.copies[f]
+            yield from src.file(base + f, len(body), ("sha256", hashlib.sha256(body).hexdigest()))
+
+
+def _exists(src: IndexSource, url: str) -> bool:
+    for attempt in src.retrying.copy():
+        with attempt:
+            # A redirect counts as "there": the download follows it, within scope.
+            code = src.client.head(url, follow_redirects=False).status_code
+            if code >= 500 or code in (408, 429):
+                raise HTTPStatusError(code, url)
+            return code == 200 or 300 <= code < 400
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _packages(src: IndexSource, stream: IO[bytes], seen: set[str]) -> Iterator[CrawlItem]:
+    text = io.TextIOWrapper(stream, encoding="utf-8", errors="replace")
+    for para in parse_paragraphs(iter(text)):
+        filename = para.get("Filename")
+        if not filename or filename in seen:
+            continue
+        seen.add(filename)
+        size = para.get("Size", "")
+        sha = para.get("SHA256")
+        yield from src.file(
+            src.url(filename),
+            int(size) if size.isdigit() else None,
+            ("sha256", sha) if sha else None,
+        )
