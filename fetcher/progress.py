@@ -29,6 +29,7 @@ from rich.progress import (
 from rich.text import Text
 
 from fetcher.models import CrawlProblem, FileStarted, Job, Outcome, RemoteFile, Retried, Status
+from fetcher.pipeline import Reporter
 from fetcher.postprocess import PostCounts, PostOutcome
 
 __all__ = ["LineReporter", "RichReporter", "human_bytes"]
@@ -54,7 +55,7 @@ class _Tally:
         self.crawling = True
 
 
-class RichReporter:
+class RichReporter(Reporter):
     """Live progress on a terminal: bytes with rate and ETA, files, active transfers, failures."""
 
     def __init__(self, console: Console, get_time: Callable[[], float] | None = None) -> None:
@@ -168,7 +169,7 @@ class RichReporter:
         self.live.stop()
 
 
-class LineReporter:
+class LineReporter(Reporter):
     """Unattended output: a status line every ``interval`` seconds and one per problem."""
 
     def __init__(
