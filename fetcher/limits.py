@@ -151,6 +151,26 @@ class CappedBackend(httpcore.NetworkBackend):
         self._stop = stop
         self.pool: httpcore.ConnectionPool | None = None
         """The pool this backend serves; its idle connections can give their tokens back."""
+        self._cond = threading.Condition()
+        self._waiting = 0
+        self._spare = 0
+
+    def _release(self) -> None:
+        # A closing connection hands its token to a thread of this process that waits for
+        # one (it was closed for that thread's sake), rather than to any process: no churn.
+        with self._cond:
+            if self._waiting > self._spare:
+                self._spare += 1
+                self._cond.notify()
+                return
+        self._sem.release()
+
+    def _take(self) -> bool:
+        with self._cond:
+            if self._spare:
+                self._spare -= 1
+                return True
+        return bool(self._sem.acquire(timeout=0.05))
 
     def _reclaim(self) -> bool:
         # httpcore binds a request to a new connection as it arrives, before it connects.
@@ -176,16 +196,26 @@ class CappedBackend(httpcore.NetworkBackend):
         local_address: str | None = None,
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore.NetworkStream:
-        while not self._sem.acquire(timeout=0.05):
-            if self._stop is not None and self._stop.is_set():
-                raise httpcore.ConnectError("stopping")
-            self._reclaim()
+        with self._cond:
+            self._waiting += 1
+        try:
+            while not self._take():
+                if self._stop is not None and self._stop.is_set():
+                    raise httpcore.ConnectError("stopping")
+                self._reclaim()
+        finally:
+            with self._cond:
+                self._waiting -= 1
+                extra = max(0, self._spare - self._waiting)
+                self._spare -= extra
+            for _ in range(extra):
+                self._sem.release()
         try:
             stream = self._inner.connect_tcp(host, port, timeout, local_address, socket_options)
         except BaseException:
-            self._sem.release()
+            self._release()
             raise
-        return _CappedStream(stream, self._sem.release)
+        return _CappedStream(stream, self._release)
 
     def connect_unix_socket(
         self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
