@@ -92,6 +92,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="another host serving the same tree; redirects to it are followed (repeatable)",
     )
     g.add_argument(
+        "--index",
+        choices=("auto", "html", "repodata", "debian"),
+        help="file list from HTML listings (default), yum repodata, Debian Release/Packages,"
+        " or auto (repository metadata when there is some, else HTML)",
+    )
+    g.add_argument(
+        "--verify-only",
+        metavar="DEST",
+        type=Path,
+        help="re-hash DEST's files against the SHA-256 digests in its state; fetch nothing",
+    )
+    g.add_argument(
         "--config",
         metavar="FILE",
         type=Path,
@@ -317,6 +329,19 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
+def _verify_only(dest: Path, console: Console) -> int:
+    from fetcher.verify import verify_tree
+
+    problems = verify_tree(dest)  # UsageError (exit 2) when DEST holds no fetch state
+    for path, problem in problems:
+        console.print(f"{path}: {problem}", markup=False, highlight=False)
+    if problems:
+        console.print(f"{len(problems)} file(s) missing or changed", highlight=False)
+    else:
+        console.print("every recorded digest matches", highlight=False)
+    return 1 if problems else 0
+
+
 def main(argv: Sequence[str] | None = None, console: Console | None = None) -> int:
     """Run ``fetch`` with ``argv``; return the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -332,6 +357,8 @@ def main(argv: Sequence[str] | None = None, console: Console | None = None) -> i
         return demo_main(argv[1:], console)
     try:
         ns = build_parser().parse_args(argv)
+        if ns.verify_only is not None:
+            return _verify_only(ns.verify_only, console)
         jobs = _jobs(ns)
     except FetchError as exc:
         _print_error(err, exc)

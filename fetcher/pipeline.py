@@ -44,7 +44,7 @@ from fetcher.models import (
     Summary,
     WorkerFatal,
 )
-from fetcher.plan import LocalFile, decide, is_metadata, wanted
+from fetcher.plan import LocalFile, decide, is_metadata, is_top_metadata, wanted
 from fetcher.postprocess import (
     PostCounts,
     PostOutcome,
@@ -329,9 +329,13 @@ def _loop(run: _Run) -> None:
                         (j.file.path, "metadata not published: other files failed")
                     )
                     run.state.seen(run.run_id, j.file.path)
+                run.held = []
             else:
-                _submit(run, run.held)
-            run.held = []
+                # Two steps: the indices first, then the files that point at them
+                # (repomd.xml, Release, InRelease), so no client sees a dangling index.
+                first = [j for j in run.held if not is_top_metadata(j.file.path)]
+                _submit(run, first or run.held)
+                run.held = [j for j in run.held if is_top_metadata(j.file.path)] if first else []
             continue
         # 3. events from the workers, and finished post-processing
         if run.post is not None:

@@ -15,12 +15,16 @@ from dataclasses import dataclass
 from fetcher.models import Action, Job, RemoteFile
 from fetcher.state import Row
 
-__all__ = ["Decision", "LocalFile", "decide", "is_metadata", "matches", "wanted"]
+__all__ = ["Decision", "LocalFile", "decide", "is_metadata", "is_top_metadata", "matches", "wanted"]
 
 # Repository metadata is published after the files it points at (DESIGN: incremental sync).
 _METADATA = re.compile(
     r"(^|/)(repodata/[^/]+|Release|Release\.gpg|InRelease|Packages(\.[a-z0-9]+)?"
     r"|Sources(\.[a-z0-9]+)?|[A-Za-z0-9]*SUMS(\.[a-z]+)?|Contents-[^/]+|Index)$"
+)
+
+_TOP_METADATA = re.compile(
+    r"(^|/)(repodata/repomd\.xml(\.asc|\.key)?|Release|Release\.gpg|InRelease)$"
 )
 
 _ADOPT_SLACK = 60.0
@@ -42,6 +46,11 @@ class Decision:
 def is_metadata(path: str) -> bool:
     """True for index files that must be published after everything they reference."""
     return _METADATA.search(path) is not None
+
+
+def is_top_metadata(path: str) -> bool:
+    """The metadata that points at other metadata: published after everything else."""
+    return _TOP_METADATA.search(path) is not None
 
 
 def matches(path: str, globs: Sequence[str]) -> bool:

@@ -469,3 +469,22 @@ def test_dry_run_of_200k_files_stays_small(tmp_path: Path) -> None:
     planned = _report(report)["planned"]
     assert planned["new"]["files"] == tree.count == 200_000
     assert peak_mib < 300, f"peak RSS {peak_mib:.0f} MiB"
+
+
+def test_metadata_published_last_and_top_level_index_after_the_rest(tmp_path: Path, run_fetch) -> None:
+    www = tmp_path / "www"
+    (www / "Packages").mkdir(parents=True)
+    (www / "repodata").mkdir()
+    for i in range(6):
+        (www / "Packages" / f"p{i}.rpm").write_bytes(b"rpm" * (i + 1))
+    (www / "repodata" / "abc-primary.xml.gz").write_bytes(b"primary")
+    (www / "repodata" / "repomd.xml").write_bytes(b"<repomd/>")
+    with FaultServer(root=www) as srv:
+        r = run_fetch("--mirror", srv.url, "--dest", tmp_path / "d", "--procs", "2", "--threads", "2")
+        assert r.code == 0, r
+        reqs = [q for q in srv.requests if q.is_file]
+    ends = {q.path: q.finished for q in reqs}
+    starts = {q.path: q.started for q in reqs}
+    last_package = max(t for p, t in ends.items() if p.startswith("/Packages/"))
+    assert starts["/repodata/abc-primary.xml.gz"] >= last_package
+    assert starts["/repodata/repomd.xml"] >= ends["/repodata/abc-primary.xml.gz"]

@@ -18,6 +18,7 @@ import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -435,3 +436,44 @@ def test_inrelease_clear_signed_is_parsed() -> None:
         "main/binary-amd64/Packages": ("aa11", 120),
         "main/binary-amd64/Packages.xz": ("bb22", 60),
     }
+
+
+def test_auto_takes_a_refused_or_soft_404_probe_for_no_repository() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if path == "/pub/repodata/repomd.xml":
+            return httpx.Response(403)
+        if path == "/pub/dists/":
+            return httpx.Response(200, stream=httpx.ByteStream(b"<html>not found</html>"))
+        if path == "/pub/":
+            page = b'<html><body><a href="f.txt">f.txt</a></body></html>'
+            return httpx.Response(200, headers={"content-type": "text/html"}, content=page)
+        return httpx.Response(404)
+
+    t = Transfer(dest="/nonexistent", root="http://mirror.test/pub/", retries=1)
+    with httpx.Client(transport=httpx.MockTransport(handler)) as client:
+        items = list(index_files(client, t, CrawlOptions(), "auto"))
+    assert [i.path for i in items if isinstance(i, RemoteFile)] == ["f.txt"]
+    assert not [i for i in items if isinstance(i, CrawlProblem)]
+
+
+def _cli_has(flag: str) -> bool:
+    from fetcher.cli import build_parser
+
+    return any(flag in a.option_strings for a in build_parser()._actions)
+
+
+@needs_yum
+def test_cli_index_auto_and_verify_only(tmp_path: Path, run_fetch: Callable[..., Any]) -> None:
+    repo = yum_repo(tmp_path, {"Packages": ["p1", "p2"]})
+    dest = tmp_path / "d"
+    with FaultServer(root=repo) as srv:
+        r = run_fetch("--mirror", srv.url, "--dest", dest, "--index", "auto")
+        assert r.code == 0, r
+        assert not [q for q in srv.requests if q.path.endswith("/")]
+    r = run_fetch("--verify-only", dest)
+    assert r.code == 0 and "every recorded digest matches" in r.output, r
+    next((dest / "Packages").glob("*.rpm")).write_bytes(b"x")
+    r = run_fetch("--verify-only", dest)
+    assert r.code == 1 and "mismatch" in r.output, r
+    assert run_fetch("--verify-only", tmp_path).code == 2
