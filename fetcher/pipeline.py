@@ -27,7 +27,6 @@ from fetcher.executor import Executor, LocalExecutor
 from fetcher.ffmpeg import FFmpeg
 from fetcher.limits import SharedLimits
 from fetcher.models import (
-    STATE_DIR,
     BytesEvent,
     Counts,
     CrawlProblem,
@@ -44,16 +43,16 @@ from fetcher.models import (
     Summary,
     WorkerFatal,
 )
-from fetcher.plan import LocalFile, decide, is_metadata, is_top_metadata, wanted
+from fetcher.plan import LocalFile, decide, is_metadata, is_top_metadata
 from fetcher.postprocess import (
     PostCounts,
     PostOutcome,
     PostPool,
     PostStatus,
     check_derived,
-    remove_derived,
 )
 from fetcher.postrules import require_ffmpeg
+from fetcher.prune import prune
 from fetcher.runner import make_client
 from fetcher.shard import make_shards
 from fetcher.state import RunLock, State
@@ -166,7 +165,10 @@ def _run_with_state(
         try:
             _coordinate(run)
             if not summary.dry_run or job.delete:
-                _finish_deletions(run)
+                prune(
+                    job, summary, state, run.run_id, dest,
+                    clean=_crawl_clean(run), seen_dirs=run.seen_dirs, derived=run.derived,
+                )  # fmt: skip
             summary.finished = time.time()
             state.end_run(run.run_id, _crawl_clean(run), summary.exit_code)
         except FatalIOError as exc:
@@ -510,77 +512,3 @@ def _finish_post(run: _Run) -> None:
         run.summary.interrupted = True
         pool.cancel()
     _post_outcomes(run, pool.close(wait=True))
-
-
-def _local_files(dest: Path) -> Iterator[str]:
-    for root, dirs, files in os.walk(dest):
-        rel_root = os.path.relpath(root, dest)
-        if rel_root == ".":
-            dirs[:] = [d for d in dirs if d != STATE_DIR]
-            rel_root = ""
-        for name in files:
-            yield f"{rel_root}/{name}" if rel_root else name
-
-
-def _finish_deletions(run: _Run) -> None:
-    """Vanished files: counted always, removed with ``--delete`` after a clean crawl."""
-    job, s = run.job, run.summary
-    if not _crawl_clean(run):
-        if job.delete:
-            s.notices.append("--delete skipped: the crawl was incomplete or had listing errors")
-        return
-    candidates: list[str] = []
-    for rel in _local_files(run.dest):
-        if not wanted(rel, False, job.include, job.exclude):
-            continue
-        row = run.state.get(rel)
-        if row is not None and row.last_seen == run.run_id:
-            continue
-        candidates.append(rel)
-    if not job.delete:
-        s.vanished = len(candidates)
-        if candidates:
-            s.notices.append(
-                f"{len(candidates)} local files are no longer upstream (kept; use --delete)"
-            )
-        return
-    total = max(run.state.count(), len(candidates))
-    limit = int(job.max_delete) if job.max_delete >= 1 else int(job.max_delete * total)
-    if len(candidates) > limit and not job.force:
-        s.notices.append(
-            f"refusing to delete {len(candidates)} files: more than --max-delete ({limit}); use --force"
-        )
-        s.failed.append(("--delete", f"{len(candidates)} deletions over the limit of {limit}"))
-        return
-    for rel in candidates:
-        s.deleted.append(rel)
-        if job.dry_run:
-            continue
-        if run.derived is not None:
-            remove_derived(run.derived, rel)
-        try:
-            (run.dest / rel).unlink()
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            s.failed.append((rel, f"cannot delete: {exc.strerror or exc}"))
-    if not job.dry_run:
-        run.state.forget(candidates)
-        _remove_empty_dirs(run)
-
-
-def _remove_empty_dirs(run: _Run) -> None:
-    keep = set()
-    for root, dirs, files in os.walk(run.dest, topdown=False):
-        p = Path(root)
-        if p == run.dest or STATE_DIR in p.relative_to(run.dest).parts[:1]:
-            continue
-        if not files and not any((p / d) in keep for d in dirs):
-            rel = p.relative_to(run.dest).as_posix()
-            if rel not in run.seen_dirs:
-                try:
-                    p.rmdir()
-                    continue
-                except OSError:
-                    pass
-        keep.add(p)

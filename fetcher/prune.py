@@ -1,0 +1,103 @@
+"""Deletion: files gone upstream, after a complete and clean crawl, within the guard."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from fetcher.config import MirrorJob
+from fetcher.models import STATE_DIR, Summary
+from fetcher.plan import wanted
+from fetcher.postprocess import remove_derived
+from fetcher.state import State
+
+__all__ = ["prune"]
+
+
+def _local_files(dest: Path) -> Iterator[str]:
+    for root, dirs, files in os.walk(dest):
+        rel_root = os.path.relpath(root, dest)
+        if rel_root == ".":
+            dirs[:] = [d for d in dirs if d != STATE_DIR]
+            rel_root = ""
+        for name in files:
+            yield f"{rel_root}/{name}" if rel_root else name
+
+
+def prune(
+    job: MirrorJob,
+    s: Summary,
+    state: State,
+    run_id: int,
+    dest: Path,
+    *,
+    clean: bool,
+    seen_dirs: set[str],
+    derived: Path | None,
+) -> None:
+    """Vanished files: counted always, removed with ``--delete`` after a clean crawl.
+
+    A local file is vanished when this run's crawl did not see it upstream
+    (``last_seen`` in the state is another run's); files outside the
+    include/exclude selection are never candidates.
+    """
+    if not clean:
+        if job.delete:
+            s.notices.append("--delete skipped: the crawl was incomplete or had listing errors")
+        return
+    candidates: list[str] = []
+    for rel in _local_files(dest):
+        if not wanted(rel, False, job.include, job.exclude):
+            continue
+        row = state.get(rel)
+        if row is not None and row.last_seen == run_id:
+            continue
+        candidates.append(rel)
+    if not job.delete:
+        s.vanished = len(candidates)
+        if candidates:
+            s.notices.append(
+                f"{len(candidates)} local files are no longer upstream (kept; use --delete)"
+            )
+        return
+    total = max(state.count(), len(candidates))
+    limit = int(job.max_delete) if job.max_delete >= 1 else int(job.max_delete * total)
+    if len(candidates) > limit and not job.force:
+        s.notices.append(
+            f"refusing to delete {len(candidates)} files: more than --max-delete ({limit}); use --force"
+        )
+        s.failed.append(("--delete", f"{len(candidates)} deletions over the limit of {limit}"))
+        return
+    for rel in candidates:
+        s.deleted.append(rel)
+        if job.dry_run:
+            continue
+        if derived is not None:
+            remove_derived(derived, rel)
+        try:
+            (dest / rel).unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            s.failed.append((rel, f"cannot delete: {exc.strerror or exc}"))
+    if not job.dry_run:
+        state.forget(candidates)
+        _remove_empty_dirs(dest, seen_dirs)
+
+
+def _remove_empty_dirs(dest: Path, seen_dirs: set[str]) -> None:
+    keep = set()
+    for root, dirs, files in os.walk(dest, topdown=False):
+        p = Path(root)
+        if p == dest or STATE_DIR in p.relative_to(dest).parts[:1]:
+            continue
+        if not files and not any((p / d) in keep for d in dirs):
+            rel = p.relative_to(dest).as_posix()
+            if rel not in seen_dirs:
+                try:
+                    p.rmdir()
+                    continue
+                except OSError:
+                    pass
+        keep.add(p)
