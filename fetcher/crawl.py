@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import httpx
 
 from fetcher.config import Transfer
-from fetcher.download import build_retrying, retry_after_seconds
 from fetcher.errors import (
     HTTPStatusError,
     IncompleteDownload,
@@ -40,6 +39,7 @@ from fetcher.models import (
     normalise_dir_url,
 )
 from fetcher.plan import wanted
+from fetcher.retry import build_retrying, retry_after_seconds
 
 __all__ = ["CrawlOptions", "crawl"]
 

@@ -32,10 +32,10 @@ import httpx
 
 from fetcher.config import Transfer
 from fetcher.crawl import CrawlItem, CrawlOptions, crawl
-from fetcher.download import build_retrying, retry_after_seconds
 from fetcher.errors import FetchError, HTTPStatusError, IncompleteDownload, ListingError, UnsafePath
 from fetcher.models import CrawlProblem, RelPath, RemoteDir, RemoteFile, Scope
 from fetcher.plan import wanted
+from fetcher.retry import build_retrying, retry_after_seconds
 
 __all__ = ["IndexSource", "check_digest", "decompressed", "index_files", "normal_algo"]
 

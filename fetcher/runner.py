@@ -22,7 +22,7 @@ import httpcore
 import httpx
 
 from fetcher.config import Transfer
-from fetcher.download import build_retrying, fetch_file
+from fetcher.download import fetch_file
 from fetcher.limits import CappedBackend, SharedLimits
 from fetcher.models import (
     BytesEvent,
@@ -37,6 +37,7 @@ from fetcher.models import (
     WorkerExit,
     WorkerFatal,
 )
+from fetcher.retry import build_retrying
 from fetcher.shard import Shard
 
 __all__ = ["ShardRunner", "make_client", "run_shard", "worker_main"]

@@ -471,7 +471,9 @@ def test_dry_run_of_200k_files_stays_small(tmp_path: Path) -> None:
     assert peak_mib < 300, f"peak RSS {peak_mib:.0f} MiB"
 
 
-def test_metadata_published_last_and_top_level_index_after_the_rest(tmp_path: Path, run_fetch) -> None:
+def test_metadata_published_last_and_top_level_index_after_the_rest(
+    tmp_path: Path, run_fetch
+) -> None:
     www = tmp_path / "www"
     (www / "Packages").mkdir(parents=True)
     (www / "repodata").mkdir()
@@ -480,7 +482,9 @@ def test_metadata_published_last_and_top_level_index_after_the_rest(tmp_path: Pa
     (www / "repodata" / "abc-primary.xml.gz").write_bytes(b"primary")
     (www / "repodata" / "repomd.xml").write_bytes(b"<repomd/>")
     with FaultServer(root=www) as srv:
-        r = run_fetch("--mirror", srv.url, "--dest", tmp_path / "d", "--procs", "2", "--threads", "2")
+        r = run_fetch(
+            "--mirror", srv.url, "--dest", tmp_path / "d", "--procs", "2", "--threads", "2"
+        )
         assert r.code == 0, r
         reqs = [q for q in srv.requests if q.is_file]
     ends = {q.path: q.finished for q in reqs}

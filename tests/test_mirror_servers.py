@@ -76,7 +76,7 @@ def test_fault_server_mirror(published, tmp_path: Path, run_fetch) -> None:
 def test_default_dest_is_last_segment(
     published, tmp_path: Path, run_fetch, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    base, _ = published
+    del published
     small = tmp_path / "www" / "pub" / "Packages"
     small.mkdir(parents=True)
     (small / "a.rpm").write_bytes(b"rpm")

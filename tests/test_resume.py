@@ -20,8 +20,9 @@ import httpx
 import pytest
 
 from fetcher.config import Transfer
-from fetcher.download import build_retrying, fetch_file, partial_paths
+from fetcher.download import fetch_file, partial_paths
 from fetcher.models import Action, Job, RelPath, RemoteFile, Status
+from fetcher.retry import build_retrying
 from tests.faultserver import Fault, FaultServer
 from tests.trees import tree_manifest
 

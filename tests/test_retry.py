@@ -4,8 +4,8 @@ import httpx
 import pytest
 
 from fetcher.config import Transfer
-from fetcher.download import build_retrying, retry_after_seconds
 from fetcher.errors import HTTPStatusError, IncompleteDownload
+from fetcher.retry import build_retrying, retry_after_seconds
 
 T = Transfer(
     dest="/tmp/x",

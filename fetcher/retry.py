@@ -1,0 +1,88 @@
+"""The one retry policy, as a value: which failures are worth another attempt, and how long to wait.
+
+Transient failures only (connect and read errors, timeouts, incomplete bodies,
+408, 425, 429 and 5xx; never other 4xx, never a certificate that does not
+verify), exponential backoff with jitter, and at least what ``Retry-After``
+asks (capped).  Sleep is injectable, so tests run without waiting::
+
+    sleeps = []
+    for attempt in build_retrying(transfer, sleep=sleeps.append):
+        with attempt:
+            ...
+"""
+
+from __future__ import annotations
+
+import ssl
+import time
+from collections.abc import Callable
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import httpx
+import tenacity
+
+from fetcher.config import Transfer
+from fetcher.errors import HTTPStatusError, TransferError
+
+__all__ = ["build_retrying", "retry_after_seconds"]
+
+
+def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+    """``Retry-After`` as seconds from now: a number of seconds or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    return max(0.0, when - (time.time() if now is None else now))
+
+
+def _is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, httpx.TransportError):
+        if isinstance(exc, httpx.UnsupportedProtocol):
+            return False
+        # a certificate that does not verify will not verify on the next attempt either
+        return not isinstance(
+            exc.__context__, ssl.SSLCertVerificationError
+        ) and "CERTIFICATE_VERIFY_FAILED" not in str(exc)
+    if isinstance(exc, TransferError):
+        return bool(exc.retryable)
+    return False
+
+
+class _WaitRetryAfter(tenacity.wait.wait_base):
+    """Exponential backoff with jitter, but at least what ``Retry-After`` asked (capped)."""
+
+    def __init__(self, t: Transfer) -> None:
+        self._backoff = tenacity.wait_exponential(
+            multiplier=t.backoff_initial, max=t.backoff_max
+        ) + tenacity.wait_random(0, t.backoff_initial)
+        self._cap = t.retry_after_cap
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> float:
+        wait = float(self._backoff(retry_state))
+        exc = retry_state.outcome.exception() if retry_state.outcome else None
+        if isinstance(exc, HTTPStatusError) and exc.retry_after is not None:
+            return min(self._cap, max(exc.retry_after, 0.0))
+        return wait
+
+
+def build_retrying(
+    t: Transfer,
+    sleep: Callable[[float], Any] = time.sleep,
+    before_sleep: Callable[[tenacity.RetryCallState], Any] | None = None,
+) -> tenacity.Retrying:
+    """The one retry policy: transient errors only, backoff with jitter, ``Retry-After``."""
+    return tenacity.Retrying(
+        stop=tenacity.stop_after_attempt(t.retries),
+        wait=_WaitRetryAfter(t),
+        retry=tenacity.retry_if_exception(_is_transient),
+        reraise=True,
+        sleep=sleep,
+        before_sleep=before_sleep,
+    )
