@@ -265,6 +265,8 @@ def _coordinate(run: _Run) -> None:
     job = run.job
     run.limits = SharedLimits.create(job.max_connections, job.limit_rate)
     _start_crawl(run, job.url)
+    if not job.dry_run:
+        _make_executor(run)  # workers start up while the first listings are read
     try:
         _loop(run)
         if run.stop.is_set() and (
@@ -423,7 +425,7 @@ def _stat(p: Path) -> LocalFile | None:
     return LocalFile(st.st_size, st.st_mtime)
 
 
-def _submit(run: _Run, jobs: list[Job]) -> None:
+def _make_executor(run: _Run) -> Executor:
     if run.executor is None:
         assert run.limits is not None
         if run.job.executor == "dask":
@@ -432,10 +434,15 @@ def _submit(run: _Run, jobs: list[Job]) -> None:
             run.executor = DaskExecutor(run.job.transfer(), run.job, run.limits)
         else:
             run.executor = LocalExecutor(run.job.transfer(), run.job.procs, run.limits)
+    return run.executor
+
+
+def _submit(run: _Run, jobs: list[Job]) -> None:
+    executor = _make_executor(run)
     for j in jobs:
         run.outstanding[j.file.path] = j
     for shard in make_shards(jobs):
-        run.executor.submit(shard)
+        executor.submit(shard)
 
 
 def _handle(run: _Run, events: list[Event]) -> None:

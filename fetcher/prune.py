@@ -47,13 +47,14 @@ def prune(
             s.notices.append("--delete skipped: the crawl was incomplete or had listing errors")
         return
     candidates: list[str] = []
+    batch: list[str] = []
     for rel in _local_files(dest):
-        if not wanted(rel, False, job.include, job.exclude):
-            continue
-        row = state.get(rel)
-        if row is not None and row.last_seen == run_id:
-            continue
-        candidates.append(rel)
+        if wanted(rel, False, job.include, job.exclude):
+            batch.append(rel)
+        if len(batch) >= 500:
+            candidates += _not_seen(state, run_id, batch)
+            batch = []
+    candidates += _not_seen(state, run_id, batch)
     if not job.delete:
         s.vanished = len(candidates)
         if candidates:
@@ -84,6 +85,12 @@ def prune(
     if not job.dry_run:
         state.forget(candidates)
         _remove_empty_dirs(dest, seen_dirs)
+
+
+def _not_seen(state: State, run_id: int, paths: list[str]) -> list[str]:
+    # one query per 500 local files, not one per file
+    seen = state.seen_among(run_id, paths) if paths else set()
+    return [p for p in paths if p not in seen]
 
 
 def _remove_empty_dirs(dest: Path, seen_dirs: set[str]) -> None:

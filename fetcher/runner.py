@@ -140,7 +140,10 @@ class ShardRunner:
     ) -> None:
         self.t = t
         self.worker = worker
-        self.stop = stop or threading.Event()
+        # A multiprocessing Event takes a cross-process lock on every is_set(); the hot
+        # path (per chunk, per file) checks this local copy, kept in step by the ticker.
+        self._shared_stop = stop
+        self.stop = threading.Event()
         self.limits = limits
         self.client = make_client(t, limits, self.stop)
         self.scope = Scope.for_start(t.root, t.aliases)
@@ -159,7 +162,9 @@ class ShardRunner:
         self.stop.wait(seconds)
 
     def _tick(self) -> None:
-        while not self._closed.wait(0.2):
+        while not self._closed.wait(0.1):
+            if self._shared_stop is not None and self._shared_stop.is_set():
+                self.stop.set()
             self.batch.flush()
 
     def fetch(self, job: Job) -> Outcome:

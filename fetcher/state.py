@@ -286,6 +286,21 @@ class State:
         if not self.readonly:
             self._db.execute("UPDATE files SET status = 'invalid' WHERE path = ?", (path,))
 
+    def seen_among(self, run_id: int, paths: list[str]) -> set[str]:
+        """Which of ``paths`` run ``run_id`` saw upstream (one query)."""
+        self.flush()
+        marks = ",".join("?" * len(paths))
+        rows = self._db.execute(
+            f"SELECT path FROM files WHERE last_seen = ? AND path IN ({marks})", (run_id, *paths)
+        ).fetchall()
+        seen = {r[0] for r in rows}
+        if self.readonly:  # a dry run's sightings live in temp.seen
+            rows = self._db.execute(
+                f"SELECT path FROM temp.seen WHERE path IN ({marks})", paths
+            ).fetchall()
+            seen.update(r[0] for r in rows)
+        return seen
+
     def count(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM files").fetchone()[0])
 
