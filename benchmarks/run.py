@@ -1,0 +1,732 @@
+"""Benchmark ``fetch`` side by side with rclone, wget2, lftp and aria2c.
+
+Every tool mirrors the same tree from the same nginx (autoindex, 127.0.0.1),
+optionally behind :mod:`benchmarks.proxy` for a round-trip time, at the same
+number of connections N.  Runs are interleaved tool by tool; each result is
+checked against the tree's manifest (size and sha256).  Reported per tool:
+wall time, files/s, MB/s, CPU seconds of the whole process tree (``wait4``
+rusage via GNU time: user+sys including waited-for descendants), peak RSS
+(largest single process from rusage, and the sampled sum over the process
+tree), and the requests nginx logged during the run.
+
+::
+
+    python benchmarks/run.py --quick                 # < 10 min on 2 cores
+    python benchmarks/run.py                         # the full suite, 3 runs each
+    python benchmarks/run.py --scenarios small,large --runs 5 --connections 16
+
+Scenarios: ``small``, ``large``, ``mixed`` (plain loopback), ``small-rtt``,
+``mixed-rtt`` (behind the proxy at ``--rtt-ms``), ``resync`` (an unchanged
+re-sync of ``small`` at the RTT: the second run is timed), ``scale`` (a
+200,000-file ``--dry-run`` against a generated listing server: peak RSS).
+
+For profiling, ``python benchmarks/run.py --serve small`` serves a tree with
+nginx (add ``--rtt-ms`` to put the proxy in front) and prints its URL::
+
+    py-spy record --subprocesses --gil -f raw -o prof.txt -- \
+        fetch --mirror URL --dest /tmp/d --max-connections 16 --procs 2 -q
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from urllib.parse import quote
+
+import psutil
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+
+from benchmarks.trees import Tree, build_tree  # noqa: E402
+from tests.servers import serve  # noqa: E402
+
+WORK = HERE / "work"
+PEERS = ("rclone", "wget2", "lftp", "aria2c")
+TOOLS = ("fetch", *PEERS)
+ALL_SCENARIOS = ("small", "large", "small-rtt", "mixed-rtt", "mixed", "resync", "scale")
+QUICK_SCENARIOS = ("small", "large", "small-rtt", "resync", "scale")
+FULL_SCENARIOS = ("small", "large", "small-rtt", "mixed-rtt", "resync", "scale")
+TOOL_TIMEOUT = 900.0
+
+
+# --- measuring one process tree -------------------------------------------------
+
+
+@dataclass(slots=True)
+class Measure:
+    tool: str
+    scenario: str
+    run: int
+    wall: float
+    cpu: float
+    maxrss_mib: float
+    """Largest single process's peak RSS (rusage ru_maxrss over the tree)."""
+    tree_rss_mib: float
+    """Peak of the sampled sum of RSS over the process tree (every 50 ms)."""
+    exit_code: int
+    requests: int = 0
+    files: int = 0
+    bytes: int = 0
+    ok: bool = False
+    problems: str = ""
+    argv: list[str] = field(default_factory=list)
+    load: float = 0.0
+    """1-minute load average when the run started (other work on the machine skews results)."""
+
+    @property
+    def files_per_s(self) -> float:
+        return self.files / self.wall if self.wall else 0.0
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes / 1e6 / self.wall if self.wall else 0.0
+
+
+def _tree_rss(proc: psutil.Process) -> int:
+    total = 0
+    with contextlib.suppress(psutil.Error):
+        for p in [proc, *proc.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):
+                total += p.memory_info().rss
+    return total
+
+
+def measure(
+    argv: list[str], *, cwd: Path, env: dict[str, str] | None = None, log: Path | None = None
+) -> tuple[float, float, float, float, int]:
+    """Run ``argv``; return (wall, cpu user+sys, max single RSS MiB, peak tree RSS MiB, exit).
+
+    The tool runs under GNU ``time``: its rusage (from ``wait4``) then covers the
+    whole waited-for process tree, and ``ru_maxrss`` starts from ``time``'s small
+    image rather than this (large) process's high-water mark, which a child
+    forked from here would inherit.
+    """
+    usage = WORK / "usage.txt"
+    usage.unlink(missing_ok=True)
+    with contextlib.ExitStack() as stack:
+        out = stack.enter_context(open(log, "wb")) if log else subprocess.DEVNULL
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(
+            ["/usr/bin/time", "-f", "%U %S %M", "-o", str(usage), *argv],
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT if log else subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        peak = [0]
+        done = threading.Event()
+
+        def sample() -> None:
+            with contextlib.suppress(psutil.Error):
+                ps = psutil.Process(proc.pid)
+                while not done.wait(0.05):
+                    peak[0] = max(peak[0], _tree_rss(ps))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        timer = threading.Timer(TOOL_TIMEOUT, lambda: _kill_group(proc.pid))
+        timer.start()
+        code = proc.wait()
+        wall = time.perf_counter() - t0
+        timer.cancel()
+        done.set()
+        sampler.join()
+        _kill_group(proc.pid)  # daemons a tool left behind (none expected)
+    fields = usage.read_text().split()[-3:]
+    user, sys_, maxrss_kib = float(fields[0]), float(fields[1]), float(fields[2])
+    return wall, user + sys_, maxrss_kib / 1024, peak[0] / 2**20, code
+
+
+def _kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+# --- tools ------------------------------------------------------------------------
+
+
+def tool_argv(tool: str, url: str, dest: Path, n: int, url_list: Path) -> list[str]:
+    if tool == "fetch":
+        return [
+            shutil.which("fetch") or "fetch",
+            "--mirror",
+            url,
+            "--dest",
+            str(dest),
+            "--max-connections",
+            str(n),
+            "--procs",
+            "2",
+            "-q",
+        ]
+    if tool == "rclone":
+        return [
+            "rclone",
+            "--config",
+            "/dev/null",
+            "copy",
+            "--http-url",
+            url,
+            ":http:",
+            str(dest),
+            "--transfers",
+            str(n),
+            "--checkers",
+            str(n),
+            "-q",
+        ]
+    if tool == "wget2":
+        # URL is the server root, so -nH alone makes DEST/<tree>; listings land as index.html
+        return [
+            "wget2",
+            "-r",
+            "-np",
+            "-nH",
+            "--robots=off",
+            "--max-threads",
+            str(n),
+            "-q",
+            "-P",
+            str(dest),
+            url,
+        ]
+    if tool == "lftp":
+        script = (
+            f"set net:max-retries 2; set cmd:fail-exit yes; "
+            f"mirror --parallel={n} {url} {shlex.quote(str(dest))}"
+        )
+        return ["lftp", "-c", script]
+    if tool == "aria2c":
+        return [
+            "aria2c",
+            "-j",
+            str(n),
+            "-x",
+            "1",
+            "-i",
+            str(url_list),
+            "-d",
+            str(dest),
+            "-q",
+            "--file-allocation=none",
+            "--auto-file-renaming=false",
+            "--allow-overwrite=true",
+            "--console-log-level=error",
+            "--summary-interval=0",
+        ]
+    raise ValueError(tool)
+
+
+def installed_tools() -> list[str]:
+    return [t for t in TOOLS if shutil.which(t)]
+
+
+def tool_version(tool: str) -> str:
+    flag = {"rclone": "version"}.get(tool, "--version")
+    try:
+        out = subprocess.run([tool, flag], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    return out.strip().splitlines()[0] if out.strip() else "?"
+
+
+# --- verification -------------------------------------------------------------------
+
+
+def verify(tree: Tree, dest: Path) -> tuple[bool, str]:
+    missing = bad = 0
+    for rel, (size, digest) in tree.files.items():
+        path = dest / rel
+        try:
+            if path.stat().st_size != size:
+                bad += 1
+                continue
+        except OSError:
+            missing += 1
+            continue
+        with open(path, "rb") as f:
+            if hashlib.file_digest(f, "sha256").hexdigest() != digest:
+                bad += 1
+    if missing or bad:
+        return False, f"{missing} missing, {bad} wrong of {len(tree.files)}"
+    return True, ""
+
+
+def write_url_list(tree: Tree, url: str, path: Path) -> None:
+    lines = []
+    for rel in sorted(tree.files):
+        lines.append(f"{url}{quote(rel)}\n  out={rel}\n")
+    path.write_text("".join(lines))
+
+
+# --- servers ------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def proxied(upstream_port: int, delay_ms: float) -> Iterator[int]:
+    """Run benchmarks/proxy.py in its own process; yield its port."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(HERE / "proxy.py"),
+            "--upstream",
+            str(upstream_port),
+            "--delay-ms",
+            str(delay_ms),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        line = proc.stdout.readline() if proc.stdout else ""
+        m = re.match(r"listening (\d+)", line)
+        if not m:
+            raise RuntimeError(f"proxy did not start: {line!r}")
+        yield int(m.group(1))
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def log_lines(path: Path) -> int:
+    try:
+        with open(path, "rb") as f:
+            return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+    except FileNotFoundError:
+        return 0
+
+
+# --- scenarios ----------------------------------------------------------------------
+
+
+def run_mirror_scenario(
+    name: str,
+    tree: Tree,
+    tools: list[str],
+    runs: int,
+    n: int,
+    rtt_ms: float | None,
+    results: list[Measure],
+) -> None:
+    with serve("nginx", tree.root, WORK / "servers") as srv:
+        ctx = proxied(srv.port, rtt_ms / 2) if rtt_ms else contextlib.nullcontext(srv.port)
+        with ctx as port:
+            url = f"http://127.0.0.1:{port}/"
+            url_list = WORK / f"{name}.urls"
+            write_url_list(tree, url, url_list)
+            for r in range(runs):
+                order = tools[r % len(tools) :] + tools[: r % len(tools)]
+                for tool in order:
+                    results.append(one_run(name, tool, r, tree, url, url_list, n, srv.access_log))
+                    _print_measure(results[-1])
+
+
+def one_run(
+    scenario: str,
+    tool: str,
+    r: int,
+    tree: Tree,
+    url: str,
+    url_list: Path,
+    n: int,
+    access_log: Path,
+    dest: Path | None = None,
+    fresh: bool = True,
+) -> Measure:
+    dest = dest or WORK / "dest" / tool
+    if fresh and dest.exists():
+        shutil.rmtree(dest)
+    os.sync()  # the last run's dirty pages are not this run's to write back
+    dest.mkdir(parents=True, exist_ok=True)
+    argv = tool_argv(tool, url, dest, n, url_list)
+    before = log_lines(access_log)
+    load = os.getloadavg()[0]
+    logs = WORK / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    wall, cpu, rss, tree_rss, code = measure(
+        argv, cwd=WORK, log=logs / f"{scenario}-{tool}-{r}.log"
+    )
+    time.sleep(0.2)  # nginx logs a request after answering it
+    m = Measure(
+        tool,
+        scenario,
+        r,
+        wall,
+        cpu,
+        rss,
+        tree_rss,
+        code,
+        argv=argv,
+        requests=log_lines(access_log) - before,
+        files=len(tree.files),
+        bytes=tree.total_bytes,
+        load=load,
+    )
+    m.ok, m.problems = verify(tree, dest)
+    if code != 0:
+        m.problems = (m.problems + f"; exit {code}").lstrip("; ")
+    return m
+
+
+def run_resync(
+    tree: Tree, tools: list[str], runs: int, n: int, rtt_ms: float, results: list[Measure]
+) -> None:
+    """First run populates DEST (untimed); the second, over an unchanged tree, is measured."""
+    with serve("nginx", tree.root, WORK / "servers") as srv, proxied(srv.port, rtt_ms / 2) as port:
+        url = f"http://127.0.0.1:{port}/"
+        url_list = WORK / "resync.urls"
+        write_url_list(tree, url, url_list)
+        for tool in tools:
+            dest = WORK / "dest" / f"resync-{tool}"
+            one_run("resync-first", tool, 0, tree, url, url_list, n, srv.access_log, dest)
+            for r in range(runs):
+                m = one_run(
+                    "resync", tool, r, tree, url, url_list, n, srv.access_log, dest, fresh=False
+                )
+                m.bytes = 0
+                results.append(m)
+                _print_measure(m)
+
+
+def run_scale(files_per_dir: int, dirs: int, n: int, results: list[Measure]) -> None:
+    """A dry run over a generated listing-only tree: plan memory and listing throughput."""
+    from tests.faultserver import FaultServer
+
+    with FaultServer() as srv:
+        srv.add_generated_tree("/gen/", dirs=dirs, files_per_dir=files_per_dir)
+        dest = WORK / "dest" / "scale"
+        if dest.exists():
+            shutil.rmtree(dest)
+        dest.mkdir(parents=True)
+        argv = [
+            shutil.which("fetch") or "fetch",
+            "--mirror",
+            srv.url + "gen/",
+            "--dest",
+            str(dest),
+            "--max-connections",
+            str(n),
+            "--procs",
+            "2",
+            "--dry-run",
+            "-q",
+        ]
+        load = os.getloadavg()[0]
+        wall, cpu, rss, tree_rss, code = measure(argv, cwd=WORK, log=WORK / "logs" / "scale.log")
+        m = Measure(
+            "fetch",
+            "scale",
+            0,
+            wall,
+            cpu,
+            rss,
+            tree_rss,
+            code,
+            argv=argv,
+            load=load,
+            requests=len(srv.requests),
+            files=dirs * files_per_dir,
+            ok=code == 0,
+            problems="" if code == 0 else f"exit {code}",
+        )
+        results.append(m)
+        _print_measure(m)
+
+
+def physical_limits(large: Tree, rtt_ms: float) -> dict[str, str]:
+    limits: dict[str, str] = {}
+    biggest = max(large.files, key=lambda rel: large.files[rel][0])
+    size = large.files[biggest][0]
+
+    def curl(port: int) -> str:
+        out = subprocess.run(
+            [
+                "curl",
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{speed_download} %{time_total}",
+                f"http://127.0.0.1:{port}/{quote(biggest)}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        ).stdout.split()
+        speed = float(out[0])
+        return f"{speed / 2**30:.2f} GiB/s ({size >> 20} MiB in {float(out[1]):.2f} s)"
+
+    with serve("nginx", large.root, WORK / "servers") as srv:
+        curl(srv.port)  # warm the page cache
+        limits["wire: curl -o /dev/null, one file, direct"] = curl(srv.port)
+        with proxied(srv.port, 0) as port:
+            limits["proxy ceiling: curl through the proxy, 0 ms"] = curl(port)
+        with proxied(srv.port, rtt_ms / 2) as port:
+            limits[f"proxy ceiling: curl through the proxy, {rtt_ms:g} ms RTT"] = curl(port)
+    target = WORK / "dd.bin"
+    dd = subprocess.run(
+        ["dd", "if=/dev/zero", f"of={target}", "bs=1M", "count=1024", "conv=fdatasync"],
+        capture_output=True,
+        text=True,
+    )
+    target.unlink(missing_ok=True)
+    last = dd.stderr.strip().splitlines()[-1] if dd.stderr.strip() else "?"
+    limits["disk: dd 1 GiB bs=1M conv=fdatasync"] = last
+    for k, v in limits.items():
+        print(f"  {k}: {v}", flush=True)
+    return limits
+
+
+# --- reporting ----------------------------------------------------------------------
+
+
+def _print_measure(m: Measure) -> None:
+    state = "ok" if m.ok else f"FAILED ({m.problems})"
+    print(
+        f"  {m.scenario:<10} {m.tool:<7} run {m.run}: {m.wall:7.2f} s  cpu {m.cpu:6.2f} s  "
+        f"rss {m.maxrss_mib:5.0f}/{m.tree_rss_mib:5.0f} MiB  req {m.requests:6d}  "
+        f"load {m.load:4.1f}  "
+        f"{state}",
+        flush=True,
+    )
+
+
+def summarise(results: list[Measure]) -> list[dict[str, object]]:
+    rows = []
+    keys = sorted(
+        {(m.scenario, m.tool) for m in results},
+        key=lambda k: (ALL_SCENARIOS.index(k[0]), TOOLS.index(k[1])),
+    )
+    for scenario, tool in keys:
+        ms = [m for m in results if (m.scenario, m.tool) == (scenario, tool)]
+        wall = statistics.median(m.wall for m in ms)
+        files, nbytes = ms[0].files, ms[0].bytes
+        rows.append(
+            {
+                "scenario": scenario,
+                "tool": tool,
+                "runs": len(ms),
+                "ok": all(m.ok for m in ms),
+                "wall": wall,
+                "files_per_s": files / wall if wall else 0.0,
+                "mb_per_s": nbytes / 1e6 / wall if wall and nbytes else 0.0,
+                "cpu": statistics.median(m.cpu for m in ms),
+                "cpu_ms_per_file": 1000 * statistics.median(m.cpu for m in ms) / files
+                if files
+                else 0,
+                "cpu_s_per_gib": statistics.median(m.cpu for m in ms) / (nbytes / 2**30)
+                if nbytes
+                else 0.0,
+                "maxrss_mib": max(m.maxrss_mib for m in ms),
+                "tree_rss_mib": max(m.tree_rss_mib for m in ms),
+                "requests": int(statistics.median(m.requests for m in ms)),
+                "problems": "; ".join(sorted({m.problems for m in ms if m.problems})),
+            }
+        )
+    return rows
+
+
+def markdown(rows: list[dict[str, object]]) -> str:
+    head = (
+        "| scenario | tool | runs | ok | wall s | files/s | MB/s | CPU s | CPU ms/file | "
+        "CPU s/GiB | peak RSS MiB (1 proc / tree) | requests |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    body = ""
+    for r in rows:
+        ok = "yes" if r["ok"] else f"**no** ({r['problems']})"
+        body += (
+            f"| {r['scenario']} | {r['tool']} | {r['runs']} | {ok} | {r['wall']:.2f} | "
+            f"{r['files_per_s']:.0f} | {r['mb_per_s']:.0f} | {r['cpu']:.2f} | "
+            f"{r['cpu_ms_per_file']:.2f} | {r['cpu_s_per_gib']:.2f} | "
+            f"{r['maxrss_mib']:.0f} / {r['tree_rss_mib']:.0f} | {r['requests']} |\n"
+        )
+    return head + body
+
+
+def ratios(rows: list[dict[str, object]]) -> str:
+    out = (
+        "| scenario | fetch wall s | best peer | peer wall s | fetch speed ÷ best peer | "
+        "fetch CPU ÷ rclone CPU |\n|---|---|---|---|---|---|\n"
+    )
+    for scenario in ALL_SCENARIOS:
+        mine = [r for r in rows if r["scenario"] == scenario]
+        fetch = next((r for r in mine if r["tool"] == "fetch"), None)
+        peers = [r for r in mine if r["tool"] != "fetch" and r["ok"]]
+        if fetch is None or not peers:
+            continue
+        best = min(peers, key=lambda r: r["wall"])
+        rcl = next((r for r in peers if r["tool"] == "rclone"), None)
+        cpu = f"{fetch['cpu'] / rcl['cpu']:.2f}×" if rcl and rcl["cpu"] else "—"
+        out += (
+            f"| {scenario} | {fetch['wall']:.2f} | {best['tool']} | {best['wall']:.2f} | "
+            f"**{best['wall'] / fetch['wall']:.2f}×** | {cpu} |\n"
+        )
+    return out
+
+
+def machine() -> dict[str, str]:
+    free = subprocess.run(["free", "-h"], capture_output=True, text=True).stdout
+    return {
+        "nproc": str(os.cpu_count()),
+        "cpu": next(
+            (
+                ln.split(":", 1)[1].strip()
+                for ln in open("/proc/cpuinfo")
+                if ln.startswith("model name")
+            ),
+            "?",
+        ),
+        "memory": free.splitlines()[1] if free else "?",
+        "kernel": platform.release(),
+        "python": sys.version.split()[0],
+        "filesystem": subprocess.run(
+            ["df", "-hT", str(WORK)], capture_output=True, text=True
+        ).stdout.splitlines()[-1],
+    }
+
+
+# --- main ---------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="fetch vs rclone, wget2, lftp, aria2c")
+    p.add_argument(
+        "--quick", action="store_true", help=f"1 run each of {','.join(QUICK_SCENARIOS)}"
+    )
+    p.add_argument("--scenarios", help=f"comma list of {','.join(ALL_SCENARIOS)}")
+    p.add_argument("--tools", help=f"comma list (default: the installed ones of {TOOLS})")
+    p.add_argument("--rtt-ms", type=float, default=50.0)
+    p.add_argument("--runs", type=int)
+    p.add_argument("--connections", type=int, default=16)
+    p.add_argument("--no-limits", action="store_true", help="skip curl / dd / proxy ceilings")
+    p.add_argument("--serve", metavar="TREE", help="only serve TREE (small, large, mixed) until ^C")
+    args = p.parse_args(argv)
+    if args.serve:
+        # SIGTERM unwinds like ^C, so nginx and the proxy are stopped, not orphaned
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        WORK.mkdir(exist_ok=True)
+        t = build_tree(args.serve, WORK)
+        with serve("nginx", t.root, WORK / "servers") as srv:
+            delayed = (
+                proxied(srv.port, args.rtt_ms / 2)
+                if "--rtt-ms" in (argv or sys.argv)
+                else contextlib.nullcontext(srv.port)
+            )
+            with delayed as port:
+                print(
+                    f"http://127.0.0.1:{port}/  ({len(t.files)} files; access log "
+                    f"{srv.access_log}); ^C to stop",
+                    flush=True,
+                )
+                with contextlib.suppress(KeyboardInterrupt):
+                    while True:
+                        time.sleep(3600)
+        return 0
+
+    scenarios = (
+        args.scenarios.split(",")
+        if args.scenarios
+        else list(QUICK_SCENARIOS if args.quick else FULL_SCENARIOS)
+    )
+    unknown = set(scenarios) - set(ALL_SCENARIOS)
+    if unknown:
+        p.error(f"unknown scenarios {sorted(unknown)}")
+    runs = args.runs or (1 if args.quick else 3)
+    tools = args.tools.split(",") if args.tools else installed_tools()
+    n, rtt = args.connections, args.rtt_ms
+    WORK.mkdir(exist_ok=True)
+    started = time.time()
+    print(
+        f"fetch benchmarks: scenarios {','.join(scenarios)}; tools {','.join(tools)}; "
+        f"N={n}; RTT {rtt:g} ms; {runs} run(s) each",
+        flush=True,
+    )
+
+    results: list[Measure] = []
+    limits: dict[str, str] = {}
+    trees: dict[str, Tree] = {}
+
+    def tree(name: str) -> Tree:
+        if name not in trees:
+            t0 = time.time()
+            trees[name] = build_tree(name, WORK)
+            t = trees[name]
+            print(
+                f"tree {name}: {len(t.files)} files, {t.total_bytes / 2**20:.0f} MiB "
+                f"({time.time() - t0:.1f} s)",
+                flush=True,
+            )
+        return trees[name]
+
+    if not args.no_limits:
+        print("physical limits:", flush=True)
+        limits = physical_limits(tree("large"), rtt)
+    for s in scenarios:
+        print(f"scenario {s}:", flush=True)
+        if s in ("small", "large", "mixed"):
+            run_mirror_scenario(s, tree(s), tools, runs, n, None, results)
+        elif s in ("small-rtt", "mixed-rtt"):
+            run_mirror_scenario(s, tree(s.split("-")[0]), tools, runs, n, rtt, results)
+        elif s == "resync":
+            rs_tools = [t for t in ("fetch", "rclone", "lftp") if t in tools]
+            run_resync(tree("small"), rs_tools, runs, n, rtt, results)
+        elif s == "scale":
+            run_scale(100, 2000, n, results)
+
+    rows = summarise(results)
+    table, ratio = markdown(rows), ratios(rows)
+    print("\n" + table + "\n" + ratio, flush=True)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started))
+    report = {
+        "command": " ".join(["python", "benchmarks/run.py", *(argv or sys.argv[1:])]),
+        "started_utc": stamp,
+        "seconds": time.time() - started,
+        "machine": machine(),
+        "versions": {t: tool_version(t) for t in tools},
+        "limits": limits,
+        "rows": rows,
+        "runs": [asdict(m) for m in results],
+    }
+    out = WORK / f"results-{stamp}.json"
+    out.write_text(json.dumps(report, indent=1))
+    (WORK / f"results-{stamp}.md").write_text(
+        f"command: `{report['command']}`\n\n"
+        + table
+        + "\n"
+        + ratio
+        + "\n"
+        + "\n".join(f"- {k}: {v}" for k, v in limits.items())
+        + "\n"
+    )
+    print(f"wrote {out} (+ .md) in {time.time() - started:.0f} s", flush=True)
+    return 0 if all(m.ok for m in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
