@@ -40,6 +40,7 @@ from __future__ import annotations
 import importlib
 import queue
 import socket
+import sys
 from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -86,7 +87,26 @@ def run_shard_task(shard: Shard, t: Transfer, worker: int = 0) -> list[Outcome]:
         check_writable(dest)
     except FatalIOError as exc:
         return failed_outcomes(shard, f"worker {host} cannot write DEST: {exc.message}")
+    _stop_profiler()
     return run_shard(shard, t, worker, local_limits(t.threads, t.limit_rate))
+
+
+def _stop_profiler() -> None:
+    # Dask's statistical profiler calls sys._current_frames() every 10 ms.  On CPython
+    # 3.11 a garbage collection that starts inside that call, while another thread is
+    # exiting, deadlocks the whole worker (python/cpython#106883).  Every task starts
+    # and ends a thread pool, so we hit it in about one run in ten: a task "processing"
+    # for ever, every thread of the worker waiting on a lock (py-spy: gc_collect_main
+    # under _PyThread_CurrentFrames).  The profile is a diagnostic we do not need.
+    if sys.version_info >= (3, 12):
+        return
+    try:
+        worker = require_distributed().get_worker()
+    except ValueError:  # not inside a Dask worker (a direct call, a test)
+        return
+    pc = worker.periodic_callbacks.get("profile")
+    if pc is not None:
+        worker.loop.add_callback(pc.stop)  # the callback belongs to the worker's event loop
 
 
 def failed_outcomes(shard: Shard, reason: str, attempts: int = 0) -> list[Outcome]:
