@@ -265,9 +265,9 @@ def _coordinate(run: _Run) -> None:
     job = run.job
     run.limits = SharedLimits.create(job.max_connections, job.limit_rate)
     _start_crawl(run, job.url)
-    if not job.dry_run:
-        _make_executor(run)  # workers start up while the first listings are read
     try:
+        if not job.dry_run:
+            _make_executor(run)  # workers start up while the first listings are read
         _loop(run)
         if run.stop.is_set() and (
             run.outstanding or run.held or run.batch or not run.crawl_complete
