@@ -98,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
         " or auto (repository metadata when there is some, else HTML)",
     )
     g.add_argument(
+        "--verify",
+        dest="verify_digests",
+        action="store_true",
+        help="use SHA256SUMS-style files found in the listings: every file they name is checked against its digest",
+    )
+    g.add_argument(
         "--verify-only",
         metavar="DEST",
         type=Path,
@@ -238,7 +244,7 @@ _CLI_KEYS = {
     "limit_rate": "limit_rate", "listing_rate": "listing_rate", "retries": "retries", "timeout": "timeout",
     "connect_timeout": "connect_timeout", "dry_run": "dry_run", "delete": "delete", "max_delete": "max_delete",
     "force": "force", "ca_cert": "ca_cert", "insecure": "insecure", "post_dest": "post_dest",
-    "post_jobs": "post_jobs", "skip_if_locked": "skip_if_locked", "index": "index",
+    "post_jobs": "post_jobs", "skip_if_locked": "skip_if_locked", "index": "index", "verify_digests": "verify_digests",
     "executor": "executor", "scheduler": "scheduler",
 }  # fmt: skip
 

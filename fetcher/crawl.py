@@ -16,10 +16,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from urllib.parse import unquote
 
 import httpx
 
+from fetcher.checksums import MAX_SUMS_BYTES, is_sums_file, parse_sums
 from fetcher.config import Transfer
 from fetcher.errors import (
     HTTPStatusError,
@@ -52,6 +54,8 @@ class CrawlOptions:
     concurrency: int = 4
     listing_rate: float | None = None
     max_listing_bytes: int = 64 << 20
+    verify: bool = False
+    """Read SHA256SUMS-style files and give each file its published digest."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +70,7 @@ class _Dir:
 class _Page:
     url: str
     entries: list[ListingEntry]
+    sums: dict[str, tuple[str, str]] = field(default_factory=dict)
 
 
 CrawlItem = RemoteFile | RemoteDir | CrawlProblem
@@ -162,6 +167,20 @@ def _read_page(
         return _Page(url if url.endswith("/") else url + "/", parse_listing(bytes(body), url))
 
 
+def _fetch_text(client: httpx.Client, url: str, cap: int) -> str:
+    with client.stream("GET", url, follow_redirects=False) as resp:
+        if resp.status_code != 200:
+            raise HTTPStatusError(
+                resp.status_code, url, retry_after_seconds(resp.headers.get("retry-after"))
+            )
+        body = bytearray()
+        for chunk in resp.iter_bytes():
+            body += chunk
+            if len(body) > cap:
+                raise ListingError(f"checksum file over {cap} bytes: {url}")
+    return body.decode("utf-8", "replace")
+
+
 def _fingerprint(entries: Sequence[ListingEntry]) -> bytes:
     h = hashlib.blake2b(digest_size=16)
     for e in sorted(entries, key=lambda e: e.url.rsplit("/", 2)[-2 if e.is_dir else -1]):
@@ -198,8 +217,16 @@ def crawl(
     def fetch(d: _Dir) -> _Page:
         for attempt in retrying.copy():
             with attempt:
-                return _fetch_page(client, d.url, scope, opts, gate)
-        raise AssertionError("unreachable")  # pragma: no cover
+                page = _fetch_page(client, d.url, scope, opts, gate)
+        if opts.verify:
+            for e in page.entries:
+                name = unquote(e.url.rstrip("/").rsplit("/", 1)[-1])
+                if not e.is_dir and is_sums_file(name) and scope.contains(e.url):
+                    for attempt in retrying.copy():
+                        with attempt:
+                            text = _fetch_text(client, e.url, MAX_SUMS_BYTES)
+                    page.sums.update(parse_sums(name, text))
+        return page
 
     def submit(d: _Dir) -> None:
         running[pool.submit(fetch, d)] = d
@@ -286,7 +313,8 @@ def _children(
             submit(_Dir(url, rel, d.depth + 1, chain))
         elif rel not in files:
             # "a.txt" and "%61.txt" are one local file: fetch it once, not twice at once.
-            files[rel] = RemoteFile(e.url, rel, e.size, e.size_exact, e.mtime, e.stamp)
+            digest = page.sums.get(rel.rsplit("/", 1)[-1])
+            files[rel] = RemoteFile(e.url, rel, e.size, e.size_exact, e.mtime, e.stamp, digest)
     for name in sorted(files):
         if name in dirs:
             yield CrawlProblem(

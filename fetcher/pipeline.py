@@ -207,6 +207,7 @@ def _start_crawl(run: _Run, root: str, prefix: str = "") -> None:
         concurrency=max(1, min(4, job.max_connections // 4)),
         listing_rate=job.listing_rate,
         max_listing_bytes=job.max_listing_bytes,
+        verify=job.verify_digests,
     )
     inbox, stop = run.inbox, run.stop
     assert run.limits is not None

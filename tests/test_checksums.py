@@ -1,0 +1,59 @@
+"""SHA256SUMS-style files: parsed (pure), and used with --verify against a real server."""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from pathlib import Path
+
+from fetcher.checksums import is_sums_file, parse_sums
+from tests.faultserver import FaultServer
+
+H1 = hashlib.sha256(b"one").hexdigest()
+H2 = hashlib.sha512(b"two").hexdigest()
+
+
+def test_parse_gnu_and_bsd_formats() -> None:
+    text = f"{H1}  one.iso\n{H1} *star.iso\nnot a line\n{H1[:10]}  short.iso\n{H1}  sub/dir.iso\n"
+    assert parse_sums("SHA256SUMS", text) == {"one.iso": ("sha256", H1), "star.iso": ("sha256", H1)}
+    bsd = f"# comment\nSHA512 (two.iso) = {H2}\nSHA256 (two.iso) = {H1}\n"
+    assert parse_sums("Fedora-38-x86_64-CHECKSUM", bsd) == {"two.iso": ("sha512", H2)}
+    assert parse_sums("CHECKSUM", f"{H1}  gnu-line-without-algorithm.iso\n") == {}
+    assert is_sums_file("SHA256SUMS") and is_sums_file("Fedora-38-x86_64-CHECKSUM")
+    assert not is_sums_file("README")
+
+
+def test_verify_uses_published_digests(tmp_path: Path, run_fetch) -> None:
+    www = tmp_path / "www" / "iso"
+    www.mkdir(parents=True)
+    good, bad = b"good image" * 1000, b"bad image!" * 1000
+    (www / "good.iso").write_bytes(good)
+    (www / "bad.iso").write_bytes(bad)
+    wrong = hashlib.sha256(b"what the publisher meant").hexdigest()
+    (www / "SHA256SUMS").write_text(
+        f"{hashlib.sha256(good).hexdigest()}  good.iso\n{wrong}  bad.iso\n"
+    )
+    with FaultServer(root=tmp_path / "www") as srv:
+        r = run_fetch("--mirror", srv.url + "iso/", "--dest", tmp_path / "plain", "--procs", "1")
+        assert r.code == 0, r  # without --verify the digests are not looked at
+        r = run_fetch(
+            "--mirror",
+            srv.url + "iso/",
+            "--dest",
+            tmp_path / "v",
+            "--procs",
+            "1",
+            "--verify",
+            "--retries",
+            "2",
+        )
+        assert srv.count(path="/iso/bad.iso") == 1 + 2  # one plain fetch, two verified attempts
+    assert r.code == 1, r
+    assert "bad.iso" in r.output and "mismatch" in r.output
+    assert (tmp_path / "v" / "good.iso").read_bytes() == good
+    assert not (tmp_path / "v" / "bad.iso").exists()
+    assert not list((tmp_path / "v" / ".fetcher" / "partial").glob("*.part"))
+    db = sqlite3.connect(tmp_path / "v" / ".fetcher" / "state.sqlite")
+    (sha,) = db.execute("SELECT sha256 FROM files WHERE path = 'good.iso'").fetchone()
+    db.close()
+    assert sha == hashlib.sha256(good).hexdigest()
