@@ -64,6 +64,7 @@ __all__ = [
     "Request",
     "generated_body",
     "nginx_listing",
+    "serving",
 ]
 
 AUTO: object = type("Auto", (), {"__repr__": lambda self: "AUTO"})()
@@ -1262,3 +1263,11 @@ def _parse_range(value: str | None, size: int) -> tuple[int, int] | str | None:
     if start >= size:
         return "unsatisfiable"
     return start, min(end, size - 1)
+
+
+@contextlib.contextmanager
+def serving(root: Path | None = None) -> Iterator[FaultServer]:
+    """A fault server that stops at the end and fails the test if a handler raised."""
+    with FaultServer(root=root) as srv:
+        yield srv
+    assert not srv.errors, "fault server handler errors:\n" + "\n".join(srv.errors)

@@ -5,7 +5,6 @@ memory of a 200,000-file dry run.  Every count is the server's own."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -14,13 +13,14 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.faultserver import Fault, FaultServer
+from tests.faultserver import serving as _serving
 from tests.servers import serve
 from tests.trees import make_simple_tree, tree_manifest
 
@@ -30,14 +30,6 @@ NEWER = OLD + 3 * 3600 + 7 * 60
 """A date that differs from OLD in the listing (minutes, hours), for a changed file."""
 
 RunFetch = Callable[..., Any]
-
-
-@contextlib.contextmanager
-def _serving(root: Path | None = None) -> Iterator[FaultServer]:
-    """A fault server that stops at the end and fails the test if a handler raised."""
-    with FaultServer(root=root) as srv:
-        yield srv
-    assert not srv.errors, "fault server handler errors:\n" + "\n".join(srv.errors)
 
 
 def _make_source(root: Path, files: int = 30, dirs: int = 3) -> dict[str, str | None]:

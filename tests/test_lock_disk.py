@@ -17,20 +17,13 @@ from typing import Any
 
 import pytest
 
-from tests.faultserver import Fault, FaultServer
+from tests.faultserver import Fault
+from tests.faultserver import serving as _serving
 from tests.trees import tree_manifest
 
 RunFetch = Callable[..., Any]
 REPO = Path(__file__).resolve().parent.parent
 MIB = 1 << 20
-
-
-@contextlib.contextmanager
-def _serving(root: Path | None = None) -> Iterator[FaultServer]:
-    """A fault server that stops at the end and fails the test if a handler raised."""
-    with FaultServer(root=root) as srv:
-        yield srv
-    assert not srv.errors, "fault server handler errors:\n" + "\n".join(srv.errors)
 
 
 def _small_tree(root: Path, n: int = 6) -> None:

@@ -24,19 +24,12 @@ from fetcher.download import fetch_file, partial_paths
 from fetcher.models import Action, Job, RelPath, RemoteFile, Status
 from fetcher.retry import build_retrying
 from tests.faultserver import Fault, FaultServer
+from tests.faultserver import serving as _serving
 from tests.trees import tree_manifest
 
 RunFetch = Callable[..., Any]
 REPO = Path(__file__).resolve().parent.parent
 MIB = 1 << 20
-
-
-@contextlib.contextmanager
-def _serving(root: Path | None = None) -> Iterator[FaultServer]:
-    """A fault server that stops at the end and fails the test if a handler raised."""
-    with FaultServer(root=root) as srv:
-        yield srv
-    assert not srv.errors, "fault server handler errors:\n" + "\n".join(srv.errors)
 
 
 def _parts(dest: Path) -> list[Path]:
