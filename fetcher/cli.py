@@ -104,6 +104,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="use SHA256SUMS-style files found in the listings: every file they name is checked against its digest",
     )
     g.add_argument(
+        "--suite",
+        dest="suites",
+        metavar="NAME",
+        action="append",
+        help="with --index debian: mirror only this suite (repeatable; default: all in dists/)",
+    )
+    g.add_argument(
+        "--component",
+        dest="components",
+        metavar="NAME",
+        action="append",
+        help="with --index debian: only this component, e.g. main (repeatable)",
+    )
+    g.add_argument(
+        "--arch",
+        dest="architectures",
+        metavar="NAME",
+        action="append",
+        help="with --index debian: only this architecture, e.g. amd64 (repeatable)",
+    )
+    g.add_argument(
         "--verify-only",
         metavar="DEST",
         type=Path,
@@ -244,7 +265,8 @@ _CLI_KEYS = {
     "limit_rate": "limit_rate", "listing_rate": "listing_rate", "retries": "retries", "timeout": "timeout",
     "connect_timeout": "connect_timeout", "dry_run": "dry_run", "delete": "delete", "max_delete": "max_delete",
     "force": "force", "ca_cert": "ca_cert", "insecure": "insecure", "post_dest": "post_dest",
-    "post_jobs": "post_jobs", "skip_if_locked": "skip_if_locked", "index": "index", "verify_digests": "verify_digests",
+    "post_jobs": "post_jobs", "skip_if_locked": "skip_if_locked", "index": "index", "verify_digests": "verify_digests", "suites": "suites",
+    "components": "components", "architectures": "architectures",
     "executor": "executor", "scheduler": "scheduler",
 }  # fmt: skip
 

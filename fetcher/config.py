@@ -79,6 +79,9 @@ class MirrorJob:
     index: str = "html"
     verify_digests: bool = False
     max_listing_bytes: int = 64 << 20
+    suites: tuple[str, ...] = ()
+    components: tuple[str, ...] = ()
+    architectures: tuple[str, ...] = ()
     skip_if_locked: bool = False
     """Another run still holds DEST's lock: log it and exit 0 instead of 3 (for timers)."""
 
@@ -243,6 +246,9 @@ _FIELDS: dict[str, Callable[[Any], Any]] = {
     "index": _choice("auto", "html", "repodata", "debian"),
     "verify_digests": _bool,
     "skip_if_locked": _bool,
+    "suites": _strs,
+    "components": _strs,
+    "architectures": _strs,
 }
 
 ALIASES = {"max-connections": "max_connections", "verify": "verify_digests"}

@@ -56,6 +56,10 @@ class CrawlOptions:
     max_listing_bytes: int = 64 << 20
     verify: bool = False
     """Read SHA256SUMS-style files and give each file its published digest."""
+    suites: tuple[str, ...] = ()
+    components: tuple[str, ...] = ()
+    architectures: tuple[str, ...] = ()
+    """Debian archives (``--index debian``): which parts to mirror; empty means all."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -208,6 +208,9 @@ def _start_crawl(run: _Run, root: str, prefix: str = "") -> None:
         listing_rate=job.listing_rate,
         max_listing_bytes=job.max_listing_bytes,
         verify=job.verify_digests,
+        suites=job.suites,
+        components=job.components,
+        architectures=job.architectures,
     )
     inbox, stop = run.inbox, run.stop
     assert run.limits is not None

@@ -104,6 +104,8 @@ def find_suites(src: IndexSource, *, probe: bool = False) -> list[Suite]:
             if e.is_dir and src.scope.contains(e.url)
         }
     )
+    if src.opts.suites:
+        names = [n for n in names if n in src.opts.suites]
     suites = []
     for name in names:
         copies: dict[str, bytes] = {}
@@ -129,6 +131,10 @@ def _suite(src: IndexSource, suite: Suite, seen: set[str]) -> Iterator[CrawlItem
     rel = suite.release
     comps = rel.fields.get("Components", "").split()
     archs = rel.fields.get("Architectures", "").split()
+    if src.opts.components:
+        comps = [c for c in comps if c in src.opts.components]
+    if src.opts.architectures:
+        archs = [a for a in archs if a in src.opts.architectures]
     index_dirs = [f"{c}/binary-{a}/" for c in comps for a in archs]
     for d in index_dirs:
         stem = d + "Packages"

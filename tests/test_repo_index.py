@@ -288,6 +288,25 @@ def test_debian_archive_mirrored_from_release_and_packages(tmp_path: Path) -> No
 
 
 @needs_deb
+def test_debian_suites_components_architectures_select(tmp_path: Path) -> None:
+    root = debian_repo(tmp_path)
+    with FaultServer(root=root) as srv:
+        s = run_mirror(srv.url, tmp_path / "a", "debian", architectures=("arm64",))
+        assert s.exit_code == 0, (s.failed, s.listing_errors)
+        got = tree(tmp_path / "a")
+        assert any(p.startswith("dists/stable/main/binary-arm64/") for p in got)
+        assert not any("binary-amd64" in p for p in got)
+        assert not any("binary-amd64" in r.path for r in srv.requests)
+        assert any(p.startswith("pool/main/a/alpha/") for p in got)
+        srv.reset_stats()
+        s = run_mirror(srv.url, tmp_path / "b", "debian", suites=("oldstable",))
+        assert s.exit_code == 1 and s.fetched.files == 0 and s.listing_errors  # no such suite
+        assert not any(r.path.startswith("/dists/stable/") for r in srv.requests)
+        s = run_mirror(srv.url, tmp_path / "c", "debian", components=("contrib",))
+        assert s.exit_code == 0 and not any(p.startswith("pool/") for p in tree(tmp_path / "c"))
+
+
+@needs_deb
 def test_debian_corrupted_package_is_detected(tmp_path: Path) -> None:
     root = debian_repo(tmp_path)
     deb = next(root.glob("pool/main/a/alpha/*.deb"))
