@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import os
 import queue
 import sys
 from collections.abc import Iterator
@@ -67,7 +68,7 @@ class LocalExecutor:
         self._procs = [
             ctx.Process(
                 target=worker_main,
-                args=(i, t, self._shards, self._events, limits, self._stop),
+                args=(i, t, self._shards, self._events, limits, self._stop, os.getpid()),
                 name=f"fetch-worker-{i}",
                 daemon=True,
             )

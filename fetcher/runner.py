@@ -8,6 +8,7 @@ escapes to break the pool; events go back to the coordinator in batches.
 
 from __future__ import annotations
 
+import os
 import queue
 import signal
 import ssl
@@ -137,13 +138,17 @@ class ShardRunner:
         send: Callable[[list[Event]], None],
         limits: SharedLimits | None = None,
         stop: threading.Event | None = None,
+        parent: int | None = None,
     ) -> None:
+        """``parent``: the coordinator's PID; when it is gone, this runner stops."""
         self.t = t
         self.worker = worker
         # A multiprocessing Event takes a cross-process lock on every is_set(); the hot
         # path (per chunk, per file) checks this local copy, kept in step by the ticker.
         self._shared_stop = stop
         self.stop = threading.Event()
+        self._parent = parent
+        self.orphaned = False
         self.limits = limits
         self.client = make_client(t, limits, self.stop)
         self.scope = Scope.for_start(t.root, t.aliases)
@@ -164,6 +169,10 @@ class ShardRunner:
     def _tick(self) -> None:
         while not self._closed.wait(0.1):
             if self._shared_stop is not None and self._shared_stop.is_set():
+                self.stop.set()
+            if self._parent is not None and os.getppid() != self._parent:
+                # the coordinator is gone (killed): stop, keeping partial files for resume
+                self.orphaned = True
                 self.stop.set()
             self.batch.flush()
 
@@ -250,14 +259,15 @@ def worker_main(
     events: Any,
     limits: SharedLimits | None,
     stop: Any,
+    parent: int | None = None,
 ) -> None:
     """Entry point of a local worker process (``spawn``): pull shards until ``None``."""
     # Ctrl-C reaches the whole process group; only the coordinator decides what it means.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    runner = ShardRunner(t, worker, events.put, limits, stop)
+    runner = ShardRunner(t, worker, events.put, limits, stop, parent)
     inflight = threading.BoundedSemaphore(t.threads * 2)
     try:
-        while not stop.is_set():
+        while not runner.stop.is_set():
             try:
                 shard: Shard | None = shards.get(timeout=0.5)
             except queue.Empty:
@@ -267,7 +277,7 @@ def worker_main(
                 break
             for job in shard.jobs:
                 while not inflight.acquire(timeout=0.5):
-                    if stop.is_set():
+                    if runner.stop.is_set():
                         break
                 else:
                     runner.submit(job).add_done_callback(lambda _f: inflight.release())
@@ -275,7 +285,12 @@ def worker_main(
                 break
     finally:
         runner.close()
-        events.put([WorkerExit(worker)])
+        if runner.orphaned:
+            # nobody reads the queues any more: do not wait at exit to flush them
+            events.cancel_join_thread()
+            shards.cancel_join_thread()
+        else:
+            events.put([WorkerExit(worker)])
 
 
 def run_shard(

@@ -153,3 +153,68 @@ def test_interrupt_exits_130_keeps_partials_and_resumes(
         assert r.code == 0, r
         assert (dest / "big.bin").read_bytes() == payload
         assert srv.file_bytes_sent - sent_before < len(payload)  # resumed, not restarted
+
+
+def _children(pid: int) -> set[int]:
+    out: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            out.update(int(x) for x in (task / "children").read_text().split())
+        except FileNotFoundError:  # the thread ended meanwhile
+            continue
+    return out
+
+
+def _is_worker(pid: int) -> bool:
+    try:
+        return b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return False
+
+
+def test_workers_exit_when_the_coordinator_is_killed(tmp_path: Path) -> None:
+    www = tmp_path / "www"
+    www.mkdir()
+    (www / "slow.bin").write_bytes(os.urandom(2 << 20))
+    with FaultServer(root=www) as srv:
+        srv.persist("/slow.bin", Fault.trickle(64 * 1024))
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "fetcher",
+                "--mirror",
+                srv.url,
+                "--dest",
+                str(tmp_path / "d"),
+                "--procs",
+                "2",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            workers: set[int] = set()
+            while time.monotonic() < deadline and len(workers) < 2:
+                workers = {
+                    c
+                    for c in _children(proc.pid)
+                    if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()
+                }
+                time.sleep(0.05)
+            assert len(workers) == 2, workers
+            proc.kill()  # the coordinator only, as `kill -9 PID` would
+            proc.wait(timeout=10)
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline and any(Path(f"/proc/{w}").exists() for w in workers):
+                time.sleep(0.05)
+            alive = [w for w in workers if Path(f"/proc/{w}").exists()]
+            for w in alive:  # do not leave them behind even when the test fails
+                os.kill(w, signal.SIGKILL)
+            assert not alive, f"orphaned workers still running: {alive}"
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert not (tmp_path / "d" / "slow.bin").exists()
