@@ -41,6 +41,7 @@ class Transfer:
     verify: bool | str = True
     aliases: tuple[str, ...] = ()
     limit_rate: float | None = None
+    """Bytes per second for the runner's own limits (a Dask task); local workers share one bucket."""
     http2: bool = False
 
 
@@ -100,7 +101,7 @@ class MirrorJob:
             read_timeout=self.timeout,
             verify=verify,
             aliases=self.aliases,
-            limit_rate=(self.limit_rate / self.procs) if self.limit_rate else None,
+            limit_rate=self.limit_rate,
             http2=self.http2,
         )
 

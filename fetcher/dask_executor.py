@@ -175,9 +175,6 @@ class DaskExecutor:
     def finish(self) -> None:
         self._finished = True
 
-    def backlog(self) -> int:
-        return len(self._pending)
-
     def events(self, timeout: float) -> list[Event]:
         self._dispatch()
         out, self._ready = self._ready, []

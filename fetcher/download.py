@@ -42,7 +42,6 @@ from fetcher.retry import retry_after_seconds
 __all__ = ["Interrupted", "check_writable", "fetch_file", "partial_paths"]
 
 MAX_REDIRECTS = 5
-CHUNK = 256 * 1024
 RESUME_MIN = 1 << 20  # bodies smaller than this are refetched whole rather than resumed
 _FATAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")

@@ -32,7 +32,6 @@ class Executor(Protocol):
     def stop(self) -> None: ...
     def kill(self) -> None: ...
     def join(self, timeout: float) -> None: ...
-    def backlog(self) -> int: ...
     def dead(self) -> list[int]: ...
 
 
@@ -88,12 +87,6 @@ class LocalExecutor:
             self._finished = True
             for _ in self._procs:
                 self._shards.put(None)
-
-    def backlog(self) -> int:
-        try:
-            return int(self._shards.qsize())
-        except NotImplementedError:  # pragma: no cover - macOS
-            return 0
 
     def events(self, timeout: float) -> list[Event]:
         out: list[Event] = []

@@ -10,7 +10,7 @@ import enum
 import posixpath
 from dataclasses import dataclass, field
 from typing import NewType
-from urllib.parse import unquote_to_bytes, urldefrag, urljoin, urlsplit
+from urllib.parse import unquote_to_bytes, urldefrag, urlsplit
 
 from fetcher.errors import UnsafePath
 
@@ -35,7 +35,6 @@ __all__ = [
     "Summary",
     "WorkerExit",
     "WorkerFatal",
-    "join_url",
     "normalise_dir_url",
     "rel_path",
 ]
@@ -192,12 +191,6 @@ class Scope:
         except UnsafePath:
             return False
         return self._origin_ok(scheme, host, port)
-
-
-def join_url(base: str, href: str) -> str:
-    """Resolve ``href`` against ``base`` and drop the fragment (pure)."""
-    joined = urljoin(base, href)
-    return urldefrag(joined)[0]
 
 
 def normalise_dir_url(url: str) -> str:

@@ -268,18 +268,6 @@ class State:
         self._pending.clear()
         self._seen.clear()
 
-    def not_seen(self, run_id: int) -> Iterator[str]:
-        """Paths recorded before but not seen upstream in ``run_id``."""
-        self.flush()
-        seen = " AND path NOT IN (SELECT path FROM temp.seen)" if self.readonly else ""
-        cur = self._db.execute(
-            "SELECT path FROM files WHERE (last_seen IS NULL OR last_seen != ?)"
-            f"{seen} ORDER BY path",
-            (run_id,),
-        )
-        for (path,) in cur:
-            yield path
-
     def invalidate(self, path: str) -> None:
         """Mark a file as bad (it failed a probe): the next run fetches it again."""
         self.flush()
