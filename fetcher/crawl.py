@@ -11,7 +11,6 @@ of normalised directory URLs, a cap on one listing's size, and a loop check
 from __future__ import annotations
 
 import hashlib
-import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -41,7 +40,7 @@ from fetcher.models import (
     normalise_dir_url,
 )
 from fetcher.plan import wanted
-from fetcher.retry import build_retrying, retry_after_seconds
+from fetcher.retry import build_retrying, retry_after_seconds, untrusted_certificate
 
 __all__ = ["CrawlOptions", "crawl"]
 
@@ -102,24 +101,13 @@ class _RateGate:
                 time.sleep(delay)
 
 
-def _untrusted_certificate(exc: BaseException) -> ssl.SSLCertVerificationError | None:
-    seen: set[int] = set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
-        if isinstance(cur, ssl.SSLCertVerificationError):
-            return cur
-        seen.add(id(cur))
-        cur = cur.__cause__ or cur.__context__
-    return None
-
-
 def _fetch_page(
     client: httpx.Client, url: str, scope: Scope, opts: CrawlOptions, gate: _RateGate
 ) -> _Page:
     try:
         return _read_page(client, url, scope, opts, gate)
     except httpx.ConnectError as exc:
-        cert = _untrusted_certificate(exc)
+        cert = untrusted_certificate(exc)
         if cert is None:
             raise
         # Not transient: retrying would only repeat the same refusal.

@@ -25,7 +25,7 @@ import tenacity
 from fetcher.config import Transfer
 from fetcher.errors import HTTPStatusError, TransferError
 
-__all__ = ["build_retrying", "retry_after_seconds"]
+__all__ = ["build_retrying", "retry_after_seconds", "untrusted_certificate"]
 
 
 def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
@@ -42,14 +42,22 @@ def retry_after_seconds(value: str | None, now: float | None = None) -> float | 
     return max(0.0, when - (time.time() if now is None else now))
 
 
+def untrusted_certificate(exc: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The certificate failure behind ``exc`` (httpx wraps it), if that is what it is."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, ssl.SSLCertVerificationError):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
 def _is_transient(exc: BaseException) -> bool:
     if isinstance(exc, httpx.TransportError):
-        if isinstance(exc, httpx.UnsupportedProtocol):
-            return False
         # a certificate that does not verify will not verify on the next attempt either
-        return not isinstance(
-            exc.__context__, ssl.SSLCertVerificationError
-        ) and "CERTIFICATE_VERIFY_FAILED" not in str(exc)
+        return not isinstance(exc, httpx.UnsupportedProtocol) and untrusted_certificate(exc) is None
     if isinstance(exc, TransferError):
         return bool(exc.retryable)
     return False
