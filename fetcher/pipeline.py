@@ -8,8 +8,8 @@ metadata is published last; deletion waits for a complete, error-free crawl.
 
 from __future__ import annotations
 
-import os
 import queue
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -424,7 +424,7 @@ def _stat(p: Path) -> LocalFile | None:
         st = p.stat()
     except (OSError, ValueError):
         return None
-    if not os.path.isfile(p):
+    if not stat.S_ISREG(st.st_mode):  # one stat per planned file, not two
         return None
     return LocalFile(st.st_size, st.st_mtime)
 
