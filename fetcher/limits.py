@@ -101,6 +101,9 @@ class _Box:
         self.value = value
 
 
+_CLOSE_GRACE = 0.05  # seconds; connections close rarely (idle workers, reclaim, crawl end)
+
+
 class _CappedStream(httpcore.NetworkStream):
     def __init__(self, inner: httpcore.NetworkStream, release: Callable[[], None]) -> None:
         self._inner = inner
@@ -118,7 +121,11 @@ class _CappedStream(httpcore.NetworkStream):
         finally:
             release, self._release = self._release, None
             if release is not None:
-                release()
+                # Hand the token on a moment later, so the server has seen this connection
+                # close before the next one opens: the cap holds as the server counts too.
+                timer = threading.Timer(_CLOSE_GRACE, release)
+                timer.daemon = True
+                timer.start()
 
     def start_tls(
         self, ssl_context: Any, server_hostname: str | None = None, timeout: float | None = None
