@@ -409,7 +409,8 @@ def check_writable(dest: Path) -> None:
     """Raise :class:`FatalIOError` when DEST cannot hold our state and partial files."""
     try:
         (dest / STATE_DIR / "partial").mkdir(parents=True, exist_ok=True)
-        probe = dest / STATE_DIR / f".probe-{os.getpid()}"
+        # unique per thread: a Dask worker checks DEST from several tasks at once
+        probe = dest / STATE_DIR / f".probe-{os.getpid()}-{threading.get_ident()}"
         probe.write_bytes(b"x")
         probe.unlink()
     except OSError as exc:
