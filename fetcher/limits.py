@@ -23,7 +23,7 @@ from typing import Any
 
 import httpcore
 
-__all__ = ["CappedBackend", "SharedLimits", "local_limits"]
+__all__ = ["CappedBackend", "SharedLimits", "TokenGate", "local_limits"]
 
 
 @dataclass(frozen=True)
@@ -104,10 +104,72 @@ class _Box:
 _CLOSE_GRACE = 0.05  # seconds; connections close rarely (idle workers, reclaim, crawl end)
 
 
+class TokenGate:
+    """One process's side of the connection cap: a token per open connection.
+
+    A closing connection hands its token to a thread of this process that waits
+    for one (it was usually closed for that thread's sake), rather than to any
+    process: no churn.  Waiting never times out by itself; it ends when a token
+    comes or ``stop`` is set.
+    """
+
+    def __init__(self, sem: Any, stop: threading.Event | None = None) -> None:
+        self._sem = sem
+        self._stop = stop
+        self._cond = threading.Condition()
+        self._waiting = 0
+        self._spare = 0
+
+    def acquire(self, reclaim: Callable[[], bool] = lambda: False) -> bool:
+        """Take a token; ``reclaim`` may close an idle connection of ours to free one.
+
+        False when the run is stopping.
+        """
+        with self._cond:
+            self._waiting += 1
+        try:
+            while not self._take():
+                if self._stop is not None and self._stop.is_set():
+                    return False
+                reclaim()
+        finally:
+            with self._cond:
+                self._waiting -= 1
+                extra = max(0, self._spare - self._waiting)
+                self._spare -= extra
+            for _ in range(extra):
+                self._sem.release()
+        return True
+
+    def _take(self) -> bool:
+        with self._cond:
+            if self._spare:
+                self._spare -= 1
+                return True
+        return bool(self._sem.acquire(timeout=0.05))
+
+    def release(self) -> None:
+        """Give a token back, a moment later, so the server has seen the close first.
+
+        The cap then holds as the server counts connections, too.
+        """
+        timer = threading.Timer(_CLOSE_GRACE, self.release_now)
+        timer.daemon = True
+        timer.start()
+
+    def release_now(self) -> None:
+        with self._cond:
+            if self._waiting > self._spare:
+                self._spare += 1
+                self._cond.notify()
+                return
+        self._sem.release()
+
+
 class _CappedStream(httpcore.NetworkStream):
-    def __init__(self, inner: httpcore.NetworkStream, release: Callable[[], None]) -> None:
+    def __init__(self, inner: httpcore.NetworkStream, gate: TokenGate) -> None:
         self._inner = inner
-        self._release: Callable[[], None] | None = release
+        self._gate: TokenGate | None = gate
 
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         return self._inner.read(max_bytes, timeout)
@@ -119,13 +181,9 @@ class _CappedStream(httpcore.NetworkStream):
         try:
             self._inner.close()
         finally:
-            release, self._release = self._release, None
-            if release is not None:
-                # Hand the token on a moment later, so the server has seen this connection
-                # close before the next one opens: the cap holds as the server counts too.
-                timer = threading.Timer(_CLOSE_GRACE, release)
-                timer.daemon = True
-                timer.start()
+            gate, self._gate = self._gate, None
+            if gate is not None:
+                gate.release()
 
     def start_tls(
         self, ssl_context: Any, server_hostname: str | None = None, timeout: float | None = None
@@ -138,9 +196,9 @@ class _CappedStream(httpcore.NetworkStream):
         return self._inner.get_extra_info(info)
 
     def __del__(self) -> None:
-        release, self._release = self._release, None
-        if release is not None:
-            release()
+        gate, self._gate = self._gate, None
+        if gate is not None:
+            gate.release_now()
 
 
 class CappedBackend(httpcore.NetworkBackend):
@@ -154,30 +212,9 @@ class CappedBackend(httpcore.NetworkBackend):
         self, inner: httpcore.NetworkBackend, sem: Any, stop: threading.Event | None = None
     ) -> None:
         self._inner = inner
-        self._sem = sem
-        self._stop = stop
+        self._gate = TokenGate(sem, stop)
         self.pool: httpcore.ConnectionPool | None = None
         """The pool this backend serves; its idle connections can give their tokens back."""
-        self._cond = threading.Condition()
-        self._waiting = 0
-        self._spare = 0
-
-    def _release(self) -> None:
-        # A closing connection hands its token to a thread of this process that waits for
-        # one (it was closed for that thread's sake), rather than to any process: no churn.
-        with self._cond:
-            if self._waiting > self._spare:
-                self._spare += 1
-                self._cond.notify()
-                return
-        self._sem.release()
-
-    def _take(self) -> bool:
-        with self._cond:
-            if self._spare:
-                self._spare -= 1
-                return True
-        return bool(self._sem.acquire(timeout=0.05))
 
     def _reclaim(self) -> bool:
         # httpcore binds a request to a new connection as it arrives, before it connects.
@@ -203,26 +240,14 @@ class CappedBackend(httpcore.NetworkBackend):
         local_address: str | None = None,
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore.NetworkStream:
-        with self._cond:
-            self._waiting += 1
-        try:
-            while not self._take():
-                if self._stop is not None and self._stop.is_set():
-                    raise httpcore.ConnectError("stopping")
-                self._reclaim()
-        finally:
-            with self._cond:
-                self._waiting -= 1
-                extra = max(0, self._spare - self._waiting)
-                self._spare -= extra
-            for _ in range(extra):
-                self._sem.release()
+        if not self._gate.acquire(self._reclaim):
+            raise httpcore.ConnectError("stopping")
         try:
             stream = self._inner.connect_tcp(host, port, timeout, local_address, socket_options)
         except BaseException:
-            self._release()
+            self._gate.release_now()
             raise
-        return _CappedStream(stream, self._release)
+        return _CappedStream(stream, self._gate)
 
     def connect_unix_socket(
         self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None

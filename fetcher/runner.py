@@ -24,7 +24,8 @@ import httpx
 
 from fetcher.config import Transfer
 from fetcher.download import fetch_file
-from fetcher.limits import CappedBackend, SharedLimits
+from fetcher.http1 import ThreadConnTransport
+from fetcher.limits import CappedBackend, SharedLimits, TokenGate
 from fetcher.models import (
     BytesEvent,
     Event,
@@ -46,13 +47,6 @@ __all__ = ["ShardRunner", "make_client", "run_shard", "worker_main"]
 _STARTED_MIN_SIZE = 1 << 20  # FileStarted only for files worth watching
 
 
-def _tune_httpcore() -> None:
-    # httpcore reads 64 KiB per socket read; per-chunk overhead in the HTTP
-    # stack, not Python, limits large transfers (DESIGN: performance notes).
-    # A bigger read costs nothing for small bodies and cuts that overhead.
-    httpcore._sync.http11.HTTP11Connection.READ_NUM_BYTES = 256 * 1024
-
-
 def make_client(
     t: Transfer,
     limits: SharedLimits | None = None,
@@ -60,12 +54,40 @@ def make_client(
     pool_size: int | None = None,
     keepalive: bool = True,
 ) -> httpx.Client:
-    """A client for one process: keep-alive pool sized to its threads, capped by ``limits``."""
-    _tune_httpcore()
-    size = pool_size or t.threads
+    """A client for one process's threads, its connections capped by ``limits``.
+
+    HTTP/1.1 goes through :class:`ThreadConnTransport` (one keep-alive connection
+    per thread, no shared pool); ``--http2`` needs httpcore's multiplexing pool.
+    ``keepalive=False`` closes each connection after its response, so a thread
+    that pauses between requests does not sit on a token of the cap.
+    """
+    timeout = httpx.Timeout(t.read_timeout, connect=t.connect_timeout, pool=None)
+    transport: httpx.BaseTransport
+    if t.http2:
+        transport = _httpcore_transport(t, limits, stop, pool_size or t.threads)
+    else:
+        transport = ThreadConnTransport(
+            ssl_context=httpx.create_ssl_context(verify=_ssl_context(t.verify)),
+            timeout=timeout,
+            gate=TokenGate(limits.connections, stop) if limits is not None else None,
+            keepalive=keepalive,
+        )
+    return httpx.Client(
+        transport=transport,
+        timeout=timeout,
+        headers={"User-Agent": t.user_agent, "Accept-Encoding": "identity"},
+        follow_redirects=False,
+    )
+
+
+def _httpcore_transport(
+    t: Transfer, limits: SharedLimits | None, stop: threading.Event | None, size: int
+) -> httpx.HTTPTransport:
+    # httpcore reads 64 KiB per socket read; a bigger read cuts the per-chunk overhead.
+    httpcore._sync.http11.HTTP11Connection.READ_NUM_BYTES = 256 * 1024
     transport = httpx.HTTPTransport(
         verify=_ssl_context(t.verify),
-        http2=t.http2,
+        http2=True,
         limits=httpx.Limits(
             max_connections=size, max_keepalive_connections=size, keepalive_expiry=30
         ),
@@ -75,12 +97,7 @@ def make_client(
         backend = CappedBackend(pool._network_backend, limits.connections, stop)
         backend.pool = pool
         pool._network_backend = backend
-    return httpx.Client(
-        transport=transport,
-        timeout=httpx.Timeout(t.read_timeout, connect=t.connect_timeout, pool=None),
-        headers={"User-Agent": t.user_agent, "Accept-Encoding": "identity"},
-        follow_redirects=False,
-    )
+    return transport
 
 
 def _ssl_context(verify: bool | str) -> ssl.SSLContext | bool:
@@ -240,8 +257,12 @@ class ShardRunner:
         with self._lock:
             if self._inflight or self._released:
                 return
-            old, self.client = self.client, make_client(self.t, self.limits, self.stop)
             self._released = True
+            transport = self.client._transport
+            if isinstance(transport, ThreadConnTransport):
+                transport.close_idle()
+                return
+            old, self.client = self.client, make_client(self.t, self.limits, self.stop)
         old.close()
 
     def close(self) -> None:

@@ -1,0 +1,458 @@
+"""A lean HTTP/1.1 transport for file bodies: one keep-alive connection per thread.
+
+httpx's default transport (httpcore) shares one connection pool between the
+threads of a process: every request takes the pool lock twice, waits on a
+per-request ``threading.Event`` and runs h11's general state machine, and
+every socket operation sets a timeout anew.  On a mirror of small files that
+is most of a download's CPU (see benchmarks/RESULTS.md).  A download thread
+needs none of it: it sends one request at a time, so it owns one connection.
+
+:class:`ThreadConnTransport` is an ``httpx.BaseTransport`` (the seam httpx is
+built around), so callers keep using ``httpx.Request``/``httpx.Response`` and
+httpx's exception types, which the retry policy understands.  It speaks
+HTTP/1.1 to one origin at a time per thread; the parser is strict where a
+hostile server could hurt (bounded head, checked framing) and nothing more:
+
+* framing per RFC 9112 section 6.3: no body for HEAD, 1xx, 204 and 304;
+  chunked when it is the final transfer coding; else ``Content-Length``
+  (conflicting values are an error); else the body runs to the close;
+* a response head over 64 KiB, a malformed status line or header line, a
+  bad chunk size, or a connection closed inside a body is a
+  ``RemoteProtocolError``; socket timeouts are ``ConnectTimeout`` /
+  ``ReadTimeout`` / ``WriteTimeout``, other socket failures ``ConnectError``
+  / ``ReadError`` / ``WriteError``, each raised from the original error;
+* a reused keep-alive connection that the server has closed in the meantime
+  is replaced once, silently, before any response byte arrived (GET and
+  HEAD are idempotent);
+* large bodies are read with ``recv_into`` into one reused buffer per
+  connection: the chunks a response yields are ``memoryview`` slices valid
+  until the next one is asked for (write them, hash them, then let go).
+
+Each TCP connection holds a token of the run's connection cap (``gate``), so
+``--max-connections`` holds across processes exactly as with httpcore.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+
+from fetcher.limits import TokenGate
+
+__all__ = ["ThreadConnTransport"]
+
+MAX_HEAD = 64 * 1024
+MAX_CHUNK_LINE = 4096
+READ_SIZE = 256 * 1024
+BIG_BUFFER = 1 << 20
+_NO_BODY_STATUS = frozenset({204, 304})
+
+
+class _Conn:
+    """One TCP (or TLS) connection and the bytes read past the last response."""
+
+    __slots__ = ("_buf", "_release", "busy", "key", "rest", "sock", "used")
+
+    def __init__(self, key: tuple[str, str, int], sock: socket.socket, release: Any) -> None:
+        self.key = key
+        self.sock = sock
+        self.rest = b""
+        self.used = False  # has carried a complete response (so it may have gone stale)
+        self.busy = False
+        self._release: Callable[[], None] | None = release
+        self._buf: bytearray | None = None
+
+    def buffer(self) -> memoryview:
+        if self._buf is None:
+            self._buf = bytearray(BIG_BUFFER)
+        return memoryview(self._buf)
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        finally:
+            release, self._release = self._release, None
+            if release is not None:
+                release()
+
+
+def _read_error(exc: OSError, what: str) -> httpx.TransportError:
+    if isinstance(exc, TimeoutError):
+        return httpx.ReadTimeout(f"timed out {what}")
+    return httpx.ReadError(f"{what}: {exc}")
+
+
+class _Body(httpx.SyncByteStream):
+    """The body of one response, read straight off the connection."""
+
+    def __init__(
+        self, owner: ThreadConnTransport, conn: _Conn, mode: str, length: int, reusable: bool
+    ) -> None:
+        self._owner = owner
+        self._conn: _Conn | None = conn
+        self._mode = mode  # "length", "chunked", "close" or "none"
+        self._left = length
+        self._reusable = reusable and mode != "close"
+        self._complete = mode == "none"
+
+    # -- framing ------------------------------------------------------------
+    def __iter__(self) -> Iterator[bytes]:
+        conn = self._conn
+        if conn is None:
+            return
+        try:
+            if self._mode == "length":
+                yield from self._by_length(conn)
+            elif self._mode == "chunked":
+                yield from self._chunked(conn)
+            elif self._mode == "close":
+                yield from self._to_close(conn)
+        except OSError as exc:
+            raise _read_error(exc, "reading the body") from exc
+        self._finish()
+
+    def _by_length(self, conn: _Conn) -> Iterator[bytes]:
+        left = self._left
+        if conn.rest:
+            take, conn.rest = conn.rest[:left], conn.rest[left:]
+            left -= len(take)
+            yield take
+        sock = conn.sock
+        if left > READ_SIZE:
+            view = conn.buffer()
+            size = len(view)
+            while left > 0:
+                n = sock.recv_into(view, min(left, size))
+                if not n:
+                    raise self._cut_short(left)
+                left -= n
+                yield view[:n]  # type: ignore[misc]
+        else:
+            while left > 0:
+                data = sock.recv(left)
+                if not data:
+                    raise self._cut_short(left)
+                left -= len(data)
+                yield data
+        self._left = 0
+        self._complete = True
+
+    def _cut_short(self, left: int) -> httpx.RemoteProtocolError:
+        total = self._left
+        return httpx.RemoteProtocolError(
+            f"connection closed after {total - left} of {total} body bytes"
+        )
+
+    def _chunked(self, conn: _Conn) -> Iterator[bytes]:
+        while True:
+            line = self._line(conn, "chunk size")
+            size_text = line.split(b";", 1)[0].strip()
+            try:
+                size = int(size_text, 16)
+            except ValueError:
+                size = -1
+            if size < 0 or not size_text or len(size_text) > 16:
+                raise httpx.RemoteProtocolError(f"bad chunk size line {line[:40]!r}")
+            if size == 0:
+                while self._line(conn, "trailer"):  # trailers end with an empty line
+                    pass
+                self._complete = True
+                return
+            while size > 0:
+                if not conn.rest:
+                    conn.rest = self._recv(conn)
+                take, conn.rest = conn.rest[:size], conn.rest[size:]
+                size -= len(take)
+                yield take
+            if self._line(conn, "chunk end"):
+                raise httpx.RemoteProtocolError("chunk data longer than its size")
+
+    def _to_close(self, conn: _Conn) -> Iterator[bytes]:
+        if conn.rest:
+            data, conn.rest = conn.rest, b""
+            yield data
+        while data := conn.sock.recv(READ_SIZE):
+            yield data
+
+    def _line(self, conn: _Conn, what: str) -> bytes:
+        while (i := conn.rest.find(b"\r\n")) < 0:
+            if len(conn.rest) > MAX_CHUNK_LINE:
+                raise httpx.RemoteProtocolError(f"{what} line too long")
+            conn.rest += self._recv(conn)
+        line, conn.rest = conn.rest[:i], conn.rest[i + 2 :]
+        return line
+
+    @staticmethod
+    def _recv(conn: _Conn) -> bytes:
+        data = conn.sock.recv(READ_SIZE)
+        if not data:
+            raise httpx.RemoteProtocolError("connection closed inside a chunked body")
+        return data
+
+    # -- end of the response ------------------------------------------------
+    def _finish(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            # Reuse only after a complete body with nothing read past it (bytes beyond the
+            # body mean a server that does not frame its responses: not one to reuse).
+            self._owner._done(conn, self._complete and self._reusable and not conn.rest)
+
+    def close(self) -> None:
+        # Closed before the end: the rest of the body is still on the wire, so the
+        # connection goes (unless there was no body at all).
+        self._finish()
+
+
+class ThreadConnTransport(httpx.BaseTransport):
+    """HTTP/1.1 with one keep-alive connection per calling thread; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        ssl_context: ssl.SSLContext,
+        timeout: httpx.Timeout,
+        gate: TokenGate | None = None,
+        keepalive: bool = True,
+    ) -> None:
+        self._ssl = ssl_context
+        self._keepalive = keepalive
+        self._connect_timeout = timeout.connect
+        self._read_timeout = timeout.read
+        self._gate = gate
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._conns: set[_Conn] = set()
+        self._closed = False
+
+    # -- connections ----------------------------------------------------------
+    def _connect(self, key: tuple[str, str, int]) -> _Conn:
+        scheme, host, port = key
+        release = None
+        if self._gate is not None:
+            if not self._gate.acquire(reclaim=self.close_one_idle):
+                raise httpx.ConnectError("stopping")
+            release = self._gate.release
+        try:
+            try:
+                sock = socket.create_connection((host, port), timeout=self._connect_timeout)
+            except TimeoutError as exc:
+                raise httpx.ConnectTimeout(f"connecting to {host}:{port} timed out") from exc
+            except OSError as exc:
+                raise httpx.ConnectError(f"cannot connect to {host}:{port}: {exc}") from exc
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if scheme == "https":
+                    sock = self._ssl.wrap_socket(sock, server_hostname=host)
+                sock.settimeout(self._read_timeout)
+            except TimeoutError as exc:
+                sock.close()
+                raise httpx.ConnectTimeout(f"TLS handshake with {host}:{port} timed out") from exc
+            except OSError as exc:  # ssl.SSLError is an OSError
+                sock.close()
+                raise httpx.ConnectError(f"TLS with {host}:{port} failed: {exc}") from exc
+        except BaseException:
+            if self._gate is not None:
+                self._gate.release_now()
+            raise
+        conn = _Conn(key, sock, release)
+        conn.busy = True
+        with self._lock:
+            self._conns.add(conn)
+        return conn
+
+    def _drop(self, conn: _Conn) -> None:
+        with self._lock:
+            self._conns.discard(conn)
+        if getattr(self._local, "conn", None) is conn:
+            self._local.conn = None
+        conn.close()
+
+    def _done(self, conn: _Conn, keep: bool) -> None:
+        conn.busy = False
+        if keep and self._keepalive and not self._closed:
+            conn.used = True
+        else:
+            self._drop(conn)
+
+    def close_one_idle(self) -> bool:
+        """Close one idle connection (another thread's): its token is wanted. True if one was."""
+        with self._lock:
+            victim = next((c for c in self._conns if not c.busy), None)
+            if victim is None:
+                return False
+            self._conns.discard(victim)
+        victim.close()
+        return True
+
+    def close_idle(self) -> None:
+        """Close every connection not carrying a response now (their tokens go back)."""
+        with self._lock:
+            idle = [c for c in self._conns if not c.busy]
+            self._conns.difference_update(idle)
+        for c in idle:
+            c.close()
+
+    def close(self) -> None:
+        self._closed = True
+        with self._lock:
+            conns, self._conns = list(self._conns), set()
+        for c in conns:
+            c.close()
+
+    # -- one exchange ---------------------------------------------------------
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        url = request.url
+        scheme = url.scheme
+        if scheme not in ("http", "https"):
+            raise httpx.UnsupportedProtocol(f"unsupported URL scheme {scheme!r}")
+        port = url.port or (443 if scheme == "https" else 80)
+        key = (scheme, url.host, port)
+        head = self._head_bytes(request)
+        conn = self._take_own(key)
+        for _ in range(2):
+            fresh = conn is None
+            if conn is None:
+                conn = self._connect(key)
+                self._local.conn = conn
+            try:
+                return self._exchange(request, conn, head)
+            except _Stale:
+                self._drop(conn)
+                conn = None
+                if fresh:
+                    raise httpx.RemoteProtocolError(
+                        "server closed the connection without a response"
+                    ) from None
+            except BaseException:
+                self._drop(conn)
+                raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _take_own(self, key: tuple[str, str, int]) -> _Conn | None:
+        """This thread's idle connection to ``key``, marked busy; None if there is none."""
+        conn: _Conn | None = getattr(self._local, "conn", None)
+        if conn is None:
+            return None
+        with self._lock:
+            # another thread may have closed it meanwhile to take its token
+            if conn.key == key and conn in self._conns:
+                conn.busy = True
+                return conn
+        self._local.conn = None
+        if conn.key != key:
+            self._drop(conn)
+        return None
+
+    @staticmethod
+    def _head_bytes(request: httpx.Request) -> bytes:
+        target = request.url.raw_path  # path and query, already percent-encoded by httpx
+        lines = [request.method.encode("ascii"), b" ", target, b" HTTP/1.1\r\n"]
+        for name, value in request.headers.raw:
+            lines += (name, b": ", value, b"\r\n")
+        lines.append(b"\r\n")
+        return b"".join(lines)
+
+    def _exchange(self, request: httpx.Request, conn: _Conn, head: bytes) -> httpx.Response:
+        sock = conn.sock
+        body = request.read() if request.method not in ("GET", "HEAD") else b""
+        try:
+            sock.sendall(head + body if body else head)
+        except OSError as exc:
+            if conn.used and not isinstance(exc, TimeoutError):
+                raise _Stale from exc
+            if isinstance(exc, TimeoutError):
+                raise httpx.WriteTimeout("timed out sending the request") from exc
+            raise httpx.WriteError(f"sending the request: {exc}") from exc
+        while True:
+            status, reason, headers, version = self._read_head(conn)
+            if 100 <= status < 200 and status != 101:
+                continue  # interim response (100 Continue, 103 Early Hints)
+            break
+        conn.used = False  # this connection has answered: no longer a stale-reuse suspect
+        mode, length = self._framing(request.method, status, headers)
+        reusable = version == b"HTTP/1.1" and not _has_token(headers, b"connection", b"close")
+        return httpx.Response(
+            status,
+            headers=headers,
+            stream=_Body(self, conn, mode, length, reusable),
+            request=request,
+            extensions={"http_version": version, "reason_phrase": reason},
+        )
+
+    def _read_head(self, conn: _Conn) -> tuple[int, bytes, list[tuple[bytes, bytes]], bytes]:
+        buf = conn.rest
+        start = 0
+        while (end := buf.find(b"\r\n\r\n", start)) < 0:
+            if len(buf) > MAX_HEAD:
+                raise httpx.RemoteProtocolError(f"response head over {MAX_HEAD} bytes")
+            start = max(0, len(buf) - 3)
+            try:
+                data = conn.sock.recv(READ_SIZE)
+            except OSError as exc:
+                if conn.used and not buf and not isinstance(exc, TimeoutError):
+                    raise _Stale from exc
+                raise _read_error(exc, "waiting for the response") from exc
+            if not data:
+                if conn.used and not buf:
+                    raise _Stale
+                raise httpx.RemoteProtocolError(
+                    "server closed the connection without a complete response"
+                )
+            buf += data
+        if end > MAX_HEAD:
+            raise httpx.RemoteProtocolError(f"response head over {MAX_HEAD} bytes")
+        conn.rest = buf[end + 4 :]
+        lines = buf[:end].split(b"\r\n")
+        parts = lines[0].split(b" ", 2)
+        version = parts[0]
+        if (
+            len(parts) < 2
+            or version not in (b"HTTP/1.1", b"HTTP/1.0")
+            or len(parts[1]) != 3
+            or not parts[1].isdigit()
+        ):
+            raise httpx.RemoteProtocolError(f"bad status line {lines[0][:80]!r}")
+        headers: list[tuple[bytes, bytes]] = []
+        for line in lines[1:]:
+            name, sep, value = line.partition(b":")
+            if not sep or not name or name != name.strip() or line[:1] in (b" ", b"\t"):
+                raise httpx.RemoteProtocolError(f"bad header line {line[:80]!r}")
+            headers.append((name.lower(), value.strip()))
+        return int(parts[1]), parts[2] if len(parts) > 2 else b"", headers, version
+
+    @staticmethod
+    def _framing(method: str, status: int, headers: list[tuple[bytes, bytes]]) -> tuple[str, int]:
+        if method == "HEAD" or status in _NO_BODY_STATUS:
+            return "none", 0
+        te = [v for k, v in headers if k == b"transfer-encoding"]
+        if te:
+            codings = b",".join(te).split(b",")
+            if codings[-1].strip().lower() == b"chunked":
+                return "chunked", 0
+            return "close", 0
+        lengths = {v for k, v in headers if k == b"content-length"}
+        if lengths:
+            values = {x.strip() for v in lengths for x in v.split(b",")}
+            if len(values) != 1:
+                raise httpx.RemoteProtocolError("conflicting Content-Length headers")
+            value = values.pop()
+            if not value.isdigit() or len(value) > 18:
+                raise httpx.RemoteProtocolError(f"bad Content-Length {value[:40]!r}")
+            n = int(value)
+            return ("length", n) if n else ("none", 0)
+        return "close", 0
+
+
+class _Stale(Exception):
+    """A reused keep-alive connection turned out closed before it answered."""
+
+
+def _has_token(headers: list[tuple[bytes, bytes]], name: bytes, token: bytes) -> bool:
+    return any(
+        token == t.strip().lower() for k, v in headers if k == name for t in v.split(b",")
+    )
