@@ -38,8 +38,14 @@ from fetcher.errors import (
 from fetcher.limits import SharedLimits
 from fetcher.models import STATE_DIR, Action, Job, Outcome, RelPath, Scope, Status
 from fetcher.retry import retry_after_seconds
+from fetcher.transport import request_headers, timeout_of
 
-__all__ = ["Interrupted", "check_writable", "fetch_file", "partial_paths"]
+__all__ = [
+    "Interrupted",
+    "check_writable",
+    "fetch_file",
+    "partial_paths",
+]
 
 MAX_REDIRECTS = 5
 RESUME_MIN = 1 << 20  # bodies smaller than this are refetched whole rather than resumed
@@ -82,7 +88,7 @@ class _Ctx:
 
     def __init__(
         self,
-        client: httpx.Client,
+        transport: httpx.BaseTransport,
         t: Transfer,
         scope: Scope,
         limits: SharedLimits | None,
@@ -91,24 +97,29 @@ class _Ctx:
         known_dirs: set[Path] | None = None,
     ) -> None:
         self.known_dirs = known_dirs
-        self.client = client
+        self.transport = transport
         self.t = t
+        self.headers = request_headers(t)
+        self.extensions = {"timeout": timeout_of(t).as_dict()}
         self.scope = scope
         self.limits = limits
         self.stop = stop
         self.on_bytes = on_bytes
 
 
-def _send(ctx: _Ctx, url: str, headers: dict[str, str]) -> httpx.Response:
-    """GET with redirects followed by hand: in scope (or to an alias) and at most 5 hops."""
+def _send(ctx: _Ctx, url: str, headers: dict[str, str]) -> tuple[httpx.Response, str]:
+    """GET with redirects followed by hand: in scope (or to an alias) and at most 5 hops.
+
+    Returns the response and the URL that gave it.
+    """
     seen = [url]
     for _ in range(MAX_REDIRECTS + 1):
         if ctx.limits is not None:
             ctx.limits.wait_pause(ctx.stop)
-        req = ctx.client.build_request("GET", url, headers=headers)
-        resp = ctx.client.send(req, stream=True, follow_redirects=False)
+        req = httpx.Request("GET", url, headers=headers, extensions=ctx.extensions)
+        resp = ctx.transport.handle_request(req)
         if resp.status_code not in (301, 302, 303, 307, 308):
-            return resp
+            return resp, url
         location = resp.headers.get("location")
         resp.close()
         if not location:
@@ -147,7 +158,7 @@ def _status_error(resp: httpx.Response, url: str) -> HTTPStatusError:
 def _attempt(ctx: _Ctx, job: Job, final: Path, part: Path, meta: Path) -> Outcome:
     f = job.file
     t = ctx.t
-    headers = {"Accept-Encoding": "identity"}
+    headers = dict(ctx.headers)
     offset = 0
     side = _read_sidecar(meta, f.url) if part.exists() else None
     if side is not None:
@@ -163,8 +174,8 @@ def _attempt(ctx: _Ctx, job: Job, final: Path, part: Path, meta: Path) -> Outcom
         if job.last_modified:
             headers["If-Modified-Since"] = job.last_modified
 
-    resp = _send(ctx, f.url, headers)
-    redirected = str(resp.request.url) != f.url
+    resp, answered_by = _send(ctx, f.url, headers)
+    redirected = answered_by != f.url
     try:
         status = resp.status_code
         if status == 304:
@@ -334,7 +345,7 @@ def _discard(part: Path, meta: Path) -> None:
 
 
 def fetch_file(
-    client: httpx.Client,
+    transport: httpx.BaseTransport,
     job: Job,
     t: Transfer,
     *,
@@ -350,13 +361,22 @@ def fetch_file(
 
     Example::
 
-        with httpx.Client() as client:
-            out = fetch_file(client, job, transfer, retrying=build_retrying(transfer))
+        with make_transport(transfer) as transport:
+            out = fetch_file(transport, job, transfer, retrying=build_retrying(transfer))
+
+    Requests go straight to the transport (the seam; tests pass an
+    ``httpx.MockTransport``): redirects are followed here, within scope.
     """
     dest = Path(t.dest)
     f = job.file
     ctx = _Ctx(
-        client, t, scope or Scope.for_start(t.root, t.aliases), limits, stop, on_bytes, known_dirs
+        transport,
+        t,
+        scope or Scope.for_start(t.root, t.aliases),
+        limits,
+        stop,
+        on_bytes,
+        known_dirs,
     )
     final = dest / f.path
     part, meta = partial_paths(dest, f.path)

@@ -214,12 +214,13 @@ class ThreadConnTransport(httpx.BaseTransport):
     def __init__(
         self,
         *,
-        ssl_context: ssl.SSLContext,
+        ssl_context: Callable[[], ssl.SSLContext],
         timeout: httpx.Timeout,
         gate: TokenGate | None = None,
         keepalive: bool = True,
     ) -> None:
-        self._ssl = ssl_context
+        self._ssl_factory = ssl_context  # built on the first https connection (loading CAs costs)
+        self._ssl: ssl.SSLContext | None = None
         self._keepalive = keepalive
         self._connect_timeout = timeout.connect
         self._read_timeout = timeout.read
@@ -247,6 +248,8 @@ class ThreadConnTransport(httpx.BaseTransport):
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 if scheme == "https":
+                    if self._ssl is None:
+                        self._ssl = self._ssl_factory()
                     sock = self._ssl.wrap_socket(sock, server_hostname=host)
                 sock.settimeout(self._read_timeout)
             except TimeoutError as exc:
@@ -453,6 +456,4 @@ class _Stale(Exception):
 
 
 def _has_token(headers: list[tuple[bytes, bytes]], name: bytes, token: bytes) -> bool:
-    return any(
-        token == t.strip().lower() for k, v in headers if k == name for t in v.split(b",")
-    )
+    return any(token == t.strip().lower() for k, v in headers if k == name for t in v.split(b","))

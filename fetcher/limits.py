@@ -1,7 +1,7 @@
 """Politeness limits that hold across every process of a run.
 
 * a cap on open connections to the mirror (one token per TCP connection,
-  taken when httpcore opens a socket and given back when it closes), so
+  taken when a transport opens a socket and given back when it closes), so
   ``--max-connections`` holds however many processes and threads there are;
 * a pause gate: a ``429``/``503`` with ``Retry-After`` seen by any thread
   slows the whole run down for that host, not just that thread;
@@ -17,13 +17,11 @@ from __future__ import annotations
 import multiprocessing
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import httpcore
-
-__all__ = ["CappedBackend", "SharedLimits", "TokenGate", "local_limits"]
+__all__ = ["SharedLimits", "TokenGate", "local_limits"]
 
 
 @dataclass(frozen=True)
@@ -164,95 +162,3 @@ class TokenGate:
                 self._cond.notify()
                 return
         self._sem.release()
-
-
-class _CappedStream(httpcore.NetworkStream):
-    def __init__(self, inner: httpcore.NetworkStream, gate: TokenGate) -> None:
-        self._inner = inner
-        self._gate: TokenGate | None = gate
-
-    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        return self._inner.read(max_bytes, timeout)
-
-    def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        self._inner.write(buffer, timeout)
-
-    def close(self) -> None:
-        try:
-            self._inner.close()
-        finally:
-            gate, self._gate = self._gate, None
-            if gate is not None:
-                gate.release()
-
-    def start_tls(
-        self, ssl_context: Any, server_hostname: str | None = None, timeout: float | None = None
-    ) -> httpcore.NetworkStream:
-        tls = self._inner.start_tls(ssl_context, server_hostname, timeout)
-        self._inner = tls
-        return self
-
-    def get_extra_info(self, info: str) -> Any:
-        return self._inner.get_extra_info(info)
-
-    def __del__(self) -> None:
-        gate, self._gate = self._gate, None
-        if gate is not None:
-            gate.release_now()
-
-
-class CappedBackend(httpcore.NetworkBackend):
-    """An httpcore backend whose every TCP connection holds one token of ``sem``.
-
-    Waiting for a token is interruptible by ``stop`` and never times out by
-    itself: a thread beyond the cap simply waits its turn.
-    """
-
-    def __init__(
-        self, inner: httpcore.NetworkBackend, sem: Any, stop: threading.Event | None = None
-    ) -> None:
-        self._inner = inner
-        self._gate = TokenGate(sem, stop)
-        self.pool: httpcore.ConnectionPool | None = None
-        """The pool this backend serves; its idle connections can give their tokens back."""
-
-    def _reclaim(self) -> bool:
-        # httpcore binds a request to a new connection as it arrives, before it connects.
-        # If our own idle keep-alive connections hold the tokens, that request would wait
-        # for ever: close one idle connection of this pool, under the pool's lock.
-        pool = self.pool
-        if pool is None:
-            return False
-        with pool._optional_thread_lock:
-            idle = [c for c in pool._connections if c.is_idle()]
-            if not idle:
-                return False
-            victim = idle[0]
-            pool._connections.remove(victim)
-        victim.close()
-        return True
-
-    def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,
-        local_address: str | None = None,
-        socket_options: Iterable[Any] | None = None,
-    ) -> httpcore.NetworkStream:
-        if not self._gate.acquire(self._reclaim):
-            raise httpcore.ConnectError("stopping")
-        try:
-            stream = self._inner.connect_tcp(host, port, timeout, local_address, socket_options)
-        except BaseException:
-            self._gate.release_now()
-            raise
-        return _CappedStream(stream, self._gate)
-
-    def connect_unix_socket(
-        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
-    ) -> httpcore.NetworkStream:
-        return self._inner.connect_unix_socket(path, timeout, socket_options)
-
-    def sleep(self, seconds: float) -> None:
-        self._inner.sleep(seconds)

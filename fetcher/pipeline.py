@@ -53,9 +53,9 @@ from fetcher.postprocess import (
 )
 from fetcher.postrules import require_ffmpeg
 from fetcher.prune import prune
-from fetcher.runner import make_client
 from fetcher.shard import make_shards
 from fetcher.state import RunLock, State
+from fetcher.transport import make_client
 
 __all__ = ["Reporter", "mirror"]
 

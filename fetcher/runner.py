@@ -1,4 +1,4 @@
-"""The per-process shard runner: one ``httpx.Client``, one thread pool, batched events.
+"""The per-process shard runner: one transport, one thread pool, batched events.
 
 The same :class:`ShardRunner` serves a local worker process (fed from a
 queue, :func:`worker_main`) and a Dask task (:func:`run_shard`).  It catches
@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import queue
 import signal
-import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -19,13 +18,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import httpcore
-import httpx
-
 from fetcher.config import Transfer
 from fetcher.download import fetch_file
 from fetcher.http1 import ThreadConnTransport
-from fetcher.limits import CappedBackend, SharedLimits, TokenGate
+from fetcher.limits import SharedLimits
 from fetcher.models import (
     BytesEvent,
     Event,
@@ -41,70 +37,11 @@ from fetcher.models import (
 )
 from fetcher.retry import build_retrying
 from fetcher.shard import Shard
+from fetcher.transport import make_transport
 
-__all__ = ["ShardRunner", "make_client", "run_shard", "worker_main"]
+__all__ = ["ShardRunner", "run_shard", "worker_main"]
 
 _STARTED_MIN_SIZE = 1 << 20  # FileStarted only for files worth watching
-
-
-def make_client(
-    t: Transfer,
-    limits: SharedLimits | None = None,
-    stop: threading.Event | None = None,
-    pool_size: int | None = None,
-    keepalive: bool = True,
-) -> httpx.Client:
-    """A client for one process's threads, its connections capped by ``limits``.
-
-    HTTP/1.1 goes through :class:`ThreadConnTransport` (one keep-alive connection
-    per thread, no shared pool); ``--http2`` needs httpcore's multiplexing pool.
-    ``keepalive=False`` closes each connection after its response, so a thread
-    that pauses between requests does not sit on a token of the cap.
-    """
-    timeout = httpx.Timeout(t.read_timeout, connect=t.connect_timeout, pool=None)
-    transport: httpx.BaseTransport
-    if t.http2:
-        transport = _httpcore_transport(t, limits, stop, pool_size or t.threads)
-    else:
-        transport = ThreadConnTransport(
-            ssl_context=httpx.create_ssl_context(verify=_ssl_context(t.verify)),
-            timeout=timeout,
-            gate=TokenGate(limits.connections, stop) if limits is not None else None,
-            keepalive=keepalive,
-        )
-    return httpx.Client(
-        transport=transport,
-        timeout=timeout,
-        headers={"User-Agent": t.user_agent, "Accept-Encoding": "identity"},
-        follow_redirects=False,
-    )
-
-
-def _httpcore_transport(
-    t: Transfer, limits: SharedLimits | None, stop: threading.Event | None, size: int
-) -> httpx.HTTPTransport:
-    # httpcore reads 64 KiB per socket read; a bigger read cuts the per-chunk overhead.
-    httpcore._sync.http11.HTTP11Connection.READ_NUM_BYTES = 256 * 1024
-    transport = httpx.HTTPTransport(
-        verify=_ssl_context(t.verify),
-        http2=True,
-        limits=httpx.Limits(
-            max_connections=size, max_keepalive_connections=size, keepalive_expiry=30
-        ),
-    )
-    if limits is not None:
-        pool = transport._pool
-        backend = CappedBackend(pool._network_backend, limits.connections, stop)
-        backend.pool = pool
-        pool._network_backend = backend
-    return transport
-
-
-def _ssl_context(verify: bool | str) -> ssl.SSLContext | bool:
-    # httpx 0.28 wants an SSLContext for a custom CA bundle (a path is deprecated).
-    if isinstance(verify, str):
-        return ssl.create_default_context(cafile=verify)
-    return verify
 
 
 class _Batcher:
@@ -146,7 +83,7 @@ class _Batcher:
 
 
 class ShardRunner:
-    """Fetches jobs on a bounded thread pool over one client; reports through ``send``."""
+    """Fetches jobs on a bounded thread pool over one transport; reports through ``send``."""
 
     def __init__(
         self,
@@ -167,7 +104,7 @@ class ShardRunner:
         self._parent = parent
         self.orphaned = False
         self.limits = limits
-        self.client = make_client(t, limits, self.stop)
+        self.transport = make_transport(t, limits, self.stop)
         self.scope = Scope.for_start(t.root, t.aliases)
         self.retrying = build_retrying(t, sleep=self._sleep)
         self.pool = ThreadPoolExecutor(t.threads, thread_name_prefix=f"w{worker}")
@@ -225,7 +162,7 @@ class ShardRunner:
 
     def _fetch(self, job: Job, on_retry: Callable[[int, str], None]) -> Outcome:
         return fetch_file(
-            self.client,
+            self.transport,
             job,
             self.t,
             retrying=self.retrying,
@@ -258,11 +195,10 @@ class ShardRunner:
             if self._inflight or self._released:
                 return
             self._released = True
-            transport = self.client._transport
-            if isinstance(transport, ThreadConnTransport):
-                transport.close_idle()
+            if isinstance(self.transport, ThreadConnTransport):
+                self.transport.close_idle()
                 return
-            old, self.client = self.client, make_client(self.t, self.limits, self.stop)
+            old, self.transport = self.transport, make_transport(self.t, self.limits, self.stop)
         old.close()
 
     def close(self) -> None:
@@ -270,7 +206,7 @@ class ShardRunner:
         self._closed.set()
         self._ticker.join()
         self.batch.flush()
-        self.client.close()
+        self.transport.close()
 
 
 def worker_main(

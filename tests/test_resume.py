@@ -218,9 +218,9 @@ def _fetch(tmp_path: Path, size: int, handler: Callable[[httpx.Request], httpx.R
     f = RemoteFile(URL, RelPath("file.bin"), size, True)
     t = Transfer(dest=str(tmp_path), root="http://mirror.test/pub/", retries=2,
                  backoff_initial=0.0, backoff_max=0.0)  # fmt: skip
-    with httpx.Client(transport=httpx.MockTransport(handler)) as client:
+    with httpx.MockTransport(handler) as transport:
         retrying = build_retrying(t, sleep=lambda s: None)
-        return fetch_file(client, Job(f, Action.RESUME), t, retrying=retrying)
+        return fetch_file(transport, Job(f, Action.RESUME), t, retrying=retrying)
 
 
 def _break_first(tmp_path: Path, data: bytes, headers: dict[str, str]) -> None:
