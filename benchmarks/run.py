@@ -165,10 +165,21 @@ def _kill_group(pid: int) -> None:
 # --- tools ------------------------------------------------------------------------
 
 
+def fetch_script() -> str:
+    """The ``fetch`` console script of this interpreter's installation.
+
+    ``shutil.which`` may find a version-manager shim first (pyenv's is a bash
+    script that spends ~0.4 s choosing an interpreter), which would be timed
+    as fetch's own start-up.  The peers are plain binaries; so is this.
+    """
+    own = Path(sys.executable).parent / "fetch"
+    return str(own) if own.exists() else shutil.which("fetch") or "fetch"
+
+
 def tool_argv(tool: str, url: str, dest: Path, n: int, url_list: Path) -> list[str]:
     if tool == "fetch":
         return [
-            shutil.which("fetch") or "fetch",
+            fetch_script(),
             "--mirror",
             url,
             "--dest",
@@ -424,7 +435,7 @@ def run_scale(files_per_dir: int, dirs: int, n: int, results: list[Measure]) -> 
             shutil.rmtree(dest)
         dest.mkdir(parents=True)
         argv = [
-            shutil.which("fetch") or "fetch",
+            fetch_script(),
             "--mirror",
             srv.url + "gen/",
             "--dest",

@@ -11,6 +11,8 @@ of normalised directory URLs, a cap on one listing's size, and a loop check
 from __future__ import annotations
 
 import hashlib
+import heapq
+import itertools
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -220,14 +222,24 @@ def crawl(
                     page.sums.update(parse_sums(name, text))
         return page
 
+    # Deepest directory first (then in listing order): files turn up after one listing
+    # per level, not after every directory of the upper levels has been read, so the
+    # downloads start early.  At most ``concurrency`` listings are in flight.
+    pending: list[tuple[int, int, _Dir]] = []
+    order = itertools.count()
+    width = max(1, opts.concurrency)
+
     def submit(d: _Dir) -> None:
-        running[pool.submit(fetch, d)] = d
+        heapq.heappush(pending, (-d.depth, next(order), d))
 
     submit(_Dir(scope.root, "", 0, ()))
     try:
-        while running:
+        while running or pending:
             if stop is not None and stop.is_set():
                 return
+            while pending and len(running) < width:
+                d = heapq.heappop(pending)[2]
+                running[pool.submit(fetch, d)] = d
             done, _ = wait(list(running), timeout=0.5, return_when=FIRST_COMPLETED)
             for fut in sorted(done, key=lambda f: running[f].url):
                 d = running.pop(fut)

@@ -53,7 +53,7 @@ from fetcher.errors import FatalIOError, UsageError
 from fetcher.limits import SharedLimits, local_limits
 from fetcher.models import STATE_DIR, BytesEvent, Event, FileDone, Outcome, Status, WorkerFatal
 from fetcher.runner import run_shard
-from fetcher.shard import Shard
+from fetcher.shard import MAX_FILES, Shard
 
 __all__ = ["DaskExecutor", "require_distributed", "run_shard_task"]
 
@@ -137,6 +137,8 @@ class DaskExecutor:
     ``client`` may be injected (tests, an embedding application); otherwise one
     is connected to ``job.scheduler`` and closed by :meth:`kill`.
     """
+
+    shard_files = MAX_FILES
 
     def __init__(
         self,

@@ -25,6 +25,10 @@ __all__ = ["Executor", "LocalExecutor"]
 
 
 class Executor(Protocol):
+    shard_files: int
+    """How many files a shard should hold: a worker commits to a whole shard at once,
+    so small shards keep the end of a run even; a Dask task wants more to be worth it."""
+
     def submit(self, shard: Shard) -> None: ...
     def finish(self) -> None: ...
     def events(self, timeout: float) -> list[Event]: ...
@@ -57,6 +61,7 @@ class LocalExecutor:
     """``procs`` spawned worker processes pulling small shards from one queue."""
 
     def __init__(self, t: Transfer, procs: int, limits: SharedLimits) -> None:
+        self.shard_files = max(2, t.threads)
         ctx = multiprocessing.get_context("spawn")
         self._shards: Any = ctx.Queue()
         self._events: Any = ctx.Queue()

@@ -204,7 +204,7 @@ def _start_crawl(run: _Run, root: str, prefix: str = "") -> None:
         depth=job.depth - (prefix.count("/") + 1 if prefix else 0),
         include=job.include,
         exclude=job.exclude,
-        concurrency=max(1, min(4, job.max_connections // 4)),
+        concurrency=max(1, min(8, job.max_connections // 2)),
         listing_rate=job.listing_rate,
         max_listing_bytes=job.max_listing_bytes,
         verify=job.verify_digests,
@@ -445,7 +445,7 @@ def _submit(run: _Run, jobs: list[Job]) -> None:
     executor = _make_executor(run)
     for j in jobs:
         run.outstanding[j.file.path] = j
-    for shard in make_shards(jobs):
+    for shard in make_shards(jobs, max_files=executor.shard_files):
         executor.submit(shard)
 
 

@@ -184,6 +184,11 @@ class ShardRunner:
     def _done(self, _fut: Future[Outcome]) -> None:
         with self._lock:
             self._inflight -= 1
+            idle = not self._inflight
+        if idle:
+            # Nothing left running here: report now rather than at the next tick, or the
+            # end of a run (and the next shard) waits for it.
+            self.batch.flush()
 
     def release_idle(self) -> None:
         """Close idle keep-alive connections so other processes can have their tokens.
@@ -222,7 +227,9 @@ def worker_main(
     # Ctrl-C reaches the whole process group; only the coordinator decides what it means.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     runner = ShardRunner(t, worker, events.put, limits, stop, parent)
-    inflight = threading.BoundedSemaphore(t.threads * 2)
+    # A few jobs queued beyond the threads keep them busy between shards; more would
+    # sit here while another worker idles at the end of the run.
+    inflight = threading.BoundedSemaphore(t.threads + 2)
     try:
         while not runner.stop.is_set():
             try:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from fetcher.models import Job
 
-__all__ = ["Shard", "make_shards"]
+__all__ = ["MAX_FILES", "Shard", "make_shards"]
 
 MAX_FILES = 32
 MAX_BYTES = 32 << 20
