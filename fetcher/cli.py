@@ -168,6 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="download threads per process (default: max-connections ÷ procs); threads beyond the cap wait for a connection",
     )
     g.add_argument(
+        "--pipeline",
+        type=int,
+        metavar="N",
+        help="requests in flight on one connection for small files (HTTP/1.1 pipelining; "
+        "default 4, 1 = off); the number of connections does not change",
+    )
+    g.add_argument(
         "--limit-rate", metavar="RATE", help="total bandwidth for the whole run, e.g. 500k, 20M"
     )
     g.add_argument(
@@ -262,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
 _CLI_KEYS = {
     "mirror": "url", "dest": "dest", "include": "include", "exclude": "exclude", "depth": "depth",
     "aliases": "aliases", "procs": "procs", "max_connections": "max_connections", "threads": "threads",
-    "limit_rate": "limit_rate", "listing_rate": "listing_rate", "retries": "retries", "timeout": "timeout",
+    "pipeline": "pipeline", "limit_rate": "limit_rate", "listing_rate": "listing_rate", "retries": "retries", "timeout": "timeout",
     "connect_timeout": "connect_timeout", "dry_run": "dry_run", "delete": "delete", "max_delete": "max_delete",
     "force": "force", "ca_cert": "ca_cert", "insecure": "insecure", "post_dest": "post_dest",
     "post_jobs": "post_jobs", "skip_if_locked": "skip_if_locked", "index": "index", "verify_digests": "verify_digests", "suites": "suites",

@@ -43,6 +43,8 @@ class Transfer:
     limit_rate: float | None = None
     """Bytes per second for the runner's own limits (a Dask task); local workers share one bucket."""
     http2: bool = False
+    pipeline: int = 4
+    """Requests in flight on one keep-alive connection (1: none pipelined)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +74,7 @@ class MirrorJob:
     ca_cert: Path | None = None
     insecure: bool = False
     http2: bool = False
+    pipeline: int = 4
     executor: str = "local"
     scheduler: str | None = None
     post: tuple[Any, ...] = ()
@@ -103,6 +106,7 @@ class MirrorJob:
             aliases=self.aliases,
             limit_rate=self.limit_rate,
             http2=self.http2,
+            pipeline=self.pipeline,
         )
 
 
@@ -126,6 +130,15 @@ def _int(lo: int) -> Callable[[Any], int]:
     def check(v: Any) -> int:
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise ValueError(f"expected an integer ≥ {lo}, got {_show(v)}")
+        return v
+
+    return check
+
+
+def _int_range(lo: int, hi: int) -> Callable[[Any], int]:
+    def check(v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise ValueError(f"expected an integer from {lo} to {hi}, got {_show(v)}")
         return v
 
     return check
@@ -240,6 +253,7 @@ _FIELDS: dict[str, Callable[[Any], Any]] = {
     "ca_cert": _str,
     "insecure": _bool,
     "http2": _bool,
+    "pipeline": _int_range(1, 32),
     "executor": _choice("local", "dask"),
     "scheduler": _str,
     "post_dest": _str,

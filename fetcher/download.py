@@ -35,6 +35,7 @@ from fetcher.errors import (
     RedirectRefused,
     TransferError,
 )
+from fetcher.http1 import REUSE_BUFFER
 from fetcher.limits import SharedLimits
 from fetcher.models import STATE_DIR, Action, Job, Outcome, RelPath, Scope, Status
 from fetcher.retry import retry_after_seconds
@@ -45,6 +46,7 @@ __all__ = [
     "check_writable",
     "fetch_file",
     "partial_paths",
+    "plain_get",
 ]
 
 MAX_REDIRECTS = 5
@@ -100,7 +102,8 @@ class _Ctx:
         self.transport = transport
         self.t = t
         self.headers = request_headers(t)
-        self.extensions = {"timeout": timeout_of(t).as_dict()}
+        # bodies are written chunk by chunk as they come: a reused read buffer will do
+        self.extensions = {"timeout": timeout_of(t).as_dict(), REUSE_BUFFER: True}
         self.scope = scope
         self.limits = limits
         self.stop = stop
@@ -116,8 +119,7 @@ def _send(ctx: _Ctx, url: str, headers: dict[str, str]) -> tuple[httpx.Response,
     for _ in range(MAX_REDIRECTS + 1):
         if ctx.limits is not None:
             ctx.limits.wait_pause(ctx.stop)
-        req = httpx.Request("GET", url, headers=headers, extensions=ctx.extensions)
-        resp = ctx.transport.handle_request(req)
+        resp = ctx.transport.handle_request(plain_get(url, headers, ctx.extensions))
         if resp.status_code not in (301, 302, 303, 307, 308):
             return resp, url
         location = resp.headers.get("location")
@@ -137,6 +139,13 @@ def _send(ctx: _Ctx, url: str, headers: dict[str, str]) -> tuple[httpx.Response,
         seen.append(target)
         url = target
     raise RedirectRefused(f"more than {MAX_REDIRECTS} redirects from {seen[0]}")
+
+
+def plain_get(
+    url: str, headers: dict[str, str], extensions: dict[str, Any] | None = None
+) -> httpx.Request:
+    """The GET this module sends; the runner builds the same to announce pipelined ones."""
+    return httpx.Request("GET", url, headers=headers, extensions=extensions)
 
 
 def _redirect_allowed(scope: Scope, target: str) -> bool:

@@ -37,32 +37,42 @@ from __future__ import annotations
 import socket
 import ssl
 import threading
-from collections.abc import Callable, Iterator
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import httpx
 
 from fetcher.limits import TokenGate
 
-__all__ = ["ThreadConnTransport"]
+__all__ = ["REUSE_BUFFER", "ThreadConnTransport"]
 
 MAX_HEAD = 64 * 1024
 MAX_CHUNK_LINE = 4096
 READ_SIZE = 256 * 1024
 BIG_BUFFER = 1 << 20
+DRAIN_MAX = 64 * 1024
+DRAIN_TIMEOUT = 1.0
 _NO_BODY_STATUS = frozenset({204, 304})
+_HEX = b"0123456789abcdefABCDEF"
+REUSE_BUFFER = "fetch.reuse_buffer"
+"""Request extension: True lets a big body come as memoryviews of one reused buffer, each
+valid only until the next chunk is asked for (for a caller that writes them at once)."""
 
 
 class _Conn:
     """One TCP (or TLS) connection and the bytes read past the last response."""
 
-    __slots__ = ("_buf", "_release", "busy", "key", "rest", "sock", "used")
+    __slots__ = ("_buf", "_release", "busy", "key", "proven", "queued", "rest", "sock", "used")
 
     def __init__(self, key: tuple[str, str, int], sock: socket.socket, release: Any) -> None:
         self.key = key
         self.sock = sock
         self.rest = b""
         self.used = False  # has carried a complete response (so it may have gone stale)
+        self.proven = False  # has kept alive after an HTTP/1.1 response: may pipeline
+        self.queued: deque[bytes] = deque()  # requests sent ahead, their answers still to come
         self.busy = False
         self._release: Callable[[], None] | None = release
         self._buf: bytearray | None = None
@@ -91,20 +101,30 @@ class _Body(httpx.SyncByteStream):
     """The body of one response, read straight off the connection."""
 
     def __init__(
-        self, owner: ThreadConnTransport, conn: _Conn, mode: str, length: int, reusable: bool
+        self,
+        owner: ThreadConnTransport,
+        conn: _Conn,
+        mode: str,
+        length: int,
+        reusable: bool,
+        reuse_buffer: bool = False,
     ) -> None:
+        self._reuse = reuse_buffer
         self._owner = owner
         self._conn: _Conn | None = conn
         self._mode = mode  # "length", "chunked", "close" or "none"
         self._left = length
+        self._total = length
         self._reusable = reusable and mode != "close"
         self._complete = mode == "none"
+        self._started = False  # the caller began reading: what is left is not an error page
 
     # -- framing ------------------------------------------------------------
     def __iter__(self) -> Iterator[bytes]:
         conn = self._conn
         if conn is None:
             return
+        self._started = True
         try:
             if self._mode == "length":
                 yield from self._by_length(conn)
@@ -117,47 +137,58 @@ class _Body(httpx.SyncByteStream):
         self._finish()
 
     def _by_length(self, conn: _Conn) -> Iterator[bytes]:
-        left = self._left
+        # self._left is kept current, so close() can drain what is left of a short body
         if conn.rest:
-            take, conn.rest = conn.rest[:left], conn.rest[left:]
-            left -= len(take)
+            take, conn.rest = conn.rest[: self._left], conn.rest[self._left :]
+            self._left -= len(take)
             yield take
         sock = conn.sock
-        if left > READ_SIZE:
+        if self._left > READ_SIZE and self._reuse:
             view = conn.buffer()
             size = len(view)
-            while left > 0:
-                n = sock.recv_into(view, min(left, size))
+            while self._left > 0:
+                n = sock.recv_into(view, min(self._left, size))
                 if not n:
-                    raise self._cut_short(left)
-                left -= n
+                    raise self._cut_short()
+                self._left -= n
                 yield view[:n]  # type: ignore[misc]
         else:
-            while left > 0:
-                data = sock.recv(left)
+            while self._left > 0:
+                data = sock.recv(self._left)
                 if not data:
-                    raise self._cut_short(left)
-                left -= len(data)
+                    raise self._cut_short()
+                self._left -= len(data)
                 yield data
-        self._left = 0
         self._complete = True
 
-    def _cut_short(self, left: int) -> httpx.RemoteProtocolError:
-        total = self._left
+    def _drain(self, conn: _Conn) -> bool:
+        """Read and drop a short unread body within DRAIN_TIMEOUT in all; True if done."""
+        deadline = time.monotonic() + DRAIN_TIMEOUT
+        try:
+            conn.sock.settimeout(DRAIN_TIMEOUT)
+            for _ in self._by_length(conn):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                conn.sock.settimeout(left)
+            return True
+        except (OSError, httpx.TransportError):
+            return False
+        finally:
+            conn.sock.settimeout(self._owner._read_timeout)
+
+    def _cut_short(self) -> httpx.RemoteProtocolError:
         return httpx.RemoteProtocolError(
-            f"connection closed after {total - left} of {total} body bytes"
+            f"connection closed after {self._total - self._left} of {self._total} body bytes"
         )
 
     def _chunked(self, conn: _Conn) -> Iterator[bytes]:
         while True:
             line = self._line(conn, "chunk size")
             size_text = line.split(b";", 1)[0].strip()
-            try:
-                size = int(size_text, 16)
-            except ValueError:
-                size = -1
-            if size < 0 or not size_text or len(size_text) > 16:
+            if not size_text or len(size_text) > 16 or size_text.strip(_HEX):
                 raise httpx.RemoteProtocolError(f"bad chunk size line {line[:40]!r}")
+            size = int(size_text, 16)
             if size == 0:
                 while self._line(conn, "trailer"):  # trailers end with an empty line
                     pass
@@ -198,13 +229,20 @@ class _Body(httpx.SyncByteStream):
     def _finish(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
-            # Reuse only after a complete body with nothing read past it (bytes beyond the
-            # body mean a server that does not frame its responses: not one to reuse).
-            self._owner._done(conn, self._complete and self._reusable and not conn.rest)
+            # Reuse only after a complete body with nothing read past it, unless answers
+            # to pipelined requests are due (else bytes beyond the body mean a server that
+            # does not frame its responses: not one to reuse).
+            clean = not conn.rest or bool(conn.queued)
+            self._owner._done(conn, self._complete and self._reusable and clean)
 
     def close(self) -> None:
-        # Closed before the end: the rest of the body is still on the wire, so the
-        # connection goes (unless there was no body at all).
+        # Closed before the end: the rest of a short body (an error page) is read and
+        # dropped so the connection stays usable; a longer one is still on the wire, so
+        # the connection goes.
+        conn = self._conn
+        unread = not self._started and self._mode == "length" and 0 < self._left <= DRAIN_MAX
+        if conn is not None and unread and not self._drain(conn):
+            self._complete = False
         self._finish()
 
 
@@ -218,10 +256,13 @@ class ThreadConnTransport(httpx.BaseTransport):
         timeout: httpx.Timeout,
         gate: TokenGate | None = None,
         keepalive: bool = True,
+        pipeline: int = 1,
     ) -> None:
         self._ssl_factory = ssl_context  # built on the first https connection (loading CAs costs)
         self._ssl: ssl.SSLContext | None = None
         self._keepalive = keepalive
+        self._depth = max(1, pipeline)
+        self._lost = 0  # pipelined requests a server dropped; two, and pipelining stops
         self._connect_timeout = timeout.connect
         self._read_timeout = timeout.read
         self._gate = gate
@@ -278,14 +319,15 @@ class ThreadConnTransport(httpx.BaseTransport):
     def _done(self, conn: _Conn, keep: bool) -> None:
         conn.busy = False
         if keep and self._keepalive and not self._closed:
-            conn.used = True
+            conn.used = conn.proven = True
         else:
             self._drop(conn)
 
     def close_one_idle(self) -> bool:
         """Close one idle connection (another thread's): its token is wanted. True if one was."""
         with self._lock:
-            victim = next((c for c in self._conns if not c.busy), None)
+            # (answers still due on a connection belong to its thread's next requests)
+            victim = next((c for c in self._conns if not c.busy and not c.queued), None)
             if victim is None:
                 return False
             self._conns.discard(victim)
@@ -295,7 +337,7 @@ class ThreadConnTransport(httpx.BaseTransport):
     def close_idle(self) -> None:
         """Close every connection not carrying a response now (their tokens go back)."""
         with self._lock:
-            idle = [c for c in self._conns if not c.busy]
+            idle = [c for c in self._conns if not c.busy and not c.queued]
             self._conns.difference_update(idle)
         for c in idle:
             c.close()
@@ -307,6 +349,37 @@ class ThreadConnTransport(httpx.BaseTransport):
         for c in conns:
             c.close()
 
+    # -- pipelining -----------------------------------------------------------
+    def expect(self, requests: Sequence[httpx.Request]) -> None:
+        """This thread's next requests, in order: they may be sent ahead (pipelined).
+
+        Each one is sent, at most ``pipeline - 1`` ahead of the one being answered,
+        on a connection that has already kept alive after an HTTP/1.1 response.
+        A request made out of turn (a redirect, a retry, different headers) just
+        goes on a fresh connection; the answers due on the old one are not wanted.
+        """
+        self._local.expect = deque(self._head_bytes(r) for r in requests if r.method == "GET")
+        conn: _Conn | None = getattr(self._local, "conn", None)
+        if not requests and conn is not None and conn.queued:
+            self._drop(conn)  # a train cut short: the answers still due are not wanted
+
+    def _top_up(self, conn: _Conn) -> list[bytes]:
+        expect: deque[bytes] | None = getattr(self._local, "expect", None)
+        if not expect or not conn.proven or self._depth < 2 or self._lost >= 2:
+            return []
+        extra = []
+        while expect and len(conn.queued) < self._depth - 1:
+            head = expect.popleft()
+            conn.queued.append(head)
+            extra.append(head)
+        return extra
+
+    def _consume_expectation(self, head: bytes) -> None:
+        expect: deque[bytes] | None = getattr(self._local, "expect", None)
+        if expect and head in expect:
+            while expect.popleft() != head:
+                pass
+
     # -- one exchange ---------------------------------------------------------
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         url = request.url
@@ -316,18 +389,34 @@ class ThreadConnTransport(httpx.BaseTransport):
         port = url.port or (443 if scheme == "https" else 80)
         key = (scheme, url.host, port)
         head = self._head_bytes(request)
+        self._consume_expectation(head)
         conn = self._take_own(key)
+        sent = False
+        if conn is not None and conn.queued:
+            if conn.queued[0] == head:
+                conn.queued.popleft()
+                sent = True  # its answer is on the way
+            else:
+                self._drop(conn)  # it owes answers we no longer want
+                conn = None
         for _ in range(2):
             fresh = conn is None
             if conn is None:
                 conn = self._connect(key)
                 self._local.conn = conn
             try:
-                return self._exchange(request, conn, head)
+                return self._exchange(request, conn, head, sent)
             except _Stale:
                 self._drop(conn)
                 conn = None
-                if fresh:
+                if request.method not in ("GET", "HEAD"):
+                    raise httpx.RemoteProtocolError(
+                        "server closed the connection without a response"
+                    ) from None
+                if sent:
+                    self._lost += 1  # the server dropped a pipelined request
+                    sent = False
+                elif fresh:
                     raise httpx.RemoteProtocolError(
                         "server closed the connection without a response"
                     ) from None
@@ -360,11 +449,18 @@ class ThreadConnTransport(httpx.BaseTransport):
         lines.append(b"\r\n")
         return b"".join(lines)
 
-    def _exchange(self, request: httpx.Request, conn: _Conn, head: bytes) -> httpx.Response:
+    def _exchange(
+        self, request: httpx.Request, conn: _Conn, head: bytes, sent: bool
+    ) -> httpx.Response:
         sock = conn.sock
-        body = request.read() if request.method not in ("GET", "HEAD") else b""
+        out = [] if sent else [head]
+        if not sent and request.method not in ("GET", "HEAD"):
+            out.append(request.read())
+        if request.method == "GET":
+            out += self._top_up(conn)
         try:
-            sock.sendall(head + body if body else head)
+            if out:
+                sock.sendall(b"".join(out))
         except OSError as exc:
             if conn.used and not isinstance(exc, TimeoutError):
                 raise _Stale from exc
@@ -382,7 +478,9 @@ class ThreadConnTransport(httpx.BaseTransport):
         return httpx.Response(
             status,
             headers=headers,
-            stream=_Body(self, conn, mode, length, reusable),
+            stream=_Body(
+                self, conn, mode, length, reusable, bool(request.extensions.get(REUSE_BUFFER))
+            ),
             request=request,
             extensions={"http_version": version, "reason_phrase": reason},
         )

@@ -1,4 +1,4 @@
-"""The per-process shard runner: one transport, one thread pool, batched events.
+"""The per-process shard runner: one transport, a few lanes (threads), batched events.
 
 The same :class:`ShardRunner` serves a local worker process (fed from a
 queue, :func:`worker_main`) and a Dask task (:func:`run_shard`).  It catches
@@ -13,16 +13,17 @@ import queue
 import signal
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from fetcher.config import Transfer
-from fetcher.download import fetch_file
+from fetcher.download import RESUME_MIN, fetch_file, plain_get
 from fetcher.http1 import ThreadConnTransport
 from fetcher.limits import SharedLimits
 from fetcher.models import (
+    Action,
     BytesEvent,
     Event,
     FileDone,
@@ -37,7 +38,7 @@ from fetcher.models import (
 )
 from fetcher.retry import build_retrying
 from fetcher.shard import Shard
-from fetcher.transport import make_transport
+from fetcher.transport import make_transport, request_headers
 
 __all__ = ["ShardRunner", "run_shard", "worker_main"]
 
@@ -83,7 +84,14 @@ class _Batcher:
 
 
 class ShardRunner:
-    """Fetches jobs on a bounded thread pool over one transport; reports through ``send``."""
+    """Fetches jobs on ``t.threads`` lanes over one transport; reports through ``send``.
+
+    Jobs wait in one local queue.  Each lane (a thread, with its own keep-alive
+    connection) takes a *train*: the next job and, when they are small new files,
+    the ones behind it, which the transport may pipeline on that connection
+    (``--pipeline``).  A train is at most a fair share of what is queued, so the
+    lanes stay even when the queue runs short.
+    """
 
     def __init__(
         self,
@@ -105,14 +113,24 @@ class ShardRunner:
         self.orphaned = False
         self.limits = limits
         self.transport = make_transport(t, limits, self.stop)
+        self.depth = t.pipeline if isinstance(self.transport, ThreadConnTransport) else 1
+        self.headers = request_headers(t)
         self.scope = Scope.for_start(t.root, t.aliases)
         self.retrying = build_retrying(t, sleep=self._sleep)
-        self.pool = ThreadPoolExecutor(t.threads, thread_name_prefix=f"w{worker}")
         self.batch = _Batcher(send, worker)
         self.known_dirs: set[Path] = set()
-        self._lock = threading.Lock()
-        self._inflight = 0
+        self._cond = threading.Condition()
+        self._jobs: deque[Job] = deque()
+        self._running = 0
+        self._closing = False
         self._released = False
+        self._results: dict[int, Outcome] | None = None
+        self._lanes = [
+            threading.Thread(target=self._lane, name=f"w{worker}-{i}", daemon=True)
+            for i in range(max(1, t.threads))
+        ]
+        for lane in self._lanes:
+            lane.start()
         self._ticker = threading.Thread(target=self._tick, daemon=True)
         self._closed = threading.Event()
         self._ticker.start()
@@ -130,8 +148,66 @@ class ShardRunner:
                 self.stop.set()
             self.batch.flush()
 
+    # -- the queue ------------------------------------------------------------
+    def add(self, jobs: Iterable[Job]) -> None:
+        with self._cond:
+            self._jobs.extend(jobs)
+            self._released = False
+            self._cond.notify_all()
+
+    def pending(self) -> int:
+        """Jobs queued or running here."""
+        with self._cond:
+            return len(self._jobs) + self._running
+
+    def wait_below(self, n: int, timeout: float) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: len(self._jobs) + self._running < n, timeout)
+
+    def _take(self) -> list[Job]:
+        with self._cond:
+            while not self._jobs:
+                if self._closing:
+                    return []
+                self._cond.wait(0.5)
+            share = -(-len(self._jobs) // len(self._lanes))
+            longest = max(1, min(4 * self.depth, share)) if self.depth > 1 else 1
+            train = [self._jobs.popleft()]
+            if _pipelinable(train[0]):
+                while len(train) < longest and self._jobs and _pipelinable(self._jobs[0]):
+                    train.append(self._jobs.popleft())
+            self._running += len(train)
+            return train
+
+    def _lane(self) -> None:
+        transport = self.transport
+        while train := self._take():
+            ahead = len(train) > 1 and isinstance(transport, ThreadConnTransport)
+            if ahead:
+                assert isinstance(transport, ThreadConnTransport)
+                transport.expect([plain_get(j.file.url, self.headers) for j in train[1:]])
+            try:
+                for job in train:
+                    self._finished(job, self.fetch(job))
+            finally:
+                if ahead:
+                    assert isinstance(transport, ThreadConnTransport)
+                    transport.expect([])
+
+    def _finished(self, job: Job, out: Outcome) -> None:
+        with self._cond:
+            self._running -= 1
+            if self._results is not None:
+                self._results[id(job)] = out
+            idle = not self._running and not self._jobs
+            self._cond.notify_all()
+        if idle:
+            # Nothing left here: report now rather than at the next tick, or the end of
+            # a run (and the next shard) waits for it.
+            self.batch.flush()
+
+    # -- one file -------------------------------------------------------------
     def fetch(self, job: Job) -> Outcome:
-        self._released = False
         f = job.file
         if self.stop.is_set():
             return Outcome(
@@ -144,7 +220,18 @@ class ShardRunner:
             self.batch.add(Retried(self.worker, f.path, attempt, reason))
 
         try:
-            out = self._fetch(job, on_retry)
+            out = fetch_file(
+                self.transport,
+                job,
+                self.t,
+                retrying=self.retrying,
+                scope=self.scope,
+                limits=self.limits,
+                stop=self.stop,
+                on_bytes=self.batch.add_bytes,
+                on_retry=on_retry,
+                known_dirs=self.known_dirs,
+            )
         except Exception as exc:  # noqa: BLE001 - a worker must return an Outcome, always:
             # an escaping exception would leave the file unreported and the run waiting.
             out = Outcome(
@@ -160,44 +247,14 @@ class ShardRunner:
             self.batch.add(WorkerFatal(self.worker, out.error or "fatal I/O error"))
         return out
 
-    def _fetch(self, job: Job, on_retry: Callable[[int, str], None]) -> Outcome:
-        return fetch_file(
-            self.transport,
-            job,
-            self.t,
-            retrying=self.retrying,
-            scope=self.scope,
-            limits=self.limits,
-            stop=self.stop,
-            on_bytes=self.batch.add_bytes,
-            on_retry=on_retry,
-            known_dirs=self.known_dirs,
-        )
-
-    def submit(self, job: Job) -> Future[Outcome]:
-        with self._lock:
-            self._inflight += 1
-        fut = self.pool.submit(self.fetch, job)
-        fut.add_done_callback(self._done)
-        return fut
-
-    def _done(self, _fut: Future[Outcome]) -> None:
-        with self._lock:
-            self._inflight -= 1
-            idle = not self._inflight
-        if idle:
-            # Nothing left running here: report now rather than at the next tick, or the
-            # end of a run (and the next shard) waits for it.
-            self.batch.flush()
-
     def release_idle(self) -> None:
         """Close idle keep-alive connections so other processes can have their tokens.
 
         Called when this worker has nothing to do: an idle connection still holds one
         of the run's ``--max-connections`` tokens, and another worker may be waiting.
         """
-        with self._lock:
-            if self._inflight or self._released:
+        with self._cond:
+            if self._jobs or self._running or self._released:
                 return
             self._released = True
             if isinstance(self.transport, ThreadConnTransport):
@@ -206,12 +263,33 @@ class ShardRunner:
             old, self.transport = self.transport, make_transport(self.t, self.limits, self.stop)
         old.close()
 
+    def run(self, jobs: Sequence[Job]) -> list[Outcome]:
+        """Fetch ``jobs`` and return their outcomes, in order (then the runner is closed)."""
+        with self._cond:
+            self._results = {}
+        self.add(jobs)
+        self.close()
+        results = self._results
+        return [results[id(j)] for j in jobs]
+
     def close(self) -> None:
-        self.pool.shutdown(wait=True)
+        """Finish every job queued (each ends at once if the run is stopping), then stop."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        for lane in self._lanes:
+            lane.join()
         self._closed.set()
         self._ticker.join()
         self.batch.flush()
         self.transport.close()
+
+
+def _pipelinable(job: Job) -> bool:
+    # A small new file: its request is the plain GET (no Range, no condition), which is
+    # what the transport is told to expect.  Big ones gain nothing from going ahead.
+    size = job.file.size
+    return job.action is Action.NEW and size is not None and size <= RESUME_MIN
 
 
 def worker_main(
@@ -227,11 +305,14 @@ def worker_main(
     # Ctrl-C reaches the whole process group; only the coordinator decides what it means.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     runner = ShardRunner(t, worker, events.put, limits, stop, parent)
-    # A few jobs queued beyond the threads keep them busy between shards; more would
-    # sit here while another worker idles at the end of the run.
-    inflight = threading.BoundedSemaphore(t.threads + 2)
+    # Enough jobs here to fill every lane's pipeline twice over; more would sit here
+    # while another worker idles at the end of the run.
+    enough = max(1, t.threads) * 2 * runner.depth + 2
     try:
         while not runner.stop.is_set():
+            if runner.pending() >= enough:
+                runner.wait_below(enough, timeout=0.5)
+                continue
             try:
                 shard: Shard | None = shards.get(timeout=0.5)
             except queue.Empty:
@@ -239,14 +320,7 @@ def worker_main(
                 continue
             if shard is None:
                 break
-            for job in shard.jobs:
-                while not inflight.acquire(timeout=0.5):
-                    if runner.stop.is_set():
-                        break
-                else:
-                    runner.submit(job).add_done_callback(lambda _f: inflight.release())
-                    continue
-                break
+            runner.add(shard.jobs)
     finally:
         runner.close()
         if runner.orphaned:
@@ -262,9 +336,4 @@ def run_shard(
 ) -> list[Outcome]:
     """Run one shard to completion in this process; the Dask task body."""
     sink: list[Event] = []
-    runner = ShardRunner(t, worker, sink.extend, limits)
-    try:
-        futures = [runner.submit(j) for j in shard.jobs]
-        return [f.result() for f in futures]
-    finally:
-        runner.close()
+    return ShardRunner(t, worker, sink.extend, limits).run(shard.jobs)

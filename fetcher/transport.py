@@ -55,6 +55,7 @@ def make_transport(
         timeout=timeout_of(t),
         gate=TokenGate(limits.connections, stop) if limits is not None else None,
         keepalive=keepalive,
+        pipeline=t.pipeline,
     )
 
 

@@ -1158,6 +1158,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(head_bytes + body)
             return
         self.wfile.write(head_bytes)
+        if length == 0 and plain:
+            return  # (socket.sendfile refuses a count of 0; it raised and closed the connection)
         if plain and sendfile is not None and self.server.owner.tls is None:
             path, offset = sendfile
             with self.server.owner._lock:
