@@ -60,7 +60,10 @@ from tests.servers import serve  # noqa: E402
 
 WORK = HERE / "work"
 PEERS = ("rclone", "wget2", "lftp", "aria2c")
-TOOLS = ("fetch", *PEERS)
+FETCHES = ("fetch", "fetch-p1")
+"""fetch as it ships, and with ``--pipeline 1``: one request per connection at a time, as
+the peers send them (the like-for-like comparison)."""
+TOOLS = (*FETCHES, *PEERS)
 ALL_SCENARIOS = ("small", "large", "small-rtt", "mixed-rtt", "mixed", "resync", "scale")
 QUICK_SCENARIOS = ("small", "large", "small-rtt", "resync", "scale")
 FULL_SCENARIOS = ("small", "large", "small-rtt", "mixed-rtt", "resync", "scale")
@@ -177,9 +180,10 @@ def fetch_script() -> str:
 
 
 def tool_argv(tool: str, url: str, dest: Path, n: int, url_list: Path) -> list[str]:
-    if tool == "fetch":
+    if tool in FETCHES:
         return [
             fetch_script(),
+            *(["--pipeline", "1"] if tool == "fetch-p1" else []),
             "--mirror",
             url,
             "--dest",
@@ -249,13 +253,14 @@ def tool_argv(tool: str, url: str, dest: Path, n: int, url_list: Path) -> list[s
 
 
 def installed_tools() -> list[str]:
-    return [t for t in TOOLS if shutil.which(t)]
+    return [*FETCHES, *(t for t in PEERS if shutil.which(t))]
 
 
 def tool_version(tool: str) -> str:
     flag = {"rclone": "version"}.get(tool, "--version")
+    exe = fetch_script() if tool in FETCHES else tool
     try:
-        out = subprocess.run([tool, flag], capture_output=True, text=True, timeout=20).stdout
+        out = subprocess.run([exe, flag], capture_output=True, text=True, timeout=20).stdout
     except (OSError, subprocess.TimeoutExpired):
         return "?"
     return out.strip().splitlines()[0] if out.strip() else "?"
@@ -583,20 +588,23 @@ def markdown(rows: list[dict[str, object]]) -> str:
 def ratios(rows: list[dict[str, object]]) -> str:
     out = (
         "| scenario | fetch wall s | best peer | peer wall s | fetch speed ÷ best peer | "
-        "fetch CPU ÷ rclone CPU |\n|---|---|---|---|---|---|\n"
+        "fetch --pipeline 1 ÷ best peer | fetch CPU ÷ rclone CPU |\n"
+        "|---|---|---|---|---|---|---|\n"
     )
     for scenario in ALL_SCENARIOS:
         mine = [r for r in rows if r["scenario"] == scenario]
         fetch = next((r for r in mine if r["tool"] == "fetch"), None)
-        peers = [r for r in mine if r["tool"] != "fetch" and r["ok"]]
+        p1 = next((r for r in mine if r["tool"] == "fetch-p1"), None)
+        peers = [r for r in mine if r["tool"] not in FETCHES and r["ok"]]
         if fetch is None or not peers:
             continue
         best = min(peers, key=lambda r: r["wall"])
         rcl = next((r for r in peers if r["tool"] == "rclone"), None)
         cpu = f"{fetch['cpu'] / rcl['cpu']:.2f}×" if rcl and rcl["cpu"] else "—"
+        like = f"{best['wall'] / p1['wall']:.2f}×" if p1 and p1["ok"] else "—"
         out += (
             f"| {scenario} | {fetch['wall']:.2f} | {best['tool']} | {best['wall']:.2f} | "
-            f"**{best['wall'] / fetch['wall']:.2f}×** | {cpu} |\n"
+            f"**{best['wall'] / fetch['wall']:.2f}×** | {like} | {cpu} |\n"
         )
     return out
 
