@@ -11,6 +11,7 @@ validator (ETag / Last-Modified) it was fetched under, so a resume can send
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -97,13 +98,13 @@ class _Ctx:
         stop: threading.Event | None,
         on_bytes: Callable[[int], None],
         known_dirs: set[Path] | None = None,
+        prepared: httpx.Request | None = None,
     ) -> None:
         self.known_dirs = known_dirs
         self.transport = transport
         self.t = t
-        self.headers = request_headers(t)
-        # bodies are written chunk by chunk as they come: a reused read buffer will do
-        self.extensions = {"timeout": timeout_of(t).as_dict(), REUSE_BUFFER: True}
+        self.headers, self.extensions = _request_parts(t)
+        self.prepared = prepared
         self.scope = scope
         self.limits = limits
         self.stop = stop
@@ -116,10 +117,17 @@ def _send(ctx: _Ctx, url: str, headers: dict[str, str]) -> tuple[httpx.Response,
     Returns the response and the URL that gave it.
     """
     seen = [url]
+    # built ahead by the runner (the plain GET of this file): good for the first hop of
+    # the first attempt, unless this attempt carries other headers (Range, conditions)
+    ready, ctx.prepared = ctx.prepared, None
+    if headers != ctx.headers:
+        ready = None
     for _ in range(MAX_REDIRECTS + 1):
         if ctx.limits is not None:
             ctx.limits.wait_pause(ctx.stop)
-        resp = ctx.transport.handle_request(plain_get(url, headers, ctx.extensions))
+        req = ready or httpx.Request("GET", url, headers=headers, extensions=ctx.extensions)
+        ready = None
+        resp = ctx.transport.handle_request(req)
         if resp.status_code not in (301, 302, 303, 307, 308):
             return resp, url
         location = resp.headers.get("location")
@@ -141,11 +149,21 @@ def _send(ctx: _Ctx, url: str, headers: dict[str, str]) -> tuple[httpx.Response,
     raise RedirectRefused(f"more than {MAX_REDIRECTS} redirects from {seen[0]}")
 
 
-def plain_get(
-    url: str, headers: dict[str, str], extensions: dict[str, Any] | None = None
-) -> httpx.Request:
-    """The GET this module sends; the runner builds the same to announce pipelined ones."""
+def plain_get(url: str, t: Transfer) -> httpx.Request:
+    """The first GET :func:`fetch_file` sends for a new file (no Range, no condition).
+
+    The runner builds it ahead, to announce it to the transport (pipelining) and
+    to hand it to :func:`fetch_file` as ``prepared``: one URL parse, not two.
+    """
+    headers, extensions = _request_parts(t)
     return httpx.Request("GET", url, headers=headers, extensions=extensions)
+
+
+@functools.lru_cache(maxsize=16)
+def _request_parts(t: Transfer) -> tuple[dict[str, str], dict[str, Any]]:
+    # One pair per run, shared read-only by every request (nothing mutates them).
+    # The body is written chunk by chunk as it comes: a reused read buffer will do.
+    return request_headers(t), {"timeout": timeout_of(t).as_dict(), REUSE_BUFFER: True}
 
 
 def _redirect_allowed(scope: Scope, target: str) -> bool:
@@ -365,6 +383,7 @@ def fetch_file(
     on_bytes: Callable[[int], None] = lambda n: None,
     on_retry: Callable[[int, str], None] | None = None,
     known_dirs: set[Path] | None = None,
+    prepared: httpx.Request | None = None,
 ) -> Outcome:
     """Fetch ``job`` into ``t.dest``; never raises for a per-file problem.
 
@@ -386,6 +405,7 @@ def fetch_file(
         stop,
         on_bytes,
         known_dirs,
+        prepared,
     )
     final = dest / f.path
     part, meta = partial_paths(dest, f.path)

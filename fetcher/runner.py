@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from fetcher.config import Transfer
 from fetcher.download import RESUME_MIN, fetch_file, plain_get
 from fetcher.http1 import ThreadConnTransport
@@ -38,7 +40,7 @@ from fetcher.models import (
 )
 from fetcher.retry import build_retrying
 from fetcher.shard import Shard
-from fetcher.transport import make_transport, request_headers
+from fetcher.transport import make_transport
 
 __all__ = ["ShardRunner", "run_shard", "worker_main"]
 
@@ -114,7 +116,6 @@ class ShardRunner:
         self.limits = limits
         self.transport = make_transport(t, limits, self.stop)
         self.depth = t.pipeline if isinstance(self.transport, ThreadConnTransport) else 1
-        self.headers = request_headers(t)
         self.scope = Scope.for_start(t.root, t.aliases)
         self.retrying = build_retrying(t, sleep=self._sleep)
         self.batch = _Batcher(send, worker)
@@ -181,16 +182,19 @@ class ShardRunner:
 
     def _lane(self) -> None:
         transport = self.transport
+        pipelining = isinstance(transport, ThreadConnTransport)
         while train := self._take():
-            ahead = len(train) > 1 and isinstance(transport, ThreadConnTransport)
-            if ahead:
+            # The plain GETs of a train, built once: announced to the transport (which may
+            # send them ahead) and handed to fetch_file, which sends exactly these.
+            ready = [plain_get(j.file.url, self.t) for j in train] if len(train) > 1 else []
+            if pipelining and ready:
                 assert isinstance(transport, ThreadConnTransport)
-                transport.expect([plain_get(j.file.url, self.headers) for j in train[1:]])
+                transport.expect(ready[1:])
             try:
-                for job in train:
-                    self._finished(job, self.fetch(job))
+                for i, job in enumerate(train):
+                    self._finished(job, self.fetch(job, ready[i] if ready else None))
             finally:
-                if ahead:
+                if pipelining and ready:
                     assert isinstance(transport, ThreadConnTransport)
                     transport.expect([])
 
@@ -207,7 +211,7 @@ class ShardRunner:
             self.batch.flush()
 
     # -- one file -------------------------------------------------------------
-    def fetch(self, job: Job) -> Outcome:
+    def fetch(self, job: Job, prepared: httpx.Request | None = None) -> Outcome:
         f = job.file
         if self.stop.is_set():
             return Outcome(
@@ -231,6 +235,7 @@ class ShardRunner:
                 on_bytes=self.batch.add_bytes,
                 on_retry=on_retry,
                 known_dirs=self.known_dirs,
+                prepared=prepared,
             )
         except Exception as exc:  # noqa: BLE001 - a worker must return an Outcome, always:
             # an escaping exception would leave the file unreported and the run waiting.
