@@ -358,26 +358,31 @@ class ThreadConnTransport(httpx.BaseTransport):
         A request made out of turn (a redirect, a retry, different headers) just
         goes on a fresh connection; the answers due on the old one are not wanted.
         """
-        self._local.expect = deque(self._head_bytes(r) for r in requests if r.method == "GET")
+        self._local.expect = deque(
+            (_origin(r.url), self._head_bytes(r)) for r in requests if r.method == "GET"
+        )
         conn: _Conn | None = getattr(self._local, "conn", None)
         if not requests and conn is not None and conn.queued:
             self._drop(conn)  # a train cut short: the answers still due are not wanted
 
     def _top_up(self, conn: _Conn) -> list[bytes]:
-        expect: deque[bytes] | None = getattr(self._local, "expect", None)
+        expect: deque[tuple[tuple[str, str, int], bytes]] | None
+        expect = getattr(self._local, "expect", None)
         if not expect or not conn.proven or self._depth < 2 or self._lost >= 2:
             return []
         extra = []
-        while expect and len(conn.queued) < self._depth - 1:
-            head = expect.popleft()
+        # only requests for this connection's server, and in order: stop at another's
+        while expect and expect[0][0] == conn.key and len(conn.queued) < self._depth - 1:
+            head = expect.popleft()[1]
             conn.queued.append(head)
             extra.append(head)
         return extra
 
-    def _consume_expectation(self, head: bytes) -> None:
-        expect: deque[bytes] | None = getattr(self._local, "expect", None)
-        if expect and head in expect:
-            while expect.popleft() != head:
+    def _consume_expectation(self, key: tuple[str, str, int], head: bytes) -> None:
+        expect: deque[tuple[tuple[str, str, int], bytes]] | None
+        expect = getattr(self._local, "expect", None)
+        if expect and (key, head) in expect:
+            while expect.popleft() != (key, head):
                 pass
 
     # -- one exchange ---------------------------------------------------------
@@ -386,10 +391,9 @@ class ThreadConnTransport(httpx.BaseTransport):
         scheme = url.scheme
         if scheme not in ("http", "https"):
             raise httpx.UnsupportedProtocol(f"unsupported URL scheme {scheme!r}")
-        port = url.port or (443 if scheme == "https" else 80)
-        key = (scheme, url.host, port)
+        key = _origin(url)
         head = self._head_bytes(request)
-        self._consume_expectation(head)
+        self._consume_expectation(key, head)
         conn = self._take_own(key)
         sent = False
         if conn is not None and conn.queued:
@@ -420,7 +424,9 @@ class ThreadConnTransport(httpx.BaseTransport):
                     raise httpx.RemoteProtocolError(
                         "server closed the connection without a response"
                     ) from None
-            except BaseException:
+            except BaseException as exc:
+                if sent and isinstance(exc, httpx.ReadTimeout):
+                    self._lost += 1  # a server that takes pipelined requests and never answers
                 self._drop(conn)
                 raise
         raise AssertionError("unreachable")  # pragma: no cover
@@ -551,6 +557,10 @@ class ThreadConnTransport(httpx.BaseTransport):
 
 class _Stale(Exception):
     """A reused keep-alive connection turned out closed before it answered."""
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int]:
+    return (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
 
 
 def _has_token(headers: list[tuple[bytes, bytes]], name: bytes, token: bytes) -> bool:
