@@ -348,8 +348,9 @@ def run_mirror_scenario(
     n: int,
     rtt_ms: float | None,
     results: list[Measure],
+    limit_rate: str | None = None,
 ) -> None:
-    with serve("nginx", tree.root, WORK / "servers") as srv:
+    with serve("nginx", tree.root, WORK / "servers", limit_rate=limit_rate) as srv:
         ctx = proxied(srv.port, rtt_ms / 2) if rtt_ms else contextlib.nullcontext(srv.port)
         with ctx as port:
             url = f"http://127.0.0.1:{port}/"
@@ -410,10 +411,17 @@ def one_run(
 
 
 def run_resync(
-    tree: Tree, tools: list[str], runs: int, n: int, rtt_ms: float, results: list[Measure]
+    tree: Tree,
+    tools: list[str],
+    runs: int,
+    n: int,
+    rtt_ms: float,
+    results: list[Measure],
+    limit_rate: str | None = None,
 ) -> None:
     """First run populates DEST (untimed); the second, over an unchanged tree, is measured."""
-    with serve("nginx", tree.root, WORK / "servers") as srv, proxied(srv.port, rtt_ms / 2) as port:
+    nginx = serve("nginx", tree.root, WORK / "servers", limit_rate=limit_rate)
+    with nginx as srv, proxied(srv.port, rtt_ms / 2) as port:
         url = f"http://127.0.0.1:{port}/"
         url_list = WORK / "resync.urls"
         write_url_list(tree, url, url_list)
@@ -644,6 +652,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int)
     p.add_argument("--connections", type=int, default=16)
     p.add_argument("--no-limits", action="store_true", help="skip curl / dd / proxy ceilings")
+    p.add_argument(
+        "--server-limit-rate",
+        metavar="RATE",
+        help="nginx limit_rate per connection (e.g. 20m), as a busy mirror caps each client",
+    )
     p.add_argument("--serve", metavar="TREE", help="only serve TREE (small, large, mixed) until ^C")
     args = p.parse_args(argv)
     if args.serve:
@@ -683,7 +696,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     print(
         f"fetch benchmarks: scenarios {','.join(scenarios)}; tools {','.join(tools)}; "
-        f"N={n}; RTT {rtt:g} ms; {runs} run(s) each",
+        f"N={n}; RTT {rtt:g} ms; {runs} run(s) each"
+        + (f"; nginx limit_rate {args.server_limit_rate}" if args.server_limit_rate else ""),
         flush=True,
     )
 
@@ -709,12 +723,14 @@ def main(argv: list[str] | None = None) -> int:
     for s in scenarios:
         print(f"scenario {s}:", flush=True)
         if s in ("small", "large", "mixed"):
-            run_mirror_scenario(s, tree(s), tools, runs, n, None, results)
+            run_mirror_scenario(s, tree(s), tools, runs, n, None, results, args.server_limit_rate)
         elif s in ("small-rtt", "mixed-rtt"):
-            run_mirror_scenario(s, tree(s.split("-")[0]), tools, runs, n, rtt, results)
+            run_mirror_scenario(
+                s, tree(s.split("-")[0]), tools, runs, n, rtt, results, args.server_limit_rate
+            )
         elif s == "resync":
             rs_tools = [t for t in ("fetch", "rclone", "lftp") if t in tools]
-            run_resync(tree("small"), rs_tools, runs, n, rtt, results)
+            run_resync(tree("small"), rs_tools, runs, n, rtt, results, args.server_limit_rate)
         elif s == "scale":
             run_scale(100, 2000, n, results)
 

@@ -23,10 +23,19 @@ hostile server could hurt (bounded head, checked framing) and nothing more:
   / ``ReadError`` / ``WriteError``, each raised from the original error;
 * a reused keep-alive connection that the server has closed in the meantime
   is replaced once, silently, before any response byte arrived (GET and
-  HEAD are idempotent);
-* large bodies are read with ``recv_into`` into one reused buffer per
-  connection: the chunks a response yields are ``memoryview`` slices valid
-  until the next one is asked for (write them, hash them, then let go).
+  HEAD only: they are idempotent);
+* pipelining (``pipeline=N``): a thread announces its next GETs with
+  :meth:`ThreadConnTransport.expect`; once its connection has kept alive
+  after an HTTP/1.1 answer, up to N-1 of them (for that connection's server)
+  are written right behind the current request and their answers read in
+  order when they are asked for.  Anything out of turn drops the connection;
+  a server that drops pipelined requests twice gets no more of them;
+* a short error page the caller does not read is drained (1 s at most), so
+  it does not cost the connection;
+* with the ``REUSE_BUFFER`` request extension, large bodies are read with
+  ``recv_into`` into one reused buffer per connection: the chunks are
+  ``memoryview`` slices valid until the next one is asked for (write them,
+  hash them, then let go).
 
 Each TCP connection holds a token of the run's connection cap (``gate``), so
 ``--max-connections`` holds across processes exactly as with httpcore.

@@ -200,6 +200,7 @@ def serve(
     style: str | None = None,
     exact_size: bool | None = None,
     localtime: bool | None = None,
+    limit_rate: str | None = None,
     startup_timeout: float = 15.0,
 ) -> Iterator[Served]:
     """Run a ``kind`` server on 127.0.0.1 serving ``root`` with directory listings.
@@ -207,15 +208,20 @@ def serve(
     ``style`` is Apache's listing style (``fancy``, the default, ``table`` or
     ``plain``); ``exact_size`` (default True) and ``localtime`` (default False)
     are nginx's ``autoindex_exact_size`` / ``autoindex_localtime`` (or the
-    fancyindex equivalents).  Config, logs and temp files go to ``workdir``.
+    fancyindex equivalents).  ``limit_rate`` (nginx only, e.g. ``"20m"``) caps
+    each connection's send rate, as a busy mirror does.  Config, logs and temp
+    files go to ``workdir``.
     """
     reason = unavailable(kind)
     if reason is not None:
         _skip(reason)
     if style is not None and kind != "apache":
         raise ValueError(f"style= is an apache option, not {kind}'s")
-    if (exact_size is not None or localtime is not None) and not kind.startswith("nginx"):
-        raise ValueError(f"exact_size= and localtime= are nginx options, not {kind}'s")
+    nginx_only = (exact_size, localtime, limit_rate)
+    if any(o is not None for o in nginx_only) and not kind.startswith("nginx"):
+        raise ValueError(f"exact_size=, localtime= and limit_rate= are nginx options, not {kind}'s")
+    if limit_rate is not None and not re.fullmatch(r"[0-9]+[kKmMgG]?", limit_rate):
+        raise ValueError(f"limit_rate must look like 500k or 20m, got {limit_rate!r}")
     style = style or "fancy"
     if style not in APACHE_STYLES:
         raise ValueError(f"apache style must be one of {APACHE_STYLES}, got {style!r}")
@@ -228,7 +234,12 @@ def serve(
         if any(c in str(path) for c in '"\\\n\r'):
             raise ValueError(f"path unusable in a server config: {path!r}")
 
-    options = {"style": style, "exact_size": exact_size is not False, "localtime": bool(localtime)}
+    options = {
+        "style": style,
+        "exact_size": exact_size is not False,
+        "localtime": bool(localtime),
+        "limit_rate": limit_rate,
+    }
     last_error = ""
     for _attempt in range(3):
         port = free_port()
@@ -386,7 +397,8 @@ def _nginx_conf(
         f"            {prefix} on;\n"
         f"            {prefix}_exact_size {on[bool(options['exact_size'])]};\n"
         f"            {prefix}_localtime {on[bool(options['localtime'])]};\n"
-        "        }\n    }\n}\n"
+        + (f"            limit_rate {options['limit_rate']};\n" if options["limit_rate"] else "")
+        + "        }\n    }\n}\n"
     )
     conf_path = workdir / "nginx.conf"
     conf_path.write_text(conf)
