@@ -15,6 +15,7 @@ import heapq
 import itertools
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -222,24 +223,45 @@ def crawl(
                     page.sums.update(parse_sums(name, text))
         return page
 
-    # Deepest directory first (then in listing order): files turn up after one listing
-    # per level, not after every directory of the upper levels has been read, so the
-    # downloads start early.  At most ``concurrency`` listings are in flight.
-    pending: list[tuple[int, int, _Dir]] = []
+    # Listings in flight: at most ``concurrency``, picked alternately deepest first and
+    # oldest first.  Deepest first, files turn up after one listing per level instead of
+    # after every directory of the upper levels; oldest first, a shallow directory (the
+    # big images beside a deep package pool) is not left to the very end, where its
+    # files would be the run's long tail.
+    deep: list[tuple[int, int, _Dir]] = []
+    wide: deque[tuple[int, _Dir]] = deque()
+    taken: set[int] = set()
     order = itertools.count()
     width = max(1, opts.concurrency)
+    turn = itertools.cycle((deep, wide))
 
     def submit(d: _Dir) -> None:
-        heapq.heappush(pending, (-d.depth, next(order), d))
+        n = next(order)
+        heapq.heappush(deep, (-d.depth, n, d))
+        wide.append((n, d))
+
+    def next_dir() -> _Dir | None:
+        for _ in range(2):
+            side = next(turn)
+            while side:
+                if side is deep:
+                    _, n, d = heapq.heappop(deep)
+                else:
+                    n, d = wide.popleft()
+                if n not in taken:
+                    taken.add(n)
+                    return d
+        return None
 
     submit(_Dir(scope.root, "", 0, ()))
     try:
-        while running or pending:
+        while True:
             if stop is not None and stop.is_set():
                 return
-            while pending and len(running) < width:
-                d = heapq.heappop(pending)[2]
+            while len(running) < width and (d := next_dir()) is not None:
                 running[pool.submit(fetch, d)] = d
+            if not running:
+                break
             done, _ = wait(list(running), timeout=0.5, return_when=FIRST_COMPLETED)
             for fut in sorted(done, key=lambda f: running[f].url):
                 d = running.pop(fut)
