@@ -203,6 +203,7 @@ def _attempt(ctx: _Ctx, job: Job, final: Path, part: Path, meta: Path) -> Outcom
 
     resp, answered_by = _send(ctx, f.url, headers)
     redirected = answered_by != f.url
+    got = _header_map(resp)
     try:
         status = resp.status_code
         if status == 304:
@@ -221,18 +222,18 @@ def _attempt(ctx: _Ctx, job: Job, final: Path, part: Path, meta: Path) -> Outcom
             raise RangeMismatch(f"server refused range {offset}- for {f.url}")
         if status not in (200, 206):
             if status in (429, 503):
-                ra = retry_after_seconds(resp.headers.get("retry-after"))
+                ra = retry_after_seconds(got.get("retry-after"))
                 if ra and ctx.limits is not None:
                     ctx.limits.pause(min(ra, t.retry_after_cap))
             raise _status_error(resp, f.url)
-        etag = resp.headers.get("etag")
-        last_mod = resp.headers.get("last-modified")
+        etag = got.get("etag")
+        last_mod = got.get("last-modified")
         if status == 206:
-            m = _CONTENT_RANGE.fullmatch(resp.headers.get("content-range", "").strip())
+            m = _CONTENT_RANGE.fullmatch(got.get("content-range", "").strip())
             if not offset or not m or int(m.group(1)) != offset:
                 _discard(part, meta)
                 raise RangeMismatch(
-                    f"206 with Content-Range {resp.headers.get('content-range')!r}"
+                    f"206 with Content-Range {got.get('content-range')!r}"
                     f" for a request from byte {offset}; not spliced"
                 )
             total = None if m.group(3) == "*" else int(m.group(3))
@@ -247,7 +248,7 @@ def _attempt(ctx: _Ctx, job: Job, final: Path, part: Path, meta: Path) -> Outcom
         else:
             offset = 0
             mode = "wb"
-            cl = resp.headers.get("content-length")
+            cl = got.get("content-length")
             total = int(cl) if cl and cl.isdigit() else None
         # We asked for identity.  A server that sends Content-Encoding anyway (a .gz file
         # served as "gzip") sends the bytes as stored: iter_raw() keeps them undecoded,
@@ -267,7 +268,7 @@ def _attempt(ctx: _Ctx, job: Job, final: Path, part: Path, meta: Path) -> Outcom
     size = offset + received
     if total is not None and size != total:
         raise IncompleteDownload(f"got {size} of {total} bytes for {f.url}")
-    cl = resp.headers.get("content-length")
+    cl = got.get("content-length")
     if status == 200 and cl and cl.isdigit() and received != int(cl):
         raise IncompleteDownload(f"got {received} of {cl} bytes for {f.url}")
     if f.size_exact and f.size is not None and size != f.size and not redirected:
@@ -305,6 +306,18 @@ def _attempt(ctx: _Ctx, job: Job, final: Path, part: Path, meta: Path) -> Outcom
         sha256=sha256,
         stamp=f.stamp,
     )
+
+
+def _header_map(resp: httpx.Response) -> dict[str, str]:
+    """The response's headers as a plain dict, names lower-cased, the first of a repeated one.
+
+    (``httpx.Headers.get`` scans and re-normalises the whole list on every call; a
+    download reads half a dozen headers.)
+    """
+    out: dict[str, str] = {}
+    for name, value in resp.headers.raw:
+        out.setdefault(name.decode("latin-1").lower(), value.decode("latin-1").strip())
+    return out
 
 
 def _changed_since(
