@@ -1,0 +1,52 @@
+"""The order the crawl reads listings in: deep directories early, shallow ones in time.
+
+Deepest-first alone finds files after one listing per level, but leaves a shallow
+directory (a repository's big images beside a deep package pool) to the end of the
+crawl, where its files become the run's long tail; breadth-first alone reads every
+upper directory before the first file turns up.  The crawl alternates.  One listing
+at a time (``concurrency=1``) makes the order observable at the server.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fetcher.config import Transfer
+from fetcher.crawl import CrawlOptions, crawl
+from fetcher.models import RemoteFile
+from fetcher.transport import make_client
+from tests.faultserver import FaultServer
+
+SHALLOW = [f"s{i}/" for i in range(8)]
+DEEP = ["deep/", "deep/a/", "deep/a/b/", "deep/a/b/c/"]
+
+
+def _listing_order(tmp_path: Path, concurrency: int) -> tuple[list[str], set[str]]:
+    with FaultServer() as srv:
+        for d in SHALLOW:
+            srv.add_file(f"/pub/{d}file.txt", d.encode())
+        srv.add_file("/pub/deep/a/b/c/file.txt", b"deep")
+        t = Transfer(dest=str(tmp_path), root=srv.url + "pub/")
+        with make_client(t) as client:
+            items = list(crawl(client, t, CrawlOptions(concurrency=concurrency)))
+        listings = [q.path.removeprefix("/pub/") for q in srv.requests if q.path.endswith("/")]
+    files = {i.path for i in items if isinstance(i, RemoteFile)}
+    return listings, files
+
+
+def test_deep_directories_are_read_early_and_shallow_ones_in_time(tmp_path: Path) -> None:
+    listings, files = _listing_order(tmp_path, concurrency=1)
+    assert files == {f"{d}file.txt" for d in [*SHALLOW, DEEP[-1]]}
+    assert sorted(listings) == sorted(["", *SHALLOW, *DEEP])  # each listing read once
+    deepest = listings.index(DEEP[-1])
+    # not breadth-first: the deepest directory comes before the last shallow one ...
+    assert deepest < listings.index(SHALLOW[-1]), listings
+    # ... and not deepest-first only: shallow directories are read along the way
+    assert any(listings.index(d) < deepest for d in SHALLOW), listings
+
+
+def test_the_order_does_not_change_what_is_found(tmp_path: Path) -> None:
+    one, files_one = _listing_order(tmp_path / "a", concurrency=1)
+    many, files_many = _listing_order(tmp_path / "b", concurrency=8)
+    assert files_one == files_many
+    assert sorted(one) == sorted(many)
