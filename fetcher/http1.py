@@ -46,213 +46,19 @@ from __future__ import annotations
 import socket
 import ssl
 import threading
-import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
 
 import httpx
 
 from fetcher.limits import TokenGate
+from fetcher.wire import Body, Conn, Stale, framing, has_token, read_head
 
 __all__ = ["REUSE_BUFFER", "ThreadConnTransport"]
 
-MAX_HEAD = 64 * 1024
-MAX_CHUNK_LINE = 4096
-READ_SIZE = 256 * 1024
-BIG_BUFFER = 1 << 20
-DRAIN_MAX = 64 * 1024
-DRAIN_TIMEOUT = 1.0
-_NO_BODY_STATUS = frozenset({204, 304})
-_HEX = b"0123456789abcdefABCDEF"
 REUSE_BUFFER = "fetch.reuse_buffer"
 """Request extension: True lets a big body come as memoryviews of one reused buffer, each
 valid only until the next chunk is asked for (for a caller that writes them at once)."""
-
-
-class _Conn:
-    """One TCP (or TLS) connection and the bytes read past the last response."""
-
-    __slots__ = ("_buf", "_release", "busy", "key", "proven", "queued", "rest", "sock", "used")
-
-    def __init__(self, key: tuple[str, str, int], sock: socket.socket, release: Any) -> None:
-        self.key = key
-        self.sock = sock
-        self.rest = b""
-        self.used = False  # has carried a complete response (so it may have gone stale)
-        self.proven = False  # has kept alive after an HTTP/1.1 response: may pipeline
-        self.queued: deque[bytes] = deque()  # requests sent ahead, their answers still to come
-        self.busy = False
-        self._release: Callable[[], None] | None = release
-        self._buf: bytearray | None = None
-
-    def buffer(self) -> memoryview:
-        if self._buf is None:
-            self._buf = bytearray(BIG_BUFFER)
-        return memoryview(self._buf)
-
-    def close(self) -> None:
-        try:
-            self.sock.close()
-        finally:
-            release, self._release = self._release, None
-            if release is not None:
-                release()
-
-
-def _read_error(exc: OSError, what: str) -> httpx.TransportError:
-    if isinstance(exc, TimeoutError):
-        return httpx.ReadTimeout(f"timed out {what}")
-    return httpx.ReadError(f"{what}: {exc}")
-
-
-class _Body(httpx.SyncByteStream):
-    """The body of one response, read straight off the connection."""
-
-    def __init__(
-        self,
-        owner: ThreadConnTransport,
-        conn: _Conn,
-        mode: str,
-        length: int,
-        reusable: bool,
-        reuse_buffer: bool = False,
-    ) -> None:
-        self._reuse = reuse_buffer
-        self._owner = owner
-        self._conn: _Conn | None = conn
-        self._mode = mode  # "length", "chunked", "close" or "none"
-        self._left = length
-        self._total = length
-        self._reusable = reusable and mode != "close"
-        self._complete = mode == "none"
-        self._started = False  # the caller began reading: what is left is not an error page
-
-    # -- framing ------------------------------------------------------------
-    def __iter__(self) -> Iterator[bytes]:
-        conn = self._conn
-        if conn is None:
-            return
-        self._started = True
-        try:
-            if self._mode == "length":
-                yield from self._by_length(conn)
-            elif self._mode == "chunked":
-                yield from self._chunked(conn)
-            elif self._mode == "close":
-                yield from self._to_close(conn)
-        except OSError as exc:
-            raise _read_error(exc, "reading the body") from exc
-        self._finish()
-
-    def _by_length(self, conn: _Conn) -> Iterator[bytes]:
-        # self._left is kept current, so close() can drain what is left of a short body
-        if conn.rest:
-            take, conn.rest = conn.rest[: self._left], conn.rest[self._left :]
-            self._left -= len(take)
-            yield take
-        sock = conn.sock
-        if self._left > READ_SIZE and self._reuse:
-            view = conn.buffer()
-            size = len(view)
-            while self._left > 0:
-                n = sock.recv_into(view, min(self._left, size))
-                if not n:
-                    raise self._cut_short()
-                self._left -= n
-                yield view[:n]  # type: ignore[misc]
-        else:
-            while self._left > 0:
-                data = sock.recv(self._left)
-                if not data:
-                    raise self._cut_short()
-                self._left -= len(data)
-                yield data
-        self._complete = True
-
-    def _drain(self, conn: _Conn) -> bool:
-        """Read and drop a short unread body within DRAIN_TIMEOUT in all; True if done."""
-        deadline = time.monotonic() + DRAIN_TIMEOUT
-        try:
-            conn.sock.settimeout(DRAIN_TIMEOUT)
-            for _ in self._by_length(conn):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                conn.sock.settimeout(left)
-            return True
-        except (OSError, httpx.TransportError):
-            return False
-        finally:
-            conn.sock.settimeout(self._owner._read_timeout)
-
-    def _cut_short(self) -> httpx.RemoteProtocolError:
-        return httpx.RemoteProtocolError(
-            f"connection closed after {self._total - self._left} of {self._total} body bytes"
-        )
-
-    def _chunked(self, conn: _Conn) -> Iterator[bytes]:
-        while True:
-            line = self._line(conn, "chunk size")
-            size_text = line.split(b";", 1)[0].strip()
-            if not size_text or len(size_text) > 16 or size_text.strip(_HEX):
-                raise httpx.RemoteProtocolError(f"bad chunk size line {line[:40]!r}")
-            size = int(size_text, 16)
-            if size == 0:
-                while self._line(conn, "trailer"):  # trailers end with an empty line
-                    pass
-                self._complete = True
-                return
-            while size > 0:
-                if not conn.rest:
-                    conn.rest = self._recv(conn)
-                take, conn.rest = conn.rest[:size], conn.rest[size:]
-                size -= len(take)
-                yield take
-            if self._line(conn, "chunk end"):
-                raise httpx.RemoteProtocolError("chunk data longer than its size")
-
-    def _to_close(self, conn: _Conn) -> Iterator[bytes]:
-        if conn.rest:
-            data, conn.rest = conn.rest, b""
-            yield data
-        while data := conn.sock.recv(READ_SIZE):
-            yield data
-
-    def _line(self, conn: _Conn, what: str) -> bytes:
-        while (i := conn.rest.find(b"\r\n")) < 0:
-            if len(conn.rest) > MAX_CHUNK_LINE:
-                raise httpx.RemoteProtocolError(f"{what} line too long")
-            conn.rest += self._recv(conn)
-        line, conn.rest = conn.rest[:i], conn.rest[i + 2 :]
-        return line
-
-    @staticmethod
-    def _recv(conn: _Conn) -> bytes:
-        data = conn.sock.recv(READ_SIZE)
-        if not data:
-            raise httpx.RemoteProtocolError("connection closed inside a chunked body")
-        return data
-
-    # -- end of the response ------------------------------------------------
-    def _finish(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            # Reuse only after a complete body with nothing read past it, unless answers
-            # to pipelined requests are due (else bytes beyond the body mean a server that
-            # does not frame its responses: not one to reuse).
-            clean = not conn.rest or bool(conn.queued)
-            self._owner._done(conn, self._complete and self._reusable and clean)
-
-    def close(self) -> None:
-        # Closed before the end: the rest of a short body (an error page) is read and
-        # dropped so the connection stays usable; a longer one is still on the wire, so
-        # the connection goes.
-        conn = self._conn
-        unread = not self._started and self._mode == "length" and 0 < self._left <= DRAIN_MAX
-        if conn is not None and unread and not self._drain(conn):
-            self._complete = False
-        self._finish()
 
 
 class ThreadConnTransport(httpx.BaseTransport):
@@ -273,15 +79,15 @@ class ThreadConnTransport(httpx.BaseTransport):
         self._depth = max(1, pipeline)
         self._lost = 0  # pipelined requests a server dropped; two, and pipelining stops
         self._connect_timeout = timeout.connect
-        self._read_timeout = timeout.read
+        self.read_timeout = timeout.read
         self._gate = gate
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._conns: set[_Conn] = set()
+        self._conns: set[Conn] = set()
         self._closed = False
 
     # -- connections ----------------------------------------------------------
-    def _connect(self, key: tuple[str, str, int]) -> _Conn:
+    def _connect(self, key: tuple[str, str, int]) -> Conn:
         scheme, host, port = key
         release = None
         if self._gate is not None:
@@ -301,7 +107,7 @@ class ThreadConnTransport(httpx.BaseTransport):
                     if self._ssl is None:
                         self._ssl = self._ssl_factory()
                     sock = self._ssl.wrap_socket(sock, server_hostname=host)
-                sock.settimeout(self._read_timeout)
+                sock.settimeout(self.read_timeout)
             except TimeoutError as exc:
                 sock.close()
                 raise httpx.ConnectTimeout(f"TLS handshake with {host}:{port} timed out") from exc
@@ -312,20 +118,21 @@ class ThreadConnTransport(httpx.BaseTransport):
             if self._gate is not None:
                 self._gate.release_now()
             raise
-        conn = _Conn(key, sock, release)
+        conn = Conn(key, sock, release)
         conn.busy = True
         with self._lock:
             self._conns.add(conn)
         return conn
 
-    def _drop(self, conn: _Conn) -> None:
+    def _drop(self, conn: Conn) -> None:
         with self._lock:
             self._conns.discard(conn)
         if getattr(self._local, "conn", None) is conn:
             self._local.conn = None
         conn.close()
 
-    def _done(self, conn: _Conn, keep: bool) -> None:
+    def done(self, conn: Conn, keep: bool) -> None:
+        """A response is over (called by its body): keep ``conn`` for this thread, or drop it."""
         conn.busy = False
         if keep and self._keepalive and not self._closed:
             conn.used = conn.proven = True
@@ -370,11 +177,11 @@ class ThreadConnTransport(httpx.BaseTransport):
         self._local.expect = deque(
             (_origin(r.url), self._head_bytes(r)) for r in requests if r.method == "GET"
         )
-        conn: _Conn | None = getattr(self._local, "conn", None)
+        conn: Conn | None = getattr(self._local, "conn", None)
         if not requests and conn is not None and conn.queued:
             self._drop(conn)  # a train cut short: the answers still due are not wanted
 
-    def _top_up(self, conn: _Conn) -> list[bytes]:
+    def _top_up(self, conn: Conn) -> list[bytes]:
         expect: deque[tuple[tuple[str, str, int], bytes]] | None
         expect = getattr(self._local, "expect", None)
         if not expect or not conn.proven or self._depth < 2 or self._lost >= 2:
@@ -419,7 +226,7 @@ class ThreadConnTransport(httpx.BaseTransport):
                 self._local.conn = conn
             try:
                 return self._exchange(request, conn, head, sent)
-            except _Stale:
+            except Stale:
                 self._drop(conn)
                 conn = None
                 if request.method not in ("GET", "HEAD"):
@@ -440,9 +247,9 @@ class ThreadConnTransport(httpx.BaseTransport):
                 raise
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _take_own(self, key: tuple[str, str, int]) -> _Conn | None:
+    def _take_own(self, key: tuple[str, str, int]) -> Conn | None:
         """This thread's idle connection to ``key``, marked busy; None if there is none."""
-        conn: _Conn | None = getattr(self._local, "conn", None)
+        conn: Conn | None = getattr(self._local, "conn", None)
         if conn is None:
             return None
         with self._lock:
@@ -465,7 +272,7 @@ class ThreadConnTransport(httpx.BaseTransport):
         return b"".join(lines)
 
     def _exchange(
-        self, request: httpx.Request, conn: _Conn, head: bytes, sent: bool
+        self, request: httpx.Request, conn: Conn, head: bytes, sent: bool
     ) -> httpx.Response:
         sock = conn.sock
         out = [] if sent else [head]
@@ -478,99 +285,28 @@ class ThreadConnTransport(httpx.BaseTransport):
                 sock.sendall(b"".join(out))
         except OSError as exc:
             if conn.used and not isinstance(exc, TimeoutError):
-                raise _Stale from exc
+                raise Stale from exc
             if isinstance(exc, TimeoutError):
                 raise httpx.WriteTimeout("timed out sending the request") from exc
             raise httpx.WriteError(f"sending the request: {exc}") from exc
         while True:
-            status, reason, headers, version = self._read_head(conn)
+            status, reason, headers, version = read_head(conn)
             if 100 <= status < 200 and status != 101:
                 continue  # interim response (100 Continue, 103 Early Hints)
             break
         conn.used = False  # this connection has answered: no longer a stale-reuse suspect
-        mode, length = self._framing(request.method, status, headers)
-        reusable = version == b"HTTP/1.1" and not _has_token(headers, b"connection", b"close")
+        mode, length = framing(request.method, status, headers)
+        reusable = version == b"HTTP/1.1" and not has_token(headers, b"connection", b"close")
         return httpx.Response(
             status,
             headers=headers,
-            stream=_Body(
+            stream=Body(
                 self, conn, mode, length, reusable, bool(request.extensions.get(REUSE_BUFFER))
             ),
             request=request,
             extensions={"http_version": version, "reason_phrase": reason},
         )
 
-    def _read_head(self, conn: _Conn) -> tuple[int, bytes, list[tuple[bytes, bytes]], bytes]:
-        buf = conn.rest
-        start = 0
-        while (end := buf.find(b"\r\n\r\n", start)) < 0:
-            if len(buf) > MAX_HEAD:
-                raise httpx.RemoteProtocolError(f"response head over {MAX_HEAD} bytes")
-            start = max(0, len(buf) - 3)
-            try:
-                data = conn.sock.recv(READ_SIZE)
-            except OSError as exc:
-                if conn.used and not buf and not isinstance(exc, TimeoutError):
-                    raise _Stale from exc
-                raise _read_error(exc, "waiting for the response") from exc
-            if not data:
-                if conn.used and not buf:
-                    raise _Stale
-                raise httpx.RemoteProtocolError(
-                    "server closed the connection without a complete response"
-                )
-            buf += data
-        if end > MAX_HEAD:
-            raise httpx.RemoteProtocolError(f"response head over {MAX_HEAD} bytes")
-        conn.rest = buf[end + 4 :]
-        lines = buf[:end].split(b"\r\n")
-        parts = lines[0].split(b" ", 2)
-        version = parts[0]
-        if (
-            len(parts) < 2
-            or version not in (b"HTTP/1.1", b"HTTP/1.0")
-            or len(parts[1]) != 3
-            or not parts[1].isdigit()
-        ):
-            raise httpx.RemoteProtocolError(f"bad status line {lines[0][:80]!r}")
-        headers: list[tuple[bytes, bytes]] = []
-        for line in lines[1:]:
-            name, sep, value = line.partition(b":")
-            if not sep or not name or name != name.strip() or line[:1] in (b" ", b"\t"):
-                raise httpx.RemoteProtocolError(f"bad header line {line[:80]!r}")
-            headers.append((name.lower(), value.strip()))
-        return int(parts[1]), parts[2] if len(parts) > 2 else b"", headers, version
-
-    @staticmethod
-    def _framing(method: str, status: int, headers: list[tuple[bytes, bytes]]) -> tuple[str, int]:
-        if method == "HEAD" or status in _NO_BODY_STATUS:
-            return "none", 0
-        te = [v for k, v in headers if k == b"transfer-encoding"]
-        if te:
-            codings = b",".join(te).split(b",")
-            if codings[-1].strip().lower() == b"chunked":
-                return "chunked", 0
-            return "close", 0
-        lengths = {v for k, v in headers if k == b"content-length"}
-        if lengths:
-            values = {x.strip() for v in lengths for x in v.split(b",")}
-            if len(values) != 1:
-                raise httpx.RemoteProtocolError("conflicting Content-Length headers")
-            value = values.pop()
-            if not value.isdigit() or len(value) > 18:
-                raise httpx.RemoteProtocolError(f"bad Content-Length {value[:40]!r}")
-            n = int(value)
-            return ("length", n) if n else ("none", 0)
-        return "close", 0
-
-
-class _Stale(Exception):
-    """A reused keep-alive connection turned out closed before it answered."""
-
 
 def _origin(url: httpx.URL) -> tuple[str, str, int]:
     return (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
-
-
-def _has_token(headers: list[tuple[bytes, bytes]], name: bytes, token: bytes) -> bool:
-    return any(token == t.strip().lower() for k, v in headers if k == name for t in v.split(b","))

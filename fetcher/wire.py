@@ -1,0 +1,298 @@
+"""HTTP/1.1 responses on the wire: the connection, the head parser and the body readers.
+
+The parsing half of :mod:`fetcher.http1` (which owns connections, pipelining and the
+exchange).  Strict where a hostile server could hurt, and nothing more: a bounded
+head, RFC 9112 section 6.3 framing (no body for HEAD, 1xx, 204 and 304; chunked when
+it is the final transfer coding; else ``Content-Length``, conflicting values being
+an error; else the body runs to the close), plain-hex chunk sizes.  Failures are
+httpx's exception types, so the retry policy needs nothing new.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
+
+import httpx
+
+__all__ = ["Body", "Conn", "Owner", "Stale", "framing", "has_token", "read_error", "read_head"]
+
+MAX_HEAD = 64 * 1024
+MAX_CHUNK_LINE = 4096
+READ_SIZE = 256 * 1024
+BIG_BUFFER = 1 << 20
+DRAIN_MAX = 64 * 1024
+DRAIN_TIMEOUT = 1.0
+NO_BODY_STATUS = frozenset({204, 304})
+HEX = b"0123456789abcdefABCDEF"
+
+
+class Owner(Protocol):
+    """What a body needs from the transport that sent its request."""
+
+    read_timeout: float | None
+
+    def done(self, conn: Conn, keep: bool) -> None:
+        """The response is over: keep ``conn`` for the next request, or drop it."""
+
+
+class Conn:
+    """One TCP (or TLS) connection and the bytes read past the last response."""
+
+    __slots__ = ("_buf", "_release", "busy", "key", "proven", "queued", "rest", "sock", "used")
+
+    def __init__(self, key: tuple[str, str, int], sock: socket.socket, release: Any) -> None:
+        self.key = key
+        self.sock = sock
+        self.rest = b""
+        self.used = False  # has carried a complete response (so it may have gone stale)
+        self.proven = False  # has kept alive after an HTTP/1.1 response: may pipeline
+        self.queued: deque[bytes] = deque()  # requests sent ahead, their answers still to come
+        self.busy = False
+        self._release: Callable[[], None] | None = release
+        self._buf: bytearray | None = None
+
+    def buffer(self) -> memoryview:
+        if self._buf is None:
+            self._buf = bytearray(BIG_BUFFER)
+        return memoryview(self._buf)
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        finally:
+            release, self._release = self._release, None
+            if release is not None:
+                release()
+
+
+def read_error(exc: OSError, what: str) -> httpx.TransportError:
+    if isinstance(exc, TimeoutError):
+        return httpx.ReadTimeout(f"timed out {what}")
+    return httpx.ReadError(f"{what}: {exc}")
+
+
+class Body(httpx.SyncByteStream):
+    """The body of one response, read straight off the connection."""
+
+    def __init__(
+        self,
+        owner: Owner,
+        conn: Conn,
+        mode: str,
+        length: int,
+        reusable: bool,
+        reuse_buffer: bool = False,
+    ) -> None:
+        self._reuse = reuse_buffer
+        self._owner = owner
+        self._conn: Conn | None = conn
+        self._mode = mode  # "length", "chunked", "close" or "none"
+        self._left = length
+        self._total = length
+        self._reusable = reusable and mode != "close"
+        self._complete = mode == "none"
+        self._started = False  # the caller began reading: what is left is not an error page
+
+    # -- framing ------------------------------------------------------------
+    def __iter__(self) -> Iterator[bytes]:
+        conn = self._conn
+        if conn is None:
+            return
+        self._started = True
+        try:
+            if self._mode == "length":
+                yield from self._by_length(conn)
+            elif self._mode == "chunked":
+                yield from self._chunked(conn)
+            elif self._mode == "close":
+                yield from self._to_close(conn)
+        except OSError as exc:
+            raise read_error(exc, "reading the body") from exc
+        self._finish()
+
+    def _by_length(self, conn: Conn) -> Iterator[bytes]:
+        # self._left is kept current, so close() can drain what is left of a short body
+        if conn.rest:
+            take, conn.rest = conn.rest[: self._left], conn.rest[self._left :]
+            self._left -= len(take)
+            yield take
+        sock = conn.sock
+        if self._left > READ_SIZE and self._reuse:
+            view = conn.buffer()
+            size = len(view)
+            while self._left > 0:
+                n = sock.recv_into(view, min(self._left, size))
+                if not n:
+                    raise self._cut_short()
+                self._left -= n
+                yield view[:n]  # type: ignore[misc]
+        else:
+            while self._left > 0:
+                data = sock.recv(self._left)
+                if not data:
+                    raise self._cut_short()
+                self._left -= len(data)
+                yield data
+        self._complete = True
+
+    def _drain(self, conn: Conn) -> bool:
+        """Read and drop a short unread body within DRAIN_TIMEOUT in all; True if done."""
+        deadline = time.monotonic() + DRAIN_TIMEOUT
+        try:
+            conn.sock.settimeout(DRAIN_TIMEOUT)
+            for _ in self._by_length(conn):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                conn.sock.settimeout(left)
+            return True
+        except (OSError, httpx.TransportError):
+            return False
+        finally:
+            conn.sock.settimeout(self._owner.read_timeout)
+
+    def _cut_short(self) -> httpx.RemoteProtocolError:
+        return httpx.RemoteProtocolError(
+            f"connection closed after {self._total - self._left} of {self._total} body bytes"
+        )
+
+    def _chunked(self, conn: Conn) -> Iterator[bytes]:
+        while True:
+            line = self._line(conn, "chunk size")
+            size_text = line.split(b";", 1)[0].strip()
+            if not size_text or len(size_text) > 16 or size_text.strip(HEX):
+                raise httpx.RemoteProtocolError(f"bad chunk size line {line[:40]!r}")
+            size = int(size_text, 16)
+            if size == 0:
+                while self._line(conn, "trailer"):  # trailers end with an empty line
+                    pass
+                self._complete = True
+                return
+            while size > 0:
+                if not conn.rest:
+                    conn.rest = self._recv(conn)
+                take, conn.rest = conn.rest[:size], conn.rest[size:]
+                size -= len(take)
+                yield take
+            if self._line(conn, "chunk end"):
+                raise httpx.RemoteProtocolError("chunk data longer than its size")
+
+    def _to_close(self, conn: Conn) -> Iterator[bytes]:
+        if conn.rest:
+            data, conn.rest = conn.rest, b""
+            yield data
+        while data := conn.sock.recv(READ_SIZE):
+            yield data
+
+    def _line(self, conn: Conn, what: str) -> bytes:
+        while (i := conn.rest.find(b"\r\n")) < 0:
+            if len(conn.rest) > MAX_CHUNK_LINE:
+                raise httpx.RemoteProtocolError(f"{what} line too long")
+            conn.rest += self._recv(conn)
+        line, conn.rest = conn.rest[:i], conn.rest[i + 2 :]
+        return line
+
+    @staticmethod
+    def _recv(conn: Conn) -> bytes:
+        data = conn.sock.recv(READ_SIZE)
+        if not data:
+            raise httpx.RemoteProtocolError("connection closed inside a chunked body")
+        return data
+
+    # -- end of the response ------------------------------------------------
+    def _finish(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            # Reuse only after a complete body with nothing read past it, unless answers
+            # to pipelined requests are due (else bytes beyond the body mean a server that
+            # does not frame its responses: not one to reuse).
+            clean = not conn.rest or bool(conn.queued)
+            self._owner.done(conn, self._complete and self._reusable and clean)
+
+    def close(self) -> None:
+        # Closed before the end: the rest of a short body (an error page) is read and
+        # dropped so the connection stays usable; a longer one is still on the wire, so
+        # the connection goes.
+        conn = self._conn
+        unread = not self._started and self._mode == "length" and 0 < self._left <= DRAIN_MAX
+        if conn is not None and unread and not self._drain(conn):
+            self._complete = False
+        self._finish()
+
+
+class Stale(Exception):
+    """A reused keep-alive connection turned out closed before it answered."""
+
+
+def read_head(conn: Conn) -> tuple[int, bytes, list[tuple[bytes, bytes]], bytes]:
+    """The next response head on ``conn``: status, reason, headers (names lower-cased), version."""
+    buf = conn.rest
+    start = 0
+    while (end := buf.find(b"\r\n\r\n", start)) < 0:
+        if len(buf) > MAX_HEAD:
+            raise httpx.RemoteProtocolError(f"response head over {MAX_HEAD} bytes")
+        start = max(0, len(buf) - 3)
+        try:
+            data = conn.sock.recv(READ_SIZE)
+        except OSError as exc:
+            if conn.used and not buf and not isinstance(exc, TimeoutError):
+                raise Stale from exc
+            raise read_error(exc, "waiting for the response") from exc
+        if not data:
+            if conn.used and not buf:
+                raise Stale
+            raise httpx.RemoteProtocolError(
+                "server closed the connection without a complete response"
+            )
+        buf += data
+    if end > MAX_HEAD:
+        raise httpx.RemoteProtocolError(f"response head over {MAX_HEAD} bytes")
+    conn.rest = buf[end + 4 :]
+    lines = buf[:end].split(b"\r\n")
+    parts = lines[0].split(b" ", 2)
+    version = parts[0]
+    if (
+        len(parts) < 2
+        or version not in (b"HTTP/1.1", b"HTTP/1.0")
+        or len(parts[1]) != 3
+        or not parts[1].isdigit()
+    ):
+        raise httpx.RemoteProtocolError(f"bad status line {lines[0][:80]!r}")
+    headers: list[tuple[bytes, bytes]] = []
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep or not name or name != name.strip() or line[:1] in (b" ", b"\t"):
+            raise httpx.RemoteProtocolError(f"bad header line {line[:80]!r}")
+        headers.append((name.lower(), value.strip()))
+    return int(parts[1]), parts[2] if len(parts) > 2 else b"", headers, version
+
+
+def framing(method: str, status: int, headers: list[tuple[bytes, bytes]]) -> tuple[str, int]:
+    """How the body ends: ``("length", n)``, ``("chunked", 0)``, ``("close", 0)`` or ``("none", 0)``."""
+    if method == "HEAD" or status in NO_BODY_STATUS:
+        return "none", 0
+    te = [v for k, v in headers if k == b"transfer-encoding"]
+    if te:
+        codings = b",".join(te).split(b",")
+        if codings[-1].strip().lower() == b"chunked":
+            return "chunked", 0
+        return "close", 0
+    lengths = {v for k, v in headers if k == b"content-length"}
+    if lengths:
+        values = {x.strip() for v in lengths for x in v.split(b",")}
+        if len(values) != 1:
+            raise httpx.RemoteProtocolError("conflicting Content-Length headers")
+        value = values.pop()
+        if not value.isdigit() or len(value) > 18:
+            raise httpx.RemoteProtocolError(f"bad Content-Length {value[:40]!r}")
+        n = int(value)
+        return ("length", n) if n else ("none", 0)
+    return "close", 0
+
+
+def has_token(headers: list[tuple[bytes, bytes]], name: bytes, token: bytes) -> bool:
+    return any(token == t.strip().lower() for k, v in headers if k == name for t in v.split(b","))
