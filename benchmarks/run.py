@@ -447,19 +447,7 @@ def run_scale(files_per_dir: int, dirs: int, n: int, results: list[Measure]) -> 
         if dest.exists():
             shutil.rmtree(dest)
         dest.mkdir(parents=True)
-        argv = [
-            fetch_script(),
-            "--mirror",
-            srv.url + "gen/",
-            "--dest",
-            str(dest),
-            "--max-connections",
-            str(n),
-            "--procs",
-            "2",
-            "--dry-run",
-            "-q",
-        ]
+        argv = [*tool_argv("fetch", srv.url + "gen/", dest, n, dest / "unused"), "--dry-run"]
         load = os.getloadavg()[0]
         wall, cpu, rss, tree_rss, code = measure(argv, cwd=WORK, log=WORK / "logs" / "scale.log")
         m = Measure(

@@ -181,9 +181,12 @@ class ThreadConnTransport(httpx.BaseTransport):
         if not requests and conn is not None and conn.queued:
             self._drop(conn)  # a train cut short: the answers still due are not wanted
 
+    def _expected(self) -> deque[tuple[tuple[str, str, int], bytes]] | None:
+        """This thread's announced requests, (origin, head) each, in order."""
+        return getattr(self._local, "expect", None)
+
     def _top_up(self, conn: Conn) -> list[bytes]:
-        expect: deque[tuple[tuple[str, str, int], bytes]] | None
-        expect = getattr(self._local, "expect", None)
+        expect = self._expected()
         if not expect or not conn.proven or self._depth < 2 or self._lost >= 2:
             return []
         extra = []
@@ -195,8 +198,7 @@ class ThreadConnTransport(httpx.BaseTransport):
         return extra
 
     def _consume_expectation(self, key: tuple[str, str, int], head: bytes) -> None:
-        expect: deque[tuple[tuple[str, str, int], bytes]] | None
-        expect = getattr(self._local, "expect", None)
+        expect = self._expected()
         if expect and (key, head) in expect:
             while expect.popleft() != (key, head):
                 pass
@@ -229,17 +231,15 @@ class ThreadConnTransport(httpx.BaseTransport):
             except Stale:
                 self._drop(conn)
                 conn = None
-                if request.method not in ("GET", "HEAD"):
+                # Once more on a new connection: only an idempotent request, and only if
+                # this one had gone ahead or had been sent on a reused connection.
+                if request.method not in ("GET", "HEAD") or (fresh and not sent):
                     raise httpx.RemoteProtocolError(
                         "server closed the connection without a response"
                     ) from None
                 if sent:
                     self._lost += 1  # the server dropped a pipelined request
                     sent = False
-                elif fresh:
-                    raise httpx.RemoteProtocolError(
-                        "server closed the connection without a response"
-                    ) from None
             except BaseException as exc:
                 if sent and isinstance(exc, httpx.ReadTimeout):
                     self._lost += 1  # a server that takes pipelined requests and never answers

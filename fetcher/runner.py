@@ -115,7 +115,13 @@ class ShardRunner:
         self.orphaned = False
         self.limits = limits
         self.transport = make_transport(t, limits, self.stop)
-        self.depth = t.pipeline if isinstance(self.transport, ThreadConnTransport) else 1
+        # the transport that takes a train's requests ahead; None: one request at a time
+        self._ahead = (
+            self.transport
+            if isinstance(self.transport, ThreadConnTransport) and t.pipeline > 1
+            else None
+        )
+        self.depth = t.pipeline if self._ahead is not None else 1
         self.scope = Scope.for_start(t.root, t.aliases)
         self.retrying = build_retrying(t, sleep=self._sleep)
         self.batch = _Batcher(send, worker)
@@ -159,11 +165,14 @@ class ShardRunner:
     def pending(self) -> int:
         """Jobs queued or running here."""
         with self._cond:
-            return len(self._jobs) + self._running
+            return self._pending()
 
     def wait_below(self, n: int, timeout: float) -> None:
         with self._cond:
-            self._cond.wait_for(lambda: len(self._jobs) + self._running < n, timeout)
+            self._cond.wait_for(lambda: self._pending() < n, timeout)
+
+    def _pending(self) -> int:  # under self._cond
+        return len(self._jobs) + self._running
 
     def _take(self) -> list[Job]:
         with self._cond:
@@ -172,7 +181,7 @@ class ShardRunner:
                     return []
                 self._cond.wait(0.5)
             share = -(-len(self._jobs) // len(self._lanes))
-            longest = max(1, min(4 * self.depth, share)) if self.depth > 1 else 1
+            longest = min(4 * self.depth, share) if self.depth > 1 else 1
             train = [self._jobs.popleft()]
             if _pipelinable(train[0]):
                 while len(train) < longest and self._jobs and _pipelinable(self._jobs[0]):
@@ -181,29 +190,26 @@ class ShardRunner:
             return train
 
     def _lane(self) -> None:
-        transport = self.transport
-        pipelining = isinstance(transport, ThreadConnTransport)
+        ahead = self._ahead
         while train := self._take():
             # The plain GETs of a train, built once: announced to the transport (which may
             # send them ahead) and handed to fetch_file, which sends exactly these.
             ready = [plain_get(j.file.url, self.t) for j in train] if len(train) > 1 else []
-            if pipelining and ready:
-                assert isinstance(transport, ThreadConnTransport)
-                transport.expect(ready[1:])
+            if ahead is not None and ready:
+                ahead.expect(ready[1:])
             try:
                 for i, job in enumerate(train):
                     self._finished(job, self.fetch(job, ready[i] if ready else None))
             finally:
-                if pipelining and ready:
-                    assert isinstance(transport, ThreadConnTransport)
-                    transport.expect([])
+                if ahead is not None and ready:
+                    ahead.expect([])
 
     def _finished(self, job: Job, out: Outcome) -> None:
         with self._cond:
             self._running -= 1
             if self._results is not None:
                 self._results[id(job)] = out
-            idle = not self._running and not self._jobs
+            idle = not self._pending()
             self._cond.notify_all()
         if idle:
             # Nothing left here: report now rather than at the next tick, or the end of
@@ -259,7 +265,7 @@ class ShardRunner:
         of the run's ``--max-connections`` tokens, and another worker may be waiting.
         """
         with self._cond:
-            if self._jobs or self._running or self._released:
+            if self._pending() or self._released:
                 return
             self._released = True
             if isinstance(self.transport, ThreadConnTransport):
