@@ -524,3 +524,34 @@ def test_tls(tls: object) -> None:
         with pytest.raises(httpx.ConnectError):
             httpx.get(srv.url + "s")  # untrusted CA
     assert not srv.errors
+
+
+@pytest.mark.real_server
+def test_nginx_limit_rate_is_configured_and_served(tmp_path: Path) -> None:
+    """``serve(..., limit_rate=)`` (benchmarks' --server-limit-rate) gives nginx a per-connection cap."""
+    root = tmp_path / "www"
+    root.mkdir()
+    (root / "a.bin").write_bytes(b"a" * 5000)
+    with serve("nginx", root, tmp_path / "work", limit_rate="2m") as srv:
+        conf = (srv.workdir / "nginx.conf").read_text()
+        assert "limit_rate 2m;" in conf
+        assert httpx.get(srv.url + "a.bin", timeout=10).content == b"a" * 5000
+
+
+@pytest.mark.parametrize("bad", ["fast", "2 m", "2m; evil"])
+def test_limit_rate_rejects_values_nginx_would_misread(tmp_path: Path, bad: str) -> None:
+    (tmp_path / "www").mkdir()
+    with (
+        pytest.raises(ValueError, match="limit_rate"),
+        serve("nginx", tmp_path / "www", tmp_path / "work", limit_rate=bad),
+    ):
+        pass
+
+
+def test_limit_rate_is_nginx_only(tmp_path: Path) -> None:
+    (tmp_path / "www").mkdir()
+    with (
+        pytest.raises(ValueError, match="nginx options"),
+        serve("apache", tmp_path / "www", tmp_path / "work", limit_rate="2m"),
+    ):
+        pass
