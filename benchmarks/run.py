@@ -5,7 +5,9 @@ optionally behind :mod:`benchmarks.proxy` for a round-trip time, at the same
 number of connections N.  Runs are interleaved tool by tool; each result is
 checked against the tree's manifest (size and sha256).  Reported per tool:
 wall time, files/s, MB/s, CPU seconds of the whole process tree (``wait4``
-rusage via GNU time: user+sys including waited-for descendants), peak RSS
+rusage via GNU time: user+sys including waited-for descendants, plus the
+rusage of descendants orphaned on the way, which this process reaps as the
+tree's child subreaper), peak RSS
 (largest single process from rusage, and the sampled sum over the process
 tree), and the requests nginx logged during the run.
 
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import hashlib
 import json
 import os
@@ -154,10 +157,56 @@ def measure(
         timer.cancel()
         done.set()
         sampler.join()
+        orphan_cpu, orphan_rss_kib = _reap_orphans(proc.pid)
         _kill_group(proc.pid)  # daemons a tool left behind (none expected)
     fields = usage.read_text().split()[-3:]
     user, sys_, maxrss_kib = float(fields[0]), float(fields[1]), float(fields[2])
-    return wall, user + sys_, maxrss_kib / 1024, peak[0] / 2**20, code
+    maxrss_kib = max(maxrss_kib, orphan_rss_kib)
+    return wall, user + sys_ + orphan_cpu, maxrss_kib / 1024, peak[0] / 2**20, code
+
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> None:
+    """Adopt the tools' orphans, so that their CPU time can be counted.
+
+    A process whose parent exits first (fetch's multiprocessing fork server and
+    the workers forked from it; a resource tracker) is reparented to the nearest
+    subreaper, by default init, and its rusage never reaches GNU ``time``.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+def _reap_orphans(session: int, grace: float = 10.0) -> tuple[float, float]:
+    """Wait for the adopted descendants of the tool started as session leader
+    ``session``; return their CPU seconds and largest ``ru_maxrss`` (KiB).
+
+    They are given ``grace`` seconds to exit on their own (a fork server leaves
+    when its parent's pipe closes); then the session is killed.
+    """
+    cpu = 0.0
+    rss = 0.0
+    deadline = time.monotonic() + grace
+    while True:
+        mine = []
+        for child in psutil.Process().children():
+            with contextlib.suppress(psutil.Error, ProcessLookupError):
+                if os.getsid(child.pid) == session:
+                    mine.append(child.pid)
+        if not mine:
+            return cpu, rss
+        for pid in mine:
+            with contextlib.suppress(ChildProcessError):
+                done, _status, ru = os.wait4(pid, os.WNOHANG)
+                if done:
+                    cpu += ru.ru_utime + ru.ru_stime
+                    rss = max(rss, float(ru.ru_maxrss))
+        if time.monotonic() > deadline:
+            _kill_group(session)
+        time.sleep(0.01)
 
 
 def _kill_group(pid: int) -> None:
@@ -668,6 +717,7 @@ def main(argv: list[str] | None = None) -> int:
                     while True:
                         time.sleep(3600)
         return 0
+    become_subreaper()
 
     scenarios = (
         args.scenarios.split(",")

@@ -8,7 +8,7 @@
 * a token bucket for ``--limit-rate`` shared by all workers.
 
 :class:`SharedLimits` is built by the coordinator from ``multiprocessing``
-primitives of the ``spawn`` context and handed to workers when they start.
+primitives of the workers' context and handed to workers when they start.
 Without one (a Dask task, a unit test) each limit is process-local.
 """
 
@@ -26,7 +26,7 @@ __all__ = ["SharedLimits", "TokenGate", "local_limits"]
 
 @dataclass(frozen=True)
 class SharedLimits:
-    """Cross-process limits; every field pickles to a spawned worker."""
+    """Cross-process limits; every field pickles to a worker process."""
 
     connections: Any  # a Semaphore (multiprocessing or threading)
     pause_until: Any  # a Value('d') holding a time.time() deadline

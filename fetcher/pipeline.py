@@ -23,7 +23,7 @@ from fetcher.config import MirrorJob, Transfer
 from fetcher.crawl import CrawlOptions, crawl
 from fetcher.download import check_writable, partial_paths
 from fetcher.errors import FatalIOError, FetchError
-from fetcher.executor import Executor, LocalExecutor
+from fetcher.executor import Executor, LocalExecutor, worker_context
 from fetcher.ffmpeg import FFmpeg
 from fetcher.limits import SharedLimits
 from fetcher.models import (
@@ -267,7 +267,7 @@ def _walk(
 
 def _coordinate(run: _Run) -> None:
     job = run.job
-    run.limits = SharedLimits.create(job.max_connections, job.limit_rate)
+    run.limits = SharedLimits.create(job.max_connections, job.limit_rate, worker_context())
     _start_crawl(run, job.url)
     try:
         if not job.dry_run:

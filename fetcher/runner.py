@@ -8,6 +8,7 @@ escapes to break the pool; events go back to the coordinator in batches.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import queue
 import signal
@@ -102,16 +103,16 @@ class ShardRunner:
         send: Callable[[list[Event]], None],
         limits: SharedLimits | None = None,
         stop: threading.Event | None = None,
-        parent: int | None = None,
+        parent_alive: Callable[[], bool] | None = None,
     ) -> None:
-        """``parent``: the coordinator's PID; when it is gone, this runner stops."""
+        """``parent_alive``: is the coordinator still there? When not, this runner stops."""
         self.t = t
         self.worker = worker
         # A multiprocessing Event takes a cross-process lock on every is_set(); the hot
         # path (per chunk, per file) checks this local copy, kept in step by the ticker.
         self._shared_stop = stop
         self.stop = threading.Event()
-        self._parent = parent
+        self._parent_alive = parent_alive
         self.orphaned = False
         self.limits = limits
         self.transport = make_transport(t, limits, self.stop)
@@ -149,7 +150,7 @@ class ShardRunner:
         while not self._closed.wait(0.1):
             if self._shared_stop is not None and self._shared_stop.is_set():
                 self.stop.set()
-            if self._parent is not None and os.getppid() != self._parent:
+            if self._parent_alive is not None and not self._parent_alive():
                 # the coordinator is gone (killed): stop, keeping partial files for resume
                 self.orphaned = True
                 self.stop.set()
@@ -312,10 +313,21 @@ def worker_main(
     stop: Any,
     parent: int | None = None,
 ) -> None:
-    """Entry point of a local worker process (``spawn``): pull shards until ``None``."""
+    """Entry point of a local worker process: pull shards until ``None``.
+
+    ``parent`` is the coordinator's PID. Under ``forkserver`` a worker's parent
+    process is the fork server, so the coordinator is watched through the sentinel
+    pipe multiprocessing keeps to it (closed by the kernel when it dies), not getppid.
+    """
     # Ctrl-C reaches the whole process group; only the coordinator decides what it means.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    runner = ShardRunner(t, worker, events.put, limits, stop, parent)
+    watch = multiprocessing.parent_process()
+    alive: Callable[[], bool] | None = None
+    if watch is not None:
+        alive = watch.is_alive
+    elif parent is not None:
+        alive = lambda: os.getppid() == parent  # noqa: E731
+    runner = ShardRunner(t, worker, events.put, limits, stop, alive)
     # Enough jobs here to fill every lane's pipeline twice over; more would sit here
     # while another worker idles at the end of the run.
     enough = max(1, t.threads) * 2 * runner.depth + 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -165,11 +166,39 @@ def _children(pid: int) -> set[int]:
     return out
 
 
-def _is_worker(pid: int) -> bool:
+def _cmdline(pid: int) -> bytes:
     try:
-        return b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
     except FileNotFoundError:
+        return b""
+
+
+def _workers(pid: int) -> tuple[set[int], set[int]]:
+    """(worker processes, fork servers) below the coordinator ``pid``.
+
+    Workers are forks of a fork server (a child of the coordinator) where the
+    platform has one, else spawned children of the coordinator.
+    """
+    workers: set[int] = set()
+    servers: set[int] = set()
+    for c in _children(pid):
+        cmd = _cmdline(c)
+        if b"spawn_main" in cmd:
+            workers.add(c)
+        elif b"multiprocessing.forkserver" in cmd:
+            servers.add(c)
+            with contextlib.suppress(FileNotFoundError):
+                workers.update(_children(c))
+    return workers, servers
+
+
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie waiting to be reaped."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
         return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def test_workers_exit_when_the_coordinator_is_killed(tmp_path: Path) -> None:
@@ -196,20 +225,18 @@ def test_workers_exit_when_the_coordinator_is_killed(tmp_path: Path) -> None:
         try:
             deadline = time.monotonic() + 30
             workers: set[int] = set()
+            servers: set[int] = set()
             while time.monotonic() < deadline and len(workers) < 2:
-                workers = {
-                    c
-                    for c in _children(proc.pid)
-                    if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()
-                }
+                workers, servers = _workers(proc.pid)
                 time.sleep(0.05)
             assert len(workers) == 2, workers
             proc.kill()  # the coordinator only, as `kill -9 PID` would
             proc.wait(timeout=10)
+            left = workers | servers
             deadline = time.monotonic() + 15
-            while time.monotonic() < deadline and any(Path(f"/proc/{w}").exists() for w in workers):
+            while time.monotonic() < deadline and any(_running(w) for w in left):
                 time.sleep(0.05)
-            alive = [w for w in workers if Path(f"/proc/{w}").exists()]
+            alive = [w for w in left if _running(w)]
             for w in alive:  # do not leave them behind even when the test fails
                 os.kill(w, signal.SIGKILL)
             assert not alive, f"orphaned workers still running: {alive}"
