@@ -644,6 +644,9 @@ def ratios(rows: list[dict[str, object]]) -> str:
         if fetch is None or not peers:
             continue
         best = min(peers, key=lambda r: r["wall"])
+        if not fetch["ok"]:  # a failed run's time is no speed: say so, not a ratio
+            out += f"| {scenario} | failed | {best['tool']} | {best['wall']:.2f} | **failed** | — | — |\n"
+            continue
         rcl = next((r for r in peers if r["tool"] == "rclone"), None)
         cpu = f"{fetch['cpu'] / rcl['cpu']:.2f}×" if rcl and rcl["cpu"] else "—"
         like = f"{best['wall'] / p1['wall']:.2f}×" if p1 and p1["ok"] else "—"
