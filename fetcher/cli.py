@@ -22,7 +22,7 @@ from fetcher import __version__
 from fetcher.config import MirrorJob, build_job, default_procs, load_config
 from fetcher.errors import FetchError, LockHeld, UsageError
 from fetcher.models import Summary
-from fetcher.pipeline import mirror
+from fetcher.procs import prestart
 from fetcher.progress import LineReporter, RichReporter
 from fetcher.report import exit_code, render, write_metrics, write_report
 
@@ -405,6 +405,8 @@ def main(argv: Sequence[str] | None = None, console: Console | None = None) -> i
                 console.print(f"    {k} = {v}", highlight=False)
         console.print(f"{len(jobs)} job(s) valid")
         return 0
+    if any(job.executor != "dask" and not job.dry_run for job in jobs):
+        prestart()  # the workers' fork server imports while this process imports the pipeline
     log = ns.log_file.open("a", encoding="utf-8") if ns.log_file else None
     old = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     results: list[tuple[str | None, Summary]] = []
@@ -433,6 +435,8 @@ def main(argv: Sequence[str] | None = None, console: Console | None = None) -> i
 def _run_one(job: MirrorJob, ns: argparse.Namespace, console: Console, err: Console,
              log: TextIO | None, results: list[tuple[str | None, Summary]]) -> int:  # fmt: skip
     name = job.name if ns.config else None
+    from fetcher.pipeline import mirror
+
     reporter = _make_reporter(ns, console, log)
     try:
         summary = mirror(job, reporter)

@@ -8,7 +8,6 @@ writes state or draws anything: that is the coordinator's job.
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
 import os
 import queue
 import sys
@@ -18,10 +17,11 @@ from typing import Any, Protocol
 from fetcher.config import Transfer
 from fetcher.limits import SharedLimits
 from fetcher.models import Event, WorkerExit
+from fetcher.procs import worker_context
 from fetcher.runner import worker_main
 from fetcher.shard import Shard
 
-__all__ = ["Executor", "LocalExecutor", "worker_context"]
+__all__ = ["Executor", "LocalExecutor"]
 
 
 class Executor(Protocol):
@@ -55,21 +55,6 @@ def _no_main_reimport() -> Iterator[None]:
     finally:
         main.__dict__.pop("__spec__", None)
         main.__dict__.update(saved)
-
-
-def worker_context() -> Any:
-    """``forkserver`` where there is one, with the worker's modules imported once.
-
-    Each worker is then a fork of one clean, single-threaded server process that has
-    already imported :mod:`fetcher.runner` (httpx, tenacity: ~0.15 s of CPU), not a
-    fresh interpreter that imports it again. Nothing of the coordinator (its crawl
-    thread, its state database, the display) is inherited, as with ``spawn``.
-    """
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("spawn")
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["fetcher.runner"])
-    return ctx
 
 
 class LocalExecutor:

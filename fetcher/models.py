@@ -9,10 +9,13 @@ from __future__ import annotations
 import enum
 import posixpath
 from dataclasses import dataclass, field
-from typing import NewType
+from typing import TYPE_CHECKING, NewType
 from urllib.parse import unquote_to_bytes, urldefrag, urlsplit
 
 from fetcher.errors import UnsafePath
+
+if TYPE_CHECKING:
+    from fetcher.postprocess import PostCounts, PostOutcome
 
 __all__ = [
     "STATE_DIR",
@@ -29,6 +32,7 @@ __all__ = [
     "RelPath",
     "RemoteDir",
     "RemoteFile",
+    "Reporter",
     "Retried",
     "Scope",
     "Status",
@@ -391,3 +395,24 @@ class Summary:
         if self.failed or self.listing_errors or self.post_failed:
             return 1
         return 0
+
+
+class Reporter:
+    """What the coordinator tells the outside world (the CLI's display, logs).
+
+    Every method does nothing here: this class is also the silent reporter, and
+    a display overrides what it shows.
+    """
+
+    def planned(self, job: Job) -> None: ...
+    def skipped(self, f: RemoteFile) -> None: ...
+    def transferred(self, nbytes: int) -> None: ...
+    def started(self, ev: FileStarted) -> None: ...
+    def finished(self, out: Outcome) -> None: ...
+    def retried(self, ev: Retried) -> None: ...
+    def problem(self, p: CrawlProblem) -> None: ...
+    def notice(self, message: str) -> None: ...
+    def crawl_done(self) -> None: ...
+    def post_progress(self, counts: PostCounts) -> None: ...
+    def post_failed(self, out: PostOutcome) -> None: ...
+    def close(self) -> None: ...

@@ -23,7 +23,7 @@ from fetcher.config import MirrorJob, Transfer
 from fetcher.crawl import CrawlOptions, crawl
 from fetcher.download import check_writable, partial_paths
 from fetcher.errors import FatalIOError, FetchError
-from fetcher.executor import Executor, LocalExecutor, worker_context
+from fetcher.executor import Executor, LocalExecutor
 from fetcher.ffmpeg import FFmpeg
 from fetcher.limits import SharedLimits
 from fetcher.models import (
@@ -34,10 +34,10 @@ from fetcher.models import (
     FileDone,
     FileStarted,
     Job,
-    Outcome,
     RelPath,
     RemoteDir,
     RemoteFile,
+    Reporter,
     Retried,
     Status,
     Summary,
@@ -45,43 +45,22 @@ from fetcher.models import (
 )
 from fetcher.plan import LocalFile, decide, is_metadata, is_top_metadata
 from fetcher.postprocess import (
-    PostCounts,
     PostOutcome,
     PostPool,
     PostStatus,
     check_derived,
 )
 from fetcher.postrules import require_ffmpeg
+from fetcher.procs import worker_context
 from fetcher.prune import prune
 from fetcher.shard import make_shards
 from fetcher.state import RunLock, State
 from fetcher.transport import make_client
 
-__all__ = ["Reporter", "mirror"]
+__all__ = ["Reporter", "mirror"]  # Reporter lives in fetcher.models; re-exported
 
 _AHEAD = 20_000  # files planned but not finished before the crawl is made to wait
 _CRAWL_DONE = object()
-
-
-class Reporter:
-    """What the coordinator tells the outside world (the CLI's display, logs).
-
-    Every method does nothing here: this class is also the silent reporter, and
-    a display overrides what it shows.
-    """
-
-    def planned(self, job: Job) -> None: ...
-    def skipped(self, f: RemoteFile) -> None: ...
-    def transferred(self, nbytes: int) -> None: ...
-    def started(self, ev: FileStarted) -> None: ...
-    def finished(self, out: Outcome) -> None: ...
-    def retried(self, ev: Retried) -> None: ...
-    def problem(self, p: CrawlProblem) -> None: ...
-    def notice(self, message: str) -> None: ...
-    def crawl_done(self) -> None: ...
-    def post_progress(self, counts: PostCounts) -> None: ...
-    def post_failed(self, out: PostOutcome) -> None: ...
-    def close(self) -> None: ...
 
 
 @dataclass

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from rich.console import Console, Group
 from rich.live import Live
@@ -28,9 +28,19 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from fetcher.models import CrawlProblem, FileStarted, Job, Outcome, RemoteFile, Retried, Status
-from fetcher.pipeline import Reporter
-from fetcher.postprocess import PostCounts, PostOutcome
+from fetcher.models import (
+    CrawlProblem,
+    FileStarted,
+    Job,
+    Outcome,
+    RemoteFile,
+    Reporter,
+    Retried,
+    Status,
+)
+
+if TYPE_CHECKING:
+    from fetcher.postprocess import PostCounts, PostOutcome
 
 __all__ = ["LineReporter", "RichReporter", "human_bytes"]
 
