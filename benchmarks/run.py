@@ -32,6 +32,7 @@ nginx (add ``--rtt-ms`` to put the proxy in front) and prints its URL::
 from __future__ import annotations
 
 import argparse
+import compileall
 import contextlib
 import ctypes
 import hashlib
@@ -215,6 +216,18 @@ def _kill_group(pid: int) -> None:
 
 
 # --- tools ------------------------------------------------------------------------
+
+
+def compile_fetch() -> None:
+    """Write the bytecode of fetch's package, as ``pip install`` does.
+
+    An editable install run with ``PYTHONDONTWRITEBYTECODE=1`` (set on some CI and
+    container images) never caches it, so every process of every run would compile
+    fetch's sources again: ~0.05 s per process, timed as fetch's start-up.
+    """
+    package = Path(__file__).resolve().parent.parent / "fetcher"
+    if not compileall.compile_dir(package, quiet=1):
+        raise SystemExit(f"cannot compile {package}")
 
 
 def fetch_script() -> str:
@@ -721,6 +734,7 @@ def main(argv: list[str] | None = None) -> int:
                         time.sleep(3600)
         return 0
     become_subreaper()
+    compile_fetch()
 
     scenarios = (
         args.scenarios.split(",")

@@ -429,8 +429,19 @@ def fetch_file(
             on_retry(state.attempt_number, str(state.outcome.exception()))
 
     try:
+        # The first attempt runs bare: most files need no other, and the policy's
+        # bookkeeping costs as much as a parse of the file's URL. A failure is then
+        # replayed to the policy as attempt 1, so what it decides is unchanged.
+        try:
+            attempts = 1
+            return _attempt(ctx, job, final, part, meta)
+        except Exception as exc:  # noqa: BLE001 - judged by the policy just below
+            first: Exception | None = exc
         for attempt in retrying.copy(before_sleep=before_sleep):
             with attempt:
+                if first is not None:
+                    replay, first = first, None
+                    raise replay
                 attempts += 1
                 return _attempt(ctx, job, final, part, meta)
     except Interrupted:

@@ -7,6 +7,7 @@ DEST goes through one, so an unsafe name cannot reach the filesystem.
 from __future__ import annotations
 
 import enum
+import functools
 import posixpath
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NewType
@@ -108,6 +109,15 @@ def _split_url(url: str) -> tuple[str, str, int, str]:
     return scheme, (parts.hostname or "").lower(), port, parts.path
 
 
+@functools.lru_cache(maxsize=64)
+def _root_parts(root: str) -> tuple[str, str, int, tuple[bytes, ...]]:
+    """A scope root's scheme, host, port and decoded path segments (asked per URL)."""
+    scheme, host, port, path = _split_url(root)
+    # Empty segments count: "//pub/x" is not "/pub/x" to every server.
+    inner = path[1:].removesuffix("/")
+    return scheme, host, port, tuple(unquote_to_bytes(s) for s in inner.split("/")) if inner else ()
+
+
 @dataclass(frozen=True, slots=True)
 class Scope:
     """Which URLs belong to the mirror: same origin (or an alias), below ``root``.
@@ -127,8 +137,7 @@ class Scope:
         return Scope(url, aliases)
 
     def _origin_ok(self, scheme: str, host: str, port: int) -> bool:
-        rs, rh, rp, _ = _split_url(self.root)
-        if (scheme, host, port) == (rs, rh, rp):
+        if (scheme, host, port) == _root_parts(self.root)[:3]:
             return True
         if scheme not in ("http", "https"):
             return False
@@ -150,18 +159,15 @@ class Scope:
         scheme, host, port, path = _split_url(url)
         if not self._origin_ok(scheme, host, port):
             return None
-        root_path = _split_url(self.root)[3]
         # Compare decoded segments, so %7E and ~ are the same place, but keep
         # the encoded remainder for rel_path() to decode exactly once.
         if not path.startswith("/"):
             return None
-        # Empty segments count: "//pub/x" is not "/pub/x" to every server.
-        inner = root_path[1:].removesuffix("/")
-        rsegs = [unquote_to_bytes(s) for s in inner.split("/")] if inner else []
+        rsegs = _root_parts(self.root)[3]
         segs = path[1:].split("/")
         if len(segs) <= len(rsegs):
             return None
-        if [unquote_to_bytes(s) for s in segs[: len(rsegs)]] != rsegs:
+        if tuple(unquote_to_bytes(s) for s in segs[: len(rsegs)]) != rsegs:
             return None
         rest = segs[len(rsegs) :]
         if rest and rest[-1] == "":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -52,10 +53,13 @@ def make_shards(
         total = sum(_size(j) for j in rest)
         n = max(-(-len(rest) // max_files), -(-total // max_bytes), 1)
         bins: list[list[Job]] = [[] for _ in range(n)]
-        loads = [0] * n
+        # the lightest bin that has room, lowest index first among equals: a heap of
+        # (load, index); a full bin is not put back
+        lightest = [(0, k) for k in range(n)]
         for j in rest:
-            i = min((k for k in range(n) if len(bins[k]) < max_files), key=loads.__getitem__)
+            load, i = heapq.heappop(lightest)
             bins[i].append(j)
-            loads[i] += _size(j)
+            if len(bins[i]) < max_files:
+                heapq.heappush(lightest, (load + _size(j), i))
         shards.extend(bins)
     return [Shard(tuple(s)) for s in shards if s]

@@ -1,11 +1,18 @@
+import os
 import pickle
+from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 
 from fetcher.config import Transfer
+from fetcher.download import fetch_file
 from fetcher.errors import HTTPStatusError, IncompleteDownload
+from fetcher.models import Action, Job, Outcome, RelPath, RemoteFile, Status
 from fetcher.retry import build_retrying, retry_after_seconds
+from fetcher.transport import make_transport
+from tests.faultserver import Fault, FaultServer
 
 T = Transfer(
     dest="/tmp/x",
@@ -87,3 +94,64 @@ def test_policy_pickles() -> None:
     r = build_retrying(T)
     r2 = pickle.loads(pickle.dumps(r))
     assert r2.stop.max_attempt_number == 5  # type: ignore[attr-defined]
+
+
+# -- fetch_file against a real server: the first attempt runs outside the policy and a
+# failure is replayed to it, so attempts and retries must come out as the policy says.
+
+
+def _fetch_one(tmp_path: Path, srv: FaultServer, retries: int) -> tuple[Outcome, list[int]]:
+    t = Transfer(dest=str(tmp_path / "d"), root=srv.url, retries=retries,
+                 backoff_initial=0.0, backoff_max=0.0)  # fmt: skip
+    f = RemoteFile(srv.url + "f.bin", RelPath("f.bin"), 5000, True)
+    retried: list[int] = []
+    with make_transport(t) as transport:
+        out = fetch_file(
+            transport,
+            Job(f, Action.NEW),
+            t,
+            retrying=build_retrying(t, sleep=lambda s: None),
+            on_retry=lambda attempt, reason: retried.append(attempt),
+        )
+    return out, retried
+
+
+@pytest.fixture
+def fault_server(tmp_path: Path) -> Iterator[FaultServer]:
+    www = tmp_path / "www"
+    www.mkdir()
+    (www / "f.bin").write_bytes(os.urandom(5000))
+    with FaultServer(root=www) as srv:
+        yield srv
+
+
+def test_fetch_file_retries_transient_failures_then_succeeds(
+    tmp_path: Path, fault_server: FaultServer
+) -> None:
+    fault_server.script("/f.bin", [Fault.status(503), Fault.status(500)])
+    out, retried = _fetch_one(tmp_path, fault_server, retries=5)
+    assert out.status is Status.FETCHED, out
+    assert retried == [1, 2]
+    assert fault_server.count("GET", "/f.bin") == 3
+    assert (tmp_path / "d" / "f.bin").read_bytes() == (tmp_path / "www" / "f.bin").read_bytes()
+
+
+def test_fetch_file_gives_up_after_the_policy_s_attempts(
+    tmp_path: Path, fault_server: FaultServer
+) -> None:
+    fault_server.persist("/f.bin", Fault.status(503))
+    out, retried = _fetch_one(tmp_path, fault_server, retries=3)
+    assert out.status is Status.FAILED and out.attempts == 3, out
+    assert retried == [1, 2]
+    assert fault_server.count("GET", "/f.bin") == 3
+    assert not (tmp_path / "d" / "f.bin").exists()
+
+
+def test_fetch_file_does_not_retry_a_permanent_failure(
+    tmp_path: Path, fault_server: FaultServer
+) -> None:
+    fault_server.persist("/f.bin", Fault.status(404))
+    out, retried = _fetch_one(tmp_path, fault_server, retries=5)
+    assert out.status is Status.FAILED and out.attempts == 1 and "404" in (out.error or ""), out
+    assert retried == []
+    assert fault_server.count("GET", "/f.bin") == 1
