@@ -6,7 +6,7 @@ import heapq
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from fetcher.models import Job
+from fetcher.models import Job, pickles_by_fields
 
 __all__ = ["MAX_FILES", "Shard", "make_shards"]
 
@@ -15,6 +15,7 @@ MAX_BYTES = 32 << 20
 _UNKNOWN = 1 << 20  # size assumed for a file whose listing shows none
 
 
+@pickles_by_fields
 @dataclass(frozen=True, slots=True)
 class Shard:
     """A unit of work for one worker: a few files, fetched by its thread pool."""

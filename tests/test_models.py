@@ -1,9 +1,27 @@
+import dataclasses
 import pickle
 
 import pytest
 
 from fetcher.errors import HTTPStatusError, UnsafePath
-from fetcher.models import Outcome, RelPath, RemoteFile, Scope, Status, rel_path
+from fetcher.models import (
+    Action,
+    BytesEvent,
+    CrawlProblem,
+    FileDone,
+    FileStarted,
+    Job,
+    Outcome,
+    RelPath,
+    RemoteFile,
+    Retried,
+    Scope,
+    Status,
+    WorkerExit,
+    WorkerFatal,
+    rel_path,
+)
+from fetcher.shard import Shard
 
 UNSAFE = [
     "",
@@ -104,3 +122,31 @@ def test_values_pickle() -> None:
         assert pickle.loads(pickle.dumps(v)) == v
     e2 = pickle.loads(pickle.dumps(e))
     assert (e2.status, e2.retry_after, e2.retryable) == (503, 2.0, True)
+
+
+def test_everything_sent_between_processes_pickles_field_for_field() -> None:
+    """Jobs go to workers and events come back by pickle; every field must survive."""
+    f = RemoteFile(ROOT + "a", RelPath("a"), 3, True, 1.0, "3|x", ("sha256", "ab"))
+    job = Job(f, Action.CHANGED, '"etag"', "Wed, 25 Nov 2026 18:00:00 GMT")
+    out = Outcome(RelPath("a"), ROOT + "a", Status.FAILED, size=3, received=2, mtime=5.0,
+                  etag='"e"', last_modified="lm", sha256="cd", stamp="s", error="boom",
+                  attempts=4, fatal=True)  # fmt: skip
+    values = [
+        f,
+        job,
+        out,
+        Shard((job, job)),
+        BytesEvent(1, 99),
+        FileStarted(1, RelPath("a"), 7),
+        Retried(1, RelPath("a"), 2, "503"),
+        FileDone(1, out),
+        WorkerFatal(1, "disk full"),
+        WorkerExit(1),
+        CrawlProblem(ROOT, "bad listing", "listing"),
+    ]
+    for v in values:
+        back = pickle.loads(pickle.dumps(v))
+        assert type(back) is type(v)
+        assert [getattr(back, x.name) for x in dataclasses.fields(v)] == [
+            getattr(v, x.name) for x in dataclasses.fields(v)
+        ]
