@@ -11,6 +11,7 @@ import enum
 import functools
 import operator
 import posixpath
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NewType, TypeVar
 from urllib.parse import unquote_to_bytes, urldefrag, urlsplit
@@ -54,6 +55,7 @@ STATE_DIR = ".fetcher"
 """DEST's private directory (state, lock, partial files); never mirrored into."""
 
 _MAX_SEGMENT_BYTES = 255
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # C0 controls and DEL
 
 
 def rel_path(encoded: str) -> RelPath:
@@ -89,7 +91,7 @@ def rel_path(encoded: str) -> RelPath:
             raise UnsafePath(f"unsafe path segment {name!r} in {encoded!r}")
         if "/" in name or "\\" in name:
             raise UnsafePath(f"separator inside a name in {encoded!r}")
-        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+        if _CONTROL.search(name):
             raise UnsafePath(f"control character in name {encoded!r}")
         if len(data) > _MAX_SEGMENT_BYTES:
             raise UnsafePath(f"name longer than {_MAX_SEGMENT_BYTES} bytes: {encoded[:60]!r}...")
