@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import signal
 import sys
 import time
@@ -377,6 +378,21 @@ def _verify_only(dest: Path, console: Console) -> int:
     return 1 if problems else 0
 
 
+def _check_cwd() -> None:
+    """Refuse to start in a deleted working directory.
+
+    Relative paths (DEST, --config, --log-file) would then mean nothing, and
+    multiprocessing hands every worker its parent's working directory.
+    """
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        raise UsageError(
+            "the current directory no longer exists (it was deleted after the shell entered it)",
+            hint="cd to an existing directory, e.g. `cd /`, and run fetch again",
+        ) from None
+
+
 def main(argv: Sequence[str] | None = None, console: Console | None = None) -> int:
     """Run ``fetch`` with ``argv``; return the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -392,6 +408,7 @@ def main(argv: Sequence[str] | None = None, console: Console | None = None) -> i
         return demo_main(argv[1:], console)
     try:
         ns = build_parser().parse_args(argv)
+        _check_cwd()
         if ns.verify_only is not None:
             return _verify_only(ns.verify_only, console)
         jobs = _jobs(ns)

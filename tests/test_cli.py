@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -44,6 +45,19 @@ def test_usage_errors_exit_2_without_traceback(argv: list[str], message: str, ru
     assert r.code == 2, r
     assert message in r.output
     assert "Traceback" not in r.output
+
+
+def test_a_deleted_working_directory_is_a_usage_error(tmp_path: Path) -> None:
+    """A cron job whose directory was removed: a clear message, nothing written anywhere."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    script = f"cd {shlex.quote(str(gone))} && rmdir {shlex.quote(str(gone))} && exec " + shlex.join(
+        [sys.executable, "-m", "fetcher", "--mirror", "http://127.0.0.1:9/", "--dest", "d"]
+    )
+    out = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out
+    assert "the current directory no longer exists" in out.stderr
+    assert "Traceback" not in out.stderr + out.stdout
 
 
 def test_version_and_help() -> None:
