@@ -36,6 +36,7 @@ import compileall
 import contextlib
 import ctypes
 import hashlib
+import importlib.util
 import json
 import os
 import platform
@@ -225,7 +226,10 @@ def compile_fetch() -> None:
     container images) never caches it, so every process of every run would compile
     fetch's sources again: ~0.05 s per process, timed as fetch's start-up.
     """
-    package = Path(__file__).resolve().parent.parent / "fetcher"
+    spec = importlib.util.find_spec("fetcher")  # what fetch_script() will import
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("fetch is not installed: pip install -e .")
+    package = Path(next(iter(spec.submodule_search_locations)))
     if not compileall.compile_dir(package, quiet=1):
         raise SystemExit(f"cannot compile {package}")
 
