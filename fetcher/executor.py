@@ -41,9 +41,10 @@ class Executor(Protocol):
 
 @contextlib.contextmanager
 def _no_main_reimport() -> Iterator[None]:
-    # spawn and forkserver re-import the parent's __main__ in every child (for the `fetch` script that
-    # is the CLI, rich, the pipeline, ...: ~0.3 s of CPU per worker). The workers' target
-    # lives in fetcher.runner, so they need none of it: hide __main__'s origin meanwhile.
+    # spawn and forkserver re-import the parent's __main__ in every child (for the `fetch`
+    # script that is the CLI, rich, the pipeline, ...: ~0.3 s of CPU per worker). The
+    # workers' target lives in fetcher.runner, so they need none of it: hide __main__'s
+    # origin meanwhile.
     main = sys.modules["__main__"]
     saved: dict[str, Any] = {
         k: main.__dict__[k] for k in ("__file__", "__spec__") if k in main.__dict__
