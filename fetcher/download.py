@@ -363,6 +363,21 @@ def _stream_body(ctx: _Ctx, resp: httpx.Response, part: Path, mode: str, digest:
     limits = ctx.limits
     with part.open(mode) as fh:
         try:
+            # A big body that nothing here needs to see (no digest, no rate limit) goes
+            # from the socket to the file in the kernel; append mode cannot (resumes).
+            write_to = getattr(resp.stream, "write_to", None)
+            rate = limits is not None and limits.rate
+            if write_to is not None and digest is None and mode == "wb" and not rate:
+
+                def moved(n: int) -> None:
+                    nonlocal received
+                    received += n
+                    if ctx.stop is not None and ctx.stop.is_set():
+                        raise Interrupted
+                    ctx.on_bytes(n)
+
+                if write_to(fh.fileno(), moved) is not None:
+                    return received
             for chunk in resp.iter_raw():
                 if ctx.stop is not None and ctx.stop.is_set():
                     raise Interrupted

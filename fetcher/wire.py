@@ -10,6 +10,11 @@ httpx's exception types, so the retry policy needs nothing new.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import os
+import select
 import socket
 import time
 from collections import deque
@@ -139,6 +144,71 @@ class Body(httpx.SyncByteStream):
                 yield data
         self._complete = True
 
+    def write_to(self, fd: int, on_chunk: Callable[[int], None]) -> int | None:
+        """Move a large length-framed body into file ``fd`` with splice(2); its size.
+
+        The bytes go from the socket through a pipe into the file's pages without
+        being copied into Python. ``None`` (nothing read) when this body cannot go
+        that way: not Linux, TLS, not framed by Content-Length, small, or begun;
+        iterate it instead. ``fd`` must not be in append mode (splice refuses).
+
+        Errors on the socket side are httpx's, as when iterating; errors writing
+        the file are the ``OSError`` they are (a full disk is not a network fault).
+        ``on_chunk(n)`` is called after each piece and may raise to stop.
+        """
+        conn = self._conn
+        if (
+            conn is None
+            or self._started
+            or self._mode != "length"
+            or self._left <= READ_SIZE
+            or not hasattr(os, "splice")
+            or type(conn.sock) is not socket.socket
+        ):
+            return None
+        self._started = True
+        written = 0
+        if conn.rest:
+            take, conn.rest = conn.rest[: self._left], conn.rest[self._left :]
+            self._left -= len(take)
+            _write_all(fd, take)
+            written += len(take)
+            on_chunk(len(take))
+        r, w = os.pipe2(os.O_CLOEXEC)
+        try:
+            with contextlib.suppress(OSError, AttributeError):  # best effort: 64 KiB else
+                fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, BIG_BUFFER)
+            sock = conn.sock
+            timeout = sock.gettimeout()
+            poller = select.poll()
+            poller.register(sock.fileno(), select.POLLIN)
+            while self._left > 0:
+                try:
+                    n = os.splice(sock.fileno(), w, min(self._left, BIG_BUFFER))
+                except BlockingIOError:  # a socket with a timeout is non-blocking
+                    if not poller.poll(None if timeout is None else timeout * 1000):
+                        raise read_error(TimeoutError(), "reading the body") from None
+                    continue
+                except OSError as exc:
+                    raise read_error(exc, "reading the body") from exc
+                if not n:
+                    raise self._cut_short()
+                self._left -= n
+                piece = n
+                while n:  # the pipe into the file: a plain blocking write
+                    moved = os.splice(r, fd, n)
+                    if not moved:
+                        raise OSError(errno.EIO, "splice into the file moved nothing")
+                    n -= moved
+                written += piece
+                on_chunk(piece)
+        finally:
+            os.close(r)
+            os.close(w)
+        self._complete = True
+        self._finish()
+        return written
+
     def _drain(self, conn: Conn) -> bool:
         """Read and drop a short unread body within DRAIN_TIMEOUT in all; True if done."""
         deadline = time.monotonic() + DRAIN_TIMEOUT
@@ -222,6 +292,12 @@ class Body(httpx.SyncByteStream):
         if conn is not None and unread and not self._drain(conn):
             self._complete = False
         self._finish()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 class Stale(Exception):
