@@ -20,10 +20,9 @@ import threading
 from collections.abc import Callable
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
-import tenacity
 
 from fetcher.config import Transfer
 from fetcher.errors import (
@@ -41,6 +40,9 @@ from fetcher.limits import SharedLimits
 from fetcher.models import STATE_DIR, Action, Job, Outcome, RelPath, Scope, Status
 from fetcher.retry import retry_after_seconds
 from fetcher.transport import request_headers, timeout_of
+
+if TYPE_CHECKING:
+    import tenacity  # imported at run time by fetcher.retry, without tornado
 
 __all__ = [
     "Interrupted",

@@ -1,5 +1,7 @@
 import os
 import pickle
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -155,3 +157,19 @@ def test_fetch_file_does_not_retry_a_permanent_failure(
     assert out.status is Status.FAILED and out.attempts == 1 and "404" in (out.error or ""), out
     assert retried == []
     assert fault_server.count("GET", "/f.bin") == 1
+
+
+def test_the_policy_loads_without_tornado_which_stays_importable() -> None:
+    """tenacity would import tornado (30 ms a process) when it is installed; fetch's
+    policy never needs it, and hiding it must not stop Dask from importing it after."""
+    pytest.importorskip("tornado")
+    code = (
+        "import sys, fetcher.download, fetcher.retry, tenacity\n"
+        "assert 'tornado' not in sys.modules, 'tornado imported'\n"
+        "import tornado.gen\n"
+        "print('ok', tenacity.Retrying.__name__)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok Retrying", done.stderr
