@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import functools
 import hashlib
+import io
 import json
 import os
 import re
@@ -363,7 +364,9 @@ def _digest_for(checksum: tuple[str, str] | None, existing: Path | None) -> Any:
 def _stream_body(ctx: _Ctx, resp: httpx.Response, part: Path, mode: str, digest: Any) -> int:
     received = 0
     limits = ctx.limits
-    with part.open(mode) as fh:
+    # Unbuffered: chunks are written as they come, so a buffer would only add a copy
+    # (and the isatty and lseek calls that setting one up costs, per file).
+    with io.FileIO(part, mode) as fh:
         try:
             # A big body that nothing here needs to see (no digest, no rate limit) goes
             # from the socket to the file in the kernel; append mode cannot (resumes).
@@ -383,7 +386,7 @@ def _stream_body(ctx: _Ctx, resp: httpx.Response, part: Path, mode: str, digest:
             for chunk in resp.iter_raw():
                 if ctx.stop is not None and ctx.stop.is_set():
                     raise Interrupted
-                fh.write(chunk)
+                _write_all(fh, chunk)
                 if digest is not None:
                     digest.update(chunk)
                 n = len(chunk)
@@ -394,6 +397,13 @@ def _stream_body(ctx: _Ctx, resp: httpx.Response, part: Path, mode: str, digest:
         except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
             raise IncompleteDownload(f"connection broke after {received} bytes: {exc}") from exc
     return received
+
+
+def _write_all(fh: io.FileIO, chunk: bytes | memoryview) -> None:
+    n = fh.write(chunk)
+    while n is not None and n < len(chunk):  # a short write: the rest, or the error
+        chunk = memoryview(chunk)[n:]
+        n = fh.write(chunk)
 
 
 def _discard(part: Path, meta: Path) -> None:
