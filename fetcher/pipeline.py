@@ -8,6 +8,7 @@ metadata is published last; deletion waits for a complete, error-free crawl.
 
 from __future__ import annotations
 
+import os
 import queue
 import stat
 import threading
@@ -27,6 +28,7 @@ from fetcher.executor import Executor, LocalExecutor
 from fetcher.ffmpeg import FFmpeg
 from fetcher.limits import SharedLimits
 from fetcher.models import (
+    STATE_DIR,
     BytesEvent,
     Counts,
     CrawlProblem,
@@ -84,6 +86,50 @@ class _Run:
     derived: Path | None = None
     executor: Executor | None = None
     seen_dirs: set[str] = field(default_factory=set)
+    disk: _Disk | None = None
+
+
+class _Disk:
+    """What DEST held when the run began, as the plan asks about it file by file.
+
+    Most of a first run's files are in directories the run itself just created,
+    and most runs find no partial files: neither needs a ``stat`` per file. Only
+    the plan's own view: the workers look again before they resume anything.
+    """
+
+    def __init__(self, dest: Path, state: State) -> None:
+        self.dest = dest
+        self.fresh: set[str] = set()  # directories that did not exist: nothing inside
+        try:
+            names = os.listdir(dest / STATE_DIR / "partial")
+        except OSError:
+            names = []
+        self.partials = frozenset(n for n in names if n.endswith(".part"))
+        self.state_empty = state.is_empty()
+
+    def add_dir(self, path: RelPath, create: bool) -> None:
+        """Note (and with ``create``, make) the directory ``path`` of the mirror."""
+        p = self.dest / path
+        if not create:
+            if not p.is_dir():
+                self.fresh.add(path)
+            return
+        try:
+            p.mkdir()
+        except FileExistsError:
+            p.mkdir(parents=True, exist_ok=True)  # raises when it is not a directory
+            return
+        except FileNotFoundError:
+            p.mkdir(parents=True, exist_ok=True)
+        self.fresh.add(path)
+
+    def local(self, path: RelPath) -> LocalFile | None:
+        if path.rpartition("/")[0] in self.fresh:
+            return None
+        return _stat(self.dest / path)
+
+    def has_partial(self, path: RelPath) -> bool:
+        return bool(self.partials) and partial_paths(self.dest, path)[0].name in self.partials
 
 
 def mirror(
@@ -136,6 +182,7 @@ def _run_with_state(
 ) -> Summary:
     try:
         run = _Run(job, dest, state, state.begin_run(job.url), summary, rep)
+        run.disk = _Disk(dest, state)
         if stop is not None:
             run.stop = stop
         if ffmpeg is not None:
@@ -349,14 +396,15 @@ def _drain(run: _Run, deadline: float) -> None:
 
 def _take(run: _Run, item: RemoteFile | RemoteDir | CrawlProblem) -> None:
     s = run.summary
+    disk = run.disk
+    assert disk is not None
     if isinstance(item, RemoteDir):
         s.directories += 1
         run.seen_dirs.add(item.path)
-        if not run.job.dry_run:
-            try:
-                (run.dest / item.path).mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                s.failed.append((item.path, f"cannot create directory: {exc.strerror or exc}"))
+        try:
+            disk.add_dir(item.path, create=not run.job.dry_run)
+        except OSError as exc:
+            s.failed.append((item.path, f"cannot create directory: {exc.strerror or exc}"))
         return
     if isinstance(item, CrawlProblem):
         if item.kind == "listing":
@@ -368,9 +416,9 @@ def _take(run: _Run, item: RemoteFile | RemoteDir | CrawlProblem) -> None:
         run.reporter.problem(item)
         return
     f = item
-    local = _stat(run.dest / f.path)
-    part = partial_paths(run.dest, f.path)[0]
-    d = decide(f, run.state.get(f.path), local, partial=part.exists())
+    local = disk.local(f.path)
+    row = None if disk.state_empty else run.state.get(f.path)
+    d = decide(f, row, local, partial=disk.has_partial(f.path))
     if d.adopt and local is not None:
         run.state.adopt(run.run_id, f, local.size, local.mtime)
         _count(s, "skipped", local.size)

@@ -289,6 +289,9 @@ class State:
             seen.update(r[0] for r in rows)
         return seen
 
+    def is_empty(self) -> bool:
+        return self._db.execute("SELECT 1 FROM files LIMIT 1").fetchone() is None
+
     def count(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM files").fetchone()[0])
 

@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 
+from fetcher.download import partial_paths
+from fetcher.models import RelPath
 from tests.faultserver import Fault, FaultServer
 from tests.faultserver import serving as _serving
 from tests.servers import serve
@@ -432,6 +434,36 @@ def test_tree_made_by_another_tool_is_adopted(tmp_path: Path, run_fetch: RunFetc
         r = run_fetch(*args)  # adopted rows make the next run a no-op too
         assert r.code == 0, r
         assert _file_requests(srv) == []
+
+
+def test_partly_adopted_tree_plans_each_directory_from_what_is_on_disk(
+    tmp_path: Path, run_fetch: RunFetch
+) -> None:
+    """One directory already there (adopted, fetched nothing), one absent (fetched); a
+    partial file left by an earlier run is planned as a resume, not a new download."""
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    manifest = _make_source(src, files=12, dirs=3)
+    files = _file_paths(manifest)
+    have = sorted({p.split("/")[0] for p in files if "/" in p})[0]
+    shutil.copytree(src / have, dest / have)  # copy2: same mtimes
+    adopted = [p for p in files if p.startswith(have + "/")]
+    missing = [p for p in files if p not in adopted]
+    assert adopted and missing
+    part, _ = partial_paths(dest, RelPath(missing[0]))
+    part.parent.mkdir(parents=True)
+    part.write_bytes(b"x")
+    report = tmp_path / "report.json"
+    with _serving(src) as srv:
+        r = run_fetch("--mirror", srv.url, "--dest", dest, "--dry-run", "--report", report)
+        assert r.code == 0, r
+        planned = _report(report)["planned"]
+        assert planned["resume"]["files"] == 1, planned
+        assert planned["new"]["files"] == len(missing) - 1, planned
+        r = run_fetch("--mirror", srv.url, "--dest", dest, "--procs", "1")
+        assert r.code == 0, r
+        fetched = sorted(p.lstrip("/") for p in _file_requests(srv))
+    assert fetched == sorted(missing)
+    _assert_same(dest, src)
 
 
 # --- 10. scale ----------------------------------------------------------------------------
