@@ -26,7 +26,7 @@ For profiling, ``python benchmarks/run.py --serve small`` serves a tree with
 nginx (add ``--rtt-ms`` to put the proxy in front) and prints its URL::
 
     py-spy record --subprocesses --gil -f raw -o prof.txt -- \
-        fetch --mirror URL --dest /tmp/d --max-connections 16 --procs 2 -q
+        fetch --mirror URL --dest /tmp/d --max-connections 16 -q
 """
 
 from __future__ import annotations
@@ -256,9 +256,7 @@ def tool_argv(tool: str, url: str, dest: Path, n: int, url_list: Path) -> list[s
             str(dest),
             "--max-connections",
             str(n),
-            "--procs",
-            "2",
-            "-q",
+            "-q",  # --procs as it ships: 4 processes of 4 connections at N = 16
         ]
     if tool == "rclone":
         return [

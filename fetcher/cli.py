@@ -154,7 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--procs",
         type=int,
         metavar="N",
-        help=f"worker processes (default: CPU count, at most 4; here {default_procs()})",
+        help=(
+            "worker processes (default: CPU count, or max-connections ÷ 4 if more; at most 4;"
+            f" here {default_procs()} for the default max-connections)"
+        ),
     )
     g.add_argument(
         "--max-connections",
@@ -166,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads",
         type=int,
         metavar="N",
-        help="download threads per process (default: max-connections ÷ procs); threads beyond the cap wait for a connection",
+        help="download threads per process (default: max-connections ÷ procs, rounded up); threads beyond the cap wait for a connection",
     )
     g.add_argument(
         "--pipeline",

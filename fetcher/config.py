@@ -119,8 +119,19 @@ def default_dest(url: str) -> Path:
     return Path(name)
 
 
-def default_procs() -> int:
-    return max(1, min(4, os.cpu_count() or 1))
+CONNECTIONS_PER_PROC = 4
+"""By default, no more downloads than this share one interpreter lock."""
+
+
+def default_procs(max_connections: int = 8) -> int:
+    """One process per CPU, or more where that would put over 4 downloads in one; at most 4.
+
+    A process's download threads take turns at the interpreter lock around every
+    socket and file call; on small files, 16 connections as 4 processes of 4 beat
+    2 processes of 8 even on 2 CPUs (benchmarks/RESULTS.md).
+    """
+    want = -(-max_connections // CONNECTIONS_PER_PROC)  # ceiling
+    return max(1, min(4, max(os.cpu_count() or 1, want)))
 
 
 # ---------------------------------------------------------------- validation
@@ -316,9 +327,10 @@ def build_job(
         "dest",
         default_dest(out["url"]) if base_dir is None else base_dir / default_dest(out["url"]),
     )
-    out.setdefault("procs", default_procs())
     out.setdefault("max_connections", 8)
-    out.setdefault("threads", max(1, out["max_connections"] // out["procs"]))
+    out.setdefault("procs", default_procs(out["max_connections"]))
+    # rounded up: every connection gets a thread; the shared cap holds the total to N
+    out.setdefault("threads", max(1, -(-out["max_connections"] // out["procs"])))
     if out.get("executor") == "dask" and not out.get("scheduler"):
         env = os.environ.get("DASK_SCHEDULER_ADDRESS")
         if env:

@@ -70,3 +70,18 @@ def test_config_errors(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ConfigError) as exc:
         load_config(cfg)
     assert message in str(exc.value)
+
+
+@pytest.mark.parametrize(
+    ("cpus", "conns", "procs", "threads"),
+    [(2, 8, 2, 4), (2, 16, 4, 4), (1, 1, 1, 1), (8, 16, 4, 4), (2, 64, 4, 16), (3, 8, 3, 3)],
+)
+def test_default_procs_keep_at_most_four_downloads_per_process(
+    monkeypatch: pytest.MonkeyPatch, cpus: int, conns: int, procs: int, threads: int
+) -> None:
+    """One process per CPU, more where a process would run over 4 downloads; at most 4."""
+    monkeypatch.setattr("os.cpu_count", lambda: cpus)
+    job = build_job({"url": "http://h/", "max_connections": conns}, "x")
+    assert (job.procs, job.threads) == (procs, threads)
+    # every connection has a thread to use it; the cap of N is shared across processes
+    assert job.procs * job.threads >= conns and job.max_connections == conns
