@@ -130,6 +130,7 @@ class ShardRunner:
         self._cond = threading.Condition()
         self._jobs: deque[Job] = deque()
         self._running = 0
+        self._wake_below = 0  # a feeder waits for fewer jobs than this (0: nobody waits)
         self._closing = False
         self._released = False
         self._results: dict[int, Outcome] | None = None
@@ -169,8 +170,13 @@ class ShardRunner:
             return self._pending()
 
     def wait_below(self, n: int, timeout: float) -> None:
+        """Wait until fewer than ``n`` jobs are queued or running here (or ``timeout``)."""
         with self._cond:
-            self._cond.wait_for(lambda: self._pending() < n, timeout)
+            self._wake_below = n
+            try:
+                self._cond.wait_for(lambda: self._pending() < n, timeout)
+            finally:
+                self._wake_below = 0
 
     def _pending(self) -> int:  # under self._cond
         return len(self._jobs) + self._running
@@ -210,8 +216,12 @@ class ShardRunner:
             self._running -= 1
             if self._results is not None:
                 self._results[id(job)] = out
-            idle = not self._pending()
-            self._cond.notify_all()
+            pending = self._pending()
+            idle = not pending
+            # Only the feeder waits for jobs to finish (lanes wait for jobs to come): wake
+            # it when it asked to be, not once per file.
+            if pending < self._wake_below:
+                self._cond.notify_all()
         if idle:
             # Nothing left here: report now rather than at the next tick, or the end of
             # a run (and the next shard) waits for it.
@@ -329,12 +339,14 @@ def worker_main(
         alive = lambda: os.getppid() == parent  # noqa: E731
     runner = ShardRunner(t, worker, events.put, limits, stop, alive)
     # Enough jobs here to fill every lane's pipeline twice over; more would sit here
-    # while another worker idles at the end of the run.
-    enough = max(1, t.threads) * 2 * runner.depth + 2
+    # while another worker idles at the end of the run. Refilled from half of that, a
+    # few shards at a time, so the feeder wakes once per few shards, not once per file.
+    once = max(1, t.threads) * runner.depth
+    enough = 2 * once + 2
     try:
         while not runner.stop.is_set():
             if runner.pending() >= enough:
-                runner.wait_below(enough, timeout=0.5)
+                runner.wait_below(once + 1, timeout=0.5)
                 continue
             try:
                 shard: Shard | None = shards.get(timeout=0.5)
