@@ -13,7 +13,6 @@ from __future__ import annotations
 import errno
 import functools
 import hashlib
-import io
 import json
 import os
 import re
@@ -41,6 +40,7 @@ from fetcher.limits import SharedLimits
 from fetcher.models import STATE_DIR, Action, Job, Outcome, RelPath, Scope, Status
 from fetcher.retry import retry_after_seconds
 from fetcher.transport import request_headers, timeout_of
+from fetcher.wire import write_all
 
 if TYPE_CHECKING:
     import tenacity  # imported at run time by fetcher.retry, without tornado
@@ -364,46 +364,42 @@ def _digest_for(checksum: tuple[str, str] | None, existing: Path | None) -> Any:
 def _stream_body(ctx: _Ctx, resp: httpx.Response, part: Path, mode: str, digest: Any) -> int:
     received = 0
     limits = ctx.limits
-    # Unbuffered: chunks are written as they come, so a buffer would only add a copy
-    # (and the isatty and lseek calls that setting one up costs, per file).
-    with io.FileIO(part, mode) as fh:
-        try:
-            # A big body that nothing here needs to see (no digest, no rate limit) goes
-            # from the socket to the file in the kernel; append mode cannot (resumes).
-            write_to = getattr(resp.stream, "write_to", None)
-            rate = limits is not None and limits.rate
-            if write_to is not None and digest is None and mode == "wb" and not rate:
+    # Plain descriptor calls: chunks are written as they come, so a buffered file would
+    # only add a copy (and the fstat, isatty and lseek calls of setting one up, per file).
+    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_APPEND if mode == "ab" else os.O_TRUNC)
+    fd = os.open(part, flags, 0o666)
+    try:
+        # A big body that nothing here needs to see (no digest, no rate limit) goes
+        # from the socket to the file in the kernel; append mode cannot (resumes).
+        write_to = getattr(resp.stream, "write_to", None)
+        rate = limits is not None and limits.rate
+        if write_to is not None and digest is None and mode == "wb" and not rate:
 
-                def moved(n: int) -> None:
-                    nonlocal received
-                    received += n
-                    if ctx.stop is not None and ctx.stop.is_set():
-                        raise Interrupted
-                    ctx.on_bytes(n)
-
-                if write_to(fh.fileno(), moved) is not None:
-                    return received
-            for chunk in resp.iter_raw():
+            def moved(n: int) -> None:
+                nonlocal received
+                received += n
                 if ctx.stop is not None and ctx.stop.is_set():
                     raise Interrupted
-                _write_all(fh, chunk)
-                if digest is not None:
-                    digest.update(chunk)
-                n = len(chunk)
-                received += n
                 ctx.on_bytes(n)
-                if limits is not None and limits.rate:
-                    limits.consume(n)
-        except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
-            raise IncompleteDownload(f"connection broke after {received} bytes: {exc}") from exc
+
+            if write_to(fd, moved) is not None:
+                return received
+        for chunk in resp.iter_raw():
+            if ctx.stop is not None and ctx.stop.is_set():
+                raise Interrupted
+            write_all(fd, chunk)
+            if digest is not None:
+                digest.update(chunk)
+            n = len(chunk)
+            received += n
+            ctx.on_bytes(n)
+            if limits is not None and limits.rate:
+                limits.consume(n)
+    except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
+        raise IncompleteDownload(f"connection broke after {received} bytes: {exc}") from exc
+    finally:
+        os.close(fd)
     return received
-
-
-def _write_all(fh: io.FileIO, chunk: bytes | memoryview) -> None:
-    n = fh.write(chunk)
-    while n is not None and n < len(chunk):  # a short write: the rest, or the error
-        chunk = memoryview(chunk)[n:]
-        n = fh.write(chunk)
 
 
 def _discard(part: Path, meta: Path) -> None:

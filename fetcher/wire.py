@@ -23,7 +23,17 @@ from typing import Any, Protocol
 
 import httpx
 
-__all__ = ["Body", "Conn", "Owner", "Stale", "framing", "has_token", "read_error", "read_head"]
+__all__ = [
+    "Body",
+    "Conn",
+    "Owner",
+    "Stale",
+    "framing",
+    "has_token",
+    "read_error",
+    "read_head",
+    "write_all",
+]
 
 MAX_HEAD = 64 * 1024
 MAX_CHUNK_LINE = 4096
@@ -47,7 +57,9 @@ class Owner(Protocol):
 class Conn:
     """One TCP (or TLS) connection and the bytes read past the last response."""
 
-    __slots__ = ("_buf", "_release", "busy", "key", "proven", "queued", "rest", "sock", "used")
+    __slots__ = (
+        "_buf", "_head", "_release", "busy", "key", "proven", "queued", "rest", "sock", "used"
+    )  # fmt: skip
 
     def __init__(self, key: tuple[str, str, int], sock: socket.socket, release: Any) -> None:
         self.key = key
@@ -59,11 +71,24 @@ class Conn:
         self.busy = False
         self._release: Callable[[], None] | None = release
         self._buf: bytearray | None = None
+        self._head: memoryview | None = None
 
     def buffer(self) -> memoryview:
         if self._buf is None:
             self._buf = bytearray(BIG_BUFFER)
         return memoryview(self._buf)
+
+    def recv(self) -> bytes:
+        """Up to READ_SIZE bytes, read into this connection's own buffer and copied out.
+
+        ``sock.recv(READ_SIZE)`` would allocate READ_SIZE for each read (above malloc's
+        mmap threshold: an mmap, an mremap to what came and an munmap, and a page fault
+        for every page touched); a small answer is only copied.
+        """
+        if self._head is None:
+            self._head = memoryview(bytearray(READ_SIZE))
+        n = self.sock.recv_into(self._head)
+        return self._head[:n].tobytes()
 
     def close(self) -> None:
         try:
@@ -171,7 +196,7 @@ class Body(httpx.SyncByteStream):
         if conn.rest:
             take, conn.rest = conn.rest[: self._left], conn.rest[self._left :]
             self._left -= len(take)
-            _write_all(fd, take)
+            write_all(fd, take)
             written += len(take)
             on_chunk(len(take))
         r, w = os.pipe2(os.O_CLOEXEC)
@@ -255,7 +280,7 @@ class Body(httpx.SyncByteStream):
         if conn.rest:
             data, conn.rest = conn.rest, b""
             yield data
-        while data := conn.sock.recv(READ_SIZE):
+        while data := conn.recv():
             yield data
 
     def _line(self, conn: Conn, what: str) -> bytes:
@@ -268,7 +293,7 @@ class Body(httpx.SyncByteStream):
 
     @staticmethod
     def _recv(conn: Conn) -> bytes:
-        data = conn.sock.recv(READ_SIZE)
+        data = conn.recv()
         if not data:
             raise httpx.RemoteProtocolError("connection closed inside a chunked body")
         return data
@@ -294,10 +319,13 @@ class Body(httpx.SyncByteStream):
         self._finish()
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    """``os.write`` until all of ``data`` is written (or the error that stops it)."""
+    n = os.write(fd, data)
+    if n < len(data):
+        view = memoryview(data)[n:]
+        while view:
+            view = view[os.write(fd, view) :]
 
 
 class Stale(Exception):
@@ -313,7 +341,7 @@ def read_head(conn: Conn) -> tuple[int, bytes, list[tuple[bytes, bytes]], bytes]
             raise httpx.RemoteProtocolError(f"response head over {MAX_HEAD} bytes")
         start = max(0, len(buf) - 3)
         try:
-            data = conn.sock.recv(READ_SIZE)
+            data = conn.recv()
         except OSError as exc:
             if conn.used and not buf and not isinstance(exc, TimeoutError):
                 raise Stale from exc
