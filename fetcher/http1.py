@@ -52,7 +52,16 @@ from collections.abc import Callable, Sequence
 import httpx
 
 from fetcher.limits import TokenGate
-from fetcher.wire import Body, Conn, Stale, framing, has_token, read_head
+from fetcher.wire import (
+    Body,
+    Conn,
+    Stale,
+    framing,
+    has_token,
+    read_head,
+    set_io_timeout,
+    timed_out,
+)
 
 __all__ = ["REUSE_BUFFER", "ThreadConnTransport"]
 
@@ -107,7 +116,7 @@ class ThreadConnTransport(httpx.BaseTransport):
                     if self._ssl is None:
                         self._ssl = self._ssl_factory()
                     sock = self._ssl.wrap_socket(sock, server_hostname=host)
-                sock.settimeout(self.read_timeout)
+                set_io_timeout(sock, self.read_timeout)
             except TimeoutError as exc:
                 sock.close()
                 raise httpx.ConnectTimeout(f"TLS handshake with {host}:{port} timed out") from exc
@@ -284,9 +293,9 @@ class ThreadConnTransport(httpx.BaseTransport):
             if out:
                 sock.sendall(b"".join(out))
         except OSError as exc:
-            if conn.used and not isinstance(exc, TimeoutError):
+            if conn.used and not timed_out(exc):
                 raise Stale from exc
-            if isinstance(exc, TimeoutError):
+            if timed_out(exc):
                 raise httpx.WriteTimeout("timed out sending the request") from exc
             raise httpx.WriteError(f"sending the request: {exc}") from exc
         while True:

@@ -16,6 +16,8 @@ import fcntl
 import os
 import select
 import socket
+import ssl
+import struct
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -32,6 +34,8 @@ __all__ = [
     "has_token",
     "read_error",
     "read_head",
+    "set_io_timeout",
+    "timed_out",
     "write_all",
 ]
 
@@ -78,6 +82,9 @@ class Conn:
             self._buf = bytearray(BIG_BUFFER)
         return memoryview(self._buf)
 
+    def set_timeout(self, seconds: float | None) -> None:
+        set_io_timeout(self.sock, seconds)
+
     def recv(self) -> bytes:
         """Up to READ_SIZE bytes, read into this connection's own buffer and copied out.
 
@@ -99,8 +106,32 @@ class Conn:
                 release()
 
 
+def set_io_timeout(sock: socket.socket, seconds: float | None) -> None:
+    """How long one read or write on ``sock`` may wait; ``None``: for ever.
+
+    A plain socket stays blocking and the kernel keeps the time (SO_RCVTIMEO and
+    SO_SNDTIMEO): Python's own timeouts poll(2) before every recv and send, twice
+    the calls, each a turn at the interpreter lock. A read or write that runs out
+    of time then fails with EAGAIN, which :func:`timed_out` recognises. TLS
+    sockets keep Python's timeouts (OpenSSL reads ahead of the kernel's view).
+    """
+    if isinstance(sock, ssl.SSLSocket):
+        sock.settimeout(seconds)
+        return
+    sock.settimeout(None)
+    usec = 0 if seconds is None else max(1, round(seconds * 1_000_000))  # 0: for ever
+    tv = struct.pack("ll", usec // 1_000_000, usec % 1_000_000)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+
+
+def timed_out(exc: OSError) -> bool:
+    """A read or write that ran out of time: Python's timeout, or the kernel's (EAGAIN)."""
+    return isinstance(exc, TimeoutError | BlockingIOError)
+
+
 def read_error(exc: OSError, what: str) -> httpx.TransportError:
-    if isinstance(exc, TimeoutError):
+    if timed_out(exc):
         return httpx.ReadTimeout(f"timed out {what}")
     return httpx.ReadError(f"{what}: {exc}")
 
@@ -210,8 +241,11 @@ class Body(httpx.SyncByteStream):
             while self._left > 0:
                 try:
                     n = os.splice(sock.fileno(), w, min(self._left, BIG_BUFFER))
-                except BlockingIOError:  # a socket with a timeout is non-blocking
-                    if not poller.poll(None if timeout is None else timeout * 1000):
+                except BlockingIOError as exc:
+                    if timeout is None:  # blocking: the kernel's read timeout ran out
+                        raise read_error(exc, "reading the body") from exc
+                    # Python's timeout makes the socket non-blocking: wait here
+                    if not poller.poll(timeout * 1000):
                         raise read_error(TimeoutError(), "reading the body") from None
                     continue
                 except OSError as exc:
@@ -238,17 +272,18 @@ class Body(httpx.SyncByteStream):
         """Read and drop a short unread body within DRAIN_TIMEOUT in all; True if done."""
         deadline = time.monotonic() + DRAIN_TIMEOUT
         try:
-            conn.sock.settimeout(DRAIN_TIMEOUT)
+            conn.set_timeout(DRAIN_TIMEOUT)
             for _ in self._by_length(conn):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
-                conn.sock.settimeout(left)
+                conn.set_timeout(left)
             return True
         except (OSError, httpx.TransportError):
             return False
         finally:
-            conn.sock.settimeout(self._owner.read_timeout)
+            with contextlib.suppress(OSError):
+                conn.set_timeout(self._owner.read_timeout)
 
     def _cut_short(self) -> httpx.RemoteProtocolError:
         return httpx.RemoteProtocolError(
@@ -343,7 +378,7 @@ def read_head(conn: Conn) -> tuple[int, bytes, list[tuple[bytes, bytes]], bytes]
         try:
             data = conn.recv()
         except OSError as exc:
-            if conn.used and not buf and not isinstance(exc, TimeoutError):
+            if conn.used and not buf and not timed_out(exc):
                 raise Stale from exc
             raise read_error(exc, "waiting for the response") from exc
         if not data:

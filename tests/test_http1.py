@@ -27,6 +27,7 @@ import pytest
 
 from fetcher.http1 import REUSE_BUFFER, ThreadConnTransport
 from fetcher.limits import TokenGate
+from fetcher.wire import set_io_timeout, timed_out
 from tests.servers import free_port, serve
 
 pytestmark = pytest.mark.timeout(30)
@@ -974,3 +975,22 @@ def test_nginx_404_then_200_and_conditional_requests_on_one_connection(tmp_path:
             ]
     finally:
         t.close()
+
+
+def test_plain_sockets_keep_time_in_the_kernel_both_ways() -> None:
+    """Blocking, with SO_RCVTIMEO / SO_SNDTIMEO: a read or write that runs out of time
+    fails with EAGAIN, which counts as a timeout; None waits for ever."""
+    a, b = socket.socketpair()
+    with a, b:
+        set_io_timeout(a, 0.2)
+        assert a.gettimeout() is None  # blocking: no poll(2) before each call
+        t0 = time.monotonic()
+        with pytest.raises(OSError) as read:
+            a.recv(10)
+        assert timed_out(read.value) and 0.15 <= time.monotonic() - t0 < 2.0
+        with pytest.raises(OSError) as write:  # b never reads: the buffers fill up
+            a.sendall(b"x" * (64 << 20))
+        assert timed_out(write.value)
+        set_io_timeout(a, None)
+        raw = a.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16)
+        assert raw == bytes(len(raw)), "None must clear the timeout"
