@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
+import pytest
 
 from fetcher.config import Transfer
+from fetcher.download import file_url, plain_get
 from fetcher.http1 import ThreadConnTransport
 from fetcher.limits import SharedLimits
 from fetcher.transport import make_client, make_transport
@@ -85,3 +88,55 @@ def test_pooled_transport_holds_the_connection_cap(tmp_path: Path) -> None:
         transport.close()
         assert not errors, errors
         assert srv.max_concurrent_connections == 1
+
+
+ROOTS = ["http://127.0.0.1:8080/", "http://127.0.0.1/pub/centos/7/os/x86_64/Packages/",
+         "https://[::1]:8443/debian/", "http://Mirror.Example/pub/"]  # fmt: skip
+NAMES = ["a.rpm", "pool/main/a/acl/acl_2.3.1-3%2Bb1~deb12u1_amd64.deb", "caf%C3%A9/x.iso",
+         "dir/", "sub/.hidden", "a,b;c=d&e!f$g'(h)*+:@i", "a%2bb", "a b", "x/./y", "x/../y",
+         "x/..", "a//b", "a?x=1", "a#f", "a%zz", "é.rpm", "", "%2F", "a%2Fb"]  # fmt: skip
+
+
+@pytest.mark.parametrize("root", ROOTS)
+def test_request_urls_below_the_root_are_what_httpx_would_parse(root: str) -> None:
+    """The URLs made without a parse equal httpx's parse of the same string, always;
+    a package path below a root that parses to itself is made without one."""
+    made_fast = 0
+    for name in NAMES:
+        url = root + name
+        got = file_url(url, root)
+        if not isinstance(got, httpx.URL):
+            assert got == url  # left for httpx to parse
+            continue
+        made_fast += 1
+        want = httpx.URL(url)
+        assert (str(got), got.raw_path, got.scheme, got.host, got.port) == (
+            str(want), want.raw_path, want.scheme, want.host, want.port
+        ), name  # fmt: skip
+        assert got == want and httpx.Request("GET", got).url == want
+    if root == ROOTS[3]:  # the host is written in capitals: httpx's parse is not the string
+        assert made_fast == 0
+    else:
+        assert made_fast >= 6
+        assert isinstance(file_url(root + NAMES[1], root), httpx.URL)
+
+
+def test_requests_made_without_a_parse_fetch_the_right_files(tmp_path: Path) -> None:
+    """Through the transport to a real server: each file's own bytes."""
+    www = tmp_path / "www"
+    names = ["a+b~c.deb", "d,e;f=g.rpm", "caf\u00e9.iso"]
+    for i, name in enumerate(names):
+        (www / "sub").mkdir(parents=True, exist_ok=True)
+        (www / "sub" / name).write_bytes(f"{i}:{name}".encode())
+    with FaultServer(root=www) as srv:
+        t = Transfer(dest=str(tmp_path / "d"), root=srv.url)
+        with make_transport(t) as transport:
+            for i, name in enumerate(names):
+                url = srv.url + "sub/" + quote(name, safe="~,;=+")
+                req = plain_get(url, t)
+                assert isinstance(req.url, httpx.URL) and str(req.url) == url
+                resp = transport.handle_request(req)
+                try:
+                    assert resp.status_code == 200 and resp.read() == f"{i}:{name}".encode()
+                finally:
+                    resp.close()
