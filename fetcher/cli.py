@@ -19,6 +19,7 @@ from typing import Any, TextIO
 
 from rich.console import Console
 
+import fetcher.startup  # noqa: F401 - first: it trims what the pipeline's imports bring
 from fetcher import __version__
 from fetcher.config import MirrorJob, build_job, default_procs, load_config
 from fetcher.errors import FetchError, LockHeld, UsageError

@@ -17,7 +17,7 @@ from typing import Any
 
 __all__ = ["prestart", "worker_context"]
 
-WORKER_MODULES = ["fetcher.runner"]
+WORKER_MODULES = ["fetcher.startup", "fetcher.runner"]
 
 
 def worker_context() -> Any:
