@@ -314,7 +314,7 @@ def _children(
     dirs: set[str] = set()
     for e in page.entries:
         try:
-            rel = scope.relative(e.url)
+            rel = scope.child(d.url, d.path, e.url)
         except UnsafePath as exc:
             yield CrawlProblem(e.url, str(exc), "unsafe")
             continue

@@ -207,6 +207,26 @@ class Scope:
             return None
         return rel_path("/".join(rest))
 
+    def child(self, parent_url: str, parent_path: str, url: str) -> RelPath | None:
+        """``relative(url)`` for a link on the listing of the directory ``parent_url``.
+
+        ``parent_url`` ends with '/' and ``parent_path`` is its relative path (``""`` for
+        the root). A name right below it is checked alone rather than the whole URL
+        parsed again; anything else, or a name that fails, goes through
+        :meth:`relative` and gets its verdict and message.
+        """
+        if url.startswith(parent_url):
+            name = url[len(parent_url) :]
+            if name.endswith("/"):
+                name = name[:-1]
+            if name and "/" not in name and "?" not in name and "#" not in name:
+                try:
+                    seg = rel_path(name)
+                except UnsafePath:
+                    return self.relative(url)
+                return RelPath(f"{parent_path}/{seg}") if parent_path else seg
+        return self.relative(url)
+
     def contains(self, url: str) -> bool:
         """True when ``url`` is the root or lies below it (unsafe names excluded)."""
         try:

@@ -1,5 +1,7 @@
 import dataclasses
 import pickle
+import random
+from collections.abc import Callable
 
 import pytest
 
@@ -150,3 +152,28 @@ def test_everything_sent_between_processes_pickles_field_for_field() -> None:
         assert [getattr(back, x.name) for x in dataclasses.fields(v)] == [
             getattr(v, x.name) for x in dataclasses.fields(v)
         ]
+
+
+def test_child_of_a_listing_agrees_with_relative_on_hostile_names() -> None:
+    """The crawl's shortcut for a listing's links gives relative()'s verdict, message and
+    all, for names a hostile listing could hold (2,000 random ones below 3 parents)."""
+    scope = Scope.for_start("http://m.test/pub/")
+    parents = [("http://m.test/pub/", ""), ("http://m.test/pub/a%20b/", "a b"),
+               ("http://m.test/pub/x/.fetcher/", "x/.fetcher")]  # fmt: skip
+    pieces = ["a", "%2e", ".", "..", "%2E%2e", "%2F", "/", "\\", "?q", "#f", ".fetcher", "%00",
+              "%C3%A9", "%ff", "\u00e9", "~", "+", " ", "x" * 120, "%", "%zz", "\ud800", ""]  # fmt: skip
+    rng = random.Random(7)
+
+    def verdict(f: Callable[[], RelPath | None]) -> tuple[str, str | None]:
+        try:
+            return "ok", f()
+        except UnsafePath as exc:
+            return "unsafe", str(exc)
+
+    for _ in range(2000):
+        parent_url, parent_path = rng.choice(parents)
+        name = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 4)))
+        url = parent_url + name
+        assert verdict(lambda: scope.child(parent_url, parent_path, url)) == verdict(
+            lambda: scope.relative(url)
+        ), url
