@@ -59,34 +59,41 @@ def _no_main_reimport() -> Iterator[None]:
 
 
 class LocalExecutor:
-    """``procs`` worker processes pulling small shards from one queue."""
+    """Up to ``procs`` worker processes pulling small shards from one queue.
+
+    A worker is started with each shard until there are ``procs`` of them, so a run
+    that finds nothing to fetch (an unchanged re-sync) starts none, and one that
+    finds a few files starts no more than they need. Forking from the fork server
+    takes milliseconds, less than the listing that brings the first shard.
+    """
 
     def __init__(self, t: Transfer, procs: int, limits: SharedLimits) -> None:
         self.shard_files = max(2, t.threads)
-        ctx = worker_context()
-        self._shards: Any = ctx.Queue()
-        self._events: Any = ctx.Queue()
-        self._stop: Any = ctx.Event()
-        self._submitted = 0
-        self._taken = 0
+        self._ctx = worker_context()
+        self._shards: Any = self._ctx.Queue()
+        self._events: Any = self._ctx.Queue()
+        self._stop: Any = self._ctx.Event()
+        self._args = (t, self._shards, self._events, limits, self._stop, os.getpid())
+        self._max = max(1, procs)
+        self._procs: list[Any] = []
         self._exited: set[int] = set()
-        self._procs = [
-            ctx.Process(
-                target=worker_main,
-                args=(i, t, self._shards, self._events, limits, self._stop, os.getpid()),
-                name=f"fetch-worker-{i}",
-                daemon=True,
-            )
-            for i in range(procs)
-        ]
-        with _no_main_reimport():
-            for p in self._procs:
-                p.start()
         self._finished = False
 
+    def _start_one(self) -> None:
+        i = len(self._procs)
+        p = self._ctx.Process(
+            target=worker_main, args=(i, *self._args), name=f"fetch-worker-{i}", daemon=True
+        )
+        with _no_main_reimport():
+            p.start()
+        self._procs.append(p)
+
     def submit(self, shard: Shard) -> None:
-        self._submitted += 1
+        if self._finished:
+            raise RuntimeError("submit() after finish()")
         self._shards.put(shard)
+        if len(self._procs) < self._max:
+            self._start_one()
 
     def finish(self) -> None:
         if not self._finished:
@@ -112,7 +119,7 @@ class LocalExecutor:
         return out
 
     def done(self) -> bool:
-        """All workers have exited (cleanly, or died)."""
+        """All workers started have exited (cleanly, or died); true when none started."""
         return all(i in self._exited or not p.is_alive() for i, p in enumerate(self._procs))
 
     def dead(self) -> list[int]:

@@ -297,7 +297,9 @@ def _coordinate(run: _Run) -> None:
     _start_crawl(run, job.url)
     try:
         if not job.dry_run:
-            _make_executor(run)  # workers start up while the first listings are read
+            # ready (a Dask client connects) while the first listings are read; local
+            # workers start with the first shards, so a run with nothing to fetch has none
+            _make_executor(run)
         _loop(run)
         if run.stop.is_set() and (
             run.outstanding or run.held or run.batch or not run.crawl_complete

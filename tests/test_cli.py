@@ -218,9 +218,10 @@ def _running(pid: int) -> bool:
 def test_workers_exit_when_the_coordinator_is_killed(tmp_path: Path) -> None:
     www = tmp_path / "www"
     www.mkdir()
-    (www / "slow.bin").write_bytes(os.urandom(2 << 20))
+    for i in range(6):  # three shards of two: a worker starts with each, up to --procs
+        (www / f"slow{i}.bin").write_bytes(os.urandom(2 << 20))
     with FaultServer(root=www) as srv:
-        srv.persist("/slow.bin", Fault.trickle(64 * 1024))
+        srv.persist("/slow*", Fault.trickle(64 * 1024))
         proc = subprocess.Popen(
             [
                 sys.executable,
@@ -231,6 +232,8 @@ def test_workers_exit_when_the_coordinator_is_killed(tmp_path: Path) -> None:
                 "--dest",
                 str(tmp_path / "d"),
                 "--procs",
+                "2",
+                "--threads",
                 "2",
             ],
             stdout=subprocess.DEVNULL,
@@ -258,4 +261,4 @@ def test_workers_exit_when_the_coordinator_is_killed(tmp_path: Path) -> None:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-    assert not (tmp_path / "d" / "slow.bin").exists()
+    assert not list((tmp_path / "d").glob("slow*.bin"))
