@@ -6,6 +6,9 @@
   ``os.replace`` across directories into place (what fetch does today);
 - ``same-dir-temp``: create a hidden temporary name in the target directory,
   then rename within that directory;
+- ``tmpfile-link``: an unnamed file in the target directory (``O_TMPFILE``, Linux)
+  linked to its final name when complete: nothing is left behind by a crash and
+  no rename crosses directories (the filesystem-wide rename lock);
 - ``direct``: write the final name in place (what wget2 does; unsafe, the floor).
 
 ::
@@ -23,7 +26,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-MODES = ("one-partial-dir", "same-dir-temp", "direct")
+MODES = ("one-partial-dir", "same-dir-temp", "tmpfile-link", "direct")
 BASE = Path(__file__).resolve().parent / "work" / "bench-files"
 
 
@@ -40,6 +43,16 @@ def run(mode: str, threads: int, files: int, data: bytes) -> tuple[float, float]
         if mode == "direct":
             with open(final, "wb") as f:
                 f.write(data)
+            return
+        if mode == "tmpfile-link":
+            fd = os.open(f"{base}/d{i % 50}", os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o666)
+            try:
+                os.write(fd, data)
+                # a src_dir_fd makes os.link call linkat(AT_SYMLINK_FOLLOW), which links
+                # the file behind /proc's fd entry (plain link(2) would refuse: EXDEV)
+                os.link(f"/proc/self/fd/{fd}", final, src_dir_fd=fd, follow_symlinks=True)
+            finally:
+                os.close(fd)
             return
         if mode == "one-partial-dir":
             tmp = f"{base}/partial/" + hashlib.sha1(final.encode()).hexdigest()
@@ -66,6 +79,8 @@ def main() -> None:
     try:
         for _ in range(args.runs):
             for mode in MODES:
+                if mode == "tmpfile-link" and not hasattr(os, "O_TMPFILE"):
+                    continue
                 wall, cpu = run(mode, args.threads, args.files, data)
                 print(f"{mode:16} wall {wall:5.2f} s  cpu {cpu:5.2f} s", flush=True)
     finally:
