@@ -242,6 +242,14 @@ def _status_error(resp: httpx.Response, url: str) -> HTTPStatusError:
 
 
 def _attempt(ctx: _Ctx, job: Job, final: Path, part: Path, meta: Path) -> Outcome:
+    out = _Out()
+    try:
+        return _attempt_into(ctx, job, final, part, meta, out)
+    finally:
+        out.close()
+
+
+def _attempt_into(ctx: _Ctx, job: Job, final: Path, part: Path, meta: Path, out: _Out) -> Outcome:
     f = job.file
     t = ctx.t
     headers = dict(ctx.headers)
@@ -312,15 +320,20 @@ def _attempt(ctx: _Ctx, job: Job, final: Path, part: Path, meta: Path) -> Outcom
         # We asked for identity.  A server that sends Content-Encoding anyway (a .gz file
         # served as "gzip") sends the bytes as stored: iter_raw() keeps them undecoded,
         # and Content-Length counts those raw bytes.
-        _ensure_dir(part.parent, ctx.known_dirs)
         resumable = total is None or total - offset > RESUME_MIN
-        if resumable and (etag or last_mod):
-            # The validator survives a crash with the partial file, so a later run can
-            # resume with If-Range; small files just start over (one write less each).
-            side_data = {"url": f.url, "etag": etag, "last_modified": last_mod, "size": total}
-            meta.write_text(json.dumps(side_data), "utf-8")
+        # A small new file from its first byte can be written unnamed (see _Out); an
+        # update replaces a file, and a resume appends to its partial file.
+        unnamed = not resumable and not offset and job.action is Action.NEW
+        if not (unnamed and _unnamed_ok(ctx, final, out)):
+            _ensure_dir(part.parent, ctx.known_dirs)
+            if resumable and (etag or last_mod):
+                # The validator survives a crash with the partial file, so a later run can
+                # resume with If-Range; small files just start over (one write less each).
+                side_data = {"url": f.url, "etag": etag, "last_modified": last_mod, "size": total}
+                meta.write_text(json.dumps(side_data), "utf-8")
+            out.open_partial(part, mode)
         digest = _digest_for(f.checksum, part if offset else None)
-        received = _stream_body(ctx, resp, part, mode, digest)
+        received = _stream_body(ctx, resp, out.fd, mode, digest)
     finally:
         resp.close()
 
@@ -347,12 +360,16 @@ def _attempt(ctx: _Ctx, job: Job, final: Path, part: Path, meta: Path) -> Outcom
         if algo == "sha256":
             sha256 = got
     mtime = _parse_last_modified(last_mod) or f.mtime
-    _ensure_dir(final.parent, ctx.known_dirs)
-    if mtime is not None:
-        os.utime(part, (mtime, mtime))
-    os.replace(part, final)
-    if resumable:
-        meta.unlink(missing_ok=True)
+    if out.unnamed:
+        out.publish(final, part, mtime)
+    else:
+        out.close()
+        _ensure_dir(final.parent, ctx.known_dirs)
+        if mtime is not None:
+            os.utime(part, (mtime, mtime))
+        os.replace(part, final)
+        if resumable or offset:  # a sidecar was written, or this resume read one
+            meta.unlink(missing_ok=True)
     return Outcome(
         f.path,
         f.url,
@@ -417,13 +434,9 @@ def _digest_for(checksum: tuple[str, str] | None, existing: Path | None) -> Any:
     return h
 
 
-def _stream_body(ctx: _Ctx, resp: httpx.Response, part: Path, mode: str, digest: Any) -> int:
+def _stream_body(ctx: _Ctx, resp: httpx.Response, fd: int, mode: str, digest: Any) -> int:
     received = 0
     limits = ctx.limits
-    # Plain descriptor calls: chunks are written as they come, so a buffered file would
-    # only add a copy (and the fstat, isatty and lseek calls of setting one up, per file).
-    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_APPEND if mode == "ab" else os.O_TRUNC)
-    fd = os.open(part, flags, 0o666)
     try:
         # A big body that nothing here needs to see (no digest, no rate limit) goes
         # from the socket to the file in the kernel; append mode cannot (resumes).
@@ -453,9 +466,79 @@ def _stream_body(ctx: _Ctx, resp: httpx.Response, part: Path, mode: str, digest:
                 limits.consume(n)
     except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
         raise IncompleteDownload(f"connection broke after {received} bytes: {exc}") from exc
-    finally:
-        os.close(fd)
     return received
+
+
+class _Out:
+    """Where one attempt writes its body: a file descriptor, closed by the attempt.
+
+    Either the partial file in ``.fetcher/partial/`` (renamed into place once checked),
+    or, for a small new file on Linux, an unnamed file in its own directory
+    (``O_TMPFILE``) that gets its name once checked: nothing is left behind when the
+    run dies, and nothing is renamed across directories, which takes the filesystem's
+    rename lock (on a busy ext4 disk every writer queued behind it:
+    ``benchmarks/bench_files.py``). Plain descriptor calls throughout: chunks are
+    written as they come, so a buffered file object would only add a copy (and the
+    ``fstat``, ``isatty`` and ``lseek`` of setting one up, per file).
+    """
+
+    __slots__ = ("fd", "unnamed")
+
+    def __init__(self) -> None:
+        self.fd = -1
+        self.unnamed = False
+
+    def open_partial(self, part: Path, mode: str) -> None:
+        append = os.O_APPEND if mode == "ab" else os.O_TRUNC
+        self.fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | append, 0o666)
+
+    def open_unnamed(self, directory: Path) -> bool:
+        """An unnamed file in ``directory``; False where the filesystem has none."""
+        try:
+            self.fd = os.open(directory, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o666)
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                return False  # no O_TMPFILE here (NFS, an old kernel): the partial file
+            raise
+        self.unnamed = True
+        return True
+
+    def publish(self, final: Path, part: Path, mtime: float | None) -> None:
+        """Give the checked unnamed file its name (and the server's time)."""
+        if mtime is not None:
+            os.utime(self.fd, (mtime, mtime))
+        # A src_dir_fd makes os.link call linkat(AT_SYMLINK_FOLLOW): it links the file
+        # behind /proc's entry for the descriptor (plain link(2) would refuse, EXDEV).
+        src = f"/proc/self/fd/{self.fd}"
+        try:
+            os.link(src, final, src_dir_fd=self.fd, follow_symlinks=True)
+        except FileExistsError:
+            # The name was taken since the plan looked: replace it, atomically, as any
+            # update is replaced (named in the partial directory first).
+            part.parent.mkdir(parents=True, exist_ok=True)
+            part.unlink(missing_ok=True)
+            os.link(src, part, src_dir_fd=self.fd, follow_symlinks=True)
+            os.replace(part, final)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
+
+_UNNAMED = {"ok": hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd")}
+"""Whether unnamed files can be used here; off for the process once a filesystem refuses."""
+
+
+def _unnamed_ok(ctx: _Ctx, final: Path, out: _Out) -> bool:
+    """Open ``out`` as an unnamed file beside ``final`` if this system can."""
+    if not _UNNAMED["ok"]:
+        return False
+    _ensure_dir(final.parent, ctx.known_dirs)
+    if out.open_unnamed(final.parent):
+        return True
+    _UNNAMED["ok"] = False
+    return False
 
 
 def _discard(part: Path, meta: Path) -> None:

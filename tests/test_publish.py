@@ -1,0 +1,174 @@
+"""How a downloaded file gets its name, against the fault server and nginx.
+
+A small new file is written unnamed in its own directory (Linux ``O_TMPFILE``) and
+linked to its name once complete; everything else goes through ``.fetcher/partial/``.
+Either way no file is ever seen under its final name before it is whole.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import fetcher.download as download
+from fetcher.config import Transfer
+from fetcher.download import RESUME_MIN, fetch_file, partial_paths
+from fetcher.models import Action, Job, Outcome, RelPath, RemoteFile, Status
+from fetcher.retry import build_retrying
+from fetcher.transport import make_transport
+from tests.faultserver import Fault, FaultServer
+from tests.servers import serve
+
+WAIT = 10.0
+OLD = 1_600_000_000
+
+unnamed_files = pytest.mark.skipif(
+    not download._UNNAMED["ok"], reason="no O_TMPFILE or /proc here: always the partial file"
+)
+
+
+def _fetch(dest: Path, base: str, name: str, size: int, action: Action = Action.NEW) -> Outcome:
+    t = Transfer(dest=str(dest), root=base, retries=1, read_timeout=2.0)
+    job = Job(RemoteFile(base + name, RelPath(name), size, True), action)
+    with make_transport(t) as transport:
+        return fetch_file(transport, job, t, retrying=build_retrying(t, sleep=lambda s: None))
+
+
+def _partials(dest: Path) -> list[str]:
+    d = dest / ".fetcher" / "partial"
+    return sorted(os.listdir(d)) if d.is_dir() else []
+
+
+@unnamed_files
+def test_a_small_new_file_has_no_name_until_it_is_whole(tmp_path: Path) -> None:
+    data = os.urandom(200_000)
+    (tmp_path / "www" / "sub").mkdir(parents=True)
+    (tmp_path / "www" / "sub" / "f.deb").write_bytes(data)
+    os.utime(tmp_path / "www" / "sub" / "f.deb", (OLD, OLD))
+    dest = tmp_path / "d"
+    with FaultServer(root=tmp_path / "www") as srv:
+        srv.persist("/sub/f.deb", Fault.trickle(100_000))  # about 2 s of body
+        done: list[Outcome] = []
+        th = threading.Thread(
+            target=lambda: done.append(_fetch(dest, srv.url, "sub/f.deb", len(data)))
+        )
+        th.start()
+        try:
+            deadline = time.monotonic() + WAIT
+            while not (dest / "sub").is_dir() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            # mid-transfer: the directory exists, the file has no name anywhere
+            assert os.listdir(dest / "sub") == [] and _partials(dest) == []
+            assert th.is_alive() and not done
+        finally:
+            th.join(WAIT)
+    (out,) = done
+    assert out.status is Status.FETCHED, out
+    final = dest / "sub" / "f.deb"
+    assert final.read_bytes() == data and final.stat().st_mtime == OLD
+    assert oct(final.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+    assert _partials(dest) == []
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@unnamed_files
+def test_a_small_file_cut_short_leaves_nothing_behind(tmp_path: Path) -> None:
+    data = os.urandom(300_000)
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "f.bin").write_bytes(data)
+    dest = tmp_path / "d"
+    with FaultServer(root=tmp_path / "www") as srv:
+        srv.persist("/f.bin", Fault.drop_after(100_000))
+        out = _fetch(dest, srv.url, "f.bin", len(data))
+    assert out.status is Status.FAILED and out.attempts == 1, out
+    assert not (dest / "f.bin").exists()
+    assert _partials(dest) == []  # the partial-file way left a dead .part here
+
+
+def test_big_files_and_updates_still_go_through_the_partial_file(tmp_path: Path) -> None:
+    big = os.urandom(RESUME_MIN + 100_000)
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "big.bin").write_bytes(big)
+    (tmp_path / "www" / "small.bin").write_bytes(b"new contents")
+    dest = tmp_path / "d"
+    dest.mkdir()
+    (dest / "small.bin").write_bytes(b"old")
+    with FaultServer(root=tmp_path / "www") as srv:
+        # cut short: a big file keeps its partial file for a resume
+        srv.script("/big.bin", [Fault.drop_after(RESUME_MIN // 2)])
+        out = _fetch(dest, srv.url, "big.bin", len(big))
+        assert out.status is Status.FAILED, out
+        part, _ = partial_paths(dest, RelPath("big.bin"))
+        assert part.exists() and not (dest / "big.bin").exists()
+        out = _fetch(dest, srv.url, "big.bin", len(big), Action.RESUME)
+        assert out.status is Status.FETCHED and (dest / "big.bin").read_bytes() == big
+        # an update replaces the old file in one step
+        out = _fetch(dest, srv.url, "small.bin", 12, Action.CHANGED)
+    assert out.status is Status.FETCHED, out
+    assert (dest / "small.bin").read_bytes() == b"new contents"
+    assert _partials(dest) == []
+
+
+@unnamed_files
+def test_a_name_taken_since_the_plan_is_replaced_whole(tmp_path: Path) -> None:
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "f.bin").write_bytes(b"fresh" * 1000)
+    dest = tmp_path / "d"
+    dest.mkdir()
+    (dest / "f.bin").write_bytes(b"stale")  # appeared after the plan called it new
+    with FaultServer(root=tmp_path / "www") as srv:
+        out = _fetch(dest, srv.url, "f.bin", 5000)
+    assert out.status is Status.FETCHED, out
+    assert (dest / "f.bin").read_bytes() == b"fresh" * 1000
+    assert _partials(dest) == []
+
+
+def test_without_unnamed_files_the_partial_file_serves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A filesystem that refuses O_TMPFILE (NFS, an old kernel): the partial-file way."""
+    real_open = os.open
+
+    def refusing(path: object, flags: int, *args: object, **kwargs: object) -> int:
+        if flags & getattr(os, "O_TMPFILE", 0) == getattr(os, "O_TMPFILE", -1):
+            raise OSError(95, "Operation not supported")  # EOPNOTSUPP
+        return real_open(path, flags, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", refusing)
+    monkeypatch.setitem(download._UNNAMED, "ok", download._UNNAMED["ok"])
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "a.bin").write_bytes(b"a" * 3000)
+    (tmp_path / "www" / "b.bin").write_bytes(b"b" * 3000)
+    dest = tmp_path / "d"
+    with FaultServer(root=tmp_path / "www") as srv:
+        outs = [_fetch(dest, srv.url, n, 3000) for n in ("a.bin", "b.bin")]
+    assert [o.status for o in outs] == [Status.FETCHED, Status.FETCHED], outs
+    assert (dest / "a.bin").read_bytes() == b"a" * 3000
+    assert (dest / "b.bin").read_bytes() == b"b" * 3000
+    assert download._UNNAMED["ok"] is False  # asked once, then not again
+
+
+@pytest.mark.real_server
+def test_nginx_small_files_land_whole_with_their_dates(tmp_path: Path, run_fetch) -> None:
+    src = tmp_path / "www"
+    files = {f"d{i % 3}/f{i}.rpm": os.urandom(1000 + 997 * i) for i in range(30)}
+    for rel, data in files.items():
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_bytes(data)
+        os.utime(src / rel, (OLD + 60, OLD + 60))
+    with serve("nginx", src, tmp_path / "nginx") as srv:
+        r = run_fetch("--mirror", srv.url, "--dest", tmp_path / "d", "--procs", "2")
+    assert r.code == 0, r
+    for rel, data in files.items():
+        got = tmp_path / "d" / rel
+        assert got.read_bytes() == data and got.stat().st_mtime == OLD + 60, rel
+    assert _partials(tmp_path / "d") == []
