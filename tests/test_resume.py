@@ -68,6 +68,7 @@ def test_kill_mid_transfer_then_resume(tmp_path: Path, run_fetch: RunFetch) -> N
         argv = [sys.executable, "-m", "fetcher", "--mirror", srv.url, "--dest", str(dest),
                 "--procs", "2", "--threads", "2", "-q"]  # fmt: skip
         log = (tmp_path / "run1.log").open("wb")
+        semaphores = _named_semaphores()
         proc = subprocess.Popen(
             argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
@@ -83,6 +84,11 @@ def test_kill_mid_transfer_then_resume(tmp_path: Path, run_fetch: RunFetch) -> N
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
             log.close()
+            # Killed as a group, multiprocessing's resource tracker dies too and cannot
+            # unlink the run's named semaphores: this test must not leave them behind.
+            for name in _named_semaphores() - semaphores:
+                with contextlib.suppress(OSError):
+                    os.unlink(f"/dev/shm/{name}")
         assert proc.returncode == -signal.SIGKILL
         _assert_nothing_truncated(dest, src)
         assert _parts(dest), "the killed run left no partial file to resume"
@@ -95,6 +101,13 @@ def test_kill_mid_transfer_then_resume(tmp_path: Path, run_fetch: RunFetch) -> N
         ranged = [q for q in srv.requests if q.is_file and q.status == 206]
         assert ranged, "nothing was resumed with a Range request"
         assert srv.file_bytes_sent < 1.2 * tree_bytes, (srv.file_bytes_sent, tree_bytes)
+
+
+def _named_semaphores() -> set[str]:
+    try:
+        return {n for n in os.listdir("/dev/shm") if n.startswith("sem.mp-")}
+    except OSError:
+        return set()
 
 
 # --- 4. resume faults ------------------------------------------------------------------------

@@ -1,0 +1,120 @@
+"""Two (or more) versions of fetch, or settings of it, on the same served tree, interleaved.
+
+The harness behind the per-change figures in ``RESULTS.md``. Each variant is a
+checkout of this repository (its ``fetcher`` package is what ``python -m fetcher``
+imports when run from there) with optional extra arguments; the variants run in
+turn, run by run, so a noisy machine slows them alike, and the medians are
+compared. A checkout of an earlier commit is one command away::
+
+    git worktree add /tmp/before HEAD~1
+    python benchmarks/ab.py --tree small --runs 8 /tmp/before .
+    python benchmarks/ab.py --tree small --runs 6 . ". --procs 2" ". --pipeline 8"
+    python benchmarks/ab.py --url http://127.0.0.1:8080/ --dest /dev/shm/ab . /tmp/before
+
+``--tree`` serves one of the suite's trees with nginx for the duration; the
+destination defaults to ``/dev/shm`` (a disk's own noise is larger than most
+single changes), ``--dest`` puts it elsewhere. CPU is user+sys of the whole
+process tree, as in ``run.py``; each result is checked against the manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import compileall
+import contextlib
+import os
+import shlex
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.run import WORK, become_subreaper, measure, verify
+from benchmarks.trees import Tree, build_tree
+from tests.servers import serve
+
+
+def _variant(spec: str) -> tuple[Path, list[str]]:
+    """``DIR [ARGS...]``: a checkout and the extra fetch arguments to run it with."""
+    words = shlex.split(spec)
+    checkout = Path(words[0]).resolve()
+    if not (checkout / "fetcher" / "__init__.py").is_file():
+        raise SystemExit(f"{checkout}: not a checkout of fetch (no fetcher/ package)")
+    return checkout, words[1:]
+
+
+def run(
+    url: str,
+    dest: Path,
+    variants: list[str],
+    runs: int,
+    connections: int,
+    tree: Tree | None,
+) -> list[tuple[str, list[float], list[float]]]:
+    parsed = [_variant(v) for v in variants]
+    for checkout, _ in parsed:
+        compileall.compile_dir(checkout / "fetcher", quiet=1)  # as pip install would
+    walls: list[list[float]] = [[] for _ in parsed]
+    cpus: list[list[float]] = [[] for _ in parsed]
+    for r in range(runs):
+        for i, (checkout, extra) in enumerate(parsed):
+            shutil.rmtree(dest, ignore_errors=True)
+            os.sync()
+            argv = [sys.executable, "-m", "fetcher", "--mirror", url, "--dest", str(dest)]
+            argv += ["--max-connections", str(connections), "-q", *extra]
+            wall, cpu, _, _, code = measure(argv, cwd=checkout)
+            if code != 0:
+                raise SystemExit(f"{variants[i]}: run {r} exited {code}")
+            if tree is not None:
+                ok, problem = verify(tree, dest)
+                if not ok:
+                    raise SystemExit(f"{variants[i]}: run {r}: {problem}")
+            walls[i].append(wall)
+            cpus[i].append(cpu)
+            print(f"  run {r}  {variants[i]:40}  {wall:6.2f} s  cpu {cpu:6.2f} s", flush=True)
+    shutil.rmtree(dest, ignore_errors=True)
+    return [(v, walls[i], cpus[i]) for i, v in enumerate(variants)]
+
+
+def report(rows: list[tuple[str, list[float], list[float]]]) -> None:
+    base_wall = statistics.median(rows[0][1])
+    base_cpu = statistics.median(rows[0][2])
+    print(f"\n{'variant':40} {'wall s':>7} {'÷ first':>8} {'CPU s':>7} {'÷ first':>8}  walls")
+    for name, walls, cpus in rows:
+        w, c = statistics.median(walls), statistics.median(cpus)
+        spread = " ".join(f"{x:.2f}" for x in sorted(walls))
+        print(f"{name:40} {w:7.2f} {w / base_wall:7.2f}× {c:7.2f} {c / base_cpu:7.2f}×  {spread}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "variants", nargs="+", help='checkout directories, each optionally with args: ". --procs 2"'
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument(
+        "--tree", choices=("small", "large", "mixed"), help="serve this tree with nginx"
+    )
+    src.add_argument("--url", help="a tree already served (no manifest check)")
+    p.add_argument("--dest", type=Path, default=Path("/dev/shm/fetch-ab"))
+    p.add_argument("--runs", type=int, default=6)
+    p.add_argument("--connections", type=int, default=16)
+    args = p.parse_args(argv)
+    become_subreaper()
+    with contextlib.ExitStack() as stack:
+        tree = None
+        url = args.url
+        if args.tree:
+            WORK.mkdir(exist_ok=True)
+            tree = build_tree(args.tree, WORK)
+            srv = stack.enter_context(serve("nginx", tree.root, WORK / "servers"))
+            url = srv.url
+        rows = run(url, args.dest, args.variants, args.runs, args.connections, tree)
+    report(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
