@@ -49,6 +49,7 @@ __all__ = [
     "Interrupted",
     "check_writable",
     "fetch_file",
+    "partial_name",
     "partial_paths",
     "plain_get",
 ]
@@ -63,11 +64,15 @@ class Interrupted(Exception):
     """The run is stopping; the partial file is kept for the next run."""
 
 
+def partial_name(path: RelPath) -> str:
+    """The partial file's name for ``path`` (in ``.fetcher/partial/``): flat, fixed-length."""
+    return hashlib.sha256(path.encode("utf-8", "surrogateescape")).hexdigest()[:32] + ".part"
+
+
 def partial_paths(dest: Path, path: RelPath) -> tuple[Path, Path]:
-    """The partial file and its sidecar for ``path``: flat, fixed-length names."""
-    h = hashlib.sha256(path.encode("utf-8", "surrogateescape")).hexdigest()[:32]
-    base = _partial_dir(dest)
-    return base / f"{h}.part", base / f"{h}.json"
+    """The partial file and its sidecar for ``path``."""
+    part = _partial_dir(dest) / partial_name(path)
+    return part, part.with_suffix(".json")
 
 
 @functools.lru_cache(maxsize=16)

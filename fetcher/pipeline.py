@@ -22,7 +22,7 @@ import httpx
 
 from fetcher.config import MirrorJob, Transfer
 from fetcher.crawl import CrawlOptions, crawl
-from fetcher.download import check_writable, partial_paths
+from fetcher.download import check_writable, partial_name
 from fetcher.errors import FatalIOError, FetchError
 from fetcher.executor import Executor, LocalExecutor
 from fetcher.ffmpeg import FFmpeg
@@ -129,7 +129,7 @@ class _Disk:
         return _stat(self.dest / path)
 
     def has_partial(self, path: RelPath) -> bool:
-        return bool(self.partials) and partial_paths(self.dest, path)[0].name in self.partials
+        return bool(self.partials) and partial_name(path) in self.partials
 
 
 def mirror(
