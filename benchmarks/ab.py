@@ -10,6 +10,9 @@ compared. A checkout of an earlier commit is one command away::
     python benchmarks/ab.py --tree small --runs 8 /tmp/before .
     python benchmarks/ab.py --tree small --runs 6 . ". --procs 2" ". --pipeline 8"
     python benchmarks/ab.py --url http://127.0.0.1:8080/ --dest /dev/shm/ab . /tmp/before
+    python benchmarks/ab.py --tree small --resync /tmp/before .
+
+``--resync`` times the second, unchanged run (the first one, untimed, fills DEST).
 
 ``--tree`` serves one of the suite's trees with nginx for the duration; the
 destination defaults to ``/dev/shm`` (a disk's own noise is larger than most
@@ -52,6 +55,7 @@ def run(
     runs: int,
     connections: int,
     tree: Tree | None,
+    resync: bool = False,
 ) -> list[tuple[str, list[float], list[float]]]:
     parsed = [_variant(v) for v in variants]
     for checkout, _ in parsed:
@@ -64,6 +68,8 @@ def run(
             os.sync()
             argv = [sys.executable, "-m", "fetcher", "--mirror", url, "--dest", str(dest)]
             argv += ["--max-connections", str(connections), "-q", *extra]
+            if resync and measure(argv, cwd=checkout)[4] != 0:
+                raise SystemExit(f"{variants[i]}: run {r}: the untimed first run failed")
             wall, cpu, _, _, code = measure(argv, cwd=checkout)
             if code != 0:
                 raise SystemExit(f"{variants[i]}: run {r} exited {code}")
@@ -101,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dest", type=Path, default=Path("/dev/shm/fetch-ab"))
     p.add_argument("--runs", type=int, default=6)
     p.add_argument("--connections", type=int, default=16)
+    p.add_argument("--resync", action="store_true", help="time the second, unchanged run")
     args = p.parse_args(argv)
     become_subreaper()
     with contextlib.ExitStack() as stack:
@@ -111,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             tree = build_tree(args.tree, WORK)
             srv = stack.enter_context(serve("nginx", tree.root, WORK / "servers"))
             url = srv.url
-        rows = run(url, args.dest, args.variants, args.runs, args.connections, tree)
+        rows = run(url, args.dest, args.variants, args.runs, args.connections, tree, args.resync)
     report(rows)
     return 0
 

@@ -61,15 +61,18 @@ def _no_main_reimport() -> Iterator[None]:
 class LocalExecutor:
     """Up to ``procs`` worker processes pulling small shards from one queue.
 
-    A worker is started with each shard until there are ``procs`` of them, so a run
-    that finds nothing to fetch (an unchanged re-sync) starts none, and one that
-    finds a few files starts no more than they need. Forking from the fork server
-    takes milliseconds, less than the listing that brings the first shard.
+    With ``ctx`` the ``fork`` context (:func:`fetcher.procs.fork_safe` said this process
+    has no other thread) every worker is forked here, now: later the crawl's and the
+    display's threads are running and forking would copy them mid-step. A fork of a
+    process that has imported everything costs about a millisecond, and an idle worker
+    little more. Otherwise a worker is started from the fork server with each shard
+    until there are ``procs`` of them, so a run that finds nothing to fetch starts none.
+    ``limits`` must come from the same context.
     """
 
-    def __init__(self, t: Transfer, procs: int, limits: SharedLimits) -> None:
+    def __init__(self, t: Transfer, procs: int, limits: SharedLimits, ctx: Any = None) -> None:
         self.shard_files = max(2, t.threads)
-        self._ctx = worker_context()
+        self._ctx = ctx or worker_context()
         self._shards: Any = self._ctx.Queue()
         self._events: Any = self._ctx.Queue()
         self._stop: Any = self._ctx.Event()
@@ -78,6 +81,9 @@ class LocalExecutor:
         self._procs: list[Any] = []
         self._exited: set[int] = set()
         self._finished = False
+        if self._ctx.get_start_method() == "fork":
+            while len(self._procs) < self._max:
+                self._start_one()
 
     def _start_one(self) -> None:
         i = len(self._procs)

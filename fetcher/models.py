@@ -471,6 +471,9 @@ class Reporter:
     a display overrides what it shows.
     """
 
+    def begin(self) -> None:
+        """The run is starting: a display may start drawing (and its threads) now."""
+
     def planned(self, job: Job) -> None: ...
     def skipped(self, f: RemoteFile) -> None: ...
     def transferred(self, nbytes: int) -> None: ...

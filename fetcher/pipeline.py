@@ -53,7 +53,7 @@ from fetcher.postprocess import (
     check_derived,
 )
 from fetcher.postrules import require_ffmpeg
-from fetcher.procs import worker_context
+from fetcher.procs import fork_safe, worker_context
 from fetcher.prune import prune
 from fetcher.shard import make_shards
 from fetcher.state import RunLock, State
@@ -85,6 +85,7 @@ class _Run:
     post: PostPool | None = None
     derived: Path | None = None
     executor: Executor | None = None
+    fork: bool = False  # local workers are forked from this process (procs.fork_safe)
     seen_dirs: set[str] = field(default_factory=set)
     disk: _Disk | None = None
 
@@ -293,12 +294,18 @@ def _walk(
 
 def _coordinate(run: _Run) -> None:
     job = run.job
-    run.limits = SharedLimits.create(job.max_connections, job.limit_rate, worker_context())
-    _start_crawl(run, job.url)
+    local = job.executor != "dask" and not job.dry_run
+    run.fork = local and fork_safe()
+    run.limits = SharedLimits.create(job.max_connections, job.limit_rate, worker_context(run.fork))
     try:
+        if run.fork:
+            _make_executor(run)  # forks every worker, before this process starts a thread
+        run.reporter.begin()
+        _start_crawl(run, job.url)
         if not job.dry_run:
             # ready (a Dask client connects) while the first listings are read; local
-            # workers start with the first shards, so a run with nothing to fetch has none
+            # workers from the fork server start with the first shards, so a run with
+            # nothing to fetch has none
             _make_executor(run)
         _loop(run)
         if run.stop.is_set() and (
@@ -466,7 +473,8 @@ def _make_executor(run: _Run) -> Executor:
 
             run.executor = DaskExecutor(run.job.transfer(), run.job, run.limits)
         else:
-            run.executor = LocalExecutor(run.job.transfer(), run.job.procs, run.limits)
+            ctx = worker_context(run.fork)
+            run.executor = LocalExecutor(run.job.transfer(), run.job.procs, run.limits, ctx)
     return run.executor
 
 

@@ -90,6 +90,10 @@ class RichReporter(Reporter):
         self.post_task: TaskID | None = None
         self.live = Live(Group(self.progress, self.files, self._active_view()), console=console,
                          refresh_per_second=8, transient=False)  # fmt: skip
+
+    def begin(self) -> None:
+        # Not in __init__: the live display's refresh thread would keep the run from
+        # forking its workers (fetcher.procs.fork_safe).
         self.live.start()
 
     def _active_view(self) -> Any:
@@ -176,7 +180,12 @@ class RichReporter(Reporter):
 
     def close(self) -> None:
         self.active.clear()
+        refresh = getattr(self.live, "_refresh_thread", None)
         self.live.stop()
+        if refresh is not None:
+            # stop() only tells it to end: the next job of a config may fork its workers
+            # (fetcher.procs.fork_safe) once it is gone
+            refresh.join(timeout=2)
 
 
 class LineReporter(Reporter):

@@ -325,12 +325,14 @@ def worker_main(
 ) -> None:
     """Entry point of a local worker process: pull shards until ``None``.
 
-    ``parent`` is the coordinator's PID. Under ``forkserver`` a worker's parent
-    process is the fork server, so the coordinator is watched through the sentinel
-    pipe multiprocessing keeps to it (closed by the kernel when it dies), not getppid.
+    ``parent`` is the coordinator's PID. The coordinator is watched through the
+    sentinel pipe multiprocessing keeps to it (closed by the kernel when it dies), not
+    getppid: under ``forkserver`` a worker's parent process is the fork server.
     """
     # Ctrl-C reaches the whole process group; only the coordinator decides what it means.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A worker forked from the coordinator has its handlers: SIGTERM ends a worker.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     watch = multiprocessing.parent_process()
     alive: Callable[[], bool] | None = None
     if watch is not None:

@@ -69,11 +69,28 @@ class Row:
     status: str
 
 
+_HELD: set[int] = set()  # descriptors of the run locks this process holds
+
+
+def _forget_locks() -> None:
+    # A forked child (a local worker) shares the lock's open file: closing its copy
+    # leaves the parent's lock alone, and the lock then ends with the run, not with
+    # whichever worker exits last.
+    for fd in _HELD:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_forget_locks)
+
+
 class RunLock:
     """``DEST/.fetcher/lock`` held with ``flock`` for the whole run.
 
     The kernel drops a flock when its holder dies, so a killed run never
     leaves a stale lock behind.  The file names the holder for the message.
+    Forked children do not keep it (:func:`_forget_locks`).
     """
 
     def __init__(self, dest: Path) -> None:
@@ -96,11 +113,13 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()}, started {stamp}\n".encode(), 0)
         self._fd = fd
+        _HELD.add(fd)
 
     def release(self) -> None:
-        if self._fd is not None:
+        if self._fd is not None and self._fd in _HELD:
+            _HELD.discard(self._fd)
             os.close(self._fd)
-            self._fd = None
+        self._fd = None
 
     def __enter__(self) -> RunLock:
         self.acquire()

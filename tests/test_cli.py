@@ -190,14 +190,16 @@ def _cmdline(pid: int) -> bytes:
 def _workers(pid: int) -> tuple[set[int], set[int]]:
     """(worker processes, fork servers) below the coordinator ``pid``.
 
-    Workers are forks of a fork server (a child of the coordinator) where the
-    platform has one, else spawned children of the coordinator.
+    Workers are forks of the coordinator itself (the same command line) when it
+    started single-threaded, as the CLI does; else forks of a fork server (a child
+    of the coordinator) where the platform has one, else spawned children.
     """
     workers: set[int] = set()
     servers: set[int] = set()
+    own = _cmdline(pid)
     for c in _children(pid):
         cmd = _cmdline(c)
-        if b"spawn_main" in cmd:
+        if b"spawn_main" in cmd or cmd == own:
             workers.add(c)
         elif b"multiprocessing.forkserver" in cmd:
             servers.add(c)
@@ -247,6 +249,7 @@ def test_workers_exit_when_the_coordinator_is_killed(tmp_path: Path) -> None:
                 workers, servers = _workers(proc.pid)
                 time.sleep(0.05)
             assert len(workers) == 2, workers
+            assert servers == set(), "the CLI starts single-threaded: it forks its workers itself"
             proc.kill()  # the coordinator only, as `kill -9 PID` would
             proc.wait(timeout=10)
             left = workers | servers

@@ -1,4 +1,5 @@
-"""Local worker processes start with the shards that need them, against a real server."""
+"""Local worker processes: forked at once from a single-threaded coordinator, else started
+from the fork server with the shards that need them; against a real server."""
 
 from __future__ import annotations
 
@@ -21,10 +22,13 @@ def _drain(ex: LocalExecutor, deadline: float) -> list[object]:
     return events + ex.events(timeout=0)
 
 
-def _run(tmp_path: Path, url: str, shards: list[Shard]) -> list[object]:
-    t = Transfer(dest=str(tmp_path / "d"), root=url, threads=2)
-    limits = SharedLimits.create(8, None, worker_context())
-    ex = LocalExecutor(t, 4, limits)
+def _run(
+    tmp_path: Path, url: str, shards: list[Shard], ex: LocalExecutor | None = None
+) -> list[object]:
+    if ex is None:
+        t = Transfer(dest=str(tmp_path / "d"), root=url, threads=2)
+        limits = SharedLimits.create(8, None, worker_context())
+        ex = LocalExecutor(t, 4, limits)
     try:
         for s in shards:
             ex.submit(s)
@@ -43,15 +47,23 @@ def test_nothing_submitted_starts_no_worker(tmp_path: Path) -> None:
         assert _run(tmp_path, srv.url, []) == []
 
 
-def test_a_worker_starts_per_shard_up_to_procs(tmp_path: Path) -> None:
-    www = tmp_path / "www"
+def _files(www: Path, n: int, byte: bytes) -> Path:
+    """``f0`` .. ``f{n-1}`` of 1 .. n bytes."""
     www.mkdir()
-    for i in range(6):
-        (www / f"f{i}").write_bytes(b"x" * (i + 1))
-    with FaultServer(root=www) as srv:
+    for i in range(n):
+        (www / f"f{i}").write_bytes(byte * (i + 1))
+    return www
+
+
+def _job(url: str, i: int) -> Job:
+    return Job(RemoteFile(f"{url}f{i}", RelPath(f"f{i}"), i + 1, True), Action.NEW)
+
+
+def test_a_worker_starts_per_shard_up_to_procs(tmp_path: Path) -> None:
+    with FaultServer(root=_files(tmp_path / "www", 6, b"x")) as srv:
 
         def job(i: int) -> Job:
-            return Job(RemoteFile(f"{srv.url}f{i}", RelPath(f"f{i}"), i + 1, True), Action.NEW)
+            return _job(srv.url, i)
 
         one = _run(tmp_path / "one", srv.url, [Shard((job(0), job(1)))])
         many = _run(tmp_path / "many", srv.url, [Shard((job(i),)) for i in range(6)])
@@ -63,3 +75,29 @@ def test_a_worker_starts_per_shard_up_to_procs(tmp_path: Path) -> None:
     assert len({e.worker for e in many if isinstance(e, WorkerExit)}) == 4  # procs, not 6
     assert len([e for e in many if isinstance(e, FileDone)]) == 6
     assert (tmp_path / "many" / "d" / "f5").read_bytes() == b"x" * 6
+
+
+def _forked(dest: Path, url: str, procs: int) -> LocalExecutor:
+    ctx = worker_context(fork=True)
+    t = Transfer(dest=str(dest), root=url, threads=2)
+    return LocalExecutor(t, procs, SharedLimits.create(8, None, ctx), ctx)
+
+
+def test_forked_workers_all_start_at_once_and_share_the_shards(tmp_path: Path) -> None:
+    with FaultServer(root=_files(tmp_path / "www", 5, b"y")) as srv:
+        ex = _forked(tmp_path / "d", srv.url, 3)
+        assert len(ex._procs) == 3 and all(p.is_alive() for p in ex._procs)
+        events = _run(tmp_path, srv.url, [Shard((_job(srv.url, i),)) for i in range(5)], ex)
+    assert {e.worker for e in events if isinstance(e, WorkerExit)} == {0, 1, 2}
+    done = [e.outcome for e in events if isinstance(e, FileDone)]
+    assert sorted(o.path for o in done) == [f"f{i}" for i in range(5)]
+    assert all(o.status is Status.FETCHED for o in done)
+    assert (tmp_path / "d" / "f4").read_bytes() == b"y" * 5
+
+
+def test_forked_workers_with_nothing_to_do_exit_cleanly(tmp_path: Path) -> None:
+    with FaultServer(root=tmp_path) as srv:
+        ex = _forked(tmp_path / "d", srv.url, 2)
+        events = _run(tmp_path, srv.url, [], ex)
+    assert sorted(e.worker for e in events if isinstance(e, WorkerExit)) == [0, 1]
+    assert [p.exitcode for p in ex._procs] == [0, 0]

@@ -1,0 +1,85 @@
+"""How a run starts its workers: when it may fork them itself, and what a fork must not keep."""
+
+from __future__ import annotations
+
+import io
+import os
+import select
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from fetcher.errors import LockHeld
+from fetcher.progress import RichReporter
+from fetcher.state import RunLock
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _python(code: str) -> str:
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, check=False, cwd=REPO)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="forks itself on Linux only")
+def test_fork_safe_only_while_the_process_has_one_thread() -> None:
+    code = (
+        "import threading; from fetcher.procs import fork_safe, worker_context\n"
+        "print(fork_safe(), worker_context(fork_safe()).get_start_method())\n"
+        "e = threading.Event(); t = threading.Thread(target=e.wait); t.start()\n"
+        "print(fork_safe(), worker_context(fork_safe()).get_start_method())\n"
+        "e.set(); t.join(); print(fork_safe())\n"
+    )
+    assert _python(code).split("\n") == ["True fork", "False forkserver", "True"]
+
+
+def test_a_forked_child_does_not_keep_the_run_lock(tmp_path: Path) -> None:
+    lock = RunLock(tmp_path)
+    lock.acquire()
+    r, w = os.pipe()
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: wait until the parent says so, holding whatever it inherited
+        os.close(w)
+        os.write(ready_w, b"!")  # the fork's hooks have run by now
+        os.read(r, 1)
+        os._exit(0)
+    os.close(r)
+    os.close(ready_w)
+    try:
+        assert select.select([ready_r], [], [], 30)[0], "the child did not start"
+        os.close(ready_r)
+        lock.release()
+        again = RunLock(tmp_path)
+        again.acquire()  # LockHeld if the child's copy of the descriptor still held it
+        again.release()
+    finally:
+        os.close(w)
+        os.waitpid(pid, 0)
+
+
+def test_the_run_lock_still_excludes_a_second_run(tmp_path: Path) -> None:
+    with RunLock(tmp_path), pytest.raises(LockHeld):
+        RunLock(tmp_path).acquire()
+
+
+def _refresh_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if type(t).__name__ == "_RefreshThread"]
+
+
+def test_the_live_display_starts_its_thread_at_begin_not_before() -> None:
+    rep = RichReporter(Console(file=io.StringIO(), force_terminal=True, width=80))
+    assert _refresh_threads() == []  # the run may still fork its workers
+    rep.begin()
+    try:
+        assert len(_refresh_threads()) == 1
+    finally:
+        rep.close()
+    assert _refresh_threads() == []
+    RichReporter(Console(file=io.StringIO())).close()  # closing one never begun is fine
