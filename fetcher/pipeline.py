@@ -342,11 +342,14 @@ def _coordinate(run: _Run) -> None:
 
 def _loop(run: _Run) -> None:
     while True:
-        # 1. take what the crawl found, while the workers are not too far behind
+        # 1. take what the crawl found, while the workers are not too far behind. Until
+        # then this loop waits on the crawl, not on the workers: a shard goes out as soon
+        # as a listing brings files, and the workers' news waits a moment.
+        crawl_first = run.crawlers and len(run.outstanding) < _AHEAD
         took = 0
         while run.crawlers and len(run.outstanding) < _AHEAD and took < 2000:
             try:
-                item = run.inbox.get(timeout=0.05 if run.executor is None else 0)
+                item = run.inbox.get(timeout=0 if took else 0.05)
             except queue.Empty:
                 break
             took += 1
@@ -384,7 +387,7 @@ def _loop(run: _Run) -> None:
         if run.post is not None:
             _post_outcomes(run, run.post.poll())
         if run.executor is not None:
-            _handle(run, run.executor.events(timeout=0.05))
+            _handle(run, run.executor.events(timeout=0 if crawl_first else 0.05))
             dead = run.executor.dead()
             if dead and run.outstanding:
                 run.summary.fatal = f"worker process(es) {dead} died; run again to resume"
