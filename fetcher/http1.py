@@ -43,6 +43,9 @@ Each TCP connection holds a token of the run's connection cap (``gate``), so
 
 from __future__ import annotations
 
+# socket.create_connection() encodes the host name with this codec on first use;
+# imported here, a worker forked from the coordinator does not import it again.
+import encodings.idna  # noqa: F401
 import socket
 import ssl
 import threading
