@@ -719,7 +719,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         WORK.mkdir(exist_ok=True)
         t = build_tree(args.serve, WORK)
-        with serve("nginx", t.root, WORK / "servers") as srv:
+        with serve("nginx", t.root, WORK / "servers", limit_rate=args.server_limit_rate) as srv:
             delayed = (
                 proxied(srv.port, args.rtt_ms / 2)
                 if "--rtt-ms" in (argv or sys.argv)

@@ -94,6 +94,12 @@ class ShardRunner:
     the ones behind it, which the transport may pipeline on that connection
     (``--pipeline``).  A train is at most a fair share of what is queued, so the
     lanes stay even when the queue runs short.
+
+    What a feeder keeps here is counted as *load*: a small new file counts one, a
+    file that holds a lane to itself (a big one, an update, a resume) counts a
+    lane's share of :attr:`enough`. So a worker whose lanes are all on big files
+    takes no more shards, and they go to a worker with a free lane, instead of
+    waiting here behind a long transfer.
     """
 
     def __init__(
@@ -123,6 +129,14 @@ class ShardRunner:
             else None
         )
         self.depth = t.pipeline if self._ahead is not None else 1
+        lanes = max(1, t.threads)
+        # The feeder's marks: enough jobs here to fill every lane's pipeline twice over
+        # and one more (more would sit here while another worker idles at the end of the
+        # run), refilled from half of that, so it wakes once per few shards, not once per
+        # file. A heavy job is a lane's share of enough: all lanes on them is enough.
+        self._heavy = 2 * self.depth + 1
+        self.once = lanes * self.depth
+        self.enough = lanes * self._heavy
         self.scope = Scope.for_start(t.root, t.aliases)
         self.retrying = build_retrying(t, sleep=self._sleep)
         self.batch = _Batcher(send, worker)
@@ -130,7 +144,9 @@ class ShardRunner:
         self._cond = threading.Condition()
         self._jobs: deque[Job] = deque()
         self._running = 0
-        self._wake_below = 0  # a feeder waits for fewer jobs than this (0: nobody waits)
+        self._load = 0  # of the jobs queued or running here (see the class's note)
+        self._heavy_done = 0  # lanes freed by a heavy job: a feeder waiting is told
+        self._wake_below = 0  # a feeder waits for a load below this (0: nobody waits)
         self._closing = False
         self._released = False
         self._results: dict[int, Outcome] | None = None
@@ -158,28 +174,33 @@ class ShardRunner:
             self.batch.flush()
 
     # -- the queue ------------------------------------------------------------
+    def _weight(self, job: Job) -> int:
+        return 1 if _pipelinable(job) else self._heavy
+
     def add(self, jobs: Iterable[Job]) -> None:
+        jobs = list(jobs)
+        load = sum(map(self._weight, jobs))
         with self._cond:
             self._jobs.extend(jobs)
+            self._load += load
             self._released = False
             self._cond.notify_all()
 
     def pending(self) -> int:
-        """Jobs queued or running here."""
+        """The load of the jobs queued or running here (0: none)."""
         with self._cond:
-            return self._pending()
+            return self._load
 
     def wait_below(self, n: int, timeout: float) -> None:
-        """Wait until fewer than ``n`` jobs are queued or running here (or ``timeout``)."""
+        """Wait until the load here is below ``n``, or a lane that a heavy job held is
+        free (or ``timeout``)."""
         with self._cond:
             self._wake_below = n
+            freed = self._heavy_done
             try:
-                self._cond.wait_for(lambda: self._pending() < n, timeout)
+                self._cond.wait_for(lambda: self._load < n or self._heavy_done != freed, timeout)
             finally:
                 self._wake_below = 0
-
-    def _pending(self) -> int:  # under self._cond
-        return len(self._jobs) + self._running
 
     def _take(self) -> list[Job]:
         with self._cond:
@@ -212,15 +233,18 @@ class ShardRunner:
                     ahead.expect([])
 
     def _finished(self, job: Job, out: Outcome) -> None:
+        weight = self._weight(job)
         with self._cond:
             self._running -= 1
+            self._load -= weight
             if self._results is not None:
                 self._results[id(job)] = out
-            pending = self._pending()
-            idle = not pending
+            idle = not self._load
+            if weight > 1:
+                self._heavy_done += 1
             # Only the feeder waits for jobs to finish (lanes wait for jobs to come): wake
-            # it when it asked to be, not once per file.
-            if pending < self._wake_below:
+            # it when it asked to be, not once per small file.
+            if self._wake_below and (self._load < self._wake_below or weight > 1):
                 self._cond.notify_all()
         if idle:
             # Nothing left here: report now rather than at the next tick, or the end of
@@ -276,7 +300,7 @@ class ShardRunner:
         of the run's ``--max-connections`` tokens, and another worker may be waiting.
         """
         with self._cond:
-            if self._pending() or self._released:
+            if self._load or self._released:
                 return
             self._released = True
             if isinstance(self.transport, ThreadConnTransport):
@@ -340,15 +364,10 @@ def worker_main(
     elif parent is not None:
         alive = lambda: os.getppid() == parent  # noqa: E731
     runner = ShardRunner(t, worker, events.put, limits, stop, alive)
-    # Enough jobs here to fill every lane's pipeline twice over; more would sit here
-    # while another worker idles at the end of the run. Refilled from half of that, a
-    # few shards at a time, so the feeder wakes once per few shards, not once per file.
-    once = max(1, t.threads) * runner.depth
-    enough = 2 * once + 2
     try:
         while not runner.stop.is_set():
-            if runner.pending() >= enough:
-                runner.wait_below(once + 1, timeout=0.5)
+            if runner.pending() >= runner.enough:
+                runner.wait_below(runner.once + 1, timeout=0.5)
                 continue
             try:
                 shard: Shard | None = shards.get(timeout=0.5)
