@@ -7,7 +7,6 @@ traceback for one; tests call it directly.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import signal
 import sys
@@ -23,7 +22,7 @@ import fetcher.startup  # noqa: F401 - first: it trims what the pipeline's impor
 from fetcher import __version__
 from fetcher.config import MirrorJob, build_job, default_procs, load_config
 from fetcher.errors import FetchError, LockHeld, UsageError
-from fetcher.models import Summary
+from fetcher.models import Reporter, Summary
 from fetcher.procs import prestart
 from fetcher.progress import LineReporter, RichReporter
 from fetcher.report import exit_code, render, write_metrics, write_report
@@ -353,15 +352,10 @@ def _validate_cli(over: dict[str, Any]) -> None:
 def _make_reporter(ns: argparse.Namespace, console: Console, log: TextIO | None) -> Any:
     if console.is_terminal and not ns.quiet and ns.log_format is None and log is None:
         return RichReporter(console)
-    stream: Any = log if log is not None else console.file
     if ns.quiet and log is None:
-        stream = _Discard()
+        return Reporter()  # says nothing: no status lines to format and throw away
+    stream: Any = log if log is not None else console.file
     return LineReporter(stream, fmt=ns.log_format or "text", verbose=ns.verbose)
-
-
-class _Discard(io.StringIO):
-    def write(self, s: str) -> int:
-        return len(s)
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:

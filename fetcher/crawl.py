@@ -191,8 +191,12 @@ def crawl(
     *,
     stop: threading.Event | None = None,
     sleep: Callable[[float], object] = time.sleep,
+    on_wait: Callable[[], object] | None = None,
 ) -> Iterator[CrawlItem]:
     """Yield every in-scope file and directory below ``t.root``, and every problem met.
+
+    ``on_wait`` is called whenever the crawl is about to wait for listings: a consumer
+    that passes items on in batches hands on what it holds then.
 
     Example::
 
@@ -262,6 +266,8 @@ def crawl(
                 running[pool.submit(fetch, d)] = d
             if not running:
                 break
+            if on_wait is not None:
+                on_wait()
             done, _ = wait(list(running), timeout=0.5, return_when=FIRST_COMPLETED)
             for fut in sorted(done, key=lambda f: running[f].url):
                 d = running.pop(fut)

@@ -13,7 +13,7 @@ import queue
 import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 
 from fetcher.config import MirrorJob, Transfer
-from fetcher.crawl import CrawlOptions, crawl
+from fetcher.crawl import CrawlItem, CrawlOptions, crawl
 from fetcher.download import check_writable, partial_name
 from fetcher.errors import FatalIOError, FetchError
 from fetcher.executor import Executor, LocalExecutor
@@ -61,6 +61,7 @@ from fetcher.transport import make_client
 
 __all__ = ["Reporter", "mirror"]  # Reporter lives in fetcher.models; re-exported
 
+_BATCH = 64  # crawl items handed to the coordinator at once, at most
 _AHEAD = 20_000  # files planned but not finished before the crawl is made to wait
 _CRAWL_DONE = object()
 
@@ -78,7 +79,8 @@ class _Run:
     batch: list[Job] = field(default_factory=list)
     crawl_complete: bool = False
     crawlers: int = 0
-    inbox: queue.Queue[Any] = field(default_factory=lambda: queue.Queue(maxsize=10_000))
+    # batches of at most _BATCH crawl items, and _CRAWL_DONE once per crawl
+    inbox: queue.Queue[Any] = field(default_factory=lambda: queue.Queue(maxsize=10_000 // _BATCH))
     stop: threading.Event = field(default_factory=threading.Event)
     limits: SharedLimits | None = None
     threads: list[threading.Thread] = field(default_factory=list)
@@ -250,6 +252,16 @@ def _start_crawl(run: _Run, root: str, prefix: str = "") -> None:
             except queue.Full:
                 continue
 
+    # Items go on in batches: a listing's files at once (the crawl says when it is about
+    # to wait for the next listing), not one hand-off between two threads per file.
+    batch: list[CrawlItem] = []
+
+    def flush() -> None:
+        if batch:
+            items = batch.copy()
+            batch.clear()
+            put(items)
+
     def body() -> None:
         try:
             # Under a tiny cap the crawl must not sit on a token between listings.
@@ -257,16 +269,21 @@ def _start_crawl(run: _Run, root: str, prefix: str = "") -> None:
             with make_client(
                 t, run.limits, stop, pool_size=opts.concurrency, keepalive=keep
             ) as client:
-                for item in _walk(job, client, t, opts, stop, prefix):
+                for item in _walk(job, client, t, opts, stop, prefix, flush):
                     if prefix and isinstance(item, RemoteFile | RemoteDir):
                         item = replace(item, path=RelPath(f"{prefix}/{item.path}"))
-                    put(item)
+                    batch.append(item)
+                    if len(batch) >= _BATCH:
+                        flush()
         except FetchError as exc:
-            put(CrawlProblem(root, str(exc), "listing"))
+            batch.append(CrawlProblem(root, str(exc), "listing"))
         except Exception as exc:  # noqa: BLE001 - the crawl thread must never die silently:
             # a dead crawl would look like an empty mirror (and, with --delete, an empty one).
-            put(CrawlProblem(root, f"crawl stopped: {type(exc).__name__}: {exc}", "listing"))
+            batch.append(
+                CrawlProblem(root, f"crawl stopped: {type(exc).__name__}: {exc}", "listing")
+            )
         finally:
+            flush()
             inbox.put(_CRAWL_DONE)
 
     run.crawlers += 1
@@ -283,13 +300,14 @@ def _walk(
     opts: CrawlOptions,
     stop: threading.Event,
     prefix: str,
-) -> Iterator[RemoteFile | RemoteDir | CrawlProblem]:
+    on_wait: Callable[[], object],
+) -> Iterator[CrawlItem]:
     """The file list: from the HTML listings, or from repository metadata (``--index``)."""
     if job.index != "html" and not prefix:
         from fetcher.repo_index import index_files
 
-        return index_files(client, t, opts, job.index, stop=stop)
-    return crawl(client, t, opts, stop=stop)
+        return index_files(client, t, opts, job.index, stop=stop, on_wait=on_wait)
+    return crawl(client, t, opts, stop=stop, on_wait=on_wait)
 
 
 def _coordinate(run: _Run) -> None:
@@ -349,16 +367,18 @@ def _loop(run: _Run) -> None:
         took = 0
         while run.crawlers and len(run.outstanding) < _AHEAD and took < 2000:
             try:
-                item = run.inbox.get(timeout=0 if took else 0.05)
+                got = run.inbox.get(timeout=0 if took else 0.05)
             except queue.Empty:
                 break
-            took += 1
-            if item is _CRAWL_DONE:
+            if got is _CRAWL_DONE:
+                took += 1
                 run.crawlers -= 1
                 if not run.crawlers:
                     run.crawl_complete = True
                     run.reporter.crawl_done()
-            else:
+                continue
+            took += len(got)
+            for item in got:
                 _take(run, item)
         if run.summary.fatal or run.stop.is_set():
             break

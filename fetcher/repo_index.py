@@ -24,7 +24,7 @@ import io
 import lzma
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import IO, cast
 from urllib.parse import quote
 
@@ -52,10 +52,12 @@ def index_files(
     kind: str,
     *,
     stop: threading.Event | None = None,
+    on_wait: Callable[[], object] | None = None,
 ) -> Iterator[CrawlItem]:
     """Yield the files below ``t.root`` from repository metadata (``kind``), or by crawling.
 
     ``kind`` is ``auto``, ``repodata``, ``debian`` (or ``html``, which just crawls).
+    ``on_wait`` as for :func:`~fetcher.crawl.crawl`, when it crawls.
 
     Example::
 
@@ -66,7 +68,7 @@ def index_files(
     from fetcher import repo_debian, repo_yum
 
     if kind == "html":
-        yield from crawl(client, t, opts, stop=stop)
+        yield from crawl(client, t, opts, stop=stop, on_wait=on_wait)
         return
     src = IndexSource(client, t, opts, stop)
     auto = kind == "auto"
@@ -92,7 +94,7 @@ def index_files(
     except (FetchError, httpx.HTTPError) as exc:
         yield CrawlProblem(src.root, f"repository index: {exc}", "listing")
         return
-    yield from crawl(client, t, opts, stop=stop)
+    yield from crawl(client, t, opts, stop=stop, on_wait=on_wait)
 
 
 def normal_algo(name: str) -> str:

@@ -9,13 +9,15 @@ at a time (``concurrency=1``) makes the order observable at the server.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
-from fetcher.config import Transfer
+from fetcher.config import Transfer, build_job
 from fetcher.crawl import CrawlOptions, crawl
-from fetcher.models import RemoteFile
+from fetcher.models import RemoteFile, Summary
+from fetcher.pipeline import mirror
 from fetcher.transport import make_client
-from tests.faultserver import FaultServer
+from tests.faultserver import Fault, FaultServer
 
 SHALLOW = [f"s{i}/" for i in range(8)]
 DEEP = ["deep/", "deep/a/", "deep/a/b/", "deep/a/b/c/"]
@@ -50,3 +52,28 @@ def test_the_order_does_not_change_what_is_found(tmp_path: Path) -> None:
     many, files_many = _listing_order(tmp_path / "b", concurrency=8)
     assert files_one == files_many
     assert sorted(one) == sorted(many)
+
+
+def test_a_listings_files_are_fetched_while_the_next_listing_is_held(tmp_path: Path) -> None:
+    # The crawl hands its items to the coordinator in batches: a batch must go when the
+    # crawl waits for a listing, or the files it holds wait for that listing too.
+    gate = threading.Event()
+    with FaultServer() as srv:
+        srv.add_file("/pub/first.txt", b"first")
+        srv.add_file("/pub/slow/later.txt", b"later")
+        srv.persist("/pub/slow/", Fault.gated(gate))
+        job = build_job({"url": srv.url + "pub/", "dest": str(tmp_path / "d"), "procs": 1}, "t")
+        result: list[Summary] = []
+        th = threading.Thread(target=lambda: result.append(mirror(job)), daemon=True)
+        th.start()
+        try:
+            assert srv.wait_for(1, path="/pub/first.txt", timeout=30), (
+                "first.txt was not asked for while /pub/slow/ was held"
+            )
+            assert srv.count(path="/pub/slow/later.txt") == 0
+        finally:
+            gate.set()
+            th.join(timeout=60)
+    assert not th.is_alive() and result and result[0].exit_code == 0
+    assert (tmp_path / "d" / "first.txt").read_bytes() == b"first"
+    assert (tmp_path / "d" / "slow" / "later.txt").read_bytes() == b"later"
