@@ -10,6 +10,7 @@ validator (ETag / Last-Modified) it was fetched under, so a resume can send
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import hashlib
@@ -18,6 +19,7 @@ import os
 import re
 import threading
 from collections.abc import Callable
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -90,9 +92,24 @@ def _read_sidecar(meta: Path, url: str) -> dict[str, Any] | None:
     return data
 
 
+_MONTHS = {
+    m: i
+    for i, m in enumerate(
+        ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"), 1
+    )
+}
+
+
 def _parse_last_modified(value: str | None) -> float | None:
     if not value:
         return None
+    # The form servers send (RFC 9110's IMF-fixdate, "Sun, 06 Nov 1994 08:49:37 GMT")
+    # read by position: a third of the general parser's cost, once per file.
+    if len(value) == 29 and value[3:5] == ", " and value.endswith(" GMT"):
+        v = value
+        with contextlib.suppress(KeyError, ValueError, OverflowError):
+            return datetime(int(v[12:16]), _MONTHS[v[8:11]], int(v[5:7]), int(v[17:19]),
+                            int(v[20:22]), int(v[23:25]), tzinfo=UTC).timestamp()  # fmt: skip
     try:
         return parsedate_to_datetime(value).timestamp()
     except (TypeError, ValueError, IndexError, OverflowError):
@@ -259,6 +276,8 @@ def _attempt_into(ctx: _Ctx, job: Job, final: Path, part: Path, meta: Path, out:
     t = ctx.t
     headers = dict(ctx.headers)
     offset = 0
+    # Looked for even when the plan saw no partial file (a NEW job): this attempt may
+    # follow one that left it (a retry, a Dask task run again after its worker died).
     side = _read_sidecar(meta, f.url) if part.exists() else None
     if side is not None:
         validator = side.get("etag") or side.get("last_modified")

@@ -12,6 +12,7 @@ import os
 import queue
 import sys
 from collections.abc import Iterator
+from multiprocessing.connection import wait as mp_wait
 from typing import Any, Protocol
 
 from fetcher.config import Transfer
@@ -129,12 +130,15 @@ class LocalExecutor:
         return all(i in self._exited or not p.is_alive() for i, p in enumerate(self._procs))
 
     def dead(self) -> list[int]:
-        """Workers that died without saying goodbye (killed, crashed)."""
-        return [
-            i
-            for i, p in enumerate(self._procs)
-            if not p.is_alive() and i not in self._exited and p.exitcode not in (0, None)
-        ]
+        """Workers that died without saying goodbye (killed, crashed).
+
+        Asked on every turn of the coordinator's loop: one poll of the workers' exit
+        sentinels, not a waitpid (and a getpid) per worker."""
+        watch = {p.sentinel: i for i, p in enumerate(self._procs) if i not in self._exited}
+        if not watch:
+            return []
+        ended = [watch[s] for s in mp_wait(list(watch), timeout=0)]
+        return sorted(i for i in ended if self._procs[i].exitcode not in (0, None))
 
     def stop(self) -> None:
         self._stop.set()

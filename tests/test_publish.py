@@ -172,3 +172,30 @@ def test_nginx_small_files_land_whole_with_their_dates(tmp_path: Path, run_fetch
         got = tmp_path / "d" / rel
         assert got.read_bytes() == data and got.stat().st_mtime == OLD + 60, rel
     assert _partials(tmp_path / "d") == []
+
+
+def test_last_modified_read_by_position_agrees_with_the_general_parser() -> None:
+    # download reads the usual IMF-fixdate by position; every answer must be the one
+    # email.utils gives, for good dates and for near misses alike.
+    import random
+    from datetime import UTC, datetime
+    from email.utils import format_datetime, parsedate_to_datetime
+
+    def general(v: str) -> float | None:
+        try:
+            return parsedate_to_datetime(v).timestamp()
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+
+    rng = random.Random(5)
+    samples = [
+        format_datetime(datetime.fromtimestamp(rng.uniform(0, 4e9), UTC), usegmt=True)
+        for _ in range(2000)
+    ]
+    broken = ["Tue, 31 Feb 2026 10:00:00 GMT", "Tue, 10 Xyz 2026 10:00:00 GMT",
+              "Tue, 10 Nov 2026 24:00:00 GMT", "Tue, 10 Nov 2026 10:00:61 GMT",
+              "Tue, 1x Nov 2026 10:00:00 GMT", "Sunday, 06-Nov-94 08:49:37 GMT",
+              "Sun Nov  6 08:49:37 1994", "Tue, 10 Nov 2026 10:00:00 UTC", "", "garbage"]  # fmt: skip
+    for v in samples + broken:
+        assert download._parse_last_modified(v) == general(v), v
+    assert download._parse_last_modified("Sun, 06 Nov 1994 08:49:37 GMT") == 784111777.0
