@@ -26,7 +26,7 @@ from fetcher.download import check_writable, partial_name
 from fetcher.errors import FatalIOError, FetchError
 from fetcher.executor import Executor, LocalExecutor
 from fetcher.ffmpeg import FFmpeg
-from fetcher.limits import SharedLimits
+from fetcher.limits import SharedLimits, local_limits
 from fetcher.models import (
     STATE_DIR,
     BytesEvent,
@@ -314,7 +314,13 @@ def _coordinate(run: _Run) -> None:
     job = run.job
     local = job.executor != "dask" and not job.dry_run
     run.fork = local and fork_safe()
-    run.limits = SharedLimits.create(job.max_connections, job.limit_rate, worker_context(run.fork))
+    if local:
+        ctx = worker_context(run.fork)
+        run.limits = SharedLimits.create(job.max_connections, job.limit_rate, ctx)
+    else:
+        # a dry run, or Dask (whose tasks cap themselves): only this process takes tokens,
+        # so no cross-process locks (nor, under forkserver, named semaphores and a tracker)
+        run.limits = local_limits(job.max_connections, job.limit_rate)
     try:
         if run.fork:
             _make_executor(run)  # forks every worker, before this process starts a thread

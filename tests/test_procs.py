@@ -13,9 +13,13 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from fetcher.config import build_job
 from fetcher.errors import LockHeld
+from fetcher.models import Summary
+from fetcher.pipeline import mirror
 from fetcher.progress import RichReporter
 from fetcher.state import RunLock
+from tests.faultserver import Fault, FaultServer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -83,3 +87,36 @@ def test_the_live_display_starts_its_thread_at_begin_not_before() -> None:
         rep.close()
     assert _refresh_threads() == []
     RichReporter(Console(file=io.StringIO())).close()  # closing one never begun is fine
+
+
+def _named_semaphores() -> set[str]:
+    try:
+        return {n for n in os.listdir("/dev/shm") if n.startswith("sem.mp-")}
+    except OSError:
+        return set()
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="named semaphores live in /dev/shm")
+def test_a_dry_run_makes_no_cross_process_locks(tmp_path: Path) -> None:
+    # Only the coordinator takes connection tokens in a dry run: process-local locks do,
+    # and no named semaphore (nor multiprocessing's tracker process for them) is made.
+    gate = threading.Event()
+    with FaultServer() as srv:
+        srv.add_file("/pub/a.txt", b"a")
+        srv.add_file("/pub/sub/b.txt", b"b")
+        srv.persist("/pub/sub/", Fault.gated(gate))
+        job = build_job(
+            {"url": srv.url + "pub/", "dest": str(tmp_path / "d"), "dry_run": True}, "t"
+        )
+        before = _named_semaphores()
+        result: list[Summary] = []
+        th = threading.Thread(target=lambda: result.append(mirror(job)), daemon=True)
+        th.start()
+        try:
+            assert srv.wait_for(1, path="/pub/sub/", timeout=30), "the crawl never got to sub/"
+            made = _named_semaphores() - before
+        finally:
+            gate.set()
+            th.join(timeout=60)
+    assert made == set()
+    assert not th.is_alive() and result and result[0].exit_code == 0
