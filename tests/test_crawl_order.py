@@ -14,9 +14,9 @@ from pathlib import Path
 
 from fetcher.config import Transfer, build_job
 from fetcher.crawl import CrawlOptions, crawl
-from fetcher.models import RemoteFile, Summary
-from fetcher.pipeline import mirror
+from fetcher.models import RemoteFile
 from fetcher.transport import make_client
+from tests.background import mirror_in_background
 from tests.faultserver import Fault, FaultServer
 
 SHALLOW = [f"s{i}/" for i in range(8)]
@@ -63,17 +63,11 @@ def test_a_listings_files_are_fetched_while_the_next_listing_is_held(tmp_path: P
         srv.add_file("/pub/slow/later.txt", b"later")
         srv.persist("/pub/slow/", Fault.gated(gate))
         job = build_job({"url": srv.url + "pub/", "dest": str(tmp_path / "d"), "procs": 1}, "t")
-        result: list[Summary] = []
-        th = threading.Thread(target=lambda: result.append(mirror(job)), daemon=True)
-        th.start()
-        try:
+        with mirror_in_background(job, gate) as result:
             assert srv.wait_for(1, path="/pub/first.txt", timeout=30), (
                 "first.txt was not asked for while /pub/slow/ was held"
             )
             assert srv.count(path="/pub/slow/later.txt") == 0
-        finally:
-            gate.set()
-            th.join(timeout=60)
-    assert not th.is_alive() and result and result[0].exit_code == 0
+    assert result and result[0].exit_code == 0
     assert (tmp_path / "d" / "first.txt").read_bytes() == b"first"
     assert (tmp_path / "d" / "slow" / "later.txt").read_bytes() == b"later"

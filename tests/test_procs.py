@@ -15,10 +15,9 @@ from rich.console import Console
 
 from fetcher.config import build_job
 from fetcher.errors import LockHeld
-from fetcher.models import Summary
-from fetcher.pipeline import mirror
 from fetcher.progress import RichReporter
 from fetcher.state import RunLock
+from tests.background import mirror_in_background
 from tests.faultserver import Fault, FaultServer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -109,14 +108,8 @@ def test_a_dry_run_makes_no_cross_process_locks(tmp_path: Path) -> None:
             {"url": srv.url + "pub/", "dest": str(tmp_path / "d"), "dry_run": True}, "t"
         )
         before = _named_semaphores()
-        result: list[Summary] = []
-        th = threading.Thread(target=lambda: result.append(mirror(job)), daemon=True)
-        th.start()
-        try:
+        with mirror_in_background(job, gate) as result:
             assert srv.wait_for(1, path="/pub/sub/", timeout=30), "the crawl never got to sub/"
             made = _named_semaphores() - before
-        finally:
-            gate.set()
-            th.join(timeout=60)
     assert made == set()
-    assert not th.is_alive() and result and result[0].exit_code == 0
+    assert result and result[0].exit_code == 0
