@@ -75,7 +75,8 @@ class LockHeld(FetchError):
 
 
 class FatalIOError(FetchError):
-    """The destination cannot be written (permissions, disk full)."""
+    """The run cannot go on: the destination cannot be written (permissions, disk full), or
+    the system will not start another process."""
 
     exit_code = 4
 

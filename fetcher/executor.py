@@ -16,6 +16,7 @@ from multiprocessing.connection import wait as mp_wait
 from typing import Any, Protocol
 
 from fetcher.config import Transfer
+from fetcher.errors import FatalIOError
 from fetcher.limits import SharedLimits
 from fetcher.models import Event, WorkerExit
 from fetcher.procs import worker_context
@@ -83,16 +84,26 @@ class LocalExecutor:
         self._exited: set[int] = set()
         self._finished = False
         if self._ctx.get_start_method() == "fork":
-            while len(self._procs) < self._max:
-                self._start_one()
+            try:
+                while len(self._procs) < self._max:
+                    self._start_one()
+            except FatalIOError:
+                self.kill()  # the ones already started would wait for shards that never come
+                raise
 
     def _start_one(self) -> None:
         i = len(self._procs)
         p = self._ctx.Process(
             target=worker_main, args=(i, *self._args), name=f"fetch-worker-{i}", daemon=True
         )
-        with _no_main_reimport():
-            p.start()
+        try:
+            with _no_main_reimport():
+                p.start()
+        except OSError as exc:  # fork(2): EAGAIN at the process limit, ENOMEM
+            raise FatalIOError(
+                f"cannot start worker process {i}: {exc.strerror or exc}",
+                hint="the system is at its process or memory limit; try a smaller --procs",
+            ) from exc
         self._procs.append(p)
 
     def submit(self, shard: Shard) -> None:

@@ -3,16 +3,26 @@ from the fork server with the shards that need them; against a real server."""
 
 from __future__ import annotations
 
+import errno
+import multiprocessing
+import os
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from fetcher.config import Transfer
+from fetcher.errors import FatalIOError
 from fetcher.executor import LocalExecutor
 from fetcher.limits import SharedLimits
 from fetcher.models import Action, FileDone, Job, RelPath, RemoteFile, Status, WorkerExit
 from fetcher.procs import worker_context
 from fetcher.shard import Shard
 from tests.faultserver import FaultServer
+
+RunFetch = Callable[..., Any]
 
 
 def _drain(ex: LocalExecutor, deadline: float) -> list[object]:
@@ -101,3 +111,50 @@ def test_forked_workers_with_nothing_to_do_exit_cleanly(tmp_path: Path) -> None:
         events = _run(tmp_path, srv.url, [], ex)
     assert sorted(e.worker for e in events if isinstance(e, WorkerExit)) == [0, 1]
     assert [p.exitcode for p in ex._procs] == [0, 0]
+
+
+def _refuse_fork(monkeypatch: pytest.MonkeyPatch, after: int) -> None:
+    """Let ``after`` worker starts through, then fail the way fork(2) does at the limit."""
+    real = multiprocessing.process.BaseProcess.start
+    started = {"n": 0}
+
+    def start(self: multiprocessing.process.BaseProcess) -> None:
+        if started["n"] >= after:
+            raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+        started["n"] += 1
+        real(self)
+
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", start)
+
+
+def test_a_worker_that_cannot_start_ends_the_run_with_a_clear_error(
+    tmp_path: Path, run_fetch: RunFetch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with FaultServer(root=_files(tmp_path / "www", 3, b"z")) as srv:
+        _refuse_fork(monkeypatch, after=0)
+        r = run_fetch("--mirror", srv.url, "--dest", tmp_path / "d", "--procs", "2")
+    assert r.code == 4, r
+    assert "cannot start worker process 0: Resource temporarily unavailable" in r.output
+    assert "Traceback" not in r.output
+    assert not (tmp_path / "d" / "f0").exists()
+
+
+def test_workers_forked_before_one_that_cannot_start_are_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with FaultServer(root=tmp_path) as srv:
+        ctx = worker_context(fork=True)
+        spawned: list[multiprocessing.process.BaseProcess] = []
+        real_start_one = LocalExecutor._start_one
+
+        def record(self: LocalExecutor) -> None:
+            real_start_one(self)
+            spawned.append(self._procs[-1])
+
+        monkeypatch.setattr(LocalExecutor, "_start_one", record)
+        _refuse_fork(monkeypatch, after=1)
+        t = Transfer(dest=str(tmp_path / "d"), root=srv.url, threads=2)
+        with pytest.raises(FatalIOError, match="cannot start worker process 1"):
+            LocalExecutor(t, 3, SharedLimits.create(8, None, ctx), ctx)
+    assert len(spawned) == 1
+    assert not spawned[0].is_alive() and spawned[0].exitcode is not None
