@@ -150,14 +150,20 @@ def _send(ctx: _Ctx, url: str, headers: dict[str, str]) -> tuple[httpx.Response,
     # built ahead by the runner (the plain GET of this file): good for the first hop of
     # the first attempt, unless this attempt carries other headers (Range, conditions)
     ready, ctx.prepared = ctx.prepared, None
-    if headers != ctx.headers:
+    plain = headers == ctx.headers
+    if not plain:
         ready = None
     for _ in range(MAX_REDIRECTS + 1):
         if ctx.limits is not None:
             ctx.limits.wait_pause(ctx.stop)
-        req = ready or httpx.Request(
-            "GET", file_url(url, ctx.t.root), headers=headers, extensions=ctx.extensions
-        )
+        if ready is not None:
+            req = ready
+        elif plain:
+            req = plain_get(url, ctx.t)
+        else:
+            req = httpx.Request(
+                "GET", file_url(url, ctx.t.root), headers=headers, extensions=ctx.extensions
+            )
         ready = None
         resp = ctx.transport.handle_request(req)
         if resp.status_code not in (301, 302, 303, 307, 308):
@@ -187,8 +193,38 @@ def plain_get(url: str, t: Transfer) -> httpx.Request:
     The runner builds it ahead, to announce it to the transport (pipelining) and
     to hand it to :func:`fetch_file` as ``prepared``: one URL parse, not two.
     """
+    target = file_url(url, t.root)
+    ready = _ready_headers(t.root, t)
+    if ready is not None and isinstance(target, httpx.URL):
+        # httpx's documented way to send a request exactly as built: with a stream, it adds
+        # no headers of its own (here the Host it would add is in ``ready`` already)
+        return httpx.Request(
+            "GET", target, headers=ready, stream=_NO_BODY, extensions=_request_parts(t)[1]
+        )
     headers, extensions = _request_parts(t)
-    return httpx.Request("GET", file_url(url, t.root), headers=headers, extensions=extensions)
+    return httpx.Request("GET", target, headers=headers, extensions=extensions)
+
+
+_NO_BODY = httpx.ByteStream(b"")
+
+
+@functools.lru_cache(maxsize=16)
+def _ready_headers(root: str, t: Transfer) -> httpx.Headers | None:
+    """A GET's headers below ``root``, Host included, as httpx would make them; None when
+    a request made with them would differ from one httpx builds (checked once per root)."""
+    headers, extensions = _request_parts(t)
+    try:
+        sample = root + "a%2Bb/c~d,1:2@x.rpm"
+        want = httpx.Request("GET", sample, headers=headers, extensions=extensions)
+        ready = httpx.Headers(want.headers.raw)
+        made = httpx.Request("GET", file_url(sample, root), headers=ready, stream=_NO_BODY,
+                             extensions=extensions)  # fmt: skip
+        same = (made.method, str(made.url), made.headers.raw, made.extensions) == (
+            want.method, str(want.url), want.headers.raw, want.extensions
+        )  # fmt: skip
+        return ready if same and made.read() == want.read() == b"" else None
+    except (httpx.InvalidURL, ValueError, TypeError):
+        return None
 
 
 # A path below the root that is already percent-encoded: nothing for httpx to check or

@@ -199,3 +199,38 @@ def test_last_modified_read_by_position_agrees_with_the_general_parser() -> None
     for v in samples + broken:
         assert download._parse_last_modified(v) == general(v), v
     assert download._parse_last_modified("Sun, 06 Nov 1994 08:49:37 GMT") == 784111777.0
+
+
+def test_a_plain_get_is_the_request_httpx_would_build(tmp_path: Path) -> None:
+    # Below the root, plain_get builds the request with its Host header ready (httpx's
+    # stream= form); elsewhere httpx builds it. Either way the same request goes out.
+    import httpx
+
+    from fetcher.transport import request_headers
+
+    root = "http://127.0.0.1:8080/pub/"
+    t = Transfer(dest=str(tmp_path), root=root)
+    urls = [root + "a/b%2Bc~1_amd64.deb", root + "x%20y/", root + "q?x=1",
+            "http://127.0.0.1:8080/other/z", "http://127.0.0.1:8081/pub/a"]  # fmt: skip
+    for url in urls:
+        got = download.plain_get(url, t)
+        want = httpx.Request("GET", url, headers=request_headers(t))
+        assert (got.method, str(got.url), got.url.raw_path, got.headers.raw) == (
+            want.method, str(want.url), want.url.raw_path, want.headers.raw
+        ), url  # fmt: skip
+        assert got.read() == b""
+
+
+def test_files_below_the_root_are_asked_for_with_the_right_host(
+    tmp_path: Path,
+) -> None:
+    www = tmp_path / "www"
+    (www / "pub").mkdir(parents=True)
+    (www / "pub" / "f.bin").write_bytes(b"f" * 100)
+    with FaultServer(root=www) as srv:
+        out = _fetch(tmp_path / "d", srv.url + "pub/", "f.bin", 100)
+        (req,) = [q for q in srv.requests if q.path == "/pub/f.bin"]
+    assert out.status is Status.FETCHED, out
+    assert req.headers.get("host") == f"127.0.0.1:{srv.port}"
+    assert req.headers.get("accept-encoding") == "identity"
+    assert req.headers.get("user-agent", "").startswith("fetch/")
