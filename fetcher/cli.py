@@ -421,7 +421,9 @@ def main(argv: Sequence[str] | None = None, console: Console | None = None) -> i
         console.print(f"{len(jobs)} job(s) valid")
         return 0
     if any(job.executor != "dask" and not job.dry_run for job in jobs):
-        prestart()  # the workers' fork server imports while this process imports the pipeline
+        # A no-op when this process will fork its workers itself (procs.fork_safe); else
+        # the workers' fork server imports while this process imports the pipeline.
+        prestart()
     log = ns.log_file.open("a", encoding="utf-8") if ns.log_file else None
     old = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     results: list[tuple[str | None, Summary]] = []
