@@ -139,6 +139,7 @@ class DaskExecutor:
     """
 
     shard_files = MAX_FILES
+    small_shard_files = MAX_FILES
 
     def __init__(
         self,

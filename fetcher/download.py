@@ -53,6 +53,7 @@ __all__ = [
     "fetch_file",
     "partial_name",
     "partial_paths",
+    "pipelinable",
     "plain_get",
 ]
 
@@ -185,6 +186,16 @@ def _send(ctx: _Ctx, url: str, headers: dict[str, str]) -> tuple[httpx.Response,
         seen.append(target)
         url = target
     raise RedirectRefused(f"more than {MAX_REDIRECTS} redirects from {seen[0]}")
+
+
+def pipelinable(job: Job) -> bool:
+    """A small new file: one lane takes a train of them, their requests sent ahead.
+
+    Its request is the plain GET (no Range, no condition), which is what the transport
+    is told to expect; a bigger file, an update or a resume holds a lane to itself.
+    """
+    size = job.file.size
+    return job.action is Action.NEW and size is not None and size <= RESUME_MIN
 
 
 def plain_get(url: str, t: Transfer) -> httpx.Request:

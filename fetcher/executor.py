@@ -30,6 +30,9 @@ class Executor(Protocol):
     shard_files: int
     """How many files a shard should hold: a worker commits to a whole shard at once,
     so small shards keep the end of a run even; a Dask task wants more to be worth it."""
+    small_shard_files: int
+    """The same for small new files (:func:`~fetcher.download.pipelinable`), which a
+    worker's lanes take in trains: more of them to a shard cost the end of a run little."""
 
     def submit(self, shard: Shard) -> None: ...
     def finish(self) -> None: ...
@@ -74,6 +77,7 @@ class LocalExecutor:
 
     def __init__(self, t: Transfer, procs: int, limits: SharedLimits, ctx: Any = None) -> None:
         self.shard_files = max(2, t.threads)
+        self.small_shard_files = 4 * self.shard_files
         self._ctx = ctx or worker_context()
         self._shards: Any = self._ctx.Queue()
         self._events: Any = self._ctx.Queue()

@@ -22,7 +22,7 @@ import httpx
 
 from fetcher.config import MirrorJob, Transfer
 from fetcher.crawl import CrawlItem, CrawlOptions, crawl
-from fetcher.download import check_writable, partial_name
+from fetcher.download import check_writable, partial_name, pipelinable
 from fetcher.errors import FatalIOError, FetchError
 from fetcher.executor import Executor, LocalExecutor
 from fetcher.ffmpeg import FFmpeg
@@ -511,7 +511,13 @@ def _submit(run: _Run, jobs: list[Job]) -> None:
     executor = _make_executor(run)
     for j in jobs:
         run.outstanding[j.file.path] = j
-    for shard in make_shards(jobs, max_files=executor.shard_files):
+    # Files that hold a lane each in shards of a few, big ones first; small new files,
+    # which lanes take in trains, in bigger shards (fewer hand-offs, per-shard costs).
+    heavy = [j for j in jobs if not pipelinable(j)]
+    light = [j for j in jobs if pipelinable(j)] if heavy else jobs
+    shards = make_shards(heavy, max_files=executor.shard_files) if heavy else []
+    shards += make_shards(light, max_files=executor.small_shard_files)
+    for shard in shards:
         executor.submit(shard)
 
 

@@ -22,11 +22,10 @@ from typing import Any
 import httpx
 
 from fetcher.config import Transfer
-from fetcher.download import RESUME_MIN, fetch_file, plain_get
+from fetcher.download import fetch_file, pipelinable, plain_get
 from fetcher.http1 import ThreadConnTransport
 from fetcher.limits import SharedLimits
 from fetcher.models import (
-    Action,
     BytesEvent,
     Event,
     FileDone,
@@ -175,7 +174,7 @@ class ShardRunner:
 
     # -- the queue ------------------------------------------------------------
     def _weight(self, job: Job) -> int:
-        return 1 if _pipelinable(job) else self._heavy
+        return 1 if pipelinable(job) else self._heavy
 
     def add(self, jobs: Iterable[Job]) -> None:
         jobs = list(jobs)
@@ -211,8 +210,8 @@ class ShardRunner:
             share = -(-len(self._jobs) // len(self._lanes))
             longest = min(4 * self.depth, share) if self.depth > 1 else 1
             train = [self._jobs.popleft()]
-            if _pipelinable(train[0]):
-                while len(train) < longest and self._jobs and _pipelinable(self._jobs[0]):
+            if pipelinable(train[0]):
+                while len(train) < longest and self._jobs and pipelinable(self._jobs[0]):
                     train.append(self._jobs.popleft())
             self._running += len(train)
             return train
@@ -329,13 +328,6 @@ class ShardRunner:
         self._ticker.join()
         self.batch.flush()
         self.transport.close()
-
-
-def _pipelinable(job: Job) -> bool:
-    # A small new file: its request is the plain GET (no Range, no condition), which is
-    # what the transport is told to expect.  Big ones gain nothing from going ahead.
-    size = job.file.size
-    return job.action is Action.NEW and size is not None and size <= RESUME_MIN
 
 
 def worker_main(
