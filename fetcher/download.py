@@ -51,6 +51,7 @@ __all__ = [
     "Interrupted",
     "check_writable",
     "fetch_file",
+    "partial_dir",
     "partial_name",
     "partial_paths",
     "pipelinable",
@@ -74,12 +75,13 @@ def partial_name(path: RelPath) -> str:
 
 def partial_paths(dest: Path, path: RelPath) -> tuple[Path, Path]:
     """The partial file and its sidecar for ``path``."""
-    part = _partial_dir(dest) / partial_name(path)
+    part = partial_dir(dest) / partial_name(path)
     return part, part.with_suffix(".json")
 
 
 @functools.lru_cache(maxsize=16)
-def _partial_dir(dest: Path) -> Path:
+def partial_dir(dest: Path) -> Path:
+    """Where DEST's partial files and their sidecars are kept."""
     return dest / STATE_DIR / "partial"
 
 
@@ -205,14 +207,12 @@ def plain_get(url: str, t: Transfer) -> httpx.Request:
     to hand it to :func:`fetch_file` as ``prepared``: one URL parse, not two.
     """
     target = file_url(url, t.root)
-    ready = _ready_headers(t.root, t)
+    headers, extensions = _request_parts(t)
+    ready = _ready_headers(t)
     if ready is not None and isinstance(target, httpx.URL):
         # httpx's documented way to send a request exactly as built: with a stream, it adds
         # no headers of its own (here the Host it would add is in ``ready`` already)
-        return httpx.Request(
-            "GET", target, headers=ready, stream=_NO_BODY, extensions=_request_parts(t)[1]
-        )
-    headers, extensions = _request_parts(t)
+        return httpx.Request("GET", target, headers=ready, stream=_NO_BODY, extensions=extensions)
     return httpx.Request("GET", target, headers=headers, extensions=extensions)
 
 
@@ -220,10 +220,11 @@ _NO_BODY = httpx.ByteStream(b"")
 
 
 @functools.lru_cache(maxsize=16)
-def _ready_headers(root: str, t: Transfer) -> httpx.Headers | None:
-    """A GET's headers below ``root``, Host included, as httpx would make them; None when
+def _ready_headers(t: Transfer) -> httpx.Headers | None:
+    """A GET's headers below ``t.root``, Host included, as httpx would make them; None when
     a request made with them would differ from one httpx builds (checked once per root)."""
     headers, extensions = _request_parts(t)
+    root = t.root
     try:
         sample = root + "a%2Bb/c~d,1:2@x.rpm"
         want = httpx.Request("GET", sample, headers=headers, extensions=extensions)
@@ -508,12 +509,12 @@ def _digest_for(checksum: tuple[str, str] | None, existing: Path | None) -> Any:
 def _stream_body(ctx: _Ctx, resp: httpx.Response, fd: int, mode: str, digest: Any) -> int:
     received = 0
     limits = ctx.limits
+    consume = limits.consume if limits is not None and limits.rate else None
     try:
         # A big body that nothing here needs to see (no digest, no rate limit) goes
         # from the socket to the file in the kernel; append mode cannot (resumes).
         write_to = getattr(resp.stream, "write_to", None)
-        rate = limits is not None and limits.rate
-        if write_to is not None and digest is None and mode == "wb" and not rate:
+        if write_to is not None and digest is None and mode == "wb" and consume is None:
 
             def moved(n: int) -> None:
                 nonlocal received
@@ -533,8 +534,8 @@ def _stream_body(ctx: _Ctx, resp: httpx.Response, fd: int, mode: str, digest: An
             n = len(chunk)
             received += n
             ctx.on_bytes(n)
-            if limits is not None and limits.rate:
-                limits.consume(n)
+            if consume is not None:
+                consume(n)
     except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
         raise IncompleteDownload(f"connection broke after {received} bytes: {exc}") from exc
     return received
@@ -714,7 +715,7 @@ def fetch_file(
 def check_writable(dest: Path) -> None:
     """Raise :class:`FatalIOError` when DEST cannot hold our state and partial files."""
     try:
-        (dest / STATE_DIR / "partial").mkdir(parents=True, exist_ok=True)
+        partial_dir(dest).mkdir(parents=True, exist_ok=True)
         # unique per thread: a Dask worker checks DEST from several tasks at once
         probe = dest / STATE_DIR / f".probe-{os.getpid()}-{threading.get_ident()}"
         probe.write_bytes(b"x")

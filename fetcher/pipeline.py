@@ -22,13 +22,12 @@ import httpx
 
 from fetcher.config import MirrorJob, Transfer
 from fetcher.crawl import CrawlItem, CrawlOptions, crawl
-from fetcher.download import check_writable, partial_name, pipelinable
+from fetcher.download import check_writable, partial_dir, partial_name, pipelinable
 from fetcher.errors import FatalIOError, FetchError
 from fetcher.executor import Executor, LocalExecutor
 from fetcher.ffmpeg import FFmpeg
 from fetcher.limits import SharedLimits, local_limits
 from fetcher.models import (
-    STATE_DIR,
     BytesEvent,
     Counts,
     CrawlProblem,
@@ -104,10 +103,10 @@ class _Disk:
         self.dest = dest
         self.fresh: set[str] = set()  # directories that did not exist: nothing inside
         try:
-            names = os.listdir(dest / STATE_DIR / "partial")
+            names = os.listdir(partial_dir(dest))
         except OSError:
             names = []
-        self.partials = frozenset(n for n in names if n.endswith(".part"))
+        self.partials = frozenset(names)  # sidecars too: no partial file is named like one
         self.state_empty = state.is_empty()
 
     def add_dir(self, path: RelPath, create: bool) -> None:
@@ -509,13 +508,14 @@ def _make_executor(run: _Run) -> Executor:
 
 def _submit(run: _Run, jobs: list[Job]) -> None:
     executor = _make_executor(run)
-    for j in jobs:
-        run.outstanding[j.file.path] = j
     # Files that hold a lane each in shards of a few, big ones first; small new files,
     # which lanes take in trains, in bigger shards (fewer hand-offs, per-shard costs).
-    heavy = [j for j in jobs if not pipelinable(j)]
-    light = [j for j in jobs if pipelinable(j)] if heavy else jobs
-    shards = make_shards(heavy, max_files=executor.shard_files) if heavy else []
+    light: list[Job] = []
+    heavy: list[Job] = []
+    for j in jobs:
+        run.outstanding[j.file.path] = j
+        (light if pipelinable(j) else heavy).append(j)
+    shards = make_shards(heavy, max_files=executor.shard_files)
     shards += make_shards(light, max_files=executor.small_shard_files)
     for shard in shards:
         executor.submit(shard)
