@@ -1,14 +1,26 @@
-"""A run of ``pipeline.mirror`` in a thread, for tests that look at the server meanwhile."""
+"""Runs watched while they go: ``pipeline.mirror`` in a thread against a server that holds
+one listing, and the named semaphores a run leaves in ``/dev/shm``."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections.abc import Iterator
 
 from fetcher.config import MirrorJob
 from fetcher.models import Summary
 from fetcher.pipeline import mirror
+from tests.faultserver import Fault, FaultServer
+
+
+def hold_listing(srv: FaultServer, files: dict[str, bytes], held: str) -> threading.Event:
+    """Serve ``files`` (path → content); every request for ``held`` waits for the event."""
+    gate = threading.Event()
+    for path, data in files.items():
+        srv.add_file(path, data)
+    srv.persist(held, Fault.gated(gate))
+    return gate
 
 
 @contextlib.contextmanager
@@ -27,3 +39,11 @@ def mirror_in_background(job: MirrorJob, release: threading.Event) -> Iterator[l
         release.set()
         th.join(timeout=60)
     assert not th.is_alive(), "the run did not finish within 60 s of its release"
+
+
+def named_semaphores() -> set[str]:
+    """multiprocessing's named semaphores now in /dev/shm (empty where there is none)."""
+    try:
+        return {n for n in os.listdir("/dev/shm") if n.startswith("sem.mp-")}
+    except OSError:
+        return set()

@@ -9,15 +9,14 @@ at a time (``concurrency=1``) makes the order observable at the server.
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 from fetcher.config import Transfer, build_job
 from fetcher.crawl import CrawlOptions, crawl
 from fetcher.models import RemoteFile
 from fetcher.transport import make_client
-from tests.background import mirror_in_background
-from tests.faultserver import Fault, FaultServer
+from tests.background import hold_listing, mirror_in_background
+from tests.faultserver import FaultServer
 
 SHALLOW = [f"s{i}/" for i in range(8)]
 DEEP = ["deep/", "deep/a/", "deep/a/b/", "deep/a/b/c/"]
@@ -57,11 +56,9 @@ def test_the_order_does_not_change_what_is_found(tmp_path: Path) -> None:
 def test_a_listings_files_are_fetched_while_the_next_listing_is_held(tmp_path: Path) -> None:
     # The crawl hands its items to the coordinator in batches: a batch must go when the
     # crawl waits for a listing, or the files it holds wait for that listing too.
-    gate = threading.Event()
     with FaultServer() as srv:
-        srv.add_file("/pub/first.txt", b"first")
-        srv.add_file("/pub/slow/later.txt", b"later")
-        srv.persist("/pub/slow/", Fault.gated(gate))
+        files = {"/pub/first.txt": b"first", "/pub/slow/later.txt": b"later"}
+        gate = hold_listing(srv, files, "/pub/slow/")
         job = build_job({"url": srv.url + "pub/", "dest": str(tmp_path / "d"), "procs": 1}, "t")
         with mirror_in_background(job, gate) as result:
             assert srv.wait_for(1, path="/pub/first.txt", timeout=30), (

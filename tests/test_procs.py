@@ -17,8 +17,8 @@ from fetcher.config import build_job
 from fetcher.errors import LockHeld
 from fetcher.progress import RichReporter
 from fetcher.state import RunLock
-from tests.background import mirror_in_background
-from tests.faultserver import Fault, FaultServer
+from tests.background import hold_listing, mirror_in_background, named_semaphores
+from tests.faultserver import FaultServer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -88,28 +88,18 @@ def test_the_live_display_starts_its_thread_at_begin_not_before() -> None:
     RichReporter(Console(file=io.StringIO())).close()  # closing one never begun is fine
 
 
-def _named_semaphores() -> set[str]:
-    try:
-        return {n for n in os.listdir("/dev/shm") if n.startswith("sem.mp-")}
-    except OSError:
-        return set()
-
-
 @pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="named semaphores live in /dev/shm")
 def test_a_dry_run_makes_no_cross_process_locks(tmp_path: Path) -> None:
     # Only the coordinator takes connection tokens in a dry run: process-local locks do,
     # and no named semaphore (nor multiprocessing's tracker process for them) is made.
-    gate = threading.Event()
     with FaultServer() as srv:
-        srv.add_file("/pub/a.txt", b"a")
-        srv.add_file("/pub/sub/b.txt", b"b")
-        srv.persist("/pub/sub/", Fault.gated(gate))
+        gate = hold_listing(srv, {"/pub/a.txt": b"a", "/pub/sub/b.txt": b"b"}, "/pub/sub/")
         job = build_job(
             {"url": srv.url + "pub/", "dest": str(tmp_path / "d"), "dry_run": True}, "t"
         )
-        before = _named_semaphores()
+        before = named_semaphores()
         with mirror_in_background(job, gate) as result:
             assert srv.wait_for(1, path="/pub/sub/", timeout=30), "the crawl never got to sub/"
-            made = _named_semaphores() - before
+            made = named_semaphores() - before
     assert made == set()
     assert result and result[0].exit_code == 0

@@ -23,6 +23,7 @@ from fetcher.config import Transfer
 from fetcher.download import fetch_file, partial_paths
 from fetcher.models import Action, Job, RelPath, RemoteFile, Status
 from fetcher.retry import build_retrying
+from tests.background import named_semaphores
 from tests.faultserver import Fault, FaultServer
 from tests.faultserver import serving as _serving
 from tests.trees import tree_manifest
@@ -68,7 +69,7 @@ def test_kill_mid_transfer_then_resume(tmp_path: Path, run_fetch: RunFetch) -> N
         argv = [sys.executable, "-m", "fetcher", "--mirror", srv.url, "--dest", str(dest),
                 "--procs", "2", "--threads", "2", "-q"]  # fmt: skip
         log = (tmp_path / "run1.log").open("wb")
-        semaphores = _named_semaphores()
+        semaphores = named_semaphores()
         proc = subprocess.Popen(
             argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
@@ -86,7 +87,7 @@ def test_kill_mid_transfer_then_resume(tmp_path: Path, run_fetch: RunFetch) -> N
             log.close()
             # A run whose workers came from a fork server has named semaphores that
             # nobody unlinks once the group is killed: this test must not leave any behind.
-            leaked = _named_semaphores() - semaphores
+            leaked = named_semaphores() - semaphores
             for name in leaked:
                 with contextlib.suppress(OSError):
                     os.unlink(f"/dev/shm/{name}")
@@ -104,13 +105,6 @@ def test_kill_mid_transfer_then_resume(tmp_path: Path, run_fetch: RunFetch) -> N
         ranged = [q for q in srv.requests if q.is_file and q.status == 206]
         assert ranged, "nothing was resumed with a Range request"
         assert srv.file_bytes_sent < 1.2 * tree_bytes, (srv.file_bytes_sent, tree_bytes)
-
-
-def _named_semaphores() -> set[str]:
-    try:
-        return {n for n in os.listdir("/dev/shm") if n.startswith("sem.mp-")}
-    except OSError:
-        return set()
 
 
 # --- 4. resume faults ------------------------------------------------------------------------
