@@ -1,12 +1,21 @@
-"""fetch's own processes do not import httpx's command-line client; a library user's do."""
+"""How fetch's own processes start and end.
+
+They do not import httpx's command-line client (a library user's do), and the
+console script ends without tearing the interpreter down, but as an orderly exit would.
+"""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
+import pytest
+
 from fetcher.procs import worker_context
+from tests.faultserver import FaultServer
 
 CHECK = "import sys, httpx; print(sys.modules.get('httpx._main', 'absent') is None, httpx.main.__module__)"
 
@@ -44,3 +53,58 @@ def test_workers_fork_from_a_server_that_skipped_it() -> None:
         p.join(timeout=30)
         q.close()
     assert p.exitcode == 0
+
+
+EXIT_PROGRAM = """
+import atexit, sys, threading, time
+from fetcher.cli import _exit
+out = sys.argv[1]
+def late():
+    time.sleep(0.3)  # the exit must wait for this thread, as sys.exit would
+    with open(out, "a") as fh:
+        fh.write("thread ")
+threading.Thread(target=late).start()
+atexit.register(lambda: open(out, "a").write("atexit"))
+print("buffered", end="")  # stdout is a pipe: block-buffered, written only on flush
+_exit(3)
+"""
+
+
+def test_the_console_script_exits_like_sys_exit(tmp_path: Any) -> None:
+    out = tmp_path / "trace"
+    done = subprocess.run(
+        [sys.executable, "-c", EXIT_PROGRAM, str(out)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 3, done.stderr
+    assert done.stdout == "buffered"
+    assert out.read_text() == "thread atexit"
+
+
+@pytest.mark.parametrize("unbuffered", ["", "1"], ids=["buffered", "unbuffered"])
+def test_a_closed_stdout_is_a_failure_not_a_traceback(tmp_path: Path, unbuffered: str) -> None:
+    # fetch ... | head: the reader is gone before fetch writes its summary
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "a.bin").write_bytes(b"a" * 5000)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = unbuffered
+    with FaultServer(root=tmp_path / "www") as srv:
+        argv = ["--mirror", srv.url, "--dest", str(tmp_path / "d"), "--procs", "1"]
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fetcher", *argv],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+        )  # fmt: skip
+        assert proc.stdout is not None
+        proc.stdout.close()
+        _, err = proc.communicate(timeout=60)
+    assert b"Traceback" not in err and b"Exception ignored" not in err, err
+    assert proc.returncode == 1, err
+    assert (tmp_path / "d" / "a.bin").read_bytes() == b"a" * 5000  # the work itself was done
+
+
+def test_exit_codes_pass_through_the_console_script() -> None:
+    run = [sys.executable, "-m", "fetcher"]
+    assert subprocess.run([*run, "--version"], capture_output=True, timeout=60).returncode == 0
+    bad = subprocess.run([*run, "--procs", "0"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
