@@ -130,7 +130,7 @@ class _Ctx:
         limits: SharedLimits | None,
         stop: threading.Event | None,
         on_bytes: Callable[[int], None],
-        known_dirs: set[Path] | None = None,
+        known_dirs: set[str] | None = None,
         prepared: httpx.Request | None = None,
     ) -> None:
         self.known_dirs = known_dirs
@@ -311,22 +311,52 @@ def _status_error(resp: httpx.Response, url: str) -> HTTPStatusError:
     )
 
 
-def _attempt(ctx: _Ctx, job: Job, final: Path, part: Path, meta: Path) -> Outcome:
+class _Where:
+    """Where one file goes: its final name, and its partial file and sidecar when wanted.
+
+    Plain strings for the final name (a ``Path`` per file costs more than the
+    syscalls it names); the partial pair is made on first use, which most small
+    files never reach.
+    """
+
+    __slots__ = ("_dest", "_part", "_path", "final", "parent")
+
+    def __init__(self, dest: str, path: RelPath) -> None:
+        self.final = os.path.join(dest, path)
+        self.parent = os.path.dirname(self.final)
+        self._dest = dest
+        self._path = path
+        self._part: tuple[Path, Path] | None = None
+
+    def partial(self) -> tuple[Path, Path]:
+        """The partial file and its sidecar."""
+        if self._part is None:
+            self._part = partial_paths(Path(self._dest), self._path)
+        return self._part
+
+
+def _attempt(ctx: _Ctx, job: Job, where: _Where, look: bool) -> Outcome:
     out = _Out()
     try:
-        return _attempt_into(ctx, job, final, part, meta, out)
+        return _attempt_into(ctx, job, where, look, out)
     finally:
         out.close()
 
 
-def _attempt_into(ctx: _Ctx, job: Job, final: Path, part: Path, meta: Path, out: _Out) -> Outcome:
+def _attempt_into(ctx: _Ctx, job: Job, where: _Where, look: bool, out: _Out) -> Outcome:
+    """One attempt; ``look``: whether a partial file left by an earlier attempt may resume."""
     f = job.file
     t = ctx.t
+    final = where.final
     headers = dict(ctx.headers)
     offset = 0
     # Looked for even when the plan saw no partial file (a NEW job): this attempt may
-    # follow one that left it (a retry, a Dask task run again after its worker died).
-    side = _read_sidecar(meta, f.url) if part.exists() else None
+    # follow one that left it (a retry, a Dask task run again after its worker died);
+    # not on a small new file's first attempt (see fetch_file).
+    side = None
+    if look:
+        part, meta = where.partial()
+        side = _read_sidecar(meta, f.url) if part.exists() else None
     if side is not None:
         validator = side.get("etag") or side.get("last_modified")
         size = part.stat().st_size
@@ -334,7 +364,7 @@ def _attempt_into(ctx: _Ctx, job: Job, final: Path, part: Path, meta: Path, out:
             offset = size
             headers["Range"] = f"bytes={offset}-"
             headers["If-Range"] = validator
-    if offset == 0 and job.action in (Action.CHECK, Action.CHANGED) and final.exists():
+    if offset == 0 and job.action in (Action.CHECK, Action.CHANGED) and os.path.exists(final):
         if job.etag:
             headers["If-None-Match"] = job.etag
         if job.last_modified:
@@ -350,14 +380,14 @@ def _attempt_into(ctx: _Ctx, job: Job, final: Path, part: Path, meta: Path, out:
                 f.path,
                 f.url,
                 Status.UNCHANGED,
-                size=final.stat().st_size,
+                size=os.stat(final).st_size,
                 etag=job.etag,
                 last_modified=job.last_modified,
                 stamp=f.stamp,
             )
         if status == 416 and offset:
             # Our partial is not a prefix of what the server has now: start over.
-            _discard(part, meta)
+            _discard(where)
             raise RangeMismatch(f"server refused range {offset}- for {f.url}")
         if status not in (200, 206):
             if status in (429, 503):
@@ -370,7 +400,7 @@ def _attempt_into(ctx: _Ctx, job: Job, final: Path, part: Path, meta: Path, out:
         if status == 206:
             m = _CONTENT_RANGE.fullmatch(got.get("content-range", "").strip())
             if not offset or not m or int(m.group(1)) != offset:
-                _discard(part, meta)
+                _discard(where)
                 raise RangeMismatch(
                     f"206 with Content-Range {got.get('content-range')!r}"
                     f" for a request from byte {offset}; not spliced"
@@ -379,7 +409,7 @@ def _attempt_into(ctx: _Ctx, job: Job, final: Path, part: Path, meta: Path, out:
             changed = _changed_since(side, etag, last_mod, total)
             if changed:
                 # A server or cache that honours Range but ignores If-Range.
-                _discard(part, meta)
+                _discard(where)
                 raise RangeMismatch(
                     f"{f.url} changed since the partial file ({changed}); not spliced"
                 )
@@ -396,15 +426,16 @@ def _attempt_into(ctx: _Ctx, job: Job, final: Path, part: Path, meta: Path, out:
         # A small new file from its first byte can be written unnamed (see _Out); an
         # update replaces a file, and a resume appends to its partial file.
         unnamed = not resumable and not offset and job.action is Action.NEW
-        if not (unnamed and _unnamed_ok(ctx, final, out)):
-            _ensure_dir(part.parent, ctx.known_dirs)
+        if not (unnamed and _unnamed_ok(ctx, where, out)):
+            part, meta = where.partial()
+            _ensure_dir(str(part.parent), ctx.known_dirs)
             if resumable and (etag or last_mod):
                 # The validator survives a crash with the partial file, so a later run can
                 # resume with If-Range; small files just start over (one write less each).
                 side_data = {"url": f.url, "etag": etag, "last_modified": last_mod, "size": total}
                 meta.write_text(json.dumps(side_data), "utf-8")
             out.open_partial(part, mode)
-        digest = _digest_for(f.checksum, part if offset else None)
+        digest = _digest_for(f.checksum, where.partial()[0] if offset else None)
         received = _stream_body(ctx, resp, out.fd, mode, digest)
     finally:
         resp.close()
@@ -420,23 +451,24 @@ def _attempt_into(ctx: _Ctx, job: Job, final: Path, part: Path, meta: Path, out:
         # a matching Content-Length, or a file changed since the listing.  Either way it
         # must not land; a later attempt (or run) sees the file as the listing does.
         # (After a redirect the listing described the link, not the target.)
-        _discard(part, meta)
+        _discard(where)
         raise IncompleteDownload(f"got {size} bytes, the listing says {f.size}, for {f.url}")
     sha256 = None
     if digest is not None and f.checksum is not None:
         algo, want = f.checksum
         got = digest.hexdigest()
         if got.lower() != want.lower():
-            _discard(part, meta)
+            _discard(where)
             raise ChecksumMismatch(f"{algo} mismatch for {f.url}: expected {want}, got {got}")
         if algo == "sha256":
             sha256 = got
     mtime = _parse_last_modified(last_mod) or f.mtime
     if out.unnamed:
-        out.publish(final, part, mtime)
+        out.publish(where, mtime)
     else:
+        part, meta = where.partial()
         out.close()
-        _ensure_dir(final.parent, ctx.known_dirs)
+        _ensure_dir(where.parent, ctx.known_dirs)
         if mtime is not None:
             os.utime(part, (mtime, mtime))
         os.replace(part, final)
@@ -484,10 +516,10 @@ def _changed_since(
     return None
 
 
-def _ensure_dir(d: Path, known: set[Path] | None) -> None:
+def _ensure_dir(d: str, known: set[str] | None) -> None:
     # ``known``: directories this runner made already; saves a mkdir syscall per file.
     if known is None or d not in known:
-        d.mkdir(parents=True, exist_ok=True)
+        os.makedirs(d, exist_ok=True)
         if known is not None and len(known) < 100_000:
             known.add(d)
 
@@ -564,7 +596,7 @@ class _Out:
         append = os.O_APPEND if mode == "ab" else os.O_TRUNC
         self.fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | append, 0o666)
 
-    def open_unnamed(self, directory: Path) -> bool:
+    def open_unnamed(self, directory: str) -> bool:
         """An unnamed file in ``directory``; False where the filesystem has none."""
         try:
             self.fd = os.open(directory, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o666)
@@ -575,7 +607,7 @@ class _Out:
         self.unnamed = True
         return True
 
-    def publish(self, final: Path, part: Path, mtime: float | None) -> None:
+    def publish(self, where: _Where, mtime: float | None) -> None:
         """Give the checked unnamed file its name (and the server's time)."""
         if mtime is not None:
             os.utime(self.fd, (mtime, mtime))
@@ -583,14 +615,15 @@ class _Out:
         # behind /proc's entry for the descriptor (plain link(2) would refuse, EXDEV).
         src = f"/proc/self/fd/{self.fd}"
         try:
-            os.link(src, final, src_dir_fd=self.fd, follow_symlinks=True)
+            os.link(src, where.final, src_dir_fd=self.fd, follow_symlinks=True)
         except FileExistsError:
             # The name was taken since the plan looked: replace it, atomically, as any
             # update is replaced (named in the partial directory first).
+            part = where.partial()[0]
             part.parent.mkdir(parents=True, exist_ok=True)
             part.unlink(missing_ok=True)
             os.link(src, part, src_dir_fd=self.fd, follow_symlinks=True)
-            os.replace(part, final)
+            os.replace(part, where.final)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -602,18 +635,19 @@ _UNNAMED = {"ok": hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd")}
 """Whether unnamed files can be used here; off for the process once a filesystem refuses."""
 
 
-def _unnamed_ok(ctx: _Ctx, final: Path, out: _Out) -> bool:
-    """Open ``out`` as an unnamed file beside ``final`` if this system can."""
+def _unnamed_ok(ctx: _Ctx, where: _Where, out: _Out) -> bool:
+    """Open ``out`` as an unnamed file beside the final name if this system can."""
     if not _UNNAMED["ok"]:
         return False
-    _ensure_dir(final.parent, ctx.known_dirs)
-    if out.open_unnamed(final.parent):
+    _ensure_dir(where.parent, ctx.known_dirs)
+    if out.open_unnamed(where.parent):
         return True
     _UNNAMED["ok"] = False
     return False
 
 
-def _discard(part: Path, meta: Path) -> None:
+def _discard(where: _Where) -> None:
+    part, meta = where.partial()
     part.unlink(missing_ok=True)
     meta.unlink(missing_ok=True)
 
@@ -629,7 +663,7 @@ def fetch_file(
     stop: threading.Event | None = None,
     on_bytes: Callable[[int], None] = lambda n: None,
     on_retry: Callable[[int, str], None] | None = None,
-    known_dirs: set[Path] | None = None,
+    known_dirs: set[str] | None = None,
     prepared: httpx.Request | None = None,
 ) -> Outcome:
     """Fetch ``job`` into ``t.dest``; never raises for a per-file problem.
@@ -642,7 +676,6 @@ def fetch_file(
     Requests go straight to the transport (the seam; tests pass an
     ``httpx.MockTransport``): redirects are followed here, within scope.
     """
-    dest = Path(t.dest)
     f = job.file
     ctx = _Ctx(
         transport,
@@ -654,8 +687,7 @@ def fetch_file(
         known_dirs,
         prepared,
     )
-    final = dest / f.path
-    part, meta = partial_paths(dest, f.path)
+    where = _Where(t.dest, f.path)
     attempts = 0
 
     def before_sleep(state: tenacity.RetryCallState) -> None:
@@ -668,7 +700,10 @@ def fetch_file(
         # replayed to the policy as attempt 1, so what it decides is unchanged.
         try:
             attempts = 1
-            return _attempt(ctx, job, final, part, meta)
+            # A small new file's first attempt is the plain GET the runner may have
+            # pipelined, and looks for no partial file: the plan saw none, and below
+            # RESUME_MIN a body is fetched whole anyway. A retry looks.
+            return _attempt(ctx, job, where, not pipelinable(job))
         except Exception as exc:  # noqa: BLE001 - judged by the policy just below
             first: Exception | None = exc
         for attempt in retrying.copy(before_sleep=before_sleep):
@@ -677,7 +712,7 @@ def fetch_file(
                     replay, first = first, None
                     raise replay
                 attempts += 1
-                return _attempt(ctx, job, final, part, meta)
+                return _attempt(ctx, job, where, True)
     except Interrupted:
         return Outcome(
             f.path, f.url, Status.FAILED, error="interrupted", attempts=attempts, stamp=f.stamp
@@ -699,12 +734,12 @@ def fetch_file(
         )
     except OSError as exc:
         fatal = exc.errno in _FATAL_ERRNOS
-        where = exc.filename2 or exc.filename or final
+        culprit = exc.filename2 or exc.filename or where.final
         return Outcome(
             f.path,
             f.url,
             Status.FAILED,
-            error=f"{where}: {exc.strerror or exc}",
+            error=f"{culprit}: {exc.strerror or exc}",
             attempts=attempts,
             fatal=fatal,
             stamp=f.stamp,

@@ -16,7 +16,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -139,7 +138,7 @@ class ShardRunner:
         self.scope = Scope.for_start(t.root, t.aliases)
         self.retrying = build_retrying(t, sleep=self._sleep)
         self.batch = _Batcher(send, worker)
-        self.known_dirs: set[Path] = set()
+        self.known_dirs: set[str] = set()
         self._cond = threading.Condition()
         self._jobs: deque[Job] = deque()
         self._running = 0
