@@ -42,7 +42,7 @@ from fetcher.limits import SharedLimits
 from fetcher.models import STATE_DIR, Action, Job, Outcome, RelPath, Scope, Status
 from fetcher.retry import retry_after_seconds
 from fetcher.transport import request_headers, timeout_of
-from fetcher.wire import write_all
+from fetcher.wire import Body, write_all
 
 if TYPE_CHECKING:
     import tenacity  # imported at run time by fetcher.retry, without tornado
@@ -557,7 +557,10 @@ def _stream_body(ctx: _Ctx, resp: httpx.Response, fd: int, mode: str, digest: An
 
             if write_to(fd, moved) is not None:
                 return received
-        for chunk in resp.iter_raw():
+        # Our own transport's body is read as it is; httpx's iter_raw around it only
+        # counts and re-chunks (nothing to decode: the raw bytes are what is written).
+        stream = resp.stream
+        for chunk in stream if type(stream) is Body else resp.iter_raw():
             if ctx.stop is not None and ctx.stop.is_set():
                 raise Interrupted
             write_all(fd, chunk)
