@@ -297,8 +297,10 @@ class State:
         """Which of ``paths`` run ``run_id`` saw upstream (one query)."""
         self.flush()
         marks = ",".join("?" * len(paths))
+        # By path: the unary + keeps SQLite off the last_seen index, which it would pick
+        # and then read every row this run saw for each batch (quadratic in files).
         rows = self._db.execute(
-            f"SELECT path FROM files WHERE last_seen = ? AND path IN ({marks})", (run_id, *paths)
+            f"SELECT path FROM files WHERE +last_seen = ? AND path IN ({marks})", (run_id, *paths)
         ).fetchall()
         seen = {r[0] for r in rows}
         if self.readonly:  # a dry run's sightings live in temp.seen

@@ -501,6 +501,41 @@ def test_dry_run_of_200k_files_stays_small(tmp_path: Path) -> None:
     assert peak_mib < 300, f"peak RSS {peak_mib:.0f} MiB"
 
 
+def _lookup_steps(tmp_path: Path, rows: int) -> int:
+    """SQLite VM steps (in thousands) to ask which of 500 paths this run saw, with ``rows`` seen."""
+    from fetcher.models import Outcome, Status
+    from fetcher.state import State
+
+    st = State.open(tmp_path / f"d{rows}")
+    try:
+        run_id = st.begin_run("http://mirror.test/")
+        paths = [f"pool/{i % 50}/f{i}.deb" for i in range(rows)]
+        for p in paths:
+            st.record(run_id, Outcome(RelPath(p), "http://mirror.test/" + p, Status.FETCHED,
+                                      size=1, mtime=1.0, stamp="x"))  # fmt: skip
+        st.flush()
+        steps = [0]
+
+        def count() -> int:
+            steps[0] += 1
+            return 0
+
+        st._db.set_progress_handler(count, 1000)
+        assert st.seen_among(run_id, paths[:500]) == set(paths[:500])
+        st._db.set_progress_handler(None, 0)
+        return steps[0]
+    finally:
+        st.close()
+
+
+def test_vanished_file_lookup_does_not_grow_with_the_mirror(tmp_path: Path) -> None:
+    # The end of every run asks, 500 local files at a time, which ones the crawl saw.
+    # Looked up by path, a batch costs the same however many files the run saw; read
+    # through the last_seen index it cost every row of the run (quadratic in files).
+    small, big = _lookup_steps(tmp_path, 1000), _lookup_steps(tmp_path, 16_000)
+    assert big <= 2 * small + 2, (small, big)
+
+
 def test_metadata_published_last_and_top_level_index_after_the_rest(
     tmp_path: Path, run_fetch
 ) -> None:
