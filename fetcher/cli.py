@@ -14,9 +14,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any, TextIO
-
-from rich.console import Console
+from typing import TYPE_CHECKING, Any, TextIO, cast
 
 import fetcher.startup  # noqa: F401 - first: it trims what the pipeline's imports bring
 from fetcher import __version__
@@ -24,8 +22,11 @@ from fetcher.config import MirrorJob, build_job, default_procs, load_config
 from fetcher.errors import FetchError, LockHeld, UsageError
 from fetcher.models import Reporter, Summary
 from fetcher.procs import prestart
-from fetcher.progress import LineReporter, RichReporter
-from fetcher.report import exit_code, render, write_metrics, write_report
+from fetcher.progress import LineReporter
+from fetcher.report import exit_code, preload_render, render, write_metrics, write_report
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 __all__ = ["build_parser", "entry", "main"]
 
@@ -349,13 +350,83 @@ def _validate_cli(over: dict[str, Any]) -> None:
         raise UsageError(f"{_flag(key)}:{rest}" if rest else msg, exc.hint) from None
 
 
+class _LazyConsole:
+    """A rich ``Console`` for stdout or stderr, made when first used.
+
+    rich is a fifth of the CLI's imports, and a run whose output is not a terminal
+    needs it only for the closing summary: made here, it is imported after the
+    workers are forked (and, once the crawl is done, while they download).
+    Whether it would be a terminal is answered without it, as rich answers.
+    """
+
+    def __init__(self, stderr: bool = False) -> None:
+        self._stderr = stderr
+        self._made: Console | None = None
+
+    @property
+    def file(self) -> TextIO:
+        if self._made is not None:
+            return cast(TextIO, self._made.file)
+        return sys.stderr if self._stderr else sys.stdout
+
+    @property
+    def made(self) -> bool:
+        return self._made is not None
+
+    @property
+    def is_terminal(self) -> bool:
+        if self._made is None and not _forced_terminal():
+            try:
+                if not self.file.isatty():
+                    return False
+            except (AttributeError, ValueError):  # no isatty, or closed: not a terminal
+                return False
+        return self._console().is_terminal
+
+    def _console(self) -> Console:
+        if self._made is None:
+            from rich.console import Console
+
+            made = Console(stderr=self._stderr, highlight=False)
+            if not self._stderr and not made.is_terminal:
+                # logs: one line per message, however long, and no colour codes
+                made = Console(highlight=False, soft_wrap=True, width=160)
+            self._made = made
+        return self._made
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._console(), name)
+
+
+def _forced_terminal() -> bool:
+    # what makes rich call a file that is not a tty a terminal, or a tty not one
+    return os.environ.get("TTY_COMPATIBLE", "") in ("0", "1") or "FORCE_COLOR" in os.environ
+
+
 def _make_reporter(ns: argparse.Namespace, console: Console, log: TextIO | None) -> Any:
     if console.is_terminal and not ns.quiet and ns.log_format is None and log is None:
+        from fetcher.live import RichReporter
+
         return RichReporter(console)
     if ns.quiet and log is None:
-        return Reporter()  # says nothing: no status lines to format and throw away
-    stream: Any = log if log is not None else console.file
-    return LineReporter(stream, fmt=ns.log_format or "text", verbose=ns.verbose)
+        rep = Reporter()  # says nothing: no status lines to format and throw away
+    else:
+        stream: Any = log if log is not None else console.file
+        rep = LineReporter(stream, fmt=ns.log_format or "text", verbose=ns.verbose)
+    if isinstance(console, _LazyConsole) and not console.made:
+        rep.crawl_done = _then_preload(rep.crawl_done)
+    return rep
+
+
+def _then_preload(crawl_done: Any) -> Any:
+    """``crawl_done``, then the summary's imports in a thread (the workers download)."""
+
+    def done() -> None:
+        crawl_done()
+        if "rich.table" not in sys.modules:
+            preload_render()
+
+    return done
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -395,11 +466,10 @@ def main(argv: Sequence[str] | None = None, console: Console | None = None) -> i
     """Run ``fetch`` with ``argv``; return the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if console is None:
-        console = Console(highlight=False)
-        if not console.is_terminal:
-            # logs: one line per message, however long, and no colour codes
-            console = Console(highlight=False, soft_wrap=True, width=160)
-    err = Console(stderr=True, highlight=False) if console.file is sys.stdout else console
+        console = cast("Console", _LazyConsole())
+        err = cast("Console", _LazyConsole(stderr=True))
+    else:
+        err = cast("Console", _LazyConsole(stderr=True)) if console.file is sys.stdout else console
     if argv[:1] == ["demo"]:
         from fetcher.demo import demo_main
 

@@ -5,17 +5,19 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 from pathlib import Path
-from typing import Any
-
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
+from typing import TYPE_CHECKING, Any
 
 from fetcher.models import Summary
 from fetcher.progress import human_bytes
 
-__all__ = ["exit_code", "render", "summary_dict", "write_metrics", "write_report"]
+if TYPE_CHECKING:
+    from rich.console import Console
+
+__all__ = [
+    "exit_code", "preload_render", "render", "summary_dict", "write_metrics", "write_report"
+]  # fmt: skip
 
 _SHOW_FAILURES = 20
 
@@ -28,8 +30,28 @@ def exit_code(summaries: list[Summary]) -> int:
     return max(codes)
 
 
+def _import_render() -> None:
+    import rich.console
+    import rich.markup
+    import rich.table  # noqa: F401
+
+
+def preload_render() -> threading.Thread:
+    """Import what :func:`render` needs, in a thread (started; join it or let it be).
+
+    For a caller that has time to spare before the summary, e.g. once the crawl is
+    done and the workers are downloading: the summary then prints without waiting.
+    """
+    t = threading.Thread(target=_import_render, name="preload-summary", daemon=True)
+    t.start()
+    return t
+
+
 def render(s: Summary, console: Console, name: str | None = None) -> None:
     """Print the final summary table (and the failures) for one job."""
+    from rich.markup import escape
+    from rich.table import Table
+
     elapsed = max(s.finished - s.started, 1e-9)
     title = f"{'dry run: ' if s.dry_run else ''}{name + ': ' if name else ''}{s.url} → {s.dest}"
     table = Table(title=title, title_justify="left", show_header=True, header_style="bold")

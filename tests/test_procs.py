@@ -15,7 +15,7 @@ from rich.console import Console
 
 from fetcher.config import build_job
 from fetcher.errors import LockHeld
-from fetcher.progress import RichReporter
+from fetcher.live import RichReporter
 from fetcher.state import RunLock
 from tests.background import hold_listing, mirror_in_background, named_semaphores
 from tests.faultserver import FaultServer

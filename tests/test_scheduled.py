@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -154,6 +155,7 @@ def test_piped_output_has_no_ansi_and_json_lines_parse(tmp_path: Path) -> None:
         out = p.stdout + p.stderr
         assert "\x1b[" not in out
         assert "failed: f3.bin" in out and "f4.bin" in out
+        assert re.search(r"fetched\s*│\s*18\b", p.stdout), p.stdout  # the closing summary
         for line in p.stdout.splitlines():
             assert len(line) < 400
         log = tmp_path / "run.log"

@@ -108,3 +108,37 @@ def test_exit_codes_pass_through_the_console_script() -> None:
     assert subprocess.run([*run, "--version"], capture_output=True, timeout=60).returncode == 0
     bad = subprocess.run([*run, "--procs", "0"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
+
+
+def test_the_cli_imports_rich_only_for_its_output() -> None:
+    # rich is a fifth of the CLI's imports: not needed before the workers are forked
+    code = "import sys, fetcher.cli, fetcher.pipeline; print(any(m.startswith('rich') for m in sys.modules))"
+    assert _python(code) == "False"
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {},
+        {"FORCE_COLOR": "1"},
+        {"FORCE_COLOR": ""},
+        {"TTY_COMPATIBLE": "1"},
+        {"TTY_COMPATIBLE": "0"},
+    ],
+)
+def test_the_cli_console_is_a_terminal_when_rich_would_say_so(env: dict[str, str]) -> None:
+    # stdout is a pipe here: only the environment can make it a terminal, for rich and for us
+    code = (
+        "from rich.console import Console; from fetcher.cli import _LazyConsole; "
+        "lazy = _LazyConsole(); print(lazy.is_terminal, Console().is_terminal, lazy.made)"
+    )
+    clean = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "TTY_COMPATIBLE")}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+        env={**clean, **env}, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    ours, rich_says, made = done.stdout.split()
+    assert ours == rich_says
+    # unforced, a pipe is answered without making the console (nor importing rich's)
+    assert made == ("False" if not env else "True")
