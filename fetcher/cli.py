@@ -383,6 +383,10 @@ class _LazyConsole:
                 return False
         return self._console().is_terminal
 
+    def made_console(self) -> Console:
+        """The rich Console itself (for rich's own objects, such as a live display)."""
+        return self._console()
+
     def _console(self) -> Console:
         if self._made is None:
             from rich.console import Console
@@ -407,7 +411,8 @@ def _make_reporter(ns: argparse.Namespace, console: Console, log: TextIO | None)
     if console.is_terminal and not ns.quiet and ns.log_format is None and log is None:
         from fetcher.live import RichReporter
 
-        return RichReporter(console)
+        real = console.made_console() if isinstance(console, _LazyConsole) else console
+        return RichReporter(real)
     if ns.quiet and log is None:
         rep = Reporter()  # says nothing: no status lines to format and throw away
     else:

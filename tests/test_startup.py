@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -142,3 +143,48 @@ def test_the_cli_console_is_a_terminal_when_rich_would_say_so(env: dict[str, str
     assert ours == rich_says
     # unforced, a pipe is answered without making the console (nor importing rich's)
     assert made == ("False" if not env else "True")
+
+
+def test_on_a_terminal_the_cli_draws_the_live_display(tmp_path: Path) -> None:
+    # stdout a terminal: the live bars (rich's Live, given the console itself), then the summary
+    import pty
+    import select
+
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "a.bin").write_bytes(b"a" * 5000)
+    env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "TTY_COMPATIBLE")}
+    master, slave = pty.openpty()
+    chunks: list[bytes] = []
+    try:
+        with FaultServer(root=tmp_path / "www") as srv:
+            argv = ["--mirror", srv.url, "--dest", str(tmp_path / "d"), "--procs", "1"]
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "fetcher", *argv], stdin=subprocess.DEVNULL,
+                stdout=slave, stderr=slave, env=env,
+            )  # fmt: skip
+            os.close(slave)
+            slave = -1
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                ready, _, _ = select.select([master], [], [], 0.2)
+                if ready:
+                    try:
+                        data = os.read(master, 65536)
+                    except OSError:  # EIO: the terminal's other side is closed
+                        break
+                    if not data:
+                        break
+                    chunks.append(data)
+                elif proc.poll() is not None:
+                    break
+            code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
+    out = b"".join(chunks).decode(errors="replace")
+    assert code == 0, out
+    assert "Traceback" not in out and "Fatal" not in out, out
+    assert "\x1b[" in out  # drawn, with terminal codes
+    assert "fetched" in out
+    assert (tmp_path / "d" / "a.bin").read_bytes() == b"a" * 5000
