@@ -192,11 +192,14 @@ def crawl(
     stop: threading.Event | None = None,
     sleep: Callable[[float], object] = time.sleep,
     on_wait: Callable[[], object] | None = None,
+    width: Callable[[], int] | None = None,
 ) -> Iterator[CrawlItem]:
     """Yield every in-scope file and directory below ``t.root``, and every problem met.
 
     ``on_wait`` is called whenever the crawl is about to wait for listings: a consumer
-    that passes items on in batches hands on what it holds then.
+    that passes items on in batches hands on what it holds then. ``width``, asked
+    before each new listing, is how many may be in flight now (at most
+    ``opts.concurrency``, the default).
 
     Example::
 
@@ -236,7 +239,7 @@ def crawl(
     wide: deque[tuple[int, _Dir]] = deque()
     taken: set[int] = set()
     order = itertools.count()
-    width = max(1, opts.concurrency)
+    most = max(1, opts.concurrency)
     turn = itertools.cycle((deep, wide))
 
     def submit(d: _Dir) -> None:
@@ -262,7 +265,8 @@ def crawl(
         while True:
             if stop is not None and stop.is_set():
                 return
-            while len(running) < width and (d := next_dir()) is not None:
+            room = most if width is None else max(1, min(most, width()))
+            while len(running) < room and (d := next_dir()) is not None:
                 running[pool.submit(fetch, d)] = d
             if not running:
                 break

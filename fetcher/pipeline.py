@@ -56,7 +56,7 @@ from fetcher.procs import fork_safe, worker_context
 from fetcher.prune import prune
 from fetcher.shard import make_shards
 from fetcher.state import RunLock, State
-from fetcher.transport import make_client
+from fetcher.transport import make_client, make_transport
 
 __all__ = ["Reporter", "mirror"]  # Reporter lives in fetcher.models; re-exported
 
@@ -232,7 +232,7 @@ def _start_crawl(run: _Run, root: str, prefix: str = "") -> None:
         depth=job.depth - (prefix.count("/") + 1 if prefix else 0),
         include=job.include,
         exclude=job.exclude,
-        concurrency=max(1, min(8, job.max_connections // 2)),
+        concurrency=max(1, job.max_connections),
         listing_rate=job.listing_rate,
         max_listing_bytes=job.max_listing_bytes,
         verify=job.verify_digests,
@@ -261,14 +261,32 @@ def _start_crawl(run: _Run, root: str, prefix: str = "") -> None:
             batch.clear()
             put(items)
 
+    # Listings in flight: every connection while there is nothing to download (a
+    # re-sync that finds nothing new is all listings), else half of them, the rest
+    # for the downloads; on narrowing, the crawl's idle connections give back their
+    # tokens of the cap.
+    narrow = max(1, min(8, job.max_connections // 2))
+    wide = [True]
+
+    def width(transport: httpx.BaseTransport) -> int:
+        if not (run.outstanding or run.batch or run.held):
+            wide[0] = True
+            return opts.concurrency
+        if wide[0]:
+            wide[0] = False
+            close_idle = getattr(transport, "close_idle", None)
+            if close_idle is not None:
+                close_idle()
+        return narrow
+
     def body() -> None:
         try:
             # Under a tiny cap the crawl must not sit on a token between listings.
             keep = job.max_connections >= 3
-            with make_client(
-                t, run.limits, stop, pool_size=opts.concurrency, keepalive=keep
-            ) as client:
-                for item in _walk(job, client, t, opts, stop, prefix, flush):
+            transport = make_transport(t, run.limits, stop, opts.concurrency, keep)
+            with make_client(t, transport=transport) as client:
+                walk = _walk(job, client, t, opts, stop, prefix, flush, lambda: width(transport))
+                for item in walk:
                     if prefix and isinstance(item, RemoteFile | RemoteDir):
                         item = replace(item, path=RelPath(f"{prefix}/{item.path}"))
                     batch.append(item)
@@ -300,13 +318,14 @@ def _walk(
     stop: threading.Event,
     prefix: str,
     on_wait: Callable[[], object],
+    width: Callable[[], int],
 ) -> Iterator[CrawlItem]:
     """The file list: from the HTML listings, or from repository metadata (``--index``)."""
     if job.index != "html" and not prefix:
         from fetcher.repo_index import index_files
 
         return index_files(client, t, opts, job.index, stop=stop, on_wait=on_wait)
-    return crawl(client, t, opts, stop=stop, on_wait=on_wait)
+    return crawl(client, t, opts, stop=stop, on_wait=on_wait, width=width)
 
 
 def _coordinate(run: _Run) -> None:

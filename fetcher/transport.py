@@ -65,10 +65,12 @@ def make_client(
     stop: threading.Event | None = None,
     pool_size: int | None = None,
     keepalive: bool = True,
+    transport: httpx.BaseTransport | None = None,
 ) -> httpx.Client:
-    """A client over :func:`make_transport` (the crawl's; downloads use the transport)."""
+    """A client over :func:`make_transport` (the crawl's; downloads use the transport),
+    or over ``transport`` when the caller made it."""
     return httpx.Client(
-        transport=make_transport(t, limits, stop, pool_size, keepalive),
+        transport=transport or make_transport(t, limits, stop, pool_size, keepalive),
         timeout=timeout_of(t),
         headers=request_headers(t),
         follow_redirects=False,

@@ -9,14 +9,17 @@ at a time (``concurrency=1``) makes the order observable at the server.
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 from fetcher.config import Transfer, build_job
 from fetcher.crawl import CrawlOptions, crawl
 from fetcher.models import RemoteFile
+from fetcher.pipeline import mirror
 from fetcher.transport import make_client
 from tests.background import hold_listing, mirror_in_background
-from tests.faultserver import FaultServer
+from tests.faultserver import Fault, FaultServer
 
 SHALLOW = [f"s{i}/" for i in range(8)]
 DEEP = ["deep/", "deep/a/", "deep/a/b/", "deep/a/b/c/"]
@@ -68,3 +71,57 @@ def test_a_listings_files_are_fetched_while_the_next_listing_is_held(tmp_path: P
     assert result and result[0].exit_code == 0
     assert (tmp_path / "d" / "first.txt").read_bytes() == b"first"
     assert (tmp_path / "d" / "slow" / "later.txt").read_bytes() == b"later"
+
+
+def _wait_in_flight(srv: FaultServer, n: int, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while srv.max_concurrent_requests < n:
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_listings_in_flight_follow_the_width_asked_for(tmp_path: Path) -> None:
+    with FaultServer() as srv:
+        gate = threading.Event()
+        for d in SHALLOW:
+            srv.add_file(f"/pub/{d}file.txt", d.encode())
+            srv.persist(f"/pub/{d}", Fault.gated(gate))
+        t = Transfer(dest=str(tmp_path), root=srv.url + "pub/")
+        found: list[object] = []
+        with make_client(t) as client:
+            walk = crawl(client, t, CrawlOptions(concurrency=8), width=lambda: 3)
+            th = threading.Thread(target=lambda: found.extend(walk), daemon=True)
+            th.start()
+            try:
+                assert _wait_in_flight(srv, 3), srv.max_concurrent_requests
+            finally:
+                gate.set()
+                th.join(timeout=60)
+        assert not th.is_alive()
+        assert srv.max_concurrent_requests == 3  # of the 8 it could have had
+    assert {i.path for i in found if isinstance(i, RemoteFile)} == {f"{d}file.txt" for d in SHALLOW}
+
+
+def test_a_resync_reads_listings_on_every_connection(tmp_path: Path) -> None:
+    # Nothing to download: the listings may have all --max-connections (a fresh mirror
+    # leaves half of them to the downloads).
+    with FaultServer() as srv:
+        for d in SHALLOW:
+            srv.add_file(f"/pub/{d}file.txt", d.encode())
+        job = build_job(
+            {"url": srv.url + "pub/", "dest": str(tmp_path / "d"), "procs": 1,
+             "max_connections": 6},
+            "t",
+        )  # fmt: skip
+        assert mirror(job).exit_code == 0
+        gate = threading.Event()
+        for d in SHALLOW:
+            srv.persist(f"/pub/{d}", Fault.gated(gate))
+        srv.reset_stats()
+        with mirror_in_background(job, gate) as result:
+            assert _wait_in_flight(srv, 6), srv.max_concurrent_requests
+        assert srv.max_concurrent_requests == 6
+        assert not any(q.path.endswith(".txt") for q in srv.requests)  # nothing fetched
+    assert result and result[0].exit_code == 0
