@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import unquote
 
 import httpx
@@ -193,6 +194,7 @@ def crawl(
     sleep: Callable[[float], object] = time.sleep,
     on_wait: Callable[[], object] | None = None,
     width: Callable[[], int] | None = None,
+    ahead: Callable[[Sequence[httpx.Request]], object] | None = None,
 ) -> Iterator[CrawlItem]:
     """Yield every in-scope file and directory below ``t.root``, and every problem met.
 
@@ -200,6 +202,13 @@ def crawl(
     that passes items on in batches hands on what it holds then. ``width``, asked
     before each new listing, is how many may be in flight now (at most
     ``opts.concurrency``, the default).
+
+    ``ahead`` (the transport's ``expect``, see :mod:`fetcher.http1`) lets a crawl
+    thread take a train of up to ``t.pipeline`` listings and announce the ones after
+    the first, which then go on its connection without waiting for the answers
+    before them: a level of many small directories costs a round trip per train,
+    not per listing. Not with ``--listing-rate`` (each request waits its turn) nor
+    with checksum files to read between listings.
 
     Example::
 
@@ -214,7 +223,9 @@ def crawl(
     gate = _RateGate(opts.listing_rate, stop)
     visited = {normalise_dir_url(scope.root)}
     pool = ThreadPoolExecutor(max(1, opts.concurrency), thread_name_prefix="crawl")
-    running: dict[Future[_Page], _Dir] = {}
+    running: dict[Future[_Page], _Dir] = {}  # a listing each
+    trains: set[Future[None]] = set()  # a crawl thread each
+    longest = 1 if ahead is None or opts.listing_rate or opts.verify else max(1, t.pipeline)
 
     def fetch(d: _Dir) -> _Page:
         for attempt in retrying.copy():
@@ -230,6 +241,21 @@ def crawl(
                     page.sums.update(parse_sums(name, text))
         return page
 
+    def fetch_train(train: list[tuple[_Dir, Future[_Page]]]) -> None:
+        if ahead is not None and len(train) > 1:
+            ahead([client.build_request("GET", d.url) for d, _ in train[1:]])
+        try:
+            for d, fut in train:
+                if not fut.set_running_or_notify_cancel():
+                    continue
+                try:
+                    fut.set_result(fetch(d))
+                except BaseException as exc:  # noqa: BLE001 - delivered to the crawl loop
+                    fut.set_exception(exc)
+        finally:
+            if ahead is not None and len(train) > 1:
+                ahead([])
+
     # Listings in flight: at most ``concurrency``, picked alternately deepest first and
     # oldest first.  Deepest first, files turn up after one listing per level instead of
     # after every directory of the upper levels; oldest first, a shallow directory (the
@@ -238,6 +264,7 @@ def crawl(
     deep: list[tuple[int, int, _Dir]] = []
     wide: deque[tuple[int, _Dir]] = deque()
     taken: set[int] = set()
+    waiting = [0]  # directories submitted and not taken yet
     order = itertools.count()
     most = max(1, opts.concurrency)
     turn = itertools.cycle((deep, wide))
@@ -246,6 +273,7 @@ def crawl(
         n = next(order)
         heapq.heappush(deep, (-d.depth, n, d))
         wide.append((n, d))
+        waiting[0] += 1
 
     def next_dir() -> _Dir | None:
         for _ in range(2):
@@ -257,6 +285,7 @@ def crawl(
                     n, d = wide.popleft()
                 if n not in taken:
                     taken.add(n)
+                    waiting[0] -= 1
                     return d
         return None
 
@@ -266,14 +295,23 @@ def crawl(
             if stop is not None and stop.is_set():
                 return
             room = most if width is None else max(1, min(most, width()))
-            while len(running) < room and (d := next_dir()) is not None:
-                running[pool.submit(fetch, d)] = d
+            trains = {f for f in trains if not f.done()}
+            while len(trains) < room and waiting[0]:
+                # what waits, shared out among the free threads, a train each
+                size = min(longest, -(-waiting[0] // (room - len(trains))))
+                train: list[tuple[_Dir, Future[_Page]]] = []
+                while len(train) < size and (d := next_dir()) is not None:
+                    fut: Future[_Page] = Future()
+                    running[fut] = d
+                    train.append((d, fut))
+                trains.add(pool.submit(fetch_train, train))
             if not running:
                 break
             if on_wait is not None:
                 on_wait()
-            done, _ = wait(list(running), timeout=0.5, return_when=FIRST_COMPLETED)
-            for fut in sorted(done, key=lambda f: running[f].url):
+            watched: list[Future[Any]] = [*running, *trains]
+            done, _ = wait(watched, timeout=0.5, return_when=FIRST_COMPLETED)
+            for fut in sorted((f for f in done if f in running), key=lambda f: running[f].url):
                 d = running.pop(fut)
                 try:
                     page = fut.result()

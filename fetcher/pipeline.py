@@ -13,7 +13,7 @@ import queue
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from fetcher.download import check_writable, partial_dir, partial_name, pipelina
 from fetcher.errors import FatalIOError, FetchError
 from fetcher.executor import Executor, LocalExecutor
 from fetcher.ffmpeg import FFmpeg
+from fetcher.http1 import ThreadConnTransport
 from fetcher.limits import SharedLimits, local_limits
 from fetcher.models import (
     BytesEvent,
@@ -285,7 +286,11 @@ def _start_crawl(run: _Run, root: str, prefix: str = "") -> None:
             keep = job.max_connections >= 3
             transport = make_transport(t, run.limits, stop, opts.concurrency, keep)
             with make_client(t, transport=transport) as client:
-                walk = _walk(job, client, t, opts, stop, prefix, flush, lambda: width(transport))
+                # listings in trains on a connection (pipelined), as small files are
+                ahead = transport.expect if isinstance(transport, ThreadConnTransport) else None
+                walk = _walk(
+                    job, client, t, opts, stop, prefix, flush, lambda: width(transport), ahead
+                )
                 for item in walk:
                     if prefix and isinstance(item, RemoteFile | RemoteDir):
                         item = replace(item, path=RelPath(f"{prefix}/{item.path}"))
@@ -319,13 +324,14 @@ def _walk(
     prefix: str,
     on_wait: Callable[[], object],
     width: Callable[[], int],
+    ahead: Callable[[Sequence[httpx.Request]], object] | None,
 ) -> Iterator[CrawlItem]:
     """The file list: from the HTML listings, or from repository metadata (``--index``)."""
     if job.index != "html" and not prefix:
         from fetcher.repo_index import index_files
 
         return index_files(client, t, opts, job.index, stop=stop, on_wait=on_wait)
-    return crawl(client, t, opts, stop=stop, on_wait=on_wait, width=width)
+    return crawl(client, t, opts, stop=stop, on_wait=on_wait, width=width, ahead=ahead)
 
 
 def _coordinate(run: _Run) -> None:

@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
+
+import httpx
 
 from fetcher.config import Transfer, build_job
 from fetcher.crawl import CrawlOptions, crawl
+from fetcher.http1 import ThreadConnTransport
 from fetcher.models import RemoteFile
 from fetcher.pipeline import mirror
-from fetcher.transport import make_client
+from fetcher.transport import make_client, make_transport
 from tests.background import hold_listing, mirror_in_background
 from tests.faultserver import Fault, FaultServer
 
@@ -125,3 +129,31 @@ def test_a_resync_reads_listings_on_every_connection(tmp_path: Path) -> None:
         assert srv.max_concurrent_requests == 6
         assert not any(q.path.endswith(".txt") for q in srv.requests)  # nothing fetched
     assert result and result[0].exit_code == 0
+
+
+def test_listings_go_in_trains_on_one_connection(tmp_path: Path) -> None:
+    # One crawl thread, pipeline 4: after the root, the eight directories go as two
+    # trains of four, the three after each first announced to the transport (sent
+    # ahead on the connection), each listing asked for once.
+    with FaultServer() as srv:
+        for d in SHALLOW:
+            srv.add_file(f"/pub/{d}file.txt", d.encode())
+        t = Transfer(dest=str(tmp_path), root=srv.url + "pub/", pipeline=4)
+        transport = make_transport(t, pool_size=1)
+        assert isinstance(transport, ThreadConnTransport)
+        announced: list[list[str]] = []
+
+        def ahead(requests: Sequence[httpx.Request]) -> None:
+            announced.append([str(r.url).removeprefix(srv.url + "pub/") for r in requests])
+            transport.expect(requests)
+
+        with make_client(t, transport=transport) as client:
+            items = list(crawl(client, t, CrawlOptions(concurrency=1), ahead=ahead))
+        listings = [q.path for q in srv.requests if q.path.endswith("/")]
+        connections = srv.connections
+    assert {i.path for i in items if isinstance(i, RemoteFile)} == {f"{d}file.txt" for d in SHALLOW}
+    assert sorted(listings) == sorted(["/pub/", *(f"/pub/{d}" for d in SHALLOW)])
+    trains = [a for a in announced if a]
+    assert [len(a) for a in trains] == [3, 3], announced
+    assert sorted(x for a in trains for x in a) == sorted(SHALLOW[1:4] + SHALLOW[5:8])
+    assert connections == 1
