@@ -56,7 +56,7 @@ from fetcher.postrules import require_ffmpeg
 from fetcher.procs import fork_safe, worker_context
 from fetcher.prune import prune
 from fetcher.shard import make_shards
-from fetcher.state import RunLock, State
+from fetcher.state import Row, RunLock, State
 from fetcher.transport import make_client, make_transport
 
 __all__ = ["Reporter", "mirror"]  # Reporter lives in fetcher.models; re-exported
@@ -108,7 +108,10 @@ class _Disk:
         except OSError:
             names = []
         self.partials = frozenset(names)  # sidecars too: no partial file is named like one
+        self.state = state
         self.state_empty = state.is_empty()
+        self._rows_dir: str | None = None  # the directory whose rows are at hand
+        self._rows: dict[str, Row] | None = None
 
     def add_dir(self, path: RelPath, create: bool) -> None:
         """Note (and with ``create``, make) the directory ``path`` of the mirror."""
@@ -129,7 +132,18 @@ class _Disk:
     def local(self, path: RelPath) -> LocalFile | None:
         if path.rpartition("/")[0] in self.fresh:
             return None
-        return _stat(self.dest / path)
+        return _stat(os.path.join(self.dest, path))
+
+    def row(self, path: RelPath) -> Row | None:
+        """The state's row for ``path``; a listing's files come together, and so do their rows."""
+        if self.state_empty:
+            return None
+        directory = path.rpartition("/")[0]
+        if directory != self._rows_dir:
+            self._rows_dir, self._rows = directory, self.state.rows_in(directory)
+        if self._rows is None:
+            return self.state.get(path)
+        return self._rows.get(path)
 
     def has_partial(self, path: RelPath) -> bool:
         return bool(self.partials) and partial_name(path) in self.partials
@@ -479,7 +493,7 @@ def _take(run: _Run, item: RemoteFile | RemoteDir | CrawlProblem) -> None:
         return
     f = item
     local = disk.local(f.path)
-    row = None if disk.state_empty else run.state.get(f.path)
+    row = disk.row(f.path)
     d = decide(f, row, local, partial=disk.has_partial(f.path))
     if d.adopt and local is not None:
         run.state.adopt(run.run_id, f, local.size, local.mtime)
@@ -508,9 +522,9 @@ def _count(s: Summary, key: str, nbytes: int) -> None:
     c.bytes += nbytes
 
 
-def _stat(p: Path) -> LocalFile | None:
+def _stat(p: str) -> LocalFile | None:
     try:
-        st = p.stat()
+        st = os.stat(p)
     except (OSError, ValueError):
         return None
     if not stat.S_ISREG(st.st_mode):  # one stat per planned file, not two

@@ -232,6 +232,19 @@ class State:
             ).fetchone()
         return Row(*r) if r else None
 
+    def rows_in(self, directory: str) -> dict[str, Row] | None:
+        """Every row below ``directory`` (not the root), by path: one query for a listing's
+        files instead of one each. ``None`` where :meth:`get` must be asked (a dry run)."""
+        if self.readonly or not directory:
+            return None
+        # paths below "a/b" sort from "a/b/" up to (not including) "a/b0": '0' follows '/'
+        cur = self._db.execute(
+            "SELECT path, url, size, mtime, etag, last_modified, sha256, stamp, fetched_at,"
+            " last_seen, status FROM files WHERE path >= ? AND path < ?",
+            (directory + "/", directory + "0"),
+        )
+        return {r[0]: Row(*r) for r in cur}
+
     def seen(self, run_id: int, path: str) -> None:
         """Mark an unchanged file as present upstream in this run."""
         self._seen.append((run_id, path))

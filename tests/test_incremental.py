@@ -557,3 +557,34 @@ def test_metadata_published_last_and_top_level_index_after_the_rest(
     last_package = max(t for p, t in ends.items() if p.startswith("/Packages/"))
     assert starts["/repodata/abc-primary.xml.gz"] >= last_package
     assert starts["/repodata/repomd.xml"] >= ends["/repodata/abc-primary.xml.gz"]
+
+
+def test_a_directorys_rows_come_in_one_query(tmp_path: Path) -> None:
+    # The plan asks for the rows of a listing's files together (one range of the primary
+    # key), which must hold exactly the paths below that directory.
+    from fetcher.models import Outcome, Status
+    from fetcher.state import State
+
+    st = State.open(tmp_path / "d")
+    try:
+        run_id = st.begin_run("http://mirror.test/")
+        paths = ["a/b/x", "a/b/sub/y", "a/bc/z", "a/b0", "a/b.txt", "a/b", "b/x", "a/a/x"]
+        for p in paths:
+            st.record(run_id, Outcome(RelPath(p), "http://mirror.test/" + p, Status.FETCHED,
+                                      size=len(p), mtime=1.0, stamp="x"))  # fmt: skip
+        st.flush()
+        statements: list[str] = []
+        st._db.set_trace_callback(statements.append)
+        rows = st.rows_in("a/b")
+        st._db.set_trace_callback(None)
+        assert rows is not None and sorted(rows) == ["a/b/sub/y", "a/b/x"]
+        assert rows["a/b/x"].size == len("a/b/x")
+        assert len(statements) == 1
+        assert st.rows_in("") is None  # the root: its files are asked for one by one
+    finally:
+        st.close()
+    dry = State.open(tmp_path / "d", readonly=True)
+    try:
+        assert dry.rows_in("a/b") is None  # a dry run's sightings live elsewhere: get() answers
+    finally:
+        dry.close()
