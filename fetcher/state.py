@@ -69,6 +69,9 @@ class Row:
     status: str
 
 
+ROWS_AT_ONCE = 20_000
+"""The most rows :meth:`State.rows_in` holds at once."""
+
 _HELD: set[int] = set()  # descriptors of the run locks this process holds
 
 
@@ -234,16 +237,19 @@ class State:
 
     def rows_in(self, directory: str) -> dict[str, Row] | None:
         """Every row below ``directory`` (not the root), by path: one query for a listing's
-        files instead of one each. ``None`` where :meth:`get` must be asked (a dry run)."""
+        files instead of one each. ``None`` where :meth:`get` must be asked: a dry run, or
+        a directory of over ``ROWS_AT_ONCE`` files (memory stays flat)."""
         if self.readonly or not directory:
             return None
         # paths below "a/b" sort from "a/b/" up to (not including) "a/b0": '0' follows '/'
-        cur = self._db.execute(
+        rows = self._db.execute(
             "SELECT path, url, size, mtime, etag, last_modified, sha256, stamp, fetched_at,"
-            " last_seen, status FROM files WHERE path >= ? AND path < ?",
-            (directory + "/", directory + "0"),
-        )
-        return {r[0]: Row(*r) for r in cur}
+            " last_seen, status FROM files WHERE path >= ? AND path < ? LIMIT ?",
+            (directory + "/", directory + "0", ROWS_AT_ONCE + 1),
+        ).fetchall()
+        if len(rows) > ROWS_AT_ONCE:
+            return None
+        return {r[0]: Row(*r) for r in rows}
 
     def seen(self, run_id: int, path: str) -> None:
         """Mark an unchanged file as present upstream in this run."""

@@ -559,7 +559,9 @@ def test_metadata_published_last_and_top_level_index_after_the_rest(
     assert starts["/repodata/repomd.xml"] >= ends["/repodata/abc-primary.xml.gz"]
 
 
-def test_a_directorys_rows_come_in_one_query(tmp_path: Path) -> None:
+def test_a_directorys_rows_come_in_one_query(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # The plan asks for the rows of a listing's files together (one range of the primary
     # key), which must hold exactly the paths below that directory.
     from fetcher.models import Outcome, Status
@@ -581,6 +583,9 @@ def test_a_directorys_rows_come_in_one_query(tmp_path: Path) -> None:
         assert rows["a/b/x"].size == len("a/b/x")
         assert len(statements) == 1
         assert st.rows_in("") is None  # the root: its files are asked for one by one
+        monkeypatch.setattr("fetcher.state.ROWS_AT_ONCE", 1)
+        assert st.rows_in("a/b") is None  # more than it holds at once: asked one by one
+        assert st.rows_in("b") == {"b/x": st.get("b/x")}
     finally:
         st.close()
     dry = State.open(tmp_path / "d", readonly=True)
