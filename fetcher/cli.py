@@ -381,13 +381,11 @@ class _LazyConsole:
                     return False
             except (AttributeError, ValueError):  # no isatty, or closed: not a terminal
                 return False
-        return self._console().is_terminal
+        return self.made_console().is_terminal
 
     def made_console(self) -> Console:
-        """The rich Console itself (for rich's own objects, such as a live display)."""
-        return self._console()
-
-    def _console(self) -> Console:
+        """The rich Console itself, made now if need be (rich's own objects, such as a
+        live display, want it rather than this stand-in)."""
         if self._made is None:
             from rich.console import Console
 
@@ -399,7 +397,7 @@ class _LazyConsole:
         return self._made
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._console(), name)
+        return getattr(self.made_console(), name)
 
 
 def _forced_terminal() -> bool:
@@ -472,9 +470,7 @@ def main(argv: Sequence[str] | None = None, console: Console | None = None) -> i
     argv = list(sys.argv[1:] if argv is None else argv)
     if console is None:
         console = cast("Console", _LazyConsole())
-        err = cast("Console", _LazyConsole(stderr=True))
-    else:
-        err = cast("Console", _LazyConsole(stderr=True)) if console.file is sys.stdout else console
+    err = cast("Console", _LazyConsole(stderr=True)) if console.file is sys.stdout else console
     if argv[:1] == ["demo"]:
         from fetcher.demo import demo_main
 

@@ -264,18 +264,20 @@ def crawl(
     deep: list[tuple[int, int, _Dir]] = []
     wide: deque[tuple[int, _Dir]] = deque()
     taken: set[int] = set()
-    waiting = [0]  # directories submitted and not taken yet
+    waiting = 0  # directories submitted and not taken yet
     order = itertools.count()
     most = max(1, opts.concurrency)
     turn = itertools.cycle((deep, wide))
 
     def submit(d: _Dir) -> None:
+        nonlocal waiting
         n = next(order)
         heapq.heappush(deep, (-d.depth, n, d))
         wide.append((n, d))
-        waiting[0] += 1
+        waiting += 1
 
     def next_dir() -> _Dir | None:
+        nonlocal waiting
         for _ in range(2):
             side = next(turn)
             while side:
@@ -285,7 +287,7 @@ def crawl(
                     n, d = wide.popleft()
                 if n not in taken:
                     taken.add(n)
-                    waiting[0] -= 1
+                    waiting -= 1
                     return d
         return None
 
@@ -296,9 +298,9 @@ def crawl(
                 return
             room = most if width is None else max(1, min(most, width()))
             trains = {f for f in trains if not f.done()}
-            while len(trains) < room and waiting[0]:
+            while len(trains) < room and waiting:
                 # what waits, shared out among the free threads, a train each
-                size = min(longest, -(-waiting[0] // (room - len(trains))))
+                size = min(longest, -(-waiting // (room - len(trains))))
                 train: list[tuple[_Dir, Future[_Page]]] = []
                 while len(train) < size and (d := next_dir()) is not None:
                     fut: Future[_Page] = Future()

@@ -281,20 +281,22 @@ def _start_crawl(run: _Run, root: str, prefix: str = "") -> None:
     # for the downloads; on narrowing, the crawl's idle connections give back their
     # tokens of the cap.
     narrow = max(1, min(8, job.max_connections // 2))
-    wide = [True]
-
-    def width(transport: httpx.BaseTransport) -> int:
-        if not (run.outstanding or run.batch or run.held):
-            wide[0] = True
-            return opts.concurrency
-        if wide[0]:
-            wide[0] = False
-            close_idle = getattr(transport, "close_idle", None)
-            if close_idle is not None:
-                close_idle()
-        return narrow
 
     def body() -> None:
+        wide = True
+
+        def width() -> int:
+            nonlocal wide
+            if not (run.outstanding or run.batch or run.held):
+                wide = True
+                return opts.concurrency
+            if wide:
+                wide = False
+                close_idle = getattr(transport, "close_idle", None)
+                if close_idle is not None:
+                    close_idle()
+            return narrow
+
         try:
             # Under a tiny cap the crawl must not sit on a token between listings.
             keep = job.max_connections >= 3
@@ -302,10 +304,7 @@ def _start_crawl(run: _Run, root: str, prefix: str = "") -> None:
             with make_client(t, transport=transport) as client:
                 # listings in trains on a connection (pipelined), as small files are
                 ahead = transport.expect if isinstance(transport, ThreadConnTransport) else None
-                walk = _walk(
-                    job, client, t, opts, stop, prefix, flush, lambda: width(transport), ahead
-                )
-                for item in walk:
+                for item in _walk(job, client, t, opts, stop, prefix, flush, width, ahead):
                     if prefix and isinstance(item, RemoteFile | RemoteDir):
                         item = replace(item, path=RelPath(f"{prefix}/{item.path}"))
                     batch.append(item)

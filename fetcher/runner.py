@@ -141,7 +141,6 @@ class ShardRunner:
         self.known_dirs: set[str] = set()
         self._cond = threading.Condition()
         self._jobs: deque[Job] = deque()
-        self._running = 0
         self._load = 0  # of the jobs queued or running here (see the class's note)
         self._heavy_done = 0  # lanes freed by a heavy job: a feeder waiting is told
         self._wake_below = 0  # a feeder waits for a load below this (0: nobody waits)
@@ -212,7 +211,6 @@ class ShardRunner:
             if pipelinable(train[0]):
                 while len(train) < longest and self._jobs and pipelinable(self._jobs[0]):
                     train.append(self._jobs.popleft())
-            self._running += len(train)
             return train
 
     def _lane(self) -> None:
@@ -233,7 +231,6 @@ class ShardRunner:
     def _finished(self, job: Job, out: Outcome) -> None:
         weight = self._weight(job)
         with self._cond:
-            self._running -= 1
             self._load -= weight
             if self._results is not None:
                 self._results[id(job)] = out
