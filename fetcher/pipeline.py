@@ -423,6 +423,8 @@ def _loop(run: _Run) -> None:
             took += len(got)
             for item in got:
                 _take(run, item)
+            if len(run.batch) >= max(_BATCH, len(run.outstanding)):
+                break  # hand these on now: the workers have less than this to do
         if run.summary.fatal or run.stop.is_set():
             break
         # 2. hand full shards on; publish metadata once everything else is in
