@@ -9,7 +9,6 @@ wherever it came from and always names its key::
 from __future__ import annotations
 
 import os
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -352,6 +351,8 @@ def load_config(
     overrides: Mapping[str, Any] | None = None,
 ) -> dict[str, MirrorJob]:
     """Read a TOML file of ``[defaults]`` and ``[jobs.NAME]`` tables into jobs, in file order."""
+    import tomllib  # only runs from a config file need it
+
     label = path.name
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))

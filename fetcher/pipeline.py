@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -25,7 +25,6 @@ from fetcher.crawl import CrawlItem, CrawlOptions, crawl
 from fetcher.download import check_writable, partial_dir, partial_name, pipelinable
 from fetcher.errors import FatalIOError, FetchError
 from fetcher.executor import Executor, LocalExecutor
-from fetcher.ffmpeg import FFmpeg
 from fetcher.http1 import ThreadConnTransport
 from fetcher.limits import SharedLimits, local_limits
 from fetcher.models import (
@@ -46,18 +45,15 @@ from fetcher.models import (
     WorkerFatal,
 )
 from fetcher.plan import LocalFile, decide, is_metadata, is_top_metadata
-from fetcher.postprocess import (
-    PostOutcome,
-    PostPool,
-    PostStatus,
-    check_derived,
-)
-from fetcher.postrules import require_ffmpeg
 from fetcher.procs import fork_safe, worker_context
 from fetcher.prune import prune
 from fetcher.shard import make_shards
 from fetcher.state import Row, RunLock, State
 from fetcher.transport import make_client, make_transport
+
+if TYPE_CHECKING:  # post-processing is imported when a run asks for it (--post)
+    from fetcher.ffmpeg import FFmpeg
+    from fetcher.postprocess import PostOutcome, PostPool
 
 __all__ = ["Reporter", "mirror"]  # Reporter lives in fetcher.models; re-exported
 
@@ -163,9 +159,13 @@ def mirror(
     rep = reporter or Reporter()
     dest = job.dest.absolute()
     summary = Summary(url=job.url, dest=str(dest), started=time.time(), dry_run=job.dry_run)
-    ffmpeg = require_ffmpeg(job.post) if job.post and not job.dry_run else None
+    ffmpeg = None
     derived = derived_root(job)
     if job.post:
+        from fetcher.postprocess import check_derived
+        from fetcher.postrules import require_ffmpeg
+
+        ffmpeg = None if job.dry_run else require_ffmpeg(job.post)
         check_derived(dest, derived)
     if job.dry_run:
         state = State.open(dest, readonly=True)
@@ -204,6 +204,8 @@ def _run_with_state(
             run.stop = stop
         if ffmpeg is not None:
             run.derived = derived
+            from fetcher.postprocess import PostPool
+
             run.post = PostPool(ffmpeg, job.post, dest, derived, jobs=job.post_jobs)
         try:
             _coordinate(run)
@@ -602,6 +604,8 @@ def _handle(run: _Run, events: list[Event]) -> None:
 
 
 def _post_outcomes(run: _Run, outs: list[PostOutcome]) -> None:
+    from fetcher.postprocess import PostStatus
+
     s = run.summary
     for o in outs:
         key = f"{o.action} {o.status.value}"

@@ -9,7 +9,6 @@ from pathlib import Path
 from fetcher.config import MirrorJob
 from fetcher.models import STATE_DIR, Summary
 from fetcher.plan import wanted
-from fetcher.postprocess import remove_derived
 from fetcher.state import State
 
 __all__ = ["prune"]
@@ -75,6 +74,8 @@ def prune(
         if job.dry_run:
             continue
         if derived is not None:
+            from fetcher.postprocess import remove_derived
+
             remove_derived(derived, rel)
         try:
             (dest / rel).unlink()
