@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime, timedelta
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import lxml.etree as etree  # type: ignore[import-untyped,unused-ignore]
 
@@ -101,34 +101,47 @@ class FoundDate(NamedTuple):
     end: int
 
 
-def _month(m: re.Match[str]) -> int | None:
-    groups = m.groupdict()
-    if groups.get("m"):
-        return int(groups["m"])
-    return _MONTHS.get((groups.get("b") or "").lower())
+def _month(g: dict[str, Any]) -> int | None:
+    if g.get("m"):
+        return int(g["m"])
+    return _MONTHS.get((g.get("b") or "").lower())
 
 
-def _epoch(m: re.Match[str], month: int) -> float | None:
-    g = m.groupdict()
+_UNSET = object()
+
+
+def _epoch(g: dict[str, Any], month: int, days: dict[Any, Any]) -> float | None:
+    """UTC epoch seconds of the matched fields; ``days`` caches each day's midnight."""
     hour = int(g["H"] or 0)
     if g.get("p"):
         if not 1 <= hour <= 12:
             return None
         hour = hour % 12 + (12 if g["p"].lower() == "pm" else 0)
-    try:
-        when = datetime(
-            int(g["y"]), month, int(g["d"]), hour, int(g["M"] or 0), int(g["S"] or 0), tzinfo=UTC
-        )
-    except ValueError:
+    minute, second = int(g["M"] or 0), int(g["S"] or 0)
+    if hour > 23 or minute > 59 or second > 59:
         return None
     zone = (g.get("z") or "Z").upper()
-    if zone not in ("Z", "GMT", "UTC"):
-        sign = -1 if zone[0] == "-" else 1
+    if zone not in ("Z", "GMT", "UTC"):  # rare: the exact arithmetic, range checks and all
         try:
+            when = datetime(int(g["y"]), month, int(g["d"]), hour, minute, second, tzinfo=UTC)
+            sign = -1 if zone[0] == "-" else 1
             when -= sign * timedelta(hours=int(zone[1:3]), minutes=int(zone[-2:]))
-        except OverflowError:
+        except (ValueError, OverflowError):
             return None
-    return when.timestamp()
+        return when.timestamp()
+    # A page prints many times of a few days: each day's midnight is worked out once.
+    key = (g["y"], month, g["d"])
+    midnight = days.get(key, _UNSET)
+    if midnight is _UNSET:
+        try:
+            midnight = datetime(int(g["y"]), month, int(g["d"]), tzinfo=UTC).timestamp()
+        except ValueError:
+            midnight = None
+        if len(days) < 4096:
+            days[key] = midnight
+    if midnight is None:
+        return None
+    return float(midnight + hour * 3600 + minute * 60 + second)
 
 
 class DateFinder:
@@ -138,10 +151,11 @@ class DateFinder:
     is tried first; make one finder per page.
     """
 
-    __slots__ = ("_order",)
+    __slots__ = ("_days", "_order")
 
     def __init__(self) -> None:
         self._order = list(range(len(_DATES)))
+        self._days: dict[Any, Any] = {}
 
     def find(self, text: str, anchored: bool = False) -> FoundDate | None:
         """The first date in whitespace-normalised ``text`` (at its start, if ``anchored``)."""
@@ -150,13 +164,14 @@ class DateFinder:
             for m in (pattern.match(text),) if anchored else pattern.finditer(text):
                 if m is None:
                     continue
-                month = _month(m)
+                g = m.groupdict()
+                month = _month(g)
                 if month is None:
                     continue
                 if i != self._order[0]:
                     self._order.remove(i)
                     self._order.insert(0, i)
-                return FoundDate(m.group(), _epoch(m, month), m.start(), m.end())
+                return FoundDate(m.group(), _epoch(g, month, self._days), m.start(), m.end())
         return None
 
 
@@ -265,7 +280,7 @@ def _size_attr(cell: etree._Element) -> int | None:
 
 def _line_row(a: etree._Element, dates: DateFinder) -> Row:
     prev = a.getprevious()
-    dir_mark = any(_is_dir_icon(img) for img in a.iter("img")) or (
+    dir_mark = (bool(len(a)) and any(_is_dir_icon(img) for img in a.iter("img"))) or (
         prev is not None
         and prev.tag == "img"
         and "\n" not in (prev.tail or "")

@@ -117,6 +117,23 @@ def test_parse_date(text: str, expected: float | None) -> None:
     assert parse_date(text) == expected
 
 
+def test_dates_that_share_a_day_keep_their_own_times() -> None:
+    # One page reads each day's midnight once: the times on it still differ, and an
+    # impossible day or time gives no mtime however often it comes.
+    rows = [
+        ("a", "25-Nov-2026 14:02", utc(2026, 11, 25, 14, 2)),
+        ("b", "25-Nov-2026 23:59", utc(2026, 11, 25, 23, 59)),
+        ("c", "30-Feb-2026 10:00", None),
+        ("d", "25-Nov-2026 00:00", utc(2026, 11, 25)),
+        ("e", "30-Feb-2026 11:00", None),
+        ("f", "25-Nov-2026 24:00", None),
+        ("g", "26-Nov-2026 00:01", utc(2026, 11, 26, 0, 1)),
+    ]
+    page = "<pre>" + "".join(f'<a href="{n}">{n}</a> {d} 12\n' for n, d, _ in rows) + "</pre>"
+    entries = parse_listing(page.encode(), "http://h/pub/")
+    assert [(e.name, e.date, e.mtime) for e in entries] == rows
+
+
 def test_parse_iso_date() -> None:
     assert parse_iso_date(" 2026-11-25T14:02:03Z") == utc(2026, 11, 25, 14, 2, 3)
     assert parse_iso_date("2026-11-25T14:02:03") == utc(2026, 11, 25, 14, 2, 3)  # naive: UTC
