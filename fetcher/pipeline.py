@@ -213,6 +213,7 @@ def _run_with_state(
                 prune(
                     job, summary, state, run.run_id, dest,
                     clean=_crawl_clean(run), seen_dirs=run.seen_dirs, derived=run.derived,
+                    new_dirs=run.disk.fresh,
                 )  # fmt: skip
             summary.finished = time.time()
             state.end_run(run.run_id, _crawl_clean(run), summary.exit_code)

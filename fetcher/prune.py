@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Set
 from pathlib import Path
 
 from fetcher.config import MirrorJob
@@ -14,12 +14,15 @@ from fetcher.state import State
 __all__ = ["prune"]
 
 
-def _local_files(dest: Path) -> Iterator[str]:
+def _local_files(dest: Path, skip: Set[str] = frozenset()) -> Iterator[str]:
+    """DEST's files, relative; not in the state directory nor below the directories ``skip``."""
     for root, dirs, files in os.walk(dest):
         rel_root = os.path.relpath(root, dest)
         if rel_root == ".":
-            dirs[:] = [d for d in dirs if d != STATE_DIR]
+            dirs[:] = [d for d in dirs if d != STATE_DIR and d not in skip]
             rel_root = ""
+        elif skip:
+            dirs[:] = [d for d in dirs if f"{rel_root}/{d}" not in skip]
         for name in files:
             yield f"{rel_root}/{name}" if rel_root else name
 
@@ -34,12 +37,15 @@ def prune(
     clean: bool,
     seen_dirs: set[str],
     derived: Path | None,
+    new_dirs: Set[str] = frozenset(),
 ) -> None:
     """Vanished files: counted always, removed with ``--delete`` after a clean crawl.
 
     A local file is vanished when this run's crawl did not see it upstream
     (``last_seen`` in the state is another run's); files outside the
-    include/exclude selection are never candidates.
+    include/exclude selection are never candidates. ``new_dirs``: directories this
+    run created (with all below them); whatever is in them this run fetched, and
+    they are not looked through (a first run's end does not read back every file).
     """
     if not clean:
         if job.delete:
@@ -47,7 +53,7 @@ def prune(
         return
     candidates: list[str] = []
     batch: list[str] = []
-    for rel in _local_files(dest):
+    for rel in _local_files(dest, new_dirs):
         if wanted(rel, False, job.include, job.exclude):
             batch.append(rel)
         if len(batch) >= 500:

@@ -593,3 +593,40 @@ def test_a_directorys_rows_come_in_one_query(
         assert dry.rows_in("a/b") is None  # a dry run's sightings live elsewhere: get() answers
     finally:
         dry.close()
+
+
+def test_the_end_of_a_run_does_not_read_back_the_directories_it_created(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Whatever is in a directory this run created, this run fetched: only the files in
+    # directories that were there before are looked up as possibly gone upstream.
+    from fetcher.config import build_job
+    from fetcher.pipeline import mirror
+    from fetcher.state import State
+
+    www = tmp_path / "www"
+    for rel in ["top.txt", "old/a.txt", "new/b.txt", "new/deep/c.txt"]:
+        (www / rel).parent.mkdir(parents=True, exist_ok=True)
+        (www / rel).write_bytes(rel.encode())
+    dest = tmp_path / "d"
+    (dest / "old").mkdir(parents=True)
+    (dest / "old" / "extra.txt").write_bytes(b"not upstream")
+    asked: list[str] = []
+    real = State.seen_among
+
+    def seen_among(self: State, run_id: int, paths: list[str]) -> set[str]:
+        asked.extend(paths)
+        return real(self, run_id, paths)
+
+    monkeypatch.setattr(State, "seen_among", seen_among)
+    with FaultServer(root=www) as srv:
+        job = build_job({"url": srv.url, "dest": str(dest), "procs": 1}, "t")
+        first = mirror(job)
+        assert (first.exit_code, first.fetched.files, first.vanished) == (0, 4, 1)
+        assert sorted(asked) == ["old/a.txt", "old/extra.txt", "top.txt"]
+        asked.clear()
+        second = mirror(job)
+    assert (second.exit_code, second.vanished) == (0, 1)
+    assert sorted(asked) == [
+        "new/b.txt", "new/deep/c.txt", "old/a.txt", "old/extra.txt", "top.txt"
+    ]  # fmt: skip
