@@ -221,6 +221,12 @@ def _run_with_state(
             # e.g. the disk filled up under the state database: still report the run
             summary.fatal = summary.fatal or exc.message
             summary.finished = time.time()
+        finally:
+            if run.executor is not None:
+                # The workers were told to end when the downloads were over, and have
+                # been exiting while the run was wound up here: wait for them now.
+                run.executor.join(timeout=10)
+                run.executor.kill()
     finally:
         try:
             state.close()
@@ -393,9 +399,7 @@ def _coordinate(run: _Run) -> None:
         run.stop.set()
         if run.executor is not None:
             run.executor.finish()
-            run.executor.stop()
-            run.executor.join(timeout=10)
-            run.executor.kill()
+            run.executor.stop()  # (joined once the run is wound up: _run_with_state)
         for th in run.threads:
             th.join(timeout=10)
         if run.post is not None and not run.post.closed:
