@@ -14,7 +14,7 @@ tree), and the requests nginx logged during the run.
 ::
 
     python benchmarks/run.py --quick                 # < 10 min on 2 cores
-    python benchmarks/run.py                         # the full suite, 3 runs each
+    python benchmarks/run.py                         # the full suite: 5 runs on loopback, 3 at the RTT
     python benchmarks/run.py --scenarios small,large --runs 5 --connections 16
 
 Scenarios: ``small``, ``large``, ``mixed`` (plain loopback), ``small-rtt``,
@@ -704,7 +704,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scenarios", help=f"comma list of {','.join(ALL_SCENARIOS)}")
     p.add_argument("--tools", help=f"comma list (default: the installed ones of {TOOLS})")
     p.add_argument("--rtt-ms", type=float, default=50.0)
-    p.add_argument("--runs", type=int)
+    p.add_argument(
+        "--runs",
+        type=int,
+        help="runs of every tool per scenario (default: 5 on loopback, 3 at the RTT; 1 with --quick)",
+    )
     p.add_argument("--connections", type=int, default=16)
     p.add_argument("--no-limits", action="store_true", help="skip curl / dd / proxy ceilings")
     p.add_argument(
@@ -747,13 +751,15 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown scenarios {sorted(unknown)}")
     runs = args.runs or (1 if args.quick else 3)
+    # Loopback runs take a second and move by +-20 % from one to the next: more of them.
+    loop_runs = args.runs or (1 if args.quick else 5)
     tools = args.tools.split(",") if args.tools else installed_tools()
     n, rtt = args.connections, args.rtt_ms
     WORK.mkdir(exist_ok=True)
     started = time.time()
     print(
         f"fetch benchmarks: scenarios {','.join(scenarios)}; tools {','.join(tools)}; "
-        f"N={n}; RTT {rtt:g} ms; {runs} run(s) each"
+        f"N={n}; RTT {rtt:g} ms; {loop_runs} run(s) each on loopback, {runs} at the RTT"
         + (f"; nginx limit_rate {args.server_limit_rate}" if args.server_limit_rate else ""),
         flush=True,
     )
@@ -780,7 +786,9 @@ def main(argv: list[str] | None = None) -> int:
     for s in scenarios:
         print(f"scenario {s}:", flush=True)
         if s in ("small", "large", "mixed"):
-            run_mirror_scenario(s, tree(s), tools, runs, n, None, results, args.server_limit_rate)
+            run_mirror_scenario(
+                s, tree(s), tools, loop_runs, n, None, results, args.server_limit_rate
+            )
         elif s in ("small-rtt", "mixed-rtt"):
             run_mirror_scenario(
                 s, tree(s.split("-")[0]), tools, runs, n, rtt, results, args.server_limit_rate
