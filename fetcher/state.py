@@ -69,6 +69,9 @@ class Row:
     status: str
 
 
+_ROW = "path, url, size, mtime, etag, last_modified, sha256, stamp, fetched_at, last_seen, status"
+"""The columns of a :class:`Row`, in its order."""
+
 ROWS_AT_ONCE = 20_000
 """The most rows :meth:`State.rows_in` holds at once."""
 
@@ -228,11 +231,7 @@ class State:
                 (self._dry_run_id, path),
             ).fetchone()
         else:
-            r = self._db.execute(
-                "SELECT path, url, size, mtime, etag, last_modified, sha256, stamp, fetched_at,"
-                " last_seen, status FROM files WHERE path = ?",
-                (path,),
-            ).fetchone()
+            r = self._db.execute(f"SELECT {_ROW} FROM files WHERE path = ?", (path,)).fetchone()
         return Row(*r) if r else None
 
     def rows_in(self, directory: str) -> dict[str, Row] | None:
@@ -243,8 +242,7 @@ class State:
             return None
         # paths below "a/b" sort from "a/b/" up to (not including) "a/b0": '0' follows '/'
         rows = self._db.execute(
-            "SELECT path, url, size, mtime, etag, last_modified, sha256, stamp, fetched_at,"
-            " last_seen, status FROM files WHERE path >= ? AND path < ? LIMIT ?",
+            f"SELECT {_ROW} FROM files WHERE path >= ? AND path < ? LIMIT ?",
             (directory + "/", directory + "0", ROWS_AT_ONCE + 1),
         ).fetchall()
         if len(rows) > ROWS_AT_ONCE:
@@ -289,8 +287,7 @@ class State:
             with self._db:
                 self._db.execute("BEGIN")
                 self._db.executemany(
-                    "INSERT INTO files (path, url, size, mtime, etag, last_modified, sha256, stamp,"
-                    " fetched_at, last_seen, status) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+                    f"INSERT INTO files ({_ROW}) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
                     " ON CONFLICT(path) DO UPDATE SET url=excluded.url, size=excluded.size,"
                     " mtime=excluded.mtime, etag=COALESCE(excluded.etag, files.etag),"
                     " last_modified=COALESCE(excluded.last_modified, files.last_modified),"
@@ -343,10 +340,7 @@ class State:
             self._db.executemany("DELETE FROM files WHERE path = ?", [(p,) for p in paths])
 
     def rows(self) -> Iterator[Row]:
-        cur = self._db.execute(
-            "SELECT path, url, size, mtime, etag, last_modified, sha256, stamp, fetched_at,"
-            " last_seen, status FROM files ORDER BY path"
-        )
+        cur = self._db.execute(f"SELECT {_ROW} FROM files ORDER BY path")
         for r in cur:
             yield Row(*r)
 
