@@ -8,6 +8,7 @@ writes state or draws anything: that is the coordinator's job.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import queue
 import sys
@@ -88,12 +89,17 @@ class LocalExecutor:
         self._exited: set[int] = set()
         self._finished = False
         if self._ctx.get_start_method() == "fork":
+            # Frozen, what the workers inherit is out of their collector's sight: its
+            # passes do not write to (and so copy) the pages of a parent's objects.
+            gc.freeze()
             try:
                 while len(self._procs) < self._max:
                     self._start_one()
             except FatalIOError:
                 self.kill()  # the ones already started would wait for shards that never come
                 raise
+            finally:
+                gc.unfreeze()
 
     def _start_one(self) -> None:
         i = len(self._procs)

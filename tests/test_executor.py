@@ -4,6 +4,7 @@ from the fork server with the shards that need them; against a real server."""
 from __future__ import annotations
 
 import errno
+import gc
 import multiprocessing
 import os
 import time
@@ -97,6 +98,7 @@ def test_forked_workers_all_start_at_once_and_share_the_shards(tmp_path: Path) -
     with FaultServer(root=_files(tmp_path / "www", 5, b"y")) as srv:
         ex = _forked(tmp_path / "d", srv.url, 3)
         assert len(ex._procs) == 3 and all(p.is_alive() for p in ex._procs)
+        assert gc.get_freeze_count() == 0, "the coordinator's objects stay collectable"
         events = _run(tmp_path, srv.url, [Shard((_job(srv.url, i),)) for i in range(5)], ex)
     assert {e.worker for e in events if isinstance(e, WorkerExit)} == {0, 1, 2}
     done = [e.outcome for e in events if isinstance(e, FileDone)]

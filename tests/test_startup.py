@@ -6,6 +6,7 @@ console script ends without tearing the interpreter down, but as an orderly exit
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 
 from fetcher.procs import worker_context
+from fetcher.startup import GC_THRESHOLD
 from tests.faultserver import FaultServer
 
 CHECK = "import sys, httpx; print(sys.modules.get('httpx._main', 'absent') is None, httpx.main.__module__)"
@@ -37,6 +39,16 @@ def test_importing_fetch_as_a_library_changes_nothing() -> None:
     # httpx's own main (from httpx._main) when its extras are installed; its stub otherwise
     out = _python("import fetcher.pipeline, fetcher.runner; " + CHECK)
     assert out.startswith("False "), out
+
+
+GC_CHECK = "import gc; print(gc.get_threshold())"
+
+
+def test_the_cli_process_paces_the_collector_and_a_library_user_keeps_python_s() -> None:
+    default = _python(GC_CHECK)
+    assert _python("import fetcher.pipeline, fetcher.runner; " + GC_CHECK) == default
+    paced = _python("import fetcher.cli; " + GC_CHECK)
+    assert paced == str((GC_THRESHOLD, *ast.literal_eval(default)[1:])) != default
 
 
 def _report(q: Any) -> None:
