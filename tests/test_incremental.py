@@ -21,6 +21,7 @@ import pytest
 
 from fetcher.download import partial_paths
 from fetcher.models import RelPath
+from fetcher.state import SCHEMA_VERSION
 from tests.faultserver import Fault, FaultServer
 from tests.faultserver import serving as _serving
 from tests.servers import serve
@@ -382,7 +383,7 @@ def test_state_schema_version_and_newer_version_refused(mirrored: Any, run_fetch
     db = dest / ".fetcher" / "state.sqlite"
     con = sqlite3.connect(db)
     try:
-        assert con.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         con.execute("PRAGMA user_version = 7")
     finally:
         con.close()
@@ -395,6 +396,40 @@ def test_state_schema_version_and_newer_version_refused(mirrored: Any, run_fetch
         assert con.execute("PRAGMA user_version").fetchone()[0] == 7, "a newer file was changed"
     finally:
         con.close()
+
+
+def _indexes(db: Path) -> tuple[int, list[str]]:
+    con = sqlite3.connect(db)
+    try:
+        names = con.execute("SELECT name FROM sqlite_master WHERE type = 'index'").fetchall()
+        return con.execute("PRAGMA user_version").fetchone()[0], sorted(n for (n,) in names)
+    finally:
+        con.close()
+
+
+def test_a_schema_1_state_file_is_brought_forward_and_its_rows_kept(
+    mirrored: Any, run_fetch: RunFetch
+) -> None:
+    srv, src, dest, _ = mirrored
+    db = dest / ".fetcher" / "state.sqlite"
+    con = sqlite3.connect(db)
+    try:  # as schema 1 left it: the same table, with an index on last_seen
+        con.execute("CREATE INDEX files_last_seen ON files(last_seen)")
+        con.execute("PRAGMA user_version = 1")
+        con.commit()
+    finally:
+        con.close()
+    assert _indexes(db)[0] == 1 and "files_last_seen" in _indexes(db)[1]
+    r = run_fetch("--mirror", srv.url, "--dest", dest, "--procs", "1", "--dry-run")
+    assert r.code == 0, r
+    assert _indexes(db)[0] == 1, "a dry run changed the state file"
+    srv.reset_stats()
+    r = run_fetch("--mirror", srv.url, "--dest", dest, "--procs", "1", "--delete")
+    assert r.code == 0, r
+    assert _file_requests(srv) == [], "the rows of schema 1 were not used"
+    version, indexes = _indexes(db)
+    assert version == SCHEMA_VERSION == 2 and "files_last_seen" not in indexes, indexes
+    _assert_same(dest, src)
 
 
 def test_unreadable_state_file_is_a_clear_error(mirrored: Any, run_fetch: RunFetch) -> None:
