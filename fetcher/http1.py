@@ -29,7 +29,9 @@ hostile server could hurt (bounded head, checked framing) and nothing more:
   after an HTTP/1.1 answer, up to N-1 of them (for that connection's server)
   are written right behind the current request and their answers read in
   order when they are asked for.  Anything out of turn drops the connection;
-  a server that drops pipelined requests twice gets no more of them;
+  requests sent ahead on a connection that goes (a keep-alive limit, a
+  close) are the thread's next requests again, in order; a server that
+  drops pipelined requests twice gets no more of them;
 * a short error page the caller does not read is drained (1 s at most), so
   it does not cost the connection;
 * with the ``REUSE_BUFFER`` request extension, large bodies are read with
@@ -141,6 +143,15 @@ class ThreadConnTransport(httpx.BaseTransport):
             self._conns.discard(conn)
         if getattr(self._local, "conn", None) is conn:
             self._local.conn = None
+            if conn.queued:
+                # Sent ahead on it and never to be answered there: still this thread's
+                # next requests, in order. Forgotten, the next top-up sent the ones after
+                # them, which then came out of turn: each connection that carried them was
+                # dropped with answers due (a keep-alive limit reached mid-train did that).
+                expect = self._expected()
+                if expect is not None:
+                    expect.extendleft((conn.key, head) for head in reversed(conn.queued))
+                conn.queued.clear()
         conn.close()
 
     def done(self, conn: Conn, keep: bool) -> None:
@@ -178,6 +189,11 @@ class ThreadConnTransport(httpx.BaseTransport):
             c.close()
 
     # -- pipelining -----------------------------------------------------------
+    @property
+    def pipelining(self) -> bool:
+        """Requests may go ahead: asked for, and the server has not dropped any twice."""
+        return self._depth > 1 and self._lost < 2
+
     def expect(self, requests: Sequence[httpx.Request]) -> None:
         """This thread's next requests, in order: they may be sent ahead (pipelined).
 
@@ -199,7 +215,7 @@ class ThreadConnTransport(httpx.BaseTransport):
 
     def _top_up(self, conn: Conn) -> list[bytes]:
         expect = self._expected()
-        if not expect or not conn.proven or self._depth < 2 or self._lost >= 2:
+        if not expect or not conn.proven or not self.pipelining:
             return []
         extra = []
         # only requests for this connection's server, and in order: stop at another's
