@@ -176,8 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--pipeline",
         type=int,
         metavar="N",
-        help="requests in flight on one connection for small files (HTTP/1.1 pipelining; "
-        "default 4, 1 = off); the number of connections does not change",
+        help="small-file requests in flight per download thread (HTTP/1.1 pipelining; "
+        "default 4, 1 = off); a process sends its threads' share on as few connections "
+        "as hold it, at most 16 on one",
     )
     g.add_argument(
         "--limit-rate", metavar="RATE", help="total bandwidth for the whole run, e.g. 500k, 20M"

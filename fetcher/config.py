@@ -43,7 +43,8 @@ class Transfer:
     """Bytes per second for the runner's own limits (a Dask task); local workers share one bucket."""
     http2: bool = False
     pipeline: int = 4
-    """Requests in flight on one keep-alive connection (1: none pipelined)."""
+    """Small-file requests in flight per download thread, and listings' on one keep-alive
+    connection (1: none pipelined); see :class:`fetcher.runner.ShardRunner`."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     import tenacity  # imported at run time by fetcher.retry, without tornado
 
 __all__ = [
+    "Deferred",
     "Interrupted",
     "check_writable",
     "fetch_file",
@@ -66,6 +67,15 @@ _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 class Interrupted(Exception):
     """The run is stopping; the partial file is kept for the next run."""
+
+
+class Deferred(Exception):
+    """``fetch_file(defer=True)``: the first attempt failed, and the policy's say on it
+    (a wait, another attempt) is left to ``fetch_file(failed=cause)`` later."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
 
 
 def partial_name(path: RelPath) -> str:
@@ -668,8 +678,16 @@ def fetch_file(
     on_retry: Callable[[int, str], None] | None = None,
     known_dirs: set[str] | None = None,
     prepared: httpx.Request | None = None,
+    defer: bool = False,
+    failed: Exception | None = None,
 ) -> Outcome:
     """Fetch ``job`` into ``t.dest``; never raises for a per-file problem.
+
+    A file of a pipelined train whose first attempt fails must not be retried at
+    once: its retry would go out of turn, dropping the connection and the answers
+    already on their way to the files behind it. With ``defer`` such a failure
+    raises :class:`Deferred` instead; ``failed=`` its cause, later, takes the policy
+    from there (the failure counts as attempt 1, its wait is waited then).
 
     Example::
 
@@ -701,14 +719,20 @@ def fetch_file(
         # The first attempt runs bare: most files need no other, and the policy's
         # bookkeeping costs as much as a parse of the file's URL. A failure is then
         # replayed to the policy as attempt 1, so what it decides is unchanged.
-        try:
-            attempts = 1
-            # A small new file's first attempt is the plain GET the runner may have
-            # pipelined, and looks for no partial file: the plan saw none, and below
-            # RESUME_MIN a body is fetched whole anyway. A retry looks.
-            return _attempt(ctx, job, where, not pipelinable(job))
-        except Exception as exc:  # noqa: BLE001 - judged by the policy just below
-            first: Exception | None = exc
+        attempts = 1
+        first: Exception | None = failed
+        if first is None:
+            try:
+                # A small new file's first attempt is the plain GET the runner may have
+                # pipelined, and looks for no partial file: the plan saw none, and below
+                # RESUME_MIN a body is fetched whole anyway. A retry looks.
+                return _attempt(ctx, job, where, not pipelinable(job))
+            except Interrupted:
+                raise
+            except Exception as exc:  # noqa: BLE001 - judged by the policy just below
+                if defer:
+                    raise Deferred(exc) from None
+                first = exc
         for attempt in retrying.copy(before_sleep=before_sleep):
             with attempt:
                 if first is not None:

@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 
 from fetcher.config import Transfer
-from fetcher.download import fetch_file, pipelinable, plain_get
+from fetcher.download import Deferred, fetch_file, pipelinable, plain_get
 from fetcher.http1 import ThreadConnTransport
 from fetcher.limits import SharedLimits
 from fetcher.models import (
@@ -84,14 +84,32 @@ class _Batcher:
             self._send(events)
 
 
+MAX_DEPTH = 16
+"""Most small-file requests in flight on one connection."""
+STALL = 1.0
+"""Seconds without a small file done after which a lane on small files counts as held up."""
+
+
 class ShardRunner:
     """Fetches jobs on ``t.threads`` lanes over one transport; reports through ``send``.
 
     Jobs wait in one local queue.  Each lane (a thread, with its own keep-alive
     connection) takes a *train*: the next job and, when they are small new files,
-    the ones behind it, which the transport may pipeline on that connection
-    (``--pipeline``).  A train is at most a fair share of what is queued, so the
-    lanes stay even when the queue runs short.
+    the ones behind it, which the transport may pipeline on that connection.  A
+    train is at most a fair share of what is queued, so the lanes stay even when
+    the queue runs short.
+
+    Small files are gathered onto few lanes: the ``threads × pipeline`` requests a
+    process may have in flight go on as few connections as hold them, at most
+    :data:`MAX_DEPTH` on one (with the defaults, one lane per process), and the
+    other lanes take the big files. Lanes on small files spend their time in
+    Python and system calls, each giving the GIL to another lane and taking it
+    back: one lane 16 deep costs a process half the CPU per file of four lanes 4
+    deep, and at 50 ms RTT moves as many files. A server that drops pipelined
+    requests turns pipelining off (:attr:`ThreadConnTransport.pipelining`), and
+    then every lane takes small files again, one request at a time. A lane that has
+    not finished a small file for :data:`STALL` seconds (an answer held up, and the
+    files behind it in its train waiting for it) leaves its place to another lane.
 
     What a feeder keeps here is counted as *load*: a small new file counts one, a
     file that holds a lane to itself (a big one, an update, a resume) counts a
@@ -119,7 +137,12 @@ class ShardRunner:
         self._parent_alive = parent_alive
         self.orphaned = False
         self.limits = limits
-        self.transport = make_transport(t, limits, self.stop)
+        lanes = max(1, t.threads)
+        # small files: lanes × pipeline in flight, on as few lanes as hold them
+        inflight = lanes * t.pipeline
+        self._small_lanes = -(-inflight // MAX_DEPTH) if t.pipeline > 1 else lanes
+        self._small_depth = -(-inflight // self._small_lanes) if t.pipeline > 1 else 1
+        self.transport = make_transport(t, limits, self.stop, pipeline=self._small_depth)
         # the transport that takes a train's requests ahead; None: one request at a time
         self._ahead = (
             self.transport
@@ -127,7 +150,6 @@ class ShardRunner:
             else None
         )
         self.depth = t.pipeline if self._ahead is not None else 1
-        lanes = max(1, t.threads)
         # The feeder's marks: enough jobs here to fill every lane's pipeline twice over
         # and one more (more would sit here while another worker idles at the end of the
         # run), refilled from half of that, so it wakes once per few shards, not once per
@@ -146,6 +168,9 @@ class ShardRunner:
         self._wake_below = 0  # a feeder waits for a load below this (0: nobody waits)
         self._closing = False
         self._released = False
+        # lanes on a train of small files now (by thread): when each began it or last
+        # finished one of its files
+        self._small_at: dict[int, float] = {}
         self._results: dict[int, Outcome] | None = None
         self._lanes = [
             threading.Thread(target=self._lane, name=f"w{worker}-{i}", daemon=True)
@@ -199,34 +224,87 @@ class ShardRunner:
             finally:
                 self._wake_below = 0
 
-    def _take(self) -> list[Job]:
+    def _take(self, held: bool) -> tuple[list[Job], bool]:
+        """The next train, and whether it is one of small files (which holds a place
+        among the small-file lanes). ``held``: this lane's last train was one: its place
+        goes back, or is kept for the next small train (no other lane can take it between)."""
+        me = threading.get_ident()
         with self._cond:
-            while not self._jobs:
+            if held:
+                del self._small_at[me]
+            while True:
+                jobs = self._jobs
+                if jobs:
+                    gathered = self._ahead is not None and self._ahead.pipelining
+                    busy, room = self._small_places(gathered)
+                    if not pipelinable(jobs[0]):
+                        train, small = [jobs.popleft()], False
+                    elif busy < room:
+                        self._small_at[me] = time.monotonic()
+                        train, small = self._small_train(room, gathered), True
+                        busy += 1
+                    else:  # every small-file lane is busy: a big file from further back
+                        i = next((i for i, j in enumerate(jobs) if not pipelinable(j)), -1)
+                        if i < 0:
+                            self._cond.wait(0.5)
+                            continue
+                        train, small = [jobs[i]], False
+                        del jobs[i]
+                    if jobs and (
+                        (busy < room and pipelinable(jobs[0])) or not all(map(pipelinable, jobs))
+                    ):
+                        self._cond.notify_all()  # another lane's turn (the feeder waits here too)
+                    return train, small
                 if self._closing:
-                    return []
+                    return [], False
                 self._cond.wait(0.5)
-            share = -(-len(self._jobs) // len(self._lanes))
-            longest = min(4 * self.depth, share) if self.depth > 1 else 1
-            train = [self._jobs.popleft()]
-            if pipelinable(train[0]):
-                while len(train) < longest and self._jobs and pipelinable(self._jobs[0]):
-                    train.append(self._jobs.popleft())
-            return train
+
+    def _small_places(self, gathered: bool) -> tuple[int, int]:
+        """Lanes on small files and not held up, and how many may be."""
+        if not gathered:
+            return len(self._small_at), len(self._lanes)
+        now = time.monotonic()
+        busy = sum(now - t < STALL for t in self._small_at.values())
+        return busy, self._small_lanes
+
+    def _small_train(self, lanes: int, gathered: bool) -> list[Job]:
+        jobs = self._jobs
+        share = -(-len(jobs) // lanes)
+        longest = min(4 * self._small_depth, share) if gathered else 1
+        train = [jobs.popleft()]
+        while len(train) < longest and jobs and pipelinable(jobs[0]):
+            train.append(jobs.popleft())
+        return train
 
     def _lane(self) -> None:
         ahead = self._ahead
-        while train := self._take():
+        small = False
+        while True:
+            train, small = self._take(small)
+            if not train:
+                return
             # The plain GETs of a train, built once: announced to the transport (which may
             # send them ahead) and handed to fetch_file, which sends exactly these.
             ready = [plain_get(j.file.url, self.t) for j in train] if len(train) > 1 else []
             if ahead is not None and ready:
                 ahead.expect(ready[1:])
+            later: list[tuple[Job, Exception]] = []  # first attempts failed mid-train
             try:
                 for i, job in enumerate(train):
-                    self._finished(job, self.fetch(job, ready[i] if ready else None))
+                    defer = ahead is not None and i < len(train) - 1
+                    out = self.fetch(job, ready[i] if ready else None, defer=defer)
+                    if isinstance(out, Exception):
+                        later.append((job, out))
+                    else:
+                        self._finished(job, out)
             finally:
                 if ahead is not None and ready:
                     ahead.expect([])
+            # their retries, now that no answers wait behind them
+            for job, failure in later:
+                out = self.fetch(job, failed=failure)
+                assert not isinstance(out, Exception)
+                self._finished(job, out)
 
     def _finished(self, job: Job, out: Outcome) -> None:
         weight = self._weight(job)
@@ -237,6 +315,10 @@ class ShardRunner:
             idle = not self._load
             if weight > 1:
                 self._heavy_done += 1
+            else:
+                me = threading.get_ident()
+                if me in self._small_at:
+                    self._small_at[me] = time.monotonic()
             # Only the feeder waits for jobs to finish (lanes wait for jobs to come): wake
             # it when it asked to be, not once per small file.
             if self._wake_below and (self._load < self._wake_below or weight > 1):
@@ -247,7 +329,16 @@ class ShardRunner:
             self.batch.flush()
 
     # -- one file -------------------------------------------------------------
-    def fetch(self, job: Job, prepared: httpx.Request | None = None) -> Outcome:
+    def fetch(
+        self,
+        job: Job,
+        prepared: httpx.Request | None = None,
+        *,
+        defer: bool = False,
+        failed: Exception | None = None,
+    ) -> Outcome | Exception:
+        """One file's outcome; with ``defer``, a failed first attempt's error instead (see
+        :func:`fetch_file`), to be given back as ``failed`` for the rest of its attempts."""
         f = job.file
         if self.stop.is_set():
             return Outcome(
@@ -272,7 +363,11 @@ class ShardRunner:
                 on_retry=on_retry,
                 known_dirs=self.known_dirs,
                 prepared=prepared,
+                defer=defer,
+                failed=failed,
             )
+        except Deferred as exc:
+            return exc.cause
         except Exception as exc:  # noqa: BLE001 - a worker must return an Outcome, always:
             # an escaping exception would leave the file unreported and the run waiting.
             out = Outcome(

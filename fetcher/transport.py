@@ -38,13 +38,15 @@ def make_transport(
     stop: threading.Event | None = None,
     pool_size: int | None = None,
     keepalive: bool = True,
+    pipeline: int | None = None,
 ) -> httpx.BaseTransport:
     """The transport for one process's threads, its connections capped by ``limits``.
 
     HTTP/1.1 goes through :class:`ThreadConnTransport` (one keep-alive connection
     per thread, no shared pool); ``--http2`` needs httpcore's multiplexing pool.
     ``keepalive=False`` closes each connection after its response, so a thread
-    that pauses between requests does not sit on a token of the cap.
+    that pauses between requests does not sit on a token of the cap. ``pipeline``:
+    requests in flight on one connection, when not ``t.pipeline``.
     """
     if t.http2:
         from fetcher.pooled import pooled_transport  # httpcore, h2: only when asked for
@@ -55,7 +57,7 @@ def make_transport(
         timeout=timeout_of(t),
         gate=TokenGate(limits.connections, stop) if limits is not None else None,
         keepalive=keepalive,
-        pipeline=t.pipeline,
+        pipeline=t.pipeline if pipeline is None else pipeline,
     )
 
 

@@ -437,8 +437,10 @@ def test_post_processing_starts_while_a_download_is_still_running(
 
     The server holds ``/zz-big.bin`` until the gate opens; a watcher opens it as
     soon as the clip's thumbnails appear (or at a deadline, which fails the test).
+    It is bigger than download.RESUME_MIN: a lane of its own. (A small file's held
+    answer would hold the clip too, were the clip behind it in one pipelined train.)
     """
-    root = build(tmp_path / "srv", clips, {"a.mp4": "small", "zz-big.bin": os.urandom(1 << 20)})
+    root = build(tmp_path / "srv", clips, {"a.mp4": "small", "zz-big.bin": os.urandom(2 << 20)})
     derived = tmp_path / "dest.derived"
     gate = threading.Event()
     seen: dict[str, int] = {}

@@ -26,9 +26,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from fetcher.config import Transfer
 from fetcher.download import RESUME_MIN
 from fetcher.http1 import ThreadConnTransport
 from fetcher.limits import TokenGate
+from fetcher.models import Action, Job, RelPath, RemoteFile, Status
+from fetcher.runner import MAX_DEPTH, ShardRunner
 from tests.faultserver import FaultServer, serving
 from tests.servers import serve
 from tests.test_http1 import (
@@ -637,6 +640,56 @@ def test_cli_mirrors_from_nginx(
         assert relay.bursts > 0, "no request was ever sent ahead with --pipeline 4"
 
 
+# --- 7. a process's small files, gathered on few connections -------------------------------
+
+
+def _echo_jobs(url: str, n: int) -> list[Job]:
+    """Files ``/s000`` ..: the echo scripts answer each with its own target."""
+    paths = [f"s{i:03d}" for i in range(n)]
+    return [Job(RemoteFile(f"{url}/{p}", RelPath(p), len(p) + 1, True), Action.NEW) for p in paths]
+
+
+def test_a_process_sends_its_small_files_on_one_connection_16_deep(tmp_path: Path) -> None:
+    log: Log = []
+    # four lanes of --pipeline 4: 16 in flight, all on one connection; /s001's answer
+    # waits until 15 requests are buffered behind it (as long as they may take to come)
+    with RawServer(echo(log, {"/s001": (MAX_DEPTH - 1, WAIT)})) as srv:
+        t = Transfer(dest=str(tmp_path / "d"), root=srv.url + "/", threads=4, pipeline=4)
+        out = ShardRunner(t, 0, lambda evs: None).run(_echo_jobs(srv.url, 40))
+        accepts, most_open = srv.accepts, srv.max_open
+    assert [o.status for o in out] == [Status.FETCHED] * 40, out[0]
+    assert (tmp_path / "d" / "s039").read_bytes() == b"/s039"
+    ahead = {target: n for _, target, n in log}
+    assert ahead["/s000"] == 0  # a new connection: one request, until it has kept alive
+    assert ahead["/s001"] == MAX_DEPTH - 1, log[:3]
+    assert accepts == most_open == 1, "small files went on more than one connection"
+
+
+def test_when_pipelining_stops_every_lane_takes_small_files_again(tmp_path: Path) -> None:
+    log: Log = []
+    answer = echo(log, close_after_burst=True)  # drops what was sent ahead: twice, and it is off
+    holder: list[RawServer] = []
+
+    def script(peer: Peer, index: int) -> None:
+        if index >= 2:  # from the third connection on, pipelining is off
+            deadline = time.monotonic() + 10
+            # hold this connection's first answer until a second lane has a connection open
+            while holder[0].max_open < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+        answer(peer, index)
+
+    with RawServer(script) as srv:
+        holder.append(srv)
+        t = Transfer(dest=str(tmp_path / "d"), root=srv.url + "/", threads=2, pipeline=4)
+        out = ShardRunner(t, 0, lambda evs: None).run(_echo_jobs(srv.url, 200))
+        most_open = srv.max_open
+    assert [o.status for o in out] == [Status.FETCHED] * 200, [o for o in out if o.error][:1]
+    assert (tmp_path / "d" / "s199").read_bytes() == b"/s199"
+    assert most_open == 2, "the second lane never took small files after pipelining stopped"
+    bursts = [(i, target) for i, target, n in log if n]
+    assert [i for i, _ in bursts] == [0, 1], bursts  # two lost bursts, then one at a time
+
+
 @pytest.mark.real_server
 def test_a_keep_alive_limit_mid_train_costs_one_connection_per_limit(
     tmp_path: Path, run_fetch, small_tree: tuple[Path, dict[str, bytes]]
@@ -662,7 +715,7 @@ def test_a_keep_alive_limit_mid_train_costs_one_connection_per_limit(
     assert relay.bursts >= len(logged) // 10 // 2, "pipelining stopped"
 
 
-# --- 7. origins ------------------------------------------------------------------------------
+# --- 8. origins ------------------------------------------------------------------------------
 
 
 def test_expected_request_for_another_origin_is_not_sent_ahead(
