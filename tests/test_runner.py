@@ -8,6 +8,7 @@ import queue
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from fetcher.models import (
     Action,
     FileDone,
     Job,
+    Outcome,
     RelPath,
     RemoteFile,
     Retried,
@@ -91,47 +93,66 @@ def test_a_worker_whose_lanes_hold_big_files_leaves_the_next_shards_to_another(
     assert (tmp_path / "d" / "big3.bin").read_bytes() == (www / "big3.bin").read_bytes()
 
 
+def _serve_files(www: Path, files: dict[str, bytes]) -> dict[str, bytes]:
+    www.mkdir()
+    for name, data in files.items():
+        (www / name).write_bytes(data)
+    return files
+
+
+def _jobs(url: str, files: dict[str, bytes], names: list[str] | None = None) -> list[Job]:
+    return [
+        Job(RemoteFile(url + n, RelPath(n), len(files[n]), True), Action.NEW)
+        for n in names or files
+    ]
+
+
+def _run_while(t: Transfer, jobs: list[Job], ready: Callable[[], bool], gate: threading.Event,
+               why: str, meanwhile: Callable[[], object] = lambda: None) -> list[Outcome]:  # fmt: skip
+    """Run ``jobs`` in a thread, wait (30 s at most) until ``ready()``, call ``meanwhile()``,
+    open ``gate``, and return the outcomes; ``why``: what it means if ``ready()`` never is."""
+    out: list[Outcome] = []
+    runner = threading.Thread(
+        target=lambda: out.extend(ShardRunner(t, 0, lambda evs: None).run(jobs))
+    )
+    runner.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not ready() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert ready(), why
+        assert not out, "the run ended while an answer was held"
+        meanwhile()
+    finally:
+        gate.set()
+        runner.join(timeout=60)
+    assert not runner.is_alive()
+    return out
+
+
 def test_small_files_share_one_connection_and_big_ones_do_not_wait_for_them(
     tmp_path: Path,
 ) -> None:
     # Four lanes of --pipeline 4: the small files go as trains on one connection, 16
     # deep; the other lanes take the big files, from wherever they are in the queue.
     # The last small file's answer is held until both big files are in place.
-    www = tmp_path / "www"
-    www.mkdir()
     small = {f"s{i:02d}.bin": os.urandom(100 + i) for i in range(60)}
     big = {f"big{i}.bin": os.urandom(BIG) for i in range(2)}
-    for name, data in {**small, **big}.items():
-        (www / name).write_bytes(data)
+    files = _serve_files(tmp_path / "www", {**small, **big})
     dest = tmp_path / "d"
     gate = threading.Event()
-    with FaultServer(root=www) as srv:
+    with FaultServer(root=tmp_path / "www") as srv:
         srv.persist("/s59.bin", Fault.gated(gate))
         t = Transfer(dest=str(dest), root=srv.url, threads=4, pipeline=4)
-
-        def job(name: str, size: int) -> Job:
-            return Job(RemoteFile(srv.url + name, RelPath(name), size, True), Action.NEW)
-
-        names = ["big0.bin", *small, "big1.bin"]
-        jobs = [job(n, len(small.get(n) or big[n])) for n in names]
-        out: list[Any] = []
-        runner = threading.Thread(
-            target=lambda: out.extend(ShardRunner(t, 0, lambda evs: None).run(jobs))
-        )
-        runner.start()
-        try:
-            deadline = time.monotonic() + 30
-            while not all((dest / n).exists() for n in big) and time.monotonic() < deadline:
-                time.sleep(0.01)
-            assert all((dest / n).exists() for n in big), "a big file waited for the small ones"
-            assert not out, "the held small file was not the last"
-        finally:
-            gate.set()
-            runner.join(timeout=60)
+        jobs = _jobs(srv.url, files, ["big0.bin", *small, "big1.bin"])
+        out = _run_while(
+            t, jobs, lambda: all((dest / n).exists() for n in big), gate,
+            "a big file waited for the small ones",
+        )  # fmt: skip
         requests = srv.requests
         most_open = srv.max_concurrent_connections
     assert [o.status for o in out] == [Status.FETCHED] * len(jobs)
-    assert all((dest / n).read_bytes() == data for n, data in {**small, **big}.items())
+    assert all((dest / n).read_bytes() == data for n, data in files.items())
     on = {q.connection for q in requests if q.path.startswith("/s")}
     assert len(on) == 1, f"small files went on {len(on)} connections"
     assert most_open <= 3, most_open  # the fourth lane had nothing to open one for
@@ -144,21 +165,13 @@ def test_a_file_that_fails_mid_train_is_retried_after_the_train_not_in_its_middl
     # Retried at once, its request would come out of turn: the connection, and the answers
     # on their way to f3.., would go (the server would serve them twice). It is retried
     # when the train is over: every other file asked for once, on one connection.
-    www = tmp_path / "www"
-    www.mkdir()
-    files = {f"f{i}.bin": os.urandom(100 + i) for i in range(10)}
-    for name, data in files.items():
-        (www / name).write_bytes(data)
+    files = _serve_files(tmp_path / "www", {f"f{i}.bin": os.urandom(100 + i) for i in range(10)})
     dest = tmp_path / "d"
     events: list[Any] = []
-    with FaultServer(root=www) as srv:
+    with FaultServer(root=tmp_path / "www") as srv:
         srv.script("/f2.bin", [Fault.status(503)])
         t = Transfer(dest=str(dest), root=srv.url, threads=1, pipeline=4, backoff_initial=0.05)
-        jobs = [
-            Job(RemoteFile(srv.url + n, RelPath(n), len(d), True), Action.NEW)
-            for n, d in files.items()
-        ]
-        out = ShardRunner(t, 0, events.extend).run(jobs)
+        out = ShardRunner(t, 0, events.extend).run(_jobs(srv.url, files))
         asked = Counter(q.path for q in srv.requests)
         connections = srv.connections
     assert [o.status for o in out] == [Status.FETCHED] * 10, out
@@ -175,33 +188,22 @@ def test_while_the_small_file_lane_is_held_up_another_lane_takes_the_small_files
     # Two lanes of --pipeline 4: one lane takes the small files, 8 deep, in trains of up
     # to 32. The first file's answer is held: the train behind it waits, but after
     # runner.STALL the other lane takes the next trains, and they all arrive meanwhile.
-    www = tmp_path / "www"
-    www.mkdir()
-    files = {f"s{i:03d}.bin": os.urandom(50 + i) for i in range(100)}
-    for name, data in files.items():
-        (www / name).write_bytes(data)
+    files = _serve_files(
+        tmp_path / "www", {f"s{i:03d}.bin": os.urandom(50 + i) for i in range(100)}
+    )
     dest = tmp_path / "d"
     gate = threading.Event()
-    with FaultServer(root=www) as srv:
+    with FaultServer(root=tmp_path / "www") as srv:
         srv.persist("/s000.bin", Fault.gated(gate))
         t = Transfer(dest=str(dest), root=srv.url, threads=2, pipeline=4)
-        jobs = [
-            Job(RemoteFile(srv.url + n, RelPath(n), len(d), True), Action.NEW)
-            for n, d in files.items()
-        ]
-        out: list[Any] = []
-        runner = threading.Thread(
-            target=lambda: out.extend(ShardRunner(t, 0, lambda evs: None).run(jobs))
-        )
-        runner.start()
-        try:
-            deadline = time.monotonic() + 30
-            while not (dest / "s099.bin").exists() and time.monotonic() < deadline:
-                time.sleep(0.01)
-            assert (dest / "s099.bin").exists(), "the files after the held train waited for it"
+        jobs = _jobs(srv.url, files)
+
+        def held() -> None:
             assert not (dest / "s001.bin").exists(), "s001 came before the answer ahead of it"
-        finally:
-            gate.set()
-            runner.join(timeout=60)
+
+        out = _run_while(
+            t, jobs, lambda: (dest / "s099.bin").exists(), gate,
+            "the files after the held train waited for it", held,
+        )  # fmt: skip
     assert [o.status for o in out] == [Status.FETCHED] * len(jobs)
     assert all((dest / n).read_bytes() == d for n, d in files.items())
