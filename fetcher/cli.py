@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="small-file requests in flight per download thread (HTTP/1.1 pipelining; "
         "default 4, 1 = off); a process sends its threads' share on as few connections "
-        "as hold it, at most 16 on one",
+        "as hold it, at most 16 (or N, if more) on one",
     )
     g.add_argument(
         "--limit-rate", metavar="RATE", help="total bandwidth for the whole run, e.g. 500k, 20M"

@@ -41,7 +41,7 @@ from fetcher.retry import build_retrying
 from fetcher.shard import Shard
 from fetcher.transport import make_transport
 
-__all__ = ["ShardRunner", "run_shard", "worker_main"]
+__all__ = ["ShardRunner", "run_shard", "small_file_lanes", "worker_main"]
 
 _STARTED_MIN_SIZE = 1 << 20  # FileStarted only for files worth watching
 
@@ -90,6 +90,21 @@ STALL = 1.0
 """Seconds without a small file done after which a lane on small files counts as held up."""
 
 
+def small_file_lanes(threads: int, pipeline: int) -> tuple[int, int]:
+    """How many lanes take trains of small files, and how deep each pipelines.
+
+    ``threads × pipeline`` requests in flight, on as few lanes as hold them: at most
+    :data:`MAX_DEPTH` on one, or ``pipeline`` if more was asked for. Without pipelining,
+    every lane, one request at a time.
+    """
+    threads = max(1, threads)
+    if pipeline <= 1:
+        return threads, 1
+    inflight = threads * pipeline
+    lanes = min(threads, -(-inflight // max(MAX_DEPTH, pipeline)))
+    return lanes, -(-inflight // lanes)
+
+
 class ShardRunner:
     """Fetches jobs on ``t.threads`` lanes over one transport; reports through ``send``.
 
@@ -101,15 +116,16 @@ class ShardRunner:
 
     Small files are gathered onto few lanes: the ``threads × pipeline`` requests a
     process may have in flight go on as few connections as hold them, at most
-    :data:`MAX_DEPTH` on one (with the defaults, one lane per process), and the
-    other lanes take the big files. Lanes on small files spend their time in
-    Python and system calls, each giving the GIL to another lane and taking it
-    back: one lane 16 deep costs a process half the CPU per file of four lanes 4
-    deep, and at 50 ms RTT moves as many files. A server that drops pipelined
-    requests turns pipelining off (:attr:`ThreadConnTransport.pipelining`), and
-    then every lane takes small files again, one request at a time. A lane that has
-    not finished a small file for :data:`STALL` seconds (an answer held up, and the
-    files behind it in its train waiting for it) leaves its place to another lane.
+    :data:`MAX_DEPTH` on one (:func:`small_file_lanes`; with the defaults, one lane
+    per process), and the other lanes take the big files. Lanes on small files
+    spend their time in Python and system calls, each giving the GIL to another
+    lane and taking it back: one lane 16 deep costs a process half the CPU per file
+    of four lanes 4 deep, and at 50 ms RTT moves more files (fewer gaps between
+    trains). A server that drops pipelined requests turns pipelining off
+    (:attr:`ThreadConnTransport.pipelining`), and then every lane takes small files
+    again, one request at a time. A lane that has not finished a small file for
+    :data:`STALL` seconds (an answer held up, and the files behind it in its train
+    waiting for it) leaves its place to another lane.
 
     What a feeder keeps here is counted as *load*: a small new file counts one, a
     file that holds a lane to itself (a big one, an update, a resume) counts a
@@ -138,10 +154,7 @@ class ShardRunner:
         self.orphaned = False
         self.limits = limits
         lanes = max(1, t.threads)
-        # small files: lanes × pipeline in flight, on as few lanes as hold them
-        inflight = lanes * t.pipeline
-        self._small_lanes = -(-inflight // MAX_DEPTH) if t.pipeline > 1 else lanes
-        self._small_depth = -(-inflight // self._small_lanes) if t.pipeline > 1 else 1
+        self._small_lanes, self._small_depth = small_file_lanes(lanes, t.pipeline)
         self.transport = make_transport(t, limits, self.stop, pipeline=self._small_depth)
         # the transport that takes a train's requests ahead; None: one request at a time
         self._ahead = (

@@ -12,6 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from fetcher.config import Transfer
 from fetcher.models import (
     Action,
@@ -25,7 +27,7 @@ from fetcher.models import (
     WorkerExit,
 )
 from fetcher.procs import worker_context
-from fetcher.runner import ShardRunner, worker_main
+from fetcher.runner import ShardRunner, small_file_lanes, worker_main
 from fetcher.shard import Shard
 from tests.faultserver import Fault, FaultServer
 
@@ -207,3 +209,23 @@ def test_while_the_small_file_lane_is_held_up_another_lane_takes_the_small_files
         )  # fmt: skip
     assert [o.status for o in out] == [Status.FETCHED] * len(jobs)
     assert all((dest / n).read_bytes() == d for n, d in files.items())
+
+
+@pytest.mark.parametrize(
+    ("threads", "pipeline", "lanes", "depth"),
+    [
+        (4, 4, 1, 16),  # the defaults: one lane per process, 16 deep
+        (1, 4, 1, 4),
+        (2, 4, 1, 8),
+        (8, 4, 2, 16),
+        (16, 4, 4, 16),
+        (3, 8, 2, 12),  # 24 in flight: two lanes of 12, not 16 + 8
+        (4, 32, 4, 32),  # asked for 32 on a connection: never less deep than that
+        (4, 1, 4, 1),  # no pipelining: every lane, one request at a time
+        (0, 4, 1, 4),
+    ],
+)
+def test_small_file_lanes(threads: int, pipeline: int, lanes: int, depth: int) -> None:
+    assert small_file_lanes(threads, pipeline) == (lanes, depth)
+    if pipeline > 1:
+        assert lanes * depth >= max(1, threads) * pipeline  # nothing asked for is lost
