@@ -247,30 +247,31 @@ class ShardRunner:
                 del self._small_at[me]
             while True:
                 jobs = self._jobs
-                if jobs:
-                    gathered = self._ahead is not None and self._ahead.pipelining
-                    busy, room = self._small_places(gathered)
-                    if not pipelinable(jobs[0]):
-                        train, small = [jobs.popleft()], False
-                    elif busy < room:
-                        self._small_at[me] = time.monotonic()
-                        train, small = self._small_train(room, gathered), True
-                        busy += 1
-                    else:  # every small-file lane is busy: a big file from further back
-                        i = next((i for i, j in enumerate(jobs) if not pipelinable(j)), -1)
-                        if i < 0:
-                            self._cond.wait(0.5)
-                            continue
-                        train, small = [jobs[i]], False
-                        del jobs[i]
-                    if jobs and (
-                        (busy < room and pipelinable(jobs[0])) or not all(map(pipelinable, jobs))
-                    ):
-                        self._cond.notify_all()  # another lane's turn (the feeder waits here too)
-                    return train, small
-                if self._closing:
-                    return [], False
-                self._cond.wait(0.5)
+                if not jobs:
+                    if self._closing:
+                        return [], False
+                    self._cond.wait(0.5)
+                    continue
+                gathered = self._ahead is not None and self._ahead.pipelining
+                busy, room = self._small_places(gathered)
+                if pipelinable(jobs[0]) and busy < room:
+                    self._small_at[me] = time.monotonic()
+                    train, small = self._small_train(room, gathered), True
+                    busy += 1
+                else:
+                    # the first big file: at the head, or further back while every
+                    # small-file lane is busy
+                    i = next((i for i, j in enumerate(jobs) if not pipelinable(j)), -1)
+                    if i < 0:
+                        self._cond.wait(0.5)
+                        continue
+                    train, small = [jobs[i]], False
+                    del jobs[i]
+                if jobs and (
+                    (busy < room and pipelinable(jobs[0])) or not all(map(pipelinable, jobs))
+                ):
+                    self._cond.notify_all()  # another lane's turn (the feeder waits here too)
+                return train, small
 
     def _small_places(self, gathered: bool) -> tuple[int, int]:
         """Lanes on small files and not held up, and how many may be."""
