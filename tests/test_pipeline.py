@@ -640,6 +640,55 @@ def test_cli_mirrors_from_nginx(
         assert relay.bursts > 0, "no request was ever sent ahead with --pipeline 4"
 
 
+class _CountingSocket:
+    """A connection's socket that counts the writes made on it."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self.writes = 0
+
+    def sendall(self, data: bytes) -> None:
+        self.writes += 1
+        self._sock.sendall(data)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._sock, name)
+
+
+@pytest.mark.real_server
+@pytest.mark.parametrize("depth", [16, 4])
+def test_requests_go_ahead_to_nginx_in_groups(tmp_path: Path, depth: int) -> None:
+    # 16 deep, requests are written 4 at a time (once 4 places are free): ~1 write per 4
+    # files, where one per file had cost a system call here and a wake-up of nginx each
+    root = tmp_path / "root"
+    root.mkdir()
+    names = [f"f{i:03d}.bin" for i in range(101)]
+    for i, name in enumerate(names):
+        (root / name).write_bytes(random.Random(i).randbytes(100 + i))
+    t = new_transport(pipeline=depth)
+    try:
+        with serve("nginx", root, tmp_path / "nginx") as srv:
+            warm, *train = [srv.url + name for name in names]
+            r, _ = fetch(t, warm)
+            assert r.status_code == 200
+            conn = t._local.conn
+            counting = conn.sock = _CountingSocket(conn.sock)
+            t.expect([get(u) for u in train[1:]])
+            for i, url in enumerate(train, start=1):
+                r, body = fetch(t, url)
+                assert r.status_code == 200
+                assert body == random.Random(i).randbytes(100 + i), url
+            logged = srv.requests(min_count=len(names))
+        assert t._local.conn is conn, "the train did not stay on one connection"
+    finally:
+        t.close()
+    assert [q.path for q in logged] == ["/" + name for name in names]
+    # the first write carries the first request and depth - 1 behind it; then one write
+    # per depth // 4 answers read (16 deep: 22 writes, not 85; 4 deep: one per request)
+    batch = depth // 4
+    assert counting.writes == 1 + -(-(len(train) - depth) // batch), counting.writes
+
+
 # --- 7. a process's small files, gathered on few connections -------------------------------
 
 
