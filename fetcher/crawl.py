@@ -33,6 +33,7 @@ from fetcher.errors import (
     TransferError,
     UnsafePath,
 )
+from fetcher.http1 import pipelined_lanes
 from fetcher.listing import parse_listing
 from fetcher.models import (
     CrawlProblem,
@@ -195,6 +196,7 @@ def crawl(
     on_wait: Callable[[], object] | None = None,
     width: Callable[[], int] | None = None,
     ahead: Callable[[Sequence[httpx.Request]], object] | None = None,
+    pipelining: Callable[[], bool] | None = None,
 ) -> Iterator[CrawlItem]:
     """Yield every in-scope file and directory below ``t.root``, and every problem met.
 
@@ -204,11 +206,18 @@ def crawl(
     ``opts.concurrency``, the default).
 
     ``ahead`` (the transport's ``expect``, see :mod:`fetcher.http1`) lets a crawl
-    thread take a train of up to ``t.pipeline`` listings and announce the ones after
-    the first, which then go on its connection without waiting for the answers
-    before them: a level of many small directories costs a round trip per train,
-    not per listing. Not with ``--listing-rate`` (each request waits its turn) nor
-    with checksum files to read between listings.
+    thread take a train of listings and announce the ones after the first, which
+    then go on its connection without waiting for the answers before them: a level
+    of many small directories costs a round trip per train, not per listing. The
+    ``concurrency × t.pipeline`` listings in flight then go on as few threads as hold
+    them (:func:`~fetcher.http1.pipelined_lanes`: 4 threads 16 deep for 16 × 4),
+    which is what the transport's depth must be. Sixteen threads each parsing a
+    page had kept the coordinator's other threads waiting for the interpreter lock
+    (the first shard left ~80 ms after the first files were found; now ~4). While
+    ``pipelining()`` says the transport has stopped sending requests ahead, listings
+    go back to every thread, in trains of up to ``t.pipeline`` (one request at a
+    time each). Not with ``--listing-rate`` (each request waits its turn) nor with
+    checksum files to read between listings.
 
     Example::
 
@@ -226,6 +235,7 @@ def crawl(
     running: dict[Future[_Page], _Dir] = {}  # a listing each
     trains: set[Future[None]] = set()  # a crawl thread each
     longest = 1 if ahead is None or opts.listing_rate or opts.verify else max(1, t.pipeline)
+    lanes, depth = pipelined_lanes(opts.concurrency, longest)
 
     def fetch(d: _Dir) -> _Page:
         for attempt in retrying.copy():
@@ -297,10 +307,15 @@ def crawl(
             if stop is not None and stop.is_set():
                 return
             room = most if width is None else max(1, min(most, width()))
+            gathered = depth > 1 and (pipelining is None or pipelining())
+            if gathered:
+                room = min(room, lanes)
             trains = {f for f in trains if not f.done()}
             while len(trains) < room and waiting:
-                # what waits, shared out among the free threads, a train each
-                size = min(longest, -(-waiting // (room - len(trains))))
+                # gathered: full trains on as few threads as hold them; else what waits,
+                # shared out among the free threads, a train each
+                share = -(-waiting // (room - len(trains)))
+                size = min(depth, waiting) if gathered else min(longest, share)
                 train: list[tuple[_Dir, Future[_Page]]] = []
                 while len(train) < size and (d := next_dir()) is not None:
                     fut: Future[_Page] = Future()

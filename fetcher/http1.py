@@ -70,11 +70,32 @@ from fetcher.wire import (
     timed_out,
 )
 
-__all__ = ["REUSE_BUFFER", "ThreadConnTransport"]
+__all__ = ["MAX_DEPTH", "REUSE_BUFFER", "ThreadConnTransport", "pipelined_lanes"]
 
 REUSE_BUFFER = "fetch.reuse_buffer"
 """Request extension: True lets a big body come as memoryviews of one reused buffer, each
 valid only until the next chunk is asked for (for a caller that writes them at once)."""
+
+
+MAX_DEPTH = 16
+"""Most requests in flight on one connection, unless ``--pipeline`` asks for more."""
+
+
+def pipelined_lanes(threads: int, pipeline: int) -> tuple[int, int]:
+    """How many threads take trains of pipelined requests, and how deep each goes.
+
+    ``threads × pipeline`` requests in flight, on as few threads (connections) as
+    hold them: at most :data:`MAX_DEPTH` on one, or ``pipeline`` if more was asked
+    for. Without pipelining, every thread, one request at a time. Threads of one
+    process hand each other the interpreter lock around every system call: fewer
+    of them, each with a longer train, do the same in less CPU (RESULTS.md).
+    """
+    threads = max(1, threads)
+    if pipeline <= 1:
+        return threads, 1
+    inflight = threads * pipeline
+    lanes = min(threads, -(-inflight // max(MAX_DEPTH, pipeline)))
+    return lanes, -(-inflight // lanes)
 
 
 class ThreadConnTransport(httpx.BaseTransport):

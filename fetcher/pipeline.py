@@ -13,7 +13,7 @@ import queue
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,7 +25,7 @@ from fetcher.crawl import CrawlItem, CrawlOptions, crawl
 from fetcher.download import check_writable, partial_dir, partial_name, pipelinable
 from fetcher.errors import FatalIOError, FetchError
 from fetcher.executor import Executor, LocalExecutor
-from fetcher.http1 import ThreadConnTransport
+from fetcher.http1 import ThreadConnTransport, pipelined_lanes
 from fetcher.limits import SharedLimits, local_limits
 from fetcher.models import (
     BytesEvent,
@@ -309,10 +309,12 @@ def _start_crawl(run: _Run, root: str, prefix: str = "") -> None:
         try:
             # Under a tiny cap the crawl must not sit on a token between listings.
             keep = job.max_connections >= 3
-            transport = make_transport(t, run.limits, stop, opts.concurrency, keep)
+            # listings in trains on a connection (pipelined), as small files are, as deep
+            # as the crawl makes them
+            depth = pipelined_lanes(opts.concurrency, t.pipeline)[1]
+            transport = make_transport(t, run.limits, stop, opts.concurrency, keep, depth)
             with make_client(t, transport=transport) as client:
-                # listings in trains on a connection (pipelined), as small files are
-                ahead = transport.expect if isinstance(transport, ThreadConnTransport) else None
+                ahead = transport if isinstance(transport, ThreadConnTransport) else None
                 for item in _walk(job, client, t, opts, stop, prefix, flush, width, ahead):
                     if prefix and isinstance(item, RemoteFile | RemoteDir):
                         item = replace(item, path=RelPath(f"{prefix}/{item.path}"))
@@ -346,14 +348,19 @@ def _walk(
     prefix: str,
     on_wait: Callable[[], object],
     width: Callable[[], int],
-    ahead: Callable[[Sequence[httpx.Request]], object] | None,
+    ahead: ThreadConnTransport | None,
 ) -> Iterator[CrawlItem]:
     """The file list: from the HTML listings, or from repository metadata (``--index``)."""
     if job.index != "html" and not prefix:
         from fetcher.repo_index import index_files
 
         return index_files(client, t, opts, job.index, stop=stop, on_wait=on_wait)
-    return crawl(client, t, opts, stop=stop, on_wait=on_wait, width=width, ahead=ahead)
+    if ahead is None:
+        return crawl(client, t, opts, stop=stop, on_wait=on_wait, width=width)
+    return crawl(
+        client, t, opts, stop=stop, on_wait=on_wait, width=width,
+        ahead=ahead.expect, pipelining=lambda: ahead.pipelining,
+    )  # fmt: skip
 
 
 def _coordinate(run: _Run) -> None:

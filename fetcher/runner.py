@@ -22,7 +22,7 @@ import httpx
 
 from fetcher.config import Transfer
 from fetcher.download import Deferred, fetch_file, pipelinable, plain_get
-from fetcher.http1 import ThreadConnTransport
+from fetcher.http1 import ThreadConnTransport, pipelined_lanes
 from fetcher.limits import SharedLimits
 from fetcher.models import (
     BytesEvent,
@@ -41,7 +41,7 @@ from fetcher.retry import build_retrying
 from fetcher.shard import Shard
 from fetcher.transport import make_transport
 
-__all__ = ["ShardRunner", "run_shard", "small_file_lanes", "worker_main"]
+__all__ = ["ShardRunner", "run_shard", "worker_main"]
 
 _STARTED_MIN_SIZE = 1 << 20  # FileStarted only for files worth watching
 
@@ -84,25 +84,8 @@ class _Batcher:
             self._send(events)
 
 
-MAX_DEPTH = 16
-"""Most small-file requests in flight on one connection."""
 STALL = 1.0
 """Seconds without a small file done after which a lane on small files counts as held up."""
-
-
-def small_file_lanes(threads: int, pipeline: int) -> tuple[int, int]:
-    """How many lanes take trains of small files, and how deep each pipelines.
-
-    ``threads × pipeline`` requests in flight, on as few lanes as hold them: at most
-    :data:`MAX_DEPTH` on one, or ``pipeline`` if more was asked for. Without pipelining,
-    every lane, one request at a time.
-    """
-    threads = max(1, threads)
-    if pipeline <= 1:
-        return threads, 1
-    inflight = threads * pipeline
-    lanes = min(threads, -(-inflight // max(MAX_DEPTH, pipeline)))
-    return lanes, -(-inflight // lanes)
 
 
 class ShardRunner:
@@ -116,8 +99,8 @@ class ShardRunner:
 
     Small files are gathered onto few lanes: the ``threads × pipeline`` requests a
     process may have in flight go on as few connections as hold them, at most
-    :data:`MAX_DEPTH` on one (:func:`small_file_lanes`; with the defaults, one lane
-    per process), and the other lanes take the big files. Lanes on small files
+    16 on one (:func:`~fetcher.http1.pipelined_lanes`; with the defaults, one
+    lane per process), and the other lanes take the big files. Lanes on small files
     spend their time in Python and system calls, each giving the GIL to another
     lane and taking it back: one lane 16 deep costs a process half the CPU per file
     of four lanes 4 deep, and at 50 ms RTT moves more files (fewer gaps between
@@ -154,7 +137,7 @@ class ShardRunner:
         self.orphaned = False
         self.limits = limits
         lanes = max(1, t.threads)
-        self._small_lanes, self._small_depth = small_file_lanes(lanes, t.pipeline)
+        self._small_lanes, self._small_depth = pipelined_lanes(lanes, t.pipeline)
         self.transport = make_transport(t, limits, self.stop, pipeline=self._small_depth)
         # the transport that takes a train's requests ahead; None: one request at a time
         self._ahead = (

@@ -110,13 +110,13 @@ def test_listings_in_flight_follow_the_width_asked_for(tmp_path: Path) -> None:
 
 def test_a_resync_reads_listings_on_every_connection(tmp_path: Path) -> None:
     # Nothing to download: the listings may have all --max-connections (a fresh mirror
-    # leaves half of them to the downloads).
+    # leaves half of them to the downloads). Without pipelining, one listing each.
     with FaultServer() as srv:
         for d in SHALLOW:
             srv.add_file(f"/pub/{d}file.txt", d.encode())
         job = build_job(
             {"url": srv.url + "pub/", "dest": str(tmp_path / "d"), "procs": 1,
-             "max_connections": 6},
+             "max_connections": 6, "pipeline": 1},
             "t",
         )  # fmt: skip
         assert mirror(job).exit_code == 0
@@ -157,3 +157,46 @@ def test_listings_go_in_trains_on_one_connection(tmp_path: Path) -> None:
     assert [len(a) for a in trains] == [3, 3], announced
     assert sorted(x for a in trains for x in a) == sorted(SHALLOW[1:4] + SHALLOW[5:8])
     assert connections == 1
+
+
+def _trains(tmp_path: Path, pipelining: bool) -> tuple[list[list[str]], int, set[str]]:
+    """Crawl root + 8 directories at concurrency 4, pipeline 4: the trains announced."""
+    with FaultServer() as srv:
+        for d in SHALLOW:
+            srv.add_file(f"/pub/{d}file.txt", d.encode())
+        t = Transfer(dest=str(tmp_path), root=srv.url + "pub/", pipeline=4)
+        transport = make_transport(t, pool_size=4, pipeline=16)
+        assert isinstance(transport, ThreadConnTransport)
+        announced: list[list[str]] = []
+
+        def ahead(requests: Sequence[httpx.Request]) -> None:
+            announced.append([str(r.url).removeprefix(srv.url + "pub/") for r in requests])
+            transport.expect(requests)
+
+        opts = CrawlOptions(concurrency=4)
+        with make_client(t, transport=transport) as client:
+            items = list(crawl(client, t, opts, ahead=ahead, pipelining=lambda: pipelining))
+        listings = [q.path for q in srv.requests if q.path.endswith("/")]
+        connections = srv.connections
+    assert sorted(listings) == sorted(["/pub/", *(f"/pub/{d}" for d in SHALLOW)])
+    files = {i.path for i in items if isinstance(i, RemoteFile)}
+    return [a for a in announced if a], connections, files
+
+
+def test_listings_gather_on_as_few_threads_as_hold_them(tmp_path: Path) -> None:
+    # 4 threads x pipeline 4 = 16 listings in flight, and 16 fit on one connection: the
+    # eight directories go as one train (seven announced behind the first), on one
+    # thread, so the crawl's threads do not queue for the interpreter lock.
+    trains, connections, files = _trains(tmp_path, pipelining=True)
+    assert files == {f"{d}file.txt" for d in SHALLOW}
+    assert trains == [SHALLOW[1:]], trains
+    assert connections == 1
+
+
+def test_listings_spread_over_the_threads_when_pipelining_stops(tmp_path: Path) -> None:
+    # The transport no longer sends requests ahead: trains of one request at a time would
+    # be serial, so the listings go back to every thread, two each.
+    trains, connections, files = _trains(tmp_path, pipelining=False)
+    assert files == {f"{d}file.txt" for d in SHALLOW}
+    assert sorted(len(a) for a in trains) == [1, 1, 1, 1], trains
+    assert connections > 1  # (a thread done early may take another's train)

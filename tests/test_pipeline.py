@@ -28,10 +28,10 @@ import pytest
 
 from fetcher.config import Transfer
 from fetcher.download import RESUME_MIN
-from fetcher.http1 import ThreadConnTransport
+from fetcher.http1 import MAX_DEPTH, ThreadConnTransport
 from fetcher.limits import TokenGate
 from fetcher.models import Action, Job, RelPath, RemoteFile, Status
-from fetcher.runner import MAX_DEPTH, ShardRunner
+from fetcher.runner import ShardRunner
 from tests.faultserver import FaultServer, serving
 from tests.servers import serve
 from tests.test_http1 import (

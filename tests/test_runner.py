@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from fetcher.config import Transfer
+from fetcher.http1 import pipelined_lanes
 from fetcher.models import (
     Action,
     FileDone,
@@ -27,7 +28,7 @@ from fetcher.models import (
     WorkerExit,
 )
 from fetcher.procs import worker_context
-from fetcher.runner import ShardRunner, small_file_lanes, worker_main
+from fetcher.runner import ShardRunner, worker_main
 from fetcher.shard import Shard
 from tests.faultserver import Fault, FaultServer
 
@@ -225,7 +226,7 @@ def test_while_the_small_file_lane_is_held_up_another_lane_takes_the_small_files
         (0, 4, 1, 4),
     ],
 )
-def test_small_file_lanes(threads: int, pipeline: int, lanes: int, depth: int) -> None:
-    assert small_file_lanes(threads, pipeline) == (lanes, depth)
+def test_pipelined_lanes(threads: int, pipeline: int, lanes: int, depth: int) -> None:
+    assert pipelined_lanes(threads, pipeline) == (lanes, depth)
     if pipeline > 1:
         assert lanes * depth >= max(1, threads) * pipeline  # nothing asked for is lost
