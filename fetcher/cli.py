@@ -23,7 +23,15 @@ from fetcher.errors import FetchError, LockHeld, UsageError
 from fetcher.models import Reporter, Summary
 from fetcher.procs import prestart
 from fetcher.progress import LineReporter
-from fetcher.report import exit_code, preload_render, render, write_metrics, write_report
+from fetcher.report import (
+    exit_code,
+    one_line,
+    preload_render,
+    render,
+    summary_dict,
+    write_metrics,
+    write_report,
+)
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -355,9 +363,10 @@ class _LazyConsole:
     """A rich ``Console`` for stdout or stderr, made when first used.
 
     rich is a fifth of the CLI's imports, and a run whose output is not a terminal
-    needs it only for the closing summary: made here, it is imported after the
-    workers are forked (and, once the crawl is done, while they download).
-    Whether it would be a terminal is answered without it, as rich answers.
+    needs it only to print an error (its summary is plain lines): made here, it is
+    imported when first needed; on a terminal after the workers are forked (and,
+    once the crawl is done, while they download). Whether it would be a terminal
+    is answered without it, as rich answers.
     """
 
     def __init__(self, stderr: bool = False) -> None:
@@ -417,8 +426,8 @@ def _make_reporter(ns: argparse.Namespace, console: Console, log: TextIO | None)
     else:
         stream: Any = log if log is not None else console.file
         rep = LineReporter(stream, fmt=ns.log_format or "text", verbose=ns.verbose)
-    if isinstance(console, _LazyConsole) and not console.made:
-        rep.crawl_done = _then_preload(rep.crawl_done)
+    if isinstance(console, _LazyConsole) and not console.made and console.is_terminal:
+        rep.crawl_done = _then_preload(rep.crawl_done)  # (elsewhere the summary is plain)
     return rep
 
 
@@ -548,7 +557,12 @@ def _run_one(job: MirrorJob, ns: argparse.Namespace, console: Console, err: Cons
         results.append((name, failed))
         return exc.exit_code
     reporter.close()
-    render(summary, console, name)
+    lines = reporter if isinstance(reporter, LineReporter) else None
+    if lines is not None and (log is not None or lines.fmt == "json"):
+        # the log's last word: the run's outcome, as a line (or JSON event) of its own
+        lines.summary(one_line(summary), summary_dict(summary, name))
+    if lines is None or lines.fmt != "json" or log is not None:
+        render(summary, console, name)  # (JSON lines on stdout: the event above instead)
     results.append((name, summary))
     return summary.exit_code
 

@@ -5,8 +5,8 @@ failure, as plain text or JSON lines, for cron, systemd and pipes. The live
 bars on a terminal are :class:`fetcher.live.RichReporter`. Reporters take
 their stream and clock from the caller, so tests can inject them.
 
-Nothing here imports rich: a run whose output is not a terminal imports it only
-for its closing summary, after the workers have been forked (see fetcher.cli).
+Nothing here imports rich: a run whose output is not a terminal does not import
+it at all (its closing summary is plain lines, :func:`fetcher.report.render_plain`).
 """
 
 from __future__ import annotations
@@ -173,6 +173,10 @@ class LineReporter(Reporter):
             action=out.action,
             error=out.error,
         )
+
+    def summary(self, text: str, fields: dict[str, Any]) -> None:
+        """The run's outcome: ``text`` as a line, or ``fields`` as a JSON ``summary`` event."""
+        self._emit("summary", text, **fields)
 
     def close(self) -> None:
         self.status()

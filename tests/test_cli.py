@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -265,3 +266,57 @@ def test_workers_exit_when_the_coordinator_is_killed(tmp_path: Path) -> None:
                 proc.kill()
                 proc.wait()
     assert not list((tmp_path / "d").glob("slow*.bin"))
+
+
+def test_the_plain_summary_lists_what_the_table_would(tmp_path: Path) -> None:
+    import io
+
+    from fetcher.models import Counts, Summary
+    from fetcher.report import one_line, render_plain
+
+    s = Summary(url="http://m.test/pub/", dest="/srv/pub", started=10.0, finished=12.5)
+    s.fetched = Counts(3, 3 << 20)
+    s.failed = [(f"f{i}.bin", "HTTP 404 [x]") for i in range(23)]
+    s.deleted = ["old.bin"]
+    s.directories = 4
+    s.fatal = "disk full"
+    buf = io.StringIO()
+    render_plain(s, buf, "pub")
+    lines = buf.getvalue().splitlines()
+    assert lines[0] == "pub: http://m.test/pub/ → /srv/pub"
+    assert lines[1:6] == [
+        "  fetched       3  3.0 MiB (1.2 MiB/s)",
+        "  unchanged     0",
+        "  deleted       1",
+        "  failed       23",
+        "  directories   4  2.5 s",
+    ]
+    assert "  deleted old.bin" in lines
+    assert "  failed f0.bin: HTTP 404 [x]" in lines  # verbatim: no markup to read
+    assert "  failed f20.bin: HTTP 404 [x]" not in lines  # 20 shown, then a count
+    assert "  … and 3 more (see --report)" in lines
+    assert lines[-1] == "stopped: disk full"
+    assert one_line(s) == (
+        "summary: 3 fetched (3.0 MiB), 0 unchanged, 23 failed, 1 deleted, 4 directories in 2.5 s"
+        " (stopped)"
+    )
+
+
+def test_a_text_log_file_ends_with_the_summary_line(tmp_path: Path) -> None:
+    (tmp_path / "www").mkdir()
+    for i in range(3):
+        (tmp_path / "www" / f"f{i}.bin").write_bytes(b"x" * (100 + i))
+    log = tmp_path / "run.log"
+    with FaultServer(root=tmp_path / "www") as srv:
+        done = subprocess.run(
+            [sys.executable, "-m", "fetcher", "--mirror", srv.url, "--dest", str(tmp_path / "d"),
+             "--procs", "1", "-q", "--log-file", str(log)],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    last = log.read_text().splitlines()[-1]
+    assert re.fullmatch(
+        r"\S+ \S+ summary: 3 fetched \(303 B\), 0 unchanged, 0 failed, 0 directories in [\d.]+ s",
+        last,
+    ), last
+    assert re.search(r"^  fetched\s+3  303 B", done.stdout, re.M), done.stdout  # and the console

@@ -155,7 +155,10 @@ def test_piped_output_has_no_ansi_and_json_lines_parse(tmp_path: Path) -> None:
         out = p.stdout + p.stderr
         assert "\x1b[" not in out
         assert "failed: f3.bin" in out and "f4.bin" in out
-        assert re.search(r"fetched\s*│\s*18\b", p.stdout), p.stdout  # the closing summary
+        # the closing summary: plain aligned lines, no box drawing
+        assert re.search(r"^  fetched\s+18\s+\d", p.stdout, re.M), p.stdout
+        assert re.search(r"^  failed\s+2$", p.stdout, re.M), p.stdout
+        assert not set("│┃━─┏└") & set(p.stdout), p.stdout
         for line in p.stdout.splitlines():
             assert len(line) < 400
         log = tmp_path / "run.log"
@@ -183,9 +186,22 @@ def test_piped_output_has_no_ansi_and_json_lines_parse(tmp_path: Path) -> None:
             timeout=120,
         )
         assert p.returncode == 1
+        assert re.search(r"^  fetched\s+18\s", p.stdout, re.M), p.stdout  # stdout: the summary
+        # JSON lines on stdout: every line parses, the summary is their last event
+        p = subprocess.run(
+            [sys.executable, "-m", "fetcher", "--mirror", srv.url + "d/", "--dest",
+             str(tmp_path / "o3"), "--procs", "1", "--retries", "1", "--log-format", "json"],
+            capture_output=True, text=True, env=env, timeout=120,
+        )  # fmt: skip
+        assert p.returncode == 1, p.stderr
+    stdout = [json.loads(line) for line in p.stdout.splitlines()]
+    assert stdout[-1]["event"] == "summary", stdout[-1]
+    assert stdout[-1]["fetched"]["files"] == 18 and stdout[-1]["exit_code"] == 1
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert {"status", "failed"} <= {r["event"] for r in records}
     assert sorted(r["path"] for r in records if r["event"] == "failed") == ["f3.bin", "f4.bin"]
+    assert records[-1]["event"] == "summary"
+    assert sorted(f["path"] for f in records[-1]["failed"]) == ["f3.bin", "f4.bin"]
 
 
 def test_limit_rate_shared_by_processes(tmp_path: Path, run_fetch) -> None:

@@ -129,6 +129,27 @@ def test_the_cli_imports_rich_only_for_its_output() -> None:
     assert _python(code) == "False"
 
 
+def test_a_run_whose_output_is_not_a_terminal_never_imports_rich(tmp_path: Path) -> None:
+    # cron, a pipe, a log: plain lines all through, the summary included (~25 ms of CPU)
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "a.bin").write_bytes(b"a" * 5000)
+    code = (
+        "import atexit, sys; import fetcher.cli as cli; "
+        "atexit.register(lambda: print('rich:', any(m.startswith('rich') for m in sys.modules))); "
+        "sys.exit(cli.main(sys.argv[1:]))"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "TTY_COMPATIBLE")}
+    with FaultServer(root=tmp_path / "www") as srv:
+        done = subprocess.run(
+            [sys.executable, "-c", code, "--mirror", srv.url, "--dest", str(tmp_path / "d"),
+             "--procs", "1"],
+            capture_output=True, text=True, timeout=60, env=env, check=False,
+        )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "rich: False", done.stdout
+    assert "  fetched      1  4.9 KiB" in done.stdout, done.stdout
+
+
 @pytest.mark.parametrize(
     "env",
     [
