@@ -630,6 +630,48 @@ def test_a_directorys_rows_come_in_one_query(
         dry.close()
 
 
+@pytest.mark.parametrize("limit", [999, 23])
+def test_the_state_is_written_in_groups_of_rows_within_sqlites_limit(
+    tmp_path: Path, limit: int
+) -> None:
+    # A flush writes its rows a statement per group (not one per row: the sqlite3 module
+    # lets go of the interpreter lock at every step), within the parameters SQLite allows:
+    # 23 leaves groups of 2 rows of 11 columns. Every row lands; a path twice in one flush
+    # keeps its last row; sightings and forgetting go by groups of paths too.
+    from fetcher.models import Outcome, Status
+    from fetcher.state import State
+
+    st = State.open(tmp_path / "d")
+    try:
+        st._db.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, limit)
+        run_id = st.begin_run("http://mirror.test/")
+        paths = [f"d{i % 7}/f{i:04d}" for i in range(2500)]
+        for p in [*paths, paths[5]]:
+            st.record(run_id, Outcome(RelPath(p), "http://mirror.test/" + p, Status.FETCHED,
+                                      size=len(p), mtime=1.25, stamp=p))  # fmt: skip
+        st.record(run_id, Outcome(RelPath(paths[5]), "http://mirror.test/x", Status.FETCHED,
+                                  size=99, mtime=2.5, stamp="again"))  # fmt: skip
+        statements: list[str] = []
+        st._db.set_trace_callback(statements.append)
+        st.flush()
+        inserts = [q for q in statements if q.startswith("INSERT")]
+        assert 2 <= len(inserts) <= 2502 // (limit // 11) + 1, len(inserts)
+        assert st.count() == 2500
+        again = st.get(paths[5])
+        assert again is not None and (again.size, again.mtime, again.stamp) == (99, 2.5, "again")
+        assert st.get(paths[2499]) == st.rows_in("d0")[paths[2499]]  # type: ignore[index]
+        later = st.begin_run("http://mirror.test/")
+        for p in paths[:1500]:
+            st.seen(later, p)
+        st.flush()
+        marked = [p for p in paths if (row := st.get(p)) is not None and row.last_seen == later]
+        assert marked == paths[:1500]
+        st.forget(paths[:2000])
+        assert st.count() == 500 and st.get(paths[0]) is None and st.get(paths[2000]) is not None
+    finally:
+        st.close()
+
+
 def test_the_end_of_a_run_does_not_read_back_the_directories_it_created(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
