@@ -184,9 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--pipeline",
         type=int,
         metavar="N",
-        help="small-file requests in flight per download thread (HTTP/1.1 pipelining; "
-        "default 4, 1 = off); a process sends its threads' share on as few connections "
-        "as hold it, at most 16 (or N, if more) on one",
+        help="small-file requests in flight per download thread, and listings' per crawl "
+        "connection (HTTP/1.1 pipelining; default 4, 1 = off); each goes on as few "
+        "connections as hold it, at most 16 (or N, if more) on one",
     )
     g.add_argument(
         "--limit-rate", metavar="RATE", help="total bandwidth for the whole run, e.g. 500k, 20M"

@@ -43,8 +43,9 @@ class Transfer:
     """Bytes per second for the runner's own limits (a Dask task); local workers share one bucket."""
     http2: bool = False
     pipeline: int = 4
-    """Small-file requests in flight per download thread, and listings' on one keep-alive
-    connection (1: none pipelined); see :class:`fetcher.runner.ShardRunner`."""
+    """Small-file requests in flight per download thread, and listings' per crawl connection
+    (1: none pipelined); each gathered on as few connections as hold them (see
+    :func:`fetcher.http1.pipelined_lanes`, :class:`fetcher.runner.ShardRunner`)."""
 
 
 @dataclass(frozen=True, slots=True)
