@@ -185,8 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         help="small-file requests in flight per download thread, and listings' per crawl "
-        "connection (HTTP/1.1 pipelining; default 4, 1 = off); each goes on as few "
-        "connections as hold it, at most 16 (or N, if more) on one",
+        "connection (HTTP/1.1 pipelining; default 8, 1 = off); each goes on as few "
+        "connections as hold it, at most 32 (or N, if more) on one",
     )
     g.add_argument(
         "--limit-rate", metavar="RATE", help="total bandwidth for the whole run, e.g. 500k, 20M"

@@ -42,7 +42,7 @@ class Transfer:
     limit_rate: float | None = None
     """Bytes per second for the runner's own limits (a Dask task); local workers share one bucket."""
     http2: bool = False
-    pipeline: int = 4
+    pipeline: int = 8
     """Small-file requests in flight per download thread, and listings' per crawl connection
     (1: none pipelined); each gathered on as few connections as hold them (see
     :func:`fetcher.http1.pipelined_lanes`, :class:`fetcher.runner.ShardRunner`)."""
@@ -75,7 +75,7 @@ class MirrorJob:
     ca_cert: Path | None = None
     insecure: bool = False
     http2: bool = False
-    pipeline: int = 4
+    pipeline: int = 8
     executor: str = "local"
     scheduler: str | None = None
     post: tuple[Any, ...] = ()

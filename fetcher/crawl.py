@@ -210,7 +210,7 @@ def crawl(
     then go on its connection without waiting for the answers before them: a level
     of many small directories costs a round trip per train, not per listing. The
     ``concurrency × t.pipeline`` listings in flight then go on as few threads as hold
-    them (:func:`~fetcher.http1.pipelined_lanes`: 4 threads 16 deep for 16 × 4),
+    them (:func:`~fetcher.http1.pipelined_lanes`: 4 threads 32 deep for 16 × 8),
     which is what the transport's depth must be. Sixteen threads each parsing a
     page had kept the coordinator's other threads waiting for the interpreter lock
     (the first shard left ~80 ms after the first files were found; now ~4). While

@@ -77,7 +77,7 @@ REUSE_BUFFER = "fetch.reuse_buffer"
 valid only until the next chunk is asked for (for a caller that writes them at once)."""
 
 
-MAX_DEPTH = 16
+MAX_DEPTH = 32
 """Most requests in flight on one connection, unless ``--pipeline`` asks for more."""
 
 

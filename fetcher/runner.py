@@ -99,7 +99,7 @@ class ShardRunner:
 
     Small files are gathered onto few lanes: the ``threads × pipeline`` requests a
     process may have in flight go on as few connections as hold them, at most
-    16 on one (:func:`~fetcher.http1.pipelined_lanes`; with the defaults, one
+    32 on one (:func:`~fetcher.http1.pipelined_lanes`; with the defaults, one
     lane per process), and the other lanes take the big files. Lanes on small files
     spend their time in Python and system calls, each giving the GIL to another
     lane and taking it back: one lane 16 deep costs a process half the CPU per file

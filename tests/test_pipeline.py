@@ -698,16 +698,17 @@ def _echo_jobs(url: str, n: int) -> list[Job]:
     return [Job(RemoteFile(f"{url}/{p}", RelPath(p), len(p) + 1, True), Action.NEW) for p in paths]
 
 
-def test_a_process_sends_its_small_files_on_one_connection_16_deep(tmp_path: Path) -> None:
+def test_a_process_sends_its_small_files_on_one_connection_32_deep(tmp_path: Path) -> None:
     log: Log = []
-    # four lanes of --pipeline 4: 16 in flight, all on one connection; /s001's answer
-    # waits until 15 requests are buffered behind it (as long as they may take to come)
+    # four lanes of --pipeline 8 (the defaults): 32 in flight, all on one connection; /s001's
+    # answer waits until 31 requests are buffered behind it (as long as they may take to come)
+    assert MAX_DEPTH == 4 * 8
     with RawServer(echo(log, {"/s001": (MAX_DEPTH - 1, WAIT)})) as srv:
-        t = Transfer(dest=str(tmp_path / "d"), root=srv.url + "/", threads=4, pipeline=4)
-        out = ShardRunner(t, 0, lambda evs: None).run(_echo_jobs(srv.url, 40))
+        t = Transfer(dest=str(tmp_path / "d"), root=srv.url + "/", threads=4, pipeline=8)
+        out = ShardRunner(t, 0, lambda evs: None).run(_echo_jobs(srv.url, 80))
         accepts, most_open = srv.accepts, srv.max_open
-    assert [o.status for o in out] == [Status.FETCHED] * 40, out[0]
-    assert (tmp_path / "d" / "s039").read_bytes() == b"/s039"
+    assert [o.status for o in out] == [Status.FETCHED] * 80, out[0]
+    assert (tmp_path / "d" / "s079").read_bytes() == b"/s079"
     ahead = {target: n for _, target, n in log}
     assert ahead["/s000"] == 0  # a new connection: one request, until it has kept alive
     assert ahead["/s001"] == MAX_DEPTH - 1, log[:3]

@@ -215,13 +215,14 @@ def test_while_the_small_file_lane_is_held_up_another_lane_takes_the_small_files
 @pytest.mark.parametrize(
     ("threads", "pipeline", "lanes", "depth"),
     [
-        (4, 4, 1, 16),  # the defaults: one lane per process, 16 deep
+        (4, 8, 1, 32),  # the defaults: one lane per process, 32 deep
+        (4, 4, 1, 16),
         (1, 4, 1, 4),
         (2, 4, 1, 8),
-        (8, 4, 2, 16),
-        (16, 4, 4, 16),
-        (3, 8, 2, 12),  # 24 in flight: two lanes of 12, not 16 + 8
-        (4, 32, 4, 32),  # asked for 32 on a connection: never less deep than that
+        (8, 8, 2, 32),
+        (16, 8, 4, 32),
+        (5, 8, 2, 20),  # 40 in flight: two lanes of 20, not 32 + 8
+        (4, 64, 4, 64),  # asked for 64 on a connection: never less deep than that
         (4, 1, 4, 1),  # no pipelining: every lane, one request at a time
         (0, 4, 1, 4),
     ],
