@@ -153,9 +153,12 @@ def render_plain(s: Summary, out: IO[str], name: str | None = None) -> None:
     """The summary as plain lines: a title, then one aligned row per count."""
     rows = _rows(s)
     wide = max(len(r[0]) for r in rows)
-    count = max(len(r[1]) for r in rows)
+    count = max(len(r[1]) for r in rows if r[1].isdigit())  # a text cell is not a count
     lines = [_title(s, name)]
-    lines += [f"  {a:<{wide}}  {b:>{count}}  {c}".rstrip() for a, b, c, _ in rows]
+    lines += [
+        f"  {a:<{wide}}  {b:>{count}}  {c}".rstrip() if b.isdigit() else f"  {a:<{wide}}  {b}"
+        for a, b, c, _ in rows
+    ]
     lines += [f"  {what} {text}" for _, what, text in _details(s)]
     lines += [text for _, text in _closing(s)]
     out.write("\n".join(lines) + "\n")

@@ -320,3 +320,23 @@ def test_a_text_log_file_ends_with_the_summary_line(tmp_path: Path) -> None:
         last,
     ), last
     assert re.search(r"^  fetched\s+3  303 B", done.stdout, re.M), done.stdout  # and the console
+
+
+def test_a_text_cell_in_the_plain_summary_does_not_push_the_counts_apart() -> None:
+    import io
+
+    from fetcher.models import Counts, Summary
+    from fetcher.report import render_plain
+
+    s = Summary(url="http://m.test/", dest="/d", started=0.0, finished=0.25, directories=17)
+    s.planned = {"skipped": Counts(310, 5)}
+    s.post = {"probe skipped": 3, "thumbnails skipped": 3}
+    buf = io.StringIO()
+    render_plain(s, buf)
+    assert buf.getvalue().splitlines()[1:] == [
+        "  fetched           0  0 B (0 B/s)",
+        "  unchanged       310",
+        "  post-processed  probe skipped 3, thumbnails skipped 3",
+        "  failed            0",
+        "  directories      17  0.2 s",
+    ]
