@@ -159,6 +159,7 @@ class ShardRunner:
         self.known_dirs: set[str] = set()
         self._cond = threading.Condition()
         self._jobs: deque[Job] = deque()
+        self._big_queued = 0  # jobs in the queue that are not small new files
         self._load = 0  # of the jobs queued or running here (see the class's note)
         self._heavy_done = 0  # lanes freed by a heavy job: a feeder waiting is told
         self._wake_below = 0  # a feeder waits for a load below this (0: nobody waits)
@@ -197,9 +198,12 @@ class ShardRunner:
 
     def add(self, jobs: Iterable[Job]) -> None:
         jobs = list(jobs)
-        load = sum(map(self._weight, jobs))
+        weights = [self._weight(j) for j in jobs]
+        load = sum(weights)
+        big = sum(w > 1 for w in weights)
         with self._cond:
             self._jobs.extend(jobs)
+            self._big_queued += big
             self._load += load
             self._released = False
             self._cond.notify_all()
@@ -244,15 +248,14 @@ class ShardRunner:
                 else:
                     # the first big file: at the head, or further back while every
                     # small-file lane is busy
-                    i = next((i for i, j in enumerate(jobs) if not pipelinable(j)), -1)
-                    if i < 0:
+                    if not self._big_queued:
                         self._cond.wait(0.5)
                         continue
+                    i = next(i for i, j in enumerate(jobs) if not pipelinable(j))
                     train, small = [jobs[i]], False
                     del jobs[i]
-                if jobs and (
-                    (busy < room and pipelinable(jobs[0])) or not all(map(pipelinable, jobs))
-                ):
+                    self._big_queued -= 1
+                if jobs and ((busy < room and pipelinable(jobs[0])) or self._big_queued):
                     self._cond.notify_all()  # another lane's turn (the feeder waits here too)
                 return train, small
 
