@@ -452,6 +452,17 @@ class Summary:
     error_code: int = 0
 
     @property
+    def unchanged_files(self) -> int:
+        """Files found unchanged: by a conditional request, or skipped by the plan."""
+        skipped = self.planned.get("skipped")
+        return self.unchanged.files + (skipped.files if skipped else 0)
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds the run took (never 0: rates divide by it)."""
+        return max(self.finished - self.started, 1e-9)
+
+    @property
     def exit_code(self) -> int:
         if self.error is not None:
             return self.error_code

@@ -54,7 +54,6 @@ def _title(s: Summary, name: str | None) -> str:
 
 def _rows(s: Summary) -> list[tuple[str, str, str, bool]]:
     """The summary's rows: (what, files, bytes, whether it is bad news)."""
-    elapsed = max(s.finished - s.started, 1e-9)
     rows: list[tuple[str, str, str, bool]] = []
     if s.dry_run:
         for key in ("new", "changed", "resume", "check", "skipped"):
@@ -67,12 +66,10 @@ def _rows(s: Summary) -> list[tuple[str, str, str, bool]]:
         if s.deleted:
             rows.append(("to delete", str(len(s.deleted)), "", False))
     else:
-        rate = human_bytes(s.fetched.bytes / elapsed) + "/s"
+        rate = human_bytes(s.fetched.bytes / s.elapsed) + "/s"
         fetched = f"{human_bytes(s.fetched.bytes)} ({rate})"
         rows.append(("fetched", str(s.fetched.files), fetched, False))
-        skipped = s.planned.get("skipped")
-        unchanged = s.unchanged.files + (skipped.files if skipped else 0)
-        rows.append(("unchanged", str(unchanged), "", False))
+        rows.append(("unchanged", str(s.unchanged_files), "", False))
         if s.deleted:
             rows.append(("deleted", str(len(s.deleted)), "", False))
         if s.vanished:
@@ -83,7 +80,7 @@ def _rows(s: Summary) -> list[tuple[str, str, str, bool]]:
     rows.append(("failed", str(len(s.failed)), "", bool(s.failed)))
     if s.listing_errors:
         rows.append(("listing errors", str(len(s.listing_errors)), "", True))
-    rows.append(("directories", str(s.directories), f"{elapsed:.1f} s", False))
+    rows.append(("directories", str(s.directories), f"{s.elapsed:.1f} s", False))
     return rows
 
 
@@ -167,12 +164,9 @@ def render_plain(s: Summary, out: IO[str], name: str | None = None) -> None:
 
 def one_line(s: Summary) -> str:
     """The summary's counts on one line, for a log."""
-    elapsed = max(s.finished - s.started, 1e-9)
-    skipped = s.planned.get("skipped")
-    unchanged = s.unchanged.files + (skipped.files if skipped else 0)
     parts = [
         f"{s.fetched.files} fetched ({human_bytes(s.fetched.bytes)})",
-        f"{unchanged} unchanged",
+        f"{s.unchanged_files} unchanged",
         f"{len(s.failed)} failed",
     ]
     if s.deleted:
@@ -181,7 +175,9 @@ def one_line(s: Summary) -> str:
         parts.append(f"{len(s.listing_errors)} listing errors")
     end = " (stopped)" if s.fatal else " (interrupted)" if s.interrupted else ""
     dry = "dry run: " if s.dry_run else ""
-    return f"summary: {dry}{', '.join(parts)}, {s.directories} directories in {elapsed:.1f} s{end}"
+    return (
+        f"summary: {dry}{', '.join(parts)}, {s.directories} directories in {s.elapsed:.1f} s{end}"
+    )
 
 
 def summary_dict(s: Summary, name: str | None = None) -> dict[str, Any]:
@@ -195,7 +191,7 @@ def summary_dict(s: Summary, name: str | None = None) -> dict[str, Any]:
         "dry_run": s.dry_run,
         "exit_code": s.exit_code,
         "fetched": {"files": s.fetched.files, "bytes": s.fetched.bytes},
-        "unchanged": {"files": s.unchanged.files + s.planned.get("skipped", _Zero).files},
+        "unchanged": {"files": s.unchanged_files},
         "planned": {k: {"files": c.files, "bytes": c.bytes} for k, c in s.planned.items()},
         "deleted": s.deleted,
         "vanished": s.vanished,
@@ -209,11 +205,6 @@ def summary_dict(s: Summary, name: str | None = None) -> dict[str, Any]:
         "fatal": s.fatal,
         "error": s.error,
     }
-
-
-class _Zero:
-    files = 0
-    bytes = 0
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -263,10 +254,9 @@ def write_metrics(path: Path, summaries: list[tuple[str | None, Summary]]) -> No
     previous = _previous_success(path)
     for name, s in summaries:
         job = _label(name or s.url)
-        unchanged = s.unchanged.files + s.planned.get("skipped", _Zero).files
         ok_ts = s.finished if s.exit_code == 0 else previous.get(job)
         values = [s.finished, ok_ts, s.finished - s.started, s.fetched.files, s.fetched.bytes,
-                  unchanged, len(s.failed), len(s.deleted), s.exit_code]  # fmt: skip
+                  s.unchanged_files, len(s.failed), len(s.deleted), s.exit_code]  # fmt: skip
         for m, v in zip(metrics, values, strict=True):
             if v is not None:
                 m[3].append((job, float(v)))
