@@ -30,10 +30,10 @@ hostile server could hurt (bounded head, checked framing) and nothing more:
   are written right behind the current request and their answers read in
   order when they are asked for. They go in groups, once N/4 places are free
   (or all that are left fit): on loopback one write per request was ~10 % of
-  a small file's CPU here and a wake-up of the server each.  Anything out of turn drops the connection;
-  requests sent ahead on a connection that goes (a keep-alive limit, a
-  close) are the thread's next requests again, in order; a server that
-  drops pipelined requests twice gets no more of them;
+  a small file's CPU here and a wake-up of the server each. Anything out of
+  turn drops the connection; requests sent ahead on a connection that goes (a
+  keep-alive limit, a close) are the thread's next requests again, in order;
+  a server that drops pipelined requests twice gets no more of them;
 * a short error page the caller does not read is drained (1 s at most), so
   it does not cost the connection;
 * with the ``REUSE_BUFFER`` request extension, large bodies are read with

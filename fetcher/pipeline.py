@@ -355,11 +355,10 @@ def _walk(
         from fetcher.repo_index import index_files
 
         return index_files(client, t, opts, job.index, stop=stop, on_wait=on_wait)
-    if ahead is None:
-        return crawl(client, t, opts, stop=stop, on_wait=on_wait, width=width)
+    expect, pipelining = (ahead.expect, lambda: ahead.pipelining) if ahead else (None, None)
     return crawl(
-        client, t, opts, stop=stop, on_wait=on_wait, width=width,
-        ahead=ahead.expect, pipelining=lambda: ahead.pipelining,
+        client, t, opts, stop=stop, on_wait=on_wait, width=width, ahead=expect,
+        pipelining=pipelining,
     )  # fmt: skip
 
 
