@@ -877,3 +877,25 @@ def test_good_pipeline_values_are_accepted(tmp_path: Path, run_fetch) -> None:
     r = run_fetch("--config", cfg, "--check", "--pipeline", "1")
     assert r.code == 0, r
     assert "pipeline = 1" in r.output
+
+
+@pytest.mark.real_server
+def test_every_real_server_takes_the_default_32_deep_pipeline(
+    server_kind: str, served, tmp_path: Path, run_fetch
+) -> None:
+    # 150 small files in one directory, one process with the defaults: one lane 32 deep.
+    # Each server answers every file once, in order (Apache's keep-alive limit of 100
+    # drops the requests sent ahead past it; they go again on the next connection).
+    root = tmp_path / "www"
+    (root / "d").mkdir(parents=True)
+    files = {f"d/f{i:03d}.bin": random.Random(i).randbytes(100 + i) for i in range(150)}
+    for rel, data in files.items():
+        (root / rel).write_bytes(data)
+    srv = served(server_kind, root)
+    dest = tmp_path / "dest"
+    r = run_fetch("--mirror", srv.url, "--dest", dest, "--procs", "1")
+    assert r.code == 0, r
+    assert {rel: (dest / rel).read_bytes() for rel in files} == files
+    logged = srv.requests(min_count=len(files) + 2)
+    per_file = Counter(q.path for q in logged if q.path.endswith(".bin"))
+    assert per_file == Counter({"/" + rel: 1 for rel in files}), "a file was asked for twice"
