@@ -591,11 +591,14 @@ def _main_thread() -> bool:
 
 def entry() -> None:
     """The console script."""
+    from fetcher.stdio import guard_std_streams
+
+    guard_std_streams()  # output that cannot be written is dropped; the run goes on
     try:
         code = main()
     except KeyboardInterrupt:
         code = 130
-    except BrokenPipeError:  # stdout's reader went away (fetch ... | head): nothing to say
+    except BrokenPipeError:  # written around the guards (a descriptor, not sys.stdout)
         code = 1
     except SystemExit as exc:  # --help, --version, a usage error: argparse exits itself
         if exc.code is None or isinstance(exc.code, int):
@@ -625,6 +628,6 @@ def _exit(code: int) -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except (OSError, ValueError):  # a closed pipe (fetch ... | head): nothing to tell
-            code = code or 1
+        except (OSError, ValueError):  # not behind a guard (swapped in since): output only
+            pass
     os._exit(code)

@@ -1,0 +1,105 @@
+"""Standard streams that cannot stop a run: output that fails is dropped, the sync goes on.
+
+A mirror run's output is a by-product. When stdout's reader goes away (``fetch
+... | head``, a log collector restarted) or a standard stream was closed before
+fetch started (``fetch ... >&-``), the downloads, the state and the exit code
+must not change: :func:`guard_std_streams` makes every write to ``sys.stdout``
+and ``sys.stderr`` that fails drop that stream's output from then on, says so
+once on the other stream, and points the dead descriptor at ``/dev/null`` so
+that a child process (ffmpeg) inheriting it gets no ``SIGPIPE`` either.
+
+File descriptors 0–2 closed at start are opened on ``/dev/null`` first: else the
+first file fetch opens would take descriptor 1, and anything written to
+"stdout" (by fetch or a child) would land inside a downloaded file.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+__all__ = ["GuardedStream", "guard_std_streams"]
+
+
+class GuardedStream:
+    """A text stream whose failures (EPIPE, EIO, a closed file) end its output quietly.
+
+    Everything else is the wrapped stream's (``isatty``, ``fileno``, ``encoding``,
+    ...), so rich and logging take it for the stream itself.
+    """
+
+    def __init__(self, stream: Any, name: str, on_dead: Any = None) -> None:
+        self._stream = stream
+        self._name = name
+        self._on_dead = on_dead
+        self.dead: str | None = None  # why output stopped (None: it has not)
+
+    def _failed(self, exc: Exception) -> None:
+        if self.dead is not None:
+            return
+        self.dead = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        try:  # nothing written here, by fetch or a child that inherits it, fails again
+            null = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(null, self._stream.fileno())
+            finally:
+                os.close(null)
+        except (OSError, ValueError, AttributeError):
+            pass
+        if self._on_dead is not None:
+            self._on_dead(self)
+
+    def write(self, text: str) -> int:
+        if self.dead is None:
+            try:
+                return int(self._stream.write(text))
+            except (OSError, ValueError) as exc:  # ValueError: the file was closed
+                self._failed(exc)
+        return len(text)
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        if self.dead is None:
+            try:
+                self._stream.flush()
+            except (OSError, ValueError) as exc:
+                self._failed(exc)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _occupy_closed_fds() -> None:
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+
+
+def _tell_other(dead: GuardedStream) -> None:
+    other = sys.stderr if dead is sys.stdout else sys.stdout
+    if isinstance(other, GuardedStream) and other.dead is None:
+        other.write(f"fetch: {dead._name} is gone ({dead.dead}); the run goes on without it\n")
+        other.flush()
+
+
+def guard_std_streams() -> None:
+    """Install the guards on ``sys.stdout`` and ``sys.stderr`` (once per process)."""
+    _occupy_closed_fds()
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if isinstance(stream, GuardedStream):
+            continue
+        if stream is None:  # the descriptor was closed when Python started: now /dev/null
+            stream = open(  # noqa: SIM115 - lives as long as the process
+                1 if name == "stdout" else 2, "w", encoding="utf-8", closefd=False
+            )
+        setattr(sys, name, GuardedStream(stream, name, _tell_other))
