@@ -442,6 +442,22 @@ def _then_preload(crawl_done: Any) -> Any:
     return done
 
 
+def _open_log(path: Path) -> TextIO:
+    """``--log-file``, appended to (its directory made if need be), behind a guard: a
+    log that cannot be written any more is reported once on stderr; the run goes on."""
+    from fetcher.stdio import guard_log
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        pass  # opening it says why, better
+    try:
+        stream = path.open("a", encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot open --log-file {path}: {exc.strerror or exc}") from None
+    return cast(TextIO, guard_log(stream, f"--log-file {path}"))
+
+
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     # systemd stops a unit with SIGTERM: treat it like Ctrl-C (keep partial files, save state).
     raise KeyboardInterrupt
@@ -505,7 +521,11 @@ def main(argv: Sequence[str] | None = None, console: Console | None = None) -> i
         # A no-op when this process will fork its workers itself (procs.fork_safe); else
         # the workers' fork server imports while this process imports the pipeline.
         prestart()
-    log = ns.log_file.open("a", encoding="utf-8") if ns.log_file else None
+    try:
+        log = _open_log(ns.log_file) if ns.log_file else None
+    except FetchError as exc:
+        _print_error(err, exc)
+        return exc.exit_code
     old = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     results: list[tuple[str | None, Summary]] = []
     try:
@@ -519,15 +539,17 @@ def main(argv: Sequence[str] | None = None, console: Console | None = None) -> i
         if log is not None:
             log.close()
     summaries = [s for _, s in results]
-    try:
-        if ns.report:
-            write_report(ns.report, results)
-        if ns.metrics:
-            write_metrics(ns.metrics, results)
-    except OSError as exc:
-        err.print(f"fetch: error: cannot write report: {exc}")
-        return max(exit_code(summaries), 4)
-    return exit_code(summaries)
+    code = exit_code(summaries)
+    for flag, path, write in (("--report", ns.report, write_report),
+                              ("--metrics", ns.metrics, write_metrics)):  # fmt: skip
+        if path:
+            try:
+                write(path, results)
+            except OSError as exc:
+                err.print(f"fetch: error: cannot write {flag} {path}: {exc.strerror or exc}",
+                          highlight=False, markup=False)  # fmt: skip
+                code = max(code, 4)
+    return code
 
 
 def _run_one(job: MirrorJob, ns: argparse.Namespace, console: Console, err: Console,

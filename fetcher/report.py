@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 import threading
 from pathlib import Path
@@ -208,6 +209,21 @@ def summary_dict(s: Summary, name: str | None = None) -> dict[str, Any]:
 
 
 def _atomic_write(path: Path, text: str) -> None:
+    """Replace the file at ``path`` whole: a reader sees the old text or the new.
+
+    Through a symlink, the file it points to is replaced (the link stays). What is not a
+    regular file (``/dev/stdout``, a FIFO a collector reads) is written as it is: there
+    is nothing to replace, and replacing it would put a file where the device was.
+    """
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        st = None
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        with path.open("w", encoding="utf-8") as out:
+            out.write(text)
+        return
+    path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:

@@ -6,7 +6,8 @@ fetch started (``fetch ... >&-``), the downloads, the state and the exit code
 must not change: :func:`guard_std_streams` makes every write to ``sys.stdout``
 and ``sys.stderr`` that fails drop that stream's output from then on, says so
 once on the other stream, and points the dead descriptor at ``/dev/null`` so
-that a child process (ffmpeg) inheriting it gets no ``SIGPIPE`` either.
+that a child process (ffmpeg) inheriting it gets no ``SIGPIPE`` either. A
+``--log-file`` goes behind the same guard (:func:`guard_log`).
 
 File descriptors 0–2 closed at start are opened on ``/dev/null`` first: else the
 first file fetch opens would take descriptor 1, and anything written to
@@ -19,7 +20,7 @@ import os
 import sys
 from typing import Any
 
-__all__ = ["GuardedStream", "guard_std_streams"]
+__all__ = ["GuardedStream", "guard_log", "guard_std_streams"]
 
 
 class GuardedStream:
@@ -39,14 +40,6 @@ class GuardedStream:
         if self.dead is not None:
             return
         self.dead = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-        try:  # nothing written here, by fetch or a child that inherits it, fails again
-            null = os.open(os.devnull, os.O_WRONLY)
-            try:
-                os.dup2(null, self._stream.fileno())
-            finally:
-                os.close(null)
-        except (OSError, ValueError, AttributeError):
-            pass
         if self._on_dead is not None:
             self._on_dead(self)
 
@@ -69,8 +62,28 @@ class GuardedStream:
             except (OSError, ValueError) as exc:
                 self._failed(exc)
 
+    def close(self) -> None:
+        try:
+            self._stream.close()  # (flushes first: what did not fit is dropped)
+        except (OSError, ValueError) as exc:
+            self._failed(exc)
+
+    @property
+    def name(self) -> str:
+        return self._name
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)
+
+
+def guard_log(stream: Any, name: str) -> GuardedStream:
+    """``stream`` (a ``--log-file``) behind a guard that tells stderr once when it fails."""
+
+    def tell(dead: GuardedStream) -> None:
+        sys.stderr.write(f"fetch: cannot write {name} ({dead.dead}); the run goes on without it\n")
+        sys.stderr.flush()
+
+    return GuardedStream(stream, name, tell)
 
 
 def _occupy_closed_fds() -> None:
@@ -84,10 +97,18 @@ def _occupy_closed_fds() -> None:
                 os.close(null)
 
 
-def _tell_other(dead: GuardedStream) -> None:
+def _std_failed(dead: GuardedStream) -> None:
+    try:  # nothing written here, by fetch or a child that inherits it, fails again
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, dead.fileno())
+        finally:
+            os.close(null)
+    except (OSError, ValueError, AttributeError):
+        pass
     other = sys.stderr if dead is sys.stdout else sys.stdout
     if isinstance(other, GuardedStream) and other.dead is None:
-        other.write(f"fetch: {dead._name} is gone ({dead.dead}); the run goes on without it\n")
+        other.write(f"fetch: {dead.name} is gone ({dead.dead}); the run goes on without it\n")
         other.flush()
 
 
@@ -102,4 +123,4 @@ def guard_std_streams() -> None:
             stream = open(  # noqa: SIM115 - lives as long as the process
                 1 if name == "stdout" else 2, "w", encoding="utf-8", closefd=False
             )
-        setattr(sys, name, GuardedStream(stream, name, _tell_other))
+        setattr(sys, name, GuardedStream(stream, name, _std_failed))

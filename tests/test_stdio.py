@@ -1,14 +1,17 @@
 """Output that cannot be written is dropped; the sync, its files and its exit code are not.
 
 ``fetch ... | head`` (the reader leaves), a log collector restarted under a
-running job, ``fetch ... >&-``: each against a real server, through the console
-script's entry point as a user runs it.
+running job, ``fetch ... >&-``, a report or metrics file that is a FIFO, a symlink
+or cannot be written: each against a real server.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
+import select
+import stat
 import subprocess
 import sys
 import threading
@@ -128,3 +131,90 @@ def test_the_guard_drops_output_after_a_failure_and_tells_once() -> None:
     ok = GuardedStream(io.StringIO(), "stdout")
     ok.write("x")
     assert ok.dead is None and ok.getvalue() == "x"  # anything else is the stream's own
+
+
+def test_report_and_metrics_go_through_a_fifo_and_a_symlink(tmp_path: Path, run_fetch) -> None:
+    # a FIFO (or /dev/stdout) is written, not replaced by a file; a symlink's target is
+    # replaced whole and the link stays
+    fifo = tmp_path / "report.fifo"
+    os.mkfifo(fifo)
+    real = tmp_path / "textfiles" / "fetch.prom"
+    real.parent.mkdir()
+    real.write_text("old\n")
+    link = tmp_path / "fetch.prom"
+    link.symlink_to(real)
+    held = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)  # the collector: fetch's open won't block
+    try:
+        with FaultServer(root=_tree(tmp_path)) as srv:
+            r = run_fetch("--mirror", srv.url, "--dest", tmp_path / "d", "--procs", "1",
+                          "--report", fifo, "--metrics", link)  # fmt: skip
+        report = os.read(held, 1 << 20)
+    finally:
+        os.close(held)
+    assert r.code == 0, r.output
+    assert json.loads(report)["exit_code"] == 0
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert link.is_symlink() and "fetch_files_fetched" in real.read_text()
+    assert sorted(p.name for p in real.parent.iterdir()) == ["fetch.prom"]  # no temp left
+
+
+def test_metrics_that_cannot_be_written_do_not_take_the_report(tmp_path: Path, run_fetch) -> None:
+    (tmp_path / "adir").mkdir()
+    with FaultServer(root=_tree(tmp_path)) as srv:
+        r = run_fetch("--mirror", srv.url, "--dest", tmp_path / "d", "--procs", "1",
+                      "--report", tmp_path / "r.json", "--metrics", tmp_path / "adir")  # fmt: skip
+    assert r.code == 4, r.output
+    assert f"cannot write --metrics {tmp_path / 'adir'}: Is a directory" in r.output
+    assert json.loads((tmp_path / "r.json").read_text())["exit_code"] == 0
+    _assert_mirrored(tmp_path / "d")
+
+
+def test_a_log_file_that_cannot_be_opened_is_a_usage_error(tmp_path: Path, run_fetch) -> None:
+    (tmp_path / "afile").write_text("")
+    r = run_fetch("--mirror", "http://127.0.0.1:9/", "--dest", tmp_path / "d",
+                  "--log-file", tmp_path / "afile" / "x.log")  # fmt: skip
+    assert r.code == 2, r.output
+    assert "cannot open --log-file" in r.output and "Not a directory" in r.output
+    assert not (tmp_path / "d").exists()  # before anything was done
+
+
+def test_a_log_file_made_in_a_new_directory(tmp_path: Path, run_fetch) -> None:
+    log = tmp_path / "var" / "log" / "fetch.log"
+    with FaultServer(root=_tree(tmp_path)) as srv:
+        r = run_fetch("--mirror", srv.url, "--dest", tmp_path / "d", "--procs", "1",
+                      "--log-file", log)  # fmt: skip
+    assert r.code == 0, r.output
+    assert "fetched" in log.read_text().splitlines()[-1]
+
+
+def test_a_log_whose_reader_leaves_mid_run_does_not_stop_the_sync(tmp_path: Path) -> None:
+    fifo = tmp_path / "log.fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    gate = threading.Event()
+    try:
+        with FaultServer(root=_tree(tmp_path)) as srv:
+            srv.script("/d/f11.bin", [Fault.gated(gate)])
+            argv = ["--mirror", srv.url, "--dest", str(tmp_path / "d"), "--procs", "1", "-v",
+                    "--log-file", str(fifo)]  # fmt: skip
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "fetcher", *argv],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env(),
+            )  # fmt: skip
+            try:
+                assert srv.wait_for(1, path="/d/f11.bin", timeout=30)
+                ready, _, _ = select.select([reader], [], [], 30)
+                assert ready and os.read(reader, 1 << 16)  # the log has begun
+                os.close(reader)
+                reader = -1
+                assert proc.poll() is None  # still running: f11 is held
+            finally:
+                gate.set()
+            _, err = proc.communicate(timeout=60)
+    finally:
+        if reader >= 0:
+            os.close(reader)
+    assert b"Traceback" not in err, err
+    assert proc.returncode == 0, err
+    assert f"cannot write --log-file {fifo} (Broken pipe); the run goes on".encode() in err, err
+    _assert_mirrored(tmp_path / "d")
