@@ -400,9 +400,9 @@ class _LazyConsole:
             from rich.console import Console
 
             made = Console(stderr=self._stderr, highlight=False)
-            if not self._stderr and not made.is_terminal:
+            if not made.is_terminal:
                 # logs: one line per message, however long, and no colour codes
-                made = Console(highlight=False, soft_wrap=True, width=160)
+                made = Console(stderr=self._stderr, highlight=False, soft_wrap=True, width=160)
             self._made = made
         return self._made
 
@@ -496,7 +496,7 @@ def main(argv: Sequence[str] | None = None, console: Console | None = None) -> i
     argv = list(sys.argv[1:] if argv is None else argv)
     if console is None:
         console = cast("Console", _LazyConsole())
-    err = cast("Console", _LazyConsole(stderr=True)) if console.file is sys.stdout else console
+    err = _err_console(console)
     if argv[:1] == ["demo"]:
         from fetcher.demo import demo_main
 
@@ -587,6 +587,22 @@ def _run_one(job: MirrorJob, ns: argparse.Namespace, console: Console, err: Cons
         render(summary, console, name)  # (JSON lines on stdout: the event above instead)
     results.append((name, summary))
     return summary.exit_code
+
+
+def _err_console(console: Console) -> Console:
+    # errors go to stderr, unless the caller gave a console of its own (tests, the demo)
+    return cast("Console", _LazyConsole(stderr=True)) if console.file is sys.stdout else console
+
+
+def refused(argv: Sequence[str], console: Console) -> int | None:
+    """The exit code ``main(argv)`` would end with on options it refuses before doing
+    anything (the error printed as it prints it), or None when it takes them."""
+    try:
+        _jobs(build_parser().parse_args(list(argv)))
+    except FetchError as exc:
+        _print_error(_err_console(console), exc)
+        return exc.exit_code
+    return None
 
 
 def _print_error(err: Console, exc: FetchError, prefix: str = "") -> None:

@@ -3,7 +3,7 @@
 Both sources go through :func:`build_job`, so a bad value reads the same way
 wherever it came from and always names its key::
 
-    mirrors.toml: jobs.centos.threads: expected an integer ≥ 1, got "eight"
+    mirrors.toml: jobs.centos.threads: expected an integer from 1 to 1024, got "eight"
 """
 
 from __future__ import annotations
@@ -137,6 +137,9 @@ def default_procs(max_connections: int = 8) -> int:
 
 # ---------------------------------------------------------------- validation
 
+MAX_CONNECTIONS = 1024
+"""The most connections (and processes, and threads per process) a run may ask for."""
+
 
 def _int(lo: int) -> Callable[[Any], int]:
     def check(v: Any) -> int:
@@ -201,9 +204,19 @@ def _str(v: Any) -> str:
 
 def _url(v: Any) -> str:
     s = _str(v)
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that were not UTF-8 on the command line
+        raise ValueError(f"expected a URL in UTF-8, got {s!a}") from None
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in s):
+        raise ValueError(f"expected a URL without control characters, got {s!a}")
     parts = urlsplit(s)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"expected an http:// or https:// URL, got {_show(v)}")
+    try:
+        parts.port  # noqa: B018 - raises for a port out of range or not a number
+    except ValueError:
+        raise ValueError(f"expected a port from 0 to 65535 in {_show(v)}") from None
     return s
 
 
@@ -246,9 +259,9 @@ _PATH_KEYS = {"dest", "ca_cert", "post_dest"}
 _FIELDS: dict[str, Callable[[Any], Any]] = {
     "url": _url,
     "dest": _str,
-    "procs": _int(1),
-    "threads": _int(1),
-    "max_connections": _int(1),
+    "procs": _int_range(1, MAX_CONNECTIONS),
+    "threads": _int_range(1, MAX_CONNECTIONS),
+    "max_connections": _int_range(1, MAX_CONNECTIONS),
     "include": _strs,
     "exclude": _strs,
     "depth": _int(0),
@@ -360,8 +373,12 @@ def load_config(
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {exc.start}): a TOML file is UTF-8"
+        ) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{label}: not valid TOML: {exc}") from None
     for key in data:

@@ -193,7 +193,7 @@ def _have_ffmpeg() -> bool:
 
 
 def demo_main(argv: list[str], console: Console) -> int:
-    from fetcher.cli import main
+    from fetcher.cli import main, refused
 
     p = argparse.ArgumentParser(
         prog="fetch demo", description="Mirror a built-in sample mirror served on 127.0.0.1."
@@ -215,6 +215,10 @@ def demo_main(argv: list[str], console: Console) -> int:
         return int(exc.code or 0)
     upstream = ns.dir / "upstream"
     dest = ns.dir / "mirror"
+    # the options passed on to the mirror run: refused now, not after building the sample
+    code = refused(["--mirror", "http://127.0.0.1/", "--dest", str(dest), *rest], console)
+    if code is not None:
+        return code
     console.print(f"[bold]building a sample mirror in {upstream}[/] …")
     n = build_sample(upstream, ns.packages, media=not ns.no_media)
     with serve_directory(upstream) as url:
@@ -227,6 +231,8 @@ def demo_main(argv: list[str], console: Console) -> int:
         if code == 0:
             console.print("\n[bold]again: an unchanged mirror downloads nothing[/]")
             code = main([*args, "-q"], console)
+    if code:
+        return code  # main said why
     console.print(f"\n[bold]done:[/] the mirror is in [green]{dest.resolve()}[/]")
     if media:
         console.print(

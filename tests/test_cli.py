@@ -25,8 +25,16 @@ from tests.faultserver import Fault, FaultServer
         (["--mirror", "ftp://x/"], "--mirror: expected an http:// or https:// URL"),
         (
             ["--mirror", "http://127.0.0.1:9/", "--threads", "0"],
-            "--threads: expected an integer ≥ 1, got 0",
+            "--threads: expected an integer from 1 to 1024, got 0",
         ),
+        (
+            ["--mirror", "http://127.0.0.1:9/", "--max-connections", "100000000000000000000"],
+            "--max-connections: expected an integer from 1 to 1024",
+        ),
+        (["--mirror", "http://127.0.0.1:99999/"], "--mirror: expected a port from 0 to 65535"),
+        (["--mirror", "http://127.0.0.1:x/"], "--mirror: expected a port from 0 to 65535"),
+        (["--mirror", "http://127.0.0.1/a\udcff/"], "--mirror: expected a URL in UTF-8"),
+        (["--mirror", "http://127.0.0.1/a\tb/"], "--mirror: expected a URL without control"),
         (
             ["--mirror", "http://127.0.0.1:9/", "--procs", "x"],
             "argument --procs: invalid int value",
@@ -41,11 +49,23 @@ from tests.faultserver import Fault, FaultServer
         (["--job", "x"], "--job and --check go with --config"),
     ],
 )
-def test_usage_errors_exit_2_without_traceback(argv: list[str], message: str, run_fetch) -> None:
+def test_usage_errors_exit_2_without_traceback(
+    argv: list[str], message: str, run_fetch, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # (a default DEST is made here, were a run to start)
     r = run_fetch(*argv)
     assert r.code == 2, r
     assert message in r.output
     assert "Traceback" not in r.output
+    assert not list(tmp_path.iterdir())  # refused before anything was made
+
+
+def test_the_demo_refuses_bad_options_before_building_its_sample(tmp_path: Path, run_fetch) -> None:
+    for bad, message in (("--pipeline=0", "--pipeline: expected an integer from 1 to 32"),
+                         ("--bogus", "unrecognized arguments: --bogus")):  # fmt: skip
+        r = run_fetch("demo", "--dir", tmp_path / "demo", bad)
+        assert r.code == 2 and message in r.output, r
+        assert not (tmp_path / "demo").exists()
 
 
 def test_a_deleted_working_directory_is_a_usage_error(tmp_path: Path) -> None:

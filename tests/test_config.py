@@ -16,12 +16,18 @@ def test_defaults_follow_lftp_and_the_connection_cap() -> None:
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({"url": "http://h/", "threads": 0}, "x.threads: expected an integer ≥ 1, got 0"),
+        (
+            {"url": "http://h/", "threads": 0},
+            "x.threads: expected an integer from 1 to 1024, got 0",
+        ),
         (
             {"url": "http://h/", "threads": "eight"},
-            'x.threads: expected an integer ≥ 1, got "eight"',
+            'x.threads: expected an integer from 1 to 1024, got "eight"',
         ),
-        ({"url": "http://h/", "procs": True}, "x.procs: expected an integer ≥ 1, got True"),
+        (
+            {"url": "http://h/", "procs": True},
+            "x.procs: expected an integer from 1 to 1024, got True",
+        ),
         ({"url": "ftp://h/"}, 'x.url: expected an http:// or https:// URL, got "ftp://h/"'),
         ({"url": "http://h/", "limit_rate": "fast"}, "x.limit_rate: expected a rate"),
         ({"url": "http://h/", "thread": 3}, "x.thread: unknown key"),
@@ -56,7 +62,7 @@ def test_load_config(tmp_path: Path) -> None:
     [
         (
             "[jobs.a]\nurl = 'http://h/'\nthreads = 'eight'\n",
-            'm.toml: jobs.a.threads: expected an integer ≥ 1, got "eight"',
+            'm.toml: jobs.a.threads: expected an integer from 1 to 1024, got "eight"',
         ),
         ("[jobs.a\n", "m.toml: not valid TOML"),
         ("[defaults]\n", "m.toml: no [jobs.NAME] table"),
@@ -70,6 +76,15 @@ def test_config_errors(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ConfigError) as exc:
         load_config(cfg)
     assert message in str(exc.value)
+
+
+def test_a_config_that_is_not_text_or_not_a_file(tmp_path: Path) -> None:
+    cfg = tmp_path / "m.toml"
+    cfg.write_bytes(b"[jobs.a]\nurl = 'http://h/\xff'\n")
+    with pytest.raises(ConfigError, match=r"m.toml: not UTF-8 text \(byte 25\)"):
+        load_config(cfg)
+    with pytest.raises(ConfigError, match=r": cannot read: Is a directory$"):
+        load_config(tmp_path)
 
 
 @pytest.mark.parametrize(

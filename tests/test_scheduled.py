@@ -82,11 +82,11 @@ def test_job_selection(tmp_path: Path, run_fetch) -> None:
 BAD_CONFIGS = [
     (
         '[jobs.c]\nurl = "http://127.0.0.1:9/"\nthreads = "eight"\n',
-        'm.toml: jobs.c.threads: expected an integer ≥ 1, got "eight"',
+        'm.toml: jobs.c.threads: expected an integer from 1 to 1024, got "eight"',
     ),
     (
         '[jobs.c]\nurl = "http://127.0.0.1:9/"\nprocs = 0\n',
-        "m.toml: jobs.c.procs: expected an integer ≥ 1, got 0",
+        "m.toml: jobs.c.procs: expected an integer from 1 to 1024, got 0",
     ),
     ('[jobs.c]\nurl = "http://127.0.0.1:9/"\nthreds = 2\n', "m.toml: jobs.c.threds: unknown key"),
     ('[jobs.c]\nurl = "gopher://x/"\n', "m.toml: jobs.c.url: expected an http:// or https:// URL"),
