@@ -8,7 +8,9 @@ wherever it came from and always names its key::
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -162,7 +164,11 @@ def _int_range(lo: int, hi: int) -> Callable[[Any], int]:
 def _float(lo: float, strict: bool = False) -> Callable[[Any], float]:
     def check(v: Any) -> float:
         bad = (
-            isinstance(v, bool) or not isinstance(v, int | float) or v < lo or (strict and v == lo)
+            isinstance(v, bool)
+            or not isinstance(v, int | float)
+            or not math.isfinite(v)
+            or v < lo
+            or (strict and v == lo)
         )
         if bad:
             raise ValueError(f"expected a number {'>' if strict else '≥'} {lo}, got {_show(v)}")
@@ -173,7 +179,7 @@ def _float(lo: float, strict: bool = False) -> Callable[[Any], float]:
 
 def _rate(v: Any) -> float:
     """``500k``, ``10M``, ``1.5G`` or a plain number of bytes per second."""
-    if isinstance(v, int | float) and not isinstance(v, bool) and v > 0:
+    if isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < math.inf:
         return float(v)
     if isinstance(v, str):
         s = v.strip().upper().removesuffix("B").removesuffix("I")
@@ -183,7 +189,7 @@ def _rate(v: Any) -> float:
         except ValueError:
             pass
         else:
-            if n > 0:
+            if 0 < n < math.inf:
                 return n
     raise ValueError(
         f"expected a rate like 500k, 10M or a number of bytes per second, got {_show(v)}"
@@ -220,6 +226,23 @@ def _url(v: Any) -> str:
     return s
 
 
+_HOST = re.compile(
+    r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(?::(\d{1,5}))?"
+)
+
+
+def _hosts(v: Any) -> tuple[str, ...]:
+    """``host`` or ``host:port`` each (an alias is a server, not a URL)."""
+    out = _strs(v)
+    for h in out:
+        m = _HOST.fullmatch(h)
+        if m is None or int(m.group(1) or 0) > 65535:
+            raise ValueError(
+                f"expected HOST or HOST:PORT, such as mirror.example.org, got {_show(h)}"
+            )
+    return out
+
+
 def _strs(v: Any) -> tuple[str, ...]:
     if isinstance(v, str):
         v = [v]
@@ -245,7 +268,7 @@ def _max_delete(v: Any) -> float:
             pct = -1
         if 0 <= pct <= 100:
             return pct / 100 if pct < 100 else 1.0 - 1e-12
-    if isinstance(v, int | float) and not isinstance(v, bool) and v >= 0:
+    if isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v < math.inf:
         return float(v)
     raise ValueError(f"expected a count like 500 or a percentage like '10%', got {_show(v)}")
 
@@ -272,7 +295,7 @@ _FIELDS: dict[str, Callable[[Any], Any]] = {
     "delete": _bool,
     "max_delete": _max_delete,
     "force": _bool,
-    "aliases": _strs,
+    "aliases": _hosts,
     "limit_rate": _rate,
     "listing_rate": _float(0, strict=True),
     "ca_cert": _str,
@@ -401,4 +424,12 @@ def load_config(
         out[name] = build_job(
             merged, f"{label}: jobs.{name}", base_dir=base, name=name, post_parser=post_parser
         )
+        same = next((n for n, j in out.items() if n != name and j.dest == out[name].dest), None)
+        if same is not None:
+            # one DEST, one state: each run would take the other's files for vanished
+            # ones (--delete) and fetch everything again on every turn
+            raise ConfigError(
+                f"{label}: jobs.{name}: dest {out[name].dest} is jobs.{same}'s too;"
+                " give each job a directory of its own"
+            )
     return out

@@ -33,6 +33,19 @@ def test_defaults_follow_lftp_and_the_connection_cap() -> None:
         ({"url": "http://h/", "thread": 3}, "x.thread: unknown key"),
         ({"url": "http://h/", "max_delete": "200%"}, "x.max_delete"),
         ({}, "x: missing required key 'url'"),
+        (
+            {"url": "http://h/", "timeout": float("inf")},
+            "x.timeout: expected a number > 0, got inf",
+        ),
+        ({"url": "http://h/", "listing_rate": float("nan")}, "x.listing_rate: expected a number"),
+        ({"url": "http://h/", "limit_rate": "inf"}, "x.limit_rate: expected a rate"),
+        ({"url": "http://h/", "limit_rate": float("inf")}, "x.limit_rate: expected a rate"),
+        ({"url": "http://h/", "max_delete": float("nan")}, "x.max_delete: expected a count"),
+        (
+            {"url": "http://h/", "aliases": ["ftp://h2/"]},
+            'x.aliases: expected HOST or HOST:PORT, such as mirror.example.org, got "ftp://h2/"',
+        ),
+        ({"url": "http://h/", "aliases": "h2:99999"}, "x.aliases: expected HOST or HOST:PORT"),
     ],
 )
 def test_bad_values_name_the_key(values: dict[str, object], message: str) -> None:
@@ -76,6 +89,22 @@ def test_config_errors(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ConfigError) as exc:
         load_config(cfg)
     assert message in str(exc.value)
+
+
+def test_aliases_are_hosts_with_or_without_a_port() -> None:
+    job = build_job(
+        {"url": "http://h/", "aliases": ["m2.example.org", "10.0.0.1:8080", "[::1]:81"]}, "x"
+    )
+    assert job.aliases == ("m2.example.org", "10.0.0.1:8080", "[::1]:81")
+
+
+def test_two_jobs_of_one_config_cannot_share_a_dest(tmp_path: Path) -> None:
+    cfg = tmp_path / "m.toml"
+    cfg.write_text(
+        "[jobs.a]\nurl = 'http://h/a/'\ndest = 'out'\n[jobs.b]\nurl = 'http://h/b/'\ndest = './out/'\n"
+    )
+    with pytest.raises(ConfigError, match=r"m.toml: jobs.b: dest .*/out is jobs.a's too"):
+        load_config(cfg)
 
 
 def test_a_config_that_is_not_text_or_not_a_file(tmp_path: Path) -> None:
