@@ -606,9 +606,10 @@ def refused(argv: Sequence[str], console: Console) -> int | None:
 
 
 def _print_error(err: Console, exc: FetchError, prefix: str = "") -> None:
-    err.print(f"fetch: error: {prefix}{exc.message}", highlight=False, markup=False)
+    # one line each, however long (paths are copied from it): the terminal wraps them
+    err.print(f"fetch: error: {prefix}{exc.message}", highlight=False, markup=False, soft_wrap=True)
     if exc.hint:
-        err.print(f"  hint: {exc.hint}", highlight=False, markup=False)
+        err.print(f"  hint: {exc.hint}", highlight=False, markup=False, soft_wrap=True)
 
 
 def _describe(job: MirrorJob) -> dict[str, Any]:

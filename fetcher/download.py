@@ -57,6 +57,7 @@ __all__ = [
     "partial_paths",
     "pipelinable",
     "plain_get",
+    "unwritable",
 ]
 
 MAX_REDIRECTS = 5
@@ -529,7 +530,12 @@ def _changed_since(
 def _ensure_dir(d: str, known: set[str] | None) -> None:
     # ``known``: directories this runner made already; saves a mkdir syscall per file.
     if known is None or d not in known:
-        os.makedirs(d, exist_ok=True)
+        try:
+            os.makedirs(d, exist_ok=True)
+        except FileExistsError as exc:  # (``filename``: the one in the way, maybe a parent)
+            raise FileExistsError(
+                exc.errno, "a local file where the mirror has a directory", exc.filename
+            ) from None
         if known is not None and len(known) < 100_000:
             known.add(d)
 
@@ -636,7 +642,11 @@ class _Out:
             part.parent.mkdir(parents=True, exist_ok=True)
             part.unlink(missing_ok=True)
             os.link(src, part, src_dir_fd=self.fd, follow_symlinks=True)
-            os.replace(part, where.final)
+            try:
+                os.replace(part, where.final)
+            except OSError:  # a directory in the way, say: no partial file left for it
+                part.unlink(missing_ok=True)
+                raise
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -783,4 +793,10 @@ def check_writable(dest: Path) -> None:
         probe.write_bytes(b"x")
         probe.unlink()
     except OSError as exc:
-        raise FatalIOError(f"cannot write to {dest}: {exc.strerror or exc}") from exc
+        raise unwritable(dest, exc) from exc
+
+
+def unwritable(dest: Path, exc: OSError, doing: str = "write to") -> FatalIOError:
+    """The error for DEST refused: ``cannot write to DEST: [the path in the way: ]why``."""
+    where = f"{exc.filename}: " if exc.filename and str(exc.filename) != str(dest) else ""
+    return FatalIOError(f"cannot {doing} {dest}: {where}{exc.strerror or exc}")

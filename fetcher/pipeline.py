@@ -22,7 +22,13 @@ import httpx
 
 from fetcher.config import MirrorJob, Transfer
 from fetcher.crawl import CrawlItem, CrawlOptions, crawl
-from fetcher.download import check_writable, partial_dir, partial_name, pipelinable
+from fetcher.download import (
+    check_writable,
+    partial_dir,
+    partial_name,
+    pipelinable,
+    unwritable,
+)
 from fetcher.errors import FatalIOError, FetchError
 from fetcher.executor import Executor, LocalExecutor
 from fetcher.http1 import ThreadConnTransport, pipelined_lanes
@@ -173,12 +179,12 @@ def mirror(
     try:
         dest.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise FatalIOError(f"cannot create {dest}: {exc.strerror or exc}") from exc
+        raise unwritable(dest, exc, "create") from exc
     lock = RunLock(dest)
     try:
         lock.acquire()
     except OSError as exc:
-        raise FatalIOError(f"cannot write to {dest}: {exc.strerror or exc}") from exc
+        raise unwritable(dest, exc) from exc
     try:
         check_writable(dest)
         state = State.open(dest)

@@ -164,3 +164,24 @@ def test_read_only_dest_exits_4_with_a_reason(tmp_path: Path, run_fetch: RunFetc
             assert r.code == 4, r
             assert "Read-only file system" in r.output and "Traceback" not in r.output, r
         assert (dest / "d0" / "f0.txt").read_bytes() == b"0\n" * 100
+
+
+def test_a_dest_that_cannot_hold_state_names_what_is_in_the_way(
+    tmp_path: Path, run_fetch: RunFetch
+) -> None:
+    src = tmp_path / "src"
+    _small_tree(src)
+    (tmp_path / "d1").mkdir()
+    (tmp_path / "d1" / ".fetcher").write_text("not a directory")
+    (tmp_path / "afile").write_text("")
+    with _serving(src) as srv:
+        r = run_fetch("--mirror", srv.url, "--procs", "1", "--dest", tmp_path / "d1")
+        assert r.code == 4, r
+        assert (
+            f"cannot write to {tmp_path / 'd1'}: {tmp_path / 'd1' / '.fetcher'}: File exists"
+            in r.output
+        )
+        r = run_fetch("--mirror", srv.url, "--procs", "1", "--dest", tmp_path / "afile" / "x")
+        assert r.code == 4, r
+        assert f"cannot create {tmp_path / 'afile' / 'x'}: Not a directory" in r.output
+    assert (tmp_path / "d1" / ".fetcher").read_text() == "not a directory"

@@ -132,6 +132,27 @@ def test_a_name_taken_since_the_plan_is_replaced_whole(tmp_path: Path) -> None:
     assert _partials(dest) == []
 
 
+def test_local_files_and_directories_in_the_way_fail_those_files_only(
+    tmp_path: Path, run_fetch
+) -> None:
+    www = tmp_path / "www"
+    for rel in ("a/x.bin", "b/y.bin", "c/z.bin"):
+        (www / rel).parent.mkdir(parents=True, exist_ok=True)
+        (www / rel).write_bytes(rel.encode() * 500)
+    dest = tmp_path / "d"
+    dest.mkdir()
+    (dest / "a").write_bytes(b"mine")  # a file where the mirror has a directory
+    (dest / "b" / "y.bin" / "sub").mkdir(parents=True)  # a directory where it has a file
+    with FaultServer(root=www) as srv:
+        r = run_fetch("--mirror", srv.url, "--dest", dest, "--procs", "1")
+    assert r.code == 1, r.output
+    assert f"{dest / 'a'}: a local file where the mirror has a directory" in r.output
+    assert f"{dest / 'b' / 'y.bin'}: Is a directory" in r.output
+    assert (dest / "a").read_bytes() == b"mine" and (dest / "b" / "y.bin" / "sub").is_dir()
+    assert (dest / "c" / "z.bin").read_bytes() == b"c/z.bin" * 500
+    assert _partials(dest) == []
+
+
 def test_without_unnamed_files_the_partial_file_serves(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
