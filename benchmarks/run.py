@@ -64,6 +64,8 @@ from benchmarks.trees import Tree, build_tree  # noqa: E402
 from tests.servers import serve  # noqa: E402
 
 WORK = HERE / "work"
+DEST_ROOT = WORK / "dest"
+"""Where the tools write (``--dest-root``): the benchmark disk unless told otherwise."""
 PEERS = ("rclone", "wget2", "lftp", "aria2c")
 FETCHES = ("fetch", "fetch-p1")
 """fetch as it ships, and with ``--pipeline 1``: one request per connection at a time, as
@@ -438,8 +440,9 @@ def one_run(
     access_log: Path,
     dest: Path | None = None,
     fresh: bool = True,
+    keep: bool = False,
 ) -> Measure:
-    dest = dest or WORK / "dest" / tool
+    dest = dest or DEST_ROOT / tool
     if fresh and dest.exists():
         shutil.rmtree(dest)
     os.sync()  # the last run's dirty pages are not this run's to write back
@@ -469,6 +472,8 @@ def one_run(
         load=load,
     )
     m.ok, m.problems = verify(tree, dest)
+    if not keep and DEST_ROOT != WORK / "dest":  # (memory, on tmpfs): not kept once checked
+        shutil.rmtree(dest, ignore_errors=True)
     if code != 0:
         m.problems = (m.problems + f"; exit {code}").lstrip("; ")
     return m
@@ -490,12 +495,15 @@ def run_resync(
         url_list = WORK / "resync.urls"
         write_url_list(tree, url, url_list)
         for tool in tools:
-            dest = WORK / "dest" / f"resync-{tool}"
-            one_run("resync-first", tool, 0, tree, url, url_list, n, srv.access_log, dest)
+            dest = DEST_ROOT / f"resync-{tool}"
+            one_run(
+                "resync-first", tool, 0, tree, url, url_list, n, srv.access_log, dest, keep=True
+            )
             for r in range(runs):
                 m = one_run(
-                    "resync", tool, r, tree, url, url_list, n, srv.access_log, dest, fresh=False
-                )
+                    "resync", tool, r, tree, url, url_list, n, srv.access_log, dest,
+                    fresh=False, keep=True,
+                )  # fmt: skip
                 m.bytes = 0
                 results.append(m)
                 _print_measure(m)
@@ -507,7 +515,7 @@ def run_scale(files_per_dir: int, dirs: int, n: int, results: list[Measure]) -> 
 
     with FaultServer() as srv:
         srv.add_generated_tree("/gen/", dirs=dirs, files_per_dir=files_per_dir)
-        dest = WORK / "dest" / "scale"
+        dest = DEST_ROOT / "scale"
         if dest.exists():
             shutil.rmtree(dest)
         dest.mkdir(parents=True)
@@ -564,7 +572,8 @@ def physical_limits(large: Tree, rtt_ms: float) -> dict[str, str]:
             limits["proxy ceiling: curl through the proxy, 0 ms"] = curl(port)
         with proxied(srv.port, rtt_ms / 2) as port:
             limits[f"proxy ceiling: curl through the proxy, {rtt_ms:g} ms RTT"] = curl(port)
-    target = WORK / "dd.bin"
+    target = DEST_ROOT / "dd.bin"
+    DEST_ROOT.mkdir(parents=True, exist_ok=True)
     dd = subprocess.run(
         ["dd", "if=/dev/zero", f"of={target}", "bs=1M", "count=1024", "conv=fdatasync"],
         capture_output=True,
@@ -717,7 +726,17 @@ def main(argv: list[str] | None = None) -> int:
         help="nginx limit_rate per connection (e.g. 20m), as a busy mirror caps each client",
     )
     p.add_argument("--serve", metavar="TREE", help="only serve TREE (small, large, mixed) until ^C")
+    p.add_argument(
+        "--dest-root",
+        metavar="DIR",
+        type=Path,
+        help="write every tool's DEST (and dd's test file) under DIR, e.g. /dev/shm to take the"
+        " disk out of the loopback figures (default: benchmarks/work/dest)",
+    )
     args = p.parse_args(argv)
+    if args.dest_root is not None:
+        global DEST_ROOT
+        DEST_ROOT = args.dest_root.resolve() / "fetch-bench"
     if args.serve:
         # SIGTERM unwinds like ^C, so nginx and the proxy are stopped, not orphaned
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -799,6 +818,8 @@ def main(argv: list[str] | None = None) -> int:
         elif s == "scale":
             run_scale(100, 2000, n, results)
 
+    if args.dest_root is not None:
+        shutil.rmtree(DEST_ROOT, ignore_errors=True)
     rows = summarise(results)
     table, ratio = markdown(rows), ratios(rows)
     print("\n" + table + "\n" + ratio, flush=True)
