@@ -459,7 +459,8 @@ def _open_log(path: Path) -> TextIO:
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    # systemd stops a unit with SIGTERM: treat it like Ctrl-C (keep partial files, save state).
+    # systemd stops a unit with SIGTERM, a closed terminal (ssh gone) sends SIGHUP: treat
+    # them like Ctrl-C (keep partial files, save state, exit 130).
     raise KeyboardInterrupt
 
 
@@ -526,7 +527,10 @@ def main(argv: Sequence[str] | None = None, console: Console | None = None) -> i
     except FetchError as exc:
         _print_error(err, exc)
         return exc.exit_code
-    old = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
+    stops = [signal.SIGTERM]
+    if signal.getsignal(signal.SIGHUP) is signal.SIG_DFL:  # (nohup: left ignored)
+        stops.append(signal.SIGHUP)
+    old = {sig: signal.signal(sig, _on_sigterm) for sig in stops} if _main_thread() else {}
     results: list[tuple[str | None, Summary]] = []
     try:
         for job in jobs:
@@ -534,8 +538,8 @@ def main(argv: Sequence[str] | None = None, console: Console | None = None) -> i
             if code == 130:
                 break
     finally:
-        if old is not None:
-            signal.signal(signal.SIGTERM, old)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
         if log is not None:
             log.close()
     summaries = [s for _, s in results]

@@ -436,8 +436,10 @@ def worker_main(
     sentinel pipe multiprocessing keeps to it (closed by the kernel when it dies), not
     getppid: under ``forkserver`` a worker's parent process is the fork server.
     """
-    # Ctrl-C reaches the whole process group; only the coordinator decides what it means.
+    # Ctrl-C (and a terminal's hangup) reach the whole process group; only the coordinator
+    # decides what they mean.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     # A worker forked from the coordinator has its handlers: SIGTERM ends a worker.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     watch = multiprocessing.parent_process()

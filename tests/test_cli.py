@@ -9,6 +9,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -136,7 +137,9 @@ def test_dry_run_lists_the_plan(tmp_path: Path, run_fetch) -> None:
     assert not (tmp_path / "d").exists()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+@pytest.mark.parametrize(
+    "sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["ctrl-c", "sigterm", "hangup"]
+)
 def test_interrupt_exits_130_keeps_partials_and_resumes(
     tmp_path: Path, sig: signal.Signals, run_fetch
 ) -> None:
@@ -189,6 +192,36 @@ def test_interrupt_exits_130_keeps_partials_and_resumes(
         assert r.code == 0, r
         assert (dest / "big.bin").read_bytes() == payload
         assert srv.file_bytes_sent - sent_before < len(payload)  # resumed, not restarted
+
+
+def test_under_nohup_a_hangup_does_not_stop_the_run(tmp_path: Path) -> None:
+    www = tmp_path / "www"
+    www.mkdir()
+    for i in range(6):
+        (www / f"f{i}.bin").write_bytes(bytes([i]) * 4000)
+    dest = tmp_path / "d"
+    gate = threading.Event()
+    with FaultServer(root=www) as srv:
+        srv.script("/f5.bin", [Fault.gated(gate)])
+        argv = [sys.executable, "-m", "fetcher", "--mirror", srv.url, "--dest", str(dest),
+                "--procs", "2"]  # fmt: skip
+        proc = subprocess.Popen(
+            ["sh", "-c", 'trap "" HUP; exec "$@"', "sh", *argv],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        try:
+            assert srv.wait_for(1, path="/f5.bin", timeout=30)
+            os.killpg(proc.pid, signal.SIGHUP)  # the terminal closes, f5 still held
+            gate.set()
+            out, _ = proc.communicate(timeout=60)
+        finally:
+            gate.set()
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    assert proc.returncode == 0, out.decode(errors="replace")
+    for i in range(6):
+        assert (dest / f"f{i}.bin").read_bytes() == bytes([i]) * 4000
 
 
 def _children(pid: int) -> set[int]:
