@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import itertools
+import shlex
 import threading
 import time
 from collections import deque
@@ -333,7 +334,9 @@ def crawl(
                 try:
                     page = fut.result()
                 except (TransferError, ListingError) as exc:
-                    yield from _unread(d, str(exc))
+                    yield from _unread(
+                        d, str(exc) + (_start_is_a_file(client, t) if not d.path else "")
+                    )
                     continue
                 except httpx.HTTPError as exc:
                     yield from _unread(d, f"{type(exc).__name__}: {exc}")
@@ -347,6 +350,29 @@ def crawl(
                 yield from _children(page, d, scope, opts, visited, submit)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _start_is_a_file(client: httpx.Client, t: Transfer) -> str:
+    """What to add to the start listing's error when the start URL, as given, is a file.
+
+    ``--mirror https://host/dir/file.iso`` is crawled as ``.../file.iso/``, which fails;
+    one GET of the URL as given (headers only) tells a file from a missing directory.
+    """
+    url = t.root
+    if url.endswith("/"):
+        return ""
+    try:
+        with client.stream("GET", url) as resp:
+            kind = resp.headers.get("content-type", "")
+            if resp.status_code != 200 or kind.startswith("text/html"):
+                return ""
+    except httpx.HTTPError:
+        return ""
+    parent, _, name = url.rpartition("/")
+    return (
+        f"; {url} is a file, not a directory listing: to fetch it, mirror its directory with"
+        f" --mirror {parent}/ --include {shlex.quote(unquote(name))}"
+    )
 
 
 def _unread(d: _Dir, message: str) -> Iterator[CrawlItem]:

@@ -393,3 +393,29 @@ def test_a_text_cell_in_the_plain_summary_does_not_push_the_counts_apart() -> No
         "  failed            0",
         "  directories      17  0.2 s",
     ]
+
+
+@pytest.mark.parametrize("server", ["fault", pytest.param("nginx", marks=pytest.mark.real_server)])
+def test_a_start_url_that_is_a_file_says_how_to_fetch_it(
+    tmp_path: Path, server: str, run_fetch
+) -> None:
+    from tests.servers import serve
+
+    www = tmp_path / "www"
+    (www / "iso").mkdir(parents=True)
+    (www / "iso" / "disc 1.iso").write_bytes(os.urandom(5000))
+    (www / "iso" / "other.iso").write_bytes(b"x")
+    served = FaultServer(root=www) if server == "fault" else serve("nginx", www, tmp_path / "nginx")
+    with served as srv:
+        r = run_fetch("--mirror", f"{srv.url}iso/disc%201.iso", "--dest", tmp_path / "d")
+        assert r.code == 1, r
+        hint = f"is a file, not a directory listing: to fetch it, mirror its directory with --mirror {srv.url}iso/ --include 'disc 1.iso'"
+        assert hint in r.output, r.output
+        missing = run_fetch("--mirror", f"{srv.url}iso/none", "--dest", tmp_path / "e")
+        assert missing.code == 1 and "is a file" not in missing.output, missing
+        # and the command it suggests does fetch it, alone
+        again = run_fetch(
+            "--mirror", f"{srv.url}iso/", "--include", "disc 1.iso", "--dest", tmp_path / "f"
+        )
+    assert again.code == 0, again
+    assert [p.name for p in (tmp_path / "f").iterdir() if p.name != ".fetcher"] == ["disc 1.iso"]
