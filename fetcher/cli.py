@@ -623,6 +623,8 @@ def _describe(job: MirrorJob) -> dict[str, Any]:
     d.pop("url")
     d.pop("dest")
     d.pop("name")
+    if d.pop("auth") is not None:
+        d["auth"] = "user and password from the URL (not shown)"
     return d
 
 

@@ -44,6 +44,9 @@ class Transfer:
     limit_rate: float | None = None
     """Bytes per second for the runner's own limits (a Dask task); local workers share one bucket."""
     http2: bool = False
+    auth: tuple[str, str] | None = field(default=None, repr=False)
+    """User and password from the start URL (``https://user:pass@host/``), sent as HTTP Basic
+    auth with every request; the URLs themselves carry none (see :func:`build_job`)."""
     pipeline: int = 8
     """Small-file requests in flight per download thread, and listings' per crawl connection
     (1: none pipelined); each gathered on as few connections as hold them (see
@@ -91,6 +94,8 @@ class MirrorJob:
     architectures: tuple[str, ...] = ()
     skip_if_locked: bool = False
     """Another run still holds DEST's lock: log it and exit 0 instead of 3 (for timers)."""
+    auth: tuple[str, str] | None = field(default=None, repr=False)
+    """From the URL's ``user:password@``, which ``url`` no longer holds."""
 
     def transfer(self) -> Transfer:
         verify: bool | str = True
@@ -110,7 +115,23 @@ class MirrorJob:
             limit_rate=self.limit_rate,
             http2=self.http2,
             pipeline=self.pipeline,
+            auth=self.auth,
         )
+
+
+def split_credentials(url: str) -> tuple[str, tuple[str, str] | None]:
+    """``https://user:pass@host/x/`` → (``https://host/x/``, ("user", "pass")).
+
+    Credentials travel in a header (:attr:`Transfer.auth`), never in a URL: so they are
+    never printed in a summary or a log line, written to the state, a report or the
+    metrics, or handed on in a redirect's ``Location``.
+    """
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url, None
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    return parts._replace(netloc=hostport).geturl(), (unquote(user), unquote(password))
 
 
 def default_dest(url: str) -> Path:
@@ -360,6 +381,9 @@ def build_job(
         out[key] = v
     if "url" not in out:
         raise ConfigError(f"{where}: missing required key 'url'")
+    out["url"], auth = split_credentials(out["url"])
+    if auth is not None:
+        out["auth"] = auth
     out.setdefault(
         "dest",
         default_dest(out["url"]) if base_dir is None else base_dir / default_dest(out["url"]),

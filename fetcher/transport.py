@@ -11,6 +11,7 @@ are followed by hand, within scope); the crawl goes through an
 
 from __future__ import annotations
 
+import base64
 import ssl
 import threading
 
@@ -24,8 +25,12 @@ __all__ = ["make_client", "make_transport", "request_headers", "timeout_of"]
 
 
 def request_headers(t: Transfer) -> dict[str, str]:
-    """The headers every request of a run carries."""
-    return {"User-Agent": t.user_agent, "Accept-Encoding": "identity"}
+    """The headers every request of a run carries (Basic auth too, when the URL had a user)."""
+    headers = {"User-Agent": t.user_agent, "Accept-Encoding": "identity"}
+    if t.auth is not None:
+        token = base64.b64encode(":".join(t.auth).encode("utf-8")).decode("ascii")
+        headers["Authorization"] = f"Basic {token}"
+    return headers
 
 
 def timeout_of(t: Transfer) -> httpx.Timeout:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import re
@@ -419,3 +420,37 @@ def test_a_start_url_that_is_a_file_says_how_to_fetch_it(
         )
     assert again.code == 0, again
     assert [p.name for p in (tmp_path / "f").iterdir() if p.name != ".fetcher"] == ["disc 1.iso"]
+
+
+def test_credentials_in_the_url_go_with_every_request_and_nowhere_else(
+    tmp_path: Path, run_fetch
+) -> None:
+    www = tmp_path / "www"
+    (www / "pub" / "sub").mkdir(parents=True)
+    (www / "pub" / "a.txt").write_bytes(b"a")
+    (www / "pub" / "sub" / "big.bin").write_bytes(os.urandom(3 << 20))  # not pipelined
+    dest, report, log = tmp_path / "d", tmp_path / "r.json", tmp_path / "fetch.log"
+    with FaultServer(root=www) as srv:
+        url = srv.url.replace("http://", "http://mirror%40user:s3cr%3At@") + "pub/"
+        r = run_fetch("--mirror", url, "--dest", dest, "--procs", "1", "--report", report,
+                      "--log-file", log, "--metrics", tmp_path / "m.prom")  # fmt: skip
+        requests = srv.requests
+    cfg = tmp_path / "m.toml"
+    cfg.write_text(f'[jobs.a]\nurl = "{url}"\ndest = "x"\n')
+    check = run_fetch("--config", cfg, "--check")
+    assert r.code == 0, r.output
+    assert {q.path for q in requests} == {"/pub/", "/pub/sub/", "/pub/a.txt", "/pub/sub/big.bin"}
+    basic = "Basic " + base64.b64encode(b"mirror@user:s3cr:t").decode()
+    assert all(q.headers.get("authorization") == basic for q in requests), requests
+    assert (dest / "sub" / "big.bin").stat().st_size == 3 << 20
+    assert check.code == 0 and "user and password from the URL (not shown)" in check.output
+    shown = [
+        r.output,
+        check.output,
+        report.read_text(),
+        log.read_text(),
+        (tmp_path / "m.prom").read_text(),
+    ]
+    shown.append((dest / ".fetcher" / "state.sqlite").read_bytes().decode("latin-1"))
+    assert all("s3cr" not in text and "mirror%40user" not in text for text in shown)
+    assert f"{srv.url}pub/ → {dest}" in r.output  # the URL, without them

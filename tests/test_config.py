@@ -129,3 +129,20 @@ def test_default_procs_keep_at_most_four_downloads_per_process(
     assert (job.procs, job.threads) == (procs, threads)
     # every connection has a thread to use it; the cap of N is shared across processes
     assert job.procs * job.threads >= conns and job.max_connections == conns
+
+
+@pytest.mark.parametrize(
+    ("url", "clean", "auth"),
+    [
+        ("http://h/x/", "http://h/x/", None),
+        ("https://u:p%40ss@h:8443/x/", "https://h:8443/x/", ("u", "p@ss")),
+        ("http://user@[::1]:8080/x/", "http://[::1]:8080/x/", ("user", "")),
+        ("http://a:b:c@h/", "http://h/", ("a", "b:c")),
+    ],
+)
+def test_credentials_leave_the_url_for_the_job(
+    url: str, clean: str, auth: tuple[str, str] | None
+) -> None:
+    job = build_job({"url": url, "dest": "d"}, "x")
+    assert (job.url, job.auth, job.transfer().auth) == (clean, auth, auth)
+    assert "p@ss" not in repr(job) and "p@ss" not in repr(job.transfer())
