@@ -134,7 +134,14 @@ def _read_page(
             if resp.status_code in (301, 302, 303, 307, 308) and "location" in resp.headers:
                 target = str(httpx.URL(url).join(resp.headers["location"])).split("#", 1)[0]
                 if not scope.contains(target):
-                    raise ListingError(f"listing redirects off the mirror: {url} -> {target}")
+                    moved = (
+                        f"; the start URL has moved: mirror {target} instead (--mirror)"
+                        if url == scope.root and not hops
+                        else ""
+                    )
+                    raise ListingError(
+                        f"listing redirects off the mirror: {url} -> {target}{moved}"
+                    )
                 hops += 1
                 if hops > 5:
                     raise ListingError(f"more than 5 redirects from {url}")

@@ -334,6 +334,25 @@ def test_listing_redirect_off_mirror_is_a_listing_error(tmp_path: Path, run_fetc
         assert (tmp_path / "d" / "ok.txt").exists()
 
 
+def test_a_start_url_that_moved_says_where_to(tmp_path: Path, run_fetch) -> None:
+    # http -> https, or a mirror moved to another host: nothing is fetched from there
+    # unasked, and the error names the URL to use
+    with FaultServer() as srv, FaultServer() as other:
+        srv.persist(START, Fault.redirect(f"http://127.0.0.1:{other.port}/new/"))
+        other.add_listing("/new/", _page(b"x.txt"))
+        other.add_file("/new/x.txt", b"x")
+        r = run_fetch("--mirror", srv.url + START[1:], "--dest", tmp_path / "d", "--procs", "1")
+        _no_traceback(r.output)
+        assert r.code == 1, r
+        assert other.requests == []
+        moved = f"the start URL has moved: mirror http://127.0.0.1:{other.port}/new/ instead"
+        assert moved in r.output, r
+        again = run_fetch(
+            "--mirror", f"http://127.0.0.1:{other.port}/new/", "--dest", tmp_path / "e"
+        )
+        assert again.code == 0 and (tmp_path / "e" / "x.txt").read_bytes() == b"x", again
+
+
 # --- 3. depth and loops --------------------------------------------------------------
 
 
