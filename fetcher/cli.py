@@ -272,9 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--log-file", metavar="PATH", type=Path, help="write the unattended log here too (appends)"
     )
-    g.add_argument("--report", metavar="PATH", type=Path, help="write a JSON report")
+    g.add_argument("--report", metavar="PATH", type=Path, help="write a JSON report ('-': stdout)")
     g.add_argument(
-        "--metrics", metavar="PATH", type=Path, help="write a Prometheus textfile (node_exporter)"
+        "--metrics",
+        metavar="PATH",
+        type=Path,
+        help="write a Prometheus textfile for node_exporter ('-': stdout)",
     )
     g.add_argument("--version", action="version", version=f"fetch {__version__}")
     return p
@@ -504,6 +507,8 @@ def main(argv: Sequence[str] | None = None, console: Console | None = None) -> i
         return demo_main(argv[1:], console)
     try:
         ns = build_parser().parse_args(argv)
+        if Path("-") in (ns.report, ns.metrics) and isinstance(console, _LazyConsole):
+            console = err  # stdout carries the report (or metrics) alone; the rest to stderr
         _check_cwd()
         if ns.verify_only is not None:
             return _verify_only(ns.verify_only, console)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -214,7 +215,12 @@ def _atomic_write(path: Path, text: str) -> None:
     Through a symlink, the file it points to is replaced (the link stays). What is not a
     regular file (``/dev/stdout``, a FIFO a collector reads) is written as it is: there
     is nothing to replace, and replacing it would put a file where the device was.
+    ``-`` is standard output.
     """
+    if str(path) == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
     try:
         st = path.stat()
     except FileNotFoundError:

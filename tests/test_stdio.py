@@ -218,3 +218,19 @@ def test_a_log_whose_reader_leaves_mid_run_does_not_stop_the_sync(tmp_path: Path
     assert proc.returncode == 0, err
     assert f"cannot write --log-file {fifo} (Broken pipe); the run goes on".encode() in err, err
     _assert_mirrored(tmp_path / "d")
+
+
+def test_a_report_on_stdout_is_alone_there(tmp_path: Path) -> None:
+    # fetch ... --report - | jq .exit_code: the summary goes to stderr instead
+    with FaultServer(root=_tree(tmp_path)) as srv:
+        done = subprocess.run(
+            [sys.executable, "-m", "fetcher", "--mirror", srv.url, "--dest", str(tmp_path / "d"),
+             "--procs", "1", "--report", "-"],
+            capture_output=True, timeout=60, env=_env(), check=False,
+        )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["exit_code"] == 0 and report["jobs"][0]["fetched"]["files"] == len(FILES)
+    assert b"fetched" in done.stderr
+    assert not (tmp_path / "-").exists() and not Path("-").exists()
+    _assert_mirrored(tmp_path / "d")
