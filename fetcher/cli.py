@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, TextIO, cast
 
 import fetcher.startup  # noqa: F401 - first: it trims what the pipeline's imports bring
 from fetcher import __version__
-from fetcher.config import MirrorJob, build_job, default_procs, load_config
+from fetcher.config import MirrorJob, build_job, default_procs, load_config, split_credentials
 from fetcher.errors import FetchError, LockHeld, UsageError
 from fetcher.models import Reporter, Summary
 from fetcher.procs import prestart
@@ -252,7 +252,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--post-jobs", type=int, metavar="N", help="ffmpeg processes at once (default: CPU count)"
     )
 
-    g = p.add_argument_group("TLS")
+    g = p.add_argument_group("network")
+    g.add_argument(
+        "--proxy",
+        metavar="URL",
+        help="HTTP proxy (http://[user:pass@]host:port); default: $https_proxy / $http_proxy /"
+        " $all_proxy for the mirror's scheme, minus $no_proxy and loopback hosts; 'direct'"
+        " ignores them",
+    )
     g.add_argument("--ca-cert", metavar="FILE", help="trust this CA bundle instead of the system's")
     g.add_argument(
         "--insecure", action="store_true", help="do not verify TLS certificates (explicit opt-out)"
@@ -291,7 +298,7 @@ _CLI_KEYS = {
     "force": "force", "ca_cert": "ca_cert", "insecure": "insecure", "post_dest": "post_dest",
     "post_jobs": "post_jobs", "skip_if_locked": "skip_if_locked", "index": "index", "verify_digests": "verify_digests", "suites": "suites",
     "components": "components", "architectures": "architectures",
-    "executor": "executor", "scheduler": "scheduler",
+    "executor": "executor", "scheduler": "scheduler", "proxy": "proxy",
 }  # fmt: skip
 
 
@@ -630,6 +637,8 @@ def _describe(job: MirrorJob) -> dict[str, Any]:
     d.pop("name")
     if d.pop("auth") is not None:
         d["auth"] = "user and password from the URL (not shown)"
+    if d.get("proxy"):
+        d["proxy"] = split_credentials(d["proxy"])[0]
     return d
 
 

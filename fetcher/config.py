@@ -44,6 +44,8 @@ class Transfer:
     limit_rate: float | None = None
     """Bytes per second for the runner's own limits (a Dask task); local workers share one bucket."""
     http2: bool = False
+    proxy: str | None = field(default=None, repr=False)
+    """The HTTP proxy every request goes through (resolved: :func:`proxy_for`), or None."""
     auth: tuple[str, str] | None = field(default=None, repr=False)
     """User and password from the start URL (``https://user:pass@host/``), sent as HTTP Basic
     auth with every request; the URLs themselves carry none (see :func:`build_job`)."""
@@ -96,6 +98,8 @@ class MirrorJob:
     """Another run still holds DEST's lock: log it and exit 0 instead of 3 (for timers)."""
     auth: tuple[str, str] | None = field(default=None, repr=False)
     """From the URL's ``user:password@``, which ``url`` no longer holds."""
+    proxy: str | None = field(default=None, repr=False)
+    """``--proxy``: a proxy URL, ``direct``, or None (the environment's, see :func:`proxy_for`)."""
 
     def transfer(self) -> Transfer:
         verify: bool | str = True
@@ -116,7 +120,34 @@ class MirrorJob:
             http2=self.http2,
             pipeline=self.pipeline,
             auth=self.auth,
+            proxy=proxy_for(self.url, self.proxy),
         )
+
+
+_LOOPBACK = ("localhost", "127.", "::1", "[::1]")
+
+
+def proxy_for(url: str, explicit: str | None = None) -> str | None:
+    """The proxy for ``url``: ``explicit`` (``--proxy``; ``direct``: none), else the
+    environment's (``https_proxy``, ``http_proxy``, ``all_proxy``, as curl and wget read
+    them), unless ``no_proxy`` names the host or the host is a loopback address, which
+    no proxy could reach (as Go's ProxyFromEnvironment decides)."""
+    if explicit is not None:
+        return None if explicit == "direct" else explicit
+    import urllib.request as ur
+
+    getproxies_environment = ur.getproxies_environment
+    proxy_bypass_environment = ur.proxy_bypass_environment  # type: ignore[attr-defined]
+
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if host == "localhost" or host.startswith(_LOOPBACK) or host.endswith(".localhost"):
+        return None
+    env = getproxies_environment()
+    proxy = env.get(parts.scheme) or env.get("all")
+    if not proxy or proxy_bypass_environment(parts.netloc.rpartition("@")[2], env):
+        return None
+    return proxy if "://" in proxy else f"http://{proxy}"
 
 
 def split_credentials(url: str) -> tuple[str, tuple[str, str] | None]:
@@ -247,6 +278,16 @@ def _url(v: Any) -> str:
     return s
 
 
+def _proxy(v: Any) -> str:
+    s = _str(v)
+    if s == "direct":
+        return s
+    parts = urlsplit(s)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"expected an http:// or https:// proxy URL, or direct, got {_show(v)}")
+    return s
+
+
 _HOST = re.compile(
     r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(?::(\d{1,5}))?"
 )
@@ -317,6 +358,7 @@ _FIELDS: dict[str, Callable[[Any], Any]] = {
     "max_delete": _max_delete,
     "force": _bool,
     "aliases": _hosts,
+    "proxy": _proxy,
     "limit_rate": _rate,
     "listing_rate": _float(0, strict=True),
     "ca_cert": _str,

@@ -1,4 +1,4 @@
-"""The httpcore connection pool, for ``--http2``, under the run's connection cap.
+"""The httpcore connection pool, for ``--http2`` or a proxy, under the run's connection cap.
 
 HTTP/1.1 needs none of this (:mod:`fetcher.http1`); HTTP/2 multiplexes requests
 over a shared connection, which is what httpcore's pool is for.  Its network
@@ -28,12 +28,14 @@ def pooled_transport(
     stop: threading.Event | None,
     size: int,
 ) -> httpx.HTTPTransport:
-    """httpcore's pool (HTTP/2 when the server offers it), capped by ``limits``."""
+    """httpcore's pool (HTTP/2 when asked for and the server offers it; through ``t.proxy``
+    when there is one), capped by ``limits``."""
     # httpcore reads 64 KiB per socket read; a bigger read cuts the per-chunk overhead.
     httpcore._sync.http11.HTTP11Connection.READ_NUM_BYTES = 256 * 1024
     transport = httpx.HTTPTransport(
         verify=verify,
-        http2=True,
+        http2=t.http2,
+        proxy=httpx.Proxy(t.proxy) if t.proxy else None,
         limits=httpx.Limits(
             max_connections=size, max_keepalive_connections=size, keepalive_expiry=30
         ),

@@ -53,8 +53,10 @@ def make_transport(
     that pauses between requests does not sit on a token of the cap. ``pipeline``:
     requests in flight on one connection, when not ``t.pipeline``.
     """
-    if t.http2:
-        from fetcher.pooled import pooled_transport  # httpcore, h2: only when asked for
+    if t.http2 or t.proxy:
+        # httpcore's pool: HTTP/2 multiplexing, or a proxy (absolute-form requests, CONNECT
+        # for https); nothing pipelined or spliced then. Only imported when asked for.
+        from fetcher.pooled import pooled_transport
 
         return pooled_transport(t, _ssl_context(t.verify), limits, stop, pool_size or t.threads)
     return ThreadConnTransport(

@@ -38,6 +38,10 @@ from tests.faultserver import Fault, FaultServer
         (["--mirror", "http://127.0.0.1/a\udcff/"], "--mirror: expected a URL in UTF-8"),
         (["--mirror", "http://127.0.0.1/a\tb/"], "--mirror: expected a URL without control"),
         (
+            ["--mirror", "http://127.0.0.1:9/", "--proxy", "socks5://p:1"],
+            "--proxy: expected an http:// or https:// proxy URL, or direct",
+        ),
+        (
             ["--mirror", "http://127.0.0.1:9/", "--procs", "x"],
             "argument --procs: invalid int value",
         ),

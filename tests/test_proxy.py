@@ -1,0 +1,145 @@
+"""Through an HTTP proxy: --proxy, or the environment's (curl's and wget's variables).
+
+The mirror is named ``mirror.test``, a name only the test proxy knows (it maps it
+to the project's server on 127.0.0.1): a run that went around the proxy could not
+reach it at all.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fetcher.config import proxy_for
+from tests.faultserver import FaultServer
+from tests.fixtures_servers import TLS
+from tests.proxyserver import ForwardProxy
+
+FILES = {"pub/a.txt": b"a" * 10, "pub/sub/b.bin": os.urandom(3 << 20), "pub/sub/c.txt": b"c"}
+
+
+def _www(tmp_path: Path) -> Path:
+    for rel, data in FILES.items():
+        (tmp_path / "www" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "www" / rel).write_bytes(data)
+    return tmp_path / "www"
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    # mirror.test is never looked up (workers are forked: they keep this too), so a run
+    # that went around the proxy fails here instead of asking a DNS server
+    real = socket.getaddrinfo
+
+    def loopback_only(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host not in ("127.0.0.1", "::1", "localhost", b"127.0.0.1"):
+            raise socket.gaierror(socket.EAI_NONAME, f"{host!r}: not looked up in tests")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", loopback_only)
+
+
+def test_every_request_goes_through_the_proxy_given(tmp_path: Path, run_fetch) -> None:
+    with FaultServer(root=_www(tmp_path)) as srv, ForwardProxy({"mirror.test": srv.port}) as px:
+        mirror = f"http://mirror.test:{srv.port}/pub/"
+        proxy = px.url.replace("http://", "http://puser:p%40ss@")
+        r = run_fetch("--mirror", mirror, "--dest", tmp_path / "d", "--proxy", proxy,
+                      "--procs", "2", "--max-connections", "4")  # fmt: skip
+        seen = list(px.seen)
+    assert r.code == 0, r.output
+    for rel, data in FILES.items():
+        assert (tmp_path / "d" / rel.removeprefix("pub/")).read_bytes() == data
+    targets = sorted(s.target for s in seen)
+    base = f"http://mirror.test:{srv.port}/pub/"
+    assert targets == sorted(
+        [base, base + "a.txt", base + "sub/", base + "sub/b.bin", base + "sub/c.txt"]
+    )
+    basic = "Basic " + base64.b64encode(b"puser:p@ss").decode()
+    assert all(s.proxy_auth == basic for s in seen)
+    assert "p%40ss" not in r.output and "p@ss" not in r.output
+
+
+def test_the_environment_s_proxy_is_used_and_a_second_run_is_incremental(
+    tmp_path: Path, run_fetch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with FaultServer(root=_www(tmp_path)) as srv, ForwardProxy({"mirror.test": srv.port}) as px:
+        monkeypatch.setenv("HTTP_PROXY", f"127.0.0.1:{px.port}")  # no scheme, as curl allows
+        mirror = f"http://mirror.test:{srv.port}/pub/"
+        assert run_fetch("--mirror", mirror, "--dest", tmp_path / "d", "--procs", "1").code == 0
+        first = len(px.seen)
+        again = run_fetch("--mirror", mirror, "--dest", tmp_path / "d", "--procs", "1")
+        assert again.code == 0, again.output
+        second = px.seen[first:]
+    assert first == 5
+    assert sorted(s.target for s in second) == [
+        f"http://mirror.test:{srv.port}/pub/",
+        f"http://mirror.test:{srv.port}/pub/sub/",
+    ]  # listings only: nothing changed
+
+
+def test_loopback_mirrors_bypass_the_environment_s_proxy(
+    tmp_path: Path, run_fetch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with FaultServer(root=_www(tmp_path)) as srv, ForwardProxy() as px:
+        monkeypatch.setenv("http_proxy", px.url)
+        r = run_fetch("--mirror", f"{srv.url}pub/", "--dest", tmp_path / "d", "--procs", "1")
+        assert r.code == 0, r.output
+        assert px.seen == []
+        assert len(srv.requests) == 5
+
+
+def test_which_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("http_proxy", "proxy.example:3128")
+    monkeypatch.setenv("https_proxy", "https://sproxy.example:443")
+    monkeypatch.setenv("no_proxy", "internal.example,.corp")
+    assert proxy_for("http://mirror.example/x/") == "http://proxy.example:3128"
+    assert proxy_for("https://mirror.example/x/") == "https://sproxy.example:443"
+    for direct in ("http://a.internal.example/", "http://x.corp/", "http://127.0.0.1:8/",
+                   "http://localhost/", "http://[::1]:8/"):  # fmt: skip
+        assert proxy_for(direct) is None, direct
+    assert proxy_for("http://mirror.example/", "direct") is None
+    assert proxy_for("http://127.0.0.1/", "http://p.example:1") == "http://p.example:1"
+    monkeypatch.delenv("http_proxy")
+    assert proxy_for("http://mirror.example/") is None
+    monkeypatch.setenv("ALL_PROXY", "http://all.example:8")
+    assert proxy_for("http://mirror.example/") == "http://all.example:8"
+
+
+def test_proxy_direct_ignores_the_environment(
+    tmp_path: Path, run_fetch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with FaultServer(root=_www(tmp_path)) as srv, ForwardProxy({"mirror.test": srv.port}) as px:
+        monkeypatch.setenv("http_proxy", px.url)
+        mirror = f"http://mirror.test:{srv.port}/pub/"
+        r = run_fetch(
+            "--mirror", mirror, "--dest", tmp_path / "d", "--proxy", "direct", "--retries", "1"
+        )
+        assert r.code == 1 and "not looked up in tests" in r.output, r.output  # went direct
+        assert px.seen == [] and srv.requests == []
+
+
+def test_https_goes_through_a_connect_tunnel_and_is_verified(
+    tls: TLS, tmp_path: Path, run_fetch
+) -> None:
+    srv = FaultServer(root=_www(tmp_path), tls=tls.server)
+    with srv, ForwardProxy() as px:
+        mirror = f"https://localhost:{srv.port}/pub/"
+        args = ("--mirror", mirror, "--proxy", px.url, "--procs", "1", "--retries", "1")
+        r = run_fetch(*args, "--dest", tmp_path / "d", "--ca-cert", tls.ca_pem)
+        assert r.code == 0, r.output
+        tunnels = [s for s in px.seen if s.method == "CONNECT"]
+        assert tunnels and all(s.target == f"localhost:{srv.port}" for s in tunnels)
+        assert [s for s in px.seen if s.method != "CONNECT"] == []
+        untrusted = run_fetch(*args, "--dest", tmp_path / "e")  # the system's CAs: refused
+        assert untrusted.code != 0 and "not trusted" in untrusted.output, untrusted.output
+    for rel, data in FILES.items():
+        assert (tmp_path / "d" / rel.removeprefix("pub/")).read_bytes() == data
+    assert not (tmp_path / "e" / "a.txt").exists()
