@@ -260,6 +260,16 @@ def build_parser() -> argparse.ArgumentParser:
         " $all_proxy for the mirror's scheme, minus $no_proxy and loopback hosts; 'direct'"
         " ignores them",
     )
+    g.add_argument(
+        "--header",
+        dest="headers",
+        metavar="'NAME: VALUE'",
+        action="append",
+        help="send this header with every request, e.g. an API token (repeatable)",
+    )
+    g.add_argument(
+        "--user-agent", metavar="TEXT", help="the User-Agent to send (default: fetch/VERSION ...)"
+    )
     g.add_argument("--ca-cert", metavar="FILE", help="trust this CA bundle instead of the system's")
     g.add_argument(
         "--insecure", action="store_true", help="do not verify TLS certificates (explicit opt-out)"
@@ -299,6 +309,7 @@ _CLI_KEYS = {
     "post_jobs": "post_jobs", "skip_if_locked": "skip_if_locked", "index": "index", "verify_digests": "verify_digests", "suites": "suites",
     "components": "components", "architectures": "architectures",
     "executor": "executor", "scheduler": "scheduler", "proxy": "proxy",
+    "headers": "headers", "user_agent": "user_agent",
 }  # fmt: skip
 
 
@@ -321,7 +332,9 @@ def _overrides(ns: argparse.Namespace) -> dict[str, Any]:
 
 
 def _flag(key: str) -> str:
-    return "--" + {"url": "mirror"}.get(key, key).replace("_", "-")
+    flags = {"url": "mirror", "aliases": "alias", "headers": "header", "suites": "suite",
+             "components": "component", "architectures": "arch", "verify_digests": "verify"}  # fmt: skip
+    return "--" + flags.get(key, key).replace("_", "-")
 
 
 def _job_from_cli(ns: argparse.Namespace) -> MirrorJob:
@@ -639,6 +652,8 @@ def _describe(job: MirrorJob) -> dict[str, Any]:
         d["auth"] = "user and password from the URL (not shown)"
     if d.get("proxy"):
         d["proxy"] = split_credentials(d["proxy"])[0]
+    if d.get("headers"):
+        d["headers"] = [f"{name}: (not shown)" for name, _ in d["headers"]]
     return d
 
 

@@ -46,6 +46,8 @@ class Transfer:
     http2: bool = False
     proxy: str | None = field(default=None, repr=False)
     """The HTTP proxy every request goes through (resolved: :func:`proxy_for`), or None."""
+    headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    """``--header``s, sent with every request."""
     auth: tuple[str, str] | None = field(default=None, repr=False)
     """User and password from the start URL (``https://user:pass@host/``), sent as HTTP Basic
     auth with every request; the URLs themselves carry none (see :func:`build_job`)."""
@@ -100,6 +102,9 @@ class MirrorJob:
     """From the URL's ``user:password@``, which ``url`` no longer holds."""
     proxy: str | None = field(default=None, repr=False)
     """``--proxy``: a proxy URL, ``direct``, or None (the environment's, see :func:`proxy_for`)."""
+    user_agent: str = USER_AGENT
+    headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    """``--header Name: value``: sent with every request (values may be secrets: not shown)."""
 
     def transfer(self) -> Transfer:
         verify: bool | str = True
@@ -121,6 +126,8 @@ class MirrorJob:
             pipeline=self.pipeline,
             auth=self.auth,
             proxy=proxy_for(self.url, self.proxy),
+            user_agent=self.user_agent,
+            headers=self.headers,
         )
 
 
@@ -288,6 +295,53 @@ def _proxy(v: Any) -> str:
     return s
 
 
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_OWN_HEADERS = {
+    "host", "range", "if-range", "if-none-match", "if-modified-since", "accept-encoding",
+    "content-length", "transfer-encoding", "connection", "keep-alive", "te", "upgrade",
+    "expect", "proxy-authorization", "user-agent",
+}  # fmt: skip
+"""Set by fetch itself (framing, resumes, conditional requests); User-Agent has its option."""
+
+
+def _headers(v: Any) -> tuple[tuple[str, str], ...]:
+    """``["Name: value", ...]`` (or a TOML table ``{Name = "value"}``) → pairs."""
+    if isinstance(v, dict):
+        items = list(v.items())
+    else:
+        items = [h.partition(":")[::2] for h in _strs(v)]
+        if not all(":" in h for h in _strs(v)):
+            raise ValueError(f"expected 'Name: value' headers, got {_show(v)}")
+    out = []
+    for name, value in items:
+        name = str(name).strip()
+        value = value.strip() if isinstance(value, str) else value
+        if not _TOKEN.fullmatch(name) or not isinstance(value, str):
+            raise ValueError(f"expected 'Name: value' headers, got {_show(name)}")
+        if name.lower() in _OWN_HEADERS:
+            hint = " (use --user-agent)" if name.lower() == "user-agent" else ""
+            raise ValueError(f"{name} is set by fetch itself{hint}")
+        if any(c in value for c in "\r\n\0") or not _latin1(value):
+            raise ValueError(f"the value of {name} must be one line of Latin-1 text")
+        out.append((name, value))
+    return tuple(out)
+
+
+def _latin1(s: str) -> bool:
+    try:
+        s.encode("latin-1")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _user_agent(v: Any) -> str:
+    s = _str(v)
+    if any(c in s for c in "\r\n\0") or not _latin1(s):
+        raise ValueError("expected one line of Latin-1 text")
+    return s
+
+
 _HOST = re.compile(
     r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(?::(\d{1,5}))?"
 )
@@ -359,6 +413,8 @@ _FIELDS: dict[str, Callable[[Any], Any]] = {
     "force": _bool,
     "aliases": _hosts,
     "proxy": _proxy,
+    "headers": _headers,
+    "user_agent": _user_agent,
     "limit_rate": _rate,
     "listing_rate": _float(0, strict=True),
     "ca_cert": _str,
@@ -426,6 +482,10 @@ def build_job(
     out["url"], auth = split_credentials(out["url"])
     if auth is not None:
         out["auth"] = auth
+        if any(n.lower() == "authorization" for n, _ in out.get("headers", ())):
+            raise ConfigError(
+                f"{where}.url: credentials in the URL and an Authorization header: give one"
+            )
     out.setdefault(
         "dest",
         default_dest(out["url"]) if base_dir is None else base_dir / default_dest(out["url"]),

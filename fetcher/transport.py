@@ -30,6 +30,7 @@ def request_headers(t: Transfer) -> dict[str, str]:
     if t.auth is not None:
         token = base64.b64encode(":".join(t.auth).encode("utf-8")).decode("ascii")
         headers["Authorization"] = f"Basic {token}"
+    headers.update(t.headers)  # --header (none of the above but Authorization, never both)
     return headers
 
 

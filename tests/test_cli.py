@@ -38,6 +38,26 @@ from tests.faultserver import Fault, FaultServer
         (["--mirror", "http://127.0.0.1/a\udcff/"], "--mirror: expected a URL in UTF-8"),
         (["--mirror", "http://127.0.0.1/a\tb/"], "--mirror: expected a URL without control"),
         (
+            ["--mirror", "http://127.0.0.1:9/", "--header", "Range: bytes=0-"],
+            "--header: Range is set by fetch itself",
+        ),
+        (
+            ["--mirror", "http://127.0.0.1:9/", "--header", "X-A: b\r\nX-B: c"],
+            "--header: the value of X-A must be one line",
+        ),
+        (
+            ["--mirror", "http://127.0.0.1:9/", "--header", "NoColon"],
+            "--header: expected 'Name: value' headers",
+        ),
+        (
+            ["--mirror", "http://u:p@127.0.0.1:9/", "--header", "Authorization: Bearer x"],
+            "--mirror: credentials in the URL and an Authorization header",
+        ),
+        (
+            ["--mirror", "http://127.0.0.1:9/", "--user-agent", "a\nb"],
+            "--user-agent: expected one line",
+        ),
+        (
             ["--mirror", "http://127.0.0.1:9/", "--proxy", "socks5://p:1"],
             "--proxy: expected an http:// or https:// proxy URL, or direct",
         ),
@@ -458,3 +478,34 @@ def test_credentials_in_the_url_go_with_every_request_and_nowhere_else(
     shown.append((dest / ".fetcher" / "state.sqlite").read_bytes().decode("latin-1"))
     assert all("s3cr" not in text and "mirror%40user" not in text for text in shown)
     assert f"{srv.url}pub/ → {dest}" in r.output  # the URL, without them
+
+
+@pytest.mark.parametrize("proxied", [False, True], ids=["direct", "via-proxy"])
+def test_headers_and_user_agent_go_with_every_request(
+    tmp_path: Path, run_fetch, proxied: bool
+) -> None:
+    from tests.proxyserver import ForwardProxy
+
+    www = tmp_path / "www"
+    (www / "sub").mkdir(parents=True)
+    for i in range(20):  # pipelined (direct)
+        (www / f"s{i}.txt").write_bytes(b"s" * i)
+    (www / "sub" / "big.bin").write_bytes(os.urandom(3 << 20))
+    with FaultServer(root=www) as srv, ForwardProxy({"127.0.0.1": srv.port}) as px:
+        extra = ["--proxy", px.url] if proxied else []
+        r = run_fetch("--mirror", srv.url, "--dest", tmp_path / "d", "--procs", "2",
+                      "--header", "X-Api-Token: t0k3n", "--header", "Accept-Language:  en",
+                      "--user-agent", "mirror-bot/2 (ops@example.org)", *extra)  # fmt: skip
+        requests = srv.requests
+    assert r.code == 0, r.output
+    assert len(requests) == 23 and (len(px.seen) == 23) is proxied
+    for q in requests:
+        assert q.headers.get("x-api-token") == "t0k3n", q
+        assert q.headers.get("accept-language") == "en", q
+        assert q.headers.get("user-agent") == "mirror-bot/2 (ops@example.org)", q
+    assert (tmp_path / "d" / "sub" / "big.bin").stat().st_size == 3 << 20
+    cfg = tmp_path / "m.toml"
+    cfg.write_text(f'[jobs.a]\nurl = "{srv.url}"\nheaders = {{X-Api-Token = "t0k3n"}}\n')
+    check = run_fetch("--config", cfg, "--check")
+    assert check.code == 0 and "X-Api-Token: (not shown)" in check.output, check.output
+    assert "t0k3n" not in check.output
