@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--mirror",
         metavar="URL",
-        help="start URL: a directory listing; nothing above it or off-site is fetched",
+        help="start URL: a directory listing; nothing above it or off-site is fetched (user:password@ in it, or a ~/.netrc entry for its host, authenticates every request)",
     )
     g.add_argument(
         "--dest",
@@ -533,6 +533,8 @@ def main(argv: Sequence[str] | None = None, console: Console | None = None) -> i
         if ns.verify_only is not None:
             return _verify_only(ns.verify_only, console)
         jobs = _jobs(ns)
+        for job in jobs:
+            job.transfer()  # what it reads from the environment (~/.netrc) fails now, not later
     except FetchError as exc:
         _print_error(err, exc)
         return exc.exit_code

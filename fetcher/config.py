@@ -124,7 +124,7 @@ class MirrorJob:
             limit_rate=self.limit_rate,
             http2=self.http2,
             pipeline=self.pipeline,
-            auth=self.auth,
+            auth=self.auth or netrc_auth(self.url),
             proxy=proxy_for(self.url, self.proxy),
             user_agent=self.user_agent,
             headers=self.headers,
@@ -155,6 +155,28 @@ def proxy_for(url: str, explicit: str | None = None) -> str | None:
     if not proxy or proxy_bypass_environment(parts.netloc.rpartition("@")[2], env):
         return None
     return proxy if "://" in proxy else f"http://{proxy}"
+
+
+def netrc_auth(url: str) -> tuple[str, str] | None:
+    """The login and password for ``url``'s host in ``$NETRC`` or ``~/.netrc`` (as curl
+    ``--netrc-optional`` and wget read it), or None: no file, no entry for the host.
+
+    Raises :class:`ConfigError` for a file that cannot be read or parsed (Python's
+    parser also refuses a ``~/.netrc`` with passwords that others can read).
+    """
+    import netrc
+
+    path = os.environ.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
+    if not os.path.isfile(path):
+        return None
+    try:
+        entry = netrc.netrc(path).authenticators(urlsplit(url).hostname or "")
+    except (OSError, netrc.NetrcParseError) as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    if entry is None or not (entry[0] or entry[2]):
+        return None
+    login, _, password = entry
+    return (login, password or "")
 
 
 def split_credentials(url: str) -> tuple[str, tuple[str, str] | None]:

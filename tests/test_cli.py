@@ -509,3 +509,28 @@ def test_headers_and_user_agent_go_with_every_request(
     check = run_fetch("--config", cfg, "--check")
     assert check.code == 0 and "X-Api-Token: (not shown)" in check.output, check.output
     assert "t0k3n" not in check.output
+
+
+def test_a_netrc_entry_authenticates_the_mirror_s_host(
+    tmp_path: Path, run_fetch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    www = tmp_path / "www"
+    (www / "sub").mkdir(parents=True)
+    (www / "sub" / "a.txt").write_bytes(b"a")
+    netrc = tmp_path / "netrc"
+    netrc.write_text(
+        "machine elsewhere.example login x password y\nmachine 127.0.0.1 login mirror password n3trc\n"
+    )
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    with FaultServer(root=www) as srv:
+        r = run_fetch("--mirror", srv.url, "--dest", tmp_path / "d", "--procs", "1")
+        requests = srv.requests
+        netrc.write_text("mach 127.0.0.1 login x\n")  # broken: a clear error, nothing done
+        bad = run_fetch("--mirror", srv.url, "--dest", tmp_path / "e")
+    assert r.code == 0, r.output
+    basic = "Basic " + base64.b64encode(b"mirror:n3trc").decode()
+    assert len(requests) == 3 and all(q.headers.get("authorization") == basic for q in requests)
+    assert "n3trc" not in r.output
+    assert bad.code == 2 and f"{netrc}:" in bad.output and "Traceback" not in bad.output, bad.output
+    assert not (tmp_path / "e").exists()
