@@ -104,11 +104,17 @@ class TransferError(FetchError):
     retryable = False
 
 
+_WHY = {
+    401: ": credentials needed, or refused (user:password@ in the URL, or a ~/.netrc entry)",
+    407: ": the proxy wants credentials (--proxy http://user:password@host:port)",
+}
+
+
 class HTTPStatusError(TransferError):
     """The server answered with a status we do not accept."""
 
     def __init__(self, status: int, url: str, retry_after: float | None = None) -> None:
-        super().__init__(f"HTTP {status} for {url}")
+        super().__init__(f"HTTP {status} for {url}{_WHY.get(status, '')}")
         self.args = (status, url, retry_after)
         self.status = status
         self.url = url

@@ -534,3 +534,21 @@ def test_a_netrc_entry_authenticates_the_mirror_s_host(
     assert "n3trc" not in r.output
     assert bad.code == 2 and f"{netrc}:" in bad.output and "Traceback" not in bad.output, bad.output
     assert not (tmp_path / "e").exists()
+
+
+def test_a_401_says_how_to_give_credentials(tmp_path: Path, run_fetch) -> None:
+    www = tmp_path / "www"
+    (www / "pub" / "locked").mkdir(parents=True)
+    (www / "pub" / "a.txt").write_bytes(b"a")
+    (www / "pub" / "b.txt").write_bytes(b"b")
+    with FaultServer(root=www) as srv:
+        srv.persist("/pub/locked/", Fault.status(401))
+        srv.persist("/pub/b.txt", Fault.status(401))
+        r = run_fetch("--mirror", f"{srv.url}pub/", "--dest", tmp_path / "d", "--procs", "1")
+        asked = [q.path for q in srv.requests]
+    assert r.code == 1, r.output
+    why = "credentials needed, or refused (user:password@ in the URL, or a ~/.netrc entry)"
+    assert f"HTTP 401 for {srv.url}pub/locked/: {why}" in r.output
+    assert f"HTTP 401 for {srv.url}pub/b.txt: {why}" in r.output
+    assert asked.count("/pub/b.txt") == 1 and asked.count("/pub/locked/") == 1  # not retried
+    assert (tmp_path / "d" / "a.txt").read_bytes() == b"a"
