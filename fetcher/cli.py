@@ -32,6 +32,7 @@ from fetcher.report import (
     write_metrics,
     write_report,
 )
+from fetcher.stdio import SYNCING
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -589,6 +590,7 @@ def _run_one(job: MirrorJob, ns: argparse.Namespace, console: Console, err: Cons
     from fetcher.pipeline import mirror
 
     reporter = _make_reporter(ns, console, log)
+    SYNCING.set()
     try:
         summary = mirror(job, reporter)
     except FetchError as exc:

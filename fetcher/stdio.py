@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from typing import Any
 
 __all__ = ["GuardedStream", "guard_log", "guard_std_streams"]
@@ -107,9 +108,14 @@ def _std_failed(dead: GuardedStream) -> None:
     except (OSError, ValueError, AttributeError):
         pass
     other = sys.stderr if dead is sys.stdout else sys.stdout
-    if isinstance(other, GuardedStream) and other.dead is None:
+    if SYNCING.is_set() and isinstance(other, GuardedStream) and other.dead is None:
         other.write(f"fetch: {dead.name} is gone ({dead.dead}); the run goes on without it\n")
         other.flush()
+
+
+SYNCING = threading.Event()
+"""Set while a mirror runs: only then is a lost stream worth a line (``fetch --check |
+head`` is not: there is nothing left to say, as for any command whose reader left)."""
 
 
 def guard_std_streams() -> None:

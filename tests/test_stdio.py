@@ -234,3 +234,17 @@ def test_a_report_on_stdout_is_alone_there(tmp_path: Path) -> None:
     assert b"fetched" in done.stderr
     assert not (tmp_path / "-").exists() and not Path("-").exists()
     _assert_mirrored(tmp_path / "d")
+
+
+def test_a_command_that_only_prints_says_nothing_when_its_reader_left(tmp_path: Path) -> None:
+    # fetch --config m.toml --check | head -1: no sync to keep going, nothing to report
+    cfg = tmp_path / "m.toml"
+    cfg.write_text("".join(f'[jobs.j{i}]\nurl = "http://127.0.0.1:9/{i}/"\n' for i in range(300)))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fetcher", "--config", str(cfg), "--check"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(),
+    )  # fmt: skip
+    assert proc.stdout is not None
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and err == b"", err
