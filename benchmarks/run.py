@@ -70,7 +70,10 @@ PEERS = ("rclone", "wget2", "lftp", "aria2c")
 FETCHES = ("fetch", "fetch-p1")
 """fetch as it ships, and with ``--pipeline 1``: one request per connection at a time, as
 the peers send them (the like-for-like comparison)."""
-TOOLS = (*FETCHES, *PEERS)
+VARIANT_FLAGS = {"fetch": [], "fetch-p1": ["--pipeline", "1"], "fetch-s4": ["--segments", "4"]}
+"""Every fetch row there is; ``fetch-s4`` (big files in 4 ranges, opt-in as in fetch) runs
+only when named with ``--tools``."""
+TOOLS = (*VARIANT_FLAGS, *PEERS)
 ALL_SCENARIOS = ("small", "large", "small-rtt", "mixed-rtt", "mixed", "resync", "scale")
 QUICK_SCENARIOS = ("small", "large", "small-rtt", "resync", "scale")
 FULL_SCENARIOS = ("small", "large", "small-rtt", "mixed-rtt", "resync", "scale")
@@ -248,10 +251,10 @@ def fetch_script() -> str:
 
 
 def tool_argv(tool: str, url: str, dest: Path, n: int, url_list: Path) -> list[str]:
-    if tool in FETCHES:
+    if tool in VARIANT_FLAGS:
         return [
             fetch_script(),
-            *(["--pipeline", "1"] if tool == "fetch-p1" else []),
+            *VARIANT_FLAGS[tool],
             "--mirror",
             url,
             "--dest",
@@ -324,7 +327,7 @@ def installed_tools() -> list[str]:
 
 def tool_version(tool: str) -> str:
     flag = {"rclone": "version"}.get(tool, "--version")
-    exe = fetch_script() if tool in FETCHES else tool
+    exe = fetch_script() if tool in VARIANT_FLAGS else tool
     try:
         out = subprocess.run([exe, flag], capture_output=True, text=True, timeout=20).stdout
     except (OSError, subprocess.TimeoutExpired):
@@ -664,7 +667,7 @@ def ratios(rows: list[dict[str, object]]) -> str:
         mine = [r for r in rows if r["scenario"] == scenario]
         fetch = next((r for r in mine if r["tool"] == "fetch"), None)
         p1 = next((r for r in mine if r["tool"] == "fetch-p1"), None)
-        peers = [r for r in mine if r["tool"] not in FETCHES and r["ok"]]
+        peers = [r for r in mine if r["tool"] not in VARIANT_FLAGS and r["ok"]]
         if fetch is None or not peers:
             continue
         best = min(peers, key=lambda r: r["wall"])

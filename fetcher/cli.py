@@ -190,6 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
         "connections as hold it, at most 32 (or N, if more) on one",
     )
     g.add_argument(
+        "--segments",
+        type=int,
+        metavar="N",
+        help="fetch each new file of 16 MiB or more as up to N byte ranges at once, on"
+        " connections of the cap that are free (default 1: off; for mirrors that cap each"
+        " connection's rate)",
+    )
+    g.add_argument(
         "--limit-rate", metavar="RATE", help="total bandwidth for the whole run, e.g. 500k, 20M"
     )
     g.add_argument(
@@ -310,7 +318,7 @@ _CLI_KEYS = {
     "post_jobs": "post_jobs", "skip_if_locked": "skip_if_locked", "index": "index", "verify_digests": "verify_digests", "suites": "suites",
     "components": "components", "architectures": "architectures",
     "executor": "executor", "scheduler": "scheduler", "proxy": "proxy",
-    "headers": "headers", "user_agent": "user_agent",
+    "headers": "headers", "user_agent": "user_agent", "segments": "segments",
 }  # fmt: skip
 
 

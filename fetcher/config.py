@@ -48,6 +48,8 @@ class Transfer:
     """The HTTP proxy every request goes through (resolved: :func:`proxy_for`), or None."""
     headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     """``--header``s, sent with every request."""
+    segments: int = 1
+    """``--segments``: a big file's byte ranges fetched at once over this many connections."""
     auth: tuple[str, str] | None = field(default=None, repr=False)
     """User and password from the start URL (``https://user:pass@host/``), sent as HTTP Basic
     auth with every request; the URLs themselves carry none (see :func:`build_job`)."""
@@ -105,6 +107,7 @@ class MirrorJob:
     user_agent: str = USER_AGENT
     headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     """``--header Name: value``: sent with every request (values may be secrets: not shown)."""
+    segments: int = 1
 
     def transfer(self) -> Transfer:
         verify: bool | str = True
@@ -128,6 +131,7 @@ class MirrorJob:
             proxy=proxy_for(self.url, self.proxy),
             user_agent=self.user_agent,
             headers=self.headers,
+            segments=self.segments,
         )
 
 
@@ -443,6 +447,7 @@ _FIELDS: dict[str, Callable[[Any], Any]] = {
     "insecure": _bool,
     "http2": _bool,
     "pipeline": _int_range(1, 32),
+    "segments": _int_range(1, 16),
     "executor": _choice("local", "dask"),
     "scheduler": _str,
     "post_dest": _str,

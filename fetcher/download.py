@@ -37,7 +37,7 @@ from fetcher.errors import (
     RedirectRefused,
     TransferError,
 )
-from fetcher.http1 import REUSE_BUFFER
+from fetcher.http1 import REUSE_BUFFER, NoToken, ThreadConnTransport
 from fetcher.limits import SharedLimits
 from fetcher.models import STATE_DIR, Action, Job, Outcome, RelPath, Scope, Status
 from fetcher.retry import retry_after_seconds
@@ -479,10 +479,7 @@ def _attempt_into(ctx: _Ctx, job: Job, where: _Where, look: bool, out: _Out) -> 
     else:
         part, meta = where.partial()
         out.close()
-        _ensure_dir(where.parent, ctx.known_dirs)
-        if mtime is not None:
-            os.utime(part, (mtime, mtime))
-        os.replace(part, final)
+        _name_partial(ctx, where, part, mtime)
         if resumable or offset:  # a sidecar was written, or this resume read one
             meta.unlink(missing_ok=True)
     return Outcome(
@@ -669,6 +666,169 @@ def _unnamed_ok(ctx: _Ctx, where: _Where, out: _Out) -> bool:
     return False
 
 
+SEGMENT_MIN = 16 << 20
+"""Files from this size up are fetched in byte ranges with ``--segments`` (each at least
+a quarter of this)."""
+
+
+def _segmentable(ctx: _Ctx, job: Job) -> bool:
+    """``--segments`` applies: a new file of exactly known size, big enough, no digest to
+    compute in order, over our own transport (whose threads each hold a connection)."""
+    f = job.file
+    return (
+        ctx.t.segments > 1
+        and job.action is Action.NEW
+        and f.size_exact
+        and f.size is not None
+        and f.size >= SEGMENT_MIN
+        and f.checksum is None
+        and isinstance(ctx.transport, ThreadConnTransport)
+    )
+
+
+def _attempt_segmented(ctx: _Ctx, job: Job, where: _Where) -> Outcome:
+    """One attempt at a big new file as ``--segments`` byte ranges fetched at once.
+
+    The first range's answer brings the validator (ETag, else Last-Modified); every other
+    range is asked for with it in ``If-Range``, so all the pieces are of one version. The
+    ranges wait in a queue taken by this thread and by helper threads, each on a
+    connection of its own, started only while a token of the cap is free at once
+    (:meth:`ThreadConnTransport.helper`): with none free this thread takes every range in
+    turn, and nothing waits for a connection that a waiting thread holds. Each piece is
+    written at its offset in the partial file, which has no validator in its sidecar:
+    interrupted, it is never resumed as a prefix (the next attempt starts over). A server
+    that ignores ``Range``, or sends no validator, gets the plain attempt instead.
+    """
+    f = job.file
+    size = f.size
+    assert size is not None
+    transport = ctx.transport
+    assert isinstance(transport, ThreadConnTransport)
+    n = max(1, min(ctx.t.segments, size // (SEGMENT_MIN // 4)))
+    step = -(-size // n)
+    ranges = [(a, min(a + step, size) - 1) for a in range(0, size, step)]
+    headers = {**ctx.headers, "Range": f"bytes=0-{ranges[0][1]}"}
+    resp, answered_by = _send(ctx, f.url, headers)
+    got = _header_map(resp)
+    validator = got.get("etag") or got.get("last-modified")
+    m = _CONTENT_RANGE.fullmatch(got.get("content-range", "").strip())
+    first_ok = (
+        resp.status_code == 206
+        and m is not None
+        and (int(m.group(1)), int(m.group(2))) == ranges[0]
+        and m.group(3) == str(size)
+    )
+    if not first_ok or not validator:
+        resp.close()
+        if resp.status_code not in (200, 206):
+            raise _status_error(resp, f.url)
+        return _attempt(ctx, job, where, True)  # no ranges, or none safe to join: whole
+    part, meta = where.partial()
+    _ensure_dir(str(part.parent), ctx.known_dirs)
+    meta.write_text(json.dumps({"url": f.url, "segments": len(ranges), "size": size}), "utf-8")
+    fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+    try:
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+    todo = list(reversed(ranges[1:]))  # popped from the end: in order
+    lock = threading.Lock()
+    failures: list[Exception] = []
+
+    def piece(r: tuple[int, int], first: httpx.Response | None) -> None:
+        a, b = r
+        answer = first
+        if answer is None:
+            req = httpx.Request(
+                "GET",
+                file_url(answered_by, ctx.t.root),
+                headers={**ctx.headers, "Range": f"bytes={a}-{b}", "If-Range": validator},
+                extensions=ctx.extensions,
+            )
+            answer = transport.handle_request(req)
+        try:
+            mm = _CONTENT_RANGE.fullmatch(answer.headers.get("content-range", "").strip())
+            if answer.status_code != 206 or mm is None or (int(mm.group(1)), int(mm.group(2))) != r:
+                raise RangeMismatch(
+                    f"{f.url} changed, or a range was answered wrongly, while fetched in"
+                    f" {len(ranges)} segments (HTTP {answer.status_code}, Content-Range"
+                    f" {answer.headers.get('content-range')!r} for bytes {a}-{b})"
+                )
+            out = os.open(part, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.lseek(out, a, os.SEEK_SET)
+                got_n = _stream_body(ctx, answer, out, "wb", None)
+            finally:
+                os.close(out)
+            if got_n != b - a + 1:
+                raise IncompleteDownload(f"got {got_n} of {b - a + 1} bytes of a range of {f.url}")
+        finally:
+            answer.close()
+
+    def take() -> tuple[int, int] | None:
+        with lock:
+            return None if failures or not todo else todo.pop()
+
+    def helper() -> None:
+        transport.helper()
+        try:
+            while (r := take()) is not None:
+                try:
+                    piece(r, None)
+                except NoToken:
+                    with lock:
+                        todo.append(r)  # back for a thread that has a connection
+                    return
+                except Exception as exc:  # noqa: BLE001 - raised by the attempt
+                    with lock:
+                        failures.append(exc)
+                    return
+        finally:
+            transport.close_mine()
+
+    helpers = [
+        threading.Thread(target=helper, name=f"segment-{i}", daemon=True)
+        for i in range(len(ranges) - 1)
+    ]
+    for h in helpers:
+        h.start()
+    try:
+        piece(ranges[0], resp)
+        while (r := take()) is not None:
+            piece(r, None)
+    except Exception as exc:  # noqa: BLE001 - the helpers stop taking ranges; raised below
+        with lock:
+            failures.append(exc)
+    finally:
+        for h in helpers:
+            h.join()
+    if failures:
+        raise failures[0]
+    last_mod = got.get("last-modified")
+    mtime = _parse_last_modified(last_mod) or f.mtime
+    _name_partial(ctx, where, part, mtime)
+    meta.unlink(missing_ok=True)
+    return Outcome(
+        f.path,
+        f.url,
+        Status.FETCHED,
+        size=size,
+        received=size,
+        mtime=mtime,
+        etag=got.get("etag"),
+        last_modified=last_mod,
+        stamp=f.stamp,
+    )
+
+
+def _name_partial(ctx: _Ctx, where: _Where, part: Path, mtime: float | None) -> None:
+    """The checked partial file takes its final name (and the server's time), atomically."""
+    _ensure_dir(where.parent, ctx.known_dirs)
+    if mtime is not None:
+        os.utime(part, (mtime, mtime))
+    os.replace(part, where.final)
+
+
 def _discard(where: _Where) -> None:
     part, meta = where.partial()
     part.unlink(missing_ok=True)
@@ -736,6 +896,8 @@ def fetch_file(
                 # A small new file's first attempt is the plain GET the runner may have
                 # pipelined, and looks for no partial file: the plan saw none, and below
                 # RESUME_MIN a body is fetched whole anyway. A retry looks.
+                if _segmentable(ctx, job):
+                    return _attempt_segmented(ctx, job, where)
                 return _attempt(ctx, job, where, not pipelinable(job))
             except Interrupted:
                 raise
@@ -749,6 +911,8 @@ def fetch_file(
                     replay, first = first, None
                     raise replay
                 attempts += 1
+                if _segmentable(ctx, job):
+                    return _attempt_segmented(ctx, job, where)
                 return _attempt(ctx, job, where, True)
     except Interrupted:
         return Outcome(

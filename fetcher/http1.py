@@ -70,7 +70,7 @@ from fetcher.wire import (
     timed_out,
 )
 
-__all__ = ["MAX_DEPTH", "REUSE_BUFFER", "ThreadConnTransport", "pipelined_lanes"]
+__all__ = ["MAX_DEPTH", "REUSE_BUFFER", "NoToken", "ThreadConnTransport", "pipelined_lanes"]
 
 REUSE_BUFFER = "fetch.reuse_buffer"
 """Request extension: True lets a big body come as memoryviews of one reused buffer, each
@@ -96,6 +96,10 @@ def pipelined_lanes(threads: int, pipeline: int) -> tuple[int, int]:
     inflight = threads * pipeline
     lanes = min(threads, -(-inflight // max(MAX_DEPTH, pipeline)))
     return lanes, -(-inflight // lanes)
+
+
+class NoToken(httpx.ConnectError):
+    """A helper thread found no free token of the connection cap (see ``helper``)."""
 
 
 class ThreadConnTransport(httpx.BaseTransport):
@@ -131,7 +135,10 @@ class ThreadConnTransport(httpx.BaseTransport):
         scheme, host, port = key
         release = None
         if self._gate is not None:
-            if not self._gate.acquire(reclaim=self.close_one_idle):
+            if getattr(self._local, "no_wait", False):
+                if not self._gate.try_acquire(reclaim=self.close_one_idle):
+                    raise NoToken("every connection of the cap is in use")
+            elif not self._gate.acquire(reclaim=self.close_one_idle):
                 raise httpx.ConnectError("stopping")
             release = self._gate.release
         try:
@@ -198,6 +205,18 @@ class ThreadConnTransport(httpx.BaseTransport):
             self._conns.discard(victim)
         victim.close()
         return True
+
+    def helper(self) -> None:
+        """The calling thread is a helper: its connecting never waits for a token of the
+        cap (:class:`NoToken` instead), so a thread that waits for helpers cannot deadlock
+        with them."""
+        self._local.no_wait = True
+
+    def close_mine(self) -> None:
+        """Close the calling thread's connection, if it is idle (a helper that is done)."""
+        conn: Conn | None = getattr(self._local, "conn", None)
+        if conn is not None and not conn.busy and not conn.queued:
+            self._drop(conn)
 
     def close_idle(self) -> None:
         """Close every connection not carrying a response now (their tokens go back)."""

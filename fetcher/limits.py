@@ -139,6 +139,16 @@ class TokenGate:
                 self._sem.release()
         return True
 
+    def try_acquire(self, reclaim: Callable[[], bool] = lambda: False) -> bool:
+        """Take a token if one is free now (after ``reclaim``, once); never waits."""
+        with self._cond:
+            if self._spare:
+                self._spare -= 1
+                return True
+        if self._sem.acquire(False):  # (multiprocessing: block, threading: blocking)
+            return True
+        return bool(reclaim() and self._sem.acquire(timeout=0.05))
+
     def _take(self) -> bool:
         with self._cond:
             if self._spare:

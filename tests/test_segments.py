@@ -1,0 +1,122 @@
+"""--segments: a big new file fetched as byte ranges at once, joined into one file.
+
+Against the project's server (scripted: concurrency held open, Range ignored, a
+version change mid-way) and nginx (the real thing, with its per-connection rate cap).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from fetcher.download import SEGMENT_MIN, partial_paths
+from fetcher.models import RelPath
+from tests.faultserver import Fault, FaultServer
+from tests.servers import serve
+
+SIZE = SEGMENT_MIN + (4 << 20) + 12345  # 4 ranges of ~5 MiB (each at least SEGMENT_MIN/4)
+
+
+@pytest.fixture(scope="module")
+def payload() -> bytes:
+    return os.urandom(SIZE)
+
+
+def _www(tmp_path: Path, payload: bytes) -> Path:
+    (tmp_path / "www" / "iso").mkdir(parents=True)
+    (tmp_path / "www" / "iso" / "big.img").write_bytes(payload)
+    (tmp_path / "www" / "iso" / "small.txt").write_bytes(b"s")
+    return tmp_path / "www"
+
+
+def _ranges(size: int, n: int) -> list[str]:
+    step = -(-size // n)
+    return [f"bytes={a}-{min(a + step, size) - 1}" for a in range(0, size, step)]
+
+
+def test_ranges_at_once_of_one_version_joined(tmp_path: Path, payload: bytes, run_fetch) -> None:
+    gate = threading.Event()
+    with FaultServer(root=_www(tmp_path, payload)) as srv:
+        # the second range is held until two more are in flight: they run at once
+        srv.script("/iso/big.img", [Fault.ok(), Fault.gated(gate)])
+        done: dict[str, object] = {}
+
+        def run() -> None:
+            done["r"] = run_fetch("--mirror", f"{srv.url}iso/", "--dest", tmp_path / "d",
+                                  "--segments", "4", "--procs", "1")  # fmt: skip
+
+        t = threading.Thread(target=run)
+        t.start()
+        try:
+            assert srv.wait_for(4, path="/iso/big.img", timeout=30)
+        finally:
+            gate.set()
+            t.join(timeout=60)
+        reqs = [q for q in srv.requests if q.path == "/iso/big.img"]
+    r = done["r"]
+    assert r.code == 0, r.output  # type: ignore[attr-defined]
+    assert (tmp_path / "d" / "big.img").read_bytes() == payload
+    assert sorted(q.headers["range"] for q in reqs) == sorted(_ranges(SIZE, 4))
+    first = next(q for q in reqs if q.headers["range"] == _ranges(SIZE, 4)[0])
+    assert "if-range" not in first.headers
+    etag = {q.headers.get("if-range") for q in reqs if q is not first}
+    assert len(etag) == 1 and None not in etag  # every other range: one version
+    assert not list((tmp_path / "d" / ".fetcher" / "partial").iterdir())
+
+
+def test_a_server_that_ignores_range_gets_one_whole_request(
+    tmp_path: Path, payload: bytes, run_fetch
+) -> None:
+    with FaultServer(root=_www(tmp_path, payload)) as srv:
+        srv.persist("/iso/big.img", Fault.ignore_range())
+        r = run_fetch("--mirror", f"{srv.url}iso/", "--dest", tmp_path / "d", "--segments", "4")
+        reqs = [q for q in srv.requests if q.path == "/iso/big.img"]
+    assert r.code == 0, r.output
+    assert (tmp_path / "d" / "big.img").read_bytes() == payload
+    assert [("range" in q.headers) for q in reqs] == [True, False]
+
+
+def test_a_range_of_another_version_fails_the_attempt_and_the_retry_lands(
+    tmp_path: Path, payload: bytes, run_fetch
+) -> None:
+    with FaultServer(root=_www(tmp_path, payload)) as srv:
+        # the second range answered whole (as a changed file is, under If-Range)
+        srv.script("/iso/big.img", [Fault.ok(), Fault.ignore_range()])
+        r = run_fetch("--mirror", f"{srv.url}iso/", "--dest", tmp_path / "d", "--segments", "4",
+                      "--procs", "1", "-v")  # fmt: skip
+        n = len([q for q in srv.requests if q.path == "/iso/big.img"])
+    assert r.code == 0, r.output
+    assert "changed, or a range was answered wrongly" in r.output  # the retry says why
+    assert (tmp_path / "d" / "big.img").read_bytes() == payload
+    assert n == 8  # two attempts of four ranges
+
+
+def test_a_segmented_partial_is_never_resumed_as_a_prefix(
+    tmp_path: Path, payload: bytes, run_fetch
+) -> None:
+    dest = tmp_path / "d"
+    part, meta = partial_paths(dest, RelPath("big.img"))
+    part.parent.mkdir(parents=True)
+    part.write_bytes(b"\0" * SIZE)  # as an interrupted segmented attempt leaves it
+    with FaultServer(root=_www(tmp_path, payload)) as srv:
+        meta.write_text(json.dumps({"url": f"{srv.url}iso/big.img", "segments": 4, "size": SIZE}))
+        r = run_fetch("--mirror", f"{srv.url}iso/", "--dest", dest, "--procs", "1")
+        reqs = [q for q in srv.requests if q.path == "/iso/big.img"]
+    assert r.code == 0, r.output
+    assert (dest / "big.img").read_bytes() == payload
+    assert len(reqs) == 1 and "range" not in reqs[0].headers
+
+
+@pytest.mark.real_server
+def test_nginx_with_a_per_connection_rate_cap(tmp_path: Path, payload: bytes, run_fetch) -> None:
+    with serve("nginx", _www(tmp_path, payload), tmp_path / "nginx", limit_rate="50m") as srv:
+        r = run_fetch("--mirror", f"{srv.url}iso/", "--dest", tmp_path / "d", "--segments", "4",
+                      "--max-connections", "8")  # fmt: skip
+        log = Path(srv.access_log).read_text()
+    assert r.code == 0, r.output
+    assert (tmp_path / "d" / "big.img").read_bytes() == payload
+    assert log.count("/iso/big.img") == 4 and log.count("\t206\t") == 4, log
