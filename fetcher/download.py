@@ -704,7 +704,8 @@ def _attempt_segmented(ctx: _Ctx, job: Job, where: _Where) -> Outcome:
     assert size is not None
     transport = ctx.transport
     assert isinstance(transport, ThreadConnTransport)
-    n = max(1, min(ctx.t.segments, size // (SEGMENT_MIN // 4)))
+    # twice as many ranges as connections, so that one slow connection is not the tail
+    n = max(1, min(2 * ctx.t.segments, size // (SEGMENT_MIN // 4)))
     step = -(-size // n)
     ranges = [(a, min(a + step, size) - 1) for a in range(0, size, step)]
     headers = {**ctx.headers, "Range": f"bytes=0-{ranges[0][1]}"}
@@ -786,15 +787,23 @@ def _attempt_segmented(ctx: _Ctx, job: Job, where: _Where) -> Outcome:
         finally:
             transport.close_mine()
 
-    helpers = [
-        threading.Thread(target=helper, name=f"segment-{i}", daemon=True)
-        for i in range(len(ranges) - 1)
-    ]
-    for h in helpers:
-        h.start()
+    helpers: list[threading.Thread] = []
+
+    def more_helpers() -> None:
+        # up to --segments connections on this file; tried again before each range this
+        # thread takes, since tokens come free as other transfers end
+        with lock:
+            wanted = min(len(todo), ctx.t.segments - 1 - sum(h.is_alive() for h in helpers))
+        for _ in range(wanted):
+            h = threading.Thread(target=helper, name="segment", daemon=True)
+            h.start()
+            helpers.append(h)
+
     try:
+        more_helpers()
         piece(ranges[0], resp)
         while (r := take()) is not None:
+            more_helpers()
             piece(r, None)
     except Exception as exc:  # noqa: BLE001 - the helpers stop taking ranges; raised below
         with lock:
