@@ -193,8 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--segments",
         type=int,
         metavar="N",
-        help="fetch each new file of 16 MiB or more as up to N byte ranges at once, on"
-        " connections of the cap that are free (default 1: off; for mirrors that cap each"
+        help="fetch each new or updated file of 16 MiB or more as byte ranges on up to N"
+        " connections at once, those of the cap that are free (default 1: off; for mirrors that cap each"
         " connection's rate)",
     )
     g.add_argument(

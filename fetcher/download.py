@@ -672,12 +672,14 @@ a quarter of this)."""
 
 
 def _segmentable(ctx: _Ctx, job: Job) -> bool:
-    """``--segments`` applies: a new file of exactly known size, big enough, no digest to
-    compute in order, over our own transport (whose threads each hold a connection)."""
+    """``--segments`` applies: a new or changed file of exactly known size, big enough, no
+    digest to compute in order, over our own transport (whose threads each hold a
+    connection). A changed file is replaced whole once all its ranges are in, as any
+    update is."""
     f = job.file
     return (
         ctx.t.segments > 1
-        and job.action is Action.NEW
+        and job.action in (Action.NEW, Action.CHANGED)
         and f.size_exact
         and f.size is not None
         and f.size >= SEGMENT_MIN
@@ -709,7 +711,24 @@ def _attempt_segmented(ctx: _Ctx, job: Job, where: _Where) -> Outcome:
     step = -(-size // n)
     ranges = [(a, min(a + step, size) - 1) for a in range(0, size, step)]
     headers = {**ctx.headers, "Range": f"bytes=0-{ranges[0][1]}"}
+    if job.action is Action.CHANGED and os.path.exists(where.final):
+        # the plan's cheap guard, as for a whole update: 304 if it has not changed after all
+        if job.etag:
+            headers["If-None-Match"] = job.etag
+        if job.last_modified:
+            headers["If-Modified-Since"] = job.last_modified
     resp, answered_by = _send(ctx, f.url, headers)
+    if resp.status_code == 304:
+        resp.close()
+        return Outcome(
+            f.path,
+            f.url,
+            Status.UNCHANGED,
+            size=os.stat(where.final).st_size,
+            etag=job.etag,
+            last_modified=job.last_modified,
+            stamp=f.stamp,
+        )
     got = _header_map(resp)
     validator = got.get("etag") or got.get("last-modified")
     m = _CONTENT_RANGE.fullmatch(got.get("content-range", "").strip())

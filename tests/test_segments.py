@@ -123,3 +123,31 @@ def test_nginx_with_a_per_connection_rate_cap(tmp_path: Path, payload: bytes, ru
     assert (tmp_path / "d" / "big.img").read_bytes() == payload
     n = len(_ranges(SIZE, 4))
     assert log.count("/iso/big.img") == n and log.count("\t206\t") == n, log
+
+
+def test_an_update_goes_in_ranges_and_an_unchanged_one_is_a_304(
+    tmp_path: Path, payload: bytes, run_fetch
+) -> None:
+    www = _www(tmp_path, payload)
+    big = www / "iso" / "big.img"
+    dest = tmp_path / "d"
+    with FaultServer(root=www) as srv:
+        srv.set_etag("/iso/big.img", '"v1"')
+        args = ("--mirror", f"{srv.url}iso/", "--dest", dest, "--segments", "4", "--procs", "1")
+        assert run_fetch(*args).code == 0
+        os.utime(big, (2_000_000_000, 2_000_000_000))  # newer date, same version
+        srv.reset_stats()
+        same = run_fetch(*args)
+        touched = [q for q in srv.requests if q.path == "/iso/big.img"]
+        assert (dest / "big.img").read_bytes() == payload
+        new = payload[::-1]
+        big.write_bytes(new)
+        srv.set_etag("/iso/big.img", '"v2"')
+        os.utime(big, (2_000_000_100, 2_000_000_100))
+        srv.reset_stats()
+        changed = run_fetch(*args)
+        replaced = [q for q in srv.requests if q.path == "/iso/big.img"]
+    assert same.code == 0 and changed.code == 0, (same.output, changed.output)
+    assert len(touched) == 1 and touched[0].headers["if-none-match"] == '"v1"'  # a 304
+    assert (dest / "big.img").read_bytes() == new
+    assert sorted(q.headers["range"] for q in replaced) == sorted(_ranges(SIZE, 4))
