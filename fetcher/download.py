@@ -754,6 +754,7 @@ def _attempt_segmented(ctx: _Ctx, job: Job, where: _Where) -> Outcome:
     todo = list(reversed(ranges[1:]))  # popped from the end: in order
     lock = threading.Lock()
     failures: list[Exception] = []
+    finished: set[tuple[int, int]] = set()
 
     def piece(r: tuple[int, int], first: httpx.Response | None) -> None:
         a, b = r
@@ -782,6 +783,8 @@ def _attempt_segmented(ctx: _Ctx, job: Job, where: _Where) -> Outcome:
                 os.close(out)
             if got_n != b - a + 1:
                 raise IncompleteDownload(f"got {got_n} of {b - a + 1} bytes of a range of {f.url}")
+            with lock:
+                finished.add(r)
         finally:
             answer.close()
 
@@ -821,9 +824,17 @@ def _attempt_segmented(ctx: _Ctx, job: Job, where: _Where) -> Outcome:
     try:
         more_helpers()
         piece(ranges[0], resp)
-        while (r := take()) is not None:
-            more_helpers()
-            piece(r, None)
+        while True:
+            while (r := take()) is not None:
+                more_helpers()
+                piece(r, None)
+            for h in helpers:
+                h.join()
+            # a helper that found no connection gave its range back, maybe after this
+            # thread had found the queue empty: those are this thread's now
+            with lock:
+                if failures or not todo:
+                    break
     except Exception as exc:  # noqa: BLE001 - the helpers stop taking ranges; raised below
         with lock:
             failures.append(exc)
@@ -832,6 +843,8 @@ def _attempt_segmented(ctx: _Ctx, job: Job, where: _Where) -> Outcome:
             h.join()
     if failures:
         raise failures[0]
+    if len(finished) != len(ranges):  # (cannot happen; a hole must never be published)
+        raise IncompleteDownload(f"{len(ranges) - len(finished)} ranges of {f.url} missing")
     last_mod = got.get("last-modified")
     mtime = _parse_last_modified(last_mod) or f.mtime
     _name_partial(ctx, where, part, mtime)

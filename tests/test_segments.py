@@ -151,3 +151,19 @@ def test_an_update_goes_in_ranges_and_an_unchanged_one_is_a_304(
     assert len(touched) == 1 and touched[0].headers["if-none-match"] == '"v1"'  # a 304
     assert (dest / "big.img").read_bytes() == new
     assert sorted(q.headers["range"] for q in replaced) == sorted(_ranges(SIZE, 4))
+
+
+def test_with_no_free_connection_every_range_still_comes_once(
+    tmp_path: Path, payload: bytes, run_fetch
+) -> None:
+    # --max-connections 1: helpers never get a connection; the file's own lane takes each
+    # range in turn (and none is left out or asked twice)
+    with FaultServer(root=_www(tmp_path, payload)) as srv:
+        r = run_fetch("--mirror", f"{srv.url}iso/", "--dest", tmp_path / "d", "--segments", "8",
+                      "--max-connections", "1", "--procs", "1")  # fmt: skip
+        reqs = [q for q in srv.requests if q.path == "/iso/big.img"]
+        most = srv.max_concurrent_connections
+    assert r.code == 0, r.output
+    assert (tmp_path / "d" / "big.img").read_bytes() == payload
+    assert sorted(q.headers["range"] for q in reqs) == sorted(_ranges(SIZE, 8))
+    assert most == 1
