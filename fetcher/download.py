@@ -39,7 +39,7 @@ from fetcher.errors import (
 )
 from fetcher.http1 import REUSE_BUFFER, NoToken, ThreadConnTransport
 from fetcher.limits import SharedLimits
-from fetcher.models import STATE_DIR, Action, Job, Outcome, RelPath, Scope, Status
+from fetcher.models import STATE_DIR, Action, Job, Outcome, RelPath, RemoteFile, Scope, Status
 from fetcher.retry import retry_after_seconds
 from fetcher.transport import request_headers, timeout_of
 from fetcher.wire import Body, write_all
@@ -671,25 +671,58 @@ SEGMENT_MIN = 16 << 20
 a quarter of this)."""
 
 
-def _segmentable(ctx: _Ctx, job: Job) -> bool:
+def _segmentable(ctx: _Ctx, job: Job, where: _Where) -> bool:
     """``--segments`` applies: a new or changed file of exactly known size, big enough, no
     digest to compute in order, over our own transport (whose threads each hold a
-    connection). A changed file is replaced whole once all its ranges are in, as any
-    update is."""
+    connection); or a resume of a segmented attempt. A changed file is replaced whole
+    once all its ranges are in, as any update is."""
     f = job.file
-    return (
+    if not (
         ctx.t.segments > 1
-        and job.action in (Action.NEW, Action.CHANGED)
         and f.size_exact
         and f.size is not None
         and f.size >= SEGMENT_MIN
         and f.checksum is None
         and isinstance(ctx.transport, ThreadConnTransport)
+    ):
+        return False
+    if job.action in (Action.NEW, Action.CHANGED):
+        return True
+    return job.action is Action.RESUME and _segmented_partial(where, f) is not None
+
+
+def _segmented_partial(where: _Where, f: RemoteFile) -> dict[str, Any] | None:
+    """The sidecar of an earlier segmented attempt at this file (same URL and size, its
+    partial file still there): its ranges, the validator they were asked with, and the
+    ones finished. None when there is none, or not such a one."""
+    part, meta = where.partial()
+    side = _read_sidecar(meta, f.url)
+    if side is None or side.get("size") != f.size or not isinstance(side.get("validator"), str):
+        return None
+    try:
+        ranges = [(int(a), int(b)) for a, b in side["ranges"]]
+        done = {(int(a), int(b)) for a, b in side["done"]}
+        whole = part.stat().st_size == f.size
+    except (KeyError, TypeError, ValueError, OSError):
+        return None
+    if not whole or not done <= set(ranges) or not ranges:
+        return None
+    return {**side, "ranges": ranges, "done": done}
+
+
+def _range_answer(resp: httpx.Response, r: tuple[int, int], size: int) -> bool:
+    """A 206 for exactly bytes ``r`` of a file of ``size`` bytes."""
+    m = _CONTENT_RANGE.fullmatch(resp.headers.get("content-range", "").strip())
+    return (
+        resp.status_code == 206
+        and m is not None
+        and (int(m.group(1)), int(m.group(2))) == r
+        and m.group(3) == str(size)
     )
 
 
 def _attempt_segmented(ctx: _Ctx, job: Job, where: _Where) -> Outcome:
-    """One attempt at a big new file as ``--segments`` byte ranges fetched at once.
+    """One attempt at a big new or changed file as ``--segments`` byte ranges at once.
 
     The first range's answer brings the validator (ETag, else Last-Modified); every other
     range is asked for with it in ``If-Range``, so all the pieces are of one version. The
@@ -697,64 +730,88 @@ def _attempt_segmented(ctx: _Ctx, job: Job, where: _Where) -> Outcome:
     connection of its own, started only while a token of the cap is free at once
     (:meth:`ThreadConnTransport.helper`): with none free this thread takes every range in
     turn, and nothing waits for a connection that a waiting thread holds. Each piece is
-    written at its offset in the partial file, which has no validator in its sidecar:
-    interrupted, it is never resumed as a prefix (the next attempt starts over). A server
-    that ignores ``Range``, or sends no validator, gets the plain attempt instead.
+    written at its offset in the partial file; the sidecar keeps the ranges, their
+    validator and those finished (its validator is under a key of its own, so the plain
+    resume never takes this file for a prefix). An attempt that finds such a sidecar goes
+    on from it: the first range left is asked with ``If-Range``, and a whole answer (the
+    file changed) starts over. A server that ignores ``Range``, or sends no validator, gets
+    the plain attempt instead.
     """
     f = job.file
     size = f.size
     assert size is not None
     transport = ctx.transport
     assert isinstance(transport, ThreadConnTransport)
-    # twice as many ranges as connections, so that one slow connection is not the tail
-    n = max(1, min(2 * ctx.t.segments, size // (SEGMENT_MIN // 4)))
-    step = -(-size // n)
-    ranges = [(a, min(a + step, size) - 1) for a in range(0, size, step)]
-    headers = {**ctx.headers, "Range": f"bytes=0-{ranges[0][1]}"}
-    if job.action is Action.CHANGED and os.path.exists(where.final):
-        # the plan's cheap guard, as for a whole update: 304 if it has not changed after all
-        if job.etag:
-            headers["If-None-Match"] = job.etag
-        if job.last_modified:
-            headers["If-Modified-Since"] = job.last_modified
-    resp, answered_by = _send(ctx, f.url, headers)
-    if resp.status_code == 304:
-        resp.close()
-        return Outcome(
-            f.path,
-            f.url,
-            Status.UNCHANGED,
-            size=os.stat(where.final).st_size,
-            etag=job.etag,
-            last_modified=job.last_modified,
-            stamp=f.stamp,
-        )
-    got = _header_map(resp)
-    validator = got.get("etag") or got.get("last-modified")
-    m = _CONTENT_RANGE.fullmatch(got.get("content-range", "").strip())
-    first_ok = (
-        resp.status_code == 206
-        and m is not None
-        and (int(m.group(1)), int(m.group(2))) == ranges[0]
-        and m.group(3) == str(size)
-    )
-    if not first_ok or not validator:
-        resp.close()
-        if resp.status_code not in (200, 206):
-            raise _status_error(resp, f.url)
-        return _attempt(ctx, job, where, True)  # no ranges, or none safe to join: whole
     part, meta = where.partial()
-    _ensure_dir(str(part.parent), ctx.known_dirs)
-    meta.write_text(json.dumps({"url": f.url, "segments": len(ranges), "size": size}), "utf-8")
-    fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
-    try:
-        os.ftruncate(fd, size)
-    finally:
-        os.close(fd)
-    todo = list(reversed(ranges[1:]))  # popped from the end: in order
+    side = _segmented_partial(where, f)
+    resp: httpx.Response | None = None
+    if side is not None:
+        ranges, done, validator = side["ranges"], side["done"], side["validator"]
+        left = [r for r in ranges if r not in done] or [ranges[-1]]  # (headers for the end)
+        done.discard(left[0])
+        a, b = left[0]
+        resp, answered_by = _send(
+            ctx, f.url, {**ctx.headers, "Range": f"bytes={a}-{b}", "If-Range": validator}
+        )
+        if not _range_answer(resp, left[0], size):
+            resp.close()
+            if resp.status_code not in (200, 206):
+                raise _status_error(resp, f.url)
+            _discard(where)  # another version now (or a range answered wrongly): over
+            resp = None
+    if resp is None:
+        done = set()
+        # twice as many ranges as connections, so that one slow connection is not the tail
+        n = max(1, min(2 * ctx.t.segments, size // (SEGMENT_MIN // 4)))
+        step = -(-size // n)
+        ranges = [(a, min(a + step, size) - 1) for a in range(0, size, step)]
+        left = ranges
+        headers = {**ctx.headers, "Range": f"bytes=0-{ranges[0][1]}"}
+        if job.action is Action.CHANGED and os.path.exists(where.final):
+            # the plan's cheap guard, as for a whole update: 304 if not changed after all
+            if job.etag:
+                headers["If-None-Match"] = job.etag
+            if job.last_modified:
+                headers["If-Modified-Since"] = job.last_modified
+        resp, answered_by = _send(ctx, f.url, headers)
+        if resp.status_code == 304:
+            resp.close()
+            return Outcome(
+                f.path,
+                f.url,
+                Status.UNCHANGED,
+                size=os.stat(where.final).st_size,
+                etag=job.etag,
+                last_modified=job.last_modified,
+                stamp=f.stamp,
+            )
+        validator = resp.headers.get("etag") or resp.headers.get("last-modified")
+        if not _range_answer(resp, ranges[0], size) or not validator:
+            resp.close()
+            if resp.status_code not in (200, 206):
+                raise _status_error(resp, f.url)
+            return _attempt(ctx, job, where, True)  # no ranges, or none safe to join: whole
+        _ensure_dir(str(part.parent), ctx.known_dirs)
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+        try:
+            os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
+    got = _header_map(resp)
     lock = threading.Lock()
+    finished: set[tuple[int, int]] = set(done)
+
+    def save() -> None:  # under ``lock``: the sidecar says which ranges are in
+        state = {"url": f.url, "size": size, "validator": validator, "ranges": ranges,
+                 "done": sorted(finished)}  # fmt: skip
+        tmp = meta.with_name(meta.name + ".tmp")
+        tmp.write_text(json.dumps(state), "utf-8")
+        os.replace(tmp, meta)
+
+    with lock:
+        save()
+    todo = list(reversed(left[1:]))  # popped from the end: in order
     failures: list[Exception] = []
-    finished: set[tuple[int, int]] = set()
 
     def piece(r: tuple[int, int], first: httpx.Response | None) -> None:
         a, b = r
@@ -768,8 +825,7 @@ def _attempt_segmented(ctx: _Ctx, job: Job, where: _Where) -> Outcome:
             )
             answer = transport.handle_request(req)
         try:
-            mm = _CONTENT_RANGE.fullmatch(answer.headers.get("content-range", "").strip())
-            if answer.status_code != 206 or mm is None or (int(mm.group(1)), int(mm.group(2))) != r:
+            if not _range_answer(answer, r, size):
                 raise RangeMismatch(
                     f"{f.url} changed, or a range was answered wrongly, while fetched in"
                     f" {len(ranges)} segments (HTTP {answer.status_code}, Content-Range"
@@ -785,6 +841,7 @@ def _attempt_segmented(ctx: _Ctx, job: Job, where: _Where) -> Outcome:
                 raise IncompleteDownload(f"got {got_n} of {b - a + 1} bytes of a range of {f.url}")
             with lock:
                 finished.add(r)
+                save()
         finally:
             answer.close()
 
@@ -823,7 +880,7 @@ def _attempt_segmented(ctx: _Ctx, job: Job, where: _Where) -> Outcome:
 
     try:
         more_helpers()
-        piece(ranges[0], resp)
+        piece(left[0], resp)
         while True:
             while (r := take()) is not None:
                 more_helpers()
@@ -843,8 +900,8 @@ def _attempt_segmented(ctx: _Ctx, job: Job, where: _Where) -> Outcome:
             h.join()
     if failures:
         raise failures[0]
-    if len(finished) != len(ranges):  # (cannot happen; a hole must never be published)
-        raise IncompleteDownload(f"{len(ranges) - len(finished)} ranges of {f.url} missing")
+    if finished != set(ranges):  # (cannot happen; a hole must never be published)
+        raise IncompleteDownload(f"{len(set(ranges) - finished)} ranges of {f.url} missing")
     last_mod = got.get("last-modified")
     mtime = _parse_last_modified(last_mod) or f.mtime
     _name_partial(ctx, where, part, mtime)
@@ -937,7 +994,7 @@ def fetch_file(
                 # A small new file's first attempt is the plain GET the runner may have
                 # pipelined, and looks for no partial file: the plan saw none, and below
                 # RESUME_MIN a body is fetched whole anyway. A retry looks.
-                if _segmentable(ctx, job):
+                if _segmentable(ctx, job, where):
                     return _attempt_segmented(ctx, job, where)
                 return _attempt(ctx, job, where, not pipelinable(job))
             except Interrupted:
@@ -952,7 +1009,7 @@ def fetch_file(
                     replay, first = first, None
                     raise replay
                 attempts += 1
-                if _segmentable(ctx, job):
+                if _segmentable(ctx, job, where):
                     return _attempt_segmented(ctx, job, where)
                 return _attempt(ctx, job, where, True)
     except Interrupted:
