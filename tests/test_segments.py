@@ -201,3 +201,52 @@ def test_an_interrupted_segmented_file_goes_on_from_its_ranges(
     else:  # the first range left came back whole: another version, so all over again
         assert asked == sorted([_ranges(SIZE, 4)[3], *_ranges(SIZE, 4)])
     assert not meta.exists() and not part.exists()
+
+
+def test_ctrl_c_mid_way_then_the_next_run_fetches_only_the_ranges_left(
+    tmp_path: Path, payload: bytes, run_fetch
+) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    dest = tmp_path / "d"
+    _part, meta = partial_paths(dest, RelPath("big.img"))
+    ranges = _ranges(SIZE, 2)  # 4 ranges on 2 connections
+    with FaultServer(root=_www(tmp_path, payload)) as srv:
+        # the first two ranges come at once, the others slowly: stopped between them
+        srv.script("/iso/big.img", [Fault.ok(), Fault.ok(), Fault.trickle(256 << 10),
+                                    Fault.trickle(256 << 10)])  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fetcher", "--mirror", f"{srv.url}iso/", "--dest", str(dest),
+             "--segments", "2", "--procs", "1"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                done = json.loads(meta.read_text()).get("done", []) if meta.exists() else []
+                if len(done) >= 2:
+                    break
+                time.sleep(0.05)
+            else:
+                pytest.fail("two ranges never finished")
+            os.killpg(proc.pid, signal.SIGINT)
+            out, _ = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        assert proc.returncode == 130, out.decode(errors="replace")
+        assert not (dest / "big.img").exists()
+        kept = {f"bytes={a}-{b}" for a, b in json.loads(meta.read_text())["done"]}
+        assert len(kept) >= 2 and kept < set(ranges)
+        srv.clear_faults()
+        srv.reset_stats()
+        r = run_fetch("--mirror", f"{srv.url}iso/", "--dest", dest, "--segments", "2",
+                      "--procs", "1")  # fmt: skip
+        asked = sorted(q.headers["range"] for q in srv.requests if q.path == "/iso/big.img")
+    assert r.code == 0, r.output
+    assert (dest / "big.img").read_bytes() == payload
+    assert asked == sorted(set(ranges) - kept)  # those finished before Ctrl-C: not again
