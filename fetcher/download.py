@@ -911,7 +911,7 @@ def _attempt_segmented(ctx: _Ctx, job: Job, where: _Where) -> Outcome:
         f.url,
         Status.FETCHED,
         size=size,
-        received=size,
+        received=sum(b - a + 1 for a, b in finished - done),  # this attempt's, not a resume's
         mtime=mtime,
         etag=got.get("etag"),
         last_modified=last_mod,
