@@ -362,6 +362,15 @@ def _job_from_cli(ns: argparse.Namespace) -> MirrorJob:
         raise UsageError(exc.message.replace("options.url", "--mirror"), exc.hint) from None
 
 
+def _checked_jobs(ns: argparse.Namespace) -> list[MirrorJob]:
+    """The jobs, with what their transfer settings read from the environment (~/.netrc)
+    checked too: a bad value fails here, before anything is done."""
+    jobs = _jobs(ns)
+    for job in jobs:
+        job.transfer()
+    return jobs
+
+
 def _jobs(ns: argparse.Namespace) -> list[MirrorJob]:
     if ns.config is None:
         if ns.job or ns.check:
@@ -541,9 +550,7 @@ def main(argv: Sequence[str] | None = None, console: Console | None = None) -> i
         _check_cwd()
         if ns.verify_only is not None:
             return _verify_only(ns.verify_only, console)
-        jobs = _jobs(ns)
-        for job in jobs:
-            job.transfer()  # what it reads from the environment (~/.netrc) fails now, not later
+        jobs = _checked_jobs(ns)
     except FetchError as exc:
         _print_error(err, exc)
         return exc.exit_code
@@ -639,7 +646,7 @@ def refused(argv: Sequence[str], console: Console) -> int | None:
     """The exit code ``main(argv)`` would end with on options it refuses before doing
     anything (the error printed as it prints it), or None when it takes them."""
     try:
-        _jobs(build_parser().parse_args(list(argv)))
+        _checked_jobs(build_parser().parse_args(list(argv)))
     except FetchError as exc:
         _print_error(_err_console(console), exc)
         return exc.exit_code

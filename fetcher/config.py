@@ -8,6 +8,7 @@ wherever it came from and always names its key::
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -135,7 +136,13 @@ class MirrorJob:
         )
 
 
-_LOOPBACK = ("localhost", "127.", "::1", "[::1]")
+def _loopback(host: str) -> bool:
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def proxy_for(url: str, explicit: str | None = None) -> str | None:
@@ -145,18 +152,15 @@ def proxy_for(url: str, explicit: str | None = None) -> str | None:
     no proxy could reach (as Go's ProxyFromEnvironment decides)."""
     if explicit is not None:
         return None if explicit == "direct" else explicit
-    import urllib.request as ur
-
-    getproxies_environment = ur.getproxies_environment
-    proxy_bypass_environment = ur.proxy_bypass_environment  # type: ignore[attr-defined]
+    import urllib.request
 
     parts = urlsplit(url)
-    host = parts.hostname or ""
-    if host == "localhost" or host.startswith(_LOOPBACK) or host.endswith(".localhost"):
+    if _loopback(parts.hostname or ""):
         return None
-    env = getproxies_environment()
+    env = urllib.request.getproxies_environment()
     proxy = env.get(parts.scheme) or env.get("all")
-    if not proxy or proxy_bypass_environment(parts.netloc.rpartition("@")[2], env):
+    bypass = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]
+    if not proxy or bypass(parts.netloc.rpartition("@")[2], env):
         return None
     return proxy if "://" in proxy else f"http://{proxy}"
 
@@ -335,9 +339,10 @@ def _headers(v: Any) -> tuple[tuple[str, str], ...]:
     if isinstance(v, dict):
         items = list(v.items())
     else:
-        items = [h.partition(":")[::2] for h in _strs(v)]
-        if not all(":" in h for h in _strs(v)):
+        lines = _strs(v)
+        if not all(":" in h for h in lines):
             raise ValueError(f"expected 'Name: value' headers, got {_show(v)}")
+        items = [h.partition(":")[::2] for h in lines]
     out = []
     for name, value in items:
         name = str(name).strip()
@@ -347,23 +352,24 @@ def _headers(v: Any) -> tuple[tuple[str, str], ...]:
         if name.lower() in _OWN_HEADERS:
             hint = " (use --user-agent)" if name.lower() == "user-agent" else ""
             raise ValueError(f"{name} is set by fetch itself{hint}")
-        if any(c in value for c in "\r\n\0") or not _latin1(value):
+        if not _one_line(value):
             raise ValueError(f"the value of {name} must be one line of Latin-1 text")
         out.append((name, value))
     return tuple(out)
 
 
-def _latin1(s: str) -> bool:
+def _one_line(s: str) -> bool:
+    """Fit for a header value: Latin-1, no line breaks or NUL (no header injection)."""
     try:
         s.encode("latin-1")
     except UnicodeEncodeError:
         return False
-    return True
+    return not any(c in s for c in "\r\n\0")
 
 
 def _user_agent(v: Any) -> str:
     s = _str(v)
-    if any(c in s for c in "\r\n\0") or not _latin1(s):
+    if not _one_line(s):
         raise ValueError("expected one line of Latin-1 text")
     return s
 

@@ -375,11 +375,8 @@ def _attempt_into(ctx: _Ctx, job: Job, where: _Where, look: bool, out: _Out) -> 
             offset = size
             headers["Range"] = f"bytes={offset}-"
             headers["If-Range"] = validator
-    if offset == 0 and job.action in (Action.CHECK, Action.CHANGED) and os.path.exists(final):
-        if job.etag:
-            headers["If-None-Match"] = job.etag
-        if job.last_modified:
-            headers["If-Modified-Since"] = job.last_modified
+    if offset == 0:
+        _add_conditions(headers, job, final)
 
     resp, answered_by = _send(ctx, f.url, headers)
     redirected = answered_by != f.url
@@ -387,15 +384,7 @@ def _attempt_into(ctx: _Ctx, job: Job, where: _Where, look: bool, out: _Out) -> 
     try:
         status = resp.status_code
         if status == 304:
-            return Outcome(
-                f.path,
-                f.url,
-                Status.UNCHANGED,
-                size=os.stat(final).st_size,
-                etag=job.etag,
-                last_modified=job.last_modified,
-                stamp=f.stamp,
-            )
+            return _unchanged(job, final)
         if status == 416 and offset:
             # Our partial is not a prefix of what the server has now: start over.
             _discard(where)
@@ -492,6 +481,30 @@ def _attempt_into(ctx: _Ctx, job: Job, where: _Where, look: bool, out: _Out) -> 
         etag=etag,
         last_modified=last_mod,
         sha256=sha256,
+        stamp=f.stamp,
+    )
+
+
+def _add_conditions(headers: dict[str, str], job: Job, final: str) -> None:
+    """The plan's validators as conditions (a 304 then says the file has not changed), for
+    a file the plan would check or found changed that is still there."""
+    if job.action in (Action.CHECK, Action.CHANGED) and os.path.exists(final):
+        if job.etag:
+            headers["If-None-Match"] = job.etag
+        if job.last_modified:
+            headers["If-Modified-Since"] = job.last_modified
+
+
+def _unchanged(job: Job, final: str) -> Outcome:
+    """The outcome of a 304: the local file stands."""
+    f = job.file
+    return Outcome(
+        f.path,
+        f.url,
+        Status.UNCHANGED,
+        size=os.stat(final).st_size,
+        etag=job.etag,
+        last_modified=job.last_modified,
         stamp=f.stamp,
     )
 
@@ -767,24 +780,11 @@ def _attempt_segmented(ctx: _Ctx, job: Job, where: _Where) -> Outcome:
         ranges = [(a, min(a + step, size) - 1) for a in range(0, size, step)]
         left = ranges
         headers = {**ctx.headers, "Range": f"bytes=0-{ranges[0][1]}"}
-        if job.action is Action.CHANGED and os.path.exists(where.final):
-            # the plan's cheap guard, as for a whole update: 304 if not changed after all
-            if job.etag:
-                headers["If-None-Match"] = job.etag
-            if job.last_modified:
-                headers["If-Modified-Since"] = job.last_modified
+        _add_conditions(headers, job, where.final)  # as for a whole update: 304 if not changed
         resp, answered_by = _send(ctx, f.url, headers)
         if resp.status_code == 304:
             resp.close()
-            return Outcome(
-                f.path,
-                f.url,
-                Status.UNCHANGED,
-                size=os.stat(where.final).st_size,
-                etag=job.etag,
-                last_modified=job.last_modified,
-                stamp=f.stamp,
-            )
+            return _unchanged(job, where.final)
         validator = resp.headers.get("etag") or resp.headers.get("last-modified")
         if not _range_answer(resp, ranges[0], size) or not validator:
             resp.close()

@@ -141,20 +141,14 @@ class TokenGate:
 
     def try_acquire(self, reclaim: Callable[[], bool] = lambda: False) -> bool:
         """Take a token if one is free now (after ``reclaim``, once); never waits."""
-        with self._cond:
-            if self._spare:
-                self._spare -= 1
-                return True
-        if self._sem.acquire(False):  # (multiprocessing: block, threading: blocking)
-            return True
-        return bool(reclaim() and self._sem.acquire(timeout=0.05))
+        return self._take(0) or (reclaim() and self._take())
 
-    def _take(self) -> bool:
+    def _take(self, timeout: float = 0.05) -> bool:
         with self._cond:
             if self._spare:
                 self._spare -= 1
                 return True
-        return bool(self._sem.acquire(timeout=0.05))
+        return bool(self._sem.acquire(True, timeout))  # (positional: block/blocking)
 
     def release(self) -> None:
         """Give a token back, a moment later, so the server has seen the close first.
