@@ -1,12 +1,16 @@
 """Runs watched while they go: ``pipeline.mirror`` in a thread against a server that holds
-one listing, and the named semaphores a run leaves in ``/dev/shm``."""
+one listing, a CLI run in a session of its own (for signals to its process group), and the
+named semaphores a run leaves in ``/dev/shm``."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import subprocess
+import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from fetcher.config import MirrorJob
 from fetcher.models import Summary
@@ -47,3 +51,24 @@ def named_semaphores() -> set[str]:
         return {n for n in os.listdir("/dev/shm") if n.startswith("sem.mp-")}
     except OSError:
         return set()
+
+
+@contextlib.contextmanager
+def fetch_session(
+    argv: Sequence[str], *, shell_prefix: str | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``python -m fetcher ARGV`` in a session of its own (stdout and stderr together,
+    piped), through ``sh -c SHELL_PREFIX`` if given; its whole group killed if the test
+    leaves it running."""
+    cmd = [sys.executable, "-m", "fetcher", *argv]
+    if shell_prefix is not None:
+        cmd = ["sh", "-c", f'{shell_prefix} exec "$@"', "sh", *cmd]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

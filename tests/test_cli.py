@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from fetcher import __version__
+from tests.background import fetch_session
 from tests.faultserver import Fault, FaultServer
 
 
@@ -176,23 +177,8 @@ def test_interrupt_exits_130_keeps_partials_and_resumes(
     dest = tmp_path / "d"
     with FaultServer(root=www) as srv:
         srv.script("/big.bin", [Fault.trickle(512 * 1024)])
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "fetcher",
-                "--mirror",
-                srv.url,
-                "--dest",
-                str(dest),
-                "--procs",
-                "1",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
+        argv = ["--mirror", srv.url, "--dest", str(dest), "--procs", "1"]
+        with fetch_session(argv) as proc:
             deadline = time.monotonic() + 30
             partial = dest / ".fetcher" / "partial"
             while time.monotonic() < deadline:
@@ -204,10 +190,6 @@ def test_interrupt_exits_130_keeps_partials_and_resumes(
                 pytest.fail("the download never started")
             os.killpg(proc.pid, sig)  # what a terminal's Ctrl-C does: the whole group
             out, _ = proc.communicate(timeout=60)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
         assert proc.returncode == 130, out.decode(errors="replace")
         assert b"Traceback" not in out
         assert not (dest / "big.bin").exists()
@@ -228,22 +210,14 @@ def test_under_nohup_a_hangup_does_not_stop_the_run(tmp_path: Path) -> None:
     gate = threading.Event()
     with FaultServer(root=www) as srv:
         srv.script("/f5.bin", [Fault.gated(gate)])
-        argv = [sys.executable, "-m", "fetcher", "--mirror", srv.url, "--dest", str(dest),
-                "--procs", "2"]  # fmt: skip
-        proc = subprocess.Popen(
-            ["sh", "-c", 'trap "" HUP; exec "$@"', "sh", *argv],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-        try:
-            assert srv.wait_for(1, path="/f5.bin", timeout=30)
-            os.killpg(proc.pid, signal.SIGHUP)  # the terminal closes, f5 still held
-            gate.set()
+        argv = ["--mirror", srv.url, "--dest", str(dest), "--procs", "2"]
+        with fetch_session(argv, shell_prefix='trap "" HUP;') as proc:
+            try:
+                assert srv.wait_for(1, path="/f5.bin", timeout=30)
+                os.killpg(proc.pid, signal.SIGHUP)  # the terminal closes, f5 still held
+            finally:
+                gate.set()
             out, _ = proc.communicate(timeout=60)
-        finally:
-            gate.set()
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
     assert proc.returncode == 0, out.decode(errors="replace")
     for i in range(6):
         assert (dest / f"f{i}.bin").read_bytes() == bytes([i]) * 4000

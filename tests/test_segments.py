@@ -15,6 +15,7 @@ import pytest
 
 from fetcher.download import SEGMENT_MIN, partial_paths
 from fetcher.models import RelPath
+from tests.background import fetch_session
 from tests.faultserver import Fault, FaultServer
 from tests.servers import serve
 
@@ -207,8 +208,6 @@ def test_ctrl_c_mid_way_then_the_next_run_fetches_only_the_ranges_left(
     tmp_path: Path, payload: bytes, run_fetch
 ) -> None:
     import signal
-    import subprocess
-    import sys
     import time
 
     dest = tmp_path / "d"
@@ -218,12 +217,9 @@ def test_ctrl_c_mid_way_then_the_next_run_fetches_only_the_ranges_left(
         # the first two ranges come at once, the others slowly: stopped between them
         srv.script("/iso/big.img", [Fault.ok(), Fault.ok(), Fault.trickle(256 << 10),
                                     Fault.trickle(256 << 10)])  # fmt: skip
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "fetcher", "--mirror", f"{srv.url}iso/", "--dest", str(dest),
-             "--segments", "2", "--procs", "1"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-        try:
+        argv = ["--mirror", f"{srv.url}iso/", "--dest", str(dest), "--segments", "2",
+                "--procs", "1"]  # fmt: skip
+        with fetch_session(argv) as proc:
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
                 done = json.loads(meta.read_text()).get("done", []) if meta.exists() else []
@@ -234,10 +230,6 @@ def test_ctrl_c_mid_way_then_the_next_run_fetches_only_the_ranges_left(
                 pytest.fail("two ranges never finished")
             os.killpg(proc.pid, signal.SIGINT)
             out, _ = proc.communicate(timeout=60)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
         assert proc.returncode == 130, out.decode(errors="replace")
         assert not (dest / "big.img").exists()
         kept = {f"bytes={a}-{b}" for a, b in json.loads(meta.read_text())["done"]}
