@@ -10,6 +10,7 @@ of normalised directory URLs, a cap on one listing's size, and a loop check
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import heapq
 import itertools
@@ -73,6 +74,8 @@ class _Dir:
     path: str  # "" for the root
     depth: int
     ancestors: tuple[bytes, ...]
+    ahead: Future[_Page] | None = field(default=None, compare=False)
+    """Set on a directory asked for before the crawl reached it (``known``): its listing."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +208,7 @@ def crawl(
     width: Callable[[], int] | None = None,
     ahead: Callable[[Sequence[httpx.Request]], object] | None = None,
     pipelining: Callable[[], bool] | None = None,
+    known: Sequence[str] = (),
 ) -> Iterator[CrawlItem]:
     """Yield every in-scope file and directory below ``t.root``, and every problem met.
 
@@ -227,6 +231,14 @@ def crawl(
     time each). Not with ``--listing-rate`` (each request waits its turn) nor with
     checksum files to read between listings.
 
+    ``known`` are directory URLs a previous run found files in (:meth:`State.directories
+    <fetcher.state.State.directories>`). Their listings are asked for from the start,
+    beside the root's, instead of a level at a time as the crawl reaches them: an
+    unchanged tree five levels deep costs one round trip of listings, not five. A
+    listing asked ahead counts only once the crawl reaches its directory through its
+    parent's listing, so the result is the same as without; one the crawl never reaches
+    (gone upstream, or now excluded) was a wasted request and is not shown.
+
     Example::
 
         with httpx.Client() as client:
@@ -234,8 +246,9 @@ def crawl(
                 print(item)
     """
     scope = Scope.for_start(t.root, t.aliases)
-    if sleep is time.sleep and stop is not None:
-        sleep = stop.wait  # a Retry-After wait must not outlast Ctrl-C
+    over = threading.Event()  # the crawl has ended: listings asked ahead are not wanted
+    if sleep is time.sleep:
+        sleep = functools.partial(_nap, over, stop)  # nor may a wait outlast Ctrl-C
     retrying = build_retrying(t, sleep=sleep)
     gate = _RateGate(opts.listing_rate, stop)
     visited = {normalise_dir_url(scope.root)}
@@ -247,6 +260,8 @@ def crawl(
 
     def fetch(d: _Dir) -> _Page:
         for attempt in retrying.copy():
+            if d.ahead is not None and over.is_set():
+                raise ListingError("the crawl is over")  # asked ahead, never reached: no retry
             with attempt:
                 page = _fetch_page(client, d.url, scope, opts, gate)
         if opts.verify:
@@ -287,7 +302,7 @@ def crawl(
     most = max(1, opts.concurrency)
     turn = itertools.cycle((deep, wide))
 
-    def submit(d: _Dir) -> None:
+    def queue(d: _Dir) -> None:
         nonlocal waiting
         n = next(order)
         heapq.heappush(deep, (-d.depth, n, d))
@@ -309,7 +324,21 @@ def crawl(
                     return d
         return None
 
-    submit(_Dir(scope.root, "", 0, ()))
+    # listings asked ahead (``known``), by normalised URL, until the crawl reaches them
+    asked: dict[str, Future[_Page]] = {}
+
+    def submit(d: _Dir) -> None:
+        fut = asked.pop(normalise_dir_url(d.url), None) if asked else None
+        if fut is not None:
+            running[fut] = d  # asked already: its answer (or failure) is this directory's
+        else:
+            queue(d)
+
+    queue(_Dir(scope.root, "", 0, ()))
+    for early in _ahead(known, scope, opts):
+        assert early.ahead is not None
+        asked[normalise_dir_url(early.url)] = early.ahead
+        queue(early)
     try:
         while True:
             if stop is not None and stop.is_set():
@@ -326,6 +355,9 @@ def crawl(
                 size = min(depth, waiting) if gathered else min(longest, share)
                 train: list[tuple[_Dir, Future[_Page]]] = []
                 while len(train) < size and (d := next_dir()) is not None:
+                    if d.ahead is not None:
+                        train.append((d, d.ahead))  # in running once the crawl reaches it
+                        continue
                     fut: Future[_Page] = Future()
                     running[fut] = d
                     train.append((d, fut))
@@ -356,7 +388,45 @@ def crawl(
                     continue
                 yield from _children(page, d, scope, opts, visited, submit)
     finally:
+        over.set()
+        for fut in asked.values():
+            fut.cancel()  # never reached: a train still to ask for it skips it
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _ahead(known: Sequence[str], scope: Scope, opts: CrawlOptions) -> Iterator[_Dir]:
+    """The directories of ``known`` and their ancestors below the root, each once and
+    shallowest first, within ``--depth`` and the filters, each with a future for its listing."""
+    root = scope.root
+    found: dict[str, tuple[str, RelPath, int]] = {normalise_dir_url(root): (root, RelPath(""), 0)}
+    for url in known:
+        if not url.startswith(root):
+            continue
+        segments = url[len(root) :].split("/")[:-1]
+        for n in range(1, min(len(segments), opts.depth) + 1):
+            sub = root + "/".join(segments[:n]) + "/"
+            key = normalise_dir_url(sub)
+            if key in found:
+                continue
+            try:
+                rel = scope.relative(sub)
+            except UnsafePath:
+                break
+            if rel is None or not wanted(rel, True, opts.include, opts.exclude):
+                break
+            found[key] = (sub, rel, n)
+    for sub, rel, n in sorted(found.values(), key=lambda v: (v[2], v[1]))[1:]:
+        yield _Dir(sub, rel, n, (), Future())
+
+
+def _nap(over: threading.Event, stop: threading.Event | None, seconds: float) -> None:
+    """Sleep ``seconds``, less once the crawl is over or ``stop`` is set."""
+    end = time.monotonic() + seconds
+    while not (over.is_set() or (stop is not None and stop.is_set())):
+        left = end - time.monotonic()
+        if left <= 0:
+            return
+        over.wait(min(left, 0.1))
 
 
 def _start_is_a_file(client: httpx.Client, t: Transfer) -> str:

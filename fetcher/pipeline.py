@@ -13,7 +13,7 @@ import queue
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -272,6 +272,8 @@ def _start_crawl(run: _Run, root: str, prefix: str = "") -> None:
     )
     inbox, stop = run.inbox, run.stop
     assert run.limits is not None
+    # where the last run found files: their listings are asked for at once (see crawl())
+    known = () if prefix or job.index != "html" else run.state.directories()
 
     def put(item: Any) -> None:
         while not stop.is_set():
@@ -321,7 +323,8 @@ def _start_crawl(run: _Run, root: str, prefix: str = "") -> None:
             transport = make_transport(t, run.limits, stop, opts.concurrency, keep, depth)
             with make_client(t, transport=transport) as client:
                 ahead = transport if isinstance(transport, ThreadConnTransport) else None
-                for item in _walk(job, client, t, opts, stop, prefix, flush, width, ahead):
+                walk = _walk(job, client, t, opts, stop, prefix, flush, width, ahead, known)
+                for item in walk:
                     if prefix and isinstance(item, RemoteFile | RemoteDir):
                         item = replace(item, path=RelPath(f"{prefix}/{item.path}"))
                     batch.append(item)
@@ -355,6 +358,7 @@ def _walk(
     on_wait: Callable[[], object],
     width: Callable[[], int],
     ahead: ThreadConnTransport | None,
+    known: Sequence[str],
 ) -> Iterator[CrawlItem]:
     """The file list: from the HTML listings, or from repository metadata (``--index``)."""
     if job.index != "html" and not prefix:
@@ -364,7 +368,7 @@ def _walk(
     expect, pipelining = (ahead.expect, lambda: ahead.pipelining) if ahead else (None, None)
     return crawl(
         client, t, opts, stop=stop, on_wait=on_wait, width=width, ahead=expect,
-        pipelining=pipelining,
+        pipelining=pipelining, known=known,
     )  # fmt: skip
 
 

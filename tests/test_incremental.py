@@ -22,7 +22,7 @@ import pytest
 from fetcher.download import partial_paths
 from fetcher.models import RelPath
 from fetcher.state import SCHEMA_VERSION
-from tests.faultserver import Fault, FaultServer
+from tests.faultserver import Fault, FaultServer, nginx_listing
 from tests.faultserver import serving as _serving
 from tests.servers import serve
 from tests.trees import make_simple_tree, tree_manifest
@@ -499,6 +499,117 @@ def test_partly_adopted_tree_plans_each_directory_from_what_is_on_disk(
         fetched = sorted(p.lstrip("/") for p in _file_requests(srv))
     assert fetched == sorted(missing)
     _assert_same(dest, src)
+
+
+# --- 9b. a re-run asks for the listings it knows at once ---------------------------------
+
+
+def _deep_source(root: Path) -> None:
+    """a/b/c/d/leaf.txt four levels down, a file beside each level, and e/gone/x.txt."""
+    for rel in ("a/b/c/d/leaf.txt", "a/top.txt", "a/b/mid.txt", "a/b/c/low.txt", "e/gone/x.txt"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(rel.encode() * 40)
+    for p in root.rglob("*"):
+        os.utime(p, (OLD, OLD))
+
+
+def test_rerun_asks_known_listings_before_the_root_answers(
+    tmp_path: Path, run_fetch: RunFetch
+) -> None:
+    """The root's answer is held back until the deepest known listing has been asked for:
+    a crawl that walks level by level could not ask for it first (it waits 5 s, then fails)."""
+    import threading
+
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    _deep_source(src)
+    with _serving(src) as srv:
+        args = ("--mirror", srv.url, "--dest", dest, "--procs", "1")
+        assert run_fetch(*args).code == 0
+        srv.reset_stats()
+        release = threading.Event()
+        srv.script("/", [Fault.gated(release)])
+        deep_first: list[bool] = []
+
+        def watch() -> None:
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and not srv.count(path="/a/b/c/d/"):
+                release.wait(0.01)
+            deep_first.append(bool(srv.count(path="/a/b/c/d/")))
+            release.set()
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            r = run_fetch(*args)
+        finally:
+            release.set()
+            watcher.join(10)
+        assert r.code == 0, r
+        assert deep_first == [True], "the deep listing waited for the root's"
+        assert _file_requests(srv) == []
+        listings = sorted(q.path for q in srv.requests)
+        assert listings == ["/", "/a/", "/a/b/", "/a/b/c/", "/a/b/c/d/", "/e/", "/e/gone/"]
+        _assert_same(dest, src)
+
+
+@pytest.mark.parametrize("how", ["removed", "unlinked", "failing"])
+def test_a_known_directory_gone_upstream_is_no_listing_error(
+    tmp_path: Path, run_fetch: RunFetch, how: str
+) -> None:
+    """A directory of the last run that is gone (404) or no longer in its parent's listing
+    (still served) is asked for once, then ignored: the crawl is clean, --delete removes
+    its files, and the listing of a directory still linked is what counts. One that fails
+    is not retried once the crawl is over (nor waited for: the Retry-After is 30 s)."""
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    _deep_source(src)
+    with _serving(src) as srv:
+        args = ("--mirror", srv.url, "--dest", dest, "--procs", "1", "--delete", "--force")
+        assert run_fetch(*args).code == 0
+        assert (dest / "e/gone/x.txt").is_file()
+        if how == "removed":
+            shutil.rmtree(src / "e/gone")
+        else:
+            srv.add_listing("/e/", nginx_listing("/e/", []))  # /e/gone/ is still served
+        if how == "failing":  # and fails: not retried once the crawl is over
+            srv.persist("/e/gone/", Fault.status(503, retry_after="30"))
+        srv.reset_stats()
+        started = time.monotonic()
+        r = run_fetch(*args)
+        assert r.code == 0, r
+        assert time.monotonic() - started < 15, "waited out the Retry-After of a listing not needed"
+        assert "listing" not in r.output.lower(), r.output
+        assert not (dest / "e/gone").exists()
+        assert srv.count(path="/e/gone/") == 1
+        assert (dest / "a/b/c/d/leaf.txt").is_file()
+
+
+def test_known_directories_below_the_start_within_depth_and_filters() -> None:
+    from fetcher.crawl import CrawlOptions, _ahead
+    from fetcher.models import Scope
+
+    scope = Scope.for_start("http://h:8/pub/")
+    known = [
+        "http://h:8/pub/a/b/c/",
+        "http://h:8/pub/a/b/",  # again, as an ancestor
+        "http://h:8/pub/x%20y/",
+        "http://h:8/other/z/",  # above the start
+        "http://elsewhere/pub/q/",  # another server
+        "http://h:8/pub/skip/deep/",
+        "http://h:8/pub/a/../../etc/",  # not a path below the start
+    ]
+    got = [(d.url, d.path, d.depth) for d in _ahead(known, scope, CrawlOptions(depth=2))]
+    assert got == [
+        ("http://h:8/pub/a/", "a", 1),
+        ("http://h:8/pub/skip/", "skip", 1),
+        ("http://h:8/pub/x%20y/", "x y", 1),
+        ("http://h:8/pub/a/b/", "a/b", 2),
+        ("http://h:8/pub/skip/deep/", "skip/deep", 2),
+    ]
+    excluded = _ahead(known, scope, CrawlOptions(exclude=("skip",)))
+    assert [d.path for d in excluded] == ["a", "x y", "a/b", "a/b/c"]
+    assert all(
+        d.ahead is not None and not d.ahead.done() for d in _ahead(known, scope, CrawlOptions())
+    )
 
 
 # --- 10. scale ----------------------------------------------------------------------------
