@@ -732,11 +732,23 @@ def test_a_directorys_rows_come_in_one_query(
         monkeypatch.setattr("fetcher.state.ROWS_AT_ONCE", 1)
         assert st.rows_in("a/b") is None  # more than it holds at once: asked one by one
         assert st.rows_in("b") == {"b/x": st.get("b/x")}
+        monkeypatch.setattr("fetcher.state.ROWS_AT_ONCE", len(paths))
+        every = st.every_row()  # the whole state at once, while it is small
+        assert every is not None and sorted(every) == sorted(paths)
+        assert every["a/b/x"] == st.get("a/b/x")
+        monkeypatch.setattr("fetcher.state.ROWS_AT_ONCE", len(paths) - 1)
+        assert st.every_row() is None
+        assert st.directories() == [  # where files were: asked for at once by the next crawl
+            "http://mirror.test/a/", "http://mirror.test/a/a/",
+            "http://mirror.test/a/b/", "http://mirror.test/a/b/sub/", "http://mirror.test/a/bc/",
+            "http://mirror.test/b/",
+        ]  # fmt: skip
     finally:
         st.close()
     dry = State.open(tmp_path / "d", readonly=True)
     try:
         assert dry.rows_in("a/b") is None  # a dry run's sightings live elsewhere: get() answers
+        assert dry.every_row() is None
     finally:
         dry.close()
 
