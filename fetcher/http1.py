@@ -113,6 +113,7 @@ class ThreadConnTransport(httpx.BaseTransport):
         gate: TokenGate | None = None,
         keepalive: bool = True,
         pipeline: int = 1,
+        trusted: bool = False,
     ) -> None:
         self._ssl_factory = ssl_context  # built on the first https connection (loading CAs costs)
         self._ssl: ssl.SSLContext | None = None
@@ -122,6 +123,11 @@ class ThreadConnTransport(httpx.BaseTransport):
         # left fit): each write is a system call here and a wake-up of the server.
         self._batch = max(1, self._depth // 4)
         self._lost = 0  # pipelined requests a server dropped; two, and pipelining stops
+        # The server answered requests sent ahead last time (``trusted``): a new connection
+        # pipelines from its first request instead of after its first answer, which saves
+        # a round trip. The first connection that goes with requests due ends the trust.
+        self._trusted = trusted
+        self._answered_ahead = 0
         self._connect_timeout = timeout.connect
         self.read_timeout = timeout.read
         self._gate = gate
@@ -167,6 +173,7 @@ class ThreadConnTransport(httpx.BaseTransport):
             raise
         conn = Conn(key, sock, release)
         conn.busy = True
+        conn.proven = self._trusted
         with self._lock:
             self._conns.add(conn)
         return conn
@@ -193,6 +200,8 @@ class ThreadConnTransport(httpx.BaseTransport):
         if keep and self._keepalive and not self._closed:
             conn.used = conn.proven = True
         else:
+            if conn.queued:
+                self._trusted = False  # it closes with requests sent ahead unanswered
             self._drop(conn)
 
     def close_one_idle(self) -> bool:
@@ -234,6 +243,12 @@ class ThreadConnTransport(httpx.BaseTransport):
             c.close()
 
     # -- pipelining -----------------------------------------------------------
+    @property
+    def pipelined(self) -> bool:
+        """Requests sent ahead were answered, and none was dropped: the next run's
+        transport to this server may be ``trusted``."""
+        return self._answered_ahead > 0 and self._lost == 0
+
     @property
     def pipelining(self) -> bool:
         """Requests may go ahead: asked for, and the server has not dropped any twice."""
@@ -303,8 +318,12 @@ class ThreadConnTransport(httpx.BaseTransport):
                 conn = self._connect(key)
                 self._local.conn = conn
             try:
-                return self._exchange(request, conn, head, sent)
+                response = self._exchange(request, conn, head, sent)
+                if sent:
+                    self._answered_ahead += 1
+                return response
             except Stale:
+                self._trusted = False
                 self._drop(conn)
                 conn = None
                 # Once more on a new connection: only an idempotent request, and only if
@@ -317,6 +336,7 @@ class ThreadConnTransport(httpx.BaseTransport):
                     self._lost += 1  # the server dropped a pipelined request
                     sent = False
             except BaseException as exc:
+                self._trusted = False
                 if sent and isinstance(exc, httpx.ReadTimeout):
                     self._lost += 1  # a server that takes pipelined requests and never answers
                 self._drop(conn)

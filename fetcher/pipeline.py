@@ -80,6 +80,7 @@ class _Run:
     held: list[Job] = field(default_factory=list)
     batch: list[Job] = field(default_factory=list)
     crawl_complete: bool = False
+    pipelined: bool | None = None  # the crawl's requests sent ahead were answered (state)
     crawlers: int = 0
     # batches of at most _BATCH crawl items, and _CRAWL_DONE once per crawl
     inbox: queue.Queue[Any] = field(default_factory=lambda: queue.Queue(maxsize=10_000 // _BATCH))
@@ -234,7 +235,7 @@ def _run_with_state(
                     new_dirs=run.disk.fresh,
                 )  # fmt: skip
             summary.finished = time.time()
-            state.end_run(run.run_id, _crawl_clean(run), summary.exit_code)
+            state.end_run(run.run_id, _crawl_clean(run), summary.exit_code, run.pipelined)
         except FatalIOError as exc:
             # e.g. the disk filled up under the state database: still report the run
             summary.fatal = summary.fatal or exc.message
@@ -286,6 +287,8 @@ def _start_crawl(run: _Run, root: str, prefix: str = "") -> None:
     assert run.limits is not None
     # where the last run found files: their listings are asked for at once (see crawl())
     known = () if prefix or job.index != "html" else run.state.directories()
+    # pipelined from the first request when the last run's were answered
+    trusted = not prefix and run.state.pipelined(job.url)
 
     def put(item: Any) -> None:
         while not stop.is_set():
@@ -332,7 +335,9 @@ def _start_crawl(run: _Run, root: str, prefix: str = "") -> None:
             # listings in trains on a connection (pipelined), as small files are, as deep
             # as the crawl makes them
             depth = pipelined_lanes(opts.concurrency, t.pipeline)[1]
-            transport = make_transport(t, run.limits, stop, opts.concurrency, keep, depth)
+            transport = make_transport(
+                t, run.limits, stop, opts.concurrency, keep, depth, trusted=trusted
+            )
             with make_client(t, transport=transport) as client:
                 ahead = transport if isinstance(transport, ThreadConnTransport) else None
                 walk = _walk(job, client, t, opts, stop, prefix, flush, width, ahead, known)
@@ -342,6 +347,8 @@ def _start_crawl(run: _Run, root: str, prefix: str = "") -> None:
                     batch.append(item)
                     if len(batch) >= _BATCH:
                         flush()
+            if isinstance(transport, ThreadConnTransport) and not prefix and depth > 1:
+                run.pipelined = transport.pipelined
         except FetchError as exc:
             batch.append(CrawlProblem(root, str(exc), "listing"))
         except Exception as exc:  # noqa: BLE001 - the crawl thread must never die silently:

@@ -24,7 +24,7 @@ from fetcher.models import STATE_DIR, Outcome, RemoteFile, Status
 
 __all__ = ["Row", "RunLock", "State"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _MIGRATIONS: dict[int, str] = {
     1: """
@@ -55,6 +55,9 @@ _MIGRATIONS: dict[int, str] = {
     # path), and every row a run sees moved in it: 5,000 rows' last_seen cost 8 ms
     # to update without it and 10-14 ms with it.
     2: "DROP INDEX IF EXISTS files_last_seen;",
+    # Whether the run's crawl had requests sent ahead answered (and none dropped): the
+    # next run then pipelines from its first request (ThreadConnTransport ``trusted``).
+    3: "ALTER TABLE runs ADD COLUMN pipelined INTEGER;",
 }
 
 
@@ -256,13 +259,29 @@ class State:
         cur = self._db.execute("INSERT INTO runs (url, started) VALUES (?, ?)", (url, time.time()))
         return int(cur.lastrowid or 0)
 
-    def end_run(self, run_id: int, complete: bool, exit_code: int) -> None:
+    def end_run(
+        self, run_id: int, complete: bool, exit_code: int, pipelined: bool | None = None
+    ) -> None:
         self.flush()
         if not self.readonly:
             self._db.execute(
-                "UPDATE runs SET finished = ?, complete = ?, exit_code = ? WHERE id = ?",
-                (time.time(), int(complete), exit_code, run_id),
+                "UPDATE runs SET finished = ?, complete = ?, exit_code = ?, pipelined = ?"
+                " WHERE id = ?",
+                (time.time(), int(complete), exit_code, pipelined, run_id),
             )
+
+    def pipelined(self, url: str) -> bool:
+        """The last run of ``url`` that found out had its requests sent ahead answered,
+        and none dropped."""
+        try:
+            row = self._db.execute(
+                "SELECT pipelined FROM runs WHERE url = ? AND pipelined IS NOT NULL"
+                " ORDER BY id DESC LIMIT 1",
+                (url,),
+            ).fetchone()
+        except sqlite3.OperationalError:  # a dry run on a schema-2 file (not brought forward)
+            return False
+        return bool(row and row[0])
 
     # -- files ------------------------------------------------------------
     def get(self, path: str) -> Row | None:

@@ -45,6 +45,7 @@ def make_transport(
     pool_size: int | None = None,
     keepalive: bool = True,
     pipeline: int | None = None,
+    trusted: bool = False,
 ) -> httpx.BaseTransport:
     """The transport for one process's threads, its connections capped by ``limits``.
 
@@ -52,7 +53,8 @@ def make_transport(
     per thread, no shared pool); ``--http2`` needs httpcore's multiplexing pool.
     ``keepalive=False`` closes each connection after its response, so a thread
     that pauses between requests does not sit on a token of the cap. ``pipeline``:
-    requests in flight on one connection, when not ``t.pipeline``.
+    requests in flight on one connection, when not ``t.pipeline``. ``trusted``: the
+    server answered pipelined requests last time (see :class:`ThreadConnTransport`).
     """
     if t.http2 or t.proxy:
         # httpcore's pool: HTTP/2 multiplexing, or a proxy (absolute-form requests, CONNECT
@@ -66,6 +68,7 @@ def make_transport(
         gate=TokenGate(limits.connections, stop) if limits is not None else None,
         keepalive=keepalive,
         pipeline=t.pipeline if pipeline is None else pipeline,
+        trusted=trusted,
     )
 
 

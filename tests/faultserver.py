@@ -527,6 +527,8 @@ class FaultServer:
         self._active_requests = 0
         self.max_concurrent_connections = 0
         self.max_concurrent_requests = 0
+        self.keep_alive = True
+        """False: every response closes its connection (``Connection: close``)."""
         self.errors: list[str] = []
         """Tracebacks of unexpected exceptions in handlers (client disconnects excluded)."""
         self._server: _Server | None = None
@@ -983,6 +985,8 @@ class _Handler(BaseHTTPRequestHandler):
             time.monotonic(),
         )
         self._skip_request_body()
+        if not owner.keep_alive:
+            self.close_connection = True
         with owner._lock:
             owner._requests.append(rec)
             owner._active_requests += 1

@@ -413,8 +413,9 @@ def test_a_schema_1_state_file_is_brought_forward_and_its_rows_kept(
     srv, src, dest, _ = mirrored
     db = dest / ".fetcher" / "state.sqlite"
     con = sqlite3.connect(db)
-    try:  # as schema 1 left it: the same table, with an index on last_seen
+    try:  # as schema 1 left it: the same tables, with an index on last_seen, no runs.pipelined
         con.execute("CREATE INDEX files_last_seen ON files(last_seen)")
+        con.execute("ALTER TABLE runs DROP COLUMN pipelined")
         con.execute("PRAGMA user_version = 1")
         con.commit()
     finally:
@@ -428,7 +429,12 @@ def test_a_schema_1_state_file_is_brought_forward_and_its_rows_kept(
     assert r.code == 0, r
     assert _file_requests(srv) == [], "the rows of schema 1 were not used"
     version, indexes = _indexes(db)
-    assert version == SCHEMA_VERSION == 2 and "files_last_seen" not in indexes, indexes
+    assert version == SCHEMA_VERSION == 3 and "files_last_seen" not in indexes, indexes
+    con = sqlite3.connect(db)
+    try:  # schema 3: whether the run's pipelined requests were answered
+        assert con.execute("SELECT pipelined FROM runs ORDER BY id DESC").fetchone() == (1,)
+    finally:
+        con.close()
     _assert_same(dest, src)
 
 
@@ -550,6 +556,67 @@ def test_rerun_asks_known_listings_before_the_root_answers(
         listings = sorted(q.path for q in srv.requests)
         assert listings == ["/", "/a/", "/a/b/", "/a/b/c/", "/a/b/c/d/", "/e/", "/e/gone/"]
         _assert_same(dest, src)
+
+
+def _first_writes(monkeypatch: pytest.MonkeyPatch) -> dict[int, int]:
+    """Requests in the first write of each client connection (by socket), from now on."""
+    import socket
+
+    firsts: dict[int, int] = {}
+    real = socket.socket.sendall
+
+    def sendall(self: socket.socket, data: Any, *args: Any) -> Any:
+        head = bytes(data[:4])
+        if head == b"GET " and id(self) not in firsts:
+            firsts[id(self)] = bytes(data).count(b" HTTP/1.1\r\n")
+        return real(self, data, *args)
+
+    monkeypatch.setattr(socket.socket, "sendall", sendall)
+    return firsts
+
+
+def _last_run_pipelined(dest: Path) -> int | None:
+    con = sqlite3.connect(dest / ".fetcher" / "state.sqlite")
+    try:
+        row = con.execute("SELECT pipelined FROM runs ORDER BY id DESC LIMIT 1").fetchone()
+        return None if row is None else row[0]
+    finally:
+        con.close()
+
+
+def test_a_rerun_pipelines_from_its_first_request_while_the_server_keeps_up(
+    tmp_path: Path, run_fetch: RunFetch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a run whose requests sent ahead were all answered, the next one sends its
+    listings ahead on a new connection at once (not after its first answer: a round trip
+    less). A server that then closes each connection ends that: the run still completes,
+    the state says so, and the run after it waits for proof again."""
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    _deep_source(src)
+    with _serving(src) as srv:
+        args = ("--mirror", srv.url, "--dest", dest, "--procs", "1")
+        firsts = _first_writes(monkeypatch)
+        assert run_fetch(*args).code == 0
+        assert firsts and max(firsts.values()) == 1, firsts  # a first run proves each connection
+        assert _last_run_pipelined(dest) == 1
+
+        firsts.clear()
+        assert run_fetch(*args).code == 0
+        assert max(firsts.values()) > 1, firsts  # listings sent ahead on the first write
+
+        srv.keep_alive = False
+        firsts.clear()
+        srv.reset_stats()
+        r = run_fetch(*args)
+        assert r.code == 0, r
+        assert _file_requests(srv) == []
+        assert _last_run_pipelined(dest) == 0
+        # only a connection opened before the first one closed sent requests ahead
+        assert sum(n > 1 for n in firsts.values()) <= 2, firsts
+        firsts.clear()
+        assert run_fetch(*args).code == 0
+        assert max(firsts.values()) == 1, firsts
+    _assert_same(dest, src)
 
 
 @pytest.mark.parametrize("how", ["removed", "unlinked", "failing"])
