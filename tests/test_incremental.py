@@ -430,11 +430,7 @@ def test_a_schema_1_state_file_is_brought_forward_and_its_rows_kept(
     assert _file_requests(srv) == [], "the rows of schema 1 were not used"
     version, indexes = _indexes(db)
     assert version == SCHEMA_VERSION == 3 and "files_last_seen" not in indexes, indexes
-    con = sqlite3.connect(db)
-    try:  # schema 3: whether the run's pipelined requests were answered
-        assert con.execute("SELECT pipelined FROM runs ORDER BY id DESC").fetchone() == (1,)
-    finally:
-        con.close()
+    assert _last_run_pipelined(dest) == 1  # schema 3: the run's pipelined requests answered
     _assert_same(dest, src)
 
 
