@@ -13,6 +13,11 @@ page that is not clean UTF-8 is read one character per byte (Latin-1) and
 only display names are decoded with the page's charset.  lxml is used
 directly: BeautifulSoup took ~1 s just to build the tree of a 50,000-entry
 page, lxml ~0.1 s.
+
+A page exactly as nginx's autoindex prints it (the commonest mirror listing) is
+read line by line without building a tree, ~4x faster; anything the fast reader
+does not recognise in full (another server, a hand-edited page, an odd name)
+goes to the general reader, which gives the same entries for it.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from urllib.parse import quote, unquote_to_bytes, urljoin, urlsplit
 
 import lxml.etree as etree  # type: ignore[import-untyped,unused-ignore]
 
-from fetcher.listing_formats import DateFinder, Row, read_row
+from fetcher.listing_formats import DateFinder, FoundDate, Row, read_row, size_token
 from fetcher.models import ListingEntry
 
 __all__ = ["parse_listing"]
@@ -60,6 +65,15 @@ size=1234, size_exact=True, date='25-Nov-2026 14:02', mtime=1795615320.0)]
     page = _Page.of(page_url)
     if page is None:
         return []
+    if body.startswith(_NGINX_START):
+        fast = _nginx_page(body, page, page_url)
+        if fast is not None:
+            return fast
+    return _read_tree(body, page, page_url)
+
+
+def _read_tree(body: bytes, page: _Page, page_url: str) -> list[ListingEntry]:
+    """The general reader: the page as an HTML tree, each link read with its row."""
     text, charset = _decode(body)
     root = _parse_html(text, raw=charset is not None)
     if root is None:
@@ -79,6 +93,65 @@ size=1234, size_exact=True, date='25-Nov-2026 14:02', mtime=1795615320.0)]
             found[item.url].merge(item)
         else:
             found[item.url] = item
+    return [item.entry() for item in found.values()]
+
+
+# nginx's autoindex, as ngx_http_autoindex_module prints it (HTML, exact or rounded
+# sizes, UTC or local dates): a head, one line per entry, a tail, nothing else.
+_NGINX_START = b"<html>\r\n<head><title>Index of "
+_NGINX_HEAD = re.compile(
+    r"<html>\r\n<head><title>Index of [^<>\r\n]*</title></head>\r\n<body>\r\n"
+    r"<h1>Index of [^<>\r\n]*</h1><hr><pre><a href=\"\.\./\">\.\./</a>\r\n"
+)
+_NGINX_TAIL = "</pre><hr></body>\r\n</html>\r\n"
+# href: printable ASCII but '"&<> (as nginx escapes it, so already clean for _resolve);
+# label: text with nginx's four entities. (Possessive: 3x faster, nothing to backtrack.)
+_NGINX_LINE = re.compile(
+    r'<a href="([!#-%\'-;=?-~]+)">((?:[^\x00-\x1f\x7f<>&"]++|&(?:amp|lt|gt|quot);)*+)</a>'
+    r" ++(\d\d-[A-Z][a-z][a-z]-\d{4} \d\d:\d\d) ++(-|\d{1,18}[KMGTP]?)"
+)
+_NGINX_ENTITIES = {"&amp;": "&", "&lt;": "<", "&gt;": ">", "&quot;": '"'}
+_ENTITY = re.compile(r"&(?:amp|lt|gt|quot);")
+
+
+def _nginx_page(body: bytes, page: _Page, page_url: str) -> list[ListingEntry] | None:
+    """The entries of an nginx autoindex page, or None if this is not exactly one."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    head = _NGINX_HEAD.match(text)
+    if head is None or not text.endswith(_NGINX_TAIL):
+        return None
+    lines = text[head.end() : len(text) - len(_NGINX_TAIL)].split("\r\n")
+    if lines.pop() != "":
+        return None  # (the last entry line ends with CRLF too)
+    reader = _Reader(page, None, page_url)
+    dates: dict[str, FoundDate | None] = {}
+    found: dict[str, _Found] = {}
+    line = _NGINX_LINE.fullmatch
+    for raw in lines:
+        m = line(raw)
+        if m is None:
+            return None
+        href, label, stamp, size = m.groups()
+        url = reader.resolve(href)
+        if url is None:
+            continue
+        if "&" in label:
+            label = _ENTITY.sub(lambda e: _NGINX_ENTITIES[e.group()], label)
+        if stamp in dates:
+            date = dates[stamp]
+        else:
+            date = dates[stamp] = reader.dates.find(stamp, anchored=True)
+        if date is None:
+            return None
+        number, exact, dash = (int(size), True, False) if size.isdigit() else size_token(size)
+        item = reader.item(url, label, Row(number, exact, date.text, date.mtime, dash=dash))
+        if url in found:
+            found[url].merge(item)
+        else:
+            found[url] = item
     return [item.entry() for item in found.values()]
 
 
@@ -259,7 +332,10 @@ class _Reader:
         self.fast_prefix = here if self.base == here else None
 
     def _join(self, href: str) -> str | None:
-        href = self._clean(href)
+        return self.resolve(self._clean(href))
+
+    def resolve(self, href: str) -> str | None:
+        """The URL of a cleaned href (see ``_clean``) below the page, else None."""
         if not href or href[0] == "#" or "?" in href or "\\" in href:
             return None
         if (
@@ -308,7 +384,11 @@ class _Reader:
                 self.row, self.row_url = tr, url
             elif url != self.row_url:
                 row = Row()
-        text = self._text("".join(a.itertext()))
+        return self.item(url, "".join(a.itertext()), row)
+
+    def item(self, url: str, label: str, row: Row) -> _Found:
+        """The entry of a link to ``url`` whose text is ``label``, in a row that says ``row``."""
+        text = self._text(label)
         named = bool(text) and not text.endswith(_TRUNCATED)
         if named:
             name = text[:-1] if text.endswith("/") and len(text) > 1 else text

@@ -38,6 +38,7 @@ __all__ = [
     "parse_iso_date",
     "parse_size",
     "read_row",
+    "size_token",
 ]
 
 _POWERS = {"k": 1, "m": 2, "g": 3, "t": 4, "p": 5, "e": 6}
@@ -64,6 +65,19 @@ def parse_size(text: str) -> tuple[int, bool] | None:
     """
     m = _SIZE_FULL.fullmatch(" ".join(text.split()))
     return _size(m) if m else None
+
+
+def size_token(token: str) -> tuple[int | None, bool, bool]:
+    """``(bytes, exact, dash)`` of a size column's one token, as a line's row reads it.
+
+    >>> size_token("27702"), size_token("12K"), size_token("-")
+    ((27702, True, False), (12288, False, False), (None, False, True))
+    """
+    if token.isdigit() and token.isascii() and len(token) <= 20:
+        return int(token), True, False
+    m = _SIZE_LEAD.match(token)
+    number, exact = (_size(m) if m else None) or (None, False)
+    return number, exact, token.lower() in _DASHES
 
 
 _MONTH_NAMES = (

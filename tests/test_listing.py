@@ -6,8 +6,9 @@ import calendar
 import doctest
 import json
 from dataclasses import asdict
+from datetime import datetime
 from pathlib import Path
-from urllib.parse import urljoin
+from urllib.parse import quote, urljoin
 
 import pytest
 from hypothesis import given, settings
@@ -356,3 +357,229 @@ def test_a_50000_entry_page() -> None:
     entries = parse_listing(body, PAGE)
     assert len(entries) == 50_000
     assert entries[-1].size == 49_999_000 and entries[-1].size_exact
+
+
+# -- the nginx fast reader: the same entries as the general reader, or it declines ------
+
+
+def _general(body: bytes, page_url: str) -> list[ListingEntry]:
+    page = fetcher.listing._Page.of(page_url)
+    assert page is not None
+    return fetcher.listing._read_tree(body, page, page_url)
+
+
+def _fast(body: bytes, page_url: str) -> list[ListingEntry] | None:
+    page = fetcher.listing._Page.of(page_url)
+    assert page is not None
+    return fetcher.listing._nginx_page(body, page, page_url)
+
+
+@pytest.mark.parametrize("fixture", CORPUS, ids=[p.stem for p in CORPUS])
+def test_nginx_fast_reader_takes_nginx_pages_only(fixture: Path) -> None:
+    page_url = json.loads(fixture.read_text(encoding="utf-8"))["page_url"]
+    body = fixture.with_suffix(".html").read_bytes()
+    fast = _fast(body, page_url)
+    if fixture.stem in ("nginx", "nginx-localtime"):
+        assert fast is not None and fast == _general(body, page_url)
+        assert any(e.size_exact for e in fast) and any(e.is_dir for e in fast)
+    else:
+        assert fast is None
+
+
+def nginx_page(lines: list[str], title: str = "/pub/") -> bytes:
+    """A page laid out as nginx's autoindex lays it out."""
+    head = (
+        f"<html>\r\n<head><title>Index of {title}</title></head>\r\n<body>\r\n"
+        f'<h1>Index of {title}</h1><hr><pre><a href="../">../</a>\r\n'
+    )
+    body = "".join(line + "\r\n" for line in lines)
+    return (head + body + "</pre><hr></body>\r\n</html>\r\n").encode()
+
+
+def nginx_line(href: str, label: str, date: str, size: str) -> str:
+    return f'<a href="{href}">{label}</a>{" " * max(1, 51 - len(label))}{date}{size:>20}'
+
+
+def test_nginx_fast_reader_reads_what_nginx_prints() -> None:
+    body = nginx_page(
+        [
+            nginx_line("d%20e/", "d e/", "25-Nov-2026 14:02", "-"),
+            nginx_line("a%26b%3C%3E.txt", "a&amp;b&lt;&gt;.txt", "25-Nov-2026 14:02", "1234"),
+            nginx_line("x%22y", "x&quot;y", "01-Feb-2025 09:30", "12K"),
+            nginx_line(
+                "long-" * 12,
+                "long-long-long-long-long-long-long-long-long-lo..&gt;",
+                "25-Nov-2026 14:02",
+                "3M",
+            ),
+            nginx_line("../../etc/passwd", "passwd", "25-Nov-2026 14:02", "1"),
+            nginx_line("http://elsewhere.test/x", "x", "25-Nov-2026 14:02", "1"),
+        ]
+    )
+    fast = _fast(body, PAGE)
+    assert fast is not None and fast == _general(body, PAGE)
+    assert [(e.name, e.is_dir, e.size, e.size_exact) for e in fast] == [
+        ("d e", True, None, False),
+        ("a&b<>.txt", False, 1234, True),
+        ('x"y', False, 12 * 1024, False),
+        ("long-" * 12, False, 3 * 1024**2, False),
+    ]
+    assert fast[1].mtime == utc(2026, 11, 25, 14, 2) and fast[2].date == "01-Feb-2025 09:30"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        nginx_page([nginx_line("a", "a", "25-Nov-2026 14:02", "1")])[:-2],  # no final CRLF
+        nginx_page([nginx_line("a", "a", "25-Nov-2026 14:02", "1") + " extra"]),
+        nginx_page([nginx_line("a", "a&apos;", "25-Nov-2026 14:02", "1")]),  # other entity
+        nginx_page([nginx_line("a", "a\tb", "25-Nov-2026 14:02", "1")]),  # a control char
+        nginx_page([nginx_line("a", "a", "25-Nov-2026 14:02", "1.5K")]),
+        nginx_page([nginx_line("a", "a", "32-Foo-2026 14:02", "1")]),  # no such month
+        nginx_page([nginx_line("a b", "a b", "25-Nov-2026 14:02", "1")]),  # raw space in href
+        nginx_page(['<a href="a">a</a><img src="x">  25-Nov-2026 14:02  1']),
+        nginx_page([nginx_line("a", "\u00fc", "25-Nov-2026 14:02", "1")]).replace(
+            "\u00fc".encode(),
+            b"\xfc",  # not UTF-8
+        ),
+        nginx_page([], title="/pub/<b>"),
+    ],
+)
+def test_nginx_fast_reader_declines_anything_else(body: bytes) -> None:
+    assert _fast(body, PAGE) is None
+    assert parse_listing(body, PAGE) == _general(body, PAGE)
+
+
+_NAME = st.text(
+    st.characters(blacklist_categories=("Cs",), blacklist_characters="/"), min_size=1, max_size=60
+)
+_HOSTILE_HREF = st.sampled_from(
+    ["../x", "a/../../b", "//evil.test/x", "http://evil.test/", "?C=M;O=A", "#top", "./", ".",
+     "%2e%2e/x", "a//b", "a/./b", "javascript:alert(1)", "/pub/abs", "/elsewhere"]
+)  # fmt: skip
+_SIZE_TOKEN = st.one_of(
+    st.sampled_from(["-", "0", "12K", "3M", "1G", "7T", "2P"]),
+    st.integers(0, 10**18).map(str),
+)
+_DATE = st.one_of(
+    st.sampled_from(
+        [
+            "25-Nov-2026 14:02",
+            "29-Feb-2024 23:59",
+            "31-Feb-2026 14:02",
+            "01-Jan-1970 00:00",
+            "25-Nov-2026 24:61",
+            "25-Xyz-2026 14:02",
+        ]
+    ),
+    st.datetimes().map(lambda d: d.strftime("%d-%b-%Y %H:%M")),
+)
+
+
+def _escape_label(name: str) -> str:
+    return name.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.one_of(
+                _NAME.map(lambda n: (quote(n, safe=""), n)), _HOSTILE_HREF.map(lambda h: (h, h))
+            ),
+            st.booleans(),  # a directory
+            st.booleans(),  # the label cut short
+            _DATE,
+            _SIZE_TOKEN,
+        ),
+        max_size=20,
+    ),
+    st.sampled_from(
+        ["http://mirror.test/pub/", "http://mirror.test/", "https://m.test:8443/a%20b/"]
+    ),
+)
+def test_nginx_fast_reader_agrees_with_the_general_reader(
+    entries: list[tuple[tuple[str, str], bool, bool, str, str]], page_url: str
+) -> None:
+    lines = []
+    for (href, name), is_dir, cut, date, size in entries:
+        label = _escape_label(name).replace('"', "&quot;")
+        if is_dir:
+            href, label = href + "/", label + "/"
+        if cut:
+            label = label[:47] + "..&gt;"
+        lines.append(nginx_line(href, label, date, "-" if is_dir else size))
+    body = nginx_page(lines)
+    fast = _fast(body, page_url)
+    assert parse_listing(body, page_url) == _general(body, page_url)
+    if fast is not None:
+        assert fast == _general(body, page_url)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.text("abcXYZ019.-_+~ \u00fc\u65e5&<>\"'", min_size=1, max_size=40).filter(
+                lambda n: n.strip() not in ("", ".", "..")
+            ),
+            st.datetimes(datetime(1970, 1, 1), datetime(9999, 12, 31)),
+            st.integers(0, 10**15),
+        ),
+        max_size=30,
+    )
+)
+def test_nginx_fast_reader_takes_every_plain_nginx_page(
+    entries: list[tuple[str, datetime, int]],
+) -> None:
+    lines = [
+        nginx_line(quote(n, safe=""), _escape_label(n).replace('"', "&quot;"),
+                   d.strftime("%d-%b-%Y %H:%M"), str(size))
+        for n, d, size in entries
+    ]  # fmt: skip
+    body = nginx_page(lines)
+    fast = _fast(body, PAGE)
+    assert fast is not None and fast == _general(body, PAGE)
+    assert len(fast) == len({quote(n, safe="") for n, _d, _s in entries})
+
+
+@pytest.mark.parametrize(("exact_size", "localtime"), [(True, False), (False, True)])
+def test_nginx_fast_reader_on_real_nginx(tmp_path: Path, exact_size: bool, localtime: bool) -> None:
+    import httpx
+
+    from tests.servers import serve
+
+    root = tmp_path / "root"
+    odd = root / "odd dir & more"
+    odd.mkdir(parents=True)
+    names = [
+        "a&b.txt", "lt<gt>.txt", 'quote"d.txt', "it's.txt", "sp ace.txt", "two  spaces.txt",
+        "\u00fcber-\u65e5\u672c.txt", "pct%41.txt", "hash#.txt", "q?mark.txt", "semi;colon",
+        "plus+tilde~1.0.deb", "x" * 80 + ".tar.gz",
+    ]  # fmt: skip
+    for i, name in enumerate(names):
+        (odd / name).write_bytes(b"x" * (i * 700))
+    (odd / "sub").mkdir()
+    (odd / "big.iso").write_bytes(b"\0" * (3 * 1024 * 1024 + 5))
+    # nginx cuts a long name at 50 bytes, which may split a UTF-8 character: not UTF-8,
+    # so that page goes to the general reader
+    (root / "cut").mkdir()
+    (root / "cut" / ("\u00e9" * 60)).write_bytes(b"x")
+    with serve("nginx", root, tmp_path / "srv", exact_size=exact_size, localtime=localtime) as srv:
+        body = httpx.get(srv.url + "cut/", timeout=10).content
+        assert _fast(body, srv.url + "cut/") is None
+        assert [e.name for e in parse_listing(body, srv.url + "cut/")] == ["\u00e9" * 60]
+        for url in (srv.url, srv.url + "odd%20dir%20%26%20more/"):
+            body = httpx.get(url, timeout=10).content
+            fast = _fast(body, url)
+            assert fast is not None, body[:300]
+            assert fast == _general(body, url) == parse_listing(body, url)
+        got = {e.name: e for e in fast}
+        # (a name is the link's text, whitespace-normalised; paths come from the hrefs)
+        assert set(got) == {*(" ".join(n.split()) for n in names), "sub", "big.iso"}
+        assert {e.url.rsplit("/", 1)[1] for e in fast if not e.is_dir} == {
+            quote(n, safe="") for n in [*names, "big.iso"]
+        }
+        assert got["sub"].is_dir and not got["a&b.txt"].is_dir
+        assert got["big.iso"].size_exact is exact_size
+        assert got["big.iso"].size == (3 * 1024 * 1024 + 5 if exact_size else 3 * 1024 * 1024)
