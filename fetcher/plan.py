@@ -108,6 +108,10 @@ def decide(
         return Decision(Job(f, Action.NEW))
     if local is None:
         return Decision(Job(f, Action.NEW))
+    if row.size is not None and local.size != row.size:
+        # DEST's copy is not the one fetched (cut short, overwritten): fetched again in
+        # full. Not with the row's validators: the server's 304 would keep the damage.
+        return Decision(Job(f, Action.CHANGED))
     if f.checksum is not None and row.sha256 and f.checksum[0] == "sha256":
         if f.checksum[1].lower() == row.sha256.lower() and local.size == row.size:
             return Decision(None)

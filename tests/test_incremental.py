@@ -133,6 +133,73 @@ def test_unchanged_rerun_against_nginx(tmp_path: Path, run_fetch: RunFetch) -> N
         _assert_same(dest, src)
 
 
+@pytest.mark.real_server
+def test_a_resync_repairs_what_was_lost_or_damaged_in_dest(
+    tmp_path: Path, run_fetch: RunFetch
+) -> None:
+    # The plan looks at DEST's known files and directories while the first listings are
+    # on their way (pipeline._Disk.read_rows): what it saw there must be what it acts on.
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    files = _file_paths(_make_source(src, files=30, dirs=3))
+    with serve("nginx", src, tmp_path / "nginx") as srv:
+        args = ("--mirror", srv.url, "--dest", dest, "--procs", "1")
+        r = run_fetch(*args)
+        assert r.code == 0, r
+        first = len(srv.requests(min_count=len(files) + 4))
+        lost = files[0]
+        cut = next(p for p in files if not p.startswith(lost.split("/")[0] + "/"))
+        gone_dir = next(p for p in files if "/" in p and not p.startswith(cut.split("/")[0]))
+        gone_dir = gone_dir.split("/")[0]
+        (dest / lost).unlink()
+        with open(dest / cut, "r+b") as f:
+            f.truncate(10)
+        shutil.rmtree(dest / gone_dir)
+        r = run_fetch(*args)
+        assert r.code == 0, r
+        _assert_same(dest, src)
+        again = srv.requests(min_count=first + 4)[first:]
+        want = {lost, cut} | {p for p in files if p.startswith(gone_dir + "/")}
+        assert {q.path[1:] for q in again if not q.path.endswith("/")} == want
+        assert {q.status for q in again} == {200}  # in full: no 304 keeps a damaged copy
+
+
+def test_the_plan_looks_at_known_files_only_while_nothing_else_is_waiting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fetcher.models import Outcome, Status
+    from fetcher.pipeline import _Disk, _stat
+    from fetcher.state import State
+
+    dest = tmp_path / "d"
+    st = State.open(dest)
+    try:
+        run_id = st.begin_run("http://mirror.test/")
+        paths = [f"a/b/f{i:03d}" for i in range(200)] + ["top"]
+        for p in paths:
+            st.record(run_id, Outcome(RelPath(p), "http://mirror.test/" + p, Status.FETCHED,
+                                      size=1, mtime=1.0, stamp="x"))  # fmt: skip
+        st.flush()
+        (dest / "a" / "b").mkdir(parents=True)
+        for p in paths[::2]:
+            (dest / p).write_bytes(b"x")
+        disk = _Disk(dest, st)
+        answers = iter([True, True, False])
+        disk.read_rows(lambda: next(answers))  # the first listing came after two looks
+        assert len(disk._looked) == 128  # 64 files a look
+        assert disk._dirs == {"a", "a/b"}
+        (dest / paths[0]).unlink()  # looked at before this: the plan sees it as it was
+        assert disk.local(RelPath(paths[0])) is not None
+        assert disk.local(RelPath(paths[0])) is None  # once; then it looks again
+        assert all(disk.local(RelPath(p)) == _stat(str(dest / p)) for p in paths[1:])
+        made: list[Path] = []
+        monkeypatch.setattr(Path, "mkdir", lambda self, *a, **k: made.append(self))
+        disk.add_dir(RelPath("a/b"), create=True)  # known to be there: not made again
+        disk.add_dir(RelPath("a/c"), create=True)
+        assert made == [dest / "a" / "c"]
+    finally:
+        st.close()
+
+
 # --- 2. no sizes or dates in the listing: conditional GET ---------------------------------
 
 

@@ -44,7 +44,11 @@ def test_changed_when_stamp_differs() -> None:
 
 def test_local_file_missing_or_resized_refetched() -> None:
     assert decide(remote(), row(), None).job is not None
-    assert decide(remote(), row(), LocalFile(3, 5.0)).job is not None
+    resized = decide(remote(), row(), LocalFile(3, 5.0)).job
+    # in full: with the row's validators the server would answer 304 and keep the damage
+    assert resized is not None and (resized.etag, resized.last_modified) == (None, None)
+    no_stamp = decide(remote(size=None, stamp=None), row(stamp=None), LocalFile(3, 5.0)).job
+    assert no_stamp is not None and no_stamp.action is Action.CHANGED and no_stamp.etag is None
 
 
 def test_no_listing_metadata_means_conditional_get() -> None:
