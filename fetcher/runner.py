@@ -87,6 +87,10 @@ class _Batcher:
 STALL = 1.0
 """Seconds without a small file done after which a lane on small files counts as held up."""
 
+LOOK_AGAIN = 0.5
+"""Seconds a lane with nothing it may take waits before it looks at the queue again
+(it is woken sooner whenever that changes)."""
+
 
 class ShardRunner:
     """Fetches jobs on ``t.threads`` lanes over one transport; reports through ``send``.
@@ -237,7 +241,7 @@ class ShardRunner:
                 if not jobs:
                     if self._closing:
                         return [], False
-                    self._cond.wait(0.5)
+                    self._cond.wait(LOOK_AGAIN)
                     continue
                 gathered = self._ahead is not None and self._ahead.pipelining
                 busy, room = self._small_places(gathered)
@@ -249,7 +253,7 @@ class ShardRunner:
                     # the first big file: at the head, or further back while every
                     # small-file lane is busy
                     if not self._big_queued:
-                        self._cond.wait(0.5)
+                        self._cond.wait(LOOK_AGAIN)
                         continue
                     i = next(i for i, j in enumerate(jobs) if not pipelinable(j))
                     train, small = [jobs[i]], False
@@ -257,6 +261,11 @@ class ShardRunner:
                     self._big_queued -= 1
                 if jobs and ((busy < room and pipelinable(jobs[0])) or self._big_queued):
                     self._cond.notify_all()  # another lane's turn (the feeder waits here too)
+                elif not jobs and self._closing:
+                    # the last train: lanes waiting for a place among the small-file lanes
+                    # end now, not at their next look (close() joins them; a Dask task
+                    # waited up to half a second for it)
+                    self._cond.notify_all()
                 return train, small
 
     def _small_places(self, gathered: bool) -> tuple[int, int]:

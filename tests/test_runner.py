@@ -161,6 +161,34 @@ def test_small_files_share_one_connection_and_big_ones_do_not_wait_for_them(
     assert most_open <= 3, most_open  # the fourth lane had nothing to open one for
 
 
+def test_a_run_ends_when_its_last_train_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Four lanes, one of them on the small files (trains of up to 128: three here); the
+    # other three wait for a place and must be woken when the last train is taken, not
+    # at their next look at the queue (made an hour here). A Dask task is one run() per
+    # shard, and waited up to half a second for them.
+    monkeypatch.setattr("fetcher.runner.LOOK_AGAIN", 3600.0)
+    files = _serve_files(
+        tmp_path / "www", {f"f{i:03d}.bin": os.urandom(50 + i % 7) for i in range(300)}
+    )
+    dest = tmp_path / "d"
+    with FaultServer(root=tmp_path / "www") as srv:
+        t = Transfer(dest=str(dest), root=srv.url, threads=4, pipeline=8)
+        out: list[Outcome] = []
+        runner = threading.Thread(
+            target=lambda: out.extend(
+                ShardRunner(t, 0, lambda evs: None).run(_jobs(srv.url, files))
+            ),
+            daemon=True,
+        )
+        runner.start()
+        runner.join(timeout=60)
+        assert not runner.is_alive(), "run() waited for lanes that had nothing left to take"
+    assert [o.status for o in out] == [Status.FETCHED] * len(files)
+    assert all((dest / n).read_bytes() == d for n, d in files.items())
+
+
 def test_a_file_that_fails_mid_train_is_retried_after_the_train_not_in_its_middle(
     tmp_path: Path,
 ) -> None:
