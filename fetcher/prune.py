@@ -53,9 +53,16 @@ def prune(
         return
     candidates: list[str] = []
     batch: list[str] = []
+    # what the run saw, at once while it is small; else asked 500 local files at a time
+    seen = state.seen_in(run_id)
     for rel in _local_files(dest, new_dirs):
-        if wanted(rel, False, job.include, job.exclude):
-            batch.append(rel)
+        if not wanted(rel, False, job.include, job.exclude):
+            continue
+        if seen is not None:
+            if rel not in seen:
+                candidates.append(rel)
+            continue
+        batch.append(rel)
         if len(batch) >= 500:
             candidates += _not_seen(state, run_id, batch)
             batch = []

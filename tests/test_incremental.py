@@ -314,6 +314,39 @@ def test_without_delete_vanished_files_are_kept_and_counted(
     assert "gone upstream (kept)" in r.output
 
 
+@pytest.mark.parametrize("rows_at_once", [20_000, 3])
+def test_vanished_files_are_the_same_read_at_once_or_in_batches(
+    mirrored: Any,
+    tmp_path: Path,
+    run_fetch: RunFetch,
+    monkeypatch: pytest.MonkeyPatch,
+    rows_at_once: int,
+) -> None:
+    # A small state's sightings are read in one pass (State.seen_in); a big one's are
+    # asked 500 local files at a time (seen_among). Both find the same files.
+    from fetcher.state import State
+
+    monkeypatch.setattr("fetcher.state.ROWS_AT_ONCE", rows_at_once)
+    asked: list[int] = []
+    among = State.seen_among
+    monkeypatch.setattr(
+        State, "seen_among", lambda st, r, p: asked.append(len(p)) or among(st, r, p)
+    )
+    srv, src, dest, files = mirrored
+    for p in files[:3]:
+        (src / p).unlink()
+    (dest / "d000" / "mine.txt").write_bytes(b"not upstream, never fetched")
+    report = tmp_path / "report.json"
+    r = run_fetch("--mirror", srv.url, "--dest", dest, "--report", report)
+    assert r.code == 0, r
+    assert _report(report)["vanished"] == 4
+    assert (sum(asked) > 0) is (rows_at_once < len(files))
+    r = run_fetch("--mirror", srv.url, "--dest", dest, "--delete", "--force", "--report", report)
+    assert r.code == 0, r
+    assert sorted(_report(report)["deleted"]) == sorted([*files[:3], "d000/mine.txt"])
+    _assert_same(dest, src)
+
+
 def test_delete_guard_refuses_half_the_tree_unless_forced(
     mirrored: Any, tmp_path: Path, run_fetch: RunFetch
 ) -> None:
