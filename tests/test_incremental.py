@@ -965,7 +965,6 @@ def test_the_end_of_a_run_does_not_read_back_the_directories_it_created(
     # directories that were there before are looked up as possibly gone upstream.
     from fetcher.config import build_job
     from fetcher.pipeline import mirror
-    from fetcher.state import State
 
     www = tmp_path / "www"
     for rel in ["top.txt", "old/a.txt", "new/b.txt", "new/deep/c.txt"]:
@@ -974,14 +973,17 @@ def test_the_end_of_a_run_does_not_read_back_the_directories_it_created(
     dest = tmp_path / "d"
     (dest / "old").mkdir(parents=True)
     (dest / "old" / "extra.txt").write_bytes(b"not upstream")
-    asked: list[str] = []
-    real = State.seen_among
+    import fetcher.prune
 
-    def seen_among(self: State, run_id: int, paths: list[str]) -> set[str]:
-        asked.extend(paths)
-        return real(self, run_id, paths)
+    asked: list[str] = []  # the local files the end of the run looks at
+    real = fetcher.prune._local_files
 
-    monkeypatch.setattr(State, "seen_among", seen_among)
+    def local_files(dest: Path, skip: Any = frozenset()) -> Any:
+        for rel in real(dest, skip):
+            asked.append(rel)
+            yield rel
+
+    monkeypatch.setattr(fetcher.prune, "_local_files", local_files)
     with FaultServer(root=www) as srv:
         job = build_job({"url": srv.url, "dest": str(dest), "procs": 1}, "t")
         first = mirror(job)
