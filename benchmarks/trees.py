@@ -82,8 +82,9 @@ def _mixed(scale: float) -> list[tuple[str, int]]:
     n = max(30, int(3000 * scale))
     out = []
     for i in range(n):
-        # log-normal around ~100 KiB, capped at 8 MiB; the big ones are added below
-        size = min(8 * MiB, int(math.exp(rng.gauss(math.log(100 * KiB), 1.3))))
+        # log-normal with a median of 48 KiB (mean ~110 KiB), capped at 8 MiB: ~330 MiB of
+        # packages; the big ones below add ~380 MiB
+        size = min(8 * MiB, int(math.exp(rng.gauss(math.log(48 * KiB), 1.3))))
         letter = _LETTERS[i % 26]
         name = f"{letter}{_STEMS[i % len(_STEMS)]}-{i % 9}.{i % 17}.{i}-{i % 4 + 1}.el9.x86_64.rpm"
         out.append((f"Packages/{letter}/{name}", max(512, size)))
@@ -103,13 +104,15 @@ def build_tree(name: str, work: Path, scale: float = 1.0) -> Tree:
     tag = name if scale == 1.0 else f"{name}-x{scale:g}"
     root = work / "trees" / tag
     manifest_path = work / "trees" / f"{tag}.manifest.json"
+    shape = SHAPES[name](scale)
     if manifest_path.exists() and root.is_dir():
         files = {k: (v[0], v[1]) for k, v in json.loads(manifest_path.read_text()).items()}
-        return Tree(tag, root, files)
+        if {rel: size for rel, (size, _) in files.items()} == dict(shape):
+            return Tree(tag, root, files)  # the cached tree is this shape (it may have changed)
     if root.exists():
         shutil.rmtree(root)
     files = {}
-    for rel, size in SHAPES[name](scale):
+    for rel, size in shape:
         data = file_bytes(rel, size)
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
