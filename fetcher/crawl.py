@@ -18,9 +18,9 @@ import shlex
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import unquote
 
@@ -39,11 +39,14 @@ from fetcher.http1 import pipelined_lanes
 from fetcher.listing import parse_listing
 from fetcher.models import (
     CrawlProblem,
+    Listing,
     ListingEntry,
     RelPath,
     RemoteDir,
     RemoteFile,
     Scope,
+    UnchangedDir,
+    names_digest,
     normalise_dir_url,
 )
 from fetcher.plan import wanted
@@ -83,9 +86,27 @@ class _Page:
     url: str
     entries: list[ListingEntry]
     sums: dict[str, tuple[str, str]] = field(default_factory=dict)
+    digest: bytes | None = None
+    """The page's bytes and the crawl's options, hashed (when listings are kept)."""
+    kept: _Kept | None = None
+    """Not parsed: the same as the last run's, its files all unchanged (see ``crawl``)."""
 
 
-CrawlItem = RemoteFile | RemoteDir | CrawlProblem
+@dataclass(frozen=True, slots=True)
+class _Kept:
+    listing: Listing
+    files: tuple[str, ...]
+    nbytes: int
+    body: bytes  # parsed after all (as read from ``url``) if the page cannot stand for
+    url: str  # the last run's here
+
+
+_Keep = Callable[[str, bytes], tuple[Listing, tuple[str, ...], int] | None]
+Intact = Callable[[str, Listing], tuple[tuple[str, ...], int] | None]
+"""``(directory's path, its listing of the last run)`` → its files and their bytes if every
+one of them is in the state and in DEST as the plan would find it unchanged, else None."""
+
+CrawlItem = RemoteFile | RemoteDir | CrawlProblem | Listing | UnchangedDir
 
 
 class _RateGate:
@@ -111,10 +132,15 @@ class _RateGate:
 
 
 def _fetch_page(
-    client: httpx.Client, url: str, scope: Scope, opts: CrawlOptions, gate: _RateGate
+    client: httpx.Client,
+    url: str,
+    scope: Scope,
+    opts: CrawlOptions,
+    gate: _RateGate,
+    keep: _Keep | None = None,
 ) -> _Page:
     try:
-        return _read_page(client, url, scope, opts, gate)
+        return _read_page(client, url, scope, opts, gate, keep)
     except httpx.ConnectError as exc:
         cert = untrusted_certificate(exc)
         if cert is None:
@@ -128,7 +154,12 @@ def _fetch_page(
 
 
 def _read_page(
-    client: httpx.Client, url: str, scope: Scope, opts: CrawlOptions, gate: _RateGate
+    client: httpx.Client,
+    url: str,
+    scope: Scope,
+    opts: CrawlOptions,
+    gate: _RateGate,
+    keep: _Keep | None = None,
 ) -> _Page:
     hops = 0
     while True:
@@ -172,7 +203,21 @@ def _read_page(
             ctype = resp.headers.get("content-type", "text/html")
             if "html" not in ctype and "xml" not in ctype and not body.lstrip()[:1] == b"<":
                 raise ListingError(f"not a directory listing ({ctype}): {url}")
-        return _Page(url if url.endswith("/") else url + "/", parse_listing(bytes(body), url))
+        page_url = url if url.endswith("/") else url + "/"
+        if keep is None:
+            return _Page(page_url, parse_listing(bytes(body), url))
+        digest = hashlib.blake2b(body, digest_size=16, key=_options_key(scope, opts)).digest()
+        same = keep(page_url, digest)
+        if same is not None:
+            return _Page(page_url, [], digest=digest, kept=_Kept(*same, bytes(body), url))
+        return _Page(page_url, parse_listing(bytes(body), url), digest=digest)
+
+
+@functools.lru_cache(maxsize=8)
+def _options_key(scope: Scope, opts: CrawlOptions) -> bytes:
+    """What, besides a page's bytes, decides what its listing gives the crawl."""
+    what = repr((scope.root, scope.aliases, opts.depth, opts.include, opts.exclude, opts.verify))
+    return hashlib.blake2b(what.encode("utf-8", "surrogateescape"), digest_size=32).digest()
 
 
 def _fetch_text(client: httpx.Client, url: str, cap: int) -> str:
@@ -209,6 +254,8 @@ def crawl(
     ahead: Callable[[Sequence[httpx.Request]], object] | None = None,
     pipelining: Callable[[], bool] | None = None,
     known: Sequence[str] = (),
+    listings: Mapping[str, Listing] | None = None,
+    intact: Intact | None = None,
 ) -> Iterator[CrawlItem]:
     """Yield every in-scope file and directory below ``t.root``, and every problem met.
 
@@ -239,6 +286,15 @@ def crawl(
     parent's listing, so the result is the same as without; one the crawl never reaches
     (gone upstream, or now excluded) was a wasted request and is not shown.
 
+    ``listings`` are what each directory's listing gave the last run (a
+    :class:`~fetcher.models.Listing` is yielded for every page read without a problem,
+    for the caller to keep). A page whose bytes are the same again, in a directory
+    whose files ``intact`` finds all in the state and in DEST as that run left them,
+    is not parsed: its directories are crawled from the kept listing and an
+    :class:`~fetcher.models.UnchangedDir` stands for its files, each of which the plan
+    would have found unchanged. Not with ``opts.verify`` (checksum files are read
+    from the parsed page).
+
     Example::
 
         with httpx.Client() as client:
@@ -258,12 +314,26 @@ def crawl(
     longest = 1 if ahead is None or opts.listing_rate or opts.verify else max(1, t.pipeline)
     lanes, depth = pipelined_lanes(opts.concurrency, longest)
 
+    def keeper(d: _Dir) -> _Keep | None:
+        if listings is None or intact is None or opts.verify:
+            return None
+
+        def keep(page_url: str, digest: bytes) -> tuple[Listing, tuple[str, ...], int] | None:
+            last = listings.get(page_url)
+            if last is None or last.digest != digest:
+                return None
+            same = intact(d.path, last)
+            return None if same is None else (last, *same)
+
+        return keep
+
     def fetch(d: _Dir) -> _Page:
+        keep = keeper(d)
         for attempt in retrying.copy():
             if d.ahead is not None and over.is_set():
                 raise ListingError("the crawl is over")  # asked ahead, never reached: no retry
             with attempt:
-                page = _fetch_page(client, d.url, scope, opts, gate)
+                page = _fetch_page(client, d.url, scope, opts, gate, keep)
         if opts.verify:
             for e in page.entries:
                 name = unquote(e.url.rstrip("/").rsplit("/", 1)[-1])
@@ -386,7 +456,10 @@ def crawl(
                     # silent end of a crawl that then looks complete and clean.
                     yield from _unread(d, f"unexpected {type(exc).__name__}: {exc}")
                     continue
-                yield from _children(page, d, scope, opts, visited, submit)
+                if page.kept is not None:
+                    yield from _kept_children(page, d, scope, opts, visited, submit)
+                else:
+                    yield from _children(page, d, scope, opts, visited, submit)
     finally:
         over.set()
         for fut in asked.values():
@@ -480,10 +553,13 @@ def _children(
     chain = (*d.ancestors, fp)
     files: dict[str, RemoteFile] = {}
     dirs: set[str] = set()
+    below: list[tuple[str, str]] = []  # its directories to crawl, for the kept listing
+    problems = False
     for e in page.entries:
         try:
             rel = scope.child(d.url, d.path, e.url)
         except UnsafePath as exc:
+            problems = True
             yield CrawlProblem(e.url, str(exc), "unsafe")
             continue
         if rel is None:
@@ -496,14 +572,16 @@ def _children(
             continue
         if e.is_dir:
             dirs.add(rel)
+            url = e.url if e.url.endswith("/") else e.url + "/"
+            below.append((url, rel))
             key = normalise_dir_url(e.url)
             if key in visited:
                 continue
             visited.add(key)
             if d.depth + 1 > opts.depth:
+                problems = True
                 yield CrawlProblem(e.url, f"deeper than --depth {opts.depth}; not crawled", "depth")
                 continue
-            url = e.url if e.url.endswith("/") else e.url + "/"
             submit(_Dir(url, rel, d.depth + 1, chain))
         elif rel not in files:
             # "a.txt" and "%61.txt" are one local file: fetch it once, not twice at once.
@@ -511,6 +589,7 @@ def _children(
             files[rel] = RemoteFile(e.url, rel, e.size, e.size_exact, e.mtime, e.stamp, digest)
     for name in sorted(files):
         if name in dirs:
+            problems = True
             yield CrawlProblem(
                 files[name].url,
                 "the listing shows a file and a directory of this name; the directory is mirrored",
@@ -518,3 +597,38 @@ def _children(
             )
         else:
             yield files[name]
+    if page.digest is not None and not problems:
+        stamps = [(path, f.stamp) for path, f in files.items() if f.stamp is not None]
+        if len(stamps) == len(files):  # a file without one is asked about every run
+            yield Listing(page.url, page.digest, names_digest(stamps), len(files), tuple(below), fp)
+
+
+def _kept_children(
+    page: _Page,
+    d: _Dir,
+    scope: Scope,
+    opts: CrawlOptions,
+    visited: set[str],
+    submit: Callable[[_Dir], None],
+) -> Iterator[CrawlItem]:
+    """What :func:`_children` gives for a page kept unparsed (see ``crawl``): the kept
+    listing's directories, and its files as one :class:`UnchangedDir`."""
+    kept = page.kept
+    assert kept is not None
+    last = kept.listing
+    if last.fp in d.ancestors or (last.dirs and d.depth + 1 > opts.depth):
+        # here the last run's listing would not stand: read the page after all
+        entries = parse_listing(kept.body, kept.url)
+        yield from _children(replace(page, entries=entries, kept=None), d, scope, opts,
+                             visited, submit)  # fmt: skip
+        return
+    if d.path:
+        yield RemoteDir(RelPath(d.path))
+    chain = (*d.ancestors, last.fp)
+    for url, rel in last.dirs:
+        key = normalise_dir_url(url)
+        if key in visited:
+            continue
+        visited.add(key)
+        submit(_Dir(url, rel, d.depth + 1, chain))
+    yield UnchangedDir(RelPath(d.path), kept.files, kept.nbytes)

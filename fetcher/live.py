@@ -98,6 +98,10 @@ class RichReporter(Reporter):
         self.t.skipped += 1
         self._update_files()
 
+    def skipped_many(self, n: int) -> None:
+        self.t.skipped += n
+        self._update_files()
+
     def transferred(self, nbytes: int) -> None:
         self.t.bytes += nbytes
         self.progress.update(self.bytes_task, advance=nbytes)

@@ -9,9 +9,11 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import hashlib
 import operator
 import posixpath
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NewType, TypeVar
 from urllib.parse import unquote_to_bytes, urldefrag, urlsplit
@@ -31,6 +33,7 @@ __all__ = [
     "FileDone",
     "FileStarted",
     "Job",
+    "Listing",
     "ListingEntry",
     "Outcome",
     "RelPath",
@@ -41,8 +44,10 @@ __all__ = [
     "Scope",
     "Status",
     "Summary",
+    "UnchangedDir",
     "WorkerExit",
     "WorkerFatal",
+    "names_digest",
     "normalise_dir_url",
     "pickles_by_fields",
     "rel_path",
@@ -313,6 +318,46 @@ class RemoteDir:
     path: RelPath
 
 
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """What one directory's listing gave a run, kept for the next (``State.put_listing``).
+
+    When the next run reads the same bytes there (``digest``: the page and the crawl's
+    options) and the state's rows of that directory are still exactly these files
+    with these stamps (``names``), all intact in DEST, every file of it is unchanged
+    as the plan would find them one by one: the crawl skips the page's parse and the
+    plan's per-file work (:class:`UnchangedDir`).
+    """
+
+    url: str
+    digest: bytes
+    names: bytes
+    """The files' paths and stamps, hashed (:func:`names_digest`)."""
+    files: int
+    dirs: tuple[tuple[str, str], ...]
+    """Its directories to crawl: ``(url, path)`` each, in page order."""
+    fp: bytes
+    """The fingerprint of its entries (the crawl's loop check)."""
+
+
+def names_digest(files: Iterable[tuple[str, str]]) -> bytes:
+    """``(path, stamp)`` pairs, hashed in path order: the same set gives the same bytes."""
+    h = hashlib.blake2b(digest_size=16)
+    for path, stamp in sorted(files):
+        h.update(f"{path}\0{stamp}\n".encode("utf-8", "surrogateescape"))
+    return h.digest()
+
+
+@dataclass(frozen=True, slots=True)
+class UnchangedDir:
+    """A directory whose listing and files are as the last run left them: ``files`` (its
+    files' paths), ``nbytes`` in all, each unchanged."""
+
+    path: RelPath
+    files: tuple[str, ...]
+    nbytes: int
+
+
 @pickles_by_fields
 @dataclass(frozen=True, slots=True)
 class CrawlProblem:
@@ -487,6 +532,7 @@ class Reporter:
 
     def planned(self, job: Job) -> None: ...
     def skipped(self, f: RemoteFile) -> None: ...
+    def skipped_many(self, n: int) -> None: ...
     def transferred(self, nbytes: int) -> None: ...
     def started(self, ev: FileStarted) -> None: ...
     def finished(self, out: Outcome) -> None: ...

@@ -13,7 +13,7 @@ import queue
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from fetcher.config import MirrorJob, Transfer
-from fetcher.crawl import CrawlItem, CrawlOptions, crawl
+from fetcher.crawl import CrawlItem, CrawlOptions, Intact, crawl
 from fetcher.download import (
     check_writable,
     partial_dir,
@@ -41,6 +41,7 @@ from fetcher.models import (
     FileDone,
     FileStarted,
     Job,
+    Listing,
     RelPath,
     RemoteDir,
     RemoteFile,
@@ -48,7 +49,9 @@ from fetcher.models import (
     Retried,
     Status,
     Summary,
+    UnchangedDir,
     WorkerFatal,
+    names_digest,
 )
 from fetcher.plan import LocalFile, decide, is_metadata, is_top_metadata
 from fetcher.procs import fork_safe, worker_context
@@ -120,6 +123,8 @@ class _Disk:
         # looked at while the first listings were on their way (read_rows)
         self._looked: dict[str, LocalFile | None] = {}
         self._dirs: set[str] = set()  # directories found in DEST then
+        self._by_dir: dict[str, list[tuple[str, Row]]] | None = None  # rows by directory
+        self._rows_read = threading.Event()  # read_rows() has built _by_dir, or will not
 
     def add_dir(self, path: RelPath, create: bool) -> None:
         """Note (and with ``create``, make) the directory ``path`` of the mirror."""
@@ -158,12 +163,19 @@ class _Disk:
         directories and files the state knows in DEST, as the plan will: a re-sync's
         ``stat`` per file done in the round trip instead of behind the crawl's parsing
         (5,000 files: 30-40 ms of wall time there, for the lock)."""
-        if not self.state_empty:
-            self._all = self.state.every_row()
-        if not self._all:
-            return
+        try:
+            if not self.state_empty:
+                self._all = self.state.every_row()
+            if not self._all:
+                return
+            by_dir: dict[str, list[tuple[str, Row]]] = {}
+            for path, r in self._all.items():
+                by_dir.setdefault(path.rpartition("/")[0], []).append((path, r))
+            self._by_dir = by_dir
+        finally:
+            self._rows_read.set()  # the crawl's threads may ask intact() now
         dest = str(self.dest)
-        parents = {path.rpartition("/")[0] for path in self._all}
+        parents = set(by_dir)
         for d in list(parents):
             while "/" in d:
                 d = d.rpartition("/")[0]
@@ -179,6 +191,39 @@ class _Disk:
             if not i % 64 and not waiting():
                 break
             self._looked[path] = _stat(os.path.join(dest, path))
+
+    def intact(self, directory: str, last: Listing) -> tuple[tuple[str, ...], int] | None:
+        """The files of ``directory`` and their bytes, if the state holds exactly the files
+        its listing gave the last run, with the same stamps, and each is in DEST with the
+        size it was fetched at and no partial file: then the plan would find every one
+        unchanged (``decide``). Else None. Asked from the crawl's threads."""
+        # A listing may come back before the state is read (on loopback it does): wait
+        # for it, a few ms, rather than parse what need not be.
+        self._rows_read.wait(timeout=5)
+        by_dir = self._by_dir
+        if by_dir is None:
+            return None  # no state, or too big to hold
+        rows = by_dir.get(directory, [])
+        if len(rows) != last.files or directory in self.fresh:
+            return None
+        stamps = []
+        for path, r in rows:
+            if r.status not in ("ok", "adopted") or r.size is None or r.stamp is None:
+                return None
+            stamps.append((path, r.stamp))
+        if names_digest(stamps) != last.names:
+            return None
+        total = 0
+        dest = str(self.dest)
+        for path, r in rows:
+            if self.partials and partial_name(RelPath(path)) in self.partials:
+                return None
+            looked = self._looked.get(path, _UNSEEN)
+            local = _stat(os.path.join(dest, path)) if looked is _UNSEEN else looked
+            if not isinstance(local, LocalFile) or local.size != r.size:
+                return None
+            total += local.size
+        return tuple(path for path, _ in rows), total
 
     def row(self, path: RelPath) -> Row | None:
         """The state's row for ``path``; a listing's files come together, and so do their rows."""
@@ -322,6 +367,10 @@ def _start_crawl(run: _Run, root: str, prefix: str = "") -> None:
     known = () if prefix or job.index != "html" else run.state.directories()
     # pipelined from the first request when the last run's were answered
     trusted = not prefix and run.state.pipelined(job.url)
+    # pages as the last run read them: not parsed again while DEST is as it left it
+    kept = not prefix and job.index == "html" and not job.post and not job.dry_run
+    listings = run.state.listings() if kept else None
+    intact = run.disk.intact if kept and run.disk is not None else None
 
     def put(item: Any) -> None:
         while not stop.is_set():
@@ -373,7 +422,10 @@ def _start_crawl(run: _Run, root: str, prefix: str = "") -> None:
             )
             with make_client(t, transport=transport) as client:
                 ahead = transport if isinstance(transport, ThreadConnTransport) else None
-                walk = _walk(job, client, t, opts, stop, prefix, flush, width, ahead, known)
+                walk = _walk(
+                    job, client, t, opts, stop, prefix, flush, width, ahead, known, listings,
+                    intact,
+                )  # fmt: skip
                 for item in walk:
                     if prefix and isinstance(item, RemoteFile | RemoteDir):
                         item = replace(item, path=RelPath(f"{prefix}/{item.path}"))
@@ -411,6 +463,8 @@ def _walk(
     width: Callable[[], int],
     ahead: ThreadConnTransport | None,
     known: Sequence[str],
+    listings: Mapping[str, Listing] | None = None,
+    intact: Intact | None = None,
 ) -> Iterator[CrawlItem]:
     """The file list: from the HTML listings, or from repository metadata (``--index``)."""
     if job.index != "html" and not prefix:
@@ -420,7 +474,7 @@ def _walk(
     expect, pipelining = (ahead.expect, lambda: ahead.pipelining) if ahead else (None, None)
     return crawl(
         client, t, opts, stop=stop, on_wait=on_wait, width=width, ahead=expect,
-        pipelining=pipelining, known=known,
+        pipelining=pipelining, known=known, listings=listings, intact=intact,
     )  # fmt: skip
 
 
@@ -548,10 +602,21 @@ def _drain(run: _Run, deadline: float) -> None:
         _handle(run, ex.events(timeout=0))
 
 
-def _take(run: _Run, item: RemoteFile | RemoteDir | CrawlProblem) -> None:
+def _take(run: _Run, item: CrawlItem) -> None:
     s = run.summary
     disk = run.disk
     assert disk is not None
+    if isinstance(item, UnchangedDir):
+        for path in item.files:  # each as an unchanged RemoteFile below would be
+            run.state.seen(run.run_id, path)
+        c = s.planned.setdefault("skipped", Counts())
+        c.files += len(item.files)
+        c.bytes += item.nbytes
+        run.reporter.skipped_many(len(item.files))
+        return
+    if isinstance(item, Listing):
+        run.state.put_listing(item)
+        return
     if isinstance(item, RemoteDir):
         s.directories += 1
         run.seen_dirs.add(item.path)

@@ -113,6 +113,10 @@ class LineReporter(Reporter):
         self.t.skipped += 1
         self._tick()
 
+    def skipped_many(self, n: int) -> None:
+        self.t.skipped += n
+        self._tick()
+
     def transferred(self, nbytes: int) -> None:
         self.t.bytes += nbytes
         self._tick()

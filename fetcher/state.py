@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import sqlite3
 import time
@@ -20,11 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from fetcher.errors import FatalIOError, LockHeld
-from fetcher.models import STATE_DIR, Outcome, RemoteFile, Status
+from fetcher.models import STATE_DIR, Listing, Outcome, RemoteFile, Status
 
 __all__ = ["Row", "RunLock", "State"]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _MIGRATIONS: dict[int, str] = {
     1: """
@@ -58,6 +59,16 @@ _MIGRATIONS: dict[int, str] = {
     # Whether the run's crawl had requests sent ahead answered (and none dropped): the
     # next run then pipelines from its first request (ThreadConnTransport ``trusted``).
     3: "ALTER TABLE runs ADD COLUMN pipelined INTEGER;",
+    4: """
+    CREATE TABLE listings (
+        url TEXT PRIMARY KEY,
+        digest BLOB NOT NULL,
+        names BLOB NOT NULL,
+        files INTEGER NOT NULL,
+        dirs TEXT NOT NULL,
+        fp BLOB NOT NULL
+    );
+    """,
 }
 
 
@@ -190,6 +201,7 @@ class State:
         self.readonly = readonly
         self._pending: list[tuple[Any, ...]] = []
         self._seen: list[tuple[int, str]] = []
+        self._listings: list[Listing] = []
         self._last_flush = time.monotonic()
         self._write_failed = False
         self._dry_run_id: int | None = None
@@ -341,13 +353,43 @@ class State:
         )
         self._maybe_flush()
 
+    def put_listing(self, listing: Listing) -> None:
+        """Keep what a directory's listing gave this run, for the next (written with the
+        rows; a dry run keeps nothing)."""
+        if not self.readonly:
+            self._listings.append(listing)
+            self._maybe_flush()
+
+    def listings(self) -> dict[str, Listing]:
+        """What each directory's listing gave the last run that read it, by URL; empty
+        for a dry run, a state of schema < 4, or over ``ROWS_AT_ONCE`` directories."""
+        if self.readonly:
+            return {}
+        try:
+            rows = self._db.execute(
+                "SELECT url, digest, names, files, dirs, fp FROM listings LIMIT ?",
+                (ROWS_AT_ONCE + 1,),
+            ).fetchall()
+        except sqlite3.OperationalError:
+            return {}
+        if len(rows) > ROWS_AT_ONCE:
+            return {}
+        found = {}
+        for url, digest, names, files, dirs, fp in rows:
+            try:
+                pairs = tuple((str(u), str(p)) for u, p in json.loads(dirs))
+            except (ValueError, TypeError):
+                continue  # not what this fetch wrote: the page is read as if new
+            found[url] = Listing(url, bytes(digest), bytes(names), int(files), pairs, bytes(fp))
+        return found
+
     def _maybe_flush(self) -> None:
         if len(self._pending) + len(self._seen) >= 2000 or time.monotonic() - self._last_flush > 1:
             self.flush()
 
     def flush(self) -> None:
         self._last_flush = time.monotonic()
-        if not (self._pending or self._seen):
+        if not (self._pending or self._seen or self._listings):
             return
         if self.readonly:
             paths = [(p[0],) for p in self._pending] + [(p,) for _, p in self._seen]
@@ -376,11 +418,18 @@ class State:
                     _where_in(
                         self._db, "UPDATE files SET last_seen = ? WHERE path", [run_id], marked
                     )
+                _in_groups(
+                    self._db,
+                    "INSERT OR REPLACE INTO listings (url, digest, names, files, dirs, fp)",
+                    [(x.url, x.digest, x.names, x.files, json.dumps(x.dirs), x.fp)
+                     for x in self._listings],
+                )  # fmt: skip
         except sqlite3.DatabaseError as exc:
             self._write_failed = True
             raise FatalIOError(f"cannot write state database: {exc}") from exc
         self._pending.clear()
         self._seen.clear()
+        self._listings.clear()
 
     def invalidate(self, path: str) -> None:
         """Mark a file as bad (it failed a probe): the next run fetches it again."""

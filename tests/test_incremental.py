@@ -513,9 +513,10 @@ def test_a_schema_1_state_file_is_brought_forward_and_its_rows_kept(
     srv, src, dest, _ = mirrored
     db = dest / ".fetcher" / "state.sqlite"
     con = sqlite3.connect(db)
-    try:  # as schema 1 left it: the same tables, with an index on last_seen, no runs.pipelined
+    try:  # as schema 1 left it: an index on last_seen, no runs.pipelined, no listings
         con.execute("CREATE INDEX files_last_seen ON files(last_seen)")
         con.execute("ALTER TABLE runs DROP COLUMN pipelined")
+        con.execute("DROP TABLE listings")
         con.execute("PRAGMA user_version = 1")
         con.commit()
     finally:
@@ -529,8 +530,13 @@ def test_a_schema_1_state_file_is_brought_forward_and_its_rows_kept(
     assert r.code == 0, r
     assert _file_requests(srv) == [], "the rows of schema 1 were not used"
     version, indexes = _indexes(db)
-    assert version == SCHEMA_VERSION == 3 and "files_last_seen" not in indexes, indexes
+    assert version == SCHEMA_VERSION == 4 and "files_last_seen" not in indexes, indexes
     assert _last_run_pipelined(dest) == 1  # schema 3: the run's pipelined requests answered
+    con = sqlite3.connect(db)
+    try:  # schema 4: what each listing gave the run
+        assert con.execute("SELECT COUNT(*) FROM listings").fetchone()[0] == 3
+    finally:
+        con.close()
     _assert_same(dest, src)
 
 
@@ -773,6 +779,150 @@ def test_known_directories_below_the_start_within_depth_and_filters() -> None:
     assert all(
         d.ahead is not None and not d.ahead.done() for d in _ahead(known, scope, CrawlOptions())
     )
+
+
+# --- 9c. a page as the last run read it, over files as it left them: not parsed ----------
+
+
+def _count_parses(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    import fetcher.crawl
+
+    pages: list[str] = []
+    real = fetcher.crawl.parse_listing
+
+    def parse(body: bytes, url: str) -> Any:
+        pages.append(url)
+        return real(body, url)
+
+    monkeypatch.setattr(fetcher.crawl, "parse_listing", parse)
+    return pages
+
+
+@pytest.mark.real_server
+def test_an_unchanged_page_over_intact_files_is_not_parsed_again(
+    tmp_path: Path, run_fetch: RunFetch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    files = _file_paths(_make_source(src, files=30, dirs=3))
+    pages = _count_parses(monkeypatch)
+    report = tmp_path / "report.json"
+    with serve("nginx", src, tmp_path / "nginx") as srv:
+        args = ("--mirror", srv.url, "--dest", dest, "--procs", "1", "--report", report)
+        assert run_fetch(*args).code == 0
+        assert len(pages) == 4  # the root and three directories
+        pages.clear()
+        r = run_fetch(*args)
+        assert r.code == 0, r
+        assert pages == []  # every page as last time, every file in place
+        job = _report(report)
+        assert job["unchanged"]["files"] == len(files), job
+        assert job["fetched"]["files"] == 0, job
+        _assert_same(dest, src)
+
+        # one file changed upstream: its page is read, the others are not
+        changed = files[5]
+        _change(src / changed, b"longer now\n" * 300)
+        pages.clear()
+        r = run_fetch(*args)
+        assert r.code == 0, r
+        assert [u.rstrip("/").rsplit("/", 1)[-1] for u in pages] == [changed.split("/")[0]]
+        assert _report(report)["fetched"]["files"] == 1
+        _assert_same(dest, src)
+        pages.clear()
+        assert run_fetch(*args).code == 0
+        assert pages == []  # and it is kept again
+
+
+@pytest.mark.parametrize("damage", ["truncated", "removed", "partial", "excluded"])
+def test_a_kept_page_is_read_again_when_dest_or_the_options_differ(
+    tmp_path: Path, run_fetch: RunFetch, monkeypatch: pytest.MonkeyPatch, damage: str
+) -> None:
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    files = _file_paths(_make_source(src, files=20, dirs=2))
+    victim = next(p for p in files if p.startswith("d001/"))
+    pages = _count_parses(monkeypatch)
+    report = tmp_path / "report.json"
+    with _serving(src) as srv:
+        args = ["--mirror", srv.url, "--dest", dest, "--procs", "1", "--report", report]
+        assert run_fetch(*args).code == 0
+        assert run_fetch(*args).code == 0
+        if damage == "truncated":
+            with open(dest / victim, "r+b") as f:
+                f.truncate(3)
+        elif damage == "removed":
+            (dest / victim).unlink()
+        elif damage == "partial":
+            part, _meta = partial_paths(dest, RelPath(victim))
+            part.parent.mkdir(parents=True, exist_ok=True)
+            part.write_bytes(b"left by a killed run")
+        else:
+            args += ["--exclude", "*.nothing"]  # another selection: its pages are read
+        pages.clear()
+        srv.reset_stats()
+        r = run_fetch(*args)
+        assert r.code == 0, r
+        read = sorted(u.rstrip("/").rsplit("/", 1)[-1] for u in pages)
+        if damage == "excluded":
+            assert len(read) == 3 and _file_requests(srv) == []
+        else:
+            assert read == ["d001"]  # that directory's page, and only it
+            assert _file_requests(srv) == ["/" + victim]
+        _assert_same(dest, src)
+
+
+def test_a_file_that_failed_keeps_its_page_read_until_it_is_in(
+    tmp_path: Path, run_fetch: RunFetch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    files = _file_paths(_make_source(src, files=10, dirs=1))
+    pages = _count_parses(monkeypatch)
+    with _serving(src) as srv:
+        args = ("--mirror", srv.url, "--dest", dest, "--procs", "1", "--retries", "1")
+        srv.persist("/" + files[3], Fault.status(500))
+        assert run_fetch(*args).code == 1
+        srv.clear_faults()
+        pages.clear()
+        srv.reset_stats()
+        r = run_fetch(*args)
+        assert r.code == 0, r
+        assert _file_requests(srv) == ["/" + files[3]]  # the page was read: it is fetched
+        assert [u.rstrip("/").rsplit("/", 1)[-1] for u in pages] == ["d000"]  # not the root
+        _assert_same(dest, src)
+        pages.clear()
+        assert run_fetch(*args).code == 0
+        assert pages == []
+
+
+def test_kept_listings_round_trip_and_a_dry_run_reads_every_page(
+    tmp_path: Path, run_fetch: RunFetch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fetcher.models import Listing
+    from fetcher.state import State
+
+    st = State.open(tmp_path / "d")
+    try:
+        kept = Listing(
+            "http://m.test/a/", b"d" * 16, b"n" * 16, 2, (("http://m.test/a/b/", "a/b"),), b"f"
+        )
+        st.put_listing(kept)
+        st.flush()
+        assert st.listings() == {"http://m.test/a/": kept}
+    finally:
+        st.close()
+    dry = State.open(tmp_path / "d", readonly=True)
+    try:
+        assert dry.listings() == {}  # a dry run plans every file itself
+    finally:
+        dry.close()
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    _make_source(src, files=10, dirs=1)
+    pages = _count_parses(monkeypatch)
+    with _serving(src) as srv:
+        assert run_fetch("--mirror", srv.url, "--dest", dest, "--procs", "1").code == 0
+        pages.clear()
+        r = run_fetch("--mirror", srv.url, "--dest", dest, "--procs", "1", "--dry-run")
+        assert r.code == 0, r
+        assert len(pages) == 2
 
 
 # --- 10. scale ----------------------------------------------------------------------------
