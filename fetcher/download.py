@@ -542,12 +542,23 @@ def _ensure_dir(d: str, known: set[str] | None) -> None:
     if known is None or d not in known:
         try:
             os.makedirs(d, exist_ok=True)
-        except FileExistsError as exc:  # (``filename``: the one in the way, maybe a parent)
+        except (FileExistsError, NotADirectoryError) as exc:
+            # ``filename``: the one in the way; further up (ENOTDIR), the file is found
             raise FileExistsError(
-                exc.errno, "a local file where the mirror has a directory", exc.filename
-            ) from None
+                errno.EEXIST, "a local file where the mirror has a directory", _in_the_way(d)
+            ) from exc
         if known is not None and len(known) < 100_000:
             known.add(d)
+
+
+def _in_the_way(d: str) -> str:
+    """The nearest of ``d`` and its parents that exists and is not a directory (else ``d``)."""
+    p = d
+    while p and p != os.path.dirname(p):
+        if os.path.lexists(p) and not os.path.isdir(p):
+            return p
+        p = os.path.dirname(p)
+    return d
 
 
 def _digest_for(checksum: tuple[str, str] | None, existing: Path | None) -> Any:

@@ -126,23 +126,47 @@ class _Disk:
         self._by_dir: dict[str, list[tuple[str, Row]]] | None = None  # rows by directory
         self._rows_read = threading.Event()  # read_rows() has built _by_dir, or will not
 
-    def add_dir(self, path: RelPath, create: bool) -> None:
-        """Note (and with ``create``, make) the directory ``path`` of the mirror."""
+    def add_dir(self, path: RelPath, create: bool) -> bool:
+        """Note (and with ``create``, make) the directory ``path`` of the mirror. True when
+        a file this mirror fetched there, unchanged since, gave way to it (upstream, the
+        file became a directory); a file of anyone else's in the way raises, as before."""
         if path in self._dirs:
-            return
+            return False
         p = self.dest / path
         if not create:
             if not p.is_dir():
                 self.fresh.add(path)
-            return
+            return False
+        replaced = False
         try:
             p.mkdir()
         except FileExistsError:
-            p.mkdir(parents=True, exist_ok=True)  # raises when it is not a directory
-            return
+            replaced = not p.is_dir() and self._give_way(path)
+            if not replaced:
+                p.mkdir(parents=True, exist_ok=True)  # raises when it is not a directory
+                return False
+            p.mkdir()
         except FileNotFoundError:
             p.mkdir(parents=True, exist_ok=True)
         self.fresh.add(path)
+        return replaced
+
+    def _give_way(self, path: RelPath) -> bool:
+        """Remove the file at ``path`` if it is one this mirror fetched and nobody changed
+        since (its row's size, a regular file); True if it went."""
+        r = self.row(path)
+        if r is None or r.status not in ("ok", "adopted") or r.size is None:
+            return False
+        target = os.path.join(self.dest, path)
+        try:
+            st = os.lstat(target)
+        except OSError:
+            return False
+        if not stat.S_ISREG(st.st_mode) or st.st_size != r.size:
+            return False
+        os.unlink(target)
+        self.state.forget([path])
+        return True
 
     def local(self, path: RelPath) -> LocalFile | None:
         if path.rpartition("/")[0] in self.fresh:
@@ -621,7 +645,10 @@ def _take(run: _Run, item: CrawlItem) -> None:
         s.directories += 1
         run.seen_dirs.add(item.path)
         try:
-            disk.add_dir(item.path, create=not run.job.dry_run)
+            if disk.add_dir(item.path, create=not run.job.dry_run):
+                s.notices.append(
+                    f"{item.path}: a file fetched before is a directory upstream now; replaced"
+                )
         except OSError as exc:
             s.failed.append((item.path, f"cannot create directory: {exc.strerror or exc}"))
         return

@@ -8,6 +8,7 @@ Either way no file is ever seen under its final name before it is whole.
 from __future__ import annotations
 
 import os
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -150,6 +151,41 @@ def test_local_files_and_directories_in_the_way_fail_those_files_only(
     assert f"{dest / 'b' / 'y.bin'}: Is a directory" in r.output
     assert (dest / "a").read_bytes() == b"mine" and (dest / "b" / "y.bin" / "sub").is_dir()
     assert (dest / "c" / "z.bin").read_bytes() == b"c/z.bin" * 500
+    assert _partials(dest) == []
+
+
+def test_a_file_that_became_a_directory_upstream_gives_way_if_the_mirror_fetched_it(
+    tmp_path: Path, run_fetch
+) -> None:
+    # "a" and "b" were files, fetched; upstream both are directories now. "a" is as the
+    # mirror fetched it: it gives way. "b" was edited here since: it is kept, and the
+    # files below it fail, as any local file in the way does.
+    www = tmp_path / "www"
+    www.mkdir()
+    for name in ("a", "b", "keep.txt"):
+        (www / name).write_bytes(name.encode() * 300)
+    dest = tmp_path / "d"
+    with FaultServer(root=www) as srv:
+        args = ("--mirror", srv.url, "--dest", dest, "--procs", "1")
+        assert run_fetch(*args).code == 0
+        for name in ("a", "b"):
+            (www / name).unlink()
+            (www / name / "sub").mkdir(parents=True)
+            (www / name / "sub" / "inner.txt").write_bytes(name.encode() * 50)
+        (dest / "b").write_bytes(b"edited here")
+        r = run_fetch(*args)
+    assert r.code == 1, r.output
+    assert (dest / "a" / "sub" / "inner.txt").read_bytes() == b"a" * 50
+    assert "a: a file fetched before is a directory upstream now; replaced" in r.output
+    assert (dest / "b").read_bytes() == b"edited here"
+    assert f"{dest / 'b'}: a local file where the mirror has a directory" in r.output
+    assert (dest / "keep.txt").read_bytes() == b"keep.txt" * 300
+    con = sqlite3.connect(dest / ".fetcher" / "state.sqlite")
+    try:
+        paths = {p for (p,) in con.execute("SELECT path FROM files")}
+    finally:
+        con.close()
+    assert "a" not in paths and "a/sub/inner.txt" in paths and "b" in paths
     assert _partials(dest) == []
 
 
