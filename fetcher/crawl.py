@@ -319,8 +319,10 @@ def crawl(
             return None
 
         def keep(page_url: str, digest: bytes) -> tuple[Listing, tuple[str, ...], int] | None:
-            last = listings.get(page_url)
-            if last is None or last.digest != digest:
+            # by the URL asked for, not the page's (after a redirect it may be another
+            # directory's, whose kept listing is that directory's)
+            last = listings.get(d.url)
+            if last is None or last.digest != digest or last.path != d.path:
                 return None
             same = intact(d.path, last)
             return None if same is None else (last, *same)
@@ -600,7 +602,8 @@ def _children(
     if page.digest is not None and not problems:
         stamps = [(path, f.stamp) for path, f in files.items() if f.stamp is not None]
         if len(stamps) == len(files):  # a file without one is asked about every run
-            yield Listing(page.url, page.digest, names_digest(stamps), len(files), tuple(below), fp)
+            names = names_digest(stamps)
+            yield Listing(d.url, d.path, page.digest, names, len(files), tuple(below), fp)
 
 
 def _kept_children(
@@ -616,7 +619,7 @@ def _kept_children(
     kept = page.kept
     assert kept is not None
     last = kept.listing
-    if last.fp in d.ancestors or (last.dirs and d.depth + 1 > opts.depth):
+    if last.path != d.path or last.fp in d.ancestors or (last.dirs and d.depth + 1 > opts.depth):
         # here the last run's listing would not stand: read the page after all
         entries = parse_listing(kept.body, kept.url)
         yield from _children(replace(page, entries=entries, kept=None), d, scope, opts,

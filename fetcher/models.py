@@ -330,6 +330,9 @@ class Listing:
     """
 
     url: str
+    """The directory's URL as the crawl asked for it (a redirect's target may be another's)."""
+    path: str
+    """The directory's path below the mirror's root."""
     digest: bytes
     names: bytes
     """The files' paths and stamps, hashed (:func:`names_digest`)."""

@@ -62,6 +62,7 @@ _MIGRATIONS: dict[int, str] = {
     4: """
     CREATE TABLE listings (
         url TEXT PRIMARY KEY,
+        path TEXT NOT NULL,
         digest BLOB NOT NULL,
         names BLOB NOT NULL,
         files INTEGER NOT NULL,
@@ -367,7 +368,7 @@ class State:
             return {}
         try:
             rows = self._db.execute(
-                "SELECT url, digest, names, files, dirs, fp FROM listings LIMIT ?",
+                "SELECT url, path, digest, names, files, dirs, fp FROM listings LIMIT ?",
                 (ROWS_AT_ONCE + 1,),
             ).fetchall()
         except sqlite3.OperationalError:
@@ -375,12 +376,14 @@ class State:
         if len(rows) > ROWS_AT_ONCE:
             return {}
         found = {}
-        for url, digest, names, files, dirs, fp in rows:
+        for url, path, digest, names, files, dirs, fp in rows:
             try:
                 pairs = tuple((str(u), str(p)) for u, p in json.loads(dirs))
             except (ValueError, TypeError):
                 continue  # not what this fetch wrote: the page is read as if new
-            found[url] = Listing(url, bytes(digest), bytes(names), int(files), pairs, bytes(fp))
+            found[url] = Listing(
+                url, path, bytes(digest), bytes(names), int(files), pairs, bytes(fp)
+            )
         return found
 
     def _maybe_flush(self) -> None:
@@ -420,8 +423,8 @@ class State:
                     )
                 _in_groups(
                     self._db,
-                    "INSERT OR REPLACE INTO listings (url, digest, names, files, dirs, fp)",
-                    [(x.url, x.digest, x.names, x.files, json.dumps(x.dirs), x.fp)
+                    "INSERT OR REPLACE INTO listings (url, path, digest, names, files, dirs, fp)",
+                    [(x.url, x.path, x.digest, x.names, x.files, json.dumps(x.dirs), x.fp)
                      for x in self._listings],
                 )  # fmt: skip
         except sqlite3.DatabaseError as exc:

@@ -893,6 +893,33 @@ def test_a_file_that_failed_keeps_its_page_read_until_it_is_in(
         assert pages == []
 
 
+def test_a_listing_reached_by_a_redirect_is_kept_for_the_directory_that_asked(
+    tmp_path: Path, run_fetch: RunFetch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # "b/" redirects to "a/", whose page holds only a directory. Kept by the page's URL,
+    # b's view of it (nothing below b) would have stood for a's on the next run, and a's
+    # directory would not have been crawled: its files vanished, and --delete would
+    # have removed them. Kept by the URL asked for, each directory has its own.
+    www = tmp_path / "www"
+    (www / "a" / "sub").mkdir(parents=True)
+    (www / "a" / "sub" / "f.txt").write_bytes(b"below a directory-only page" * 10)
+    (www / "b").mkdir()
+    dest = tmp_path / "d"
+    pages = _count_parses(monkeypatch)
+    report = tmp_path / "report.json"
+    with _serving(www) as srv:
+        srv.persist("/b/", Fault.redirect(srv.url + "a/"))
+        args = ("--mirror", srv.url, "--dest", dest, "--procs", "1", "--report", report)
+        for _ in range(3):
+            pages.clear()
+            r = run_fetch(*args, "--delete")
+            assert r.code == 0, r
+            assert (dest / "a" / "sub" / "f.txt").exists()
+            job = _report(report)
+            assert job["vanished"] == 0 and job["deleted"] == [], job
+        assert len(pages) < 4  # kept pages were used meanwhile
+
+
 def test_kept_listings_round_trip_and_a_dry_run_reads_every_page(
     tmp_path: Path, run_fetch: RunFetch, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -902,8 +929,9 @@ def test_kept_listings_round_trip_and_a_dry_run_reads_every_page(
     st = State.open(tmp_path / "d")
     try:
         kept = Listing(
-            "http://m.test/a/", b"d" * 16, b"n" * 16, 2, (("http://m.test/a/b/", "a/b"),), b"f"
-        )
+            "http://m.test/a/", "a", b"d" * 16, b"n" * 16, 2, (("http://m.test/a/b/", "a/b"),),
+            b"f",
+        )  # fmt: skip
         st.put_listing(kept)
         st.flush()
         assert st.listings() == {"http://m.test/a/": kept}
