@@ -634,4 +634,4 @@ def _kept_children(
             continue
         visited.add(key)
         submit(_Dir(url, rel, d.depth + 1, chain))
-    yield UnchangedDir(RelPath(d.path), kept.files, kept.nbytes)
+    yield UnchangedDir(RelPath(d.path), kept.files, kept.nbytes, last.url)

@@ -354,11 +354,12 @@ def names_digest(files: Iterable[tuple[str, str]]) -> bytes:
 @dataclass(frozen=True, slots=True)
 class UnchangedDir:
     """A directory whose listing and files are as the last run left them: ``files`` (its
-    files' paths), ``nbytes`` in all, each unchanged."""
+    files' paths), ``nbytes`` in all, each unchanged; ``url``: its kept listing's."""
 
     path: RelPath
     files: tuple[str, ...]
     nbytes: int
+    url: str = ""
 
 
 @pickles_by_fields

@@ -85,6 +85,8 @@ class _Run:
     batch: list[Job] = field(default_factory=list)
     crawl_complete: bool = False
     pipelined: bool | None = None  # the crawl's requests sent ahead were answered (state)
+    kept: dict[str, Listing] | None = None  # the listings the last run kept (if used)
+    listed: set[str] = field(default_factory=set)  # the listings this run read or kept
     crawlers: int = 0
     # batches of at most _BATCH crawl items, and _CRAWL_DONE once per crawl
     inbox: queue.Queue[Any] = field(default_factory=lambda: queue.Queue(maxsize=10_000 // _BATCH))
@@ -336,6 +338,9 @@ def _run_with_state(
                     clean=_crawl_clean(run), seen_dirs=run.seen_dirs, derived=run.derived,
                     new_dirs=run.disk.fresh,
                 )  # fmt: skip
+            if run.kept and _crawl_clean(run):
+                # directories gone upstream (or out of the selection): their kept listings go
+                state.forget_listings([url for url in run.kept if url not in run.listed])
             summary.finished = time.time()
             state.end_run(run.run_id, _crawl_clean(run), summary.exit_code, run.pipelined)
         except FatalIOError as exc:
@@ -393,7 +398,7 @@ def _start_crawl(run: _Run, root: str, prefix: str = "") -> None:
     trusted = not prefix and run.state.pipelined(job.url)
     # pages as the last run read them: not parsed again while DEST is as it left it
     kept = not prefix and job.index == "html" and not job.post and not job.dry_run
-    listings = run.state.listings() if kept else None
+    listings = run.kept = run.state.listings() if kept else None
     intact = run.disk.intact if kept and run.disk is not None else None
 
     def put(item: Any) -> None:
@@ -637,9 +642,11 @@ def _take(run: _Run, item: CrawlItem) -> None:
         c.files += len(item.files)
         c.bytes += item.nbytes
         run.reporter.skipped_many(len(item.files))
+        run.listed.add(item.url)
         return
     if isinstance(item, Listing):
         run.state.put_listing(item)
+        run.listed.add(item.url)
         return
     if isinstance(item, RemoteDir):
         s.directories += 1

@@ -361,6 +361,16 @@ class State:
             self._listings.append(listing)
             self._maybe_flush()
 
+    def forget_listings(self, urls: list[str]) -> None:
+        """Drop the kept listings of ``urls`` (directories a clean crawl no longer found)."""
+        if self.readonly or not urls:
+            return
+        self.flush()
+        # a cache: a record that stays only costs a row (a full disk shows at the run's end)
+        with contextlib.suppress(sqlite3.DatabaseError), self._db:
+            self._db.execute("BEGIN")
+            _where_in(self._db, "DELETE FROM listings WHERE url", [], urls)
+
     def listings(self) -> dict[str, Listing]:
         """What each directory's listing gave the last run that read it, by URL; empty
         for a dry run, a state of schema < 4, or over ``ROWS_AT_ONCE`` directories."""

@@ -920,6 +920,32 @@ def test_a_listing_reached_by_a_redirect_is_kept_for_the_directory_that_asked(
         assert len(pages) < 4  # kept pages were used meanwhile
 
 
+def test_the_kept_listing_of_a_directory_gone_upstream_goes_after_a_clean_crawl(
+    tmp_path: Path, run_fetch: RunFetch
+) -> None:
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    _make_source(src, files=12, dirs=3)
+
+    def kept() -> list[str]:
+        con = sqlite3.connect(dest / ".fetcher" / "state.sqlite")
+        try:
+            return sorted(p for (p,) in con.execute("SELECT path FROM listings"))
+        finally:
+            con.close()
+
+    with _serving(src) as srv:
+        args = ("--mirror", srv.url, "--dest", dest, "--procs", "1", "--retries", "1")
+        assert run_fetch(*args).code == 0
+        assert kept() == ["", "d000", "d001", "d002"]
+        shutil.rmtree(src / "d002")
+        srv.persist("/d001/", Fault.status(500))  # an unread listing: the crawl is not clean
+        assert run_fetch(*args).code == 1
+        assert kept() == ["", "d000", "d001", "d002"]
+        srv.clear_faults()
+        assert run_fetch(*args).code == 0
+        assert kept() == ["", "d000", "d001"]
+
+
 def test_kept_listings_round_trip_and_a_dry_run_reads_every_page(
     tmp_path: Path, run_fetch: RunFetch, monkeypatch: pytest.MonkeyPatch
 ) -> None:
