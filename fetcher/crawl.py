@@ -533,6 +533,15 @@ def _unread(d: _Dir, message: str) -> Iterator[CrawlItem]:
     yield CrawlProblem(d.url, message, "listing")
 
 
+def _first_visit(url: str, visited: set[str]) -> bool:
+    """True the first time the crawl meets the directory ``url`` (then it is noted)."""
+    key = normalise_dir_url(url)
+    if key in visited:
+        return False
+    visited.add(key)
+    return True
+
+
 def _children(
     page: _Page,
     d: _Dir,
@@ -576,10 +585,8 @@ def _children(
             dirs.add(rel)
             url = e.url if e.url.endswith("/") else e.url + "/"
             below.append((url, rel))
-            key = normalise_dir_url(e.url)
-            if key in visited:
+            if not _first_visit(e.url, visited):
                 continue
-            visited.add(key)
             if d.depth + 1 > opts.depth:
                 problems = True
                 yield CrawlProblem(e.url, f"deeper than --depth {opts.depth}; not crawled", "depth")
@@ -629,9 +636,6 @@ def _kept_children(
         yield RemoteDir(RelPath(d.path))
     chain = (*d.ancestors, last.fp)
     for url, rel in last.dirs:
-        key = normalise_dir_url(url)
-        if key in visited:
-            continue
-        visited.add(key)
-        submit(_Dir(url, rel, d.depth + 1, chain))
+        if _first_visit(url, visited):
+            submit(_Dir(url, rel, d.depth + 1, chain))
     yield UnchangedDir(RelPath(d.path), kept.files, kept.nbytes, last.url)

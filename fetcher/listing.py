@@ -146,7 +146,7 @@ def _nginx_page(body: bytes, page: _Page, page_url: str) -> list[ListingEntry] |
             date = dates[stamp] = reader.dates.find(stamp, anchored=True)
         if date is None:
             return None
-        number, exact, dash = (int(size), True, False) if size.isdigit() else size_token(size)
+        number, exact, dash = size_token(size)
         item = reader.item(url, label, Row(number, exact, date.text, date.mtime, dash=dash))
         if url in found:
             found[url].merge(item)

@@ -636,8 +636,7 @@ def _take(run: _Run, item: CrawlItem) -> None:
     disk = run.disk
     assert disk is not None
     if isinstance(item, UnchangedDir):
-        for path in item.files:  # each as an unchanged RemoteFile below would be
-            run.state.seen(run.run_id, path)
+        run.state.seen_many(run.run_id, item.files)  # as each unchanged RemoteFile is
         c = s.planned.setdefault("skipped", Counts())
         c.files += len(item.files)
         c.bytes += item.nbytes

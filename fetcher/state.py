@@ -15,7 +15,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -339,6 +339,11 @@ class State:
         self._seen.append((run_id, path))
         self._maybe_flush()
 
+    def seen_many(self, run_id: int, paths: Iterable[str]) -> None:
+        """:meth:`seen` for each of ``paths`` (a directory's files at once)."""
+        self._seen.extend((run_id, path) for path in paths)
+        self._maybe_flush()
+
     def record(self, run_id: int, out: Outcome) -> None:
         if out.status not in (Status.FETCHED, Status.UNCHANGED):
             return
@@ -373,16 +378,14 @@ class State:
 
     def listings(self) -> dict[str, Listing]:
         """What each directory's listing gave the last run that read it, by URL; empty
-        for a dry run, a state of schema < 4, or over ``ROWS_AT_ONCE`` directories."""
+        for a dry run (which may read a file of an older schema) or over ``ROWS_AT_ONCE``
+        directories."""
         if self.readonly:
             return {}
-        try:
-            rows = self._db.execute(
-                "SELECT url, path, digest, names, files, dirs, fp FROM listings LIMIT ?",
-                (ROWS_AT_ONCE + 1,),
-            ).fetchall()
-        except sqlite3.OperationalError:
-            return {}
+        rows = self._db.execute(
+            "SELECT url, path, digest, names, files, dirs, fp FROM listings LIMIT ?",
+            (ROWS_AT_ONCE + 1,),
+        ).fetchall()
         if len(rows) > ROWS_AT_ONCE:
             return {}
         found = {}
