@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime, timedelta
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-import lxml.etree as etree  # type: ignore[import-untyped,unused-ignore]
+if TYPE_CHECKING:  # the elements come from fetcher.listing, which imports lxml when needed
+    import lxml.etree as etree  # type: ignore[import-untyped,unused-ignore]
 
 __all__ = [
     "DateFinder",

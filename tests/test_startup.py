@@ -199,3 +199,34 @@ def test_on_a_terminal_the_cli_draws_the_live_display(tmp_path: Path) -> None:
     assert "\x1b[" in out  # drawn, with terminal codes
     assert "fetched" in out
     assert (tmp_path / "d" / "a.bin").read_bytes() == b"a" * 5000
+
+
+def _imports_lxml(url: str, dest: Path) -> tuple[bool, str]:
+    code = (
+        "import atexit, sys; import fetcher.cli as cli; "
+        "atexit.register(lambda: print('lxml:', 'lxml.etree' in sys.modules)); "
+        "sys.exit(cli.main(sys.argv[1:]))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, "--mirror", url, "--dest", str(dest), "--procs", "1"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()[-1] == "lxml: True", done.stdout
+
+
+def test_lxml_is_imported_only_for_a_page_the_nginx_reader_declines(tmp_path: Path) -> None:
+    # nginx's autoindex pages go through the line reader: ~8 ms of start-up saved
+    from tests.servers import serve
+
+    www = tmp_path / "www"
+    (www / "sub").mkdir(parents=True)
+    (www / "sub" / "a.bin").write_bytes(b"a" * 3000)
+    with serve("nginx", www, tmp_path / "srv") as srv:
+        used, out = _imports_lxml(srv.url, tmp_path / "d1")
+    assert not used and "  fetched      1" in out, out
+    assert (tmp_path / "d1" / "sub" / "a.bin").read_bytes() == b"a" * 3000
+    with serve("apache", www, tmp_path / "srv2") as srv:  # its markup: the general reader
+        used, out = _imports_lxml(srv.url, tmp_path / "d2")
+    assert used and "  fetched      1" in out, out
+    assert (tmp_path / "d2" / "sub" / "a.bin").read_bytes() == b"a" * 3000
