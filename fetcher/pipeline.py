@@ -392,13 +392,18 @@ def _start_crawl(run: _Run, root: str, prefix: str = "") -> None:
     )
     inbox, stop = run.inbox, run.stop
     assert run.limits is not None
-    # where the last run found files: their listings are asked for at once (see crawl())
-    known = () if prefix or job.index != "html" else run.state.directories()
     # pipelined from the first request when the last run's were answered
     trusted = not prefix and run.state.pipelined(job.url)
     # pages as the last run read them: not parsed again while DEST is as it left it
     kept = not prefix and job.index == "html" and not job.post and not job.dry_run
     listings = run.kept = run.state.listings() if kept else None
+    # where the last run found files: their listings are asked for at once (see crawl()).
+    # With its listings kept, the directories it read say as much from a row each (50
+    # directories: 0.1 ms, against 5 ms for 5,000 files' URLs, before the first request).
+    if prefix or job.index != "html":
+        known: Sequence[str] = ()
+    else:
+        known = sorted(listings) if listings else run.state.directories()
     intact = run.disk.intact if kept and run.disk is not None else None
 
     def put(item: Any) -> None:

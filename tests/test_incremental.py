@@ -621,11 +621,14 @@ def _deep_source(root: Path) -> None:
         os.utime(p, (OLD, OLD))
 
 
+@pytest.mark.parametrize("extra", [(), ("--dry-run",)], ids=["kept-listings", "file-rows"])
 def test_rerun_asks_known_listings_before_the_root_answers(
-    tmp_path: Path, run_fetch: RunFetch
+    tmp_path: Path, run_fetch: RunFetch, extra: tuple[str, ...]
 ) -> None:
     """The root's answer is held back until the deepest known listing has been asked for:
-    a crawl that walks level by level could not ask for it first (it waits 5 s, then fails)."""
+    a crawl that walks level by level could not ask for it first (it waits 5 s, then fails).
+    The directories come from the kept listings, or (a dry run keeps none, nor reads
+    them) from the files' rows."""
     import threading
 
     src, dest = tmp_path / "src", tmp_path / "dest"
@@ -633,6 +636,7 @@ def test_rerun_asks_known_listings_before_the_root_answers(
     with _serving(src) as srv:
         args = ("--mirror", srv.url, "--dest", dest, "--procs", "1")
         assert run_fetch(*args).code == 0
+        args += extra
         srv.reset_stats()
         release = threading.Event()
         srv.script("/", [Fault.gated(release)])
