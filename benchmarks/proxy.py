@@ -119,12 +119,18 @@ async def _handle(
 async def run_proxy(
     listen_port: int, upstream_port: int, delay: float, max_buffer: int = 32 << 20
 ) -> None:
-    server = await asyncio.start_server(
-        lambda r, w: _handle(r, w, upstream_port, delay, max_buffer),
-        HOST,
-        listen_port,
-        backlog=1024,
-    )
+    # The loop keeps only weak references to tasks: a connection whose transports are
+    # both out of the selector (one side paused for flow control, nothing to write)
+    # would be collected mid-transfer ("Task was destroyed but it is pending!") and its
+    # sockets closed under the tool measured. Each connection's task is held here.
+    live: set[asyncio.Task[None]] = set()
+
+    def connected(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        task = asyncio.create_task(_handle(r, w, upstream_port, delay, max_buffer))
+        live.add(task)
+        task.add_done_callback(live.discard)
+
+    server = await asyncio.start_server(connected, HOST, listen_port, backlog=1024)
     port = server.sockets[0].getsockname()[1]
     print(f"listening {port}", flush=True)
     async with server:

@@ -555,3 +555,23 @@ def test_limit_rate_is_nginx_only(tmp_path: Path) -> None:
         serve("apache", tmp_path / "www", tmp_path / "work", limit_rate="2m"),
     ):
         pass
+
+
+def test_benchmarks_proxy_delays_each_way_and_passes_bytes_in_order(tmp_path: Path) -> None:
+    """benchmarks/proxy.py (the suite's round trip): a request and its answer each wait
+    the delay, and the bytes arrive whole and in order, again on the kept-alive connection."""
+    from benchmarks.run import proxied
+
+    root = tmp_path / "www"
+    root.mkdir()
+    body = bytes(range(256)) * 4096  # 1 MiB, every offset's byte known
+    (root / "big.bin").write_bytes(body)
+    delay_ms = 40
+    with serve("nginx", root, tmp_path / "work") as srv, proxied(srv.port, delay_ms) as port:
+        url = f"http://127.0.0.1:{port}/big.bin"
+        with httpx.Client(timeout=10) as client:
+            for _ in range(3):
+                started = time.monotonic()
+                assert client.get(url).content == body
+                assert time.monotonic() - started >= 2 * delay_ms / 1000  # there and back
+        assert [r.path for r in srv.requests(min_count=3)] == ["/big.bin"] * 3
