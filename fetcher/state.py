@@ -330,6 +330,13 @@ class State:
         or a state of over ``ROWS_AT_ONCE`` files."""
         if self.readonly:
             return None
+        # counted first (the primary key's index, ~1 ms for 20,000 rows): a bigger state's
+        # first ROWS_AT_ONCE rows would be read for nothing (~75 ms of CPU)
+        (n,) = self._db.execute(
+            "SELECT count(*) FROM (SELECT 1 FROM files LIMIT ?)", (ROWS_AT_ONCE + 1,)
+        ).fetchone()
+        if n > ROWS_AT_ONCE:
+            return None
         rows = self._db.execute(f"SELECT {_ROW} FROM files LIMIT ?", (ROWS_AT_ONCE + 1,))
         found = {r[0]: Row(*r) for r in rows}
         return found if len(found) <= ROWS_AT_ONCE else None

@@ -1108,7 +1108,11 @@ def test_a_directorys_rows_come_in_one_query(
         assert every is not None and sorted(every) == sorted(paths)
         assert every["a/b/x"] == st.get("a/b/x")
         monkeypatch.setattr("fetcher.state.ROWS_AT_ONCE", len(paths) - 1)
+        statements.clear()
+        st._db.set_trace_callback(statements.append)
         assert st.every_row() is None
+        st._db.set_trace_callback(None)
+        assert not any("etag" in q for q in statements), statements  # counted, no row read
         assert st.directories() == [  # where files were: asked for at once by the next crawl
             "http://mirror.test/a/", "http://mirror.test/a/a/",
             "http://mirror.test/a/b/", "http://mirror.test/a/b/sub/", "http://mirror.test/a/bc/",
