@@ -625,8 +625,8 @@ def _kept_children(
     listing's directories, and its files as one :class:`UnchangedDir`."""
     kept = page.kept
     assert kept is not None
-    last = kept.listing
-    if last.path != d.path or last.fp in d.ancestors or (last.dirs and d.depth + 1 > opts.depth):
+    last = kept.listing  # of this directory's path (keep() saw to that)
+    if last.fp in d.ancestors or (last.dirs and d.depth + 1 > opts.depth):
         # here the last run's listing would not stand: read the page after all
         entries = parse_listing(kept.body, kept.url)
         yield from _children(replace(page, entries=entries, kept=None), d, scope, opts,

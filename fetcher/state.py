@@ -342,9 +342,7 @@ class State:
         ).fetchone()
         if n > ROWS_AT_ONCE:
             return None
-        rows = self._db.execute(f"SELECT {_ROW} FROM files LIMIT ?", (ROWS_AT_ONCE + 1,))
-        found = {r[0]: Row(*r) for r in rows}
-        return found if len(found) <= ROWS_AT_ONCE else None
+        return {r[0]: Row(*r) for r in self._db.execute(f"SELECT {_ROW} FROM files")}
 
     def seen(self, run_id: int, path: str) -> None:
         """Mark an unchanged file as present upstream in this run."""
