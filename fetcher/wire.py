@@ -59,16 +59,23 @@ class Owner(Protocol):
 
 
 class Conn:
-    """One TCP (or TLS) connection and the bytes read past the last response."""
+    """One TCP (or TLS) connection and the bytes read past the last response.
+
+    Those bytes are ``rest[at:]``: one read off a pipelined connection holds several
+    answers, and each head and body is taken by moving ``at``, not by copying what
+    follows it (with 256 KiB reads and small files that copy was ~15 µs an answer).
+    """
 
     __slots__ = (
-        "_buf", "_head", "_release", "busy", "key", "proven", "queued", "rest", "sock", "used"
+        "_buf", "_head", "_release", "at", "busy", "key", "proven", "queued", "rest", "sock",
+        "used",
     )  # fmt: skip
 
     def __init__(self, key: tuple[str, str, int], sock: socket.socket, release: Any) -> None:
         self.key = key
         self.sock = sock
         self.rest = b""
+        self.at = 0
         self.used = False  # has carried a complete response (so it may have gone stale)
         self.proven = False  # has kept alive after an HTTP/1.1 response: may pipeline
         self.queued: deque[bytes] = deque()  # requests sent ahead, their answers still to come
@@ -84,6 +91,30 @@ class Conn:
 
     def set_timeout(self, seconds: float | None) -> None:
         set_io_timeout(self.sock, seconds)
+
+    def unread(self) -> int:
+        """How many bytes were read past the last response taken."""
+        return len(self.rest) - self.at
+
+    def take(self, n: int) -> bytes:
+        """The next ``n`` (or fewer) of the bytes read ahead, taken."""
+        at = self.at
+        piece = self.rest[at : at + n]
+        self.skip_to(at + len(piece))
+        return piece
+
+    def skip_to(self, at: int) -> None:
+        """Everything in ``rest`` before ``at`` is taken."""
+        if at >= len(self.rest):
+            self.rest, self.at = b"", 0
+        else:
+            self.at = at
+
+    def feed(self, data: bytes) -> None:
+        """``data`` was read: it follows what is still unread."""
+        at = self.at
+        self.rest = self.rest[at:] + data if at < len(self.rest) else data
+        self.at = 0
 
     def recv(self) -> bytes:
         """Up to READ_SIZE bytes, read into this connection's own buffer and copied out.
@@ -177,8 +208,8 @@ class Body(httpx.SyncByteStream):
 
     def _by_length(self, conn: Conn) -> Iterator[bytes]:
         # self._left is kept current, so close() can drain what is left of a short body
-        if conn.rest:
-            take, conn.rest = conn.rest[: self._left], conn.rest[self._left :]
+        if conn.unread():
+            take = conn.take(self._left)
             self._left -= len(take)
             yield take
         sock = conn.sock
@@ -224,8 +255,8 @@ class Body(httpx.SyncByteStream):
             return None
         self._started = True
         written = 0
-        if conn.rest:
-            take, conn.rest = conn.rest[: self._left], conn.rest[self._left :]
+        if conn.unread():
+            take = conn.take(self._left)
             self._left -= len(take)
             write_all(fd, take)
             written += len(take)
@@ -303,27 +334,27 @@ class Body(httpx.SyncByteStream):
                 self._complete = True
                 return
             while size > 0:
-                if not conn.rest:
-                    conn.rest = self._recv(conn)
-                take, conn.rest = conn.rest[:size], conn.rest[size:]
+                if not conn.unread():
+                    conn.feed(self._recv(conn))
+                take = conn.take(size)
                 size -= len(take)
                 yield take
             if self._line(conn, "chunk end"):
                 raise httpx.RemoteProtocolError("chunk data longer than its size")
 
     def _to_close(self, conn: Conn) -> Iterator[bytes]:
-        if conn.rest:
-            data, conn.rest = conn.rest, b""
-            yield data
+        if conn.unread():
+            yield conn.take(conn.unread())
         while data := conn.recv():
             yield data
 
     def _line(self, conn: Conn, what: str) -> bytes:
-        while (i := conn.rest.find(b"\r\n")) < 0:
-            if len(conn.rest) > MAX_CHUNK_LINE:
+        while (i := conn.rest.find(b"\r\n", conn.at)) < 0:
+            if conn.unread() > MAX_CHUNK_LINE:
                 raise httpx.RemoteProtocolError(f"{what} line too long")
-            conn.rest += self._recv(conn)
-        line, conn.rest = conn.rest[:i], conn.rest[i + 2 :]
+            conn.feed(self._recv(conn))
+        line = conn.rest[conn.at : i]
+        conn.skip_to(i + 2)
         return line
 
     @staticmethod
@@ -340,7 +371,7 @@ class Body(httpx.SyncByteStream):
             # Reuse only after a complete body with nothing read past it, unless answers
             # to pipelined requests are due (else bytes beyond the body mean a server that
             # does not frame its responses: not one to reuse).
-            clean = not conn.rest or bool(conn.queued)
+            clean = not conn.unread() or bool(conn.queued)
             self._owner.done(conn, self._complete and self._reusable and clean)
 
     def close(self) -> None:
@@ -369,29 +400,30 @@ class Stale(Exception):
 
 def read_head(conn: Conn) -> tuple[int, bytes, list[tuple[bytes, bytes]], bytes]:
     """The next response head on ``conn``: status, reason, headers (names lower-cased), version."""
-    buf = conn.rest
-    start = 0
+    buf, at = conn.rest, conn.at
+    start = at
     while (end := buf.find(b"\r\n\r\n", start)) < 0:
-        if len(buf) > MAX_HEAD:
+        if len(buf) - at > MAX_HEAD:
             raise httpx.RemoteProtocolError(f"response head over {MAX_HEAD} bytes")
-        start = max(0, len(buf) - 3)
+        start = max(0, len(buf) - at - 3)
         try:
             data = conn.recv()
         except OSError as exc:
-            if conn.used and not buf and not timed_out(exc):
+            if conn.used and len(buf) == at and not timed_out(exc):
                 raise Stale from exc
             raise read_error(exc, "waiting for the response") from exc
         if not data:
-            if conn.used and not buf:
+            if conn.used and len(buf) == at:
                 raise Stale
             raise httpx.RemoteProtocolError(
                 "server closed the connection without a complete response"
             )
-        buf += data
-    if end > MAX_HEAD:
+        conn.feed(data)
+        buf, at = conn.rest, 0
+    if end - at > MAX_HEAD:
         raise httpx.RemoteProtocolError(f"response head over {MAX_HEAD} bytes")
-    conn.rest = buf[end + 4 :]
-    lines = buf[:end].split(b"\r\n")
+    conn.skip_to(end + 4)
+    lines = buf[at:end].split(b"\r\n")
     parts = lines[0].split(b" ", 2)
     version = parts[0]
     if (

@@ -27,7 +27,7 @@ import pytest
 
 from fetcher.http1 import REUSE_BUFFER, ThreadConnTransport
 from fetcher.limits import TokenGate
-from fetcher.wire import set_io_timeout, timed_out
+from fetcher.wire import Body, Conn, framing, read_head, set_io_timeout, timed_out
 from tests.servers import free_port, serve
 
 pytestmark = pytest.mark.timeout(30)
@@ -994,3 +994,49 @@ def test_plain_sockets_keep_time_in_the_kernel_both_ways() -> None:
         set_io_timeout(a, None)
         raw = a.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16)
         assert raw == bytes(len(raw)), "None must clear the timeout"
+
+
+class _Owner:
+    read_timeout = None
+
+    def __init__(self) -> None:
+        self.done_with: list[bool] = []
+
+    def done(self, conn: Conn, keep: bool) -> None:
+        self.done_with.append(keep)
+
+
+def test_answers_read_together_are_taken_without_copying_what_follows() -> None:
+    """Answers that arrive in one read (pipelined small files) are taken by moving a
+    cursor over that read: what follows each one is not copied (it was, twice an
+    answer). A head cut in two by the reads still parses, and every body is intact."""
+    bodies = [bytes([65 + i]) * (1000 + 7 * i) for i in range(5)]
+    wire = b"".join(
+        b'HTTP/1.1 200 OK\r\nContent-Length: %d\r\nETag: "%d"\r\n\r\n%s' % (len(x), i, x)
+        for i, x in enumerate(bodies)
+    )
+    cut = wire.index(b"Content-Length", len(wire) - len(bodies[-1]) - 60)
+    a, b = socket.socketpair()
+    with a, b:
+        b.sendall(wire[:cut])  # four answers and the start of the fifth's head
+        conn = Conn(("http", "127.0.0.1", 80), a, None)
+        owner = _Owner()
+        read: bytes | None = None
+        got = []
+        for i in range(4):
+            status, _, headers, _ = read_head(conn)
+            if read is None:
+                read = conn.rest
+            assert conn.rest is read, f"answer {i}: the read was copied"
+            mode, length = framing("GET", status, headers)
+            got.append(b"".join(Body(owner, conn, mode, length, True)))
+            assert (b"etag", b'"%d"' % i) in headers
+        fourth_end = wire.index(bodies[3]) + len(bodies[3])
+        assert conn.rest is read and conn.unread() == cut - fourth_end
+        b.sendall(wire[cut:])
+        status, _, headers, _ = read_head(conn)
+        mode, length = framing("GET", status, headers)
+        got.append(b"".join(Body(owner, conn, mode, length, True)))
+        assert got == bodies
+        assert conn.unread() == 0 and conn.rest == b""
+        assert owner.done_with == [False, False, False, False, True]  # reused once drained
