@@ -302,16 +302,18 @@ class ThreadConnTransport(httpx.BaseTransport):
             raise httpx.UnsupportedProtocol(f"unsupported URL scheme {scheme!r}")
         key = _origin(url)
         head = self._head_bytes(request)
-        self._consume_expectation(key, head)
         conn = self._take_own(key)
         sent = False
         if conn is not None and conn.queued:
             if conn.queued[0] == head:
                 conn.queued.popleft()
-                sent = True  # its answer is on the way
+                sent = True  # its answer is on the way (and it left the expected when sent)
             else:
                 self._drop(conn)  # it owes answers we no longer want
                 conn = None
+        if not sent:
+            # not one of the requests sent ahead: the ones announced before it are not wanted
+            self._consume_expectation(key, head)
         for _ in range(2):
             fresh = conn is None
             if conn is None:
