@@ -575,3 +575,23 @@ def test_benchmarks_proxy_delays_each_way_and_passes_bytes_in_order(tmp_path: Pa
                 assert client.get(url).content == body
                 assert time.monotonic() - started >= 2 * delay_ms / 1000  # there and back
         assert [r.path for r in srv.requests(min_count=3)] == ["/big.bin"] * 3
+
+
+def test_benchmarks_layers_fetch_every_file_each_way(tmp_path: Path) -> None:
+    """benchmarks/layers.py (a small file's CPU, layer by layer): each layer fetches the
+    whole tree from nginx, checked against its manifest, and the report has a row each."""
+    from benchmarks.layers import LAYERS, measure, report
+    from benchmarks.trees import build_tree
+
+    tree = build_tree("small", tmp_path, scale=0.02)  # 100 files of 1-64 KiB
+    dest = tmp_path / "dest"
+    with serve("nginx", tree.root, tmp_path / "work") as srv:
+        results = measure(srv.url, tree, dest, runs=1, layers=list(LAYERS))
+        passes = len(LAYERS) + 1  # and the untimed first
+        logged = srv.requests(min_count=passes * len(tree.files))
+    assert list(results) == list(LAYERS)
+    assert all(len(runs) == 1 and runs[0][1] > 0 for runs in results.values())
+    assert len(logged) == passes * len(tree.files)  # every file once a pass, no more
+    assert not dest.exists()
+    rows = report(results, len(tree.files)).splitlines()
+    assert [r.split(" | ")[0] for r in rows[2:]] == [f"| {name}" for name in LAYERS]
