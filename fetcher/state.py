@@ -25,7 +25,7 @@ from fetcher.models import STATE_DIR, Listing, Outcome, RemoteFile, Status
 
 __all__ = ["Row", "RunLock", "State"]
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 _MIGRATIONS: dict[int, str] = {
     1: """
@@ -60,6 +60,20 @@ _MIGRATIONS: dict[int, str] = {
     # next run then pipelines from its first request (ThreadConnTransport ``trusted``).
     3: "ALTER TABLE runs ADD COLUMN pipelined INTEGER;",
     4: """
+    CREATE TABLE listings (
+        url TEXT PRIMARY KEY,
+        digest BLOB NOT NULL,
+        names BLOB NOT NULL,
+        files INTEGER NOT NULL,
+        dirs TEXT NOT NULL,
+        fp BLOB NOT NULL
+    );
+    """,
+    # Each kept listing names the directory that asked for it (a redirect's page may be
+    # another directory's). The table is a cache: its rows go, and the next run reads
+    # each page once more.
+    5: """
+    DROP TABLE listings;
     CREATE TABLE listings (
         url TEXT PRIMARY KEY,
         path TEXT NOT NULL,

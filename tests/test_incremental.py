@@ -530,11 +530,45 @@ def test_a_schema_1_state_file_is_brought_forward_and_its_rows_kept(
     assert r.code == 0, r
     assert _file_requests(srv) == [], "the rows of schema 1 were not used"
     version, indexes = _indexes(db)
-    assert version == SCHEMA_VERSION == 4 and "files_last_seen" not in indexes, indexes
+    assert version == SCHEMA_VERSION == 5 and "files_last_seen" not in indexes, indexes
     assert _last_run_pipelined(dest) == 1  # schema 3: the run's pipelined requests answered
     con = sqlite3.connect(db)
     try:  # schema 4: what each listing gave the run
         assert con.execute("SELECT COUNT(*) FROM listings").fetchone()[0] == 3
+    finally:
+        con.close()
+    _assert_same(dest, src)
+
+
+def test_a_schema_4_state_file_whose_listings_lack_their_path_is_brought_forward(
+    mirrored: Any, run_fetch: RunFetch
+) -> None:
+    """Schema 4 as it was first written kept listings without their directory's path: the
+    run brings the file forward (the kept listings go; the files' rows stay) instead of
+    failing on the missing column."""
+    srv, src, dest, _ = mirrored
+    db = dest / ".fetcher" / "state.sqlite"
+    con = sqlite3.connect(db)
+    try:
+        con.execute("DROP TABLE listings")
+        con.execute(
+            "CREATE TABLE listings (url TEXT PRIMARY KEY, digest BLOB NOT NULL, names BLOB NOT"
+            " NULL, files INTEGER NOT NULL, dirs TEXT NOT NULL, fp BLOB NOT NULL)"
+        )
+        con.execute("PRAGMA user_version = 4")
+        con.commit()
+    finally:
+        con.close()
+    srv.reset_stats()
+    r = run_fetch("--mirror", srv.url, "--dest", dest, "--procs", "1")
+    assert r.code == 0 and "Traceback" not in r.output, r.output
+    assert _file_requests(srv) == [], "the files' rows were not used"
+    con = sqlite3.connect(db)
+    try:
+        assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert (
+            con.execute("SELECT COUNT(*) FROM listings WHERE path IS NOT NULL").fetchone()[0] == 3
+        )
     finally:
         con.close()
     _assert_same(dest, src)
