@@ -359,7 +359,7 @@ class UnchangedDir:
     path: RelPath
     files: tuple[str, ...]
     nbytes: int
-    url: str = ""
+    url: str
 
 
 @pickles_by_fields
