@@ -48,6 +48,40 @@ def _variant(spec: str) -> tuple[Path, list[str]]:
     return checkout, words[1:]
 
 
+def interleaved(
+    commands: dict[str, tuple[list[str], Path]],
+    runs: int,
+    dest: Path,
+    tree: Tree | None,
+    untimed_first: bool = False,
+) -> list[tuple[str, list[float], list[float]]]:
+    """Each command (argv, cwd) ``runs`` times, in turn run by run, ``dest`` removed and the
+    disks synced before each; every result checked against ``tree`` when given. With
+    ``untimed_first`` each timed run follows an untimed one (a re-sync's first run).
+    Returns each command's wall and CPU seconds, in order."""
+    walls: dict[str, list[float]] = {name: [] for name in commands}
+    cpus: dict[str, list[float]] = {name: [] for name in commands}
+    width = max(len(name) for name in commands)
+    for r in range(runs):
+        for name, (argv, cwd) in commands.items():
+            shutil.rmtree(dest, ignore_errors=True)
+            os.sync()
+            if untimed_first and measure(argv, cwd=cwd)[4] != 0:
+                raise SystemExit(f"{name}: run {r}: the untimed first run failed")
+            wall, cpu, _, _, code = measure(argv, cwd=cwd)
+            if code != 0:
+                raise SystemExit(f"{name}: run {r} exited {code}")
+            if tree is not None:
+                ok, problem = verify(tree, dest)
+                if not ok:
+                    raise SystemExit(f"{name}: run {r}: {problem}")
+            walls[name].append(wall)
+            cpus[name].append(cpu)
+            print(f"  run {r}  {name:{width}}  {wall:6.2f} s  cpu {cpu:6.2f} s", flush=True)
+    shutil.rmtree(dest, ignore_errors=True)
+    return [(name, walls[name], cpus[name]) for name in commands]
+
+
 def run(
     url: str,
     dest: Path,
@@ -57,31 +91,18 @@ def run(
     tree: Tree | None,
     resync: bool = False,
 ) -> list[tuple[str, list[float], list[float]]]:
-    parsed = [_variant(v) for v in variants]
-    for checkout, _ in parsed:
+    commands: dict[str, tuple[list[str], Path]] = {}
+    for spec in variants:
+        checkout, extra = _variant(spec)
         compileall.compile_dir(checkout / "fetcher", quiet=1)  # as pip install would
-    walls: list[list[float]] = [[] for _ in parsed]
-    cpus: list[list[float]] = [[] for _ in parsed]
-    for r in range(runs):
-        for i, (checkout, extra) in enumerate(parsed):
-            shutil.rmtree(dest, ignore_errors=True)
-            os.sync()
-            argv = [sys.executable, "-m", "fetcher", "--mirror", url, "--dest", str(dest)]
-            argv += ["--max-connections", str(connections), "-q", *extra]
-            if resync and measure(argv, cwd=checkout)[4] != 0:
-                raise SystemExit(f"{variants[i]}: run {r}: the untimed first run failed")
-            wall, cpu, _, _, code = measure(argv, cwd=checkout)
-            if code != 0:
-                raise SystemExit(f"{variants[i]}: run {r} exited {code}")
-            if tree is not None:
-                ok, problem = verify(tree, dest)
-                if not ok:
-                    raise SystemExit(f"{variants[i]}: run {r}: {problem}")
-            walls[i].append(wall)
-            cpus[i].append(cpu)
-            print(f"  run {r}  {variants[i]:40}  {wall:6.2f} s  cpu {cpu:6.2f} s", flush=True)
-    shutil.rmtree(dest, ignore_errors=True)
-    return [(v, walls[i], cpus[i]) for i, v in enumerate(variants)]
+        argv = [sys.executable, "-m", "fetcher", "--mirror", url, "--dest", str(dest)]
+        argv += ["--max-connections", str(connections), "-q", *extra]
+        name, n = spec, 1
+        while name in commands:  # the same variant twice (an A/A run) keeps both
+            n += 1
+            name = f"{spec} ({n})"
+        commands[name] = (argv, checkout)
+    return interleaved(commands, runs, dest, tree, untimed_first=resync)
 
 
 def report(rows: list[tuple[str, list[float], list[float]]]) -> None:

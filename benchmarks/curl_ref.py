@@ -116,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         raise SystemExit("this reference needs pycurl: python -m pip install pycurl") from None
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from benchmarks.ab import report
-    from benchmarks.run import become_subreaper, compile_fetch, measure, tool_argv, verify
+    from benchmarks.ab import interleaved, report
+    from benchmarks.run import become_subreaper, compile_fetch, tool_argv
     from benchmarks.trees import build_tree
     from tests.servers import serve
 
@@ -126,29 +126,18 @@ def main(argv: list[str] | None = None) -> int:
     tree = build_tree("small", WORK)
     root = (args.dest_root or WORK / "dest").resolve() / "curl-ref"
     with serve("nginx", tree.root, WORK / "servers") as srv:
-        variants: dict[str, list[str]] = {
-            "fetch": tool_argv("fetch", srv.url, root / "d", CONNECTIONS, Path("/dev/null")),
-        }
+        here = Path.cwd()
+        fetch = tool_argv("fetch", srv.url, root / "d", CONNECTIONS, Path("/dev/null"))
+        variants: dict[str, tuple[list[str], Path]] = {"fetch": (fetch, here)}
         if shutil.which("wget2"):
-            variants["wget2"] = tool_argv("wget2", srv.url, root / "d", CONNECTIONS, Path())
+            wget2 = tool_argv("wget2", srv.url, root / "d", CONNECTIONS, Path())
+            variants["wget2"] = (wget2, here)
         for procs, handles in LAYOUTS:
             get = [sys.executable, __file__, "--get", srv.url, str(root / "d"), str(procs)]
-            variants[f"libcurl multi {procs}×{handles}"] = [*get, str(handles)]
-        walls: dict[str, list[float]] = {name: [] for name in variants}
-        cpus: dict[str, list[float]] = {name: [] for name in variants}
-        for r in range(args.runs):
-            for name, argv_ in variants.items():
-                shutil.rmtree(root, ignore_errors=True)
-                os.sync()
-                wall, cpu, _, _, code = measure(argv_, cwd=Path.cwd())
-                ok, problem = verify(tree, root / "d") if code == 0 else (False, f"exit {code}")
-                if not ok:
-                    raise SystemExit(f"{name}: run {r}: {problem}")
-                walls[name].append(wall)
-                cpus[name].append(cpu)
-                print(f"  run {r}  {name:22s} {wall:5.2f} s  cpu {cpu:5.2f} s", flush=True)
+            variants[f"libcurl multi {procs}×{handles}"] = ([*get, str(handles)], here)
+        rows = interleaved(variants, args.runs, root / "d", tree)
     shutil.rmtree(root, ignore_errors=True)
-    report([(name, walls[name], cpus[name]) for name in variants])  # medians, ÷ fetch's
+    report(rows)  # medians, ÷ fetch's
     return 0
 
 

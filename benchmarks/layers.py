@@ -38,7 +38,7 @@ import socket
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
@@ -72,9 +72,22 @@ class _Owner:
         pass
 
 
-def _publish(fd: int, final: str, mtime: float) -> None:
-    os.utime(fd, (mtime, mtime))
-    os.link(f"/proc/self/fd/{fd}", final, src_dir_fd=fd, follow_symlinks=True)
+def _save(t: Transfer, job: Job, status: int, chunks: Iterable[bytes], layer: str) -> None:
+    """Write a body as fetch writes a small file: unnamed in its directory, then, once it is
+    whole (a 200 of the listed size), the server's time and its name."""
+    final = os.path.join(t.dest, job.file.path)
+    fd = os.open(os.path.dirname(final), os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o666)
+    try:
+        got = 0
+        for chunk in chunks:
+            write_all(fd, chunk)
+            got += len(chunk)
+        if status != 200 or got != job.file.size:
+            raise SystemExit(f"{layer}: {job.file.url}: {status}, {got} bytes")
+        os.utime(fd, (1e9, 1e9))
+        os.link(f"/proc/self/fd/{fd}", final, src_dir_fd=fd, follow_symlinks=True)
+    finally:
+        os.close(fd)
 
 
 def _wire(url: str, jobs: list[Job], t: Transfer) -> None:
@@ -97,18 +110,7 @@ def _wire(url: str, jobs: list[Job], t: Transfer) -> None:
                 sent += n
             status, _, headers, _ = read_head(conn)
             mode, length = framing("GET", status, headers)
-            final = os.path.join(t.dest, job.file.path)
-            fd = os.open(os.path.dirname(final), os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o666)
-            try:
-                got = 0
-                for chunk in Body(owner, conn, mode, length, True):
-                    write_all(fd, chunk)
-                    got += len(chunk)
-                if status != 200 or got != job.file.size:
-                    raise SystemExit(f"wire: {job.file.url}: {status}, {got} bytes")
-                _publish(fd, final, 1e9)
-            finally:
-                os.close(fd)
+            _save(t, job, status, Body(owner, conn, mode, length, True), "wire")
 
 
 def _in_trains(
@@ -134,17 +136,8 @@ def _transport(url: str, jobs: list[Job], t: Transfer) -> None:
     with _own_transport(t) as transport:
         for job, req in _in_trains(transport, jobs, t):
             resp = transport.handle_request(req)
-            final = os.path.join(t.dest, job.file.path)
-            fd = os.open(os.path.dirname(final), os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o666)
-            try:
-                for chunk in resp.stream:
-                    write_all(fd, chunk)
-                resp.close()
-                if resp.status_code != 200:
-                    raise SystemExit(f"transport: {job.file.url}: {resp.status_code}")
-                _publish(fd, final, 1e9)
-            finally:
-                os.close(fd)
+            _save(t, job, resp.status_code, resp.stream, "transport")
+            resp.close()
 
 
 def _fetch_file(url: str, jobs: list[Job], t: Transfer) -> None:
