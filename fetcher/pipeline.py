@@ -98,6 +98,9 @@ class _Run:
     executor: Executor | None = None
     fork: bool = False  # local workers are forked from this process (procs.fork_safe)
     seen_dirs: set[str] = field(default_factory=set)
+    # the files of directories found unchanged (UnchangedDir): seen upstream by this run,
+    # told to prune from here rather than by a last_seen written to each of their rows
+    unchanged: set[str] = field(default_factory=set)
     disk: _Disk | None = None
 
 
@@ -213,10 +216,11 @@ class _Disk:
                     self._dirs.add(d)
             except (OSError, ValueError):
                 pass
+        dest += "/"
         for i, path in enumerate(self._all):
             if not i % 64 and not waiting():
                 break
-            self._looked[path] = _stat(os.path.join(dest, path))
+            self._looked[path] = _stat(dest + path)
 
     def intact(self, directory: str, last: Listing) -> tuple[tuple[str, ...], int] | None:
         """The files of ``directory`` and their bytes, if the state holds exactly the files
@@ -240,12 +244,12 @@ class _Disk:
         if names_digest(stamps) != last.names:
             return None
         total = 0
-        dest = str(self.dest)
+        dest = f"{self.dest}/"
         for path, r in rows:
             if self.partials and partial_name(RelPath(path)) in self.partials:
                 return None
             looked = self._looked.get(path, _UNSEEN)
-            local = _stat(os.path.join(dest, path)) if looked is _UNSEEN else looked
+            local = _stat(dest + path) if looked is _UNSEEN else looked
             if not isinstance(local, LocalFile) or local.size != r.size:
                 return None
             total += local.size
@@ -336,7 +340,7 @@ def _run_with_state(
                 prune(
                     job, summary, state, run.run_id, dest,
                     clean=_crawl_clean(run), seen_dirs=run.seen_dirs, derived=run.derived,
-                    new_dirs=run.disk.fresh,
+                    new_dirs=run.disk.fresh, unchanged=run.unchanged,
                 )  # fmt: skip
             if run.kept and _crawl_clean(run):
                 # directories gone upstream (or out of the selection): their kept listings go
@@ -641,7 +645,7 @@ def _take(run: _Run, item: CrawlItem) -> None:
     disk = run.disk
     assert disk is not None
     if isinstance(item, UnchangedDir):
-        run.state.seen_many(run.run_id, item.files)  # as each unchanged RemoteFile is
+        run.unchanged.update(item.files)  # seen, as each unchanged RemoteFile is
         c = s.planned.setdefault("skipped", Counts())
         c.files += len(item.files)
         c.bytes += item.nbytes

@@ -11,6 +11,7 @@ import fnmatch
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from fetcher.models import Action, Job, RemoteFile
 from fetcher.state import Row
@@ -30,8 +31,9 @@ _TOP_METADATA = re.compile(
 _ADOPT_SLACK = 60.0
 
 
-@dataclass(frozen=True, slots=True)
-class LocalFile:
+class LocalFile(NamedTuple):
+    """A file in DEST as one ``stat`` saw it (a named tuple: a re-sync makes one a file)."""
+
     size: int
     mtime: float
 

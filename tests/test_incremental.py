@@ -5,6 +5,7 @@ memory of a 200,000-file dry run.  Every count is the server's own."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -13,7 +14,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -836,10 +837,12 @@ def _count_parses(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return pages
 
 
-@pytest.mark.real_server
-def test_an_unchanged_page_over_intact_files_is_not_parsed_again(
+@contextlib.contextmanager
+def _nginx_mirror(
     tmp_path: Path, run_fetch: RunFetch, monkeypatch: pytest.MonkeyPatch
-) -> None:
+) -> Iterator[tuple[Path, Path, list[str], list[str], Path, tuple[Any, ...]]]:
+    """A 30-file tree in three directories served by nginx, mirrored once with --report:
+    (src, dest, files, the pages parsed since, the report, the arguments of that run)."""
     src, dest = tmp_path / "src", tmp_path / "dest"
     files = _file_paths(_make_source(src, files=30, dirs=3))
     pages = _count_parses(monkeypatch)
@@ -848,6 +851,14 @@ def test_an_unchanged_page_over_intact_files_is_not_parsed_again(
         args = ("--mirror", srv.url, "--dest", dest, "--procs", "1", "--report", report)
         assert run_fetch(*args).code == 0
         assert len(pages) == 4  # the root and three directories
+        yield src, dest, files, pages, report, args
+
+
+@pytest.mark.real_server
+def test_an_unchanged_page_over_intact_files_is_not_parsed_again(
+    tmp_path: Path, run_fetch: RunFetch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with _nginx_mirror(tmp_path, run_fetch, monkeypatch) as (src, dest, files, pages, report, args):
         pages.clear()
         r = run_fetch(*args)
         assert r.code == 0, r
@@ -869,6 +880,32 @@ def test_an_unchanged_page_over_intact_files_is_not_parsed_again(
         pages.clear()
         assert run_fetch(*args).code == 0
         assert pages == []  # and it is kept again
+
+
+@pytest.mark.real_server
+def test_delete_keeps_the_files_of_pages_kept_unparsed_and_finds_strays_among_them(
+    tmp_path: Path, run_fetch: RunFetch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An unchanged directory's files are seen by the run without their rows being
+    # written again (pipeline: run.unchanged): --delete must still know them upstream,
+    # and a file of nobody's beside them is still a stray.
+    with _nginx_mirror(tmp_path, run_fetch, monkeypatch) as (src, dest, files, pages, report, args):
+        stray = dest / files[0].split("/")[0] / "mine.txt"
+        stray.write_bytes(b"not upstream, never fetched")
+        pages.clear()
+        r = run_fetch(*args, "--delete")
+        assert r.code == 0, r
+        assert pages == []  # every page kept: no file of the mirror was seen one by one
+        job = _report(report)
+        assert job["deleted"] == [stray.relative_to(dest).as_posix()], job
+        assert job["unchanged"]["files"] == len(files), job
+        assert not stray.exists()
+        _assert_same(dest, src)
+        pages.clear()
+        r = run_fetch(*args, "--delete")
+        assert r.code == 0, r
+        assert pages == [] and _report(report)["deleted"] == []
+        _assert_same(dest, src)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "removed", "partial", "excluded"])
