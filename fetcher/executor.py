@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import multiprocessing
 import os
 import queue
+import signal
 import sys
 from collections.abc import Iterator
 from multiprocessing.connection import wait as mp_wait
@@ -65,14 +67,18 @@ def _no_main_reimport() -> Iterator[None]:
 
 
 class LocalExecutor:
-    """Up to ``procs`` worker processes pulling small shards from one queue.
+    """Up to ``procs`` worker processes pulling small shards from one queue; a worker
+    starts with each shard until there are ``procs`` of them, so a run that finds
+    nothing to fetch starts none.
 
     With ``ctx`` the ``fork`` context (:func:`fetcher.procs.fork_safe` said this process
-    has no other thread) every worker is forked here, now: later the crawl's and the
-    display's threads are running and forking would copy them mid-step. A fork of a
-    process that has imported everything costs about a millisecond, and an idle worker
-    little more. Otherwise a worker is started from the fork server with each shard
-    until there are ``procs`` of them, so a run that finds nothing to fetch starts none.
+    has no other thread) the workers are forked from a copy of this process made here,
+    now (:func:`_zygote_main`): later the crawl's and the display's threads are running,
+    and forking this process would copy them mid-step. The copy has imported everything
+    and starts no thread, so a worker forked from it costs about a millisecond, on the
+    other core. (Forking all ``procs`` workers here instead cost the coordinator ~5 ms
+    before its first request, and each idle worker ~5 ms of CPU: 14 ms of a 0.25 s
+    re-sync that fetches nothing.) Otherwise a worker is started from the fork server.
     ``limits`` must come from the same context.
     """
 
@@ -85,24 +91,45 @@ class LocalExecutor:
         self._stop: Any = self._ctx.Event()
         self._args = (t, self._shards, self._events, limits, self._stop, os.getpid())
         self._max = max(1, procs)
-        self._procs: list[Any] = []
+        self._started = 0  # workers asked for
+        self._procs: list[Any] = []  # (fork server) the workers, by index
         self._exited: set[int] = set()
         self._finished = False
+        # (fork) the copy that forks the workers, asked through _cmd, which also brings
+        # its news: a worker's PID, its exit code, a fork that failed (by worker index)
+        self._zygote: Any = None
+        self._cmd: Any = None
+        self._pids: dict[int, int] = {}
+        self._codes: dict[int, int | None] = {}
         if self._ctx.get_start_method() == "fork":
-            # Frozen, what the workers inherit is out of their collector's sight: its
-            # passes do not write to (and so copy) the pages of a parent's objects.
-            gc.freeze()
-            try:
-                while len(self._procs) < self._max:
-                    self._start_one()
-            except FatalIOError:
-                self.kill()  # the ones already started would wait for shards that never come
-                raise
-            finally:
-                gc.unfreeze()
+            self._start_zygote()
+
+    def _start_zygote(self) -> None:
+        mine, theirs = self._ctx.Pipe()
+        z = self._ctx.Process(
+            target=_zygote_main, args=(theirs, mine, self._args), name="fetch-workers"
+        )
+        # Frozen, what the workers inherit is out of their collector's sight: its passes
+        # do not write to (and so copy) the pages of a parent's objects.
+        gc.freeze()
+        try:
+            with _no_main_reimport():
+                z.start()
+        except OSError as exc:  # fork(2): EAGAIN at the process limit, ENOMEM
+            mine.close()
+            raise _cannot_start("worker processes", exc) from exc
+        finally:
+            gc.unfreeze()
+            theirs.close()
+        self._zygote, self._cmd = z, mine
 
     def _start_one(self) -> None:
-        i = len(self._procs)
+        i = self._started
+        if self._zygote is not None:
+            with contextlib.suppress(OSError):  # it is gone: dead() says so
+                self._cmd.send(i)
+            self._started += 1
+            return
         p = self._ctx.Process(
             target=worker_main, args=(i, *self._args), name=f"fetch-worker-{i}", daemon=True
         )
@@ -110,26 +137,48 @@ class LocalExecutor:
             with _no_main_reimport():
                 p.start()
         except OSError as exc:  # fork(2): EAGAIN at the process limit, ENOMEM
-            raise FatalIOError(
-                f"cannot start worker process {i}: {exc.strerror or exc}",
-                hint="the system is at its process or memory limit; try a smaller --procs",
-            ) from exc
+            raise _cannot_start(f"worker process {i}", exc) from exc
         self._procs.append(p)
+        self._started += 1
+
+    def _news(self) -> None:
+        """Take in what the workers' parent has said since last asked (``fork``)."""
+        if self._cmd is None:
+            return
+        try:
+            while self._cmd.poll(0):
+                what, i, value = self._cmd.recv()
+                if what == "pid":
+                    self._pids[i] = value
+                elif what == "exit":
+                    self._codes[i] = value
+                else:  # "failed": fork(2) said no
+                    self._codes[i] = None
+                    raise FatalIOError(
+                        f"cannot start worker process {i}: {value}",
+                        hint="the system is at its process or memory limit; try a smaller --procs",
+                    )
+        except (EOFError, OSError):
+            pass  # it is gone: dead() says so
 
     def submit(self, shard: Shard) -> None:
         if self._finished:
             raise RuntimeError("submit() after finish()")
         self._shards.put(shard)
-        if len(self._procs) < self._max:
+        if self._started < self._max:
             self._start_one()
 
     def finish(self) -> None:
         if not self._finished:
             self._finished = True
-            for _ in self._procs:
+            for _ in range(self._started):
                 self._shards.put(None)
+            if self._cmd is not None:
+                with contextlib.suppress(OSError):
+                    self._cmd.send(None)  # no more workers: it ends when they have
 
     def events(self, timeout: float) -> list[Event]:
+        self._news()
         out: list[Event] = []
         try:
             batch = self._events.get(timeout=timeout)
@@ -148,13 +197,29 @@ class LocalExecutor:
 
     def done(self) -> bool:
         """All workers started have exited (cleanly, or died); true when none started."""
+        if self._zygote is not None:
+            self._news()
+            if not self._zygote.is_alive():
+                return True  # its workers end with it (they watch it)
+            return all(i in self._exited or i in self._codes for i in range(self._started))
         return all(i in self._exited or not p.is_alive() for i, p in enumerate(self._procs))
 
     def dead(self) -> list[int]:
         """Workers that died without saying goodbye (killed, crashed).
 
         Asked on every turn of the coordinator's loop: one poll of the workers' exit
-        sentinels, not a waitpid (and a getpid) per worker."""
+        sentinels (under ``fork``, of their parent's news and its sentinel), not a
+        waitpid (and a getpid) per worker."""
+        if self._zygote is not None:
+            self._news()
+            if mp_wait([self._zygote.sentinel], timeout=0):
+                self._news()  # what it said before it went
+                # its workers cannot outlive it: the ones not known to have ended
+                # cleanly are lost with it
+                lost = set(range(self._started)) - self._exited - set(self._codes)
+            else:
+                lost = set()
+            return sorted(lost | {i for i, code in self._codes.items() if code != 0})
         watch = {p.sentinel: i for i, p in enumerate(self._procs) if i not in self._exited}
         if not watch:
             return []
@@ -165,6 +230,16 @@ class LocalExecutor:
         self._stop.set()
 
     def kill(self) -> None:
+        if self._zygote is not None:
+            with contextlib.suppress(FatalIOError):
+                self._news()
+            for i, pid in self._pids.items():
+                if i not in self._codes:
+                    with contextlib.suppress(OSError):  # ended meanwhile
+                        os.kill(pid, signal.SIGKILL)  # a worker of this run, by its PID
+            if self._zygote.is_alive():
+                self._zygote.kill()
+            self._zygote.join(timeout=5)
         for p in self._procs:
             if p.is_alive():
                 p.kill()
@@ -172,7 +247,74 @@ class LocalExecutor:
             p.join(timeout=5)
 
     def join(self, timeout: float = 10) -> None:
+        if self._zygote is not None:
+            with contextlib.suppress(OSError):
+                self._cmd.send(None)  # (again, if finished): no more workers
+            self._zygote.join(timeout=timeout)  # it ends once its workers have
+            with contextlib.suppress(FatalIOError):
+                self._news()
         for p in self._procs:
             p.join(timeout=timeout)
         self._shards.cancel_join_thread()
         self._events.cancel_join_thread()
+
+
+def _cannot_start(what: str, exc: OSError) -> FatalIOError:
+    return FatalIOError(
+        f"cannot start {what}: {exc.strerror or exc}",
+        hint="the system is at its process or memory limit; try a smaller --procs",
+    )
+
+
+def _zygote_main(cmd: Any, theirs: Any, args: tuple[Any, ...]) -> None:
+    """The workers' parent under ``fork`` (see :class:`LocalExecutor`): forks worker ``i``
+    when ``cmd`` brings ``i`` and says its PID, says each worker's exit code when it
+    ends, and ends when ``cmd`` has brought ``None`` and its workers have ended.
+
+    It starts no thread (forking a threaded process copies its threads mid-step), so
+    it talks over a pipe, whose ``send`` writes at once, and puts nothing on a queue.
+    When the coordinator dies, ``cmd`` reads as closed and this process ends at once;
+    its workers watch it as they would the coordinator, and stop.
+    """
+    theirs.close()  # the coordinator's end: its death must read as the end of ``cmd``
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a worker's (runner.worker_main)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    ctx = multiprocessing.get_context("fork")
+    workers: dict[Any, tuple[int, Any]] = {}  # index and process, by exit sentinel
+    more = True
+    while more or workers:
+        for ready in mp_wait(([cmd] if more else []) + list(workers)):
+            if ready in workers:  # a worker's exit sentinel
+                i, p = workers.pop(ready)
+                p.join()
+                _say(cmd, ("exit", i, p.exitcode))
+                continue
+            try:
+                want: int | None = cmd.recv()
+            except (EOFError, OSError):
+                os._exit(0)  # the coordinator is gone: so is this, and its workers stop
+            if want is None:
+                more = False
+                continue
+            p = ctx.Process(
+                target=_worker_main, args=(cmd, want, *args), name=f"fetch-worker-{want}",
+                daemon=True,
+            )  # fmt: skip
+            try:
+                p.start()
+            except OSError as exc:  # fork(2): EAGAIN at the process limit, ENOMEM
+                _say(cmd, ("failed", want, exc.strerror or str(exc)))
+                continue
+            workers[p.sentinel] = (want, p)
+            _say(cmd, ("pid", want, p.pid))
+
+
+def _worker_main(cmd: Any, i: int, *args: Any) -> None:
+    cmd.close()  # its parent's line to the coordinator is not the worker's
+    worker_main(i, *args)
+
+
+def _say(cmd: Any, news: tuple[Any, ...]) -> None:
+    with contextlib.suppress(OSError):  # the coordinator is gone: recv() will say so
+        cmd.send(news)

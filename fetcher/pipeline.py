@@ -529,7 +529,7 @@ def _coordinate(run: _Run) -> None:
         run.limits = local_limits(job.max_connections, job.limit_rate)
     try:
         if run.fork:
-            _make_executor(run)  # forks every worker, before this process starts a thread
+            _make_executor(run)  # forks the workers' parent, before this process starts a thread
         run.reporter.begin()
         _start_crawl(run, job.url)
         if run.disk is not None:

@@ -2,12 +2,14 @@
 
 When the coordinator is still single-threaded at the start of a run (the CLI,
 a script that calls :func:`fetcher.pipeline.mirror` before starting threads),
-it forks every worker there and then, before its crawl thread and its display
-start: a worker is a copy of a process that has already imported everything,
-so no interpreter starts, no module is imported again, and there is no fork
-server and no resource tracker. Its locks and queues are anonymous (a semaphore
-is unlinked as soon as it exists), so even a ``kill -9`` of the whole process
-group leaves nothing behind in ``/dev/shm``.
+it forks a copy of itself there and then, before its crawl thread and its
+display start, and that copy forks each worker when the first shards need it
+(:class:`fetcher.executor.LocalExecutor`): a worker is a copy of a process that
+has already imported everything, so no interpreter starts, no module is
+imported again, and there is no fork server and no resource tracker; a run that
+finds nothing to fetch starts no worker. Its locks and queues are anonymous (a
+semaphore is unlinked as soon as it exists), so even a ``kill -9`` of the whole
+process group leaves nothing behind in ``/dev/shm``.
 
 Otherwise (threads already running, which forking would copy mid-step; a
 platform without ``fork``) workers fork on demand from a ``multiprocessing``

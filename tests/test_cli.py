@@ -241,24 +241,26 @@ def _cmdline(pid: int) -> bytes:
 
 
 def _workers(pid: int) -> tuple[set[int], set[int]]:
-    """(worker processes, fork servers) below the coordinator ``pid``.
+    """(worker processes, the processes they were started from) below the coordinator
+    ``pid``.
 
-    Workers are forks of the coordinator itself (the same command line) when it
-    started single-threaded, as the CLI does; else forks of a fork server (a child
-    of the coordinator) where the platform has one, else spawned children.
+    When the coordinator started single-threaded, as the CLI does, workers are forks
+    of a copy of it (the same command line) that it forked first; else forks of a fork
+    server (a child of the coordinator) where the platform has one, else spawned
+    children.
     """
     workers: set[int] = set()
-    servers: set[int] = set()
+    parents: set[int] = set()
     own = _cmdline(pid)
     for c in _children(pid):
         cmd = _cmdline(c)
-        if b"spawn_main" in cmd or cmd == own:
+        if b"spawn_main" in cmd:
             workers.add(c)
-        elif b"multiprocessing.forkserver" in cmd:
-            servers.add(c)
+        elif cmd == own or b"multiprocessing.forkserver" in cmd:
+            parents.add(c)
             with contextlib.suppress(FileNotFoundError):
                 workers.update(_children(c))
-    return workers, servers
+    return workers, parents
 
 
 def _running(pid: int) -> bool:
@@ -297,15 +299,16 @@ def test_workers_exit_when_the_coordinator_is_killed(tmp_path: Path) -> None:
         try:
             deadline = time.monotonic() + 30
             workers: set[int] = set()
-            servers: set[int] = set()
+            parents: set[int] = set()
             while time.monotonic() < deadline and len(workers) < 2:
-                workers, servers = _workers(proc.pid)
+                workers, parents = _workers(proc.pid)
                 time.sleep(0.05)
             assert len(workers) == 2, workers
-            assert servers == set(), "the CLI starts single-threaded: it forks its workers itself"
+            # the CLI starts single-threaded: the workers' parent is a copy of it
+            assert [_cmdline(p) for p in parents] == [_cmdline(proc.pid)]
             proc.kill()  # the coordinator only, as `kill -9 PID` would
             proc.wait(timeout=10)
-            left = workers | servers
+            left = workers | parents
             deadline = time.monotonic() + 15
             while time.monotonic() < deadline and any(_running(w) for w in left):
                 time.sleep(0.05)

@@ -1,5 +1,5 @@
-"""Local worker processes: forked at once from a single-threaded coordinator, else started
-from the fork server with the shards that need them; against a real server."""
+"""Local worker processes, started with the shards that need them: forked from a copy of a
+single-threaded coordinator, else from the fork server; against a real server."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import errno
 import gc
 import multiprocessing
 import os
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +22,7 @@ from fetcher.limits import SharedLimits
 from fetcher.models import Action, FileDone, Job, RelPath, RemoteFile, Status, WorkerExit
 from fetcher.procs import worker_context
 from fetcher.shard import Shard
-from tests.faultserver import FaultServer
+from tests.faultserver import Fault, FaultServer
 
 RunFetch = Callable[..., Any]
 
@@ -94,12 +95,40 @@ def _forked(dest: Path, url: str, procs: int) -> LocalExecutor:
     return LocalExecutor(t, procs, SharedLimits.create(8, None, ctx), ctx)
 
 
-def test_forked_workers_all_start_at_once_and_share_the_shards(tmp_path: Path) -> None:
-    with FaultServer(root=_files(tmp_path / "www", 5, b"y")) as srv:
+def _ppid(pid: int) -> int | None:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return None
+    return int(next(line for line in status.splitlines() if line.startswith("PPid:")).split()[1])
+
+
+def test_forked_workers_start_with_the_shards_from_one_copy_of_the_coordinator(
+    tmp_path: Path,
+) -> None:
+    www = _files(tmp_path / "www", 5, b"y")
+    with FaultServer(root=www) as srv:
+        srv.persist("/f*", Fault.trickle(64 * 1024))  # the workers stay a moment
         ex = _forked(tmp_path / "d", srv.url, 3)
-        assert len(ex._procs) == 3 and all(p.is_alive() for p in ex._procs)
         assert gc.get_freeze_count() == 0, "the coordinator's objects stay collectable"
-        events = _run(tmp_path, srv.url, [Shard((_job(srv.url, i),)) for i in range(5)], ex)
+        zygote = ex._zygote.pid
+        assert ex._zygote.is_alive() and _ppid(zygote) == os.getpid()
+        assert ex._started == 0 and ex.events(timeout=0) == []  # no shard yet: no worker
+        try:
+            for i in range(5):
+                ex.submit(Shard((_job(srv.url, i),)))
+            deadline = time.monotonic() + 30
+            events: list[object] = []
+            while len(ex._pids) < 3 and time.monotonic() < deadline:
+                events += ex.events(timeout=0.05)
+            parents = {_ppid(pid) for pid in ex._pids.values()}
+            assert parents == {zygote}, "forked from the copy, not from this process"
+        finally:
+            ex.finish()
+        events += _drain(ex, time.monotonic() + 60)
+        assert ex.done() and ex.dead() == []
+        ex.join(timeout=10)
+    assert ex._zygote.exitcode == 0 and ex._codes == {0: 0, 1: 0, 2: 0}
     assert {e.worker for e in events if isinstance(e, WorkerExit)} == {0, 1, 2}
     done = [e.outcome for e in events if isinstance(e, FileDone)]
     assert sorted(o.path for o in done) == [f"f{i}" for i in range(5)]
@@ -107,12 +136,39 @@ def test_forked_workers_all_start_at_once_and_share_the_shards(tmp_path: Path) -
     assert (tmp_path / "d" / "f4").read_bytes() == b"y" * 5
 
 
-def test_forked_workers_with_nothing_to_do_exit_cleanly(tmp_path: Path) -> None:
+def test_forked_with_nothing_to_do_starts_no_worker(tmp_path: Path) -> None:
     with FaultServer(root=tmp_path) as srv:
         ex = _forked(tmp_path / "d", srv.url, 2)
-        events = _run(tmp_path, srv.url, [], ex)
-    assert sorted(e.worker for e in events if isinstance(e, WorkerExit)) == [0, 1]
-    assert [p.exitcode for p in ex._procs] == [0, 0]
+        assert _run(tmp_path, srv.url, [], ex) == []
+    assert ex._started == 0 and ex._pids == {}
+    assert ex._zygote.exitcode == 0
+
+
+def test_a_killed_worker_is_dead_and_kill_ends_the_others(tmp_path: Path) -> None:
+    www = _files(tmp_path / "www", 4, b"k")
+    with FaultServer(root=www) as srv:
+        srv.persist("/f*", Fault.trickle(1024))  # slow enough to be killed mid-file
+        ex = _forked(tmp_path / "d", srv.url, 2)
+        try:
+            for i in range(4):
+                ex.submit(Shard((_job(srv.url, i),)))
+            deadline = time.monotonic() + 30
+            while len(ex._pids) < 2 and time.monotonic() < deadline:
+                ex.events(timeout=0.05)
+            assert sorted(ex._pids) == [0, 1]
+            os.kill(ex._pids[1], signal.SIGKILL)
+            while not ex.dead() and time.monotonic() < deadline:
+                ex.events(timeout=0.05)
+            assert ex.dead() == [1] and not ex.done()
+        finally:
+            ex.stop()
+            ex.kill()
+        survivor = ex._pids[0]
+        assert not ex._zygote.is_alive()
+        deadline = time.monotonic() + 15
+        while _ppid(survivor) is not None and time.monotonic() < deadline:
+            time.sleep(0.02)  # (reaped by whoever adopted it)
+        assert _ppid(survivor) is None, "a worker outlived kill()"
 
 
 def _refuse_fork(monkeypatch: pytest.MonkeyPatch, after: int) -> None:
@@ -141,22 +197,35 @@ def test_a_worker_that_cannot_start_ends_the_run_with_a_clear_error(
     assert not (tmp_path / "d" / "f0").exists()
 
 
+def test_when_the_workers_parent_cannot_start_the_error_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _refuse_fork(monkeypatch, after=0)
+    with pytest.raises(FatalIOError, match="cannot start worker processes: Resource tempor"):
+        _forked(tmp_path / "d", "http://127.0.0.1:9/", 2)
+
+
 def test_workers_forked_before_one_that_cannot_start_are_stopped(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with FaultServer(root=tmp_path) as srv:
-        ctx = worker_context(fork=True)
-        spawned: list[multiprocessing.process.BaseProcess] = []
-        real_start_one = LocalExecutor._start_one
-
-        def record(self: LocalExecutor) -> None:
-            real_start_one(self)
-            spawned.append(self._procs[-1])
-
-        monkeypatch.setattr(LocalExecutor, "_start_one", record)
-        _refuse_fork(monkeypatch, after=1)
-        t = Transfer(dest=str(tmp_path / "d"), root=srv.url, threads=2)
-        with pytest.raises(FatalIOError, match="cannot start worker process 1"):
-            LocalExecutor(t, 3, SharedLimits.create(8, None, ctx), ctx)
-    assert len(spawned) == 1
-    assert not spawned[0].is_alive() and spawned[0].exitcode is not None
+    www = _files(tmp_path / "www", 3, b"w")
+    with FaultServer(root=www) as srv:
+        srv.persist("/f*", Fault.trickle(1024))  # worker 0 is still at it
+        _refuse_fork(monkeypatch, after=2)  # the workers' parent, then worker 0
+        ex = _forked(tmp_path / "d", srv.url, 3)
+        try:
+            with pytest.raises(FatalIOError, match="cannot start worker process 1"):
+                for i in range(3):
+                    ex.submit(Shard((_job(srv.url, i),)))
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline:
+                    ex.events(timeout=0.05)
+        finally:
+            ex.stop()
+            ex.kill()  # as the pipeline does when a run ends on a fatal error
+        assert sorted(ex._pids) == [0]
+        first = ex._pids[0]
+        deadline = time.monotonic() + 15
+        while _ppid(first) is not None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _ppid(first) is None and not ex._zygote.is_alive()

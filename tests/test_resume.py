@@ -92,7 +92,8 @@ def test_kill_mid_transfer_then_resume(tmp_path: Path, run_fetch: RunFetch) -> N
                 with contextlib.suppress(OSError):
                     os.unlink(f"/dev/shm/{name}")
         assert proc.returncode == -signal.SIGKILL
-        # The CLI forks its workers itself (procs.fork_safe): its locks have no names.
+        # The CLI forks its workers from a copy of itself (procs.fork_safe): its locks
+        # have no names.
         assert leaked == set()
         _assert_nothing_truncated(dest, src)
         assert _parts(dest), "the killed run left no partial file to resume"
