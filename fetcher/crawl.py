@@ -10,6 +10,7 @@ of normalised directory URLs, a cap on one listing's size, and a loop check
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import heapq
@@ -51,6 +52,7 @@ from fetcher.models import (
 )
 from fetcher.plan import wanted
 from fetcher.retry import build_retrying, retry_after_seconds, untrusted_certificate
+from fetcher.transport import plain_get
 
 __all__ = ["CrawlOptions", "crawl"]
 
@@ -109,6 +111,33 @@ one of them is in the state and in DEST as the plan would find it unchanged, els
 CrawlItem = RemoteFile | RemoteDir | CrawlProblem | Listing | UnchangedDir
 
 
+_Get = Callable[[str], httpx.Response]
+"""A listing's GET: the response, its body not read yet, no redirect followed."""
+
+
+def _getter(
+    client: httpx.Client, t: Transfer, transport: httpx.BaseTransport | None
+) -> tuple[_Get, Callable[[str], httpx.Request]]:
+    """How the crawl asks for a listing, and builds its request ahead (to announce it).
+
+    Through ``transport`` (the client's own, when the caller has it) the request is
+    :func:`~fetcher.transport.plain_get`'s: no URL parse, cookie jar or auth flow per
+    page, 160 -> 74 µs of CPU each on loopback. Else through ``client``.
+    """
+    if transport is not None:
+        direct = transport
+
+        def get(url: str) -> httpx.Response:
+            return direct.handle_request(plain_get(url, t))
+
+        return get, functools.partial(plain_get, t=t)
+
+    def send(url: str) -> httpx.Response:
+        return client.send(client.build_request("GET", url), stream=True, follow_redirects=False)
+
+    return send, functools.partial(client.build_request, "GET")
+
+
 class _RateGate:
     def __init__(self, rate: float | None, stop: threading.Event | None) -> None:
         self._interval = 1.0 / rate if rate else 0.0
@@ -132,7 +161,7 @@ class _RateGate:
 
 
 def _fetch_page(
-    client: httpx.Client,
+    get: _Get,
     url: str,
     scope: Scope,
     opts: CrawlOptions,
@@ -140,7 +169,7 @@ def _fetch_page(
     keep: _Keep | None = None,
 ) -> _Page:
     try:
-        return _read_page(client, url, scope, opts, gate, keep)
+        return _read_page(get, url, scope, opts, gate, keep)
     except httpx.ConnectError as exc:
         cert = untrusted_certificate(exc)
         if cert is None:
@@ -154,7 +183,7 @@ def _fetch_page(
 
 
 def _read_page(
-    client: httpx.Client,
+    get: _Get,
     url: str,
     scope: Scope,
     opts: CrawlOptions,
@@ -164,7 +193,7 @@ def _read_page(
     hops = 0
     while True:
         gate.wait()
-        with client.stream("GET", url, follow_redirects=False) as resp:
+        with contextlib.closing(get(url)) as resp:
             if resp.status_code in (301, 302, 303, 307, 308) and "location" in resp.headers:
                 target = str(httpx.URL(url).join(resp.headers["location"])).split("#", 1)[0]
                 if not scope.contains(target):
@@ -256,6 +285,7 @@ def crawl(
     known: Sequence[str] = (),
     listings: Mapping[str, Listing] | None = None,
     intact: Intact | None = None,
+    transport: httpx.BaseTransport | None = None,
 ) -> Iterator[CrawlItem]:
     """Yield every in-scope file and directory below ``t.root``, and every problem met.
 
@@ -295,6 +325,9 @@ def crawl(
     would have found unchanged. Not with ``opts.verify`` (checksum files are read
     from the parsed page).
 
+    ``transport``: ``client``'s, for the listings to go to it directly (see
+    :func:`_getter`).
+
     Example::
 
         with httpx.Client() as client:
@@ -306,6 +339,7 @@ def crawl(
     if sleep is time.sleep:
         sleep = functools.partial(_nap, over, stop)  # nor may a wait outlast Ctrl-C
     retrying = build_retrying(t, sleep=sleep)
+    get, prepare = _getter(client, t, transport)
     gate = _RateGate(opts.listing_rate, stop)
     visited = {normalise_dir_url(scope.root)}
     pool = ThreadPoolExecutor(max(1, opts.concurrency), thread_name_prefix="crawl")
@@ -335,7 +369,7 @@ def crawl(
             if d.ahead is not None and over.is_set():
                 raise ListingError("the crawl is over")  # asked ahead, never reached: no retry
             with attempt:
-                page = _fetch_page(client, d.url, scope, opts, gate, keep)
+                page = _fetch_page(get, d.url, scope, opts, gate, keep)
         if opts.verify:
             for e in page.entries:
                 name = unquote(e.url.rstrip("/").rsplit("/", 1)[-1])
@@ -348,7 +382,7 @@ def crawl(
 
     def fetch_train(train: list[tuple[_Dir, Future[_Page]]]) -> None:
         if ahead is not None and len(train) > 1:
-            ahead([client.build_request("GET", d.url) for d, _ in train[1:]])
+            ahead([prepare(d.url) for d, _ in train[1:]])
         try:
             for d, fut in train:
                 if not fut.set_running_or_notify_cancel():

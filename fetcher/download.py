@@ -37,11 +37,11 @@ from fetcher.errors import (
     RedirectRefused,
     TransferError,
 )
-from fetcher.http1 import REUSE_BUFFER, NoToken, ThreadConnTransport
+from fetcher.http1 import NoToken, ThreadConnTransport
 from fetcher.limits import SharedLimits
 from fetcher.models import STATE_DIR, Action, Job, Outcome, RelPath, RemoteFile, Scope, Status
 from fetcher.retry import retry_after_seconds
-from fetcher.transport import request_headers, timeout_of
+from fetcher.transport import file_url, plain_get, request_parts
 from fetcher.wire import Body, write_all
 
 if TYPE_CHECKING:
@@ -147,7 +147,7 @@ class _Ctx:
         self.known_dirs = known_dirs
         self.transport = transport
         self.t = t
-        self.headers, self.extensions = _request_parts(t)
+        self.headers, self.extensions = request_parts(t)
         self.prepared = prepared
         self.scope = scope
         self.limits = limits
@@ -209,101 +209,6 @@ def pipelinable(job: Job) -> bool:
     """
     size = job.file.size
     return job.action is Action.NEW and size is not None and size <= RESUME_MIN
-
-
-def plain_get(url: str, t: Transfer) -> httpx.Request:
-    """The first GET :func:`fetch_file` sends for a new file (no Range, no condition).
-
-    The runner builds it ahead, to announce it to the transport (pipelining) and
-    to hand it to :func:`fetch_file` as ``prepared``: one URL parse, not two.
-    """
-    target = file_url(url, t.root)
-    headers, extensions = _request_parts(t)
-    ready = _ready_headers(t)
-    if ready is not None and isinstance(target, httpx.URL):
-        # httpx's documented way to send a request exactly as built: with a stream, it adds
-        # no headers of its own (here the Host it would add is in ``ready`` already)
-        return httpx.Request("GET", target, headers=ready, stream=_NO_BODY, extensions=extensions)
-    return httpx.Request("GET", target, headers=headers, extensions=extensions)
-
-
-_NO_BODY = httpx.ByteStream(b"")
-
-
-@functools.lru_cache(maxsize=16)
-def _ready_headers(t: Transfer) -> httpx.Headers | None:
-    """A GET's headers below ``t.root``, Host included, as httpx would make them; None when
-    a request made with them would differ from one httpx builds (checked once per root)."""
-    headers, extensions = _request_parts(t)
-    root = t.root
-    try:
-        sample = root + "a%2Bb/c~d,1:2@x.rpm"
-        want = httpx.Request("GET", sample, headers=headers, extensions=extensions)
-        ready = httpx.Headers(want.headers.raw)
-        made = httpx.Request("GET", file_url(sample, root), headers=ready, stream=_NO_BODY,
-                             extensions=extensions)  # fmt: skip
-        same = (made.method, str(made.url), made.headers.raw, made.extensions) == (
-            want.method, str(want.url), want.headers.raw, want.extensions
-        )  # fmt: skip
-        return ready if same and made.read() == want.read() == b"" else None
-    except (httpx.InvalidURL, ValueError, TypeError):
-        return None
-
-
-# A path below the root that is already percent-encoded: nothing for httpx to check or
-# change. Segments of unreserved and sub-delimiter characters, ':', '@' and upper-case
-# escapes; no empty, '.' or '..' segment; no query, no fragment.
-_SEGMENT = r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@]|%[0-9A-F]{2})+"
-_ENCODED_BELOW = re.compile(rf"{_SEGMENT}(?:/{_SEGMENT})*/?")
-_DOT_SEGMENT = re.compile(r"(?:^|/)\.\.?(?:/|$)")
-
-
-def file_url(url: str, root: str) -> httpx.URL | str:
-    """``url`` for a request: an ``httpx.URL`` made without parsing it, when it can be.
-
-    httpx checks and normalises a URL one character at a time in Python, about
-    10 µs for a package's path; the crawl's URLs are already in the form it would
-    produce. Below ``root``, whose parse is kept, such a path only replaces the
-    root's. Anything else is returned as it is, for httpx to parse.
-    """
-    below = _below_root(root)
-    if below is None or not url.startswith(root):
-        return url
-    rest = url[len(root) :]
-    if not _ENCODED_BELOW.fullmatch(rest) or _DOT_SEGMENT.search(rest):
-        return url
-    return below(rest)
-
-
-@functools.lru_cache(maxsize=16)
-def _below_root(root: str) -> Callable[[str], httpx.URL] | None:
-    """Makes the URLs below ``root`` from its parse, if that gives what parsing would."""
-    try:
-        parsed = httpx.URL(root)
-        ref = parsed._uri_reference  # httpx's parse: a NamedTuple, copied with a new path
-        if str(parsed) != root or not ref.path.endswith("/") or ref.query or ref.fragment:
-            return None
-
-        def below(rest: str) -> httpx.URL:
-            url = httpx.URL.__new__(httpx.URL)
-            url._uri_reference = ref._replace(path=ref.path + rest)
-            return url
-
-        sample = "a%2Bb/c~d,1:2@x.rpm"
-        made, want = below(sample), httpx.URL(root + sample)
-        same = (made.raw_path, made.host, made.port, made.scheme) == (
-            want.raw_path, want.host, want.port, want.scheme
-        )  # fmt: skip
-        return below if same and str(made) == str(want) else None
-    except (AttributeError, TypeError, ValueError, httpx.InvalidURL):
-        return None  # another httpx: parse every URL
-
-
-@functools.lru_cache(maxsize=16)
-def _request_parts(t: Transfer) -> tuple[dict[str, str], dict[str, Any]]:
-    # One pair per run, shared read-only by every request (nothing mutates them).
-    # The body is written chunk by chunk as it comes: a reused read buffer will do.
-    return request_headers(t), {"timeout": timeout_of(t).as_dict(), REUSE_BUFFER: True}
 
 
 def _redirect_allowed(scope: Scope, target: str) -> bool:

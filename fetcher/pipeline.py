@@ -462,7 +462,7 @@ def _start_crawl(run: _Run, root: str, prefix: str = "") -> None:
                 ahead = transport if isinstance(transport, ThreadConnTransport) else None
                 walk = _walk(
                     job, client, t, opts, stop, prefix, flush, width, ahead, known, listings,
-                    intact,
+                    intact, transport,
                 )  # fmt: skip
                 for item in walk:
                     if prefix and isinstance(item, RemoteFile | RemoteDir):
@@ -503,6 +503,7 @@ def _walk(
     known: Sequence[str],
     listings: Mapping[str, Listing] | None = None,
     intact: Intact | None = None,
+    transport: httpx.BaseTransport | None = None,
 ) -> Iterator[CrawlItem]:
     """The file list: from the HTML listings, or from repository metadata (``--index``)."""
     if job.index != "html" and not prefix:
@@ -513,6 +514,7 @@ def _walk(
     return crawl(
         client, t, opts, stop=stop, on_wait=on_wait, width=width, ahead=expect,
         pipelining=pipelining, known=known, listings=listings, intact=intact,
+        transport=transport,
     )  # fmt: skip
 
 

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -200,3 +201,49 @@ def test_listings_spread_over_the_threads_when_pipelining_stops(tmp_path: Path) 
     assert files == {f"{d}file.txt" for d in SHALLOW}
     assert sorted(len(a) for a in trains) == [1, 1, 1, 1], trains
     assert connections > 1  # (a thread done early may take another's train)
+
+
+def test_with_the_transport_given_listings_skip_the_client_and_go_as_files_do(
+    tmp_path: Path,
+) -> None:
+    # crawl(transport=...) sends each listing's prepared request (plain_get) to the
+    # transport itself: the client is not asked, and the server sees the request a file
+    # gets, the same but for httpx.Client's default headers.
+    with FaultServer() as srv:
+        for d in SHALLOW:
+            srv.add_file(f"/pub/{d}file.txt", d.encode())
+        t = Transfer(dest=str(tmp_path), root=srv.url + "pub/")
+        seen: dict[str, list[tuple[str, list[tuple[str, str]]]]] = {}
+        for way in ("client", "transport"):
+            transport = make_transport(t)
+            asked: list[str] = []
+            with make_client(t, transport=transport) as client:
+                client.send = _recording(client.send, asked)  # type: ignore[method-assign]
+                given = transport if way == "transport" else None
+                items = list(crawl(client, t, CrawlOptions(concurrency=1), transport=given))
+            assert {i.path for i in items if isinstance(i, RemoteFile)} == {
+                f"{d}file.txt" for d in SHALLOW
+            }
+            assert (asked == []) is (way == "transport"), asked
+            seen[way] = sorted(
+                (q.path, sorted(q.headers.items())) for q in srv.requests if q.path.endswith("/")
+            )
+            srv.reset_stats()
+        assert [p for p, _ in seen["transport"]] == [p for p, _ in seen["client"]]
+        assert len(seen["client"]) == 9
+        for (_, direct), (_, through) in zip(seen["transport"], seen["client"], strict=True):
+            # the files' requests' headers: httpx.Client's defaults (Accept: */*, Connection:
+            # keep-alive, both HTTP/1.1's own defaults) are not among them
+            extra = set(through) - set(direct)
+            assert set(direct) <= set(through) and extra == {
+                ("accept", "*/*"),
+                ("connection", "keep-alive"),
+            }
+
+
+def _recording(send: Any, asked: list[str]) -> Any:
+    def recorded(request: httpx.Request, **kw: Any) -> httpx.Response:
+        asked.append(str(request.url))
+        return send(request, **kw)  # type: ignore[no-any-return]
+
+    return recorded

@@ -263,14 +263,14 @@ def test_a_plain_get_is_the_request_httpx_would_build(tmp_path: Path) -> None:
     # stream= form); elsewhere httpx builds it. Either way the same request goes out.
     import httpx
 
-    from fetcher.transport import request_headers
+    from fetcher.transport import plain_get, request_headers
 
     root = "http://127.0.0.1:8080/pub/"
     t = Transfer(dest=str(tmp_path), root=root)
     urls = [root + "a/b%2Bc~1_amd64.deb", root + "x%20y/", root + "q?x=1",
             "http://127.0.0.1:8080/other/z", "http://127.0.0.1:8081/pub/a"]  # fmt: skip
     for url in urls:
-        got = download.plain_get(url, t)
+        got = plain_get(url, t)
         want = httpx.Request("GET", url, headers=request_headers(t))
         assert (got.method, str(got.url), got.url.raw_path, got.headers.raw) == (
             want.method, str(want.url), want.url.raw_path, want.headers.raw

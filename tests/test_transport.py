@@ -10,10 +10,9 @@ import httpx
 import pytest
 
 from fetcher.config import Transfer
-from fetcher.download import file_url, plain_get
 from fetcher.http1 import ThreadConnTransport
 from fetcher.limits import SharedLimits
-from fetcher.transport import make_client, make_transport
+from fetcher.transport import file_url, make_client, make_transport, plain_get
 from tests.faultserver import FaultServer
 
 
