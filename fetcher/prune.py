@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Set
+import stat
+from collections.abc import Iterator, Sequence, Set
 from pathlib import Path
 
 from fetcher.config import MirrorJob
@@ -11,10 +12,10 @@ from fetcher.models import STATE_DIR, Summary
 from fetcher.plan import wanted
 from fetcher.state import State
 
-__all__ = ["prune"]
+__all__ = ["local_files", "prune"]
 
 
-def _local_files(dest: Path, skip: Set[str] = frozenset()) -> Iterator[str]:
+def local_files(dest: Path, skip: Set[str] = frozenset()) -> Iterator[str]:
     """DEST's files, relative; not in the state directory nor below the directories ``skip``."""
     for root, dirs, files in os.walk(dest):
         rel_root = os.path.relpath(root, dest)
@@ -39,6 +40,7 @@ def prune(
     derived: Path | None,
     new_dirs: Set[str] = frozenset(),
     unchanged: Set[str] = frozenset(),
+    found: Sequence[str] | None = None,
 ) -> None:
     """Vanished files: counted always, removed with ``--delete`` after a clean crawl.
 
@@ -49,7 +51,10 @@ def prune(
     Files outside the include/exclude selection are never candidates. ``new_dirs``:
     directories this run created (with all below them); whatever is in them this run
     fetched, and they are not looked through (a first run's end does not read back
-    every file).
+    every file). ``found``: DEST's files as :func:`local_files` listed them earlier in
+    the run (a re-sync does it while its first listings are on their way), instead of
+    listing them now; whatever appeared since, this run fetched. A candidate found
+    there must still be a file.
     """
     if not clean:
         if job.delete:
@@ -59,7 +64,7 @@ def prune(
     batch: list[str] = []
     # what the run saw, at once while it is small; else asked 500 local files at a time
     seen = state.seen_in(run_id)
-    for rel in _local_files(dest, new_dirs):
+    for rel in local_files(dest, new_dirs) if found is None else found:
         if rel in unchanged or not wanted(rel, False, job.include, job.exclude):
             continue
         if seen is not None:
@@ -71,6 +76,10 @@ def prune(
             candidates += _not_seen(state, run_id, batch)
             batch = []
     candidates += _not_seen(state, run_id, batch)
+    if found is not None:
+        # listed earlier: still a file of nobody's now (not one of this run's directories,
+        # as a file upstream that became one is: see pipeline._Disk.add_dir)
+        candidates = [rel for rel in candidates if rel not in seen_dirs and _not_a_dir(dest / rel)]
     if not job.delete:
         s.vanished = len(candidates)
         if candidates:
@@ -103,6 +112,14 @@ def prune(
     if not job.dry_run:
         state.forget(candidates)
         _remove_empty_dirs(dest, seen_dirs)
+
+
+def _not_a_dir(path: Path) -> bool:
+    """Something is there, and not a directory (as :func:`local_files` lists)."""
+    try:
+        return not stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _not_seen(state: State, run_id: int, paths: list[str]) -> list[str]:

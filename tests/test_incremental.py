@@ -164,6 +164,48 @@ def test_a_resync_repairs_what_was_lost_or_damaged_in_dest(
         assert {q.status for q in again} == {200}  # in full: no 304 keeps a damaged copy
 
 
+def test_kept_directories_are_checked_while_nothing_else_is_waiting(tmp_path: Path) -> None:
+    # With every known file looked at and the first listings still on their way, read_rows
+    # checks the kept listings' directories as intact() would, and intact() answers from
+    # that: as of the look, as the plan's own answers are (see the test below).
+    from fetcher.models import Listing, Outcome, Status, names_digest
+    from fetcher.pipeline import _Disk
+    from fetcher.state import State
+
+    dest = tmp_path / "d"
+    st = State.open(dest)
+    try:
+        run_id = st.begin_run("http://mirror.test/")
+        paths = [f"a/f{i}" for i in range(3)] + [f"b/g{i}" for i in range(2)]
+        for p in paths:
+            st.record(run_id, Outcome(RelPath(p), "http://mirror.test/" + p, Status.FETCHED,
+                                      size=2, mtime=1.0, stamp="s"))  # fmt: skip
+            (dest / p).parent.mkdir(parents=True, exist_ok=True)
+            (dest / p).write_bytes(b"xy")
+        st.flush()
+
+        def kept(d: str, n: int) -> Listing:
+            names = names_digest([(p, "s") for p in paths if p.startswith(d + "/")])
+            return Listing(f"http://mirror.test/{d}/", d, b"page", names, n, (), b"fp")
+
+        a, b = kept("a", 3), kept("b", 2)
+        disk = _Disk(dest, st)
+        disk.read_rows(lambda: True, {a.url: a, b.url: b})
+        assert set(disk._checked) == {"a", "b"}
+        (dest / "a" / "f0").unlink()  # after the check: its answer stands for this run
+        assert disk.intact("a", a) == (("a/f0", "a/f1", "a/f2"), 6)
+        assert disk.intact("b", b) == (("b/g0", "b/g1"), 4)
+        other = kept("a", 2)  # not the listing checked (two files): asked afresh
+        assert disk.intact("a", other) is None
+
+        late = _Disk(dest, st)  # the crawl's first answer came before the files were looked at
+        late.read_rows(lambda: False, {a.url: a, b.url: b})
+        assert late._checked == {}
+        assert late.intact("a", a) is None and late.intact("b", b) == (("b/g0", "b/g1"), 4)
+    finally:
+        st.close()
+
+
 def test_the_plan_looks_at_known_files_only_while_nothing_else_is_waiting(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1116,6 +1158,50 @@ def _lookup_steps(tmp_path: Path, rows: int) -> int:
         st.close()
 
 
+@pytest.mark.parametrize("delete", [False, True])
+def test_vanished_files_from_a_listing_made_earlier_are_the_ones_still_there(
+    tmp_path: Path, delete: bool
+) -> None:
+    # A re-sync lists DEST while its first listings are on their way (_Disk.read_rows) and
+    # prune() works from that list: a file listed then that is gone now, or is one of the
+    # run's directories now (a file upstream became one), is not counted or deleted.
+    from fetcher.config import build_job
+    from fetcher.models import Outcome, Status, Summary
+    from fetcher.prune import local_files, prune
+    from fetcher.state import State
+
+    dest = tmp_path / "d"
+    for rel in ["seen.txt", "stray.txt", "gone.txt", "now_a_dir", "kept/same.txt"]:
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        (dest / rel).write_bytes(b"x")
+    st = State.open(dest)
+    try:
+        found = list(local_files(dest))
+        assert sorted(found) == [
+            "gone.txt", "kept/same.txt", "now_a_dir", "seen.txt", "stray.txt"
+        ]  # fmt: skip
+        (dest / "gone.txt").unlink()  # by someone else, meanwhile
+        (dest / "now_a_dir").unlink()  # given way to the directory upstream
+        (dest / "now_a_dir").mkdir()
+        run_id = st.begin_run("http://127.0.0.1:9/")
+        st.record(run_id, Outcome(RelPath("seen.txt"), "http://127.0.0.1:9/seen.txt",
+                                  Status.UNCHANGED, size=1, mtime=1.0, stamp="s"))  # fmt: skip
+        job = build_job(
+            {"url": "http://127.0.0.1:9/", "dest": str(dest), "delete": delete, "force": True}, "t"
+        )
+        s = Summary(url=job.url, dest=str(dest), started=0.0)
+        prune(job, s, st, run_id, dest, clean=True, seen_dirs={"kept", "now_a_dir"},
+              derived=None, unchanged={"kept/same.txt"}, found=found)  # fmt: skip
+    finally:
+        st.close()
+    if delete:
+        assert (s.deleted, s.failed) == (["stray.txt"], [])
+        assert not (dest / "stray.txt").exists()
+    else:
+        assert (s.vanished, s.deleted) == (1, [])
+    assert (dest / "now_a_dir").is_dir() and (dest / "kept" / "same.txt").exists()
+
+
 def test_vanished_file_lookup_does_not_grow_with_the_mirror(tmp_path: Path) -> None:
     # The end of every run asks, 500 local files at a time, which ones the crawl saw.
     # Looked up by path, a batch costs the same however many files the run saw; read
@@ -1256,17 +1342,19 @@ def test_the_end_of_a_run_does_not_read_back_the_directories_it_created(
     dest = tmp_path / "d"
     (dest / "old").mkdir(parents=True)
     (dest / "old" / "extra.txt").write_bytes(b"not upstream")
+    import fetcher.pipeline
     import fetcher.prune
 
-    asked: list[str] = []  # the local files the end of the run looks at
-    real = fetcher.prune._local_files
+    asked: list[str] = []  # the local files the run looks at for the end of the run
+    real = fetcher.prune.local_files
 
     def local_files(dest: Path, skip: Any = frozenset()) -> Any:
         for rel in real(dest, skip):
             asked.append(rel)
             yield rel
 
-    monkeypatch.setattr(fetcher.prune, "_local_files", local_files)
+    monkeypatch.setattr(fetcher.prune, "local_files", local_files)
+    monkeypatch.setattr(fetcher.pipeline, "local_files", local_files)  # (early, a re-sync)
     with FaultServer(root=www) as srv:
         job = build_job({"url": srv.url, "dest": str(dest), "procs": 1}, "t")
         first = mirror(job)
