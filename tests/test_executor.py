@@ -22,7 +22,7 @@ from fetcher.limits import SharedLimits
 from fetcher.models import Action, FileDone, Job, RelPath, RemoteFile, Status, WorkerExit
 from fetcher.procs import worker_context
 from fetcher.shard import Shard
-from tests.faultserver import Fault, FaultServer
+from tests.faultserver import FaultServer
 
 RunFetch = Callable[..., Any]
 
@@ -108,7 +108,6 @@ def test_forked_workers_start_with_the_shards_from_one_copy_of_the_coordinator(
 ) -> None:
     www = _files(tmp_path / "www", 5, b"y")
     with FaultServer(root=www) as srv:
-        srv.persist("/f*", Fault.trickle(64 * 1024))  # the workers stay a moment
         ex = _forked(tmp_path / "d", srv.url, 3)
         assert gc.get_freeze_count() == 0, "the coordinator's objects stay collectable"
         zygote = ex._zygote.pid
@@ -121,6 +120,7 @@ def test_forked_workers_start_with_the_shards_from_one_copy_of_the_coordinator(
             events: list[object] = []
             while len(ex._pids) < 3 and time.monotonic() < deadline:
                 events += ex.events(timeout=0.05)
+            # (a worker waits for shards until finish(): all three are there to be asked)
             parents = {_ppid(pid) for pid in ex._pids.values()}
             assert parents == {zygote}, "forked from the copy, not from this process"
         finally:
@@ -147,7 +147,6 @@ def test_forked_with_nothing_to_do_starts_no_worker(tmp_path: Path) -> None:
 def test_a_killed_worker_is_dead_and_kill_ends_the_others(tmp_path: Path) -> None:
     www = _files(tmp_path / "www", 4, b"k")
     with FaultServer(root=www) as srv:
-        srv.persist("/f*", Fault.trickle(1024))  # slow enough to be killed mid-file
         ex = _forked(tmp_path / "d", srv.url, 2)
         try:
             for i in range(4):
@@ -155,7 +154,7 @@ def test_a_killed_worker_is_dead_and_kill_ends_the_others(tmp_path: Path) -> Non
             deadline = time.monotonic() + 30
             while len(ex._pids) < 2 and time.monotonic() < deadline:
                 ex.events(timeout=0.05)
-            assert sorted(ex._pids) == [0, 1]
+            assert sorted(ex._pids) == [0, 1]  # both wait for shards until finish()
             os.kill(ex._pids[1], signal.SIGKILL)
             while not ex.dead() and time.monotonic() < deadline:
                 ex.events(timeout=0.05)
@@ -210,7 +209,6 @@ def test_workers_forked_before_one_that_cannot_start_are_stopped(
 ) -> None:
     www = _files(tmp_path / "www", 3, b"w")
     with FaultServer(root=www) as srv:
-        srv.persist("/f*", Fault.trickle(1024))  # worker 0 is still at it
         _refuse_fork(monkeypatch, after=2)  # the workers' parent, then worker 0
         ex = _forked(tmp_path / "d", srv.url, 3)
         try:
