@@ -8,6 +8,7 @@ metadata is published last; deletion waits for a complete, error-free crawl.
 
 from __future__ import annotations
 
+import itertools
 import os
 import queue
 import stat
@@ -57,7 +58,7 @@ from fetcher.plan import LocalFile, decide, is_metadata, is_top_metadata
 from fetcher.procs import fork_safe, worker_context
 from fetcher.prune import local_files, prune
 from fetcher.shard import make_shards
-from fetcher.state import Row, RunLock, State
+from fetcher.state import ROWS_AT_ONCE, Row, RunLock, State
 from fetcher.transport import make_client, make_transport
 
 if TYPE_CHECKING:  # post-processing is imported when a run asks for it (--post)
@@ -234,8 +235,10 @@ class _Disk:
                 return
             self._checked[last.path] = (last, self._check(last.path, last))
         if kept and waiting():
-            # and what else is in DEST, for prune() at the end (~4 ms then, for 5,000 files)
-            self.found = list(local_files(self.dest))
+            # and what else is in DEST, for prune() at the end (~4 ms then, for 5,000 files);
+            # not past as many files as the state holds at most (prune() walks DEST then)
+            found = list(itertools.islice(local_files(self.dest), ROWS_AT_ONCE + 1))
+            self.found = found if len(found) <= ROWS_AT_ONCE else None
 
     def intact(self, directory: str, last: Listing) -> tuple[tuple[str, ...], int] | None:
         """The files of ``directory`` and their bytes, if the state holds exactly the files

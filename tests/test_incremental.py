@@ -198,9 +198,19 @@ def test_kept_directories_are_checked_while_nothing_else_is_waiting(tmp_path: Pa
         other = kept("a", 2)  # not the listing checked (two files): asked afresh
         assert disk.intact("a", other) is None
 
+        assert disk.found is not None and sorted(disk.found) == sorted(paths)  # DEST listed
+        (dest / "a" / "mine.txt").write_bytes(b"of nobody's")
+        import fetcher.pipeline
+
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(fetcher.pipeline, "ROWS_AT_ONCE", 4)  # DEST has 5 files now
+            big = _Disk(dest, st)  # DEST holds more files than the state: prune() walks it
+            big.read_rows(lambda: True, {a.url: a, b.url: b})
+            assert big._checked and big.found is None
+
         late = _Disk(dest, st)  # the crawl's first answer came before the files were looked at
         late.read_rows(lambda: False, {a.url: a, b.url: b})
-        assert late._checked == {}
+        assert late._checked == {} and late.found is None
         assert late.intact("a", a) is None and late.intact("b", b) == (("b/g0", "b/g1"), 4)
     finally:
         st.close()
