@@ -405,7 +405,7 @@ class _LazyConsole:
 
     rich is a fifth of the CLI's imports, and a run whose output is not a terminal
     needs it only to print an error (its summary is plain lines): made here, it is
-    imported when first needed; on a terminal after the workers are forked (and,
+    imported when first needed; on a terminal after the workers' parent is forked (and,
     once the crawl is done, while they download). Whether it would be a terminal
     is answered without it, as rich answers.
     """

@@ -97,7 +97,7 @@ class _Run:
     post: PostPool | None = None
     derived: Path | None = None
     executor: Executor | None = None
-    fork: bool = False  # local workers are forked from this process (procs.fork_safe)
+    fork: bool = False  # local workers come from a fork of this process (procs.fork_safe)
     seen_dirs: set[str] = field(default_factory=set)
     # the files of directories found unchanged (UnchangedDir): seen upstream by this run,
     # told to prune from here rather than by a last_seen written to each of their rows
