@@ -117,7 +117,7 @@ class LocalExecutor:
                 z.start()
         except OSError as exc:  # fork(2): EAGAIN at the process limit, ENOMEM
             mine.close()
-            raise _cannot_start("worker processes", exc) from exc
+            raise _cannot_start("worker processes", exc.strerror or str(exc)) from exc
         finally:
             gc.unfreeze()
             theirs.close()
@@ -137,7 +137,7 @@ class LocalExecutor:
             with _no_main_reimport():
                 p.start()
         except OSError as exc:  # fork(2): EAGAIN at the process limit, ENOMEM
-            raise _cannot_start(f"worker process {i}", exc) from exc
+            raise _cannot_start(f"worker process {i}", exc.strerror or str(exc)) from exc
         self._procs.append(p)
         self._started += 1
 
@@ -154,10 +154,7 @@ class LocalExecutor:
                     self._codes[i] = value
                 else:  # "failed": fork(2) said no
                     self._codes[i] = None
-                    raise FatalIOError(
-                        f"cannot start worker process {i}: {value}",
-                        hint="the system is at its process or memory limit; try a smaller --procs",
-                    )
+                    raise _cannot_start(f"worker process {i}", value)
         except (EOFError, OSError):
             pass  # it is gone: dead() says so
 
@@ -248,8 +245,9 @@ class LocalExecutor:
 
     def join(self, timeout: float = 10) -> None:
         if self._zygote is not None:
-            with contextlib.suppress(OSError):
-                self._cmd.send(None)  # (again, if finished): no more workers
+            if not self._finished:
+                with contextlib.suppress(OSError):
+                    self._cmd.send(None)  # no more workers (finish() says so too)
             self._zygote.join(timeout=timeout)  # it ends once its workers have
             with contextlib.suppress(FatalIOError):
                 self._news()
@@ -259,9 +257,10 @@ class LocalExecutor:
         self._events.cancel_join_thread()
 
 
-def _cannot_start(what: str, exc: OSError) -> FatalIOError:
+def _cannot_start(what: str, reason: str) -> FatalIOError:
+    """fork(2) refused (EAGAIN at the process limit, ENOMEM), here or in the workers' parent."""
     return FatalIOError(
-        f"cannot start {what}: {exc.strerror or exc}",
+        f"cannot start {what}: {reason}",
         hint="the system is at its process or memory limit; try a smaller --procs",
     )
 
