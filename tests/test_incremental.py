@@ -960,6 +960,58 @@ def test_delete_keeps_the_files_of_pages_kept_unparsed_and_finds_strays_among_th
         _assert_same(dest, src)
 
 
+def test_a_resync_whose_listings_take_a_while_checks_and_lists_dest_meanwhile(
+    tmp_path: Path, run_fetch: RunFetch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The listings are held until the plan has looked at DEST (read_rows): it has time to
+    # check every kept directory and to list DEST, and the end of the run works from that
+    # list instead of walking DEST again. A stray beside the mirror's files still goes.
+    import threading
+
+    import fetcher.pipeline
+    import fetcher.prune
+    from fetcher.pipeline import _Disk
+
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    files = _file_paths(_make_source(src, files=20, dirs=2))
+    looked = threading.Event()
+    real_read_rows = _Disk.read_rows
+    disks: list[_Disk] = []
+
+    def read_rows(disk: _Disk, *args: Any) -> None:
+        disks.append(disk)
+        try:
+            real_read_rows(disk, *args)
+        finally:
+            looked.set()
+
+    walks: list[str] = []
+    real_local_files = fetcher.prune.local_files
+
+    def walked(dest: Path, skip: Any = frozenset()) -> Any:
+        walks.append("prune")
+        return real_local_files(dest, skip)
+
+    report = tmp_path / "report.json"
+    with _serving(src) as srv:
+        args = ["--mirror", srv.url, "--dest", dest, "--procs", "1", "--report", report]
+        assert run_fetch(*args).code == 0
+        stray = dest / files[0].split("/")[0] / "mine.txt"
+        stray.write_bytes(b"not upstream")
+        monkeypatch.setattr(_Disk, "read_rows", read_rows)
+        monkeypatch.setattr(fetcher.prune, "local_files", walked)  # prune's own walk only
+        srv.persist("/*", Fault.gated(looked))
+        r = run_fetch(*args, "--delete", "--force")
+        assert r.code == 0, r
+    assert len(disks) == 1 and disks[0].found is not None
+    assert len(disks[0]._checked) == 3  # the root and both directories, checked early
+    assert walks == [], "prune walked DEST again"
+    job = _report(report)
+    assert job["deleted"] == [stray.relative_to(dest).as_posix()], job
+    assert job["unchanged"]["files"] == len(files) and job["fetched"]["files"] == 0, job
+    _assert_same(dest, src)
+
+
 @pytest.mark.parametrize("damage", ["truncated", "removed", "partial", "excluded"])
 def test_a_kept_page_is_read_again_when_dest_or_the_options_differ(
     tmp_path: Path, run_fetch: RunFetch, monkeypatch: pytest.MonkeyPatch, damage: str
