@@ -491,21 +491,23 @@ def run_resync(
     results: list[Measure],
     limit_rate: str | None = None,
 ) -> None:
-    """First run populates DEST (untimed); the second, over an unchanged tree, is measured."""
+    """Each tool's first run fills its own DEST (untimed); then the unchanged re-syncs are
+    measured, the tools interleaved run by run as in the other scenarios."""
     nginx = serve("nginx", tree.root, WORK / "servers", limit_rate=limit_rate)
     with nginx as srv, proxied(srv.port, rtt_ms / 2) as port:
         url = f"http://127.0.0.1:{port}/"
         url_list = WORK / "resync.urls"
         write_url_list(tree, url, url_list)
         for tool in tools:
-            dest = DEST_ROOT / f"resync-{tool}"
             one_run(
-                "resync-first", tool, 0, tree, url, url_list, n, srv.access_log, dest, keep=True
-            )
-            for r in range(runs):
+                "resync-first", tool, 0, tree, url, url_list, n, srv.access_log,
+                DEST_ROOT / f"resync-{tool}", keep=True,
+            )  # fmt: skip
+        for r in range(runs):
+            for tool in tools[r % len(tools) :] + tools[: r % len(tools)]:
                 m = one_run(
-                    "resync", tool, r, tree, url, url_list, n, srv.access_log, dest,
-                    fresh=False, keep=True,
+                    "resync", tool, r, tree, url, url_list, n, srv.access_log,
+                    DEST_ROOT / f"resync-{tool}", fresh=False, keep=True,
                 )  # fmt: skip
                 m.bytes = 0
                 results.append(m)
