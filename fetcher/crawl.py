@@ -37,7 +37,6 @@ from fetcher.errors import (
     UnsafePath,
 )
 from fetcher.http1 import pipelined_lanes
-from fetcher.listing import parse_listing
 from fetcher.models import (
     CrawlProblem,
     Listing,
@@ -51,7 +50,12 @@ from fetcher.models import (
     normalise_dir_url,
 )
 from fetcher.plan import wanted
-from fetcher.retry import build_retrying, retry_after_seconds, untrusted_certificate
+from fetcher.retry import (
+    build_retrying,
+    retry_after_seconds,
+    untrusted_certificate,
+    with_retries,
+)
 from fetcher.transport import plain_get
 
 __all__ = ["CrawlOptions", "crawl"]
@@ -234,12 +238,20 @@ def _read_page(
                 raise ListingError(f"not a directory listing ({ctype}): {url}")
         page_url = url if url.endswith("/") else url + "/"
         if keep is None:
-            return _Page(page_url, parse_listing(bytes(body), url))
+            return _Page(page_url, _parse(bytes(body), url))
         digest = hashlib.blake2b(body, digest_size=16, key=_options_key(scope, opts)).digest()
         same = keep(page_url, digest)
         if same is not None:
             return _Page(page_url, [], digest=digest, kept=_Kept(*same, bytes(body), url))
-        return _Page(page_url, parse_listing(bytes(body), url), digest=digest)
+        return _Page(page_url, _parse(bytes(body), url), digest=digest)
+
+
+def _parse(body: bytes, url: str) -> list[ListingEntry]:
+    # The readers load with the first page parsed (their dataclasses and regular
+    # expressions: ~4 ms of start-up): a re-sync whose pages are all kept parses none.
+    from fetcher.listing import parse_listing
+
+    return parse_listing(body, url)
 
 
 @functools.lru_cache(maxsize=8)
@@ -365,18 +377,21 @@ def crawl(
 
     def fetch(d: _Dir) -> _Page:
         keep = keeper(d)
-        for attempt in retrying.copy():
+
+        def reached() -> None:
             if d.ahead is not None and over.is_set():
                 raise ListingError("the crawl is over")  # asked ahead, never reached: no retry
-            with attempt:
-                page = _fetch_page(get, d.url, scope, opts, gate, keep)
+
+        page = with_retries(
+            retrying, lambda: _fetch_page(get, d.url, scope, opts, gate, keep), reached
+        )
         if opts.verify:
             for e in page.entries:
                 name = unquote(e.url.rstrip("/").rsplit("/", 1)[-1])
                 if not e.is_dir and is_sums_file(name) and scope.contains(e.url):
-                    for attempt in retrying.copy():
-                        with attempt:
-                            text = _fetch_text(client, e.url, MAX_SUMS_BYTES)
+                    text = with_retries(
+                        retrying, functools.partial(_fetch_text, client, e.url, MAX_SUMS_BYTES)
+                    )
                     page.sums.update(parse_sums(name, text))
         return page
 
@@ -662,7 +677,7 @@ def _kept_children(
     last = kept.listing  # of this directory's path (keep() saw to that)
     if last.fp in d.ancestors or (last.dirs and d.depth + 1 > opts.depth):
         # here the last run's listing would not stand: read the page after all
-        entries = parse_listing(kept.body, kept.url)
+        entries = _parse(kept.body, kept.url)
         yield from _children(replace(page, entries=entries, kept=None), d, scope, opts,
                              visited, submit)  # fmt: skip
         return

@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Callable
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -43,7 +43,9 @@ def _import_tenacity() -> None:
 _import_tenacity()
 import tenacity  # noqa: E402
 
-__all__ = ["build_retrying", "retry_after_seconds", "untrusted_certificate"]
+__all__ = ["build_retrying", "retry_after_seconds", "untrusted_certificate", "with_retries"]
+
+_T = TypeVar("_T")
 
 
 def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
@@ -112,3 +114,32 @@ def build_retrying(
         sleep=sleep,
         before_sleep=before_sleep,
     )
+
+
+def with_retries(
+    retrying: tenacity.Retrying,
+    attempt: Callable[[], _T],
+    before: Callable[[], object] = lambda: None,
+) -> _T:
+    """``attempt()`` under ``retrying``'s policy, its first call bare.
+
+    Most calls need no second attempt, and the policy's bookkeeping (a copy of it, its
+    iterator, the attempt's context) costs ~25 µs, as much as reading a small listing.
+    A first failure is replayed to the policy as attempt 1, so what it decides (retry
+    or not, how long to wait) is what it would have decided. ``before`` runs before
+    every attempt (what it raises ends them, unjudged).
+    """
+    before()
+    try:
+        return attempt()
+    except Exception as exc:  # noqa: BLE001 - judged by the policy just below
+        first: Exception | None = exc
+    for each in retrying.copy():
+        if first is None:
+            before()  # (outside the attempt: what it raises is not the policy's to judge)
+        with each:
+            if first is not None:
+                replay, first = first, None
+                raise replay
+            return attempt()
+    raise AssertionError("unreachable")  # pragma: no cover - the policy re-raises

@@ -879,13 +879,13 @@ def _count_parses(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     import fetcher.crawl
 
     pages: list[str] = []
-    real = fetcher.crawl.parse_listing
+    real = fetcher.crawl._parse
 
     def parse(body: bytes, url: str) -> Any:
         pages.append(url)
         return real(body, url)
 
-    monkeypatch.setattr(fetcher.crawl, "parse_listing", parse)
+    monkeypatch.setattr(fetcher.crawl, "_parse", parse)
     return pages
 
 

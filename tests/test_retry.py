@@ -12,7 +12,7 @@ from fetcher.config import Transfer
 from fetcher.download import fetch_file
 from fetcher.errors import HTTPStatusError, IncompleteDownload
 from fetcher.models import Action, Job, Outcome, RelPath, RemoteFile, Status
-from fetcher.retry import build_retrying, retry_after_seconds
+from fetcher.retry import build_retrying, retry_after_seconds, with_retries
 from fetcher.transport import make_transport
 from tests.faultserver import Fault, FaultServer
 
@@ -27,8 +27,10 @@ T = Transfer(
 
 
 def run(
-    fail_with: list[BaseException], t: Transfer = T
+    fail_with: list[BaseException], t: Transfer = T, bare: bool = False
 ) -> tuple[list[float], int, BaseException | None]:
+    """Calls of an operation that fails with ``fail_with`` in turn, under the policy (with
+    ``bare``, through :func:`with_retries`): the sleeps, the calls and what was raised."""
     sleeps: list[float] = []
     calls = 0
     errors = iter(fail_with)
@@ -41,10 +43,14 @@ def run(
             raise err
         return "ok"
 
+    policy = build_retrying(t, sleep=sleeps.append)
     try:
-        for attempt in build_retrying(t, sleep=sleeps.append):
-            with attempt:
-                op()
+        if bare:
+            assert with_retries(policy, op) == "ok"
+        else:
+            for attempt in policy:
+                with attempt:
+                    op()
     except Exception as exc:
         return sleeps, calls, exc
     return sleeps, calls, None
@@ -90,6 +96,77 @@ def test_retry_after_parsing() -> None:
     assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412480 - 60) == 60
     assert retry_after_seconds("soon") is None
     assert retry_after_seconds(None) is None
+
+
+# -- with_retries: the first call bare, a failure replayed to the policy as attempt 1,
+# so every case above must come out the same through it
+
+
+@pytest.mark.parametrize(
+    "fail_with",
+    [
+        [],
+        [httpx.ConnectError("x"), httpx.ReadTimeout("x"), IncompleteDownload("short")],
+        [HTTPStatusError(503, "u")],
+        [HTTPStatusError(404, "u")],
+        [HTTPStatusError(503, "u")] * 10,
+        [HTTPStatusError(429, "u", 7.0), HTTPStatusError(503, "u", 3600.0)],
+        [ValueError("bug")],
+    ],
+    ids=["ok", "transient", "503", "404", "gives-up", "retry-after", "bug"],
+)
+def test_with_retries_decides_as_the_policy(fail_with: list[BaseException]) -> None:
+    sleeps, calls, err = run(fail_with, bare=True)
+    want_sleeps, want_calls, want_err = run(fail_with)
+    assert (calls, err) == (want_calls, want_err)
+    if fail_with and isinstance(fail_with[0], HTTPStatusError) and fail_with[0].retry_after:
+        assert sleeps == want_sleeps  # Retry-After, not the jittered backoff
+    else:
+        assert len(sleeps) == len(want_sleeps)
+
+
+def test_with_retries_copies_no_policy_for_a_first_success() -> None:
+    class Counted(type(build_retrying(T))):  # type: ignore[misc]
+        copies = 0
+
+        def copy(self, *a: object, **k: object) -> object:
+            Counted.copies += 1
+            return super().copy(*a, **k)
+
+    policy = Counted(stop=build_retrying(T).stop, sleep=lambda s: None)
+    assert with_retries(policy, lambda: 1) == 1
+    assert Counted.copies == 0
+    calls = iter([httpx.ConnectError("x")])
+
+    def once() -> int:
+        err = next(calls, None)
+        if err is not None:
+            raise err
+        return 2
+
+    assert with_retries(policy, once) == 2 and Counted.copies == 1
+
+
+def test_with_retries_before_ends_the_attempts_unjudged() -> None:
+    """What ``before`` raises (the crawl is over) is raised at once, even when the policy
+    would retry it, and no attempt is made after it."""
+    calls, befores = 0, 0
+
+    def op() -> None:
+        nonlocal calls
+        calls += 1
+        raise httpx.ConnectError("x")
+
+    def before() -> None:
+        nonlocal befores
+        befores += 1
+        if befores == 2:
+            raise IncompleteDownload("over")  # retryable, were the policy to judge it
+
+    sleeps: list[float] = []
+    with pytest.raises(IncompleteDownload, match="over"):
+        with_retries(build_retrying(T, sleep=sleeps.append), op, before)
+    assert (calls, befores, len(sleeps)) == (1, 2, 1)
 
 
 def test_policy_pickles() -> None:

@@ -201,10 +201,11 @@ def test_on_a_terminal_the_cli_draws_the_live_display(tmp_path: Path) -> None:
     assert (tmp_path / "d" / "a.bin").read_bytes() == b"a" * 5000
 
 
-def _imports_lxml(url: str, dest: Path) -> tuple[bool, str]:
+def _imports(url: str, dest: Path, module: str = "lxml.etree") -> tuple[bool, str]:
+    """Whether a run of fetch (``--procs 1``) imported ``module``, and what it printed."""
     code = (
         "import atexit, sys; import fetcher.cli as cli; "
-        "atexit.register(lambda: print('lxml:', 'lxml.etree' in sys.modules)); "
+        f"atexit.register(lambda: print('imported:', {module!r} in sys.modules)); "
         "sys.exit(cli.main(sys.argv[1:]))"
     )
     done = subprocess.run(
@@ -212,7 +213,7 @@ def _imports_lxml(url: str, dest: Path) -> tuple[bool, str]:
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    return done.stdout.splitlines()[-1] == "lxml: True", done.stdout
+    return done.stdout.splitlines()[-1] == "imported: True", done.stdout
 
 
 def test_lxml_is_imported_only_for_a_page_the_nginx_reader_declines(tmp_path: Path) -> None:
@@ -223,10 +224,29 @@ def test_lxml_is_imported_only_for_a_page_the_nginx_reader_declines(tmp_path: Pa
     (www / "sub").mkdir(parents=True)
     (www / "sub" / "a.bin").write_bytes(b"a" * 3000)
     with serve("nginx", www, tmp_path / "srv") as srv:
-        used, out = _imports_lxml(srv.url, tmp_path / "d1")
+        used, out = _imports(srv.url, tmp_path / "d1")
     assert not used and "  fetched      1" in out, out
     assert (tmp_path / "d1" / "sub" / "a.bin").read_bytes() == b"a" * 3000
     with serve("apache", www, tmp_path / "srv2") as srv:  # its markup: the general reader
-        used, out = _imports_lxml(srv.url, tmp_path / "d2")
+        used, out = _imports(srv.url, tmp_path / "d2")
     assert used and "  fetched      1" in out, out
     assert (tmp_path / "d2" / "sub" / "a.bin").read_bytes() == b"a" * 3000
+
+
+def test_a_resync_of_kept_pages_loads_no_listing_reader(tmp_path: Path) -> None:
+    # the readers load with the first page parsed (~4 ms of start-up otherwise)
+    from tests.servers import serve
+
+    www = tmp_path / "www"
+    (www / "sub").mkdir(parents=True)
+    (www / "sub" / "a.bin").write_bytes(b"a" * 3000)
+    (www / "b.bin").write_bytes(b"b" * 10)
+    with serve("nginx", www, tmp_path / "srv") as srv:
+        used, out = _imports(srv.url, tmp_path / "d", "fetcher.listing")
+        assert used and "  fetched      2" in out, out
+        used, out = _imports(srv.url, tmp_path / "d", "fetcher.listing")
+        assert not used and "  unchanged    2" in out, out
+        (www / "sub" / "c.bin").write_bytes(b"c" * 20)  # a page changed: read it
+        used, out = _imports(srv.url, tmp_path / "d", "fetcher.listing")
+        assert used and "  fetched      1" in out, out
+    assert (tmp_path / "d" / "sub" / "c.bin").read_bytes() == b"c" * 20
