@@ -40,12 +40,12 @@ from fetcher.errors import (
 from fetcher.http1 import NoToken, ThreadConnTransport
 from fetcher.limits import SharedLimits
 from fetcher.models import STATE_DIR, Action, Job, Outcome, RelPath, RemoteFile, Scope, Status
-from fetcher.retry import retry_after_seconds
+from fetcher.retry import RetryPolicy, retry_after_seconds
 from fetcher.transport import file_url, plain_get, request_parts
 from fetcher.wire import Body, write_all
 
 if TYPE_CHECKING:
-    import tenacity  # imported at run time by fetcher.retry, without tornado
+    import tenacity  # loaded by fetcher.retry when a retry needs it, without tornado
 
 __all__ = [
     "Deferred",
@@ -854,7 +854,7 @@ def fetch_file(
     job: Job,
     t: Transfer,
     *,
-    retrying: tenacity.Retrying,
+    retrying: RetryPolicy,
     scope: Scope | None = None,
     limits: SharedLimits | None = None,
     stop: threading.Event | None = None,

@@ -16,34 +16,42 @@ from __future__ import annotations
 import ssl
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from email.utils import parsedate_to_datetime
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 
 from fetcher.config import Transfer
 from fetcher.errors import HTTPStatusError, TransferError
 
+if TYPE_CHECKING:
+    import tenacity
 
-def _import_tenacity() -> None:
+
+def _import_tenacity() -> Any:
     # tenacity imports tornado whenever it is installed (the dask extra brings it), to
     # retry tornado coroutines, which fetch has none of: 30 ms in every process that
     # imports it. A None in sys.modules makes that one import fail as if tornado were
     # absent; the entry goes at once, so Dask (or anyone) imports tornado as usual.
-    if "tenacity" in sys.modules or "tornado" in sys.modules:
-        return
-    sys.modules["tornado"] = None  # type: ignore[assignment]
-    try:
-        import tenacity  # noqa: F401
-    finally:
-        del sys.modules["tornado"]
+    if "tenacity" not in sys.modules and "tornado" not in sys.modules:
+        sys.modules["tornado"] = None  # type: ignore[assignment]
+        try:
+            import tenacity
+        finally:
+            del sys.modules["tornado"]
+    import tenacity
+
+    return tenacity
 
 
-_import_tenacity()
-import tenacity  # noqa: E402
-
-__all__ = ["build_retrying", "retry_after_seconds", "untrusted_certificate", "with_retries"]
+__all__ = [
+    "RetryPolicy",
+    "build_retrying",
+    "retry_after_seconds",
+    "untrusted_certificate",
+    "with_retries",
+]
 
 _T = TypeVar("_T")
 
@@ -83,10 +91,11 @@ def _is_transient(exc: BaseException) -> bool:
     return False
 
 
-class _WaitRetryAfter(tenacity.wait.wait_base):
+class _WaitRetryAfter:
     """Exponential backoff with jitter, but at least what ``Retry-After`` asked (capped)."""
 
     def __init__(self, t: Transfer) -> None:
+        tenacity = _import_tenacity()
         self._backoff = tenacity.wait_exponential(
             multiplier=t.backoff_initial, max=t.backoff_max
         ) + tenacity.wait_random(0, t.backoff_initial)
@@ -100,24 +109,70 @@ class _WaitRetryAfter(tenacity.wait.wait_base):
         return wait
 
 
+class RetryPolicy:
+    """The one retry policy: transient errors only, backoff with jitter, ``Retry-After``.
+
+    A value (it pickles to a worker); :meth:`copy` gives a fresh ``tenacity.Retrying``
+    to run attempts under. tenacity itself (~4 ms to import) loads with the first copy:
+    the first attempt of a file or a listing runs bare (:func:`with_retries`,
+    :func:`~fetcher.download.fetch_file`), so a run in which nothing fails never needs it.
+    """
+
+    __slots__ = ("_before_sleep", "_built", "_sleep", "_t")
+
+    def __init__(
+        self,
+        t: Transfer,
+        sleep: Callable[[float], Any] = time.sleep,
+        before_sleep: Callable[[tenacity.RetryCallState], Any] | None = None,
+    ) -> None:
+        self._t = t
+        self._sleep = sleep
+        self._before_sleep = before_sleep
+        self._built: tenacity.Retrying | None = None
+
+    def retrying(self) -> tenacity.Retrying:
+        """The policy as tenacity runs it (built once; two threads may both build it)."""
+        built = self._built
+        if built is None:
+            tenacity = _import_tenacity()
+            t = self._t
+            built = self._built = tenacity.Retrying(
+                stop=tenacity.stop_after_attempt(t.retries),
+                wait=_WaitRetryAfter(t),
+                retry=tenacity.retry_if_exception(_is_transient),
+                reraise=True,
+                sleep=self._sleep,
+                before_sleep=self._before_sleep,
+            )
+        return built
+
+    def copy(self, **changes: Any) -> tenacity.Retrying:
+        """A fresh ``tenacity.Retrying`` of this policy (``changes`` as its ``copy`` takes)."""
+        return self.retrying().copy(**changes)
+
+    def __iter__(self) -> Iterator[tenacity.AttemptManager]:
+        return iter(self.retrying())
+
+    def __getstate__(self) -> tuple[Any, ...]:
+        return (self._t, self._sleep, self._before_sleep)  # not what is built from them
+
+    def __setstate__(self, state: tuple[Any, ...]) -> None:
+        self._t, self._sleep, self._before_sleep = state
+        self._built = None
+
+
 def build_retrying(
     t: Transfer,
     sleep: Callable[[float], Any] = time.sleep,
     before_sleep: Callable[[tenacity.RetryCallState], Any] | None = None,
-) -> tenacity.Retrying:
-    """The one retry policy: transient errors only, backoff with jitter, ``Retry-After``."""
-    return tenacity.Retrying(
-        stop=tenacity.stop_after_attempt(t.retries),
-        wait=_WaitRetryAfter(t),
-        retry=tenacity.retry_if_exception(_is_transient),
-        reraise=True,
-        sleep=sleep,
-        before_sleep=before_sleep,
-    )
+) -> RetryPolicy:
+    """The one retry policy (:class:`RetryPolicy`) for ``t``."""
+    return RetryPolicy(t, sleep, before_sleep)
 
 
 def with_retries(
-    retrying: tenacity.Retrying,
+    retrying: RetryPolicy,
     attempt: Callable[[], _T],
     before: Callable[[], object] = lambda: None,
 ) -> _T:

@@ -4,6 +4,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -12,7 +13,7 @@ from fetcher.config import Transfer
 from fetcher.download import fetch_file
 from fetcher.errors import HTTPStatusError, IncompleteDownload
 from fetcher.models import Action, Job, Outcome, RelPath, RemoteFile, Status
-from fetcher.retry import build_retrying, retry_after_seconds, with_retries
+from fetcher.retry import RetryPolicy, build_retrying, retry_after_seconds, with_retries
 from fetcher.transport import make_transport
 from tests.faultserver import Fault, FaultServer
 
@@ -126,16 +127,16 @@ def test_with_retries_decides_as_the_policy(fail_with: list[BaseException]) -> N
 
 
 def test_with_retries_copies_no_policy_for_a_first_success() -> None:
-    class Counted(type(build_retrying(T))):  # type: ignore[misc]
-        copies = 0
+    copies: list[dict[str, object]] = []
 
-        def copy(self, *a: object, **k: object) -> object:
-            Counted.copies += 1
-            return super().copy(*a, **k)
+    class Counted(RetryPolicy):
+        def copy(self, **changes: object) -> Any:
+            copies.append(changes)
+            return super().copy(**changes)
 
-    policy = Counted(stop=build_retrying(T).stop, sleep=lambda s: None)
+    policy = Counted(T, sleep=lambda s: None)
     assert with_retries(policy, lambda: 1) == 1
-    assert Counted.copies == 0
+    assert copies == []
     calls = iter([httpx.ConnectError("x")])
 
     def once() -> int:
@@ -144,7 +145,40 @@ def test_with_retries_copies_no_policy_for_a_first_success() -> None:
             raise err
         return 2
 
-    assert with_retries(policy, once) == 2 and Counted.copies == 1
+    assert with_retries(policy, once) == 2 and len(copies) == 1
+
+
+_A_POLICY = (
+    "import sys, httpx\n"
+    "from fetcher.config import Transfer\n"
+    "from fetcher.retry import build_retrying, with_retries\n"
+    "policy = build_retrying(Transfer(dest='/tmp/x', root='http://h/'), sleep=lambda s: None)\n"
+)
+
+
+def _python(code: str) -> tuple[int, str, str]:
+    """``code`` run by a fresh interpreter: its exit code, stdout and stderr."""
+    done = subprocess.run(
+        [sys.executable, "-c", _A_POLICY + code],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    return done.returncode, done.stdout, done.stderr
+
+
+def test_tenacity_loads_with_the_first_retry() -> None:
+    """A process in which nothing fails never imports tenacity (~4 ms of start-up)."""
+    code, out, err = _python(
+        "assert with_retries(policy, lambda: 1) == 1\n"
+        "print('tenacity' in sys.modules)\n"
+        "errors = iter([httpx.ConnectError('x')])\n"
+        "def op():\n"
+        "    for e in errors:\n"
+        "        raise e\n"
+        "    return 2\n"
+        "assert with_retries(policy, op) == 2\n"
+        "print('tenacity' in sys.modules)\n"
+    )
+    assert code == 0 and out.split() == ["False", "True"], (out, err)
 
 
 def test_with_retries_before_ends_the_attempts_unjudged() -> None:
@@ -172,7 +206,7 @@ def test_with_retries_before_ends_the_attempts_unjudged() -> None:
 def test_policy_pickles() -> None:
     r = build_retrying(T)
     r2 = pickle.loads(pickle.dumps(r))
-    assert r2.stop.max_attempt_number == 5  # type: ignore[attr-defined]
+    assert r2.copy().stop.max_attempt_number == 5  # type: ignore[attr-defined]
 
 
 # -- fetch_file against a real server: the first attempt runs outside the policy and a
@@ -240,13 +274,10 @@ def test_the_policy_loads_without_tornado_which_stays_importable() -> None:
     """tenacity would import tornado (30 ms a process) when it is installed; fetch's
     policy never needs it, and hiding it must not stop Dask from importing it after."""
     pytest.importorskip("tornado")
-    code = (
-        "import sys, fetcher.download, fetcher.retry, tenacity\n"
+    code, out, err = _python(
+        "retrying = policy.copy()\n"
         "assert 'tornado' not in sys.modules, 'tornado imported'\n"
         "import tornado.gen\n"
-        "print('ok', tenacity.Retrying.__name__)\n"
+        "print('ok', type(retrying).__name__)\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
-    )
-    assert done.returncode == 0 and done.stdout.strip() == "ok Retrying", done.stderr
+    assert code == 0 and out.strip() == "ok Retrying", err

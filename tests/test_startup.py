@@ -250,3 +250,17 @@ def test_a_resync_of_kept_pages_loads_no_listing_reader(tmp_path: Path) -> None:
         used, out = _imports(srv.url, tmp_path / "d", "fetcher.listing")
         assert used and "  fetched      1" in out, out
     assert (tmp_path / "d" / "sub" / "c.bin").read_bytes() == b"c" * 20
+
+
+def test_a_run_in_which_nothing_fails_loads_no_retry_machinery(tmp_path: Path) -> None:
+    # tenacity (~4 ms) loads with the first retry: every first attempt runs bare
+    from tests.servers import serve
+
+    www = tmp_path / "www"
+    (www / "sub").mkdir(parents=True)
+    for i in range(5):
+        (www / "sub" / f"{i}.bin").write_bytes(bytes([i]) * 4000)
+    with serve("nginx", www, tmp_path / "srv") as srv:
+        used, out = _imports(srv.url, tmp_path / "d", "tenacity")
+    assert not used and "  fetched      5" in out, out
+    assert (tmp_path / "d" / "sub" / "4.bin").read_bytes() == b"\x04" * 4000
