@@ -142,9 +142,11 @@ class LocalExecutor:
         self._started += 1
 
     def _news(self) -> None:
-        """Take in what the workers' parent has said since last asked (``fork``)."""
+        """Take in what the workers' parent has said since last asked (``fork``); all of
+        it, before saying that a worker could not start."""
         if self._cmd is None:
             return
+        refused: FatalIOError | None = None
         try:
             while self._cmd.poll(0):
                 what, i, value = self._cmd.recv()
@@ -154,9 +156,11 @@ class LocalExecutor:
                     self._codes[i] = value
                 else:  # "failed": fork(2) said no
                     self._codes[i] = None
-                    raise _cannot_start(f"worker process {i}", value)
+                    refused = refused or _cannot_start(f"worker process {i}", value)
         except (EOFError, OSError):
             pass  # it is gone: dead() says so
+        if refused is not None:
+            raise refused
 
     def submit(self, shard: Shard) -> None:
         if self._finished:
@@ -228,15 +232,18 @@ class LocalExecutor:
 
     def kill(self) -> None:
         if self._zygote is not None:
+            # Its workers are killed by their parent, which has not reaped them yet, so
+            # none of their PIDs can be another process's by then; from here one could
+            # be, once the parent has reaped it (or died, and init has).
+            if self._zygote.is_alive():
+                with contextlib.suppress(OSError):
+                    self._cmd.send(_KILL)
+                self._zygote.join(timeout=5)
+            if self._zygote.is_alive():
+                self._zygote.kill()  # its workers see it go, and stop (runner.worker_main)
+            self._zygote.join(timeout=5)
             with contextlib.suppress(FatalIOError):
                 self._news()
-            for i, pid in self._pids.items():
-                if i not in self._codes:
-                    with contextlib.suppress(OSError):  # ended meanwhile
-                        os.kill(pid, signal.SIGKILL)  # a worker of this run, by its PID
-            if self._zygote.is_alive():
-                self._zygote.kill()
-            self._zygote.join(timeout=5)
         for p in self._procs:
             if p.is_alive():
                 p.kill()
@@ -263,6 +270,10 @@ def _cannot_start(what: str, reason: str) -> FatalIOError:
         f"cannot start {what}: {reason}",
         hint="the system is at its process or memory limit; try a smaller --procs",
     )
+
+
+_KILL = -1
+"""Asks the workers' parent to kill its workers and end (``LocalExecutor.kill``)."""
 
 
 def _zygote_main(cmd: Any, theirs: Any, args: tuple[Any, ...]) -> None:
@@ -296,6 +307,13 @@ def _zygote_main(cmd: Any, theirs: Any, args: tuple[Any, ...]) -> None:
             if want is None:
                 more = False
                 continue
+            if want == _KILL:
+                for _, p in workers.values():
+                    p.kill()
+                for i, p in workers.values():
+                    p.join()
+                    _say(cmd, ("exit", i, p.exitcode))
+                os._exit(0)
             p = ctx.Process(
                 target=_worker_main, args=(cmd, want, *args), name=f"fetch-worker-{want}",
                 daemon=True,
@@ -311,7 +329,12 @@ def _zygote_main(cmd: Any, theirs: Any, args: tuple[Any, ...]) -> None:
 
 def _worker_main(cmd: Any, i: int, *args: Any) -> None:
     cmd.close()  # its parent's line to the coordinator is not the worker's
-    worker_main(i, *args)
+    # Watched by its PID, not through multiprocessing's pipe to it: every worker forked
+    # after this one holds a copy of that pipe's other end, so it would read as closed
+    # only once they had all ended too (a killed run's worker went on for as long as a
+    # later one waited on a stalled server).
+    parent = os.getppid()
+    worker_main(i, *args, alive=lambda: os.getppid() == parent)
 
 
 def _say(cmd: Any, news: tuple[Any, ...]) -> None:

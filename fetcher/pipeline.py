@@ -801,6 +801,10 @@ def _handle(run: _Run, events: list[Event]) -> None:
             else:
                 if out.error != "interrupted":
                     s.failed.append((out.path, out.error or "failed"))
+                elif not (run.stop.is_set() or s.fatal):
+                    # stopped, but not by this run: its worker lost its parent (killed),
+                    # or a Dask task was cancelled from outside. Never a clean run.
+                    s.failed.append((out.path, "interrupted: its worker process stopped"))
                 run.state.seen(run.run_id, out.path)
             rep.finished(out)
         elif isinstance(ev, FileStarted):

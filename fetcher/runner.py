@@ -417,17 +417,27 @@ class ShardRunner:
         results = self._results
         return [results[id(j)] for j in jobs]
 
-    def close(self) -> None:
-        """Finish every job queued (each ends at once if the run is stopping), then stop."""
+    def close(self, wait: float | None = None) -> bool:
+        """Finish every job queued (each ends at once if the run is stopping), then stop.
+
+        With ``wait``, give the lanes that many seconds in all to end; False (nothing
+        else closed) if one has not: it is waiting on a server."""
         with self._cond:
             self._closing = True
             self._cond.notify_all()
+        deadline = None if wait is None else time.monotonic() + wait
         for lane in self._lanes:
-            lane.join()
+            lane.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if lane.is_alive():
+                return False
         self._closed.set()
         self._ticker.join()
         self.batch.flush()
         self.transport.close()
+        return True
+
+
+_ORPHAN_GRACE = 1.0  # seconds an orphaned worker's lanes get to stop
 
 
 def worker_main(
@@ -438,12 +448,19 @@ def worker_main(
     limits: SharedLimits | None,
     stop: Any,
     parent: int | None = None,
+    *,
+    alive: Callable[[], bool] | None = None,
 ) -> None:
     """Entry point of a local worker process: pull shards until ``None``.
 
     ``parent`` is the coordinator's PID. The coordinator is watched through the
     sentinel pipe multiprocessing keeps to it (closed by the kernel when it dies), not
     getppid: under ``forkserver`` a worker's parent process is the fork server.
+    ``alive``, when given, is how else to tell that the parent is still there.
+
+    A worker whose parent is gone stops; a lane still waiting on a server then (up to
+    the read timeout) is not waited for beyond a second: the next run may already hold
+    DEST, and must not find this one still writing a partial file.
     """
     # Ctrl-C (and a terminal's hangup) reach the whole process group; only the coordinator
     # decides what they mean.
@@ -452,8 +469,9 @@ def worker_main(
     # A worker forked from the coordinator has its handlers: SIGTERM ends a worker.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     watch = multiprocessing.parent_process()
-    alive: Callable[[], bool] | None = None
-    if watch is not None:
+    if alive is not None:
+        pass
+    elif watch is not None:
         alive = watch.is_alive
     elif parent is not None:
         alive = lambda: os.getppid() == parent  # noqa: E731
@@ -472,12 +490,14 @@ def worker_main(
                 break
             runner.add(shard.jobs)
     finally:
-        runner.close()
         if runner.orphaned:
             # nobody reads the queues any more: do not wait at exit to flush them
             events.cancel_join_thread()
             shards.cancel_join_thread()
+            if not runner.close(wait=_ORPHAN_GRACE):
+                os._exit(0)  # a lane is stuck on a server; its partial file stays as is
         else:
+            runner.close()
             events.put([WorkerExit(worker)])
 
 

@@ -272,54 +272,93 @@ def _running(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def test_workers_exit_when_the_coordinator_is_killed(tmp_path: Path) -> None:
+def _fetch_with_workers(
+    srv: FaultServer, dest: Path, *extra: str
+) -> tuple[subprocess.Popen[bytes], set[int], set[int]]:
+    """The CLI on ``srv`` with two workers of two threads each, once both are running:
+    (the process, the workers, the process they were forked from)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fetcher", "--mirror", srv.url, "--dest", str(dest),
+         "--procs", "2", "--threads", "2", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    workers: set[int] = set()
+    parents: set[int] = set()
+    while time.monotonic() < deadline and len(workers) < 2:
+        workers, parents = _workers(proc.pid)
+        time.sleep(0.05)
+    assert len(workers) == 2 and len(parents) == 1, (workers, parents)
+    return proc, workers, parents
+
+
+def _gone_within(pids: set[int], seconds: float) -> list[int]:
+    """Those of ``pids`` still running after ``seconds`` (killed then, not left behind)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and any(_running(p) for p in pids):
+        time.sleep(0.05)
+    alive = [p for p in pids if _running(p)]
+    for p in alive:
+        os.kill(p, signal.SIGKILL)
+    return alive
+
+
+@pytest.mark.parametrize("stalled", [False, True], ids=["trickling", "stalled"])
+def test_workers_exit_soon_after_the_coordinator_is_killed(tmp_path: Path, stalled: bool) -> None:
+    """``kill -9`` of the coordinator: its workers and their parent are gone within
+    seconds, and no truncated file is published; DEST's lock is free for the next run
+    meanwhile. Stalled: each worker waits on a silent server (a 60 s read timeout).
+    Each watches its parent by PID: through multiprocessing's pipe a worker saw it go
+    only once every worker forked after it had ended, and one waiting on a server was
+    waited for until its read timeout."""
     www = tmp_path / "www"
     www.mkdir()
     for i in range(6):  # three shards of two: a worker starts with each, up to --procs
-        (www / f"slow{i}.bin").write_bytes(os.urandom(2 << 20))
+        (www / f"slow{i}.bin").write_bytes(os.urandom(2 << 20))  # a lane each, not a train
     with FaultServer(root=www) as srv:
-        srv.persist("/slow*", Fault.trickle(64 * 1024))
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "fetcher",
-                "--mirror",
-                srv.url,
-                "--dest",
-                str(tmp_path / "d"),
-                "--procs",
-                "2",
-                "--threads",
-                "2",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        srv.persist("/slow*", Fault.hang(after_bytes=100_000) if stalled else Fault.trickle(65536))
+        proc, workers, parents = _fetch_with_workers(srv, tmp_path / "d", "--timeout", "60")
         try:
-            deadline = time.monotonic() + 30
-            workers: set[int] = set()
-            parents: set[int] = set()
-            while time.monotonic() < deadline and len(workers) < 2:
-                workers, parents = _workers(proc.pid)
-                time.sleep(0.05)
-            assert len(workers) == 2, workers
             # the CLI starts single-threaded: the workers' parent is a copy of it
             assert [_cmdline(p) for p in parents] == [_cmdline(proc.pid)]
+            deadline = time.monotonic() + 30
+            asked = lambda: sum(srv.count(path=f"/slow{i}.bin") for i in range(6))  # noqa: E731
+            while time.monotonic() < deadline and asked() < 2:
+                time.sleep(0.05)
+            assert asked() >= 2
             proc.kill()  # the coordinator only, as `kill -9 PID` would
             proc.wait(timeout=10)
-            left = workers | parents
-            deadline = time.monotonic() + 15
-            while time.monotonic() < deadline and any(_running(w) for w in left):
-                time.sleep(0.05)
-            alive = [w for w in left if _running(w)]
-            for w in alive:  # do not leave them behind even when the test fails
-                os.kill(w, signal.SIGKILL)
-            assert not alive, f"orphaned workers still running: {alive}"
+            alive = _gone_within(workers | parents, 8)
+            assert not alive, f"workers still running 8 s after their coordinator: {alive}"
         finally:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+    assert not list((tmp_path / "d").glob("slow*.bin"))  # no truncated file published
+
+
+def test_a_run_whose_workers_parent_is_killed_is_not_a_clean_run(tmp_path: Path) -> None:
+    """The files its workers were fetching end "interrupted", which a run that did not ask
+    them to stop counts as failures: not exit 0 with nothing fetched."""
+    www = tmp_path / "www"
+    www.mkdir()
+    for i in range(4):  # two shards of two, all four files in flight in the two workers
+        (www / f"slow{i}.bin").write_bytes(os.urandom(2 << 20))  # a lane each, not a train
+    with FaultServer(root=www) as srv:
+        srv.persist("/slow*", Fault.trickle(64 * 1024))
+        proc, workers, parents = _fetch_with_workers(srv, tmp_path / "d")
+        try:
+            (zygote,) = parents
+            os.kill(zygote, signal.SIGKILL)
+            out, _ = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert not _gone_within(workers, 8)
+    text = out.decode(errors="replace")
+    assert proc.returncode in (1, 4), text
+    assert "interrupted: its worker process stopped" in text or "died" in text, text
     assert not list((tmp_path / "d").glob("slow*.bin"))
 
 

@@ -144,18 +144,24 @@ def test_forked_with_nothing_to_do_starts_no_worker(tmp_path: Path) -> None:
     assert ex._zygote.exitcode == 0
 
 
+def _two_workers(ex: LocalExecutor, url: str, files: int) -> None:
+    """Submit ``files`` one-file shards to a two-worker executor; return once both run."""
+    for i in range(files):
+        ex.submit(Shard((_job(url, i),)))
+    deadline = time.monotonic() + 30
+    while len(ex._pids) < 2 and time.monotonic() < deadline:
+        ex.events(timeout=0.05)
+    assert sorted(ex._pids) == [0, 1]  # both wait for shards until finish()
+
+
 def test_a_killed_worker_is_dead_and_kill_ends_the_others(tmp_path: Path) -> None:
     www = _files(tmp_path / "www", 4, b"k")
     with FaultServer(root=www) as srv:
         ex = _forked(tmp_path / "d", srv.url, 2)
         try:
-            for i in range(4):
-                ex.submit(Shard((_job(srv.url, i),)))
-            deadline = time.monotonic() + 30
-            while len(ex._pids) < 2 and time.monotonic() < deadline:
-                ex.events(timeout=0.05)
-            assert sorted(ex._pids) == [0, 1]  # both wait for shards until finish()
+            _two_workers(ex, srv.url, 4)
             os.kill(ex._pids[1], signal.SIGKILL)
+            deadline = time.monotonic() + 30
             while not ex.dead() and time.monotonic() < deadline:
                 ex.events(timeout=0.05)
             assert ex.dead() == [1] and not ex.done()
@@ -168,6 +174,41 @@ def test_a_killed_worker_is_dead_and_kill_ends_the_others(tmp_path: Path) -> Non
         while _ppid(survivor) is not None and time.monotonic() < deadline:
             time.sleep(0.02)  # (reaped by whoever adopted it)
         assert _ppid(survivor) is None, "a worker outlived kill()"
+
+
+def _ended(pid: int) -> bool:
+    """Gone, or a zombie its new parent has yet to reap."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def test_a_worker_sees_its_parent_go_whatever_the_workers_forked_after_it_do(
+    tmp_path: Path,
+) -> None:
+    """A worker watches the workers' parent by its PID. Through the pipe multiprocessing
+    keeps to a parent, whose other end every worker forked later holds a copy of, worker 0
+    saw its parent go only once worker 1 had ended too: here never (it is stopped)."""
+    www = _files(tmp_path / "www", 2, b"s")
+    with FaultServer(root=www) as srv:
+        ex = _forked(tmp_path / "d", srv.url, 2)
+        second = None
+        try:
+            _two_workers(ex, srv.url, 2)
+            first, second = ex._pids[0], ex._pids[1]
+            os.kill(second, signal.SIGSTOP)
+            os.kill(ex._zygote.pid, signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while not _ended(first) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert _ended(first), "worker 0 outlived its parent while worker 1 was stopped"
+        finally:
+            if second is not None and not _ended(second):
+                os.kill(second, signal.SIGKILL)  # this test's own worker, by its PID
+            ex.stop()
+            ex.kill()
 
 
 def _refuse_fork(monkeypatch: pytest.MonkeyPatch, after: int) -> None:
