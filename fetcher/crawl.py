@@ -63,6 +63,8 @@ __all__ = ["CrawlOptions", "crawl"]
 
 @dataclass(frozen=True, slots=True)
 class CrawlOptions:
+    """What the crawl reads and how (from the job's options)."""
+
     depth: int = 64
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
@@ -79,6 +81,8 @@ class CrawlOptions:
 
 @dataclass(frozen=True, slots=True)
 class _Dir:
+    """A directory to list: its URL, its path below the root and its depth."""
+
     url: str
     path: str  # "" for the root
     depth: int
@@ -89,6 +93,8 @@ class _Dir:
 
 @dataclass(frozen=True, slots=True)
 class _Page:
+    """A listing as read: its entries, or, kept, the last run's."""
+
     url: str
     entries: list[ListingEntry]
     sums: dict[str, tuple[str, str]] = field(default_factory=dict)
@@ -100,6 +106,8 @@ class _Page:
 
 @dataclass(frozen=True, slots=True)
 class _Kept:
+    """A page the same as the last run's over files as it left them."""
+
     listing: Listing
     files: tuple[str, ...]
     nbytes: int

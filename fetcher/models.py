@@ -423,6 +423,8 @@ class Outcome:
 @pickles_by_fields
 @dataclass(frozen=True, slots=True)
 class BytesEvent:
+    """Bytes a worker received, summed over a moment (the display's rate)."""
+
     worker: int
     nbytes: int
 
@@ -430,6 +432,8 @@ class BytesEvent:
 @pickles_by_fields
 @dataclass(frozen=True, slots=True)
 class FileStarted:
+    """A worker began a file."""
+
     worker: int
     path: RelPath
     size: int | None
@@ -438,6 +442,8 @@ class FileStarted:
 @pickles_by_fields
 @dataclass(frozen=True, slots=True)
 class Retried:
+    """A file's attempt failed and another is coming, after the policy's wait."""
+
     worker: int
     path: RelPath
     attempt: int
@@ -447,6 +453,8 @@ class Retried:
 @pickles_by_fields
 @dataclass(frozen=True, slots=True)
 class FileDone:
+    """A file's outcome, whatever it is."""
+
     worker: int
     outcome: Outcome
 
@@ -454,6 +462,8 @@ class FileDone:
 @pickles_by_fields
 @dataclass(frozen=True, slots=True)
 class WorkerFatal:
+    """A worker cannot go on (DEST is full or unwritable): the run stops."""
+
     worker: int
     message: str
 
@@ -461,6 +471,8 @@ class WorkerFatal:
 @pickles_by_fields
 @dataclass(frozen=True, slots=True)
 class WorkerExit:
+    """A worker ended cleanly: every shard it took is reported."""
+
     worker: int
 
 
@@ -469,6 +481,8 @@ Event = BytesEvent | FileStarted | Retried | FileDone | WorkerFatal | WorkerExit
 
 @dataclass(slots=True)
 class Counts:
+    """Files and bytes of one kind in a run's summary."""
+
     files: int = 0
     bytes: int = 0
 

@@ -75,6 +75,8 @@ _UNSEEN = object()
 
 @dataclass
 class _Run:
+    """One run's working state in the coordinator."""
+
     job: MirrorJob
     dest: Path
     state: State

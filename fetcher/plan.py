@@ -40,6 +40,8 @@ class LocalFile(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class Decision:
+    """What the plan does with a listed file: a job to fetch it, or none."""
+
     job: Job | None
     adopt: bool = False
     """No state row, but the local file matches the listing: record it, fetch nothing."""
