@@ -615,7 +615,9 @@ def _loop(run: _Run) -> None:
                 took += 1
                 run.crawlers -= 1
                 if not run.crawlers:
-                    run.crawl_complete = True
+                    # a crawl told to stop ends quietly, its last batches dropped: it is
+                    # over, not complete (nor may --delete take its word for what is upstream)
+                    run.crawl_complete = not run.stop.is_set()
                     run.reporter.crawl_done()
                 continue
             took += len(got)

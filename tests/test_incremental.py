@@ -1428,3 +1428,46 @@ def test_the_end_of_a_run_does_not_read_back_the_directories_it_created(
     assert sorted(asked) == [
         "new/b.txt", "new/deep/c.txt", "old/a.txt", "old/extra.txt", "top.txt"
     ]  # fmt: skip
+
+
+def test_a_crawl_stopped_through_the_api_is_not_complete_and_deletes_nothing(
+    tmp_path: Path,
+) -> None:
+    """``mirror(job, stop=...)`` stopped mid-crawl: the crawl ends quietly, its last
+    listings never read, so what it found is not all that is upstream. The run is
+    interrupted and ``--delete`` (even forced) removes nothing; it removed every file
+    of the unread directories while the crawl's end counted as its completion."""
+    import threading
+
+    from fetcher.config import build_job
+    from fetcher.pipeline import mirror
+
+    www = tmp_path / "www"
+    for d in range(8):
+        (www / f"d{d}").mkdir(parents=True)
+        for f in range(5):
+            (www / f"d{d}" / f"f{f}.bin").write_bytes(bytes([d, f]) * 50)
+    dest = tmp_path / "d"
+    options = {"dest": str(dest), "procs": 1, "delete": True, "force": True}
+    with FaultServer(root=www) as srv:
+        first = mirror(build_job({"url": srv.url, **options}, "t"))
+        assert first.exit_code == 0 and first.fetched.files == 40
+        gate, stop = threading.Event(), threading.Event()
+        srv.persist("/d5/", Fault.gated(gate))
+
+        def stop_while_d5_is_held() -> None:
+            deadline = time.monotonic() + 30
+            while srv.count(path="/d5/") < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            stop.set()
+            gate.set()
+
+        th = threading.Thread(target=stop_while_d5_is_held)
+        th.start()
+        try:
+            second = mirror(build_job({"url": srv.url, **options}, "t"), stop=stop)
+        finally:
+            gate.set()
+            th.join(timeout=30)
+    assert second.interrupted and second.deleted == [], (second.deleted, second.notices)
+    assert len([p for p in dest.rglob("*.bin") if ".fetcher" not in p.parts]) == 40
