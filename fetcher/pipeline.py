@@ -85,6 +85,7 @@ class _Run:
     reporter: Reporter
     outstanding: dict[str, Job] = field(default_factory=dict)
     held: list[Job] = field(default_factory=list)
+    held_back: bool = False  # repository metadata not published: other files failed
     batch: list[Job] = field(default_factory=list)
     crawl_complete: bool = False
     pipelined: bool | None = None  # the crawl's requests sent ahead were answered (state)
@@ -366,7 +367,8 @@ def _run_with_state(
             if not summary.dry_run or job.delete:
                 prune(
                     job, summary, state, run.run_id, dest,
-                    clean=_crawl_clean(run), seen_dirs=run.seen_dirs, derived=run.derived,
+                    clean=_crawl_clean(run), held_back=run.held_back,
+                    seen_dirs=run.seen_dirs, derived=run.derived,
                     new_dirs=run.disk.fresh, unchanged=run.unchanged, found=run.disk.found,
                 )  # fmt: skip
             if run.kept and _crawl_clean(run):
@@ -641,6 +643,7 @@ def _loop(run: _Run) -> None:
                     )
                     run.state.seen(run.run_id, j.file.path)
                 run.held = []
+                run.held_back = True
             else:
                 # Two steps: the indices first, then the files that point at them
                 # (repomd.xml, Release, InRelease), so no client sees a dangling index.

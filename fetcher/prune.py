@@ -36,6 +36,7 @@ def prune(
     dest: Path,
     *,
     clean: bool,
+    held_back: bool = False,
     seen_dirs: set[str],
     derived: Path | None,
     new_dirs: Set[str] = frozenset(),
@@ -55,10 +56,21 @@ def prune(
     the run (a re-sync does it while its first listings are on their way), instead of
     listing them now; whatever appeared since, this run fetched. A candidate found
     there must still be a file.
+
+    ``held_back``: the run did not publish the new repository metadata (other files
+    failed), so the old metadata is what clients read, and it may list any file that
+    is gone upstream: nothing is removed then either.
     """
     if not clean:
         if job.delete:
             s.notices.append("--delete skipped: the crawl was incomplete or had listing errors")
+        return
+    if held_back:
+        if job.delete:
+            s.notices.append(
+                "--delete skipped: the new repository metadata was not published (other "
+                "files failed), and the old may still list what is gone upstream"
+            )
         return
     candidates: list[str] = []
     batch: list[str] = []

@@ -1471,3 +1471,34 @@ def test_a_crawl_stopped_through_the_api_is_not_complete_and_deletes_nothing(
             th.join(timeout=30)
     assert second.interrupted and second.deleted == [], (second.deleted, second.notices)
     assert len([p for p in dest.rglob("*.bin") if ".fetcher" not in p.parts]) == 40
+
+
+def test_delete_is_skipped_while_new_repository_metadata_is_held_back(
+    tmp_path: Path, run_fetch: RunFetch
+) -> None:
+    """Upstream rotates its repodata and adds a package that fails: the new repomd.xml is
+    held back, so the old one is what clients read, and it names the old primary file,
+    which --delete removed (a repository broken until the next good run)."""
+    www = tmp_path / "www"
+    (www / "repodata").mkdir(parents=True)
+    (www / "Packages").mkdir()
+    for i in range(40):
+        (www / "Packages" / f"p{i}.rpm").write_bytes(bytes([i]) * 200)
+    (www / "repodata" / "aaa-primary.xml.gz").write_bytes(b"old primary")
+    (www / "repodata" / "repomd.xml").write_text("<repomd>aaa-primary.xml.gz</repomd>")
+    dest = tmp_path / "d"
+    with FaultServer(root=www) as srv:
+        r = run_fetch("--mirror", srv.url, "--dest", dest, "--delete", "--procs", "1")
+        assert r.code == 0, r.output
+        (www / "repodata" / "aaa-primary.xml.gz").unlink()
+        (www / "repodata" / "bbb-primary.xml.gz").write_bytes(b"new primary")
+        (www / "repodata" / "repomd.xml").write_text("<repomd>bbb-primary.xml.gz</repomd>")
+        (www / "Packages" / "p40.rpm").write_bytes(b"new package")
+        srv.persist("/Packages/p40.rpm", Fault.status(500))
+        r = run_fetch("--mirror", srv.url, "--dest", dest, "--delete", "--procs", "1",
+                      "--retries", "1")  # fmt: skip
+    assert r.code == 1, r.output
+    assert "metadata not published" in r.output, r.output
+    assert "--delete skipped: the new repository metadata was not published" in r.output
+    assert (dest / "repodata" / "repomd.xml").read_text() == "<repomd>aaa-primary.xml.gz</repomd>"
+    assert (dest / "repodata" / "aaa-primary.xml.gz").read_bytes() == b"old primary"
