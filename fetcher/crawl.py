@@ -15,6 +15,7 @@ import functools
 import hashlib
 import heapq
 import itertools
+import re
 import shlex
 import threading
 import time
@@ -102,6 +103,8 @@ class _Page:
     """The page's bytes and the crawl's options, hashed (when listings are kept)."""
     kept: _Kept | None = None
     """Not parsed: the same as the last run's, its files all unchanged (see ``crawl``)."""
+    unsure: bool = False
+    """Ended by the connection's close with no closing tag at its end: maybe cut short."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,7 +247,16 @@ def _read_page(
             ctype = resp.headers.get("content-type", "text/html")
             if "html" not in ctype and "xml" not in ctype and not body.lstrip()[:1] == b"<":
                 raise ListingError(f"not a directory listing ({ctype}): {url}")
+            # A body neither sized nor chunked ends where the connection does, cut short
+            # or not; a page's closing tag at its end says it is whole.
+            unsure = (
+                "content-length" not in resp.headers
+                and "chunked" not in resp.headers.get("transfer-encoding", "").lower()
+                and _CLOSING_TAG.search(body, max(0, len(body) - 512)) is None
+            )
         page_url = url if url.endswith("/") else url + "/"
+        if unsure:
+            return _Page(page_url, _parse(bytes(body), url), unsure=True)  # nor kept
         if keep is None:
             return _Page(page_url, _parse(bytes(body), url))
         digest = hashlib.blake2b(body, digest_size=16, key=_options_key(scope, opts)).digest()
@@ -252,6 +264,9 @@ def _read_page(
         if same is not None:
             return _Page(page_url, [], digest=digest, kept=_Kept(*same, bytes(body), url))
         return _Page(page_url, _parse(bytes(body), url), digest=digest)
+
+
+_CLOSING_TAG = re.compile(rb"</[A-Za-z][\w:.-]*\s*>\s*\Z")
 
 
 def _parse(body: bytes, url: str) -> list[ListingEntry]:
@@ -515,6 +530,13 @@ def crawl(
                     # silent end of a crawl that then looks complete and clean.
                     yield from _unread(d, f"unexpected {type(exc).__name__}: {exc}")
                     continue
+                if page.unsure:
+                    yield CrawlProblem(
+                        d.url,
+                        "the listing came without a length and does not end with a closing "
+                        "tag: it may be cut short, so --delete will not act on this run",
+                        "unsure",
+                    )
                 if page.kept is not None:
                     yield from _kept_children(page, d, scope, opts, visited, submit)
                 else:

@@ -370,7 +370,8 @@ class CrawlProblem:
     url: str
     message: str
     kind: str
-    """``listing`` (could not read: blocks deletion), ``unsafe``, ``loop`` or ``depth``."""
+    """``listing`` (could not read: blocks deletion), ``unsure`` (read, but maybe cut
+    short: blocks deletion too), ``unsafe``, ``loop`` or ``depth``."""
 
 
 class Action(enum.StrEnum):

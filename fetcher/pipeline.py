@@ -86,6 +86,7 @@ class _Run:
     outstanding: dict[str, Job] = field(default_factory=dict)
     held: list[Job] = field(default_factory=list)
     held_back: bool = False  # repository metadata not published: other files failed
+    unsure: bool = False  # a listing may have been cut short (CrawlProblem "unsure")
     batch: list[Job] = field(default_factory=list)
     crawl_complete: bool = False
     pipelined: bool | None = None  # the crawl's requests sent ahead were answered (state)
@@ -404,7 +405,13 @@ def derived_root(job: MirrorJob) -> Path:
 
 def _crawl_clean(run: _Run) -> bool:
     s = run.summary
-    return run.crawl_complete and not s.listing_errors and not s.interrupted and not s.fatal
+    return (
+        run.crawl_complete
+        and not s.listing_errors
+        and not run.unsure
+        and not s.interrupted
+        and not s.fatal
+    )
 
 
 def _start_crawl(run: _Run, root: str, prefix: str = "") -> None:
@@ -706,6 +713,9 @@ def _take(run: _Run, item: CrawlItem) -> None:
             s.listing_errors.append((item.url, item.message))
         elif item.kind == "unsafe":
             s.failed.append((item.url, item.message))
+        elif item.kind == "unsure":
+            run.unsure = True
+            s.notices.append(f"{item.url}: {item.message}")
         else:
             s.notices.append(f"{item.url}: {item.message}")
         run.reporter.problem(item)

@@ -63,7 +63,10 @@ def prune(
     """
     if not clean:
         if job.delete:
-            s.notices.append("--delete skipped: the crawl was incomplete or had listing errors")
+            s.notices.append(
+                "--delete skipped: the crawl was incomplete, had listing errors or read a "
+                "listing that may be cut short"
+            )
         return
     if held_back:
         if job.delete:

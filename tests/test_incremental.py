@@ -1502,3 +1502,33 @@ def test_delete_is_skipped_while_new_repository_metadata_is_held_back(
     assert "--delete skipped: the new repository metadata was not published" in r.output
     assert (dest / "repodata" / "repomd.xml").read_text() == "<repomd>aaa-primary.xml.gz</repomd>"
     assert (dest / "repodata" / "aaa-primary.xml.gz").read_bytes() == b"old primary"
+
+
+def test_a_listing_ended_by_the_close_without_a_closing_tag_blocks_delete(
+    tmp_path: Path, run_fetch: RunFetch
+) -> None:
+    """A listing with neither a length nor chunks ends where the connection does: cut
+    short, it looked whole, and --delete removed every file of the directories it no
+    longer named. Whole (its closing tag at the end), it is read as any other."""
+    import httpx
+
+    www = tmp_path / "www"
+    for d in range(6):
+        (www / f"d{d}").mkdir(parents=True)
+        for f in range(3):
+            (www / f"d{d}" / f"f{f}.bin").write_bytes(bytes([d, f]) * 40)
+    dest = tmp_path / "d"
+    unframed = Fault.header("Content-Length", None) | Fault.header("Connection", "close")
+    with FaultServer(root=www) as srv:
+        assert run_fetch("--mirror", srv.url, "--dest", dest, "--delete").code == 0
+        page = httpx.get(srv.url).content
+        srv.persist("/", unframed | Fault.drop_after(page.index(b"d3/")))
+        r = run_fetch("--mirror", srv.url, "--dest", dest, "--delete", "--force")
+        assert "may be cut short" in r.output and "--delete skipped" in r.output, r.output
+        assert len(list(dest.glob("d*/f*.bin"))) == 18
+        (www / "d0" / "f0.bin").unlink()  # gone upstream; the listing whole, unframed
+        srv.clear_faults()
+        srv.persist("/", unframed)
+        r = run_fetch("--mirror", srv.url, "--dest", dest, "--delete")
+    assert r.code == 0 and "may be cut short" not in r.output, r.output
+    assert not (dest / "d0" / "f0.bin").exists() and len(list(dest.glob("d*/f*.bin"))) == 17
