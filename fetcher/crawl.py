@@ -668,7 +668,9 @@ def _children(
                 continue
             if d.depth + 1 > opts.depth:
                 problems = True
-                yield CrawlProblem(e.url, f"deeper than --depth {opts.depth}; not crawled", "depth")
+                yield CrawlProblem(
+                    e.url, f"deeper than --depth {opts.depth}; not crawled", "depth", rel
+                )
                 continue
             submit(_Dir(url, rel, d.depth + 1, chain))
         elif rel not in files:

@@ -372,6 +372,8 @@ class CrawlProblem:
     kind: str
     """``listing`` (could not read: blocks deletion), ``unsure`` (read, but maybe cut
     short: blocks deletion too), ``unsafe``, ``loop`` or ``depth``."""
+    path: str | None = None
+    """``depth``: the directory not crawled, below the start (its local files stay)."""
 
 
 class Action(enum.StrEnum):

@@ -87,6 +87,7 @@ class _Run:
     held: list[Job] = field(default_factory=list)
     held_back: bool = False  # repository metadata not published: other files failed
     unsure: bool = False  # a listing may have been cut short (CrawlProblem "unsure")
+    uncrawled: set[str] = field(default_factory=set)  # directories past --depth
     batch: list[Job] = field(default_factory=list)
     crawl_complete: bool = False
     pipelined: bool | None = None  # the crawl's requests sent ahead were answered (state)
@@ -371,6 +372,7 @@ def _run_with_state(
                     clean=_crawl_clean(run), held_back=run.held_back,
                     seen_dirs=run.seen_dirs, derived=run.derived,
                     new_dirs=run.disk.fresh, unchanged=run.unchanged, found=run.disk.found,
+                    uncrawled=run.uncrawled,
                 )  # fmt: skip
             if run.kept and _crawl_clean(run):
                 # directories gone upstream (or out of the selection): their kept listings go
@@ -503,6 +505,8 @@ def _start_crawl(run: _Run, root: str, prefix: str = "") -> None:
                 for item in walk:
                     if prefix and isinstance(item, RemoteFile | RemoteDir):
                         item = replace(item, path=RelPath(f"{prefix}/{item.path}"))
+                    elif prefix and isinstance(item, CrawlProblem) and item.path:
+                        item = replace(item, path=f"{prefix}/{item.path}")
                     batch.append(item)
                     if len(batch) >= _BATCH:
                         flush()
@@ -717,6 +721,8 @@ def _take(run: _Run, item: CrawlItem) -> None:
             run.unsure = True
             s.notices.append(f"{item.url}: {item.message}")
         else:
+            if item.kind == "depth" and item.path:
+                run.uncrawled.add(item.path)  # out of this run's selection: kept
             s.notices.append(f"{item.url}: {item.message}")
         run.reporter.problem(item)
         return

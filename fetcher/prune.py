@@ -42,6 +42,7 @@ def prune(
     new_dirs: Set[str] = frozenset(),
     unchanged: Set[str] = frozenset(),
     found: Sequence[str] | None = None,
+    uncrawled: Set[str] = frozenset(),
 ) -> None:
     """Vanished files: counted always, removed with ``--delete`` after a clean crawl.
 
@@ -55,7 +56,8 @@ def prune(
     every file). ``found``: DEST's files as :func:`local_files` listed them earlier in
     the run (a re-sync does it while its first listings are on their way), instead of
     listing them now; whatever appeared since, this run fetched. A candidate found
-    there must still be a file.
+    there must still be a file. ``uncrawled``: directories past ``--depth``, whose files
+    are out of the run's selection as excluded ones are: never candidates.
 
     ``held_back``: the run did not publish the new repository metadata (other files
     failed), so the old metadata is what clients read, and it may list any file that
@@ -81,6 +83,8 @@ def prune(
     seen = state.seen_in(run_id)
     for rel in local_files(dest, new_dirs) if found is None else found:
         if rel in unchanged or not wanted(rel, False, job.include, job.exclude):
+            continue
+        if uncrawled and _below_any(rel, uncrawled):
             continue
         if seen is not None:
             if rel not in seen:
@@ -158,3 +162,13 @@ def _remove_empty_dirs(dest: Path, seen_dirs: set[str]) -> None:
                 except OSError:
                     pass
         keep.add(p)
+
+
+def _below_any(rel: str, dirs: Set[str]) -> bool:
+    """``rel`` is below one of ``dirs`` (relative paths)."""
+    d = rel
+    while "/" in d:
+        d = d.rpartition("/")[0]
+        if d in dirs:
+            return True
+    return False

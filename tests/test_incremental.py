@@ -1430,6 +1430,15 @@ def test_the_end_of_a_run_does_not_read_back_the_directories_it_created(
     ]  # fmt: skip
 
 
+def _grid(www: Path, dirs: int, files: int) -> Path:
+    """``www/d{i}/f{j}.bin``, each file's bytes a function of its place."""
+    for d in range(dirs):
+        (www / f"d{d}").mkdir(parents=True)
+        for f in range(files):
+            (www / f"d{d}" / f"f{f}.bin").write_bytes(bytes([d, f]) * 40)
+    return www
+
+
 def test_a_crawl_stopped_through_the_api_is_not_complete_and_deletes_nothing(
     tmp_path: Path,
 ) -> None:
@@ -1442,11 +1451,7 @@ def test_a_crawl_stopped_through_the_api_is_not_complete_and_deletes_nothing(
     from fetcher.config import build_job
     from fetcher.pipeline import mirror
 
-    www = tmp_path / "www"
-    for d in range(8):
-        (www / f"d{d}").mkdir(parents=True)
-        for f in range(5):
-            (www / f"d{d}" / f"f{f}.bin").write_bytes(bytes([d, f]) * 50)
+    www = _grid(tmp_path / "www", 8, 5)
     dest = tmp_path / "d"
     options = {"dest": str(dest), "procs": 1, "delete": True, "force": True}
     with FaultServer(root=www) as srv:
@@ -1512,11 +1517,7 @@ def test_a_listing_ended_by_the_close_without_a_closing_tag_blocks_delete(
     longer named. Whole (its closing tag at the end), it is read as any other."""
     import httpx
 
-    www = tmp_path / "www"
-    for d in range(6):
-        (www / f"d{d}").mkdir(parents=True)
-        for f in range(3):
-            (www / f"d{d}" / f"f{f}.bin").write_bytes(bytes([d, f]) * 40)
+    www = _grid(tmp_path / "www", 6, 3)
     dest = tmp_path / "d"
     unframed = Fault.header("Content-Length", None) | Fault.header("Connection", "close")
     with FaultServer(root=www) as srv:
@@ -1532,3 +1533,25 @@ def test_a_listing_ended_by_the_close_without_a_closing_tag_blocks_delete(
         r = run_fetch("--mirror", srv.url, "--dest", dest, "--delete")
     assert r.code == 0 and "may be cut short" not in r.output, r.output
     assert not (dest / "d0" / "f0.bin").exists() and len(list(dest.glob("d*/f*.bin"))) == 17
+
+
+def test_delete_keeps_the_files_of_directories_past_depth(
+    tmp_path: Path, run_fetch: RunFetch
+) -> None:
+    """A directory past --depth is not crawled, so its files are not seen upstream: they
+    are out of the run's selection, as excluded files are, and --delete keeps them (it
+    removed every one, beside the run's own 'not crawled' notice)."""
+    www = _grid(tmp_path / "www", 2, 3)
+    for i in range(2):  # (names of their own: a listing the same as an ancestor's is a loop)
+        (www / "d0" / "deep" / f"x{i}").mkdir(parents=True)
+        for j in range(2):
+            (www / "d0" / "deep" / f"x{i}" / f"g{j}.bin").write_bytes(bytes([i, j]) * 30)
+    dest = tmp_path / "d"
+    with FaultServer(root=www) as srv:
+        assert run_fetch("--mirror", srv.url, "--dest", dest).code == 0
+        assert len(list(dest.rglob("*.bin"))) == 10
+        (www / "d1" / "f2.bin").unlink()  # gone upstream, within the depth
+        r = run_fetch("--mirror", srv.url, "--dest", dest, "--delete", "--force", "--depth", "2")
+    assert r.code == 0 and "not crawled" in r.output, r.output
+    assert not (dest / "d1" / "f2.bin").exists()
+    assert len(list((dest / "d0" / "deep").rglob("g*.bin"))) == 4, r.output
