@@ -28,6 +28,7 @@ from urllib.parse import unquote
 
 import httpx
 
+from fetcher import __version__
 from fetcher.checksums import MAX_SUMS_BYTES, is_sums_file, parse_sums
 from fetcher.config import Transfer
 from fetcher.errors import (
@@ -279,8 +280,13 @@ def _parse(body: bytes, url: str) -> list[ListingEntry]:
 
 @functools.lru_cache(maxsize=8)
 def _options_key(scope: Scope, opts: CrawlOptions) -> bytes:
-    """What, besides a page's bytes, decides what its listing gives the crawl."""
-    what = repr((scope.root, scope.aliases, opts.depth, opts.include, opts.exclude, opts.verify))
+    """What, besides a page's bytes, decides what its listing gives the crawl: the options,
+    and this version of fetch (after an upgrade, whose readers may read a page better,
+    every kept page is read again once)."""
+    what = repr(
+        (__version__, scope.root, scope.aliases, opts.depth, opts.include, opts.exclude,
+         opts.verify)
+    )  # fmt: skip
     return hashlib.blake2b(what.encode("utf-8", "surrogateescape"), digest_size=32).digest()
 
 

@@ -933,6 +933,21 @@ def test_an_unchanged_page_over_intact_files_is_not_parsed_again(
         assert run_fetch(*args).code == 0
         assert pages == []  # and it is kept again
 
+        # another version of fetch (its readers may read a page better): each read again once
+        import fetcher.crawl
+
+        monkeypatch.setattr(fetcher.crawl, "__version__", "0.0.0+other")
+        fetcher.crawl._options_key.cache_clear()
+        try:
+            pages.clear()
+            assert run_fetch(*args).code == 0
+            assert len(pages) == len({f.split("/")[0] for f in files}) + 1  # and the root's
+            pages.clear()
+            assert run_fetch(*args).code == 0
+            assert pages == []
+        finally:
+            fetcher.crawl._options_key.cache_clear()  # (keys made with the other version)
+
 
 @pytest.mark.real_server
 def test_delete_keeps_the_files_of_pages_kept_unparsed_and_finds_strays_among_them(
