@@ -279,7 +279,8 @@ _KILL = -1
 def _zygote_main(cmd: Any, theirs: Any, args: tuple[Any, ...]) -> None:
     """The workers' parent under ``fork`` (see :class:`LocalExecutor`): forks worker ``i``
     when ``cmd`` brings ``i`` and says its PID, says each worker's exit code when it
-    ends, and ends when ``cmd`` has brought ``None`` and its workers have ended.
+    ends, and ends when ``cmd`` has brought ``None`` and its workers have ended, or at
+    once, its workers killed, when it brings ``_KILL``.
 
     It starts no thread (forking a threaded process copies its threads mid-step), so
     it talks over a pipe, whose ``send`` writes at once, and puts nothing on a queue.
@@ -294,7 +295,8 @@ def _zygote_main(cmd: Any, theirs: Any, args: tuple[Any, ...]) -> None:
     workers: dict[Any, tuple[int, Any]] = {}  # index and process, by exit sentinel
     more = True
     while more or workers:
-        for ready in mp_wait(([cmd] if more else []) + list(workers)):
+        # (``cmd`` is read to the end: after ``None`` it may still bring _KILL)
+        for ready in mp_wait([cmd, *workers]):
             if ready in workers:  # a worker's exit sentinel
                 i, p = workers.pop(ready)
                 p.join()

@@ -13,9 +13,9 @@ process group leaves nothing behind in ``/dev/shm``.
 
 Otherwise (threads already running, which forking would copy mid-step; a
 platform without ``fork``) workers fork on demand from a ``multiprocessing``
-fork server that has imported the worker's code (:mod:`fetcher.runner`: httpx,
-tenacity) once: a clean, single-threaded process, so nothing of the coordinator
-reaches a worker, as with ``spawn``.
+fork server that has imported the worker's code (:mod:`fetcher.runner` and httpx)
+once: a clean, single-threaded process, so nothing of the coordinator reaches a
+worker, as with ``spawn``.
 
 This module stays light: the CLI calls :func:`prestart` before it imports the
 pipeline, so the server boots on another core meanwhile.

@@ -22,7 +22,7 @@ from fetcher.limits import SharedLimits
 from fetcher.models import Action, FileDone, Job, RelPath, RemoteFile, Status, WorkerExit
 from fetcher.procs import worker_context
 from fetcher.shard import Shard
-from tests.faultserver import FaultServer
+from tests.faultserver import Fault, FaultServer
 
 RunFetch = Callable[..., Any]
 
@@ -209,6 +209,38 @@ def test_a_worker_sees_its_parent_go_whatever_the_workers_forked_after_it_do(
                 os.kill(second, signal.SIGKILL)  # this test's own worker, by its PID
             ex.stop()
             ex.kill()
+
+
+def test_kill_after_finish_ends_workers_waiting_on_a_silent_server_at_once(
+    tmp_path: Path,
+) -> None:
+    """After finish() the workers' parent still takes kill()'s word: it kills its workers
+    (waiting on a server that never answers, for up to the 30 s read timeout) and ends."""
+    www = _files(tmp_path / "www", 2, b"h")
+    with FaultServer(root=www) as srv:
+        for i in range(2):
+            srv.persist(f"/f{i}", Fault.hang())
+        ex = _forked(tmp_path / "d", srv.url, 2)
+        try:
+            _two_workers(ex, srv.url, 2)
+            deadline = time.monotonic() + 30
+            # (one worker may take both files, the second pipelined behind the first)
+            while srv.count(path="/f0") + srv.count(path="/f1") < 1:
+                assert time.monotonic() < deadline, "the workers never asked"
+                time.sleep(0.02)
+            ex.finish()
+            started = time.monotonic()
+            ex.kill()
+            took = time.monotonic() - started
+        finally:
+            ex.stop()
+            ex.kill()
+        assert took < 3, f"kill() took {took:.1f} s"
+        assert not ex._zygote.is_alive()
+        deadline = time.monotonic() + 10
+        while not all(_ended(pid) for pid in ex._pids.values()):
+            assert time.monotonic() < deadline, "a worker outlived kill()"
+            time.sleep(0.02)
 
 
 def _refuse_fork(monkeypatch: pytest.MonkeyPatch, after: int) -> None:
