@@ -372,7 +372,15 @@ def _attempt_into(ctx: _Ctx, job: Job, where: _Where, look: bool, out: _Out) -> 
         out.publish(where, mtime)
     else:
         part, meta = where.partial()
+        on_disk = os.fstat(out.fd).st_size
         out.close()
+        if on_disk != size:
+            # Someone else wrote into it: a worker of a killed run, still winding down
+            # (for up to a second), into the partial file this run resumed.
+            _discard(where)
+            raise IncompleteDownload(
+                f"the partial file of {f.url} holds {on_disk} bytes where {size} came"
+            )
         _name_partial(ctx, where, part, mtime)
         if resumable or offset:  # a sidecar was written, or this resume read one
             meta.unlink(missing_ok=True)

@@ -23,6 +23,7 @@ from fetcher.config import Transfer
 from fetcher.download import fetch_file, partial_paths
 from fetcher.models import Action, Job, RelPath, RemoteFile, Status
 from fetcher.retry import build_retrying
+from fetcher.transport import make_transport
 from tests.background import named_semaphores
 from tests.faultserver import Fault, FaultServer
 from tests.faultserver import serving as _serving
@@ -300,3 +301,37 @@ def test_resume_continues_a_matching_partial(tmp_path: Path, etag: str | None) -
     out = _fetch(tmp_path, len(data), handler)
     assert out.status is Status.FETCHED and out.received == MIB, out
     assert (tmp_path / "file.bin").read_bytes() == data
+
+
+def test_a_partial_file_someone_else_wrote_into_is_not_published(tmp_path: Path) -> None:
+    """A worker of a killed run may write into a partial file for up to a second after
+    the next run resumed it: the bytes counted are then not the file's. Its size is
+    checked before it takes the final name; the attempt fails and the retry fetches it
+    whole (it was published at the wrong size, with exit 0)."""
+    import fetcher.download as download
+
+    body = os.urandom(3 << 20)
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "big.bin").write_bytes(body)
+    real = download._stream_body
+    meddled: list[int] = []
+
+    def stream_body(ctx: Any, resp: Any, fd: int, mode: str, digest: Any) -> int:
+        received = real(ctx, resp, fd, mode, digest)
+        if mode == "ab" and not meddled:  # resuming: the other writer adds a piece
+            meddled.append(received)
+            with open(f"/proc/self/fd/{fd}", "ab") as other:
+                other.write(b"x" * 30_000)
+        return received
+
+    with FaultServer(root=tmp_path / "www") as srv:
+        srv.script("/big.bin", [Fault.drop_after(1 << 20)])  # a partial file to resume
+        t = Transfer(dest=str(tmp_path / "d"), root=srv.url, backoff_initial=0.0)
+        f = RemoteFile(srv.url + "big.bin", RelPath("big.bin"), len(body), True)
+        with make_transport(t) as transport, pytest.MonkeyPatch.context() as mp:
+            mp.setattr(download, "_stream_body", stream_body)
+            out = fetch_file(transport, Job(f, Action.NEW), t,
+                             retrying=build_retrying(t, sleep=lambda s: None))  # fmt: skip
+    assert meddled == [len(body) - (1 << 20)]  # the resumed attempt's bytes
+    assert out.status is Status.FETCHED, out
+    assert (tmp_path / "d" / "big.bin").read_bytes() == body
