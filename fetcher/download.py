@@ -334,12 +334,17 @@ def _attempt_into(ctx: _Ctx, job: Job, where: _Where, look: bool, out: _Out) -> 
         if not (unnamed and _unnamed_ok(ctx, where, out)):
             part, meta = where.partial()
             _ensure_dir(str(part.parent), ctx.known_dirs)
+            # The partial file first (a 200 truncates the older version's bytes), then its
+            # sidecar, whole or not at all: a kill between the two must not leave the new
+            # version's validator over the old bytes (the next resume would splice them).
+            out.open_partial(part, mode)
             if resumable and (etag or last_mod):
                 # The validator survives a crash with the partial file, so a later run can
                 # resume with If-Range; small files just start over (one write less each).
                 side_data = {"url": f.url, "etag": etag, "last_modified": last_mod, "size": total}
-                meta.write_text(json.dumps(side_data), "utf-8")
-            out.open_partial(part, mode)
+                _write_sidecar(meta, side_data)
+            elif mode == "wb" and look:
+                meta.unlink(missing_ok=True)  # an older version's, over these new bytes
         digest = _digest_for(f.checksum, where.partial()[0] if offset else None)
         received = _stream_body(ctx, resp, out.fd, mode, digest)
     finally:
@@ -728,9 +733,7 @@ def _attempt_segmented(ctx: _Ctx, job: Job, where: _Where) -> Outcome:
     def save() -> None:  # under ``lock``: the sidecar says which ranges are in
         state = {"url": f.url, "size": size, "validator": validator, "ranges": ranges,
                  "done": sorted(finished)}  # fmt: skip
-        tmp = meta.with_name(meta.name + ".tmp")
-        tmp.write_text(json.dumps(state), "utf-8")
-        os.replace(tmp, meta)
+        _write_sidecar(meta, state)
 
     with lock:
         save()
@@ -841,6 +844,13 @@ def _attempt_segmented(ctx: _Ctx, job: Job, where: _Where) -> Outcome:
         last_modified=last_mod,
         stamp=f.stamp,
     )
+
+
+def _write_sidecar(meta: Path, data: dict[str, Any]) -> None:
+    """``meta`` holds ``data`` (JSON), whole: written beside it, then renamed over it."""
+    tmp = meta.with_name(meta.name + ".tmp")
+    tmp.write_text(json.dumps(data), "utf-8")
+    os.replace(tmp, meta)
 
 
 def _name_partial(ctx: _Ctx, where: _Where, part: Path, mtime: float | None) -> None:

@@ -335,3 +335,44 @@ def test_a_partial_file_someone_else_wrote_into_is_not_published(tmp_path: Path)
     assert meddled == [len(body) - (1 << 20)]  # the resumed attempt's bytes
     assert out.status is Status.FETCHED, out
     assert (tmp_path / "d" / "big.bin").read_bytes() == body
+
+
+def test_a_restart_cut_off_before_its_first_byte_leaves_nothing_to_splice(
+    tmp_path: Path,
+) -> None:
+    """A resume answered 200 (the file changed) starts the partial file over. Ended right
+    there (here: the disk full as the partial file is opened; a kill alike), the old
+    version's bytes were left under the new version's validator, and the next attempt
+    resumed them with a 206: two versions in one file. The sidecar now changes only
+    after the partial file has."""
+    import errno
+
+    import fetcher.download as download
+
+    old = random.Random(4).randbytes(SIZE)
+    new = random.Random(5).randbytes(SIZE)  # same size and date: only the ETag differs
+    with _serving() as srv:
+        srv.add_file("/pub/file.bin", old, last_modified=1_700_000_000)
+        srv.script("/pub/file.bin", [Fault.drop_after(MIB)])
+        t = Transfer(dest=str(tmp_path / "d"), root=srv.url + "pub/", retries=1)
+        f = RemoteFile(srv.url + "pub/file.bin", RelPath("file.bin"), SIZE, True)
+
+        def once() -> Any:
+            with make_transport(t) as transport:
+                return fetch_file(transport, Job(f, Action.NEW), t,
+                                  retrying=build_retrying(t, sleep=lambda s: None))  # fmt: skip
+
+        assert once().status is Status.FAILED  # 1 MiB kept, with the old ETag beside it
+        srv.add_file("/pub/file.bin", new, last_modified=1_700_000_000)
+
+        def full(self: Any, part: Path, mode: str) -> None:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(part))
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(download._Out, "open_partial", full)
+            assert once().fatal
+        out = once()
+    assert out.status is Status.FETCHED, out
+    got = (tmp_path / "d" / "file.bin").read_bytes()
+    assert got[:MIB] != old[:MIB], "spliced: the old first MiB survived"
+    assert got == new
