@@ -329,14 +329,12 @@ def _zygote_main(cmd: Any, theirs: Any, args: tuple[Any, ...]) -> None:
             _say(cmd, ("pid", want, p.pid))
 
 
-def _worker_main(cmd: Any, i: int, *args: Any) -> None:
+def _worker_main(
+    cmd: Any, i: int, t: Transfer, shards: Any, events: Any, limits: Any, stop: Any, _: int
+) -> None:
     cmd.close()  # its parent's line to the coordinator is not the worker's
-    # Watched by its PID, not through multiprocessing's pipe to it: every worker forked
-    # after this one holds a copy of that pipe's other end, so it would read as closed
-    # only once they had all ended too (a killed run's worker went on for as long as a
-    # later one waited on a stalled server).
-    parent = os.getppid()
-    worker_main(i, *args, alive=lambda: os.getppid() == parent)
+    # the process it watches is its parent, this copy, not the coordinator
+    worker_main(i, t, shards, events, limits, stop, os.getppid())
 
 
 def _say(cmd: Any, news: tuple[Any, ...]) -> None:

@@ -448,15 +448,15 @@ def worker_main(
     limits: SharedLimits | None,
     stop: Any,
     parent: int | None = None,
-    *,
-    alive: Callable[[], bool] | None = None,
 ) -> None:
     """Entry point of a local worker process: pull shards until ``None``.
 
-    ``parent`` is the coordinator's PID. The coordinator is watched through the
-    sentinel pipe multiprocessing keeps to it (closed by the kernel when it dies), not
-    getppid: under ``forkserver`` a worker's parent process is the fork server.
-    ``alive``, when given, is how else to tell that the parent is still there.
+    ``parent`` is the PID of the process to watch: the coordinator, or the copy of it
+    that forked the workers. This process's own parent is watched by its PID (through
+    multiprocessing's pipe to it, whose other end every worker forked after this one
+    holds a copy of, it would read as closed only once they had all ended too); any
+    other (under ``forkserver`` a worker's parent is the fork server) through the pipe
+    multiprocessing keeps to the process that started it.
 
     A worker whose parent is gone stops; a lane still waiting on a server then (up to
     the read timeout) is not waited for beyond a second: the next run may already hold
@@ -468,13 +468,12 @@ def worker_main(
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     # A worker forked from the coordinator has its handlers: SIGTERM ends a worker.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    alive: Callable[[], bool] | None = None
     watch = multiprocessing.parent_process()
-    if alive is not None:
-        pass
+    if parent is not None and os.getppid() == parent:
+        alive = lambda: os.getppid() == parent  # noqa: E731
     elif watch is not None:
         alive = watch.is_alive
-    elif parent is not None:
-        alive = lambda: os.getppid() == parent  # noqa: E731
     runner = ShardRunner(t, worker, events.put, limits, stop, alive)
     try:
         while not runner.stop.is_set():
