@@ -40,7 +40,7 @@ from fetcher.errors import (
 from fetcher.http1 import NoToken, ThreadConnTransport
 from fetcher.limits import SharedLimits
 from fetcher.models import STATE_DIR, Action, Job, Outcome, RelPath, RemoteFile, Scope, Status
-from fetcher.retry import RetryPolicy, retry_after_seconds
+from fetcher.retry import RetryPolicy, retry_after_seconds, with_retries
 from fetcher.transport import file_url, plain_get, request_parts
 from fetcher.wire import Body, write_all
 
@@ -917,35 +917,34 @@ def fetch_file(
         if on_retry is not None and state.outcome is not None:
             on_retry(state.attempt_number, str(state.outcome.exception()))
 
+    def one(look: bool) -> Outcome:
+        if _segmentable(ctx, job, where):
+            return _attempt_segmented(ctx, job, where)
+        return _attempt(ctx, job, where, look)
+
+    def again() -> Outcome:
+        nonlocal attempts
+        attempts += 1
+        return one(True)
+
+    attempts = 1
     try:
-        # The first attempt runs bare: most files need no other, and the policy's
-        # bookkeeping costs as much as a parse of the file's URL. A failure is then
-        # replayed to the policy as attempt 1, so what it decides is unchanged.
-        attempts = 1
-        first: Exception | None = failed
-        if first is None:
+        # The first attempt runs bare (as with_retries does; here, made first, so that a
+        # deferred one goes back to the runner unjudged), and a failure is replayed to
+        # the policy as attempt 1.
+        if failed is None:
             try:
                 # A small new file's first attempt is the plain GET the runner may have
                 # pipelined, and looks for no partial file: the plan saw none, and below
                 # RESUME_MIN a body is fetched whole anyway. A retry looks.
-                if _segmentable(ctx, job, where):
-                    return _attempt_segmented(ctx, job, where)
-                return _attempt(ctx, job, where, not pipelinable(job))
+                return one(not pipelinable(job))
             except Interrupted:
                 raise
             except Exception as exc:  # noqa: BLE001 - judged by the policy just below
                 if defer:
                     raise Deferred(exc) from None
-                first = exc
-        for attempt in retrying.copy(before_sleep=before_sleep):
-            with attempt:
-                if first is not None:
-                    replay, first = first, None
-                    raise replay
-                attempts += 1
-                if _segmentable(ctx, job, where):
-                    return _attempt_segmented(ctx, job, where)
-                return _attempt(ctx, job, where, True)
+                failed = exc
+        return with_retries(retrying, again, failed=failed, before_sleep=before_sleep)
     except Interrupted:
         return Outcome(
             f.path, f.url, Status.FAILED, error="interrupted", attempts=attempts, stamp=f.stamp
@@ -977,7 +976,6 @@ def fetch_file(
             fatal=fatal,
             stamp=f.stamp,
         )
-    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def check_writable(dest: Path) -> None:

@@ -175,6 +175,9 @@ def with_retries(
     retrying: RetryPolicy,
     attempt: Callable[[], _T],
     before: Callable[[], object] = lambda: None,
+    *,
+    failed: Exception | None = None,
+    **changes: Any,
 ) -> _T:
     """``attempt()`` under ``retrying``'s policy, its first call bare.
 
@@ -182,14 +185,18 @@ def with_retries(
     iterator, the attempt's context) costs ~25 µs, as much as reading a small listing.
     A first failure is replayed to the policy as attempt 1, so what it decides (retry
     or not, how long to wait) is what it would have decided. ``before`` runs before
-    every attempt (what it raises ends them, unjudged).
+    every attempt (what it raises ends them, unjudged). ``failed``: the first attempt
+    was made elsewhere, and raised this. ``changes`` go to the policy's copy (e.g.
+    ``before_sleep``).
     """
-    before()
-    try:
-        return attempt()
-    except Exception as exc:  # noqa: BLE001 - judged by the policy just below
-        first: Exception | None = exc
-    for each in retrying.copy():
+    first = failed
+    if first is None:
+        before()
+        try:
+            return attempt()
+        except Exception as exc:  # noqa: BLE001 - judged by the policy just below
+            first = exc
+    for each in retrying.copy(**changes):
         if first is None:
             before()  # (outside the attempt: what it raises is not the policy's to judge)
         with each:
