@@ -369,8 +369,7 @@ def _run_with_state(
             if not summary.dry_run or job.delete:
                 prune(
                     job, summary, state, run.run_id, dest,
-                    clean=_crawl_clean(run), held_back=run.held_back,
-                    seen_dirs=run.seen_dirs, derived=run.derived,
+                    blocked=_delete_blocked(run), seen_dirs=run.seen_dirs, derived=run.derived,
                     new_dirs=run.disk.fresh, unchanged=run.unchanged, found=run.disk.found,
                     uncrawled=run.uncrawled,
                 )  # fmt: skip
@@ -414,6 +413,21 @@ def _crawl_clean(run: _Run) -> bool:
         and not s.interrupted
         and not s.fatal
     )
+
+
+def _delete_blocked(run: _Run) -> str | None:
+    """Why ``--delete`` may not act on this run, or None."""
+    if not _crawl_clean(run):
+        return (
+            "the crawl was incomplete, had listing errors or read a listing that may be cut short"
+        )
+    if run.held_back:
+        # the old metadata is what clients read, and it may list what is gone upstream
+        return (
+            "the new repository metadata was not published (other files failed), and the "
+            "old may still list what is gone upstream"
+        )
+    return None
 
 
 def _start_crawl(run: _Run, root: str, prefix: str = "") -> None:
@@ -717,11 +731,10 @@ def _take(run: _Run, item: CrawlItem) -> None:
             s.listing_errors.append((item.url, item.message))
         elif item.kind == "unsafe":
             s.failed.append((item.url, item.message))
-        elif item.kind == "unsure":
-            run.unsure = True
-            s.notices.append(f"{item.url}: {item.message}")
         else:
-            if item.kind == "depth" and item.path:
+            if item.kind == "unsure":
+                run.unsure = True
+            elif item.kind == "depth" and item.path:
                 run.uncrawled.add(item.path)  # out of this run's selection: kept
             s.notices.append(f"{item.url}: {item.message}")
         run.reporter.problem(item)

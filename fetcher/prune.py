@@ -35,8 +35,7 @@ def prune(
     run_id: int,
     dest: Path,
     *,
-    clean: bool,
-    held_back: bool = False,
+    blocked: str | None,
     seen_dirs: set[str],
     derived: Path | None,
     new_dirs: Set[str] = frozenset(),
@@ -44,7 +43,9 @@ def prune(
     found: Sequence[str] | None = None,
     uncrawled: Set[str] = frozenset(),
 ) -> None:
-    """Vanished files: counted always, removed with ``--delete`` after a clean crawl.
+    """Vanished files: counted always, removed with ``--delete`` unless ``blocked`` says why
+    not (the crawl was not clean, the new repository metadata was held back: see
+    ``pipeline._delete_blocked``).
 
     A local file is vanished when this run's crawl did not see it upstream: its
     ``last_seen`` in the state is another run's, and it is not in ``unchanged`` (the
@@ -58,24 +59,10 @@ def prune(
     listing them now; whatever appeared since, this run fetched. A candidate found
     there must still be a file. ``uncrawled``: directories past ``--depth``, whose files
     are out of the run's selection as excluded ones are: never candidates.
-
-    ``held_back``: the run did not publish the new repository metadata (other files
-    failed), so the old metadata is what clients read, and it may list any file that
-    is gone upstream: nothing is removed then either.
     """
-    if not clean:
+    if blocked is not None:
         if job.delete:
-            s.notices.append(
-                "--delete skipped: the crawl was incomplete, had listing errors or read a "
-                "listing that may be cut short"
-            )
-        return
-    if held_back:
-        if job.delete:
-            s.notices.append(
-                "--delete skipped: the new repository metadata was not published (other "
-                "files failed), and the old may still list what is gone upstream"
-            )
+            s.notices.append(f"--delete skipped: {blocked}")
         return
     candidates: list[str] = []
     batch: list[str] = []

@@ -1267,7 +1267,7 @@ def test_vanished_files_from_a_listing_made_earlier_are_the_ones_still_there(
             {"url": "http://127.0.0.1:9/", "dest": str(dest), "delete": delete, "force": True}, "t"
         )
         s = Summary(url=job.url, dest=str(dest), started=0.0)
-        prune(job, s, st, run_id, dest, clean=True, seen_dirs={"kept", "now_a_dir"},
+        prune(job, s, st, run_id, dest, blocked=None, seen_dirs={"kept", "now_a_dir"},
               derived=None, unchanged={"kept/same.txt"}, found=found)  # fmt: skip
     finally:
         st.close()
