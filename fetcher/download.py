@@ -917,16 +917,6 @@ def fetch_file(
         if on_retry is not None and state.outcome is not None:
             on_retry(state.attempt_number, str(state.outcome.exception()))
 
-    def one(look: bool) -> Outcome:
-        if _segmentable(ctx, job, where):
-            return _attempt_segmented(ctx, job, where)
-        return _attempt(ctx, job, where, look)
-
-    def again() -> Outcome:
-        nonlocal attempts
-        attempts += 1
-        return one(True)
-
     attempts = 1
     try:
         # The first attempt runs bare (as with_retries does; here, made first, so that a
@@ -937,13 +927,23 @@ def fetch_file(
                 # A small new file's first attempt is the plain GET the runner may have
                 # pipelined, and looks for no partial file: the plan saw none, and below
                 # RESUME_MIN a body is fetched whole anyway. A retry looks.
-                return one(not pipelinable(job))
+                if _segmentable(ctx, job, where):
+                    return _attempt_segmented(ctx, job, where)
+                return _attempt(ctx, job, where, not pipelinable(job))
             except Interrupted:
                 raise
             except Exception as exc:  # noqa: BLE001 - judged by the policy just below
                 if defer:
                     raise Deferred(exc) from None
                 failed = exc
+
+        def again() -> Outcome:
+            nonlocal attempts
+            attempts += 1
+            if _segmentable(ctx, job, where):
+                return _attempt_segmented(ctx, job, where)
+            return _attempt(ctx, job, where, True)
+
         return with_retries(retrying, again, failed=failed, before_sleep=before_sleep)
     except Interrupted:
         return Outcome(
