@@ -652,15 +652,24 @@ def _segmented_partial(where: _Where, f: RemoteFile) -> dict[str, Any] | None:
     return {**side, "ranges": ranges, "done": done}
 
 
-def _range_answer(resp: httpx.Response, r: tuple[int, int], size: int) -> bool:
-    """A 206 for exactly bytes ``r`` of a file of ``size`` bytes."""
+def _range_answer(
+    resp: httpx.Response, r: tuple[int, int], size: int, validator: str | None
+) -> bool:
+    """A 206 for exactly bytes ``r`` of a file of ``size`` bytes, of ``validator``'s version.
+
+    ``If-Range`` has a changed file answered whole; a server or cache that ignores it
+    sends the range of the new version, which only its ETag (else Last-Modified) shows.
+    """
     m = _CONTENT_RANGE.fullmatch(resp.headers.get("content-range", "").strip())
-    return (
-        resp.status_code == 206
-        and m is not None
-        and (int(m.group(1)), int(m.group(2))) == r
-        and m.group(3) == str(size)
-    )
+    if resp.status_code != 206 or m is None or m.group(3) != str(size):
+        return False
+    if (int(m.group(1)), int(m.group(2))) != r:
+        return False
+    if validator is None:
+        return True
+    side = {"etag" if validator.startswith(('"', "W/")) else "last_modified": validator}
+    got = resp.headers
+    return _changed_since(side, got.get("etag"), got.get("last-modified"), None) is None
 
 
 def _attempt_segmented(ctx: _Ctx, job: Job, where: _Where) -> Outcome:
@@ -695,7 +704,7 @@ def _attempt_segmented(ctx: _Ctx, job: Job, where: _Where) -> Outcome:
         resp, answered_by = _send(
             ctx, f.url, {**ctx.headers, "Range": f"bytes={a}-{b}", "If-Range": validator}
         )
-        if not _range_answer(resp, left[0], size):
+        if not _range_answer(resp, left[0], size, validator):
             resp.close()
             if resp.status_code not in (200, 206):
                 raise _status_error(resp, f.url)
@@ -715,7 +724,7 @@ def _attempt_segmented(ctx: _Ctx, job: Job, where: _Where) -> Outcome:
             resp.close()
             return _unchanged(job, where.final)
         validator = resp.headers.get("etag") or resp.headers.get("last-modified")
-        if not _range_answer(resp, ranges[0], size) or not validator:
+        if not _range_answer(resp, ranges[0], size, None) or not validator:
             resp.close()
             if resp.status_code not in (200, 206):
                 raise _status_error(resp, f.url)
@@ -752,7 +761,7 @@ def _attempt_segmented(ctx: _Ctx, job: Job, where: _Where) -> Outcome:
             )
             answer = transport.handle_request(req)
         try:
-            if not _range_answer(answer, r, size):
+            if not _range_answer(answer, r, size, validator):
                 raise RangeMismatch(
                     f"{f.url} changed, or a range was answered wrongly, while fetched in"
                     f" {len(ranges)} segments (HTTP {answer.status_code}, Content-Range"

@@ -93,6 +93,7 @@ class Fault:
     drop_reset: bool = False
     truncate: int | None = None
     no_range: bool = False
+    no_if_range: bool = False
     skew_range: bool = False
     rate: float | None = None
     gzipped: bool = False
@@ -170,6 +171,11 @@ class Fault:
     def ignore_range(cls) -> Fault:
         """Answer ``200`` with the whole file even when ``Range`` is asked."""
         return cls(no_range=True)
+
+    @classmethod
+    def ignore_if_range(cls) -> Fault:
+        """Answer a ``Range`` with 206 even when ``If-Range`` names another version."""
+        return cls(no_if_range=True)
 
     @classmethod
     def wrong_content_range(cls) -> Fault:
@@ -1077,7 +1083,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         code, start, length = 200, 0, size
         wanted = _parse_range(rec.headers.get("range"), size)
-        if wanted is not None and not fault.no_range and self._if_range_holds(rec, f):
+        holds = fault.no_if_range or self._if_range_holds(rec, f)
+        if wanted is not None and not fault.no_range and holds:
             if wanted == "unsatisfiable":
                 headers = [("Content-Range", f"bytes */{size}")]
                 self._send(rec, fault, 416, headers, _error_page(416), head, is_file=False)

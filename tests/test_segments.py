@@ -171,11 +171,13 @@ def test_with_no_free_connection_every_range_still_comes_once(
     assert most == 1
 
 
-@pytest.mark.parametrize("same_version", [True, False], ids=["same-version", "changed"])
+@pytest.mark.parametrize("server", ["same-version", "changed", "changed-ignoring-if-range"])
 def test_an_interrupted_segmented_file_goes_on_from_its_ranges(
-    tmp_path: Path, payload: bytes, run_fetch, same_version: bool
+    tmp_path: Path, payload: bytes, run_fetch, server: str
 ) -> None:
-    # as a run stopped after three of five ranges leaves it (the plan then says resume)
+    # as a run stopped after three of five ranges of version "v1" leaves it (the plan then
+    # says resume); a server that ignores If-Range sends the ranges of "v2" all the same,
+    # and only their ETag shows that they are not to be joined to the ranges kept
     dest = tmp_path / "d"
     ranges = [tuple(int(x) for x in r.removeprefix("bytes=").split("-")) for r in _ranges(SIZE, 4)]
     part, meta = partial_paths(dest, RelPath("big.img"))
@@ -184,8 +186,12 @@ def test_an_interrupted_segmented_file_goes_on_from_its_ranges(
     for a, b in ranges[:3]:
         kept[a : b + 1] = payload[a : b + 1]
     part.write_bytes(bytes(kept))
-    with FaultServer(root=_www(tmp_path, payload)) as srv:
+    same_version = server == "same-version"
+    served = payload if same_version else bytes(b ^ 0xFF for b in payload[:4096]) + payload[4096:]
+    with FaultServer(root=_www(tmp_path, served)) as srv:
         srv.set_etag("/iso/big.img", '"v1"' if same_version else '"v2"')
+        if server == "changed-ignoring-if-range":
+            srv.persist("/iso/big.img", Fault.ignore_if_range())
         meta.write_text(json.dumps({
             "url": f"{srv.url}iso/big.img", "size": SIZE, "validator": '"v1"',
             "ranges": ranges, "done": ranges[:3],
@@ -194,14 +200,30 @@ def test_an_interrupted_segmented_file_goes_on_from_its_ranges(
                       "--procs", "1")  # fmt: skip
         reqs = [q for q in srv.requests if q.path == "/iso/big.img"]
     assert r.code == 0, r.output
-    assert (dest / "big.img").read_bytes() == payload
+    assert (dest / "big.img").read_bytes() == served  # never v1's ranges joined to v2's
     asked = sorted(q.headers["range"] for q in reqs)
     if same_version:
         assert asked == sorted(_ranges(SIZE, 4)[3:])  # only the two ranges left
         assert {q.headers["if-range"] for q in reqs} == {'"v1"'}
-    else:  # the first range left came back whole: another version, so all over again
+    else:  # the first range left is of another version: all over again
         assert asked == sorted([_ranges(SIZE, 4)[3], *_ranges(SIZE, 4)])
     assert not meta.exists() and not part.exists()
+
+
+def test_a_range_answered_with_another_etag_fails_the_attempt(
+    tmp_path: Path, payload: bytes, run_fetch
+) -> None:
+    with FaultServer(root=_www(tmp_path, payload)) as srv:
+        # the second range comes as a 206 of "another version" (If-Range ignored)
+        other = Fault.ignore_if_range() | Fault.header("ETag", '"other"')
+        srv.script("/iso/big.img", [Fault.ok(), other])
+        r = run_fetch("--mirror", f"{srv.url}iso/", "--dest", tmp_path / "d", "--segments", "4",
+                      "--procs", "1", "-v")  # fmt: skip
+        asked = [q.headers.get("range") for q in srv.requests if q.path == "/iso/big.img"]
+    assert r.code == 0, r.output
+    assert "changed, or a range was answered wrongly" in r.output
+    assert (tmp_path / "d" / "big.img").read_bytes() == payload
+    assert len(asked) > len(_ranges(SIZE, 4))  # the range of "another version" asked again
 
 
 def test_ctrl_c_mid_way_then_the_next_run_fetches_only_the_ranges_left(

@@ -354,6 +354,12 @@ def test_range_faults(fault_server: FaultServer) -> None:
         assert httpx.get(url, headers=rng).status_code == 200
     fault_server.persist("/r", None)
     assert httpx.get(url, headers=rng).status_code == 206
+    stale = {**rng, "If-Range": '"not-this-version"'}
+    assert httpx.get(url, headers=stale).status_code == 200
+    fault_server.script("/r", [Fault.ignore_if_range()])
+    r = httpx.get(url, headers=stale)
+    assert (r.status_code, r.content) == (206, data[100:200])
+    assert httpx.get(url, headers=stale).status_code == 200
 
 
 def test_encoding_faults(fault_server: FaultServer) -> None:
