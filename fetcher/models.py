@@ -501,6 +501,8 @@ class Summary:
     skipped: Counts = field(default_factory=Counts)
     failed: list[tuple[str, str]] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
+    deleted_dirs: list[str] = field(default_factory=list)
+    """Directories ``--delete`` removed (or would): not upstream, empty after it; ``a/b/``."""
     vanished: int = 0
     listing_errors: list[tuple[str, str]] = field(default_factory=list)
     notices: list[str] = field(default_factory=list)

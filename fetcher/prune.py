@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterator, Sequence, Set
+from collections.abc import Callable, Iterator, Sequence, Set
 from pathlib import Path
 
 from fetcher.config import MirrorJob
@@ -101,9 +101,11 @@ def prune(
         )
         s.failed.append(("--delete", f"{len(candidates)} deletions over the limit of {limit}"))
         return
+    gone: set[str] = set()
     for rel in candidates:
         s.deleted.append(rel)
         if job.dry_run:
+            gone.add(rel)
             continue
         if derived is not None:
             from fetcher.postprocess import remove_derived
@@ -115,9 +117,23 @@ def prune(
             pass
         except OSError as exc:
             s.failed.append((rel, f"cannot delete: {exc.strerror or exc}"))
+            continue
+        gone.add(rel)
     if not job.dry_run:
         state.forget(candidates)
-        _remove_empty_dirs(dest, seen_dirs)
+
+    def kept(rel: str) -> bool:  # outside the selection, as its files are
+        return not wanted(rel, True, job.include, job.exclude) or (
+            bool(uncrawled) and (rel in uncrawled or _below_any(rel, uncrawled))
+        )
+
+    for rel in _empty_dirs(dest, seen_dirs, gone, kept):
+        if not job.dry_run:
+            try:
+                (dest / rel).rmdir()
+            except OSError:
+                continue  # something appeared in it (or under it) since
+        s.deleted_dirs.append(rel + "/")
 
 
 def _not_a_dir(path: Path) -> bool:
@@ -134,21 +150,28 @@ def _not_seen(state: State, run_id: int, paths: list[str]) -> list[str]:
     return [p for p in paths if p not in seen]
 
 
-def _remove_empty_dirs(dest: Path, seen_dirs: set[str]) -> None:
-    keep = set()
+def _empty_dirs(
+    dest: Path, seen_dirs: Set[str], gone: Set[str], kept: Callable[[str], bool]
+) -> list[str]:
+    """DEST's directories that are not upstream and hold nothing but ``gone`` files (and
+    such directories), deepest first; not the state directory, nor those ``kept`` says.
+
+    As ``rsync --delete`` does, this takes empty directories fetch did not make too. A link
+    to a directory is not walked into, so the directory holding it stays.
+    """
+    empty: set[str] = set()
+    out: list[str] = []
     for root, dirs, files in os.walk(dest, topdown=False):
-        p = Path(root)
-        if p == dest or STATE_DIR in p.relative_to(dest).parts[:1]:
+        rel = os.path.relpath(root, dest)
+        if rel == "." or rel.partition(os.sep)[0] == STATE_DIR:
             continue
-        if not files and not any((p / d) in keep for d in dirs):
-            rel = p.relative_to(dest).as_posix()
-            if rel not in seen_dirs:
-                try:
-                    p.rmdir()
-                    continue
-                except OSError:
-                    pass
-        keep.add(p)
+        rel = rel.replace(os.sep, "/")
+        if rel in seen_dirs or kept(rel):
+            continue
+        if all(f"{rel}/{n}" in gone for n in files) and all(f"{rel}/{d}" in empty for d in dirs):
+            empty.add(rel)
+            out.append(rel)
+    return out
 
 
 def _below_any(rel: str, dirs: Set[str]) -> bool:

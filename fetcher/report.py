@@ -95,8 +95,8 @@ def _details(s: Summary) -> list[tuple[str, str, str]]:
         if len(items) > _SHOW_FAILURES:
             out.append(("", "…", f"and {len(items) - _SHOW_FAILURES} more{more} (see --report)"))
 
-    if s.deleted and not s.dry_run:
-        some("", "deleted", s.deleted, " deleted")
+    if not s.dry_run:
+        some("", "deleted", s.deleted + s.deleted_dirs, " deleted")
     for what, items in (
         ("failed", s.failed),
         ("listing error", s.listing_errors),
@@ -104,8 +104,8 @@ def _details(s: Summary) -> list[tuple[str, str, str]]:
     ):
         some("red", what, [f"{path}: {why}" for path, why in items], "")
     some("yellow", "note", s.notices, "")
-    if s.deleted and s.dry_run:
-        out.extend(("", "would delete", p) for p in s.deleted[:_SHOW_FAILURES])
+    if s.dry_run:
+        out.extend(("", "would delete", p) for p in (s.deleted + s.deleted_dirs)[:_SHOW_FAILURES])
     return out
 
 
@@ -196,6 +196,7 @@ def summary_dict(s: Summary, name: str | None = None) -> dict[str, Any]:
         "unchanged": {"files": s.unchanged_files},
         "planned": {k: {"files": c.files, "bytes": c.bytes} for k, c in s.planned.items()},
         "deleted": s.deleted,
+        "deleted_dirs": s.deleted_dirs,
         "vanished": s.vanished,
         "failed": [{"path": p, "error": e} for p, e in s.failed],
         "listing_errors": [{"url": u, "error": e} for u, e in s.listing_errors],

@@ -352,6 +352,45 @@ def test_delete_removes_one_vanished_file_and_reports_it(
         con.close()
 
 
+def test_delete_removes_directories_not_upstream_and_lists_them(
+    mirrored: Any, tmp_path: Path, run_fetch: RunFetch
+) -> None:
+    """Directories that are not upstream go once empty, as with ``rsync --delete``, the
+    user's own empty ones too, and each is listed (they went silently): not an excluded
+    one, not one upstream that is empty, not one holding a link to a directory."""
+    srv, src, dest, _files = mirrored
+    (src / "old").mkdir()
+    (src / "old" / "x.bin").write_bytes(b"x" * 100)
+    (src / "empty-upstream").mkdir()
+    assert run_fetch("--mirror", srv.url, "--dest", dest).code == 0
+    assert (dest / "old" / "x.bin").exists() and (dest / "empty-upstream").is_dir()
+    shutil.rmtree(src / "old")
+    for d in ("mine/empty", "excluded", "links"):
+        (dest / d).mkdir(parents=True)
+    (dest / "links" / "to-dir").symlink_to(tmp_path)
+    report = tmp_path / "report.json"
+    args = ["--mirror", srv.url, "--dest", dest, "--delete", "--exclude", "excluded",
+            "--report", report]  # fmt: skip
+    dry = run_fetch(*args, "--dry-run")
+    assert dry.code == 0, dry.output
+    assert (dest / "old" / "x.bin").exists() and (dest / "mine" / "empty").is_dir()
+    would = {line.split()[-1] for line in dry.output.splitlines() if "would delete" in line}
+    assert would == {"old/x.bin", "old/", "mine/", "mine/empty/"}, dry.output
+    r = run_fetch(*args)
+    assert r.code == 0, r.output
+    got = _report(report)
+    assert got["deleted"] == ["old/x.bin"]
+    assert sorted(got["deleted_dirs"]) == ["mine/", "mine/empty/", "old/"]
+    assert "mine/empty/" in r.output  # in the summary's list, as deleted files are
+    assert not (dest / "old").exists() and not (dest / "mine").exists()
+    for d in ("excluded", "links", "empty-upstream"):
+        assert (dest / d).is_dir(), d
+    (dest / "links" / "to-dir").unlink()
+    for d in ("excluded", "links"):
+        (dest / d).rmdir()
+    _assert_same(dest, src)  # and nothing else went
+
+
 def test_without_delete_vanished_files_are_kept_and_counted(
     mirrored: Any, tmp_path: Path, run_fetch: RunFetch
 ) -> None:
