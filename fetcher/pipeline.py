@@ -830,10 +830,17 @@ def _handle(run: _Run, events: list[Event]) -> None:
                 run.state.record(run.run_id, out)
                 if run.post is not None:
                     run.post.submit(out.path)
-            elif out.status is Status.DIRECTORY and run.job.depth > out.path.count("/"):
+            elif out.status is Status.DIRECTORY:
                 # a link without a trailing slash that turned out to be a directory
-                run.summary.notices.append(f"{out.path}: a directory linked without '/'; crawled")
-                _start_crawl(run, out.url.rstrip("/") + "/", out.path)
+                if run.job.depth > out.path.count("/"):
+                    s.notices.append(f"{out.path}: a directory linked without '/'; crawled")
+                    _start_crawl(run, out.url.rstrip("/") + "/", out.path)
+                else:  # as the crawl's own directories past --depth: out of the selection
+                    run.uncrawled.add(out.path)
+                    s.notices.append(
+                        f"{out.path}: a directory linked without '/', deeper than --depth"
+                        f" {run.job.depth}; not crawled"
+                    )
             else:
                 if out.error != "interrupted":
                     s.failed.append((out.path, out.error or "failed"))

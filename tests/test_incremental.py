@@ -1589,6 +1589,33 @@ def test_a_listing_ended_by_the_close_without_a_closing_tag_blocks_delete(
     assert not (dest / "d0" / "f0.bin").exists() and len(list(dest.glob("d*/f*.bin"))) == 17
 
 
+def test_a_directory_linked_without_a_slash_is_crawled_and_past_depth_kept(
+    tmp_path: Path, run_fetch: RunFetch
+) -> None:
+    """A hand-written index links the directory ``a/deep`` as ``deep``: the server's
+    redirect to ``deep/`` shows it is one, and it is crawled; past --depth it is out of
+    the selection like the crawl's own such directories (it was a failed file, and
+    --delete removed its files)."""
+    www = tmp_path / "www"
+    (www / "a" / "deep").mkdir(parents=True)
+    (www / "b.bin").write_bytes(b"b" * 50)
+    (www / "a" / "deep" / "g.bin").write_bytes(b"g" * 60)
+    page = b'<html><body><pre><a href="../">../</a>\n<a href="deep">deep</a>\n</pre></body></html>'
+    dest = tmp_path / "d"
+    with FaultServer(root=www) as srv:
+        srv.add_listing("/a/", page)
+        r = run_fetch("--mirror", srv.url, "--dest", dest)
+        assert r.code == 0, r.output
+        assert "a/deep: a directory linked without '/'; crawled" in r.output
+        assert (dest / "a" / "deep" / "g.bin").read_bytes() == b"g" * 60
+        (www / "b.bin").unlink()  # gone upstream, within the depth
+        r = run_fetch("--mirror", srv.url, "--dest", dest, "--delete", "--force", "--depth", "1")
+    assert r.code == 0, r.output
+    assert "a/deep: a directory linked without '/', deeper than --depth 1" in r.output
+    assert not (dest / "b.bin").exists()
+    assert (dest / "a" / "deep" / "g.bin").read_bytes() == b"g" * 60
+
+
 def test_delete_keeps_the_files_of_directories_past_depth(
     tmp_path: Path, run_fetch: RunFetch
 ) -> None:
