@@ -380,7 +380,7 @@ def _run_with_state(
             state.end_run(run.run_id, _crawl_clean(run), summary.exit_code, run.pipelined)
         except FatalIOError as exc:
             # e.g. the disk filled up under the state database: still report the run
-            summary.fatal = summary.fatal or exc.message
+            summary.fatal = summary.fatal or _with_hint(exc)
             summary.finished = time.time()
         finally:
             if run.executor is not None:
@@ -392,8 +392,12 @@ def _run_with_state(
         try:
             state.close()
         except FatalIOError as exc:
-            summary.fatal = summary.fatal or exc.message
+            summary.fatal = summary.fatal or _with_hint(exc)
     return summary
+
+
+def _with_hint(exc: FetchError) -> str:
+    return f"{exc.message}; {exc.hint}" if exc.hint else exc.message
 
 
 def derived_root(job: MirrorJob) -> Path:

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar, cast
 
 from fetcher.errors import FatalIOError, LockHeld
 from fetcher.models import STATE_DIR, Listing, Outcome, RemoteFile, Status
@@ -214,6 +215,30 @@ class RunLock:
         self.release()
 
 
+def _unreadable(exc: sqlite3.DatabaseError) -> FatalIOError:
+    return FatalIOError(
+        f"cannot read state database: {exc}",
+        "remove DEST/.fetcher/state.sqlite to start over (files on disk are adopted)",
+    )
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _damage_is_fatal(method: _F) -> _F:
+    """A state file damaged past its header (``database disk image is malformed``) ends
+    the run as a fatal I/O error with the way out, not as SQLite's own exception."""
+
+    @functools.wraps(method)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        except sqlite3.DatabaseError as exc:
+            raise _unreadable(exc) from exc
+
+    return cast(_F, checked)
+
+
 class State:
     """The manifest of one DEST.  ``readonly`` opens without creating anything."""
 
@@ -284,6 +309,7 @@ class State:
             self._db.close()
 
     # -- runs -------------------------------------------------------------
+    @_damage_is_fatal
     def begin_run(self, url: str) -> int:
         if self.readonly:
             row = self._db.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM runs").fetchone()
@@ -292,6 +318,7 @@ class State:
         cur = self._db.execute("INSERT INTO runs (url, started) VALUES (?, ?)", (url, time.time()))
         return int(cur.lastrowid or 0)
 
+    @_damage_is_fatal
     def end_run(
         self, run_id: int, complete: bool, exit_code: int, pipelined: bool | None = None
     ) -> None:
@@ -303,6 +330,7 @@ class State:
                 (time.time(), int(complete), exit_code, pipelined, run_id),
             )
 
+    @_damage_is_fatal
     def pipelined(self, url: str) -> bool:
         """The last run of ``url`` that found out had its requests sent ahead answered,
         and none dropped."""
@@ -317,6 +345,7 @@ class State:
         return bool(row and row[0])
 
     # -- files ------------------------------------------------------------
+    @_damage_is_fatal
     def get(self, path: str) -> Row | None:
         if self.readonly:
             # what this (dry) run saw counts as seen by it, as after a real run
@@ -330,6 +359,7 @@ class State:
             r = self._db.execute(f"SELECT {_ROW} FROM files WHERE path = ?", (path,)).fetchone()
         return Row._make(r) if r else None
 
+    @_damage_is_fatal
     def rows_in(self, directory: str) -> dict[str, Row] | None:
         """Every row below ``directory`` (not the root), by path: one query for a listing's
         files instead of one each. ``None`` where :meth:`get` must be asked: a dry run, or
@@ -345,6 +375,7 @@ class State:
             return None
         return {r[0]: Row._make(r) for r in rows}
 
+    @_damage_is_fatal
     def every_row(self) -> dict[str, Row] | None:
         """Every row, by path, or ``None`` where :meth:`rows_in` must be asked: a dry run,
         or a state of over ``ROWS_AT_ONCE`` files."""
@@ -396,6 +427,7 @@ class State:
             self._db.execute("BEGIN")
             _where_in(self._db, "DELETE FROM listings WHERE url", [], urls)
 
+    @_damage_is_fatal
     def listings(self) -> dict[str, Listing]:
         """What each directory's listing gave the last run that read it, by URL; empty
         for a dry run (which may read a file of an older schema) or over ``ROWS_AT_ONCE``
@@ -467,12 +499,14 @@ class State:
         self._seen.clear()
         self._listings.clear()
 
+    @_damage_is_fatal
     def invalidate(self, path: str) -> None:
         """Mark a file as bad (it failed a probe): the next run fetches it again."""
         self.flush()
         if not self.readonly:
             self._db.execute("UPDATE files SET status = 'invalid' WHERE path = ?", (path,))
 
+    @_damage_is_fatal
     def seen_among(self, run_id: int, paths: list[str]) -> set[str]:
         """Which of ``paths`` run ``run_id`` saw upstream (one query)."""
         self.flush()
@@ -491,6 +525,7 @@ class State:
             seen.update(r[0] for r in rows)
         return seen
 
+    @_damage_is_fatal
     def seen_in(self, run_id: int) -> set[str] | None:
         """Every path run ``run_id`` saw upstream, or None if that may be over
         ``ROWS_AT_ONCE`` paths (then ask :meth:`seen_among`, a batch at a time). One
@@ -506,9 +541,11 @@ class State:
             return None
         return {r[0] for r in rows}
 
+    @_damage_is_fatal
     def is_empty(self) -> bool:
         return self._db.execute("SELECT 1 FROM files LIMIT 1").fetchone() is None
 
+    @_damage_is_fatal
     def directories(self) -> list[str]:
         """The URL of every directory that held a file when its row was written (each
         ends in ``/``): the crawl asks for them all at once instead of a level at a time.
@@ -517,9 +554,11 @@ class State:
         found = {url[: url.rfind("/") + 1] for (url,) in self._db.execute("SELECT url FROM files")}
         return sorted(found)
 
+    @_damage_is_fatal
     def count(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM files").fetchone()[0])
 
+    @_damage_is_fatal
     def forget(self, paths: list[str]) -> None:
         if self.readonly or not paths:
             return
@@ -528,19 +567,18 @@ class State:
             _where_in(self._db, "DELETE FROM files WHERE path", [], paths)
 
     def rows(self) -> Iterator[Row]:
-        cur = self._db.execute(f"SELECT {_ROW} FROM files ORDER BY path")
-        for r in cur:
-            yield Row._make(r)
+        try:
+            for r in self._db.execute(f"SELECT {_ROW} FROM files ORDER BY path"):
+                yield Row._make(r)
+        except sqlite3.DatabaseError as exc:
+            raise _unreadable(exc) from exc
 
 
 def _check_version(conn: sqlite3.Connection) -> int:
     try:
         version = int(conn.execute("PRAGMA user_version").fetchone()[0])
     except sqlite3.DatabaseError as exc:  # not a database, or unreadable
-        raise FatalIOError(
-            f"cannot read state database: {exc}",
-            "remove DEST/.fetcher/state.sqlite to start over (files on disk are adopted)",
-        ) from exc
+        raise _unreadable(exc) from exc
     if version > SCHEMA_VERSION:
         raise FatalIOError(
             f"state database has schema version {version}, newer than this fetch ({SCHEMA_VERSION})",

@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import json
 import os
+import random
 import shutil
 import sqlite3
 import subprocess
@@ -673,6 +674,33 @@ def test_unreadable_state_file_is_a_clear_error(mirrored: Any, run_fetch: RunFet
         r = run_fetch("--mirror", srv.url, "--dest", dest, "--procs", "1", *extra)
         assert r.code == 4, r
         assert "state database" in r.output and "Traceback" not in r.output, r.output
+
+
+def test_a_state_file_damaged_past_its_header_is_a_clear_error_and_reported(
+    mirrored: Any, tmp_path: Path, run_fetch: RunFetch
+) -> None:
+    """Pages after the first overwritten: the header reads fine, the tables do not (it was
+    SQLite's traceback, exit 1, and no report)."""
+    srv, _, dest, _ = mirrored
+    db = dest / ".fetcher" / "state.sqlite"
+    data = bytearray(db.read_bytes())
+    assert len(data) > 4096
+    data[4096:] = random.Random(5).randbytes(len(data) - 4096)
+    db.write_bytes(bytes(data))
+    report = tmp_path / "report.json"
+    for extra in ((), ("--dry-run",)):
+        r = run_fetch("--mirror", srv.url, "--dest", dest, "--procs", "1", "--report", report,
+                      *extra)  # fmt: skip
+        assert r.code == 4, r.output
+        assert "cannot read state database" in r.output and "Traceback" not in r.output, r.output
+        assert "remove DEST/.fetcher/state.sqlite" in r.output, r.output
+        job = _report(report)
+        assert "database disk image is malformed" in (job["fatal"] or job["error"]), job
+    r = run_fetch("--verify-only", dest)
+    assert r.code == 4 and "cannot read state database" in r.output, r.output
+    db.unlink()  # the way out the message gives: files on disk are adopted
+    r = run_fetch("--mirror", srv.url, "--dest", dest, "--procs", "1")
+    assert r.code == 0, r.output
 
 
 def test_start_up_error_releases_the_lock(mirrored: Any, run_fetch: RunFetch) -> None:
