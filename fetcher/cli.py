@@ -7,11 +7,12 @@ traceback for one; tests call it directly.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, TextIO, cast
@@ -575,66 +576,95 @@ def main(argv: Sequence[str] | None = None, console: Console | None = None) -> i
         stops.append(signal.SIGHUP)
     old = {sig: signal.signal(sig, _on_sigterm) for sig in stops} if _main_thread() else {}
     results: list[tuple[str | None, Summary]] = []
+    stopped = False
     try:
-        for job in jobs:
-            code = _run_one(job, ns, console, err, log, results)
-            if code == 130:
-                break
+        try:
+            for job in jobs:
+                if _run_one(job, ns, console, err, log, results, stops) == 130:
+                    stopped = True  # the jobs after it do not start
+                    break
+        finally:
+            if log is not None:
+                log.close()
+        code = max(exit_code([s for _, s in results]), 130 if stopped else 0)
+        with _held(stops):  # the report says how the run ended, whatever comes now
+            for flag, path, write in (("--report", ns.report, write_report),
+                                      ("--metrics", ns.metrics, write_metrics)):  # fmt: skip
+                if path:
+                    try:
+                        write(path, results)
+                    except OSError as exc:
+                        err.print(f"fetch: error: cannot write {flag} {path}: {exc.strerror or exc}",
+                                  highlight=False, markup=False)  # fmt: skip
+                        code = max(code, 4)
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
-        if log is not None:
-            log.close()
-    summaries = [s for _, s in results]
-    code = exit_code(summaries)
-    for flag, path, write in (("--report", ns.report, write_report),
-                              ("--metrics", ns.metrics, write_metrics)):  # fmt: skip
-        if path:
-            try:
-                write(path, results)
-            except OSError as exc:
-                err.print(f"fetch: error: cannot write {flag} {path}: {exc.strerror or exc}",
-                          highlight=False, markup=False)  # fmt: skip
-                code = max(code, 4)
     return code
 
 
-def _run_one(job: MirrorJob, ns: argparse.Namespace, console: Console, err: Console,
-             log: TextIO | None, results: list[tuple[str | None, Summary]]) -> int:  # fmt: skip
-    name = job.name if ns.config else None
-    from fetcher.pipeline import mirror
+@contextlib.contextmanager
+def _held(stops: Sequence[signal.Signals]) -> Iterator[list[int]]:
+    """Stop signals (and Ctrl-C) wait while a job's outcome is written down: they are
+    recorded, and the caller stops after it, instead of an exception half-way through
+    the summary or before the report."""
+    got: list[int] = []
+    if not _main_thread():
+        yield got
+        return
+    old = {s: signal.signal(s, lambda n, _f: got.append(n)) for s in (*stops, signal.SIGINT)}
+    try:
+        yield got
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
 
+
+def _run_one(job: MirrorJob, ns: argparse.Namespace, console: Console, err: Console,
+             log: TextIO | None, results: list[tuple[str | None, Summary]],
+             stops: Sequence[signal.Signals] = ()) -> int:  # fmt: skip
+    name = job.name if ns.config else None
     reporter = _make_reporter(ns, console, log)
     SYNCING.set()
+    problem: FetchError | None = None
     try:
+        from fetcher.pipeline import mirror
+
         summary = mirror(job, reporter)
-    except FetchError as exc:
-        reporter.close()
+    except KeyboardInterrupt:
+        # stopped while the run started or wound up, outside the part that counts (which
+        # returns its summary marked interrupted): nothing to count, but a run to report
         now = time.time()
-        if isinstance(exc, LockHeld) and job.skip_if_locked:
-            console.print(
-                f"{name + ': ' if name else ''}skipped: {exc.message}",
-                highlight=False,
-                markup=False,
-            )
-            skipped = Summary(url=job.url, dest=str(job.dest), started=now, finished=now)
-            skipped.notices.append(f"skipped: {exc.message}")
-            results.append((name, skipped))
-            return 0
-        _print_error(err, exc, prefix=f"{name}: " if name else "")
-        failed = Summary(url=job.url, dest=str(job.dest), started=now, finished=now,
-                         error=str(exc), error_code=exc.exit_code)  # fmt: skip
-        results.append((name, failed))
-        return exc.exit_code
-    reporter.close()
-    lines = reporter if isinstance(reporter, LineReporter) else None
-    if lines is not None and (log is not None or lines.fmt == "json"):
-        # the log's last word: the run's outcome, as a line (or JSON event) of its own
-        lines.summary(one_line(summary), summary_dict(summary, name))
-    if lines is None or lines.fmt != "json" or log is not None:
-        render(summary, console, name)  # (JSON lines on stdout: the event above instead)
-    results.append((name, summary))
-    return summary.exit_code
+        summary = Summary(url=job.url, dest=str(job.dest), started=now, finished=now,
+                          interrupted=True)  # fmt: skip
+    except FetchError as exc:
+        problem = exc  # nothing started: a lock held, DEST unusable, the state unreadable
+    if problem is not None:
+        now = time.time()
+        summary = Summary(url=job.url, dest=str(job.dest), started=now, finished=now)
+        if isinstance(problem, LockHeld) and job.skip_if_locked:
+            summary.skipped_run = True
+            summary.notices.append(f"skipped: {problem.message}")
+        else:
+            summary.error, summary.error_code = str(problem), problem.exit_code
+    with _held(stops) as got:
+        reporter.close()
+        prefix = f"{name}: " if name else ""
+        if problem is None:
+            said = one_line(summary)
+        elif summary.skipped_run:
+            said = prefix + summary.notices[-1]
+            console.print(said, highlight=False, markup=False)
+        else:
+            said = f"{prefix}error: {problem.message}"
+            _print_error(err, problem, prefix=prefix)
+        lines = reporter if isinstance(reporter, LineReporter) else None
+        if lines is not None and (log is not None or lines.fmt == "json"):
+            lines.summary(said, summary_dict(summary, name))  # the log's last word
+        if problem is None and (lines is None or lines.fmt != "json" or log is not None):
+            render(summary, console, name)  # (JSON lines on stdout: the event above instead)
+        results.append((name, summary))
+    return 130 if got else summary.exit_code
 
 
 def _err_console(console: Console) -> Console:

@@ -28,7 +28,6 @@ from fetcher.models import (
     RemoteFile,
     Reporter,
     Retried,
-    Status,
 )
 from fetcher.progress import Tally, human_bytes
 
@@ -111,12 +110,10 @@ class RichReporter(Reporter):
         self.active[ev.worker] = f"{ev.path}{size}"
 
     def finished(self, out: Outcome) -> None:
-        self.t.done_files += 1
         for w, p in list(self.active.items()):
             if p.startswith(out.path):
                 del self.active[w]
-        if out.status is Status.FAILED and out.error != "interrupted":
-            self.t.failed += 1
+        if self.t.finished(out):
             self.console.print(
                 f"[red]failed[/] {out.path}: {out.error}", highlight=False, markup=True
             )

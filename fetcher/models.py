@@ -518,6 +518,8 @@ class Summary:
     error: str | None = None
     """The run did not start: a usage, lock or I/O error (``error_code`` says which)."""
     error_code: int = 0
+    skipped_run: bool = False
+    """The run did not start: DEST was locked by another run (``--skip-if-locked``)."""
 
     @property
     def unchanged_files(self) -> int:

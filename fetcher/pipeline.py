@@ -851,7 +851,8 @@ def _handle(run: _Run, events: list[Event]) -> None:
                 elif not (run.stop.is_set() or s.fatal):
                     # stopped, but not by this run: its worker lost its parent (killed),
                     # or a Dask task was cancelled from outside. Never a clean run.
-                    s.failed.append((out.path, "interrupted: its worker process stopped"))
+                    out = replace(out, error="interrupted: its worker process stopped")
+                    s.failed.append((out.path, out.error or ""))
                 run.state.seen(run.run_id, out.path)
             rep.finished(out)
         elif isinstance(ev, FileStarted):

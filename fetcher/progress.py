@@ -54,6 +54,18 @@ class Tally:
         self.bytes = 0
         self.crawling = True
 
+    def finished(self, out: Outcome) -> bool:
+        """Count ``out``; True if it is a failure to show. A file interrupted by a stop is
+        neither done nor failed (the next run resumes it); one whose worker died comes
+        here as failed (the coordinator names why)."""
+        if out.status is Status.FAILED and out.error == "interrupted":
+            return False
+        self.done_files += 1
+        if out.status is Status.FAILED:
+            self.failed += 1
+            return True
+        return False
+
 
 class LineReporter(Reporter):
     """Unattended output: a status line every ``interval`` seconds and one per problem."""
@@ -75,6 +87,10 @@ class LineReporter(Reporter):
         self.start = get_time()
         self.last = self.start
         self.post: PostCounts | None = None
+        self.begun = False
+
+    def begin(self) -> None:
+        self.begun = True
 
     def _emit(self, kind: str, text: str, **fields: Any) -> None:
         if self.fmt == "json":
@@ -125,9 +141,7 @@ class LineReporter(Reporter):
         self._tick()
 
     def finished(self, out: Outcome) -> None:
-        self.t.done_files += 1
-        if out.status is Status.FAILED and out.error != "interrupted":
-            self.t.failed += 1
+        if self.t.finished(out):
             self._emit("failed", f"failed: {out.path}: {out.error}", path=out.path, error=out.error)
         elif self.verbose:
             self._emit(
@@ -183,4 +197,5 @@ class LineReporter(Reporter):
         self._emit("summary", text, **fields)
 
     def close(self) -> None:
-        self.status()
+        if self.begun:  # (a run that never started has no status: its error or skip says why)
+            self.status()

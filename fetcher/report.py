@@ -207,6 +207,7 @@ def summary_dict(s: Summary, name: str | None = None) -> dict[str, Any]:
         "interrupted": s.interrupted,
         "fatal": s.fatal,
         "error": s.error,
+        "skipped_run": s.skipped_run,
     }
 
 
@@ -274,12 +275,18 @@ def write_metrics(path: Path, summaries: list[tuple[str | None, Summary]]) -> No
         ("fetch_files_deleted", "gauge", "Files deleted by the last run.", []),
         ("fetch_exit_code", "gauge", "Exit code of the last run.", []),
     ]
-    previous = _previous_success(path)
+    previous = _previous(path)
     for name, s in summaries:
         job = _label(name or s.url)
-        ok_ts = s.finished if s.exit_code == 0 else previous.get(job)
-        values = [s.finished, ok_ts, s.finished - s.started, s.fetched.files, s.fetched.bytes,
-                  s.unchanged_files, len(s.failed), len(s.deleted), s.exit_code]  # fmt: skip
+        if s.skipped_run:
+            # another run holds DEST (perhaps hung): this one did nothing, and must not look
+            # like a success to an alert on the last one
+            values: list[float | None] = [previous.get((m[0], job)) for m in metrics]
+        else:
+            last_ok = previous.get(("fetch_last_success_timestamp_seconds", job))
+            values = [s.finished, s.finished if s.exit_code == 0 else last_ok,
+                      s.finished - s.started, s.fetched.files, s.fetched.bytes,
+                      s.unchanged_files, len(s.failed), len(s.deleted), s.exit_code]  # fmt: skip
         for m, v in zip(metrics, values, strict=True):
             if v is not None:
                 m[3].append((job, float(v)))
@@ -290,19 +297,21 @@ def write_metrics(path: Path, summaries: list[tuple[str | None, Summary]]) -> No
     _atomic_write(path, "\n".join(lines) + "\n")
 
 
-def _previous_success(path: Path) -> dict[str, float]:
-    """Keep a job's last success time across failed runs (read back from the old file)."""
-    out: dict[str, float] = {}
+def _previous(path: Path) -> dict[tuple[str, str], float]:
+    """The old file's samples by (metric, job label): a job's last success time is kept
+    across failed runs, and every series of a job across a skipped one."""
+    out: dict[tuple[str, str], float] = {}
     try:
         text = path.read_text("utf-8")
     except OSError:
         return out
-    prefix = 'fetch_last_success_timestamp_seconds{job="'
     for line in text.splitlines():
-        if line.startswith(prefix):
-            job, _, rest = line[len(prefix) :].partition('"} ')
-            try:
-                out[job] = float(rest)
-            except ValueError:
-                continue
+        metric, sep, rest = line.partition('{job="')
+        if not sep or line.startswith("#"):
+            continue
+        job, _, value = rest.rpartition('"} ')
+        try:
+            out[(metric, job)] = float(value)
+        except ValueError:
+            continue
     return out

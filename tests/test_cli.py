@@ -360,6 +360,10 @@ def test_a_run_whose_workers_parent_is_killed_is_not_a_clean_run(tmp_path: Path)
     assert proc.returncode in (1, 4), text
     assert "interrupted: its worker process stopped" in text or "died" in text, text
     assert not list((tmp_path / "d").glob("slow*.bin"))
+    # the last status line counts as the summary does (it said "4/4 files, 0 failed")
+    last = re.findall(r"status: (\d+)/\S+ files, .*?, (\d+) failed", text)[-1]
+    failed = re.findall(r"^ *failed +(\d+) *$", text, re.M)[-1]
+    assert last[1] == failed, text
 
 
 def test_the_plain_summary_lists_what_the_table_would(tmp_path: Path) -> None:

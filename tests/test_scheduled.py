@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -261,18 +262,72 @@ def test_connection_cap_holds_across_processes(tmp_path: Path, run_fetch) -> Non
         assert len([q for q in srv.requests if q.is_file]) == 100
 
 
+def test_a_stop_while_the_run_starts_is_reported(tmp_path: Path, run_fetch) -> None:
+    """SIGTERM while the run waits for its state file (another process holds it): exit
+    130, and the report and metrics say the run was interrupted (the stop escaped the
+    run, outside the part that counts, and neither was written)."""
+    import signal
+    import sqlite3
+
+    from tests.background import fetch_session
+
+    _tree(tmp_path / "www" / "s", n=2)
+    dest = tmp_path / "o"
+    report, metrics = tmp_path / "r.json", tmp_path / "m.prom"
+    with FaultServer(root=tmp_path / "www") as srv:
+        url = srv.url + "s/"
+        assert run_fetch("--mirror", url, "--dest", dest).code == 0
+        state = dest / ".fetcher" / "state.sqlite"
+        db = sqlite3.connect(state, isolation_level=None)
+        try:
+            db.execute("BEGIN EXCLUSIVE")
+            argv = ["--mirror", url, "--dest", str(dest), "--report", str(report),
+                    "--metrics", str(metrics)]  # fmt: skip
+            with fetch_session(argv) as proc:
+                fds = Path(f"/proc/{proc.pid}/fd")
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline:  # until the run has the state file open
+                    with contextlib.suppress(OSError):
+                        if any(os.readlink(fd) == str(state) for fd in fds.iterdir()):
+                            break
+                    time.sleep(0.01)
+                else:
+                    pytest.fail("the run never opened its state file")
+                os.kill(proc.pid, signal.SIGTERM)
+                out, _ = proc.communicate(timeout=60)
+        finally:
+            db.close()
+    assert proc.returncode == 130, out.decode(errors="replace")
+    job = json.loads(report.read_text())["jobs"][0]
+    assert job["interrupted"] is True and job["exit_code"] == 130, job
+    assert 'fetch_exit_code{job="' in metrics.read_text()
+    assert b"Traceback" not in out
+
+
 def test_lock_held_skip_if_locked(tmp_path: Path, run_fetch) -> None:
     import fcntl
 
     _tree(tmp_path / "www" / "l", n=1)
     dest = tmp_path / "o"
-    (dest / ".fetcher").mkdir(parents=True)
-    with open(dest / ".fetcher" / "lock", "w") as fh, FaultServer(root=tmp_path / "www") as srv:
-        fh.write("pid 4242, started 2026-01-01 00:00:00\n")
-        fh.flush()
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        r = run_fetch("--mirror", srv.url + "l/", "--dest", dest)
-        assert r.code == 3 and "pid 4242" in r.output, r
-        r = run_fetch("--mirror", srv.url + "l/", "--dest", dest, "--skip-if-locked")
-        assert r.code == 0 and "skipped" in r.output, r
+    metrics, report, log = tmp_path / "m.prom", tmp_path / "r.json", tmp_path / "l.log"
+    with FaultServer(root=tmp_path / "www") as srv:
+        assert run_fetch("--mirror", srv.url + "l/", "--dest", dest, "--metrics", metrics).code == 0
+        before = metrics.read_text()
+        srv.reset_stats()
+        with open(dest / ".fetcher" / "lock", "w") as fh:
+            fh.write("pid 4242, started 2026-01-01 00:00:00\n")
+            fh.flush()
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            r = run_fetch("--mirror", srv.url + "l/", "--dest", dest, "--log-file", log)
+            assert r.code == 3 and "pid 4242" in r.output, r
+            # the log says why the run ended, not that it was crawling (it never started)
+            logged = log.read_text()
+            assert "status:" not in logged and "error: " in logged and "pid 4242" in logged, logged
+            r = run_fetch("--mirror", srv.url + "l/", "--dest", dest, "--skip-if-locked",
+                          "--metrics", metrics, "--report", report)  # fmt: skip
+            assert r.code == 0 and "skipped" in r.output, r
         assert srv.count() == 0
+    # a skipped run did nothing: the job's metrics stay as the last real run left them (the
+    # last success time was "now", keeping a hung run's alert quiet), and the report says so
+    assert metrics.read_text() == before
+    assert json.loads(report.read_text())["jobs"][0]["skipped_run"] is True
