@@ -556,10 +556,13 @@ def main(argv: Sequence[str] | None = None, console: Console | None = None) -> i
         _print_error(err, exc)
         return exc.exit_code
     if ns.check:
-        for job in jobs:
-            console.print(f"[bold]{job.name}[/]: {job.url} → {job.dest}", highlight=False)
+        from rich.markup import escape
+
+        for job in jobs:  # (names, URLs, paths and globs are the user's: not markup)
+            console.print(f"[bold]{escape(job.name)}[/]: {escape(f'{job.url} → {job.dest}')}",
+                          highlight=False)  # fmt: skip
             for k, v in sorted(_describe(job).items()):
-                console.print(f"    {k} = {v}", highlight=False)
+                console.print(f"    {k} = {v}", highlight=False, markup=False)
         console.print(f"{len(jobs)} job(s) valid")
         return 0
     if any(job.executor != "dask" and not job.dry_run for job in jobs):

@@ -193,6 +193,8 @@ def _have_ffmpeg() -> bool:
 
 
 def demo_main(argv: list[str], console: Console) -> int:
+    from rich.markup import escape
+
     from fetcher.cli import main, refused
 
     p = argparse.ArgumentParser(
@@ -219,10 +221,12 @@ def demo_main(argv: list[str], console: Console) -> int:
     code = refused(["--mirror", "http://127.0.0.1/", "--dest", str(dest), *rest], console)
     if code is not None:
         return code
-    console.print(f"[bold]building a sample mirror in {upstream}[/] …")
+    console.print(f"[bold]building a sample mirror in {escape(str(upstream))}[/] …")
     n = build_sample(upstream, ns.packages, media=not ns.no_media)
     with serve_directory(upstream) as url:
-        console.print(f"[bold]serving it at {url}[/] ({n} files); mirroring into {dest}")
+        console.print(
+            f"[bold]serving it at {url}[/] ({n} files); mirroring into {escape(str(dest))}"
+        )
         args = ["--mirror", url, "--dest", str(dest), "--procs", str(ns.procs), *rest]
         media = not ns.no_media and _have_ffmpeg()
         if media:
@@ -233,9 +237,9 @@ def demo_main(argv: list[str], console: Console) -> int:
             code = main([*args, "-q"], console)
     if code:
         return code  # main said why
-    console.print(f"\n[bold]done:[/] the mirror is in [green]{dest.resolve()}[/]")
+    console.print(f"\n[bold]done:[/] the mirror is in [green]{escape(str(dest.resolve()))}[/]")
     if media:
         console.print(
-            f"      thumbnails of the clips are in [green]{dest.resolve()}.derived/media/[/]"
+            f"      thumbnails of the clips are in [green]{escape(str(dest.resolve()))}.derived/media/[/]"
         )
     return code

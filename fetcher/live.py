@@ -115,7 +115,7 @@ class RichReporter(Reporter):
                 del self.active[w]
         if self.t.finished(out):
             self.console.print(
-                f"[red]failed[/] {out.path}: {out.error}", highlight=False, markup=True
+                f"[red]failed[/] {escape(out.path)}: {escape(out.error or '')}", highlight=False
             )
         self._update_files()
 

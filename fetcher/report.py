@@ -132,8 +132,8 @@ def render(s: Summary, console: Console, name: str | None = None) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    table = Table(
-        title=_title(s, name), title_justify="left", show_header=True, header_style="bold"
+    table = Table(  # (the title is the user's URL and DEST, brackets and all: not markup)
+        title=escape(_title(s, name)), title_justify="left", show_header=True, header_style="bold"
     )
     table.add_column("")
     table.add_column("files", justify="right")
@@ -250,7 +250,12 @@ def write_report(path: Path, summaries: list[tuple[str | None, Summary]]) -> Non
         "exit_code": exit_code([s for _, s in summaries]),
         "jobs": [summary_dict(s, n) for n, s in summaries],
     }
-    _atomic_write(path, json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+    text = json.dumps(doc, indent=2, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a path that is not UTF-8 (its bytes kept as surrogates)
+        text = json.dumps(doc, indent=2)  # as \udcXX escapes: still JSON, nothing lost
+    _atomic_write(path, text + "\n")
 
 
 def _label(v: str) -> str:

@@ -572,3 +572,54 @@ def test_a_401_says_how_to_give_credentials(tmp_path: Path, run_fetch) -> None:
     assert f"HTTP 401 for {srv.url}pub/b.txt: {why}" in r.output
     assert asked.count("/pub/b.txt") == 1 and asked.count("/pub/locked/") == 1  # not retried
     assert (tmp_path / "d" / "a.txt").read_bytes() == b"a"
+
+
+def test_names_paths_and_globs_that_look_like_markup_are_shown_as_given(
+    tmp_path: Path, run_fetch
+) -> None:
+    """Brackets in a job's name, URL, DEST, globs or a failed file's name are the user's
+    (or the server's) text: shown as they are, never read as rich markup (a DEST of
+    'mirror[/archive]' crashed the summary before the report was written, '[a-z]*.rpm'
+    was shown as '*.rpm' by --check, a file named '[/x]' that failed crashed the live
+    display)."""
+    import io
+
+    from rich.console import Console
+
+    from fetcher.live import RichReporter
+    from fetcher.models import Outcome, Status, Summary
+    from fetcher.report import render
+
+    cfg = tmp_path / "m.toml"
+    cfg.write_text(
+        '[jobs."x[/]"]\nurl = "http://127.0.0.1:9/pub/"\ndest = "[red]d"\n'
+        'include = ["[a-z]*.rpm", "*.[ch]"]\n'
+    )
+    r = run_fetch("--config", cfg, "--check")
+    assert r.code == 0, r.output
+    assert "x[/]: http://127.0.0.1:9/pub/ → " in r.output and "[red]d" in r.output, r.output
+    assert "include = ('[a-z]*.rpm', '*.[ch]')" in r.output, r.output
+
+    buf = io.StringIO()
+    term = Console(file=buf, force_terminal=True, width=200, color_system=None)
+    s = Summary(url="http://m.test/[b]pub/", dest="/srv/mirror[/archive]", started=1, finished=2)
+    render(s, term, "[bold]job")
+    shown = " ".join(buf.getvalue().split())  # (the title wraps at the table's width)
+    assert "[bold]job: http://m.test/[b]pub/ → /srv/mirror[/archive]" in shown, shown
+
+    rep = RichReporter(Console(file=(out := io.StringIO()), force_terminal=True, width=200))
+    rep.finished(Outcome("a/[/x]", "http://m.test/a/%5B/x%5D", Status.FAILED, error="[/]bad"))
+    rep.close()
+    assert "a/[/x]: [/]bad" in out.getvalue()
+
+
+def test_a_report_of_a_dest_whose_name_is_not_utf8(tmp_path: Path) -> None:
+    import json
+
+    from fetcher.models import Summary
+    from fetcher.report import write_report
+
+    dest = os.fsdecode(os.fsencode(str(tmp_path)) + b"/od\xff")  # as argv gives it
+    report = tmp_path / "r.json"
+    write_report(report, [(None, Summary(url="http://m.test/", dest=dest, started=1, finished=2))])
+    assert json.loads(report.read_text("utf-8"))["jobs"][0]["dest"] == dest
