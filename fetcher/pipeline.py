@@ -8,6 +8,7 @@ metadata is published last; deletion waits for a complete, error-free crawl.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import queue
@@ -325,6 +326,7 @@ def mirror(
         ffmpeg = None if job.dry_run else require_ffmpeg(job.post)
         check_derived(dest, derived)
     if job.dry_run:
+        _could_write(dest)  # a plan the real run could not carry out is not a plan
         state = State.open(dest, readonly=True)
         return _run_with_state(job, dest, state, summary, rep, stop, None, derived)
     try:
@@ -342,6 +344,27 @@ def mirror(
         return _run_with_state(job, dest, state, summary, rep, stop, ffmpeg, derived)
     finally:
         lock.release()
+
+
+def _could_write(dest: Path) -> None:
+    """Raise the real run's error if it could not make or write DEST (a file there, or
+    under it; read-only or not ours), without writing anything: a dry run's check."""
+    probe = dest
+    while not probe.exists():
+        if probe.is_symlink():  # dangling: the real run's mkdir fails on it as well
+            raise unwritable(
+                dest, FileExistsError(errno.EEXIST, "File exists", str(probe)), "create"
+            )
+        probe = probe.parent
+    if not probe.is_dir():
+        doing = "create" if probe != dest else "write to"
+        raise unwritable(
+            dest, NotADirectoryError(errno.ENOTDIR, "Not a directory", str(probe)), doing
+        )
+    if not os.access(probe, os.W_OK | os.X_OK):  # (false for root on a read-only mount too)
+        ro = bool(os.statvfs(probe).f_flag & os.ST_RDONLY)
+        why = (errno.EROFS, "Read-only file system") if ro else (errno.EACCES, "Permission denied")
+        raise unwritable(dest, OSError(*why, str(probe)))
 
 
 def _run_with_state(

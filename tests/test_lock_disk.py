@@ -5,8 +5,10 @@ under a final name, a re-run with space completes)."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import random
+import re
 import subprocess
 import sys
 import threading
@@ -159,8 +161,8 @@ def test_read_only_dest_exits_4_with_a_reason(tmp_path: Path, run_fetch: RunFetc
         (src / "d0" / "f0.txt").write_bytes(b"changed upstream\n")
         os.utime(src / "d0" / "f0.txt", (2_000_000_000, 2_000_000_000))
         subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
-        for where in (dest, mnt / "fresh"):
-            r = run_fetch(*args, "--dest", where)
+        for where, dry in itertools.product((dest, mnt / "fresh"), ((), ("--dry-run",))):
+            r = run_fetch(*args, "--dest", where, *dry)  # a dry run: as the run would end
             assert r.code == 4, r
             assert "Read-only file system" in r.output and "Traceback" not in r.output, r
         assert (dest / "d0" / "f0.txt").read_bytes() == b"0\n" * 100
@@ -184,4 +186,9 @@ def test_a_dest_that_cannot_hold_state_names_what_is_in_the_way(
         r = run_fetch("--mirror", srv.url, "--procs", "1", "--dest", tmp_path / "afile" / "x")
         assert r.code == 4, r
         assert f"cannot create {tmp_path / 'afile' / 'x'}: Not a directory" in r.output
+        for where in (tmp_path / "afile", tmp_path / "afile" / "x"):  # a dry run says so too
+            r = run_fetch("--mirror", srv.url, "--dest", where, "--dry-run")
+            assert r.code == 4 and re.search(
+                rf"cannot (create|write to) {re.escape(str(where))}: ", r.output
+            ), r.output
     assert (tmp_path / "d1" / ".fetcher").read_text() == "not a directory"
