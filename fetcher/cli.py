@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="small-file requests in flight per download thread, and listings' per crawl "
         "connection (HTTP/1.1 pipelining; default 8, 1 = off); each goes on as few "
-        "connections as hold it, at most 32 (or N, if more) on one",
+        "connections as hold it, at most 32 on one",
     )
     g.add_argument(
         "--segments",
@@ -546,6 +546,8 @@ def main(argv: Sequence[str] | None = None, console: Console | None = None) -> i
         return demo_main(argv[1:], console)
     try:
         ns = build_parser().parse_args(argv)
+        if ns.report == ns.metrics == Path("-"):
+            raise UsageError("--report - and --metrics -: one standard output for two files")
         if Path("-") in (ns.report, ns.metrics) and isinstance(console, _LazyConsole):
             console = err  # stdout carries the report (or metrics) alone; the rest to stderr
         _check_cwd()

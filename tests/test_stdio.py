@@ -236,6 +236,14 @@ def test_a_report_on_stdout_is_alone_there(tmp_path: Path) -> None:
     _assert_mirrored(tmp_path / "d")
 
 
+def test_report_and_metrics_cannot_both_be_stdout(tmp_path: Path, run_fetch) -> None:
+    # they were written one after the other there, which neither reader could parse
+    r = run_fetch("--mirror", "http://127.0.0.1:9/", "--dest", tmp_path / "d",
+                  "--report", "-", "--metrics", "-")  # fmt: skip
+    assert r.code == 2 and "--report - and --metrics -" in r.output, r.output
+    assert not (tmp_path / "d").exists()
+
+
 def test_a_command_that_only_prints_says_nothing_when_its_reader_left(tmp_path: Path) -> None:
     # fetch --config m.toml --check | head -1: no sync to keep going, nothing to report
     cfg = tmp_path / "m.toml"
