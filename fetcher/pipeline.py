@@ -44,6 +44,7 @@ from fetcher.models import (
     FileStarted,
     Job,
     Listing,
+    Outcome,
     RelPath,
     RemoteDir,
     RemoteFile,
@@ -690,10 +691,7 @@ def _loop(run: _Run) -> None:
                 break
             if run.summary.failed:
                 for j in run.held:
-                    run.summary.failed.append(
-                        (j.file.path, "metadata not published: other files failed")
-                    )
-                    run.state.seen(run.run_id, j.file.path)
+                    _failed_here(run, j, "metadata not published: other files failed")
                 run.held = []
                 run.held_back = True
             else:
@@ -711,11 +709,17 @@ def _loop(run: _Run) -> None:
             dead = run.executor.dead()
             if dead and run.outstanding:
                 run.summary.fatal = f"worker process(es) {dead} died; run again to resume"
-                for path, j in run.outstanding.items():
-                    run.summary.failed.append((path, "worker process died"))
-                    run.state.seen(run.run_id, j.file.path)
+                for j in run.outstanding.values():
+                    _failed_here(run, j, "worker process died")
                 run.outstanding.clear()
                 break
+
+
+def _failed_here(run: _Run, j: Job, why: str) -> None:
+    """A planned file that fails here, not in a worker: counted as a worker's would be."""
+    run.summary.failed.append((j.file.path, why))
+    run.state.seen(run.run_id, j.file.path)
+    run.reporter.finished(Outcome(j.file.path, j.file.url, Status.FAILED, error=why))
 
 
 def _drain(run: _Run, deadline: float) -> None:
