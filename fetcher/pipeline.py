@@ -648,9 +648,10 @@ def _coordinate(run: _Run) -> None:
             run.executor.stop()  # (joined once the run is wound up: _run_with_state)
         for th in run.threads:
             th.join(timeout=10)
-        if run.post is not None and not run.post.closed:
-            run.post.cancel()
-            _post_outcomes(run, run.post.close(wait=True))
+        if run.post is not None:
+            if not run.post.closed:
+                run.post.cancel()
+            _post_outcomes(run, run.post.close(wait=True))  # (what a stop's cancel() left)
         run.state.flush()
 
 
@@ -778,14 +779,12 @@ def _take(run: _Run, item: CrawlItem) -> None:
         run.state.adopt(run.run_id, f, local.size, local.mtime)
         _count(s, "skipped", local.size)
         run.reporter.skipped(f)
-        if run.post is not None:
-            run.post.submit(f.path)
+        _post(run, f.path)
     elif d.job is None:
         run.state.seen(run.run_id, f.path)
         _count(s, "skipped", local.size if local else 0)
         run.reporter.skipped(f)
-        if run.post is not None:
-            run.post.submit(f.path)  # catches up on outputs missing or older than the file
+        _post(run, f.path)  # catches up on outputs missing or older than the file
     else:
         _count(s, d.job.action.value, f.size or 0)
         run.reporter.planned(d.job)
@@ -852,15 +851,13 @@ def _handle(run: _Run, events: list[Event]) -> None:
                 s.fetched.files += 1
                 s.fetched.bytes += out.size
                 run.state.record(run.run_id, out)
-                if run.post is not None:
-                    # force: the server's date may be older than outputs of the old file
-                    run.post.submit(out.path, force=True)
+                # force: the server's date may be older than outputs of the old file
+                _post(run, out.path, force=True)
             elif out.status is Status.UNCHANGED:
                 s.unchanged.files += 1
                 s.unchanged.bytes += out.size
                 run.state.record(run.run_id, out)
-                if run.post is not None:
-                    run.post.submit(out.path)
+                _post(run, out.path)
             elif out.status is Status.DIRECTORY:
                 # a link without a trailing slash that turned out to be a directory
                 if run.job.depth > out.path.count("/"):
@@ -906,6 +903,13 @@ def _post_outcomes(run: _Run, outs: list[PostOutcome]) -> None:
                 run.state.invalidate(o.rel)
     if run.post is not None and outs:
         run.reporter.post_progress(run.post.counts)
+
+
+def _post(run: _Run, rel: str, force: bool = False) -> None:
+    """Hand a file in place to post-processing, unless there is none, or a stop has
+    cancelled it (files still finish while a stopped run drains its workers)."""
+    if run.post is not None and not run.post.closed:
+        run.post.submit(rel, force=force)
 
 
 def _finish_post(run: _Run) -> None:

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator, Sequence, Set
 from pathlib import Path
 
 from fetcher.config import MirrorJob
+from fetcher.errors import UnsafePath
 from fetcher.models import STATE_DIR, Summary
 from fetcher.plan import wanted
 from fetcher.state import State
@@ -110,7 +111,13 @@ def prune(
         if derived is not None:
             from fetcher.postprocess import remove_derived
 
-            remove_derived(derived, rel)
+            try:
+                remove_derived(derived, rel)
+            except UnsafePath:
+                pass  # a name fetch never fetched (a file of the user's): no outputs
+            except OSError as exc:
+                s.failed.append((rel, f"cannot delete its outputs: {exc.strerror or exc}"))
+                continue  # the file stays, and its outputs with it, until a next run
         try:
             (dest / rel).unlink()
         except FileNotFoundError:

@@ -365,14 +365,16 @@ def test_delete_removes_a_vanished_clips_outputs_and_keeps_the_others(
     kept = mtimes(derived / "keep.mp4")
     (root / "old" / "gone.mp4").unlink()
     (root / "old").rmdir()
+    # a file of the user's, with a name fetch would refuse to fetch (it aborted the run)
+    shutil.copyfile(clips["small"], dest / "loc\\al.mp4")
 
     r = run_fetch(
         "--mirror", srv.url, "--dest", dest, "--post", "thumbnails",
-        "--delete", "--max-delete", "1", "--report", tmp_path / "r.json",
+        "--delete", "--max-delete", "2", "--report", tmp_path / "r.json",
     )  # fmt: skip
 
     assert r.code == 0, r
-    assert report(tmp_path / "r.json")["deleted"] == ["old/gone.mp4"]
+    assert sorted(report(tmp_path / "r.json")["deleted"]) == ["loc\\al.mp4", "old/gone.mp4"]
     assert not (dest / "old" / "gone.mp4").exists()
     assert not (derived / "old").exists()  # its outputs, and the emptied directory
     assert mtimes(derived / "keep.mp4") == kept
@@ -468,6 +470,34 @@ def test_post_processing_starts_while_a_download_is_still_running(
     assert r.code == 0, r
     assert seen, "no thumbnail appeared while /zz-big.bin was held: no overlap"
     assert (tmp_path / "dest" / "zz-big.bin").read_bytes() == (root / "zz-big.bin").read_bytes()
+
+
+def test_ctrl_c_while_clips_download_ends_the_run_interrupted(
+    tmp_path: Path, clips: dict[str, Path]
+) -> None:
+    """Files still finish while a stopped run drains its workers; post-processing was
+    cancelled by then, and handing them to it raised RuntimeError (a traceback, exit 1,
+    no summary)."""
+    import signal
+
+    from tests.background import fetch_session
+
+    root = build(tmp_path / "srv", clips, {f"c{i:02}.mp4": "small" for i in range(40)})
+    dest = tmp_path / "dest"
+    with FaultServer(root=root) as srv:
+        argv = ["--mirror", srv.url, "--dest", str(dest), "--post", "thumbnails",
+                "--post-jobs", "2", "--limit-rate", "400K"]  # fmt: skip
+        with fetch_session(argv) as proc:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and len(list(dest.glob("c*.mp4"))) < 3:
+                time.sleep(0.02)
+            assert len(list(dest.glob("c*.mp4"))) >= 3, "no clip arrived"
+            os.kill(proc.pid, signal.SIGINT)
+            out, _ = proc.communicate(timeout=90)
+    text = out.decode(errors="replace")
+    assert proc.returncode == 130 and "Traceback" not in text, text
+    assert "interrupted" in text, text
+    assert not leftovers(tmp_path / "dest.derived"), "a half-made output was left"
 
 
 # --- no ffmpeg ------------------------------------------------------------------------
