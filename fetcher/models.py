@@ -173,10 +173,11 @@ class Scope:
         return Scope(url, aliases)
 
     def _origin_ok(self, scheme: str, host: str, port: int) -> bool:
-        if (scheme, host, port) == _root_parts(self.root)[:3]:
+        root = _root_parts(self.root)
+        if (scheme, host, port) == root[:3]:
             return True
-        if scheme not in ("http", "https"):
-            return False
+        if scheme not in ("http", "https") or (root[0] == "https" and scheme != "https"):
+            return False  # an https mirror's alias is https too: no body (nor password) in clear
         for alias in self.aliases:
             a = alias.lower()
             if a == host or a == f"{host}:{port}":

@@ -85,3 +85,23 @@ def test_missing_ca_file_is_a_clear_error(tls: TLS, tmp_path: Path, run_fetch) -
     assert r.code in (1, 2), r
     assert "Traceback" not in r.output, r
     assert "no-such-ca.pem" in r.output, r
+
+
+def test_an_alias_never_takes_an_https_mirror_to_plain_http(
+    tls: TLS, tmp_path: Path, run_fetch
+) -> None:
+    """A redirect to http:// on an --alias host (even the mirror's own host) is refused:
+    the body would come unverified, and the run's Basic credentials went with it in clear."""
+    from tests.faultserver import Fault
+
+    with _mirror(tls) as srv, FaultServer() as plain:
+        plain.add_file(START + "a.txt", b"over plain http")
+        srv.persist(START + "a.txt", Fault.redirect(f"http://127.0.0.1:{plain.port}{START}a.txt"))
+        url = srv.url.replace("https://", "https://fred:s3cret@") + START[1:]
+        for alias in (f"127.0.0.1:{plain.port}", "127.0.0.1"):
+            r = run_fetch("--mirror", url, "--dest", tmp_path / "d", "--procs", "1",
+                          "--ca-cert", tls.ca_pem, "--alias", alias)  # fmt: skip
+            assert r.code == 1 and "redirect off the mirror refused" in r.output, r.output
+        assert plain.requests == []  # nothing asked over http, so no password sent in clear
+    assert not (tmp_path / "d" / "a.txt").exists()
+    assert (tmp_path / "d" / "sub" / "b.bin").read_bytes() == b"\0" * 5000
