@@ -37,10 +37,13 @@ Failures
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import queue
 import socket
 import sys
+import threading
+import uuid
 from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -72,8 +75,11 @@ def require_distributed() -> ModuleType:
         ) from None
 
 
-def run_shard_task(shard: Shard, t: Transfer, worker: int = 0) -> list[Outcome]:
-    """The Dask task: check DEST is this worker's too, then run the shard."""
+def run_shard_task(
+    shard: Shard, t: Transfer, worker: int = 0, stop: str | None = None
+) -> list[Outcome]:
+    """The Dask task: check DEST is this worker's too, then run the shard; ``stop`` names
+    the run's :class:`distributed.Event` (see :class:`_RunWatch`)."""
     dest = Path(t.dest)
     host = socket.gethostname()
     # The coordinator made DEST/.fetcher before submitting anything; a worker that
@@ -88,7 +94,46 @@ def run_shard_task(shard: Shard, t: Transfer, worker: int = 0) -> list[Outcome]:
     except FatalIOError as exc:
         return failed_outcomes(shard, f"worker {host} cannot write DEST: {exc.message}")
     _stop_profiler()
-    return run_shard(shard, t, worker, local_limits(t.threads, t.limit_rate))
+    watch = _RunWatch(stop) if stop else None
+    try:
+        return run_shard(shard, t, worker, local_limits(t.threads, t.limit_rate), watch)
+    finally:
+        if watch is not None:
+            watch.close()
+
+
+class _RunWatch:
+    """Is the run that submitted this task still on? The task's runner asks ten times a
+    second (its ``parent_alive``); a thread of this task waits on the run's Event at the
+    scheduler, which the coordinator sets when it stops. Dask's cancel() does not
+    interrupt a task that is running: without this, a stopped run's tasks went on
+    downloading into DEST after it had ended and let go of the lock, beside the next
+    run's. The scheduler gone counts as stopped as well."""
+
+    def __init__(self, name: str) -> None:
+        dist = require_distributed()
+        # the worker's client, taken in the task's thread: the watching thread has none
+        self._event = dist.Event(name, client=dist.get_client())
+        self._alive = True
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="run-watch", daemon=True)
+        self._thread.start()
+
+    def __call__(self) -> bool:
+        return self._alive
+
+    def _watch(self) -> None:
+        while not self._done.is_set():
+            try:
+                if self._event.wait(timeout=0.5):
+                    break
+            except Exception:  # noqa: BLE001 - the scheduler is gone (whatever distributed raises)
+                break
+        self._alive = self._done.is_set()
+
+    def close(self) -> None:
+        self._done.set()
+        self._thread.join(timeout=5)
 
 
 def _stop_profiler() -> None:
@@ -166,6 +211,8 @@ class DaskExecutor:
         self._seq = 0
         self._finished = False
         self._stopped = False
+        # what the run's tasks watch (_RunWatch): set on stop, at the scheduler
+        self._stop_name = f"fetch-stop-{uuid.uuid4().hex}"
 
     # -- the protocol ------------------------------------------------------
     def submit(self, shard: Shard) -> None:
@@ -201,20 +248,29 @@ class DaskExecutor:
         return []  # a lost worker's task is rescheduled by Dask, not lost
 
     def stop(self) -> None:
-        """Submit nothing more; cancel what has not finished (its files stay partial)."""
+        """Submit nothing more, and tell the tasks running to stop: they end within a
+        second or so, their files partial, and report as local workers do (:meth:`join`
+        waits for that)."""
+        if not self._stopped and self._running:
+            try:
+                require_distributed().Event(self._stop_name, client=self._client).set()
+            except Exception:  # noqa: BLE001 - the scheduler is gone: so are its tasks' orders
+                pass
         self._stopped = True
         while self._pending:
             self._ready.extend(_events(-1, failed_outcomes(self._pending.popleft(), "interrupted")))
+
+    def kill(self) -> None:
+        """Stop, and give up on the tasks still running (cancelled at the scheduler)."""
+        self.stop()
         tasks = list(self._running.values())
         self._running.clear()
         if tasks:
-            self._client.cancel([task.future for task in tasks])
+            with contextlib.suppress(Exception):  # (the scheduler may be gone)
+                self._client.cancel([task.future for task in tasks])
         for task in tasks:
             self._release(task.tokens)
             self._ready.extend(_events(task.seq, failed_outcomes(task.shard, "interrupted")))
-
-    def kill(self) -> None:
-        self.stop()
         if self._own_client:
             self._own_client = False
             self._client.close(timeout=10)
@@ -241,8 +297,9 @@ class DaskExecutor:
                 limit_rate=self._rate_per_conn * n if self._rate_per_conn else None,
             )
             fut = self._client.submit(
-                run_shard_task, shard, t, self._seq, pure=False, retries=TASK_RETRIES
-            )
+                run_shard_task, shard, t, self._seq, self._stop_name, pure=False,
+                retries=TASK_RETRIES,
+            )  # fmt: skip
             self._running[fut.key] = _Task(fut, shard, n, self._seq)
             fut.add_done_callback(self._completed.put)
 

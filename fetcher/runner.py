@@ -501,8 +501,13 @@ def worker_main(
 
 
 def run_shard(
-    shard: Shard, t: Transfer, worker: int = 0, limits: SharedLimits | None = None
+    shard: Shard,
+    t: Transfer,
+    worker: int = 0,
+    limits: SharedLimits | None = None,
+    parent_alive: Callable[[], bool] | None = None,
 ) -> list[Outcome]:
-    """Run one shard to completion in this process; the Dask task body."""
+    """Run one shard to completion in this process (or until ``parent_alive()`` says no);
+    the Dask task body."""
     sink: list[Event] = []
-    return ShardRunner(t, worker, sink.extend, limits).run(shard.jobs)
+    return ShardRunner(t, worker, sink.extend, limits, parent_alive=parent_alive).run(shard.jobs)

@@ -757,6 +757,12 @@ class FaultServer:
         with self._lock:
             return self._connections
 
+    @property
+    def open_connections(self) -> int:
+        """TCP connections open now."""
+        with self._lock:
+            return len(self._open)
+
     def reset_stats(self) -> None:
         """Forget recorded requests and maxima (open connections still count)."""
         with self._lock:

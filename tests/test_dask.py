@@ -126,6 +126,35 @@ def test_dask_without_a_scheduler_is_a_usage_error(tmp_path: Path, run_fetch, mo
     assert "--scheduler" in r.output
 
 
+def test_ctrl_c_stops_the_tasks_running_on_the_cluster(tmp_path: Path, cluster) -> None:
+    """Dask's cancel() does not interrupt a running task: a stopped run's tasks went on
+    downloading into DEST after the run had exited and let go of its lock (a next run's
+    shared partial files, twice the connection cap). They now stop within seconds."""
+    from tests.background import fetch_session
+
+    make_simple_tree(tmp_path / "www" / "s", files=8, dirs=2, min_size=3 << 20, max_size=3 << 20)
+    dest = tmp_path / "o"
+    with FaultServer(root=tmp_path / "www") as srv:
+        srv.persist("/s/d*", Fault.trickle(400_000))  # each file ~7 s
+        argv = ["--mirror", srv.url + "s/", "--dest", str(dest), "--threads", "2",
+                "--max-connections", "4", *_dask(cluster)]  # fmt: skip
+        with fetch_session(argv) as proc:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and srv.file_bytes_sent < 500_000:
+                time.sleep(0.05)
+            assert srv.file_bytes_sent >= 500_000, "no download started"
+            os.kill(proc.pid, signal.SIGINT)
+            out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 130, out.decode(errors="replace")
+        # the cluster forgets a cancelled task at once, but its thread ran on: watch the
+        # server instead, until every connection has gone
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and srv.open_connections:
+            time.sleep(0.05)
+        assert not srv.open_connections, "the run's tasks are still downloading"
+    assert not list(dest.rglob("f*.bin")), "a file was published after the run ended"
+
+
 def test_killed_worker_task_is_retried_and_tree_is_complete(
     tmp_path: Path, run_fetch, cluster, client
 ) -> None:
