@@ -14,8 +14,9 @@ derived tree, outside the mirror, so ``--delete`` and the crawl never see them::
                                                       only {outdir}
 
 Each output is made in ``DERIVED/<rel>/.tmp-<pid>-<random>/`` and renamed into
-place (a directory as a whole), then dated no earlier than its source.  An
-output at least as new as its source is fresh and is not made again::
+place (a directory as a whole), dated as its source's last change on disk (the
+later of its mtime and ctime, when the task was queued).  An output at least as
+new as that is fresh and is not made again::
 
     >>> [t.output for t in plan_post([parse_post_spec("remux")], "a/b.MKV")]
     ['a/b.MKV/remux.mp4']
@@ -151,9 +152,20 @@ class PostCounts:
 Runner = Callable[[Sequence[str], float, threading.Event | None], RunResult]
 
 
-def _fresh(out: Path, mtime: float) -> bool:
+def _changed_ns(st: os.stat_result) -> int:
+    """When the source last changed on disk.
+
+    Its mtime alone is the server's date, which can be older than the outputs of
+    the version before; replacing it (a download's rename and utime) also moves
+    its ctime, which nothing else of ours touches (an unchanged file is left
+    alone).  Outputs are dated with this same value, so no two clocks are compared.
+    """
+    return max(st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _fresh(out: Path, changed_ns: int) -> bool:
     try:
-        return out.stat().st_mtime >= mtime
+        return out.stat().st_mtime_ns >= changed_ns
     except OSError:
         return False
 
@@ -231,8 +243,9 @@ class PostPool:
         """Queue the stale outputs of ``DEST/<rel>``; the number queued.
 
         Fresh outputs are reported as skipped by :meth:`poll`.  ``force``
-        ignores freshness: pass it for a file this run changed, whose server
-        date may be older than the outputs of its previous version.
+        ignores freshness and first removes the outputs already there: pass it
+        for a file this run fetched, so that an interrupted remake leaves them
+        missing (made next run), never those of the previous version.
         """
         if self._closed:
             raise RuntimeError("PostPool.submit() after close() or cancel()")
@@ -246,13 +259,16 @@ class PostPool:
             for t in tasks:
                 self._finish(t, PostStatus.FAILED, error=f"cannot read {rel}: {exc.strerror}")
             return 0
+        changed = _changed_ns(st)
         queued = 0
         for task in tasks:
             out = self._derived / task.output
             with self._lock:
                 if task.output in self._inflight:
                     continue
-                if not force and _fresh(out, st.st_mtime):
+                if force:
+                    self._remove(task)
+                elif _fresh(out, changed):
                     self._counts["skipped"] += 1
                     skipped = PostOutcome(rel, task.rule.action, PostStatus.SKIPPED, (task.output,))
                     self._finished.append(skipped)
@@ -260,7 +276,7 @@ class PostPool:
                 self._inflight.add(task.output)
                 self._counts["queued"] += 1
             limit = task.rule.timeout or self._timeout or default_timeout(st.st_size)
-            fut = self._pool.submit(self._execute, task, src, st.st_mtime, limit)
+            fut = self._pool.submit(self._execute, task, src, changed, limit)
             fut.add_done_callback(functools.partial(self._settled, task))
             queued += 1
         return queued
@@ -324,7 +340,7 @@ class PostPool:
             self._counts[status.value] += 1
             self._finished.append(outcome)
 
-    def _execute(self, task: PostTask, src: Path, mtime: float, limit: float) -> None:
+    def _execute(self, task: PostTask, src: Path, changed: int, limit: float) -> None:
         with self._lock:
             self._counts["queued"] -= 1
             self._counts["running"] += 1
@@ -332,7 +348,7 @@ class PostPool:
         status, error = PostStatus.FAILED, None
         outputs: tuple[str, ...] = ()
         try:
-            outputs = self._make(task, src, mtime, limit)
+            outputs = self._make(task, src, changed, limit)
             status = PostStatus.DONE
         except PostProcessError as exc:
             error = f"{exc.message}\n{exc.tail}".strip()
@@ -349,23 +365,27 @@ class PostPool:
         # failed remake it would look fresh next run (a probe.ok vouching for a file
         # that no longer decodes): remove it, and directories that leaves empty.
         # Under the lock, so a sibling task's mkdir + mkdtemp never loses its parent.
-        final = self._derived / task.output
         with self._lock:
+            self._remove(task)
+
+    def _remove(self, task: PostTask) -> None:
+        # With the lock held: an output and the directories its removal leaves empty.
+        final = self._derived / task.output
+        try:
+            _inside(final, self._derived)
+            if final.is_dir() and not final.is_symlink():
+                shutil.rmtree(final)
+            elif os.path.lexists(final):
+                final.unlink()
+        except (OSError, UnsafePath):
+            return
+        for parent in final.parents:
+            if parent == self._derived or not parent.is_relative_to(self._derived):
+                break
             try:
-                _inside(final, self._derived)
-                if final.is_dir() and not final.is_symlink():
-                    shutil.rmtree(final)
-                elif os.path.lexists(final):
-                    final.unlink()
-            except (OSError, UnsafePath):
-                return
-            for parent in final.parents:
-                if parent == self._derived or not parent.is_relative_to(self._derived):
-                    break
-                try:
-                    parent.rmdir()
-                except OSError:  # not empty (other outputs, a sibling's temporary)
-                    break
+                parent.rmdir()
+            except OSError:  # not empty (other outputs, a sibling's temporary)
+                break
 
     def _argv(self, task: PostTask, src: Path, out: Path, tmp: Path) -> list[str]:
         o, action = task.rule.options, task.rule.action
@@ -381,7 +401,7 @@ class PostPool:
             return audio_argv(self._ff, src, out)
         return custom_argv(self._ff, o.args, src=src, out=out, outdir=tmp)
 
-    def _make(self, task: PostTask, src: Path, mtime: float, limit: float) -> tuple[str, ...]:
+    def _make(self, task: PostTask, src: Path, changed: int, limit: float) -> tuple[str, ...]:
         final = self._derived / task.output
         parent = _inside(final.parent, self._derived)
         with self._lock:  # see _discard
@@ -402,8 +422,9 @@ class PostPool:
                 made.write_text(f"decoded by ffmpeg {'.'.join(map(str, self._ff.version))}\n")
             if not (any(made.iterdir()) if task.is_dir else made.is_file()):
                 raise PostProcessError("ffmpeg wrote no output", result.stderr_tail)
-            stamp = max(time.time(), mtime)  # a source dated in the future stays fresh too
-            os.utime(made, (stamp, stamp))
+            # The source's change as seen when queued: if it changes while ffmpeg
+            # runs, this output is already stale for the next run.
+            os.utime(made, ns=(changed, changed))
             if task.is_dir and os.path.lexists(final):
                 # rename() cannot replace a non-empty directory: move the old one aside.
                 old = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-old-", dir=parent)

@@ -352,6 +352,33 @@ def test_a_rerun_of_an_unchanged_mirror_runs_no_ffmpeg(
     assert mtimes(derived) == made  # nothing rewritten, nothing added
 
 
+@needs_ffprobe
+def test_a_clip_replaced_upstream_and_fetched_without_post_gets_new_outputs_later(
+    tmp_path: Path, clips: dict[str, Path], run_fetch: Fetch
+) -> None:
+    """The new version is dated after the old one but before the old outputs were made:
+    its server date alone would make them look fresh."""
+    root = build(tmp_path / "srv", clips, {"c.mp4": "small"})
+    then = time.time() - 7200
+    os.utime(root / "c.mp4", (then, then))
+    dest, derived = tmp_path / "dest", tmp_path / "dest.derived"
+    with FaultServer(root=root) as srv:
+        first = run_fetch("--mirror", srv.url, "--dest", dest, "--post", "remux")
+        assert first.code == 0, first
+        shutil.copyfile(clips["wide"], root / "c.mp4")
+        os.utime(root / "c.mp4", (then + 3600, then + 3600))
+        plain = run_fetch("--mirror", srv.url, "--dest", dest, "--report", tmp_path / "1.json")
+        assert plain.code == 0 and report(tmp_path / "1.json")["fetched"]["files"] == 1, plain
+
+        r = run_fetch(
+            "--mirror", srv.url, "--dest", dest, "--post", "remux", "--report", tmp_path / "2.json"
+        )
+
+    assert r.code == 0, r
+    assert report(tmp_path / "2.json")["post"] == {"remux done": 1}
+    assert _by_type(derived / "c.mp4" / "remux.mp4")["video"]["width"] == 1280
+
+
 @pytest.mark.real_server
 def test_delete_removes_a_vanished_clips_outputs_and_keeps_the_others(
     tmp_path: Path, clips: dict[str, Path], nginx: Callable[[Path], Served], run_fetch: Fetch

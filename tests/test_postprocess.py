@@ -550,6 +550,66 @@ def test_fresh_outputs_are_skipped_without_running_ffmpeg(tree: tuple[Path, Path
 
 
 @needs_ff
+def test_a_source_replaced_by_an_older_dated_version_is_made_again(
+    tree: tuple[Path, Path],
+) -> None:
+    """A download dates the file as the server does: maybe before the old outputs."""
+    dest, derived = tree
+    src = dest / "videos/clip.mp4"
+    with _pool(tree, [parse_post_spec("remux")]) as pool:
+        assert pool.submit("videos/clip.mp4") == 1
+        assert [o.status for o in pool.close()] == [PostStatus.DONE]
+    out = derived / "videos/clip.mp4/remux.mp4"
+    made = time.time() - 60  # the outputs are a minute old, the new version's date older
+    os.utime(out, (made, made))
+    src.write_bytes(src.read_bytes() + b"\0")
+    os.utime(src, (made - 3600, made - 3600))
+
+    again = Counting()
+    with _pool(tree, [parse_post_spec("remux")], runner=again) as pool:
+        assert pool.submit("videos/clip.mp4") == 1
+        assert [o.status for o in pool.close()] == [PostStatus.DONE]
+    assert len(again.calls) == 1
+    with _pool(tree, [parse_post_spec("remux")], runner=again) as pool:
+        assert pool.submit("videos/clip.mp4") == 0  # and now it is fresh
+        pool.close()
+
+
+class Blocked:
+    """A runner that starts nothing and waits for the pool's cancel."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+    def __call__(
+        self, argv: Sequence[str], timeout: float, stop: threading.Event | None
+    ) -> RunResult:
+        self.event.set()
+        assert stop is not None and stop.wait(30)
+        raise PostProcessError("cancelled")
+
+
+@needs_ff
+def test_a_forced_remake_removes_the_old_outputs_before_it_starts(tree: tuple[Path, Path]) -> None:
+    derived = tree[1]
+    rules = [parse_post_spec("probe"), parse_post_spec("thumbnails")]
+    with _pool(tree, rules) as pool:
+        assert pool.submit("videos/clip.mp4") == 2
+        assert {o.status for o in pool.close()} == {PostStatus.DONE}
+    assert (derived / "videos/clip.mp4/probe.ok").is_file()
+    blocked = Blocked()
+    pool = _pool(tree, rules, runner=blocked)
+    assert pool.submit("videos/clip.mp4", force=True) == 2
+    # Interrupted now, the next run finds them missing, not old outputs looking fresh.
+    gone = ["videos/clip.mp4/probe.ok", "videos/clip.mp4/thumbnails-160x90"]
+    assert not any(os.path.lexists(derived / o) for o in gone)
+    assert blocked.event.wait(10)
+    pool.cancel()
+    pool.close()
+    assert not (derived / "videos/clip.mp4").exists() and _leftovers(derived) == []
+
+
+@needs_ff
 def test_a_never_ending_custom_command_is_killed_at_its_timeout(tree: tuple[Path, Path]) -> None:
     derived = tree[1]
     rule = rule_from_mapping({"action": "custom", "args": FOREVER, "timeout": 1}, "c")
