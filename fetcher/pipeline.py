@@ -898,8 +898,9 @@ def _post_outcomes(run: _Run, outs: list[PostOutcome]) -> None:
         if o.status is PostStatus.FAILED:
             s.post_failed.append((f"{o.rel} ({o.action})", o.error or "failed"))
             run.reporter.post_failed(o)
-            if o.action == "probe":
-                # the file does not decode: fetch it again next run
+            if o.undecodable:
+                # a probe found that the file does not decode: fetch it again next run
+                # (not after a timeout, a kill or a disk error: it would never end)
                 run.state.invalidate(o.rel)
     if run.post is not None and outs:
         run.reporter.post_progress(run.post.counts)

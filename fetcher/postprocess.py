@@ -138,6 +138,9 @@ class PostOutcome:
     error: str | None = None
     """The reason and ffmpeg's stderr tail, when failed."""
     seconds: float = 0.0
+    undecodable: bool = False
+    """Failed because the file does not decode: a probe's ffmpeg ran to its end and
+    rejected it (not a timeout, a kill, or a file we could not write)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +153,10 @@ class PostCounts:
 
 
 Runner = Callable[[Sequence[str], float, threading.Event | None], RunResult]
+
+
+class _Undecodable(PostProcessError):
+    """ffmpeg ran to its end on the source and reported that it does not decode."""
 
 
 def _changed_ns(st: os.stat_result) -> int:
@@ -331,8 +338,11 @@ class PostPool:
         error: str | None = None,
         ran: bool = False,
         seconds: float = 0.0,
+        undecodable: bool = False,
     ) -> None:
-        outcome = PostOutcome(task.source, task.rule.action, status, outputs, error, seconds)
+        outcome = PostOutcome(
+            task.source, task.rule.action, status, outputs, error, seconds, undecodable
+        )
         with self._lock:
             if ran:
                 self._counts["running"] -= 1
@@ -345,19 +355,36 @@ class PostPool:
             self._counts["queued"] -= 1
             self._counts["running"] += 1
         started = time.monotonic()
-        status, error = PostStatus.FAILED, None
+        status, error, undecodable = PostStatus.FAILED, None, False
         outputs: tuple[str, ...] = ()
         try:
             outputs = self._make(task, src, changed, limit)
             status = PostStatus.DONE
         except PostProcessError as exc:
             error = f"{exc.message}\n{exc.tail}".strip()
+            undecodable = isinstance(exc, _Undecodable)
         except (OSError, UnsafePath) as exc:
             error = str(exc)
         if status is PostStatus.FAILED:
             self._discard(task)
+        if status is PostStatus.FAILED and self._stop.is_set():
+            self._dropped(task)  # killed by cancel(): not done, and not a failure either
+            return
         seconds = time.monotonic() - started
-        self._finish(task, status, outputs=outputs, error=error, ran=True, seconds=seconds)
+        self._finish(
+            task,
+            status,
+            outputs=outputs,
+            error=error,
+            ran=True,
+            seconds=seconds,
+            undecodable=undecodable,
+        )
+
+    def _dropped(self, task: PostTask) -> None:
+        with self._lock:
+            self._counts["running"] -= 1
+            self._inflight.discard(task.output)
 
     def _discard(self, task: PostTask) -> None:
         # A queued output is stale (or its source was fetched again), so what is on
@@ -412,13 +439,15 @@ class PostPool:
         try:
             made = tmp if task.is_dir else tmp / final.name
             result = self._runner(self._argv(task, src, made, tmp), limit, self._stop)
+            probe = task.rule.action == "probe"
             if result.returncode != 0:
-                raise PostProcessError(
-                    f"ffmpeg exited with status {result.returncode}", result.stderr_tail
-                )
-            if task.rule.action == "probe":
+                # A probe writes nothing: its exit status speaks of the input alone,
+                # unless a signal (not ours: we raise for those) ended it.
+                error = _Undecodable if probe and result.returncode > 0 else PostProcessError
+                raise error(f"ffmpeg exited with status {result.returncode}", result.stderr_tail)
+            if probe:
                 if result.stderr_tail:
-                    raise PostProcessError("decoding reported errors", result.stderr_tail)
+                    raise _Undecodable("decoding reported errors", result.stderr_tail)
                 made.write_text(f"decoded by ffmpeg {'.'.join(map(str, self._ff.version))}\n")
             if not (any(made.iterdir()) if task.is_dir else made.is_file()):
                 raise PostProcessError("ffmpeg wrote no output", result.stderr_tail)

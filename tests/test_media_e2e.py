@@ -219,6 +219,36 @@ def test_a_clip_that_failed_probe_is_fetched_again_next_run(
     assert again.code == 1, again  # still broken upstream: probed again, failed again
 
 
+def test_a_probe_that_times_out_does_not_make_the_clip_fetched_again(
+    tmp_path: Path, clips: dict[str, Path], run_fetch: Fetch
+) -> None:
+    """Only a file that does not decode is fetched again: a too-small timeout is no verdict."""
+    root = build(tmp_path / "srv", clips, {"c.mp4": "small"})
+    with FaultServer(root=root) as srv:
+        cfg = tmp_path / "m.toml"
+        cfg.write_text(
+            f"""
+[jobs.media]
+url = "{srv.url}"
+dest = "dest"
+
+[[jobs.media.post]]
+action = "probe"
+timeout = 0.001
+"""
+        )
+        first = run_fetch("--config", cfg, "--report", tmp_path / "1.json")
+        assert first.code == 1, first
+        assert "timed out after" in report(tmp_path / "1.json")["post_failed"][0]["error"]
+
+        again = run_fetch("--config", cfg, "--report", tmp_path / "2.json")
+
+    assert again.code == 1, again  # probed again (no probe.ok), timed out again
+    job = report(tmp_path / "2.json")
+    assert job["fetched"]["files"] == 0, job
+    assert job["post"] == {"probe failed": 1}
+
+
 @pytest.mark.real_server
 def test_the_summary_prints_names_and_reasons_with_brackets_verbatim(
     tmp_path: Path, clips: dict[str, Path], nginx: Callable[[Path], Served], run_fetch: Fetch
