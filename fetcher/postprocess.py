@@ -13,10 +13,11 @@ derived tree, outside the mirror, so ``--delete`` and the crawl never see them::
                                                       directory when its args name
                                                       only {outdir}
 
-Each output is made in ``DERIVED/<rel>/.tmp-<pid>-<random>/`` and renamed into
-place (a directory as a whole), dated as its source's last change on disk (the
-later of its mtime and ctime, when the task was queued).  An output at least as
-new as that is fresh and is not made again::
+Each output is made in ``DERIVED/.fetcher/.tmp-<pid>-<random>/`` (a name free of
+the server's characters) and renamed into place (a directory as a whole), dated
+as its source's last change on disk (the later of its mtime and ctime, when the
+task was queued).  An output at least as new as that is fresh and is not made
+again::
 
     >>> [t.output for t in plan_post([parse_post_spec("remux")], "a/b.MKV")]
     ['a/b.MKV/remux.mp4']
@@ -189,7 +190,11 @@ def _pid_alive(pid: int) -> bool:
 
 def _sweep(parent: Path) -> None:
     # Temporaries left by a run that died (its pid is gone); a live run's stay.
-    for entry in os.scandir(parent):
+    try:
+        entries = list(os.scandir(parent))
+    except FileNotFoundError:
+        return
+    for entry in entries:
         pid = entry.name[len(TMP_PREFIX) :].split("-", 1)[0]
         if (
             entry.name.startswith(TMP_PREFIX)
@@ -391,7 +396,7 @@ class PostPool:
         # disk was made from an older version of the source.  Left in place after a
         # failed remake it would look fresh next run (a probe.ok vouching for a file
         # that no longer decodes): remove it, and directories that leaves empty.
-        # Under the lock, so a sibling task's mkdir + mkdtemp never loses its parent.
+        # Under the lock, so a sibling task's mkdir + rename never loses its parent.
         with self._lock:
             self._remove(task)
 
@@ -430,39 +435,65 @@ class PostPool:
 
     def _make(self, task: PostTask, src: Path, changed: int, limit: float) -> tuple[str, ...]:
         final = self._derived / task.output
-        parent = _inside(final.parent, self._derived)
-        with self._lock:  # see _discard
-            parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", dir=parent))
-        _sweep(parent)
-        old: str | None = None
+        _inside(final.parent, self._derived)
+        tmp = self._tempdir()
+        _sweep(final.parent)  # left there by versions that made their temporaries beside
         try:
             made = tmp if task.is_dir else tmp / final.name
-            result = self._runner(self._argv(task, src, made, tmp), limit, self._stop)
-            probe = task.rule.action == "probe"
-            if result.returncode != 0:
-                # A probe writes nothing: its exit status speaks of the input alone,
-                # unless a signal (not ours: we raise for those) ended it.
-                error = _Undecodable if probe and result.returncode > 0 else PostProcessError
-                raise error(f"ffmpeg exited with status {result.returncode}", result.stderr_tail)
-            if probe:
-                if result.stderr_tail:
-                    raise _Undecodable("decoding reported errors", result.stderr_tail)
-                made.write_text(f"decoded by ffmpeg {'.'.join(map(str, self._ff.version))}\n")
-            if not (any(made.iterdir()) if task.is_dir else made.is_file()):
-                raise PostProcessError("ffmpeg wrote no output", result.stderr_tail)
+            self._produce(task, src, made, tmp, limit)
             # The source's change as seen when queued: if it changes while ffmpeg
             # runs, this output is already stale for the next run.
             os.utime(made, ns=(changed, changed))
-            if task.is_dir and os.path.lexists(final):
-                # rename() cannot replace a non-empty directory: move the old one aside.
-                old = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-old-", dir=parent)
-                os.replace(final, Path(old) / "x")
-            os.replace(made, final)
+            self._publish(task, made, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+            self._tidy()
         if task.is_dir:
             return tuple(f"{task.output}/{n}" for n in sorted(os.listdir(final)))
         return (task.output,)
+
+    def _tempdir(self) -> Path:
+        # At the top of the tree, named by us alone: the paths ffmpeg gets hold no
+        # character of the server's ('%' is a pattern to image2, in the directories
+        # too), and the rename into DERIVED/<rel>/ stays on one file system.  Below
+        # STATE_DIR, which no source path may start with (see check_rel).
+        staging = self._derived / STATE_DIR
+        with self._lock:  # see _discard; and _tidy removes staging when empty
+            staging.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", dir=staging))
+        _sweep(staging)
+        return tmp
+
+    def _tidy(self) -> None:
+        with self._lock:
+            try:
+                (self._derived / STATE_DIR).rmdir()
+            except OSError:  # another task's temporary is there (or a live run's)
+                pass
+
+    def _produce(self, task: PostTask, src: Path, made: Path, tmp: Path, limit: float) -> None:
+        result = self._runner(self._argv(task, src, made, tmp), limit, self._stop)
+        probe = task.rule.action == "probe"
+        if result.returncode != 0:
+            # A probe writes nothing: its exit status speaks of the input alone,
+            # unless a signal (not ours: we raise for those) ended it.
+            error = _Undecodable if probe and result.returncode > 0 else PostProcessError
+            raise error(f"ffmpeg exited with status {result.returncode}", result.stderr_tail)
+        if probe:
+            if result.stderr_tail:
+                raise _Undecodable("decoding reported errors", result.stderr_tail)
+            made.write_text(f"decoded by ffmpeg {'.'.join(map(str, self._ff.version))}\n")
+        if not (any(made.iterdir()) if task.is_dir else made.is_file()):
+            raise PostProcessError("ffmpeg wrote no output", result.stderr_tail)
+
+    def _publish(self, task: PostTask, made: Path, final: Path) -> None:
+        old: Path | None = None
+        with self._lock:  # see _discard
+            final.parent.mkdir(parents=True, exist_ok=True)
+            if task.is_dir and os.path.lexists(final):
+                # rename() cannot replace a non-empty directory: move the old one aside.
+                old = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", dir=made.parent))
+                os.replace(final, old / "x")
+            os.replace(made, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)

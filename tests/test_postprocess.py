@@ -646,6 +646,7 @@ def test_a_never_ending_custom_command_is_killed_at_its_timeout(tree: tuple[Path
     assert outcome.error.startswith("timed out after 1 s")
     assert _processes_mentioning(str(derived)) == []
     assert not (derived / "videos/clip.mp4/custom-1.mp4").exists() and _leftovers(derived) == []
+    assert sorted(os.listdir(derived)) == []  # and no temporary area either
 
 
 class Started:
@@ -698,6 +699,41 @@ def test_a_custom_rule_writing_only_to_outdir_makes_a_directory(tree: tuple[Path
         "videos/clip.mp4/custom-frames/clip-02.png",
     )
     assert (derived / outcome.outputs[1]).read_bytes()[:4] == b"\x89PNG"
+
+
+@needs_ff
+def test_custom_rules_work_for_names_with_percent_and_write_nowhere_else(
+    tree: tuple[Path, Path],
+) -> None:
+    """'%' in the paths given to ffmpeg is a pattern to image2: '100%d.mp4' would be
+    written towards '1001.mp4', '50% off.mp4' fail ("more than one file")."""
+    dest, derived = tree
+    names = ["50% off.mp4", "v/100%d.mp4", "-ü 100%03d.mp4"]
+    for name in names:
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        (dest / name).write_bytes((dest / "videos/clip.mp4").read_bytes())
+    frames = ["-i", "{input}", "-frames:v", "2", "-s", "32x24", "{outdir}/f-%02d.png"]
+    still = ["-i", "{input}", "-frames:v", "1", "-s", "32x24", "{output}"]
+    rules = [
+        rule_from_mapping({"action": "custom", "args": frames, "name": "frames"}, "c"),
+        rule_from_mapping({"action": "custom", "args": still, "name": "still", "ext": "png"}, "d"),
+        parse_post_spec("thumbnails"),
+    ]
+    # A temporary left by a run that died (no such pid) is swept.
+    (derived / ".fetcher/.tmp-999999999-dead").mkdir(parents=True)
+    with _pool(tree, rules) as pool:
+        for name in names:
+            assert pool.submit(name) == 3
+        outcomes = pool.close()
+    assert {o.status for o in outcomes} == {PostStatus.DONE}, [o.error for o in outcomes]
+    for name in names:
+        assert sorted(os.listdir(derived / name / "custom-frames")) == ["f-01.png", "f-02.png"]
+        assert (derived / name / "custom-still.png").read_bytes()[:4] == b"\x89PNG"
+        assert (derived / name / "thumbnails-160x90/thumb-001.jpg").is_file()
+    made = sorted(str(p.relative_to(derived)) for p in derived.rglob("*") if p.is_file())
+    assert all(any(m.startswith(f"{n}/") for n in names) for m in made), made
+    assert not (derived / ".fetcher").exists() and _leftovers(derived) == []
+    assert remove_derived(derived, "v/100%d.mp4") and not (derived / "v").exists()
 
 
 @needs_ff
