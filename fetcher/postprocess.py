@@ -419,10 +419,10 @@ class PostPool:
             except OSError:  # not empty (other outputs, a sibling's temporary)
                 break
 
-    def _argv(self, task: PostTask, src: Path, out: Path, tmp: Path) -> list[str]:
+    def _argv(self, task: PostTask, src: Path, out: Path, outdir: Path) -> list[str]:
         o, action = task.rule.options, task.rule.action
         if action == "thumbnails":
-            return thumbnails_argv(self._ff, src, tmp, size=o.size, count=o.count)
+            return thumbnails_argv(self._ff, src, outdir, size=o.size, count=o.count)
         if action == "probe":
             return probe_argv(self._ff, src)
         if action == "transcode":
@@ -431,7 +431,7 @@ class PostPool:
             return remux_argv(self._ff, src, out)
         if action == "audio":
             return audio_argv(self._ff, src, out)
-        return custom_argv(self._ff, o.args, src=src, out=out, outdir=tmp)
+        return custom_argv(self._ff, o.args, src=src, out=out, outdir=outdir)
 
     def _make(self, task: PostTask, src: Path, changed: int, limit: float) -> tuple[str, ...]:
         final = self._derived / task.output
@@ -439,7 +439,10 @@ class PostPool:
         tmp = self._tempdir()
         _sweep(final.parent)  # left there by versions that made their temporaries beside
         try:
-            made = tmp if task.is_dir else tmp / final.name
+            made = tmp / final.name
+            if task.is_dir:
+                # Not tmp itself, which mkdtemp makes 0700: as any directory, per umask.
+                made.mkdir()
             self._produce(task, src, made, tmp, limit)
             # The source's change as seen when queued: if it changes while ffmpeg
             # runs, this output is already stale for the next run.
@@ -472,7 +475,8 @@ class PostPool:
                 pass
 
     def _produce(self, task: PostTask, src: Path, made: Path, tmp: Path, limit: float) -> None:
-        result = self._runner(self._argv(task, src, made, tmp), limit, self._stop)
+        outdir = made if task.is_dir else tmp  # (a custom file rule's side files: dropped)
+        result = self._runner(self._argv(task, src, made, outdir), limit, self._stop)
         probe = task.rule.action == "probe"
         if result.returncode != 0:
             # A probe writes nothing: its exit status speaks of the input alone,
@@ -487,13 +491,10 @@ class PostPool:
             raise PostProcessError("ffmpeg wrote no output", result.stderr_tail)
 
     def _publish(self, task: PostTask, made: Path, final: Path) -> None:
-        old: Path | None = None
         with self._lock:  # see _discard
             final.parent.mkdir(parents=True, exist_ok=True)
             if task.is_dir and os.path.lexists(final):
-                # rename() cannot replace a non-empty directory: move the old one aside.
-                old = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", dir=made.parent))
-                os.replace(final, old / "x")
+                # rename() cannot replace a non-empty directory: move the old one aside,
+                # into the temporary (removed with it).
+                os.replace(final, made.parent / ".old")
             os.replace(made, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)

@@ -737,6 +737,29 @@ def test_custom_rules_work_for_names_with_percent_and_write_nowhere_else(
 
 
 @needs_ff
+def test_directory_outputs_follow_the_umask_as_files_do(tree: tuple[Path, Path]) -> None:
+    derived = tree[1]
+    frames = ["-i", "{input}", "-frames:v", "1", "-s", "32x24", "{outdir}/f-%02d.png"]
+    rules = [
+        parse_post_spec("thumbnails"),
+        rule_from_mapping({"action": "custom", "args": frames, "name": "frames"}, "c"),
+        parse_post_spec("probe"),
+    ]
+    old = os.umask(0o027)
+    try:
+        with _pool(tree, rules) as pool:
+            assert pool.submit("videos/clip.mp4") == 3
+            assert {o.status for o in pool.close()} == {PostStatus.DONE}
+    finally:
+        os.umask(old)
+    out = derived / "videos/clip.mp4"
+    for d in ("thumbnails-160x90", "custom-frames"):
+        assert (out / d).stat().st_mode & 0o777 == 0o750, d  # not mkdtemp's 0700
+    assert (out / "probe.ok").stat().st_mode & 0o777 == 0o640
+    assert (out / "thumbnails-160x90/thumb-001.jpg").stat().st_mode & 0o777 == 0o640
+
+
+@needs_ff
 def test_a_missing_source_is_a_failed_outcome(tree: tuple[Path, Path]) -> None:
     with _pool(tree, [parse_post_spec("probe")]) as pool:
         assert pool.submit("videos/gone.mp4") == 0
