@@ -171,9 +171,20 @@ def _changed_ns(st: os.stat_result) -> int:
     return max(st.st_mtime_ns, st.st_ctime_ns)
 
 
+def _whole(out: Path) -> bool:
+    """Not an empty file or directory (what a damaged output looks like)."""
+    try:
+        if out.is_dir():
+            with os.scandir(out) as entries:
+                return next(entries, None) is not None
+        return out.stat().st_size > 0
+    except OSError:
+        return False
+
+
 def _fresh(out: Path, changed_ns: int) -> bool:
     try:
-        return out.stat().st_mtime_ns >= changed_ns
+        return out.stat().st_mtime_ns >= changed_ns and _whole(out)
     except OSError:
         return False
 
@@ -487,7 +498,7 @@ class PostPool:
             if result.stderr_tail:
                 raise _Undecodable("decoding reported errors", result.stderr_tail)
             made.write_text(f"decoded by ffmpeg {'.'.join(map(str, self._ff.version))}\n")
-        if not (any(made.iterdir()) if task.is_dir else made.is_file()):
+        if not _whole(made):  # (an empty one would be redone every run)
             raise PostProcessError("ffmpeg wrote no output", result.stderr_tail)
 
     def _publish(self, task: PostTask, made: Path, final: Path) -> None:

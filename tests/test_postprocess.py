@@ -634,6 +634,25 @@ def test_a_forced_remake_removes_the_old_outputs_before_it_starts(tree: tuple[Pa
 
 
 @needs_ff
+def test_an_emptied_output_is_made_again(tree: tuple[Path, Path]) -> None:
+    derived = tree[1]
+    rules = [parse_post_spec("probe"), parse_post_spec("thumbnails")]
+    with _pool(tree, rules) as pool:
+        assert pool.submit("videos/clip.mp4") == 2
+        assert {o.status for o in pool.close()} == {PostStatus.DONE}
+    out = derived / "videos/clip.mp4"
+    (out / "probe.ok").write_bytes(b"")  # a full disk, a crash before the data reached it
+    for jpg in (out / "thumbnails-160x90").iterdir():
+        jpg.unlink()
+
+    with _pool(tree, rules) as pool:
+        assert pool.submit("videos/clip.mp4") == 2  # newer than the source, but empty
+        assert {o.status for o in pool.close()} == {PostStatus.DONE}
+    assert (out / "probe.ok").stat().st_size > 0
+    assert (out / "thumbnails-160x90/thumb-001.jpg").is_file()
+
+
+@needs_ff
 def test_a_never_ending_custom_command_is_killed_at_its_timeout(tree: tuple[Path, Path]) -> None:
     derived = tree[1]
     rule = rule_from_mapping({"action": "custom", "args": FOREVER, "timeout": 1}, "c")
