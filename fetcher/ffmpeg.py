@@ -13,14 +13,17 @@ uses a shell: :func:`run` is the one place a process starts::
 from __future__ import annotations
 
 import collections
+import ctypes
+import functools
 import os
 import re
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -247,6 +250,51 @@ def _kill(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+@functools.cache
+def _prctl() -> Callable[..., int] | None:
+    """libc's ``prctl``, looked up once, in the parent (never after a fork)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    fn.restype = ctypes.c_int
+    prctl: Callable[..., int] = fn
+    return prctl
+
+
+def _dies_with_us() -> Callable[[], None] | None:
+    """A ``preexec_fn``: the child gets SIGKILL when the thread that started it dies.
+
+    So a ``kill -9`` of fetch takes its ffmpeg processes along (their own session
+    keeps them from the terminal's Ctrl-C, and nothing else would stop them).
+    Linux sends it when the starting *thread* exits; :func:`run` never returns
+    before its process has ended, and the pool's threads live as long as the pool.
+
+    preexec_fn is unsafe with threads in general: the child runs Python code
+    between fork and exec while other threads' locks may be held.  This one only
+    calls a ctypes function resolved beforehand and ``os.getppid``/``os._exit``:
+    no import, no Python-level lock (the GIL and the import lock are reset for the
+    child by CPython when a preexec_fn is given), and glibc's malloc is fork-safe.
+    """
+    prctl = _prctl()
+    if prctl is None:
+        return None
+    parent, kill = os.getpid(), int(signal.SIGKILL)
+
+    def arm() -> None:
+        prctl(_PR_SET_PDEATHSIG, kill, 0, 0, 0)
+        if os.getppid() != parent:  # we died before it was armed
+            os._exit(1)
+
+    return arm
+
+
 def run(argv: Sequence[str], timeout: float, stop: threading.Event | None = None) -> RunResult:
     """Run ``argv`` (no shell, no stdin), keeping the tail of its stderr.
 
@@ -263,6 +311,7 @@ def run(argv: Sequence[str], timeout: float, stop: threading.Event | None = None
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             start_new_session=True,
+            preexec_fn=_dies_with_us(),  # safe as it is: see there
         )
     except OSError as exc:
         raise PostProcessError(f"cannot run {argv[0]}: {exc}") from exc

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -205,6 +208,49 @@ def test_run_reports_a_missing_program_and_a_cancel() -> None:
     stop.set()
     with pytest.raises(PostProcessError, match="cancelled"):
         run([sys.executable, "-c", "import time; time.sleep(60)"], timeout=30, stop=stop)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                # "pid (comm) state ppid ...": comm may hold spaces, so split after ')'
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry))
+        except (FileNotFoundError, ProcessLookupError, ValueError, IndexError):
+            continue
+    return found
+
+
+@needs_ff
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_ffmpeg_dies_with_a_killed_fetch() -> None:
+    """kill -9 of fetch must not leave ffmpeg running (in its own session, nothing else
+    would stop it).  ffmpeg is started from a pool thread, as the PostPool does."""
+    assert FF is not None
+    argv = [FF.path, "-nostdin", "-loglevel", "error", "-nostats", "-re"]
+    argv += ["-f", "lavfi", "-i", "testsrc=size=32x24:rate=5"]  # silent: no SIGPIPE
+    code = (
+        "import sys\n"
+        "from concurrent.futures import ThreadPoolExecutor\n"
+        "from fetcher.ffmpeg import run\n"
+        f"ThreadPoolExecutor(1).submit(run, {[*argv, '-f', 'null', '-']!r}, 120).result()\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(ffmpeg_mod.__file__).parents[1])}
+    fetch = subprocess.Popen([sys.executable, "-c", code], env=env, stdin=subprocess.DEVNULL)
+    ffmpeg: list[int] = []
+    try:
+        assert _eventually(lambda: bool(ffmpeg.extend(_children(fetch.pid)) or ffmpeg), 20)
+        fetch.kill()
+        fetch.wait(timeout=10)
+        assert _eventually(lambda: not _alive(ffmpeg[0]))
+    finally:
+        fetch.kill()
+        fetch.wait(timeout=10)
+        for pid in ffmpeg:  # ours, if the test failed
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_post_process_error_pickles() -> None:
