@@ -298,31 +298,40 @@ def _str(v: Any) -> str:
 
 
 def _url(v: Any) -> str:
-    s = _str(v)
+    s = _url_str(v)
     try:
         s.encode("utf-8")
     except UnicodeEncodeError:  # bytes that were not UTF-8 on the command line
-        raise ValueError(f"expected a URL in UTF-8, got {s!a}") from None
+        raise ValueError(f"expected a URL in UTF-8, got {_hide_userinfo(s)!a}") from None
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in s):
-        raise ValueError(f"expected a URL without control characters, got {s!a}")
+        raise ValueError(f"expected a URL without control characters, got {_hide_userinfo(s)!a}")
     parts = urlsplit(s)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"expected an http:// or https:// URL, got {_show(v)}")
+        raise ValueError(f"expected an http:// or https:// URL, got {_show_url(v)}")
     try:
         parts.port  # noqa: B018 - raises for a port out of range or not a number
     except ValueError:
-        raise ValueError(f"expected a port from 0 to 65535 in {_show(v)}") from None
+        raise ValueError(f"expected a port from 0 to 65535 in {_show_url(v)}") from None
     return s
 
 
 def _proxy(v: Any) -> str:
-    s = _str(v)
+    s = _url_str(v)
     if s == "direct":
         return s
     parts = urlsplit(s)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"expected an http:// or https:// proxy URL, or direct, got {_show(v)}")
+        raise ValueError(
+            f"expected an http:// or https:// proxy URL, or direct, got {_show_url(v)}"
+        )
     return s
+
+
+def _url_str(v: Any) -> str:
+    """``_str`` for a URL: a wrong value is shown without the user and password in it."""
+    if not isinstance(v, str) or not v:
+        raise ValueError(f"expected a non-empty string, got {_show_url(v)}")
+    return v
 
 
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -423,6 +432,24 @@ def _max_delete(v: Any) -> float:
 
 def _show(v: Any) -> str:
     return f'"{v}"' if isinstance(v, str) else repr(v)
+
+
+_USERINFO = re.compile(r"//[^/?#]*@")
+"""What :func:`split_credentials` takes out: all up to the authority's last ``@``."""
+
+
+def _hide_userinfo(url: str) -> str:
+    """``url`` without its ``user:password@``: a message is printed, logged and mailed.
+
+    Textual, not :func:`split_credentials`: urlsplit cannot parse every URL a message
+    is about (a broken ``[IPv6]``), and drops tabs and line breaks a message must show.
+    """
+    return _USERINFO.sub("//", url)
+
+
+def _show_url(v: Any) -> str:
+    """``_show`` for a URL (or whatever came in its place), without credentials."""
+    return _show(_hide_userinfo(v)) if isinstance(v, str) else _USERINFO.sub("//", repr(v))
 
 
 _PATH_KEYS = {"dest", "ca_cert", "post_dest"}

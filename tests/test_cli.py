@@ -87,6 +87,41 @@ def test_usage_errors_exit_2_without_traceback(
     assert not list(tmp_path.iterdir())  # refused before anything was made
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--mirror", "http://user:s3cret@127.0.0.1:99999/pub/"],
+            '--mirror: expected a port from 0 to 65535 in "http://127.0.0.1:99999/pub/"',
+        ),
+        (
+            ["--mirror", "ftp://user:s3cret@127.0.0.1/pub/"],
+            '--mirror: expected an http:// or https:// URL, got "ftp://127.0.0.1/pub/"',
+        ),
+        (
+            ["--mirror", "http://a@b:s3cret@127.0.0.1:x/"],
+            '--mirror: expected a port from 0 to 65535 in "http://127.0.0.1:x/"',
+        ),
+        (
+            ["--mirror", "http://user:s3cret@127.0.0.1/a\tb/"],
+            "--mirror: expected a URL without control characters, got 'http://127.0.0.1/a\\tb/'",
+        ),
+        (
+            ["--mirror", "http://127.0.0.1:9/", "--proxy", "ftp://pu:s3cret@127.0.0.1:3128"],
+            '--proxy: expected an http:// or https:// proxy URL, or direct, got "ftp://127.0.0.1:3128"',
+        ),
+    ],
+)
+def test_a_url_refused_is_shown_without_its_password(
+    argv: list[str], message: str, run_fetch, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    r = run_fetch(*argv)
+    assert r.code == 2, r
+    assert message in r.output
+    assert "s3cret" not in r.output and "Traceback" not in r.output
+
+
 def test_the_demo_refuses_bad_options_before_building_its_sample(tmp_path: Path, run_fetch) -> None:
     for bad, message in (("--pipeline=0", "--pipeline: expected an integer from 1 to 32"),
                          ("--bogus", "unrecognized arguments: --bogus")):  # fmt: skip

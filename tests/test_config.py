@@ -146,3 +146,23 @@ def test_credentials_leave_the_url_for_the_job(
     job = build_job({"url": url, "dest": "d"}, "x")
     assert (job.url, job.auth, job.transfer().auth) == (clean, auth, auth)
     assert "p@ss" not in repr(job) and "p@ss" not in repr(job.transfer())
+
+
+def test_a_config_url_refused_is_shown_without_its_password(tmp_path: Path) -> None:
+    cfg = tmp_path / "m.toml"
+    cfg.write_text(
+        "[jobs.a]\nurl = 'https://u:s3cret@h:8443x/'\n"
+        "[jobs.b]\nurl = 'http://h/'\nproxy = ['http://u:s3cret@p:3128']\n"
+    )
+    with pytest.raises(ConfigError) as exc:
+        load_config(cfg)
+    assert (
+        str(exc.value)
+        == 'm.toml: jobs.a.url: expected a port from 0 to 65535 in "https://h:8443x/"'
+    )
+    cfg.write_text("[jobs.b]\nurl = 'http://h/'\nproxy = ['http://u:s3cret@p:3128']\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(cfg)
+    assert (
+        str(exc.value) == "m.toml: jobs.b.proxy: expected a non-empty string, got ['http://p:3128']"
+    )
