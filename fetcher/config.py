@@ -299,19 +299,10 @@ def _str(v: Any) -> str:
 
 def _url(v: Any) -> str:
     s = _url_str(v)
-    try:
-        s.encode("utf-8")
-    except UnicodeEncodeError:  # bytes that were not UTF-8 on the command line
-        raise ValueError(f"expected a URL in UTF-8, got {_hide_userinfo(s)!a}") from None
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in s):
-        raise ValueError(f"expected a URL without control characters, got {_hide_userinfo(s)!a}")
     parts = urlsplit(s)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"expected an http:// or https:// URL, got {_show_url(v)}")
-    try:
-        parts.port  # noqa: B018 - raises for a port out of range or not a number
-    except ValueError:
-        raise ValueError(f"expected a port from 0 to 65535 in {_show_url(v)}") from None
+    _check_authority(s)
     return s
 
 
@@ -324,13 +315,78 @@ def _proxy(v: Any) -> str:
         raise ValueError(
             f"expected an http:// or https:// proxy URL, or direct, got {_show_url(v)}"
         )
+    _check_authority(s)
     return s
+
+
+def _check_authority(url: str) -> None:
+    """The URL's host is one a connection can be made to, and its port a port.
+
+    Checked here, not left to the first request: a host that cannot be (a space in it,
+    an empty label, 256.1.1.1) would fail every listing and exit 1 as a network error.
+    """
+    hostport = urlsplit(url).netloc.rpartition("@")[2]
+    host, port = _split_port(hostport)
+    if port is None or not re.fullmatch(r"[0-9]{0,5}", port) or int(port or 0) > 65535:
+        raise ValueError(f"expected a port from 0 to 65535 in {_show_url(url)}")
+    if not _valid_host(host):
+        raise ValueError(f"invalid host {_show(host)} in {_show_url(url)}")
+
+
+def _split_port(hostport: str) -> tuple[str, str | None]:
+    """``host:port`` → (host, port text: "" when there is none); port None when what
+    follows the host is not ``:`` and a port (``[::1]x``)."""
+    if hostport.startswith("["):
+        host, _, rest = hostport.partition("]")
+        host += "]"
+        if rest and not rest.startswith(":"):
+            return host, None
+        return host, rest[1:]
+    host, _, port = hostport.partition(":")
+    return host, port
+
+
+_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def _valid_host(host: str) -> bool:
+    """A DNS name (IDNA-encodable, when not ASCII), an IPv4 dotted quad, or an IPv6
+    literal in brackets: what a URL's host may be."""
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            return False
+        return True
+    name = host.removesuffix(".")  # (an absolute name)
+    if re.fullmatch(r"[0-9]+", name.rpartition(".")[2]):  # numbers: an address, as browsers read it
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            return False
+        return True
+    if not name.isascii():
+        import idna  # (httpx's dependency, and the encoding it uses)
+
+        try:
+            name = idna.encode(name.lower()).decode("ascii")
+        except (idna.IDNAError, UnicodeError):
+            return False
+    labels = name.split(".")
+    return len(name) <= 253 and all(_LABEL.fullmatch(label) for label in labels)
 
 
 def _url_str(v: Any) -> str:
     """``_str`` for a URL: a wrong value is shown without the user and password in it."""
     if not isinstance(v, str) or not v:
         raise ValueError(f"expected a non-empty string, got {_show_url(v)}")
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that were not UTF-8 on the command line
+        raise ValueError(f"expected a URL in UTF-8, got {_hide_userinfo(v)!a}") from None
+    # (urlsplit would quietly drop tabs and line breaks)
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in v):
+        raise ValueError(f"expected a URL without control characters, got {_hide_userinfo(v)!a}")
     return v
 
 
@@ -393,7 +449,7 @@ def _hosts(v: Any) -> tuple[str, ...]:
     out = _strs(v)
     for h in out:
         m = _HOST.fullmatch(h)
-        if m is None or int(m.group(1) or 0) > 65535:
+        if m is None or int(m.group(1) or 0) > 65535 or not _valid_host(_split_port(h)[0]):
             raise ValueError(
                 f"expected HOST or HOST:PORT, such as mirror.example.org, got {_show(h)}"
             )

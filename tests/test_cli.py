@@ -122,6 +122,59 @@ def test_a_url_refused_is_shown_without_its_password(
     assert "s3cret" not in r.output and "Traceback" not in r.output
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--mirror", "http://exa mple.org/"],
+            '--mirror: invalid host "exa mple.org" in "http://exa mple.org/"',
+        ),
+        (["--mirror", "http://a b/"], '--mirror: invalid host "a b" in "http://a b/"'),
+        (
+            ["--mirror", "http://u:s3cret@a..b/x/"],
+            '--mirror: invalid host "a..b" in "http://a..b/x/"',
+        ),
+        (["--mirror", "http://-x-/"], '--mirror: invalid host "-x-" in "http://-x-/"'),
+        (["--mirror", "http://256.256.256.256/"], '--mirror: invalid host "256.256.256.256" in'),
+        (
+            ["--mirror", "http://[::1]x/"],
+            '--mirror: expected a port from 0 to 65535 in "http://[::1]x/"',
+        ),
+        (
+            ["--mirror", "http://127.0.0.1:9/", "--proxy", "http://a b:3128"],
+            '--proxy: invalid host "a b" in "http://a b:3128"',
+        ),
+        (
+            ["--mirror", "http://127.0.0.1:9/", "--proxy", "http://pu:s3cret@127.0.0.1:99999"],
+            '--proxy: expected a port from 0 to 65535 in "http://127.0.0.1:99999"',
+        ),
+        (
+            ["--mirror", "http://127.0.0.1:9/", "--proxy", "http://127.0.0.1:3128\n"],
+            "--proxy: expected a URL without control characters",
+        ),
+        (
+            ["--mirror", "http://127.0.0.1:9/", "--alias", "a..b"],
+            '--alias: expected HOST or HOST:PORT, such as mirror.example.org, got "a..b"',
+        ),
+    ],
+)
+def test_a_host_no_connection_could_be_made_to_is_a_usage_error(
+    argv: list[str], message: str, run_fetch, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Refused before anything starts, not a listing error (exit 1) after a name lookup."""
+    monkeypatch.chdir(tmp_path)
+
+    def no_lookup(*args: object, **kwargs: object) -> None:
+        raise OSError("this test looks up no name")
+
+    monkeypatch.setattr("socket.getaddrinfo", no_lookup)  # (were the host taken)
+    r = run_fetch(*argv, "--dry-run", "--retries", "1")
+    assert r.code == 2, r
+    assert message in r.output
+    assert "s3cret" not in r.output and "Traceback" not in r.output
+    assert not list(tmp_path.iterdir())
+
+
 def test_the_demo_refuses_bad_options_before_building_its_sample(tmp_path: Path, run_fetch) -> None:
     for bad, message in (("--pipeline=0", "--pipeline: expected an integer from 1 to 32"),
                          ("--bogus", "unrecognized arguments: --bogus")):  # fmt: skip

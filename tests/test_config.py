@@ -166,3 +166,20 @@ def test_a_config_url_refused_is_shown_without_its_password(tmp_path: Path) -> N
     assert (
         str(exc.value) == "m.toml: jobs.b.proxy: expected a non-empty string, got ['http://p:3128']"
     )
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:9/",
+        "http://[::1]:8080/",
+        "https://Mirror.Example.ORG:443/x/",
+        "http://bücher.example/",
+        "http://xn--bcher-kva.example/",
+        "http://example.org./",
+        "http://localhost/",
+        "http://m-2.example/",
+    ],
+)
+def test_hosts_a_connection_can_be_made_to(url: str) -> None:
+    assert build_job({"url": url, "proxy": url.rstrip("/x")}, "x").url == url
