@@ -8,6 +8,7 @@ wherever it came from and always names its key::
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import math
 import os
@@ -250,39 +251,39 @@ def _int_range(lo: int, hi: int) -> Callable[[Any], int]:
     return check
 
 
-def _float(lo: float, strict: bool = False) -> Callable[[Any], float]:
+def _float_range(lo: float, hi: float) -> Callable[[Any], float]:
     def check(v: Any) -> float:
-        bad = (
-            isinstance(v, bool)
-            or not isinstance(v, int | float)
-            or not math.isfinite(v)
-            or v < lo
-            or (strict and v == lo)
-        )
-        if bad:
-            raise ValueError(f"expected a number {'>' if strict else '≥'} {lo}, got {_show(v)}")
+        if isinstance(v, bool) or not isinstance(v, int | float) or not lo <= v <= hi:  # (NaN too)
+            raise ValueError(f"expected a number from {lo:g} to {hi:g}, got {_show(v)}")
         return float(v)
 
     return check
 
 
+MAX_TIMEOUT = 86400.0
+"""Seconds (a day). Beyond, the deadlines the sockets compute overflow the clock."""
+
+MIN_RATE, MAX_RATE = 1.0, float(1 << 40)
+"""``--limit-rate`` in bytes per second. Below a byte a second, the wait for the next
+block overflows ``time.sleep`` (or lasts for weeks); above 1024G it is no limit."""
+
+
 def _rate(v: Any) -> float:
     """``500k``, ``10M``, ``1.5G`` or a plain number of bytes per second."""
-    if isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < math.inf:
-        return float(v)
-    if isinstance(v, str):
+    n: float | None = None
+    if isinstance(v, int | float) and not isinstance(v, bool):
+        n = float(v)
+    elif isinstance(v, str):
         s = v.strip().upper().removesuffix("B").removesuffix("I")
         mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(s[-1:], 1)
-        try:
+        with contextlib.suppress(ValueError):
             n = float(s[:-1] if mult > 1 else s) * mult
-        except ValueError:
-            pass
-        else:
-            if 0 < n < math.inf:
-                return n
-    raise ValueError(
-        f"expected a rate like 500k, 10M or a number of bytes per second, got {_show(v)}"
-    )
+    if n is None or not MIN_RATE <= n <= MAX_RATE:  # (NaN too)
+        raise ValueError(
+            "expected a rate like 500k, 10M or a number of bytes per second,"
+            f" from 1 to 1024G, got {_show(v)}"
+        )
+    return n
 
 
 def _bool(v: Any) -> bool:
@@ -520,8 +521,8 @@ _FIELDS: dict[str, Callable[[Any], Any]] = {
     "exclude": _strs,
     "depth": _int(0),
     "retries": _int(1),
-    "timeout": _float(0, strict=True),
-    "connect_timeout": _float(0, strict=True),
+    "timeout": _float_range(0.001, MAX_TIMEOUT),
+    "connect_timeout": _float_range(0.001, MAX_TIMEOUT),
     "dry_run": _bool,
     "delete": _bool,
     "max_delete": _max_delete,
@@ -531,7 +532,7 @@ _FIELDS: dict[str, Callable[[Any], Any]] = {
     "headers": _headers,
     "user_agent": _user_agent,
     "limit_rate": _rate,
-    "listing_rate": _float(0, strict=True),
+    "listing_rate": _float_range(0.001, 10000),
     "ca_cert": _str,
     "insecure": _bool,
     "http2": _bool,

@@ -71,6 +71,26 @@ from tests.faultserver import Fault, FaultServer
             "--limit-rate: expected a rate",
         ),
         (["--mirror", "http://127.0.0.1:9/", "--max-delete", "lots"], "--max-delete"),
+        (
+            ["--mirror", "http://127.0.0.1:9/", "--timeout", "1e300"],
+            "--timeout: expected a number from 0.001 to 86400, got 1e+300",
+        ),
+        (
+            ["--mirror", "http://127.0.0.1:9/", "--connect-timeout", "1e10"],
+            "--connect-timeout: expected a number from 0.001 to 86400, got 10000000000.0",
+        ),
+        (
+            ["--mirror", "http://127.0.0.1:9/", "--limit-rate", "1e-6"],
+            '--limit-rate: expected a rate like 500k, 10M or a number of bytes per second, from 1 to 1024G, got "1e-6"',
+        ),
+        (
+            ["--mirror", "http://127.0.0.1:9/", "--limit-rate", "0.001"],
+            '--limit-rate: expected a rate like 500k, 10M or a number of bytes per second, from 1 to 1024G, got "0.001"',
+        ),
+        (
+            ["--mirror", "http://127.0.0.1:9/", "--listing-rate", "1e-6"],
+            "--listing-rate: expected a number from 0.001 to 10000, got 1e-06",
+        ),
         (["--mirror", "http://127.0.0.1:9/", "--post", "explode"], "explode"),
         (["--bogus"], "unrecognized arguments: --bogus"),
         (["--job", "x"], "--job and --check go with --config"),

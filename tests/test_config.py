@@ -35,8 +35,27 @@ def test_defaults_follow_lftp_and_the_connection_cap() -> None:
         ({}, "x: missing required key 'url'"),
         (
             {"url": "http://h/", "timeout": float("inf")},
-            "x.timeout: expected a number > 0, got inf",
+            "x.timeout: expected a number from 0.001 to 86400, got inf",
         ),
+        (
+            {"url": "http://h/", "timeout": 1e300},
+            "x.timeout: expected a number from 0.001 to 86400, got 1e+300",
+        ),
+        (
+            {"url": "http://h/", "connect_timeout": 0},
+            "x.connect_timeout: expected a number from 0.001 to 86400, got 0",
+        ),
+        (
+            {"url": "http://h/", "listing_rate": 1e-6},
+            "x.listing_rate: expected a number from 0.001 to 10000, got 1e-06",
+        ),
+        (
+            {"url": "http://h/", "limit_rate": 0.001},
+            "x.limit_rate: expected a rate like 500k, 10M or a number of bytes per second,"
+            " from 1 to 1024G, got 0.001",
+        ),
+        ({"url": "http://h/", "limit_rate": "1e-6"}, 'from 1 to 1024G, got "1e-6"'),
+        ({"url": "http://h/", "limit_rate": "2000G"}, 'from 1 to 1024G, got "2000G"'),
         ({"url": "http://h/", "listing_rate": float("nan")}, "x.listing_rate: expected a number"),
         ({"url": "http://h/", "limit_rate": "inf"}, "x.limit_rate: expected a rate"),
         ({"url": "http://h/", "limit_rate": float("inf")}, "x.limit_rate: expected a rate"),
@@ -57,6 +76,11 @@ def test_bad_values_name_the_key(values: dict[str, object], message: str) -> Non
 def test_rates_and_percentages() -> None:
     job = build_job({"url": "http://h/", "limit_rate": "1.5M", "max_delete": "5%"}, "x")
     assert job.limit_rate == 1.5 * (1 << 20) and abs(job.max_delete - 0.05) < 1e-9
+    job = build_job(
+        {"url": "http://h/", "limit_rate": 1, "listing_rate": 0.001, "timeout": 86400}, "x"
+    )
+    assert (job.limit_rate, job.listing_rate, job.timeout) == (1.0, 0.001, 86400.0)
+    assert build_job({"url": "http://h/", "limit_rate": "1024G"}, "x").limit_rate == 1 << 40
 
 
 def test_load_config(tmp_path: Path) -> None:

@@ -96,6 +96,14 @@ BAD_CONFIGS = [
         "m.toml: jobs.c.limit_rate: expected a rate",
     ),
     (
+        '[jobs.c]\nurl = "http://127.0.0.1:9/"\ntimeout = 1e300\n',
+        "m.toml: jobs.c.timeout: expected a number from 0.001 to 86400, got 1e+300",
+    ),
+    (
+        '[defaults]\nlimit_rate = 0.001\n[jobs.c]\nurl = "http://127.0.0.1:9/"\n',
+        "m.toml: jobs.c.limit_rate: expected a rate like 500k, 10M or a number of bytes per second, from 1 to 1024G, got 0.001",
+    ),
+    (
         '[jobs.c]\nurl = "http://127.0.0.1:9/"\n[[jobs.c.post]]\naction = "explode"\n',
         "jobs.c.post[0].action",
     ),
