@@ -591,8 +591,8 @@ def build_job(
         if key in _PATH_KEYS:
             p = Path(v).expanduser()
             v = (base_dir / p) if base_dir is not None and not p.is_absolute() else p
-            if key == "ca_cert" and not v.is_file():
-                raise ConfigError(f"{where}.{raw_key}: no such CA file: {v}")
+            if key == "ca_cert":
+                _check_ca_file(v, f"{where}.{raw_key}")
         out[key] = v
     if "url" not in out:
         raise ConfigError(f"{where}: missing required key 'url'")
@@ -617,6 +617,22 @@ def build_job(
             out["scheduler"] = env
     known = {f.name for f in fields(MirrorJob)}
     return MirrorJob(name=name, **{k: v for k, v in out.items() if k in known})
+
+
+def _check_ca_file(path: Path, where: str) -> None:
+    """A CA bundle TLS can load: else every request of the run fails, after its retries."""
+    if not path.is_file():
+        raise ConfigError(f"{where}: no such CA file: {path}")
+    import ssl  # here, not above: a run without --ca-cert does not pay for it
+
+    try:
+        ssl.create_default_context(cafile=str(path))
+    except (ssl.SSLError, ValueError):  # (SSLError first: it is an OSError too)
+        raise ConfigError(
+            f"{where}: {path}: not a PEM CA bundle", "give the CA's certificates in PEM form"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read {path}: {exc.strerror or exc}") from None
 
 
 def _suggest(key: str) -> str | None:

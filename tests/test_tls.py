@@ -105,3 +105,21 @@ def test_an_alias_never_takes_an_https_mirror_to_plain_http(
         assert plain.requests == []  # nothing asked over http, so no password sent in clear
     assert not (tmp_path / "d" / "a.txt").exists()
     assert (tmp_path / "d" / "sub" / "b.bin").read_bytes() == b"\0" * 5000
+
+
+@pytest.mark.parametrize(
+    "content", [b"", b"garbage\n", b"\x30\x82\x01\x0a"], ids=["empty", "text", "der"]
+)
+def test_a_ca_file_that_is_no_pem_bundle_is_refused_before_anything_starts(
+    tmp_path: Path, run_fetch, content: bytes
+) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(content)
+    r = run_fetch("--mirror", "https://127.0.0.1:9/", "--dest", tmp_path / "d", "--ca-cert", ca)
+    assert r.code == 2, r
+    assert f"fetch: error: --ca-cert: {ca}: not a PEM CA bundle" in r.output
+    assert "Traceback" not in r.output and not (tmp_path / "d").exists()
+    cfg = tmp_path / "m.toml"
+    cfg.write_text("[jobs.a]\nurl = 'https://127.0.0.1:9/'\nca_cert = 'ca.pem'\n")
+    r = run_fetch("--config", cfg, "--check")
+    assert r.code == 2 and f"m.toml: jobs.a.ca_cert: {ca}: not a PEM CA bundle" in r.output, r
