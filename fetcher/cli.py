@@ -396,9 +396,11 @@ def _validate_cli(over: dict[str, Any]) -> None:
     try:
         build_job({**over, "url": "http://localhost/"}, "options")
     except UsageError as exc:
-        msg = exc.message.removeprefix("options.")
-        key, _, rest = msg.partition(":")
-        raise UsageError(f"{_flag(key)}:{rest}" if rest else msg, exc.hint) from None
+        msg = exc.message
+        if msg.startswith("options."):  # (not about the environment: $DASK_SCHEDULER_ADDRESS)
+            key, _, rest = msg.removeprefix("options.").partition(":")
+            msg = f"{_flag(key)}:{rest}" if rest else key
+        raise UsageError(msg, exc.hint) from None
 
 
 class _LazyConsole:

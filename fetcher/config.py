@@ -457,6 +457,31 @@ def _hosts(v: Any) -> tuple[str, ...]:
     return out
 
 
+_SCHEDULER_SCHEMES = ("tcp", "tls", "ws", "wss")
+"""What a Dask Client reaches a scheduler in another process over (distributed.comm
+registers these; inproc is one process's own, ucx is gone from distributed)."""
+
+
+def _scheduler(v: Any) -> str:
+    """``tcp://HOST:PORT`` (or tls, ws, wss; no scheme: tcp, as Dask reads it): checked
+    here, as distributed would only say so after its 20 s connect timeout."""
+    s = _str(v)
+    scheme, sep, hostport = s.partition("://")
+    if not sep:
+        scheme, hostport = "tcp", s
+    host, port = _split_port(hostport)
+    ok = (
+        scheme in _SCHEDULER_SCHEMES
+        and port is not None
+        and re.fullmatch(r"[0-9]{1,5}", port) is not None
+        and 0 < int(port) <= 65535
+        and _valid_host(host)
+    )
+    if not ok:
+        raise ValueError(f"expected tcp://HOST:PORT (or tls://, ws://, wss://), got {_show(v)}")
+    return s
+
+
 def _strs(v: Any) -> tuple[str, ...]:
     if isinstance(v, str):
         v = [v]
@@ -539,7 +564,7 @@ _FIELDS: dict[str, Callable[[Any], Any]] = {
     "pipeline": _int_range(1, 32),
     "segments": _int_range(1, 16),
     "executor": _choice("local", "dask"),
-    "scheduler": _str,
+    "scheduler": _scheduler,
     "post_dest": _str,
     "post_jobs": _int(1),
     "index": _choice("auto", "html", "repodata", "debian"),
@@ -614,7 +639,10 @@ def build_job(
     if out.get("executor") == "dask" and not out.get("scheduler"):
         env = os.environ.get("DASK_SCHEDULER_ADDRESS")
         if env:
-            out["scheduler"] = env
+            try:
+                out["scheduler"] = _scheduler(env)
+            except ValueError as exc:
+                raise ConfigError(f"$DASK_SCHEDULER_ADDRESS: {exc}") from None
     known = {f.name for f in fields(MirrorJob)}
     return MirrorJob(name=name, **{k: v for k, v in out.items() if k in known})
 

@@ -362,3 +362,7 @@ def _connect(dist: ModuleType, address: str | None) -> Any:
             f"cannot reach the Dask scheduler at {address}: {exc}",
             "is 'dask scheduler' running there, and its port open to this machine?",
         ) from None
+    except ValueError as exc:  # an address distributed cannot read (a scheme it lacks)
+        raise UsageError(
+            f"--scheduler {address}: {exc}", "give the scheduler as tcp://HOST:PORT"
+        ) from None

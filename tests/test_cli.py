@@ -93,6 +93,13 @@ from tests.faultserver import Fault, FaultServer
         ),
         (["--mirror", "http://127.0.0.1:9/", "--post", "explode"], "explode"),
         (["--bogus"], "unrecognized arguments: --bogus"),
+        *(
+            (
+                ["--mirror", "http://127.0.0.1:9/", "--executor", "dask", "--scheduler", bad],
+                f'--scheduler: expected tcp://HOST:PORT (or tls://, ws://, wss://), got "{bad}"',
+            )
+            for bad in ("garbage", "tcp://127.0.0.1", "foo://127.0.0.1:1", "tcp://127.0.0.1:8786/x")
+        ),
         (["--job", "x"], "--job and --check go with --config"),
     ],
 )
@@ -193,6 +200,22 @@ def test_a_host_no_connection_could_be_made_to_is_a_usage_error(
     assert message in r.output
     assert "s3cret" not in r.output and "Traceback" not in r.output
     assert not list(tmp_path.iterdir())
+
+
+def test_a_dask_scheduler_address_from_the_environment_is_checked_too(
+    run_fetch, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not distributed's ValueError traceback after its 20 s connect timeout: exit 2 now."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", "garbage")
+    started = time.monotonic()
+    r = run_fetch("--mirror", "http://127.0.0.1:9/", "--executor", "dask")
+    assert r.code == 2, r
+    assert (
+        'fetch: error: $DASK_SCHEDULER_ADDRESS: expected tcp://HOST:PORT (or tls://, ws://, wss://), got "garbage"'
+        in r.output
+    )
+    assert "Traceback" not in r.output and time.monotonic() - started < 10
 
 
 def test_the_demo_refuses_bad_options_before_building_its_sample(tmp_path: Path, run_fetch) -> None:

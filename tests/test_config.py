@@ -207,3 +207,17 @@ def test_a_config_url_refused_is_shown_without_its_password(tmp_path: Path) -> N
 )
 def test_hosts_a_connection_can_be_made_to(url: str) -> None:
     assert build_job({"url": url, "proxy": url.rstrip("/x")}, "x").url == url
+
+
+def test_dask_scheduler_addresses(monkeypatch: pytest.MonkeyPatch) -> None:
+    dask = {"url": "http://h/", "executor": "dask"}
+    for address in ("tcp://10.0.0.1:8786", "tls://[::1]:8786", "wss://sched.example:443", "h:8786"):
+        assert build_job({**dask, "scheduler": address}, "x").scheduler == address
+    monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", "garbage")
+    # the option wins over the environment, which is then not looked at
+    assert build_job({**dask, "scheduler": "tcp://h:1"}, "x").scheduler == "tcp://h:1"
+    assert build_job({"url": "http://h/"}, "x").scheduler is None  # (local: not needed)
+    with pytest.raises(ConfigError, match=r"^\$DASK_SCHEDULER_ADDRESS: expected tcp://HOST:PORT"):
+        build_job(dask, "x")
+    monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", "tcp://10.0.0.1:8786")
+    assert build_job(dask, "x").scheduler == "tcp://10.0.0.1:8786"

@@ -155,6 +155,21 @@ def test_ctrl_c_stops_the_tasks_running_on_the_cluster(tmp_path: Path, cluster) 
     assert not list(dest.rglob("f*.bin")), "a file was published after the run ended"
 
 
+def test_an_address_distributed_cannot_read_is_a_usage_error() -> None:
+    """distributed's ValueError (build_job checks the form; a scheme may still be missing
+    from this installation) is a usage error, not a traceback."""
+    from types import SimpleNamespace
+
+    from fetcher.dask_executor import _connect
+    from fetcher.errors import UsageError
+
+    def client(address: str, **kwargs: object) -> None:
+        raise ValueError(f"unknown address scheme {address.partition(':')[0]!r}")
+
+    with pytest.raises(UsageError, match=r"^--scheduler ws://h:1: unknown address scheme 'ws'$"):
+        _connect(SimpleNamespace(Client=client), "ws://h:1")  # type: ignore[arg-type]
+
+
 def test_killed_worker_task_is_retried_and_tree_is_complete(
     tmp_path: Path, run_fetch, cluster, client
 ) -> None:
