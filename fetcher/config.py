@@ -182,6 +182,8 @@ def netrc_auth(url: str) -> tuple[str, str] | None:
         entry = netrc.netrc(path).authenticators(urlsplit(url).hostname or "")
     except (OSError, netrc.NetrcParseError) as exc:
         raise ConfigError(f"{path}: {exc}") from None
+    except UnicodeDecodeError:  # (netrc reads UTF-8, then the locale's encoding)
+        raise ConfigError(f"{path}: not UTF-8 text") from None
     if entry is None or not (entry[0] or entry[2]):
         return None
     login, _, password = entry

@@ -687,6 +687,19 @@ def test_a_netrc_entry_authenticates_the_mirror_s_host(
     assert not (tmp_path / "e").exists()
 
 
+def test_a_netrc_that_is_not_text_is_a_usage_error(
+    tmp_path: Path, run_fetch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    netrc = tmp_path / "netrc"
+    netrc.write_bytes(b"machine 127.0.0.1 login mirror password p\xe4ss\n")  # Latin-1
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))  # (read as UTF-8, then the locale's: UTF-8 here)
+    r = run_fetch("--mirror", "http://127.0.0.1:9/", "--dest", tmp_path / "d")
+    assert r.code == 2, r
+    assert f"fetch: error: {netrc}: not UTF-8 text" in r.output
+    assert "Traceback" not in r.output and not (tmp_path / "d").exists()
+
+
 def test_a_401_says_how_to_give_credentials(tmp_path: Path, run_fetch) -> None:
     www = tmp_path / "www"
     (www / "pub" / "locked").mkdir(parents=True)
