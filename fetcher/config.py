@@ -159,11 +159,27 @@ def proxy_for(url: str, explicit: str | None = None) -> str | None:
     if _loopback(parts.hostname or ""):
         return None
     env = urllib.request.getproxies_environment()
-    proxy = env.get(parts.scheme) or env.get("all")
+    key = parts.scheme if env.get(parts.scheme) else "all"
+    proxy = env.get(key)
     bypass = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]
     if not proxy or bypass(parts.netloc.rpartition("@")[2], env):
         return None
-    return proxy if "://" in proxy else f"http://{proxy}"
+    proxy = proxy if "://" in proxy else f"http://{proxy}"
+    try:  # as --proxy is: else a SOCKS proxy, say, fails every listing as an ImportError
+        return _proxy_url(_url_str(proxy))
+    except ValueError as exc:
+        raise ConfigError(
+            f"${_proxy_variable(key)}: {exc}", "unset it, or give --proxy URL or --proxy direct"
+        ) from None
+
+
+def _proxy_variable(key: str) -> str:
+    """The variable ``key``'s proxy came from: ``http_proxy`` before ``HTTP_PROXY``, as
+    urllib (and curl) read them."""
+    name = f"{key}_proxy"
+    if os.environ.get(name):
+        return name
+    return next((n for n, v in os.environ.items() if n.lower() == name and v), name)
 
 
 def netrc_auth(url: str) -> tuple[str, str] | None:
@@ -313,11 +329,13 @@ def _proxy(v: Any) -> str:
     s = _url_str(v)
     if s == "direct":
         return s
+    return _proxy_url(s, "expected an http:// or https:// proxy URL, or direct")
+
+
+def _proxy_url(s: str, expected: str = "expected an http:// or https:// proxy URL") -> str:
     parts = urlsplit(s)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(
-            f"expected an http:// or https:// proxy URL, or direct, got {_show_url(v)}"
-        )
+        raise ValueError(f"{expected}, got {_show_url(s)}")
     _check_authority(s)
     return s
 

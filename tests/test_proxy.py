@@ -143,3 +143,64 @@ def test_https_goes_through_a_connect_tunnel_and_is_verified(
     for rel, data in FILES.items():
         assert (tmp_path / "d" / rel.removeprefix("pub/")).read_bytes() == data
     assert not (tmp_path / "e" / "a.txt").exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "mirror", "message"),
+    [
+        (
+            "http_proxy",
+            "socks5://127.0.0.1:1",
+            "http://mirror.test:9/pub/",
+            '$http_proxy: expected an http:// or https:// proxy URL, got "socks5://127.0.0.1:1"',
+        ),
+        (
+            "HTTP_PROXY",
+            "http://a b:3128",
+            "http://mirror.test:9/pub/",
+            '$HTTP_PROXY: invalid host "a b" in "http://a b:3128"',
+        ),
+        (
+            "https_proxy",
+            "http://u:s3cret@127.0.0.1:99999",
+            "https://mirror.test/pub/",
+            '$https_proxy: expected a port from 0 to 65535 in "http://127.0.0.1:99999"',
+        ),
+        (
+            "ALL_PROXY",
+            "socks5h://u:s3cret@127.0.0.1:1",
+            "http://mirror.test:9/pub/",
+            '$ALL_PROXY: expected an http:// or https:// proxy URL, got "socks5h://127.0.0.1:1"',
+        ),
+    ],
+)
+def test_a_proxy_from_the_environment_is_checked_as_proxy_is(
+    tmp_path: Path,
+    run_fetch,
+    monkeypatch: pytest.MonkeyPatch,
+    name: str,
+    value: str,
+    mirror: str,
+    message: str,
+) -> None:
+    """Refused before anything starts (exit 2, naming the variable), not a listing error."""
+    monkeypatch.setenv(name, value)
+    r = run_fetch("--mirror", mirror, "--dest", tmp_path / "d", "--retries", "1")
+    assert r.code == 2, r.output
+    assert f"fetch: error: {message}" in r.output
+    assert "s3cret" not in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "d").exists()
+
+
+def test_a_proxy_from_the_environment_not_used_is_not_checked(
+    tmp_path: Path, run_fetch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("http_proxy", "socks5://127.0.0.1:1")
+    monkeypatch.setenv("no_proxy", "mirror.test")
+    for direct in ("http://mirror.test/", "http://127.0.0.1:8/", "http://[::1]:8/"):
+        assert proxy_for(direct) is None, direct  # no_proxy, loopback: never used
+    assert proxy_for("http://mirror.example/", "direct") is None
+    assert proxy_for("https://mirror.example/") is None  # (http_proxy is for http:// only)
+    with FaultServer(root=_www(tmp_path)) as srv:
+        r = run_fetch("--mirror", f"{srv.url}pub/", "--dest", tmp_path / "d", "--procs", "1")
+    assert r.code == 0, r.output
