@@ -690,6 +690,13 @@ def _suggest(key: str) -> str | None:
     return f"did you mean '{close[0]}'?" if close else None
 
 
+def _check_post(table: Mapping[str, Any], where: str) -> None:
+    """``post`` is an array of tables, before defaults' and a job's rules are joined."""
+    if "post" in table and not isinstance(table["post"], list):
+        name = where.rpartition(": ")[2]
+        raise ConfigError(f"{where}.post: expected an array of tables ([[{name}.post]])")
+
+
 def load_config(
     path: Path,
     post_parser: Callable[[Any, str], Any] | None = None,
@@ -720,14 +727,17 @@ def load_config(
         raise ConfigError(f"{label}: [defaults] and [jobs] must be tables")
     if not jobs:
         raise ConfigError(f"{label}: no [jobs.NAME] table")
+    _check_post(defaults, f"{label}: defaults")
     base = path.resolve().parent
     out: dict[str, MirrorJob] = {}
     for name, table in jobs.items():
         if not isinstance(table, dict):
             raise ConfigError(f"{label}: jobs.{name}: expected a table")
-        merged = {**defaults, **table, **(overrides or {})}
+        _check_post(table, f"{label}: jobs.{name}")
+        merged = {**defaults, **table}
         if "post" in defaults and "post" in table:
             merged["post"] = [*defaults["post"], *table["post"]]
+        merged.update(overrides or {})  # (after the rules' merge: --post replaces both)
         out[name] = build_job(
             merged, f"{label}: jobs.{name}", base_dir=base, name=name, post_parser=post_parser
         )

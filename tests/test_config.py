@@ -221,3 +221,18 @@ def test_dask_scheduler_addresses(monkeypatch: pytest.MonkeyPatch) -> None:
         build_job(dask, "x")
     monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", "tcp://10.0.0.1:8786")
     assert build_job(dask, "x").scheduler == "tcp://10.0.0.1:8786"
+
+
+def test_post_rules_of_defaults_and_a_job_join_and_the_command_line_replaces_them(
+    tmp_path: Path,
+) -> None:
+    from fetcher.postrules import parse_post_spec
+
+    cfg = tmp_path / "m.toml"
+    cfg.write_text(
+        '[[defaults.post]]\naction = "probe"\n'
+        '[jobs.a]\nurl = "http://h/a/"\n[[jobs.a.post]]\naction = "thumbnails"\n'
+    )
+    assert [r.action for r in load_config(cfg)["a"].post] == ["probe", "thumbnails"]
+    cli = (parse_post_spec("audio"),)
+    assert load_config(cfg, overrides={"post": cli})["a"].post == cli

@@ -111,6 +111,18 @@ BAD_CONFIGS = [
         '[jobs.c]\nurl = "http://127.0.0.1:9/"\n[[jobs.c.post]]\naction = "transcode"\nheight = "tall"\n',
         "jobs.c.post[0].height",
     ),
+    (
+        '[defaults]\npost = 3\n[jobs.c]\nurl = "http://127.0.0.1:9/"\n[[jobs.c.post]]\naction = "probe"\n',
+        "m.toml: defaults.post: expected an array of tables ([[defaults.post]])",
+    ),
+    (
+        '[defaults]\npost = 3\n[jobs.c]\nurl = "http://127.0.0.1:9/"\n',
+        "m.toml: defaults.post: expected an array of tables ([[defaults.post]])",
+    ),
+    (
+        '[[defaults.post]]\naction = "probe"\n[jobs.c]\nurl = "http://127.0.0.1:9/"\npost = "thumbnails"\n',
+        "m.toml: jobs.c.post: expected an array of tables ([[jobs.c.post]])",
+    ),
     ("[jobs.c]\nurl = \n", "m.toml: not valid TOML"),
     ("[defaults]\nprocs = 2\n", "m.toml: no [jobs.NAME] table"),
     ('[jobs.c]\ndest = "x"\n', "m.toml: jobs.c: missing required key 'url'"),
@@ -126,6 +138,7 @@ def test_bad_config_exit_2_names_the_key(
     r = run_fetch("--config", cfg)
     assert r.code == 2, r
     assert message in r.output
+    assert "Traceback" not in r.output
     assert "Traceback" not in r.output
 
 
