@@ -360,7 +360,7 @@ def _job_from_cli(ns: argparse.Namespace) -> MirrorJob:
     try:
         return build_job(vals, "options")
     except UsageError as exc:
-        raise UsageError(exc.message.replace("options.url", "--mirror"), exc.hint) from None
+        raise _named_as_flag(exc) from None
 
 
 def _checked_jobs(ns: argparse.Namespace) -> list[MirrorJob]:
@@ -394,13 +394,20 @@ def _jobs(ns: argparse.Namespace) -> list[MirrorJob]:
 
 def _validate_cli(over: dict[str, Any]) -> None:
     try:
-        build_job({**over, "url": "http://localhost/"}, "options")
+        # (without --dest, the DEST to check is the job's own default, checked with it)
+        build_job({"dest": os.sep, **over, "url": "http://localhost/"}, "options")
     except UsageError as exc:
-        msg = exc.message
-        if msg.startswith("options."):  # (not about the environment: $DASK_SCHEDULER_ADDRESS)
-            key, _, rest = msg.removeprefix("options.").partition(":")
-            msg = f"{_flag(key)}:{rest}" if rest else key
-        raise UsageError(msg, exc.hint) from None
+        raise _named_as_flag(exc) from None
+
+
+def _named_as_flag(exc: UsageError) -> UsageError:
+    """``options.dest: …`` → ``--dest: …`` (a message about the environment, such as
+    ``$DASK_SCHEDULER_ADDRESS: …``, stays as it is)."""
+    msg = exc.message
+    if msg.startswith("options."):
+        key, _, rest = msg.removeprefix("options.").partition(":")
+        msg = f"{_flag(key)}:{rest}" if rest else key
+    return UsageError(msg, exc.hint)
 
 
 class _LazyConsole:

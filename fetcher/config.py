@@ -21,6 +21,7 @@ from urllib.parse import unquote, urlsplit
 
 from fetcher import __version__
 from fetcher.errors import ConfigError
+from fetcher.models import STATE_DIR
 
 __all__ = ["MirrorJob", "Transfer", "build_job", "default_dest", "load_config"]
 
@@ -652,6 +653,7 @@ def build_job(
         "dest",
         default_dest(out["url"]) if base_dir is None else base_dir / default_dest(out["url"]),
     )
+    _check_dest(out["dest"], f"{where}.dest")
     out.setdefault("max_connections", 8)
     out.setdefault("procs", default_procs(out["max_connections"]))
     # rounded up: every connection gets a thread; the shared cap holds the total to N
@@ -665,6 +667,31 @@ def build_job(
                 raise ConfigError(f"$DASK_SCHEDULER_ADDRESS: {exc}") from None
     known = {f.name for f in fields(MirrorJob)}
     return MirrorJob(name=name, **{k: v for k, v in out.items() if k in known})
+
+
+def _check_dest(dest: Path, where: str) -> None:
+    """DEST is a directory of its own: not in a state directory (a run there would take
+    a mirror's state and lock for files, and --delete them), nor inside another mirror
+    (whose --delete would take this one's files for vanished ones and remove them)."""
+    try:
+        real = dest.resolve()
+    except (OSError, RuntimeError):  # (a symlink loop: the run says more)
+        return
+    if STATE_DIR in real.parts:
+        raise ConfigError(
+            f"{where}: {real} lies in a state directory ({STATE_DIR}), which is fetch's own",
+            "give the mirror's directory itself, or one outside it",
+        )
+    for parent in real.parents:
+        try:
+            mirror = (parent / STATE_DIR / "state.sqlite").is_file()
+        except OSError:  # (not ours to look into: not a mirror of ours either)
+            mirror = False
+        if mirror:
+            raise ConfigError(
+                f"{where}: {real} lies inside the mirror {parent}, whose --delete would remove it",
+                "give a directory outside it",
+            )
 
 
 def _check_ca_file(path: Path, where: str) -> None:

@@ -218,6 +218,47 @@ def test_a_dask_scheduler_address_from_the_environment_is_checked_too(
     assert "Traceback" not in r.output and time.monotonic() - started < 10
 
 
+def test_a_dest_in_a_state_directory_or_inside_another_mirror_is_refused(
+    run_fetch, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its --delete (or the other mirror's) would remove a mirror's state and lock, or
+    files that are not the other's: refused before anything is made."""
+    root = tmp_path.resolve()
+    monkeypatch.chdir(root)
+    state = root / "out1" / ".fetcher"
+    state.mkdir(parents=True)
+    (state / "state.sqlite").write_bytes(b"")  # (only looked for, never opened)
+    (state / "lock").write_bytes(b"")
+    (root / "link").symlink_to(state)
+    in_state = "lies in a state directory (.fetcher), which is fetch's own"
+    inside = f"lies inside the mirror {root / 'out1'}, whose --delete would remove it"
+    for dest, message in (
+        ("out1/.fetcher", f"--dest: {state} {in_state}"),
+        ("out1/.fetcher/x", f"--dest: {state / 'x'} {in_state}"),
+        ("link/x", f"--dest: {state / 'x'} {in_state}"),
+        ("out1/sub/deeper", f"--dest: {root / 'out1/sub/deeper'} {inside}"),
+        ("./x/../out1/sub", f"--dest: {root / 'out1/sub'} {inside}"),
+    ):
+        r = run_fetch("--mirror", "http://127.0.0.1:9/pub/", "--dest", dest, "--delete")
+        assert r.code == 2, r
+        assert f"fetch: error: {message}" in r.output and "Traceback" not in r.output
+    monkeypatch.chdir(root / "out1")  # the default DEST, ./pub, is inside the mirror too
+    r = run_fetch("--mirror", "http://127.0.0.1:9/pub/", "--delete")
+    assert r.code == 2 and f"--dest: {root / 'out1/pub'} {inside}" in r.output, r
+    cfg = root / "m.toml"
+    cfg.write_text("[jobs.a]\nurl = 'http://127.0.0.1:9/pub/'\ndest = 'out1/sub'\n")
+    r = run_fetch("--config", cfg, "--check")
+    assert r.code == 2 and f"m.toml: jobs.a.dest: {root / 'out1/sub'} {inside}" in r.output, r
+    assert sorted(p.name for p in state.iterdir()) == ["lock", "state.sqlite"]
+    assert sorted(p.name for p in (root / "out1").iterdir()) == [".fetcher"]
+    # the mirror itself, and a directory beside it, are fine
+    cfg.write_text(
+        "[jobs.a]\nurl = 'http://127.0.0.1:9/a/'\ndest = 'out1'\n"
+        "[jobs.b]\nurl = 'http://127.0.0.1:9/b/'\ndest = 'out2'\n"
+    )
+    assert run_fetch("--config", cfg, "--check").code == 0
+
+
 def test_the_demo_refuses_bad_options_before_building_its_sample(tmp_path: Path, run_fetch) -> None:
     for bad, message in (("--pipeline=0", "--pipeline: expected an integer from 1 to 32"),
                          ("--bogus", "unrecognized arguments: --bogus")):  # fmt: skip
