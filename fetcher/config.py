@@ -13,7 +13,7 @@ import ipaddress
 import math
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -673,10 +673,7 @@ def _check_dest(dest: Path, where: str) -> None:
     """DEST is a directory of its own: not in a state directory (a run there would take
     a mirror's state and lock for files, and --delete them), nor inside another mirror
     (whose --delete would take this one's files for vanished ones and remove them)."""
-    try:
-        real = dest.resolve()
-    except (OSError, RuntimeError):  # (a symlink loop: the run says more)
-        return
+    real = _real(dest)
     if STATE_DIR in real.parts:
         raise ConfigError(
             f"{where}: {real} lies in a state directory ({STATE_DIR}), which is fetch's own",
@@ -765,15 +762,38 @@ def load_config(
         if "post" in defaults and "post" in table:
             merged["post"] = [*defaults["post"], *table["post"]]
         merged.update(overrides or {})  # (after the rules' merge: --post replaces both)
-        out[name] = build_job(
+        job = build_job(
             merged, f"{label}: jobs.{name}", base_dir=base, name=name, post_parser=post_parser
         )
-        same = next((n for n, j in out.items() if n != name and j.dest == out[name].dest), None)
-        if same is not None:
-            # one DEST, one state: each run would take the other's files for vanished
-            # ones (--delete) and fetch everything again on every turn
+        _check_own_dest(job, out.values(), f"{label}: jobs.{name}")
+        out[name] = job
+    return out
+
+
+def _check_own_dest(job: MirrorJob, others: Iterable[MirrorJob], where: str) -> None:
+    """``job``'s DEST is neither another job's nor inside or around one: one DEST, one
+    state, and each run would take the other's files for vanished ones (--delete) and
+    fetch everything again on every turn. Compared resolved: ``link`` and ``./x/../d``
+    may well be ``d``."""
+    mine = _real(job.dest)
+    shown = str(job.dest) if mine == job.dest else f"{job.dest} ({mine})"
+    for other in others:
+        theirs = _real(other.dest)
+        if mine == theirs:
             raise ConfigError(
-                f"{label}: jobs.{name}: dest {out[name].dest} is jobs.{same}'s too;"
+                f"{where}: dest {shown} is jobs.{other.name}'s too;"
                 " give each job a directory of its own"
             )
-    return out
+        if mine.is_relative_to(theirs) or theirs.is_relative_to(mine):
+            raise ConfigError(
+                f"{where}: dest {shown} and jobs.{other.name}'s {other.dest} lie one inside"
+                " the other; give each job a directory of its own"
+            )
+
+
+def _real(path: Path) -> Path:
+    """``path`` resolved (symlinks, ``..``), as far as it exists; absolute at least."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # (a symlink loop, on Python 3.11)
+        return path.absolute()

@@ -131,6 +131,33 @@ def test_two_jobs_of_one_config_cannot_share_a_dest(tmp_path: Path) -> None:
         load_config(cfg)
 
 
+@pytest.mark.parametrize(
+    ("first", "second", "message"),
+    [
+        ("d1", "link", r"jobs.b: dest .*/link \(.*/d1\) is jobs.a's too"),
+        ("d1", "./x/../d1", r"jobs.b: dest .*/x/\.\./d1 \(.*/d1\) is jobs.a's too"),
+        ("d1", "d1/inner", r"jobs.b: dest .*/d1/inner and jobs.a's .*/d1 lie one inside the other"),
+        ("d1/inner", "link", r"jobs.b: dest .*/link \(.*/d1\) and jobs.a's .*/d1/inner lie one"),
+    ],
+)
+def test_two_jobs_cannot_share_a_dest_by_another_name_or_nest_theirs(
+    tmp_path: Path, first: str, second: str, message: str
+) -> None:
+    (tmp_path / "d1").mkdir()
+    (tmp_path / "link").symlink_to("d1")
+    cfg = tmp_path / "m.toml"
+    cfg.write_text(
+        f"[jobs.a]\nurl = 'http://h/a/'\ndest = '{first}'\n"
+        f"[jobs.b]\nurl = 'http://h/b/'\ndest = '{second}'\n"
+    )
+    with pytest.raises(ConfigError, match=f"^m.toml: {message}"):
+        load_config(cfg)
+    cfg.write_text(  # beside each other: fine, however alike their names
+        "[jobs.a]\nurl = 'http://h/a/'\ndest = 'd1'\n[jobs.b]\nurl = 'http://h/b/'\ndest = 'd10'\n"
+    )
+    assert [j.dest.name for j in load_config(cfg).values()] == ["d1", "d10"]
+
+
 def test_a_config_that_is_not_text_or_not_a_file(tmp_path: Path) -> None:
     cfg = tmp_path / "m.toml"
     cfg.write_bytes(b"[jobs.a]\nurl = 'http://h/\xff'\n")
