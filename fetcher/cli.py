@@ -19,7 +19,14 @@ from typing import TYPE_CHECKING, Any, TextIO, cast
 
 import fetcher.startup  # noqa: F401 - first: it trims what the pipeline's imports bring
 from fetcher import __version__
-from fetcher.config import MirrorJob, build_job, default_procs, load_config, split_credentials
+from fetcher.config import (
+    PATH_KEYS,
+    MirrorJob,
+    build_job,
+    default_procs,
+    load_config,
+    split_credentials,
+)
 from fetcher.errors import FetchError, LockHeld, UsageError
 from fetcher.models import Reporter, Summary
 from fetcher.procs import prestart
@@ -380,16 +387,11 @@ def _jobs(ns: argparse.Namespace) -> list[MirrorJob]:
     over = {k: v for k, v in _overrides(ns).items() if k != "url"}
     if ns.url or ns.mirror:
         raise UsageError("--mirror goes without --config: a config file names its own URLs")
+    for key in PATH_KEYS:
+        if key in over:  # the command line's paths are the current directory's, not the file's
+            over[key] = str(Path(over[key]).expanduser().absolute())
     _validate_cli(over)
-    jobs = load_config(ns.config, overrides=over)
-    if ns.job:
-        missing = [n for n in ns.job if n not in jobs]
-        if missing:
-            raise UsageError(
-                f"{ns.config.name}: no job named {', '.join(missing)}; jobs: {', '.join(jobs)}"
-            )
-        jobs = {n: jobs[n] for n in ns.job}
-    return list(jobs.values())
+    return list(load_config(ns.config, overrides=over, only=ns.job).values())
 
 
 def _validate_cli(over: dict[str, Any]) -> None:

@@ -13,7 +13,7 @@ import ipaddress
 import math
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -555,7 +555,11 @@ def _show_url(v: Any) -> str:
     return _show(_hide_userinfo(v)) if isinstance(v, str) else _USERINFO.sub("//", repr(v))
 
 
-_PATH_KEYS = {"dest", "ca_cert", "post_dest"}
+PATH_KEYS = ("dest", "ca_cert", "post_dest")
+"""Keys naming a file or directory: relative, they are the config file's directory's."""
+
+_ONE_DIRECTORY = ("dest", "post_dest")
+"""Overrides naming one job's own directory: for the jobs run (``--job``) only."""
 
 _FIELDS: dict[str, Callable[[Any], Any]] = {
     "url": _url,
@@ -634,7 +638,7 @@ def build_job(
             v = check(value)
         except ValueError as exc:
             raise ConfigError(f"{where}.{raw_key}: {exc}") from None
-        if key in _PATH_KEYS:
+        if key in PATH_KEYS:
             p = Path(v).expanduser()
             v = (base_dir / p) if base_dir is not None and not p.is_absolute() else p
             if key == "ca_cert":
@@ -725,8 +729,15 @@ def load_config(
     path: Path,
     post_parser: Callable[[Any, str], Any] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    only: Sequence[str] | None = None,
 ) -> dict[str, MirrorJob]:
-    """Read a TOML file of ``[defaults]`` and ``[jobs.NAME]`` tables into jobs, in file order."""
+    """Read a TOML file of ``[defaults]`` and ``[jobs.NAME]`` tables into jobs, in file
+    order, or the jobs named in ``only`` (``--job``), in its order.
+
+    ``overrides`` (the command line's) go over every job, but for ``dest`` and
+    ``post_dest``, which go over the jobs run only: the others keep their own, and
+    every job's DEST is still checked against every other's.
+    """
     import tomllib  # only runs from a config file need it
 
     label = path.name
@@ -752,6 +763,13 @@ def load_config(
     if not jobs:
         raise ConfigError(f"{label}: no [jobs.NAME] table")
     _check_post(defaults, f"{label}: defaults")
+    run = list(dict.fromkeys(only or jobs))
+    missing = [n for n in run if n not in jobs]
+    if missing:
+        raise ConfigError(f"{label}: no job named {', '.join(missing)}; jobs: {', '.join(jobs)}")
+    over = dict(overrides or {})
+    over_others = {k: v for k, v in over.items() if k not in _ONE_DIRECTORY}
+    given = set(run) if "dest" in over else set()  # (the jobs whose DEST is --dest)
     base = path.resolve().parent
     out: dict[str, MirrorJob] = {}
     for name, table in jobs.items():
@@ -761,16 +779,19 @@ def load_config(
         merged = {**defaults, **table}
         if "post" in defaults and "post" in table:
             merged["post"] = [*defaults["post"], *table["post"]]
-        merged.update(overrides or {})  # (after the rules' merge: --post replaces both)
+        # (after the rules' merge: --post replaces both)
+        merged.update(over if name in run else over_others)
         job = build_job(
             merged, f"{label}: jobs.{name}", base_dir=base, name=name, post_parser=post_parser
         )
-        _check_own_dest(job, out.values(), f"{label}: jobs.{name}")
+        _check_own_dest(job, out.values(), f"{label}: jobs.{name}", given)
         out[name] = job
-    return out
+    return {name: out[name] for name in run}
 
 
-def _check_own_dest(job: MirrorJob, others: Iterable[MirrorJob], where: str) -> None:
+def _check_own_dest(
+    job: MirrorJob, others: Iterable[MirrorJob], where: str, given: Set[str] = frozenset()
+) -> None:
     """``job``'s DEST is neither another job's nor inside or around one: one DEST, one
     state, and each run would take the other's files for vanished ones (--delete) and
     fetch everything again on every turn. Compared resolved: ``link`` and ``./x/../d``
@@ -779,16 +800,29 @@ def _check_own_dest(job: MirrorJob, others: Iterable[MirrorJob], where: str) -> 
     shown = str(job.dest) if mine == job.dest else f"{job.dest} ({mine})"
     for other in others:
         theirs = _real(other.dest)
+        hint = _dest_hint(job.name, other.name, given)
         if mine == theirs:
             raise ConfigError(
                 f"{where}: dest {shown} is jobs.{other.name}'s too;"
-                " give each job a directory of its own"
+                " give each job a directory of its own",
+                hint,
             )
         if mine.is_relative_to(theirs) or theirs.is_relative_to(mine):
             raise ConfigError(
                 f"{where}: dest {shown} and jobs.{other.name}'s {other.dest} lie one inside"
-                " the other; give each job a directory of its own"
+                " the other; give each job a directory of its own",
+                hint,
             )
+
+
+def _dest_hint(name: str, other: str, given: Set[str]) -> str | None:
+    """What to do when ``given`` (the jobs whose DEST is the command line's) clash."""
+    if name in given and other in given:
+        return "--dest goes to every job run: pick one with --job"
+    if name in given or other in given:
+        keeps = other if name in given else name
+        return f"--dest overlaps jobs.{keeps}'s dest: give a directory of its own"
+    return None
 
 
 def _real(path: Path) -> Path:

@@ -80,6 +80,37 @@ def test_job_selection(tmp_path: Path, run_fetch) -> None:
         assert run_fetch("--config", cfg, "--job", "nope").code == 2
 
 
+def test_command_line_paths_are_the_current_directory_s_and_go_to_the_jobs_run(
+    tmp_path: Path, run_fetch, monkeypatch: pytest.MonkeyPatch, tls
+) -> None:
+    """--dest, --ca-cert, --post-dest given with --config are the current directory's (the
+    file's own paths its directory's); --dest goes to the --job jobs only, and is still
+    refused where it would be another job's."""
+    etc, cwd = tmp_path / "etc", tmp_path / "work"
+    etc.mkdir()
+    cwd.mkdir()
+    (cwd / "ca.pem").write_bytes(tls.ca_pem.read_bytes())
+    cfg = etc / "m.toml"
+    cfg.write_text(
+        "[jobs.a]\nurl = 'https://127.0.0.1:9/a/'\n[jobs.b]\nurl = 'https://127.0.0.1:9/b/'\n"
+    )
+    monkeypatch.chdir(cwd)
+    r = run_fetch("--config", cfg, "--job", "a", "--dest", "here", "--ca-cert", "ca.pem",
+                  "--post-dest", "clips", "--check")  # fmt: skip
+    assert r.code == 0, r
+    assert f"a: https://127.0.0.1:9/a/ → {cwd / 'here'}" in r.output
+    assert f"ca_cert = {cwd / 'ca.pem'}" in r.output and f"post_dest = {cwd / 'clips'}" in r.output
+    assert "b: " not in r.output and "1 job(s) valid" in r.output
+    both = run_fetch("--config", cfg, "--dest", "here", "--check")
+    assert both.code == 2, both
+    assert f"m.toml: jobs.b: dest {cwd / 'here'} is jobs.a's too" in both.output
+    assert "hint: --dest goes to every job run: pick one with --job" in both.output
+    theirs = run_fetch("--config", cfg, "--job", "a", "--dest", etc / "b", "--check")
+    assert theirs.code == 2, theirs
+    assert f"m.toml: jobs.b: dest {etc / 'b'} is jobs.a's too" in theirs.output
+    assert "hint: --dest overlaps jobs.b's dest: give a directory of its own" in theirs.output
+
+
 BAD_CONFIGS = [
     (
         '[jobs.c]\nurl = "http://127.0.0.1:9/"\nthreads = "eight"\n',
