@@ -356,7 +356,9 @@ def _flag(key: str) -> str:
 
 def _job_from_cli(ns: argparse.Namespace) -> MirrorJob:
     vals = _overrides(ns)
-    if ns.url and "url" not in vals:
+    if ns.url and "url" in vals:  # (a DEST, most likely, that lost its --dest)
+        raise _stray(ns.url, "did you mean --dest?")
+    if ns.url:
         vals["url"] = ns.url
     if "url" not in vals:
         raise UsageError(
@@ -385,13 +387,20 @@ def _jobs(ns: argparse.Namespace) -> list[MirrorJob]:
             raise UsageError("--job and --check go with --config FILE")
         return [_job_from_cli(ns)]
     over = {k: v for k, v in _overrides(ns).items() if k != "url"}
-    if ns.url or ns.mirror:
+    if ns.mirror or (ns.url and "://" in ns.url):
         raise UsageError("--mirror goes without --config: a config file names its own URLs")
+    if ns.url:
+        raise _stray(ns.url, "did you mean --job or --dest?")
     for key in PATH_KEYS:
         if key in over:  # the command line's paths are the current directory's, not the file's
             over[key] = str(Path(over[key]).expanduser().absolute())
     _validate_cli(over)
     return list(load_config(ns.config, overrides=over, only=ns.job).values())
+
+
+def _stray(arg: str, why: str) -> UsageError:
+    """A positional argument where none is taken: an error, not quietly dropped."""
+    return UsageError(f"unexpected argument {arg!r} ({why})", "see 'fetch --help'")
 
 
 def _validate_cli(over: dict[str, Any]) -> None:
@@ -563,6 +572,8 @@ def main(argv: Sequence[str] | None = None, console: Console | None = None) -> i
             console = err  # stdout carries the report (or metrics) alone; the rest to stderr
         _check_cwd()
         if ns.verify_only is not None:
+            if ns.url:
+                raise _stray(ns.url, "--verify-only takes one DEST")
             return _verify_only(ns.verify_only, console)
         jobs = _checked_jobs(ns)
     except FetchError as exc:

@@ -101,6 +101,23 @@ from tests.faultserver import Fault, FaultServer
             for bad in ("garbage", "tcp://127.0.0.1", "foo://127.0.0.1:1", "tcp://127.0.0.1:8786/x")
         ),
         (["--job", "x"], "--job and --check go with --config"),
+        (
+            ["--mirror", "http://127.0.0.1:9/pub/", "/some/dest"],
+            "fetch: error: unexpected argument '/some/dest' (did you mean --dest?)",
+        ),
+        (
+            ["http://127.0.0.1:9/pub/", "--mirror", "http://127.0.0.1:9/pub/"],
+            "fetch: error: unexpected argument 'http://127.0.0.1:9/pub/' (did you mean --dest?)",
+        ),
+        (
+            ["--config", "m.toml", "nightly"],
+            "fetch: error: unexpected argument 'nightly' (did you mean --job or --dest?)",
+        ),
+        (
+            ["--config", "m.toml", "http://127.0.0.1:9/"],
+            "fetch: error: --mirror goes without --config",
+        ),
+        (["--verify-only", "d", "e"], "fetch: error: unexpected argument 'e' (--verify-only takes"),
     ],
 )
 def test_usage_errors_exit_2_without_traceback(
