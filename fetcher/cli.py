@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, TextIO, cast
@@ -378,7 +378,29 @@ def _checked_jobs(ns: argparse.Namespace) -> list[MirrorJob]:
     jobs = _jobs(ns)
     for job in jobs:
         job.transfer()
+    _unused_flags(_overrides(ns), jobs)
     return jobs
+
+
+# options that only mean something beside another: (keys given, does a job use them, why)
+_DEPENDENT: tuple[tuple[tuple[str, ...], Callable[[MirrorJob], bool], str], ...] = (
+    (("scheduler",), lambda j: j.executor == "dask", "goes with --executor dask"),
+    (
+        ("suites", "components", "architectures"),
+        lambda j: j.index == "debian",
+        "goes with --index debian",
+    ),
+    (("force", "max_delete"), lambda j: j.delete, "goes with --delete"),
+)
+
+
+def _unused_flags(given: Mapping[str, Any], jobs: Sequence[MirrorJob]) -> None:
+    """A command-line option that no job can use is a mistake to say, not to drop (with
+    --config, a job of the file may be what uses it)."""
+    for keys, uses, why in _DEPENDENT:
+        for key in keys:
+            if key in given and not any(uses(j) for j in jobs):
+                raise UsageError(f"{_flag(key)} {why}")
 
 
 def _jobs(ns: argparse.Namespace) -> list[MirrorJob]:
@@ -574,6 +596,8 @@ def main(argv: Sequence[str] | None = None, console: Console | None = None) -> i
         if ns.verify_only is not None:
             if ns.url:
                 raise _stray(ns.url, "--verify-only takes one DEST")
+            if ns.mirror or ns.config:
+                raise UsageError("--verify-only checks a DEST on its own: no --mirror or --config")
             return _verify_only(ns.verify_only, console)
         jobs = _checked_jobs(ns)
     except FetchError as exc:

@@ -9,6 +9,7 @@ wherever it came from and always names its key::
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import ipaddress
 import math
 import os
@@ -669,6 +670,9 @@ def build_job(
                 out["scheduler"] = _scheduler(env)
             except ValueError as exc:
                 raise ConfigError(f"$DASK_SCHEDULER_ADDRESS: {exc}") from None
+    if out.get("http2") and importlib.util.find_spec("h2") is None:
+        # (else every request to a server that offers HTTP/2 fails, with ModuleNotFoundError)
+        raise ConfigError(f"{where}.http2: needs the h2 package", "pip install 'fetcher[http2]'")
     known = {f.name for f in fields(MirrorJob)}
     return MirrorJob(name=name, **{k: v for k, v in out.items() if k in known})
 

@@ -118,6 +118,27 @@ from tests.faultserver import Fault, FaultServer
             "fetch: error: --mirror goes without --config",
         ),
         (["--verify-only", "d", "e"], "fetch: error: unexpected argument 'e' (--verify-only takes"),
+        # options that mean something only beside another: said, not silently dropped
+        (
+            ["--mirror", "http://127.0.0.1:9/", "--scheduler", "tcp://127.0.0.1:8786"],
+            "fetch: error: --scheduler goes with --executor dask",
+        ),
+        (
+            ["--mirror", "http://127.0.0.1:9/", "--arch", "amd64"],
+            "fetch: error: --arch goes with --index debian",
+        ),
+        (
+            ["--mirror", "http://127.0.0.1:9/", "--force"],
+            "fetch: error: --force goes with --delete",
+        ),
+        (
+            ["--mirror", "http://127.0.0.1:9/", "--max-delete", "5"],
+            "fetch: error: --max-delete goes with --delete",
+        ),
+        (
+            ["--verify-only", "d", "--mirror", "http://127.0.0.1:9/"],
+            "fetch: error: --verify-only checks a DEST on its own",
+        ),
     ],
 )
 def test_usage_errors_exit_2_without_traceback(

@@ -139,3 +139,22 @@ def test_requests_made_without_a_parse_fetch_the_right_files(tmp_path: Path) -> 
                     assert resp.status_code == 200 and resp.read() == f"{i}:{name}".encode()
                 finally:
                     resp.close()
+
+
+def test_http2_without_the_h2_package_is_a_usage_error_with_the_way_to_get_it(
+    tmp_path: Path, run_fetch, monkeypatch
+) -> None:
+    """Else every request to a server that offers HTTP/2 failed, mid-run, with httpx's
+    ModuleNotFoundError for h2 (a server offering only HTTP/1.1 hid it)."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "h2" else real(name, *a)
+    )
+    cfg = tmp_path / "h2.toml"
+    cfg.write_text('[jobs.h2]\nurl = "http://127.0.0.1:9/pub/"\nhttp2 = true\n')
+    r = run_fetch("--config", cfg, "--check")
+    assert r.code == 2, r.output
+    assert "jobs.h2.http2: needs the h2 package" in r.output, r.output
+    assert "pip install 'fetcher[http2]'" in r.output, r.output
