@@ -369,7 +369,8 @@ def _split_port(hostport: str) -> tuple[str, str | None]:
     return host, port
 
 
-_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+# (an underscore is not a host name's, but DNS and /etc/hosts carry them, and curl takes them)
+_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 
 
 def _valid_host(host: str) -> bool:

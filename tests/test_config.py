@@ -230,6 +230,7 @@ def test_a_config_url_refused_is_shown_without_its_password(tmp_path: Path) -> N
         "http://example.org./",
         "http://localhost/",
         "http://m-2.example/",
+        "http://my_mirror.lan:8080/",
     ],
 )
 def test_hosts_a_connection_can_be_made_to(url: str) -> None:
