@@ -191,11 +191,17 @@ def _fetch_page(
         if cert is None:
             raise
         # Not transient: retrying would only repeat the same refusal.
+        if cert.verify_code in _NAME_MISMATCH:  # (a CA of its own would not help there)
+            hint = "use the host name its certificate names, or --insecure to skip verification"
+        else:
+            hint = "use --ca-cert FILE to trust its CA, or --insecure to skip verification"
         raise ListingError(
             f"TLS certificate of {httpx.URL(url).host} not trusted: "
-            f"{cert.verify_message or cert.reason}; "
-            "use --ca-cert FILE to trust its CA, or --insecure to skip verification"
+            f"{(cert.verify_message or cert.reason or '').rstrip('.')}; {hint}"
         ) from exc
+
+
+_NAME_MISMATCH = (62, 64)  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
 
 
 def _read_page(

@@ -123,3 +123,29 @@ def test_a_ca_file_that_is_no_pem_bundle_is_refused_before_anything_starts(
     cfg.write_text("[jobs.a]\nurl = 'https://127.0.0.1:9/'\nca_cert = 'ca.pem'\n")
     r = run_fetch("--config", cfg, "--check")
     assert r.code == 2 and f"m.toml: jobs.a.ca_cert: {ca}: not a PEM CA bundle" in r.output, r
+
+
+def test_a_certificate_for_another_name_says_so_not_to_add_a_ca(
+    tls: TLS, tmp_path: Path, run_fetch
+) -> None:
+    """Signed by the CA given with --ca-cert, but for another host: the hint said to give
+    --ca-cert, which the run already had."""
+    import ssl
+
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("other.example").configure_cert(server)
+    pem = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(pem))
+    with FaultServer(tls=server) as srv:
+        srv.add_file(START + "a.txt", b"x")
+        r = run_fetch("--mirror", srv.url + START[1:], "--dest", tmp_path / "d", "--procs", "1",
+                      "--ca-cert", pem)  # fmt: skip
+        assert srv.requests == []
+    assert r.code == 1 and "Traceback" not in r.output, r.output
+    lines = [ln for ln in r.output.splitlines() if "not trusted" in ln]
+    assert lines, r.output
+    for line in lines:  # (the listing error, and again in the summary)
+        assert "mismatch" in line and "the host name its certificate names" in line, line
+        assert "--ca-cert" not in line, line
