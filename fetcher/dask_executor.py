@@ -251,7 +251,9 @@ class DaskExecutor:
         """Submit nothing more, and tell the tasks running to stop: they end within a
         second or so, their files partial, and report as local workers do (:meth:`join`
         waits for that)."""
-        if not self._stopped and self._running:
+        # (also at a run's end: a task cancelled from outside was reported as such while
+        # its thread ran on)
+        if not self._stopped and self._seq:
             try:
                 require_distributed().Event(self._stop_name, client=self._client).set()
             except Exception:  # noqa: BLE001 - the scheduler is gone: so are its tasks' orders

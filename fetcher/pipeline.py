@@ -874,8 +874,15 @@ def _handle(run: _Run, events: list[Event]) -> None:
                     s.failed.append((out.path, out.error or "failed"))
                 elif not (run.stop.is_set() or s.fatal):
                     # stopped, but not by this run: its worker lost its parent (killed),
-                    # or a Dask task was cancelled from outside. Never a clean run.
-                    out = replace(out, error="interrupted: its worker process stopped")
+                    # or a Dask task its scheduler (lost, or cancelled from outside).
+                    # Never a clean run.
+                    why = (
+                        "interrupted: its Dask task stopped (the scheduler lost, or it was"
+                        " cancelled)"
+                        if run.job.executor == "dask"
+                        else "interrupted: its worker process stopped"
+                    )
+                    out = replace(out, error=why)
                     s.failed.append((out.path, out.error or ""))
                 run.state.seen(run.run_id, out.path)
             rep.finished(out)

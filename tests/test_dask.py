@@ -170,6 +170,41 @@ def test_an_address_distributed_cannot_read_is_a_usage_error() -> None:
         _connect(SimpleNamespace(Client=client), "ws://h:1")  # type: ignore[arg-type]
 
 
+def test_a_task_cancelled_from_outside_fails_its_files_and_stops(
+    tmp_path: Path, run_fetch, cluster, client
+) -> None:
+    """Its files fail as the Dask task's, not "its worker process stopped", and the task,
+    whose thread Dask's cancel does not stop, ends with the run rather than downloading
+    on into DEST."""
+    make_simple_tree(tmp_path / "www" / "x", files=4, dirs=1, min_size=3 << 20, max_size=3 << 20)
+    dest = tmp_path / "o"
+    with FaultServer(root=tmp_path / "www") as srv:
+        srv.persist("/x/d*", Fault.trickle(300_000))
+        result: list[Any] = []
+        argv = ("--mirror", srv.url + "x/", "--dest", dest, "--threads", "2",
+                "--max-connections", "2", *_dask(cluster))  # fmt: skip
+        th = threading.Thread(target=lambda: result.append(run_fetch(*argv)))
+        th.start()
+        try:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and srv.file_bytes_sent < 300_000:
+                time.sleep(0.05)
+            keys = [k for ks in client.processing().values() for k in ks]
+            assert keys, "no task running"
+            client.cancel([distributed.Future(k, client) for k in keys], force=True)
+        finally:
+            th.join(timeout=60)
+        assert not th.is_alive()
+        deadline = time.monotonic() + 10  # and the cancelled task's downloads end too
+        while time.monotonic() < deadline and srv.open_connections:
+            time.sleep(0.05)
+        assert not srv.open_connections, "the cancelled task is still downloading"
+    (r,) = result
+    assert r.code == 1, r.output
+    assert "interrupted: its Dask task stopped" in r.output, r.output
+    assert not list(dest.rglob("f*.bin")), "a file was published after the run ended"
+
+
 def test_killed_worker_task_is_retried_and_tree_is_complete(
     tmp_path: Path, run_fetch, cluster, client
 ) -> None:
