@@ -113,6 +113,13 @@ class MirrorJob:
     """``--header Name: value``: sent with every request (values may be secrets: not shown)."""
     segments: int = 1
 
+    def derived_root(self) -> Path:
+        """Where post-processing outputs go: ``post_dest``, else ``<dest>.derived`` beside DEST."""
+        if self.post_dest is not None:
+            return self.post_dest.absolute()
+        dest = self.dest.absolute()
+        return dest.parent / f"{dest.name}.derived"
+
     def transfer(self) -> Transfer:
         verify: bool | str = True
         if self.insecure:
@@ -818,6 +825,15 @@ def _check_own_dest(
                 " the other; give each job a directory of its own",
                 hint,
             )
+        # and their post-processing outputs: one's --delete would remove the other's, and
+        # the same path in both mirrors would make one set of outputs for two files
+        if job.post and other.post:
+            d, theirs_d = _real(job.derived_root()), _real(other.derived_root())
+            if d == theirs_d or d.is_relative_to(theirs_d) or theirs_d.is_relative_to(d):
+                raise ConfigError(
+                    f"{where}: post_dest {d} and jobs.{other.name}'s {theirs_d} are one, or"
+                    " one inside the other; give each job's outputs a directory of their own"
+                )
 
 
 def _dest_hint(name: str, other: str, given: Set[str]) -> str | None:

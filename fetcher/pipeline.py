@@ -319,7 +319,7 @@ def mirror(
     dest = job.dest.absolute()
     summary = Summary(url=job.url, dest=str(dest), started=time.time(), dry_run=job.dry_run)
     ffmpeg = None
-    derived = derived_root(job)
+    derived = job.derived_root()
     if job.post:
         from fetcher.postprocess import check_derived
         from fetcher.postrules import require_ffmpeg
@@ -422,14 +422,6 @@ def _run_with_state(
 
 def _with_hint(exc: FetchError) -> str:
     return f"{exc.message}; {exc.hint}" if exc.hint else exc.message
-
-
-def derived_root(job: MirrorJob) -> Path:
-    """Where post-processing outputs go: ``--post-dest``, else ``<dest>.derived`` beside DEST."""
-    if job.post_dest is not None:
-        return job.post_dest.absolute()
-    dest = job.dest.absolute()
-    return dest.parent / f"{dest.name}.derived"
 
 
 def _crawl_clean(run: _Run) -> bool:

@@ -131,6 +131,29 @@ def test_two_jobs_of_one_config_cannot_share_a_dest(tmp_path: Path) -> None:
         load_config(cfg)
 
 
+def test_two_jobs_with_post_rules_cannot_share_their_outputs_directory(tmp_path: Path) -> None:
+    """One's --delete would remove the other's outputs, and a path in both mirrors would
+    get one set of outputs for two files."""
+    jobs = (
+        "[jobs.a]\nurl = 'http://h/a/'\ndest = 'a'\npost_dest = 'out'\n"
+        "[jobs.b]\nurl = 'http://h/b/'\ndest = 'b'\npost_dest = '{}'\n"
+    )
+    rules = "[[jobs.{}.post]]\naction = 'probe'\n"
+    cfg = tmp_path / "m.toml"
+    for second in ("out", "./out/sub"):
+        cfg.write_text(jobs.format(second) + rules.format("a") + rules.format("b"))
+        with pytest.raises(ConfigError, match=r"^m.toml: jobs.b: post_dest .*/out.* and jobs.a's"):
+            load_config(cfg)
+    cfg.write_text(jobs.format("out") + rules.format("a"))  # b makes no outputs: fine
+    assert list(load_config(cfg)) == ["a", "b"]
+    cfg.write_text(  # each beside its own DEST, by default: fine
+        "[jobs.a]\nurl = 'http://h/a/'\ndest = 'a'\n[jobs.b]\nurl = 'http://h/b/'\ndest = 'b'\n"
+        + rules.format("a")
+        + rules.format("b")
+    )
+    assert list(load_config(cfg)) == ["a", "b"]
+
+
 @pytest.mark.parametrize(
     ("first", "second", "message"),
     [
