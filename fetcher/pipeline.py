@@ -170,7 +170,7 @@ class _Disk:
 
     def _give_way(self, path: RelPath) -> bool:
         """Remove the file at ``path`` if it is one this mirror fetched and nobody changed
-        since (its row's size, a regular file); True if it went."""
+        since (its row's size and modification time, a regular file); True if it went."""
         r = self.row(path)
         if r is None or r.status not in ("ok", "adopted") or r.size is None:
             return False
@@ -181,6 +181,8 @@ class _Disk:
             return False
         if not stat.S_ISREG(st.st_mode) or st.st_size != r.size:
             return False
+        if r.mtime is not None and abs(st.st_mtime - r.mtime) > 0.01:
+            return False  # written since (an edit of the same size): someone's, kept
         os.unlink(target)
         self.state.forget([path])
         return True

@@ -119,10 +119,14 @@ def decide(
     if f.checksum is not None and row.sha256 and f.checksum[0] == "sha256":
         if f.checksum[1].lower() == row.sha256.lower() and local.size == row.size:
             return Decision(None)
-        return Decision(Job(f, Action.CHANGED, row.etag, row.last_modified))
+        # Another digest: another file, whatever a 304 to the row's validators would say
+        # (a version rolled back upstream keeps an older date, and the 304 kept ours).
+        return Decision(Job(f, Action.CHANGED))
     if f.stamp is not None:
         if f.stamp == row.stamp and (row.size is None or local.size == row.size):
             return Decision(None)
+        if f.size_exact and f.size is not None and f.size != local.size:
+            return Decision(Job(f, Action.CHANGED))  # another size: likewise
         return Decision(Job(f, Action.CHANGED, row.etag, row.last_modified))
     # The listing shows neither size nor date: ask the server with a conditional GET.
     return Decision(Job(f, Action.CHECK, row.etag, row.last_modified))

@@ -76,6 +76,31 @@ def _report(path: Path) -> dict[str, Any]:
 # --- 1. unchanged re-run, then one change ------------------------------------------------
 
 
+def test_a_version_rolled_back_upstream_is_fetched_although_the_server_says_304(
+    tmp_path: Path, run_fetch: RunFetch
+) -> None:
+    """The listing shows another size, with an older date; a server without ETags answers
+    the row's If-Modified-Since with 304. That 304 kept the newer local file, and the
+    listing's new stamp was recorded against it: stale for good."""
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    src.mkdir()
+    (src / "pkg.tar").write_bytes(b"NEW" * 100)
+    os.utime(src / "pkg.tar", (1_700_036_000, 1_700_036_000))
+    with FaultServer(root=src) as srv:
+        srv.set_etag("/pkg.tar", None)  # (Apache's FileETag None)
+        assert run_fetch("--mirror", srv.url, "--dest", dest).code == 0
+        (src / "pkg.tar").write_bytes(b"old" * 80)  # the version before, rolled back
+        os.utime(src / "pkg.tar", (1_700_000_000, 1_700_000_000))
+        srv.set_etag("/pkg.tar", None)
+        for _ in range(2):  # (the second run: nothing left to do)
+            r = run_fetch("--mirror", srv.url, "--dest", dest)
+            assert r.code == 0, r.output
+            assert (dest / "pkg.tar").read_bytes() == b"old" * 80, r.output
+        gets = [q for q in srv.requests if q.path == "/pkg.tar"]
+    assert "if-modified-since" not in gets[1].headers  # asked for whole, not conditionally
+    assert len(gets) == 2
+
+
 def test_unchanged_rerun_fetches_nothing_then_one_change_fetches_one(
     tmp_path: Path, run_fetch: RunFetch
 ) -> None:

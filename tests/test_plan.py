@@ -42,6 +42,22 @@ def test_changed_when_stamp_differs() -> None:
     assert d.job.etag == '"e1"'
 
 
+def test_another_listed_size_or_digest_is_fetched_without_validators() -> None:
+    # a 304 to the row's validators would keep ours (a version rolled back upstream keeps
+    # an older date), where the listing already shows another file
+    d = decide(remote(size=8, stamp="8|25-Nov-2026 13:00"), row(), LocalFile(10, 5.0)).job
+    assert (
+        d is not None and d.action is Action.CHANGED and (d.etag, d.last_modified) == (None, None)
+    )
+    f = RemoteFile("http://h/a", RelPath("a"), 10, True, None, "s", checksum=("sha256", "b" * 64))
+    r = row()._replace(sha256="a" * 64)
+    d = decide(f, r, LocalFile(10, 5.0)).job
+    assert (
+        d is not None and d.action is Action.CHANGED and (d.etag, d.last_modified) == (None, None)
+    )
+    assert decide(f, r._replace(sha256="B" * 64), LocalFile(10, 5.0)).job is None
+
+
 def test_local_file_missing_or_resized_refetched() -> None:
     assert decide(remote(), row(), None).job is not None
     resized = decide(remote(), row(), LocalFile(3, 5.0)).job

@@ -162,22 +162,25 @@ def test_a_file_that_became_a_directory_upstream_gives_way_if_the_mirror_fetched
     # files below it fail, as any local file in the way does.
     www = tmp_path / "www"
     www.mkdir()
-    for name in ("a", "b", "keep.txt"):
+    for name in ("a", "b", "c", "keep.txt"):
         (www / name).write_bytes(name.encode() * 300)
+        os.utime(www / name, (1_700_000_000, 1_700_000_000))
     dest = tmp_path / "d"
     with FaultServer(root=www) as srv:
         args = ("--mirror", srv.url, "--dest", dest, "--procs", "1")
         assert run_fetch(*args).code == 0
-        for name in ("a", "b"):
+        for name in ("a", "b", "c"):
             (www / name).unlink()
             (www / name / "sub").mkdir(parents=True)
             (www / name / "sub" / "inner.txt").write_bytes(name.encode() * 50)
         (dest / "b").write_bytes(b"edited here")
+        (dest / "c").write_bytes(b"X" * 300)  # edited too, to the same size (it went)
         r = run_fetch(*args)
     assert r.code == 1, r.output
     assert (dest / "a" / "sub" / "inner.txt").read_bytes() == b"a" * 50
     assert "a: a file fetched before is a directory upstream now; replaced" in r.output
     assert (dest / "b").read_bytes() == b"edited here"
+    assert (dest / "c").read_bytes() == b"X" * 300
     assert f"{dest / 'b'}: a local file where the mirror has a directory" in r.output
     assert (dest / "keep.txt").read_bytes() == b"keep.txt" * 300
     con = sqlite3.connect(dest / ".fetcher" / "state.sqlite")
