@@ -56,7 +56,7 @@ from fetcher.models import (
     WorkerFatal,
     names_digest,
 )
-from fetcher.plan import LocalFile, decide, is_metadata, is_top_metadata
+from fetcher.plan import LocalFile, decide, is_metadata, is_top_metadata, racy
 from fetcher.procs import fork_safe, worker_context
 from fetcher.prune import local_files, prune
 from fetcher.shard import make_shards
@@ -273,6 +273,8 @@ class _Disk:
         stamps = []
         for path, r in rows:
             if r.status not in ("ok", "adopted") or r.size is None or r.stamp is None:
+                return None
+            if racy(r):  # its stamp cannot vouch for it: decide() asks the server
                 return None
             stamps.append((path, r.stamp))
         if names_digest(stamps) != last.names:

@@ -124,12 +124,31 @@ def decide(
         return Decision(Job(f, Action.CHANGED))
     if f.stamp is not None:
         if f.stamp == row.stamp and (row.size is None or local.size == row.size):
+            if racy(row):  # the same line may hide a rewrite: the server says (304, mostly)
+                return Decision(Job(f, Action.CHECK, row.etag, row.last_modified))
             return Decision(None)
         if f.size_exact and f.size is not None and f.size != local.size:
             return Decision(Job(f, Action.CHANGED))  # another size: likewise
         return Decision(Job(f, Action.CHANGED, row.etag, row.last_modified))
     # The listing shows neither size nor date: ask the server with a conditional GET.
     return Decision(Job(f, Action.CHECK, row.etag, row.last_modified))
+
+
+RACY = 90.0
+"""Seconds: a listing's date is to the minute, and the server's clock is not ours."""
+
+
+def racy(row: Row) -> bool:
+    """Fetched so soon after its last change (the server's Last-Modified) that a rewrite in
+    the same minute, to the same size, shows the same listing line: its stamp cannot vouch
+    for it, and the next run asks the server (a conditional GET) instead of skipping it.
+    (git's "racily clean" files.) A 304 then records a later fetch time."""
+    return (
+        row.last_modified is not None
+        and row.fetched_at is not None
+        and row.mtime is not None
+        and row.fetched_at - row.mtime < RACY
+    )
 
 
 def _adoptable(f: RemoteFile, local: LocalFile) -> bool:

@@ -113,8 +113,8 @@ def test_a_resync_reads_listings_on_every_connection(tmp_path: Path) -> None:
     # Nothing to download: the listings may have all --max-connections (a fresh mirror
     # leaves half of them to the downloads). Without pipelining, one listing each.
     with FaultServer() as srv:
-        for d in SHALLOW:
-            srv.add_file(f"/pub/{d}file.txt", d.encode())
+        for d in SHALLOW:  # (dated long ago: a file just changed is asked again, plan.racy)
+            srv.add_file(f"/pub/{d}file.txt", d.encode(), last_modified=1_700_000_000)
         job = build_job(
             {"url": srv.url + "pub/", "dest": str(tmp_path / "d"), "procs": 1,
              "max_connections": 6, "pipeline": 1},

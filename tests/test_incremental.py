@@ -76,6 +76,32 @@ def _report(path: Path) -> dict[str, Any]:
 # --- 1. unchanged re-run, then one change ------------------------------------------------
 
 
+def test_a_rewrite_in_the_minute_of_the_last_fetch_is_not_missed(
+    tmp_path: Path, run_fetch: RunFetch
+) -> None:
+    """A listing's dates are to the minute: a file fetched in the minute it changed, then
+    rewritten in that minute to the same size, shows the same line. It was skipped for
+    good; the next run now asks the server (git's "racily clean" files)."""
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    src.mkdir()
+    minute = time.time() // 60 * 60  # this minute's start: both versions are dated in it
+    (src / "status.json").write_bytes(b'{"build": 1}')
+    os.utime(src / "status.json", (minute + 1, minute + 1))
+    (src / "old.txt").write_bytes(b"settled")
+    os.utime(src / "old.txt", (1_700_000_000, 1_700_000_000))
+    with FaultServer(root=src) as srv:
+        assert run_fetch("--mirror", srv.url, "--dest", dest).code == 0
+        (src / "status.json").write_bytes(b'{"build": 2}')  # same size, same listed minute
+        os.utime(src / "status.json", (minute + 2, minute + 2))
+        srv.reset_stats()
+        r = run_fetch("--mirror", srv.url, "--dest", dest)
+        assert r.code == 0, r.output
+        assert (dest / "status.json").read_bytes() == b'{"build": 2}', r.output
+        asked = [q for q in srv.requests if q.is_file or q.path.endswith((".json", ".txt"))]
+    # a conditional GET for the racy file only; the settled one is not asked
+    assert [(q.path, "if-none-match" in q.headers) for q in asked] == [("/status.json", True)]
+
+
 def test_a_version_rolled_back_upstream_is_fetched_although_the_server_says_304(
     tmp_path: Path, run_fetch: RunFetch
 ) -> None:

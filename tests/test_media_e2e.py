@@ -28,6 +28,7 @@ from tests.conftest import Run
 from tests.faultserver import Fault, FaultServer
 from tests.media import ffmpeg_exe, ffprobe_exe, jpeg_size, make_clip, streams, truncate
 from tests.servers import Served
+from tests.trees import settled
 
 pytestmark = pytest.mark.skipif(
     ffmpeg_exe() is None, reason="ffmpeg not found (apt-get install ffmpeg)"
@@ -201,7 +202,7 @@ def test_a_clip_that_breaks_upstream_loses_its_old_outputs(
 def test_a_clip_that_failed_probe_is_fetched_again_next_run(
     tmp_path: Path, clips: dict[str, Path], nginx: Callable[[Path], Served], run_fetch: Fetch
 ) -> None:
-    root = build(tmp_path / "srv", clips, {"good.mp4": "small", "bad.mp4": "bad"})
+    root = settled(build(tmp_path / "srv", clips, {"good.mp4": "small", "bad.mp4": "bad"}))
     srv = nginx(root)
     dest = tmp_path / "dest"
     first = run_fetch("--mirror", srv.url, "--dest", dest, "--post", "probe")

@@ -21,7 +21,7 @@ def row(stamp: str | None = "10|25-Nov-2026 14:02", size: int = 10, status: str 
         "Wed, 25 Nov 2026 14:02:00 GMT",
         None,
         stamp,
-        1.0,
+        1_000.0,  # fetched long after its change (else racy: asked again)
         1,
         status,
     )

@@ -19,6 +19,7 @@ from fetcher.config import proxy_for
 from tests.faultserver import FaultServer
 from tests.fixtures_servers import TLS
 from tests.proxyserver import ForwardProxy
+from tests.trees import settled
 
 FILES = {"pub/a.txt": b"a" * 10, "pub/sub/b.bin": os.urandom(3 << 20), "pub/sub/c.txt": b"c"}
 
@@ -27,7 +28,7 @@ def _www(tmp_path: Path) -> Path:
     for rel, data in FILES.items():
         (tmp_path / "www" / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "www" / rel).write_bytes(data)
-    return tmp_path / "www"
+    return settled(tmp_path / "www")
 
 
 @pytest.fixture(autouse=True)

@@ -19,6 +19,7 @@ import pytest
 from fetcher.procs import worker_context
 from fetcher.startup import GC_THRESHOLD
 from tests.faultserver import FaultServer
+from tests.trees import settled
 
 CHECK = "import sys, httpx; print(sys.modules.get('httpx._main', 'absent') is None, httpx.main.__module__)"
 
@@ -241,6 +242,7 @@ def test_a_resync_of_kept_pages_loads_no_listing_reader(tmp_path: Path) -> None:
     (www / "sub").mkdir(parents=True)
     (www / "sub" / "a.bin").write_bytes(b"a" * 3000)
     (www / "b.bin").write_bytes(b"b" * 10)
+    settled(www)  # (a file just changed is asked for again: plan.racy)
     with serve("nginx", www, tmp_path / "srv") as srv:
         used, out = _imports(srv.url, tmp_path / "d", "fetcher.listing")
         assert used and "  fetched      2" in out, out

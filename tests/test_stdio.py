@@ -21,6 +21,7 @@ import pytest
 
 from fetcher.stdio import GuardedStream
 from tests.faultserver import Fault, FaultServer
+from tests.trees import settled
 
 FILES = {f"d/f{i:02}.bin": bytes([i]) * (3000 + i) for i in range(12)}
 
@@ -30,7 +31,7 @@ def _tree(tmp_path: Path) -> Path:
     for rel, data in FILES.items():
         (www / rel).parent.mkdir(parents=True, exist_ok=True)
         (www / rel).write_bytes(data)
-    return www
+    return settled(www)
 
 
 def _env(unbuffered: str = "") -> dict[str, str]:
