@@ -170,21 +170,62 @@ class _Disk:
 
     def _give_way(self, path: RelPath) -> bool:
         """Remove the file at ``path`` if it is one this mirror fetched and nobody changed
-        since (its row's size and modification time, a regular file); True if it went."""
-        r = self.row(path)
+        since; True if it went."""
+        if not self._ours(path):
+            return False
+        os.unlink(os.path.join(self.dest, path))
+        self.state.forget([path])
+        return True
+
+    def _ours(self, path: str) -> bool:
+        """The file at ``path`` is one this mirror fetched and nobody changed since: a
+        regular file with its row's size and modification time."""
+        r = self.row(RelPath(path))
         if r is None or r.status not in ("ok", "adopted") or r.size is None:
             return False
-        target = os.path.join(self.dest, path)
         try:
-            st = os.lstat(target)
+            st = os.lstat(os.path.join(self.dest, path))
         except OSError:
             return False
         if not stat.S_ISREG(st.st_mode) or st.st_size != r.size:
             return False
-        if r.mtime is not None and abs(st.st_mtime - r.mtime) > 0.01:
-            return False  # written since (an edit of the same size): someone's, kept
-        os.unlink(target)
-        self.state.forget([path])
+        # written since (an edit of the same size): someone's, kept
+        return r.mtime is None or abs(st.st_mtime - r.mtime) <= 0.01
+
+    def clear_dir(self, path: RelPath) -> bool:
+        """Upstream, the directory ``path`` of an earlier run is a file now: remove it, if
+        all it holds are files this mirror fetched, unchanged since (and directories of
+        such); True if it went. Anything else there (someone's file, a link) keeps it all,
+        and the file fails to take its place, naming it. Only a directory the state knows
+        of is looked at (no system call for every new file)."""
+        if path not in self._dirs:
+            return False
+        top = os.path.join(self.dest, path)
+        files: list[str] = []
+        dirs: list[str] = []
+        for root, dnames, fnames in os.walk(top):
+            if any(os.path.islink(os.path.join(root, d)) for d in dnames):
+                return False
+            dirs.append(root)
+            for name in fnames:
+                rel = os.path.relpath(os.path.join(root, name), self.dest).replace(os.sep, "/")
+                if not self._ours(rel):
+                    return False
+                files.append(rel)
+        if not dirs:
+            return False  # (not a directory after all)
+        gone: list[str] = []
+        try:
+            for rel in files:
+                os.unlink(os.path.join(self.dest, rel))
+                gone.append(rel)
+            for d in reversed(dirs):  # the deepest first
+                os.rmdir(d)
+        except OSError:
+            return False  # something came in meanwhile: the file fails, naming it
+        finally:
+            self.state.forget(gone)
+        self._dirs = {d for d in self._dirs if d != path and not d.startswith(path + "/")}
         return True
 
     def local(self, path: RelPath) -> LocalFile | None:
@@ -769,6 +810,10 @@ def _take(run: _Run, item: CrawlItem) -> None:
         return
     f = item
     local = disk.local(f.path)
+    # (only for an exact size: a listing gives none for a directory, which a hand-written
+    # page may link without its '/', and whose files must not go for it)
+    if local is None and f.size_exact and not run.job.dry_run and disk.clear_dir(f.path):
+        s.notices.append(f"{f.path}: a directory fetched before is a file upstream now; replaced")
     row = disk.row(f.path)
     d = decide(f, row, local, partial=disk.has_partial(f.path))
     if d.adopt and local is not None:

@@ -8,6 +8,7 @@ Either way no file is ever seen under its final name before it is whole.
 from __future__ import annotations
 
 import os
+import shutil
 import sqlite3
 import threading
 import time
@@ -190,6 +191,40 @@ def test_a_file_that_became_a_directory_upstream_gives_way_if_the_mirror_fetched
         con.close()
     assert "a" not in paths and "a/sub/inner.txt" in paths and "b" in paths
     assert _partials(dest) == []
+
+
+def test_a_directory_that_became_a_file_again_gives_way_unless_someone_s_file_is_in_it(
+    tmp_path: Path, run_fetch
+) -> None:
+    """The reverse of the case above: "x" was a directory of the mirror's files and is a
+    file upstream now. It failed ('Is a directory') on every run until --delete had
+    cleared it, two runs later. A directory holding a file of someone else's stays."""
+    www = tmp_path / "www"
+    for name in ("x", "z"):
+        (www / name / "sub").mkdir(parents=True)
+        (www / name / "sub" / "y.bin").write_bytes(b"y" * 50)
+        (www / name / "w.bin").write_bytes(b"w" * 60)
+    (www / "keep.txt").write_bytes(b"k" * 10)
+    dest = tmp_path / "d"
+    with FaultServer(root=www) as srv:
+        args = ("--mirror", srv.url, "--dest", dest, "--procs", "1")
+        assert run_fetch(*args).code == 0
+        (dest / "z" / "mine.txt").write_bytes(b"mine")  # someone's, below z
+        for name in ("x", "z"):
+            shutil.rmtree(www / name)
+            (www / name).write_bytes(name.encode() * 100)
+        r = run_fetch(*args)
+    assert r.code == 1, r.output  # z: in the way, as before
+    assert "x: a directory fetched before is a file upstream now; replaced" in r.output
+    assert (dest / "x").read_bytes() == b"x" * 100
+    assert (dest / "z" / "mine.txt").read_bytes() == b"mine"
+    assert (dest / "z" / "sub" / "y.bin").read_bytes() == b"y" * 50
+    con = sqlite3.connect(dest / ".fetcher" / "state.sqlite")
+    try:
+        paths = {p for (p,) in con.execute("SELECT path FROM files")}
+    finally:
+        con.close()
+    assert "x" in paths and not {"x/w.bin", "x/sub/y.bin"} & paths and "z/w.bin" in paths
 
 
 def test_without_unnamed_files_the_partial_file_serves(
