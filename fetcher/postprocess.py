@@ -25,6 +25,7 @@ again::
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import os
@@ -105,7 +106,13 @@ def check_derived(dest: Path, derived: Path) -> None:
 
 def remove_derived(derived: Path, rel: str) -> bool:
     """Remove ``DERIVED/<rel>/`` (a deleted source's outputs) and empty parents."""
-    target = _inside(Path(derived) / check_rel(rel), Path(derived))
+    return _remove_below(Path(derived), Path(derived) / check_rel(rel))
+
+
+def _remove_below(derived: Path, target: Path) -> bool:
+    """Remove ``target`` (a file, or a directory and all in it) inside ``derived``, then
+    the directories that leaves empty up to ``derived``; False if there was nothing."""
+    target = _inside(target, derived)
     if not os.path.lexists(target):
         return False
     if target.is_dir() and not target.is_symlink():
@@ -113,11 +120,11 @@ def remove_derived(derived: Path, rel: str) -> bool:
     else:
         target.unlink()
     for parent in target.parents:
-        if parent == Path(derived) or not parent.is_relative_to(derived):
+        if parent == derived or not parent.is_relative_to(derived):
             break
         try:
             parent.rmdir()
-        except OSError:  # not empty: keep it and everything above
+        except OSError:  # not empty (other outputs, a sibling's temporary): kept, and above
             break
     return True
 
@@ -413,22 +420,8 @@ class PostPool:
 
     def _remove(self, task: PostTask) -> None:
         # With the lock held: an output and the directories its removal leaves empty.
-        final = self._derived / task.output
-        try:
-            _inside(final, self._derived)
-            if final.is_dir() and not final.is_symlink():
-                shutil.rmtree(final)
-            elif os.path.lexists(final):
-                final.unlink()
-        except (OSError, UnsafePath):
-            return
-        for parent in final.parents:
-            if parent == self._derived or not parent.is_relative_to(self._derived):
-                break
-            try:
-                parent.rmdir()
-            except OSError:  # not empty (other outputs, a sibling's temporary)
-                break
+        with contextlib.suppress(OSError, UnsafePath):
+            _remove_below(self._derived, self._derived / task.output)
 
     def _argv(self, task: PostTask, src: Path, out: Path, outdir: Path) -> list[str]:
         o, action = task.rule.options, task.rule.action
