@@ -685,14 +685,12 @@ def _run_one(job: MirrorJob, ns: argparse.Namespace, console: Console, err: Cons
     except KeyboardInterrupt:
         # stopped while the run started or wound up, outside the part that counts (which
         # returns its summary marked interrupted): nothing to count, but a run to report
-        now = time.time()
-        summary = Summary(url=job.url, dest=str(job.dest), started=now, finished=now,
-                          interrupted=True)  # fmt: skip
+        summary = _no_run(job)
+        summary.interrupted = True
     except FetchError as exc:
         problem = exc  # nothing started: a lock held, DEST unusable, the state unreadable
     if problem is not None:
-        now = time.time()
-        summary = Summary(url=job.url, dest=str(job.dest), started=now, finished=now)
+        summary = _no_run(job)
         if isinstance(problem, LockHeld) and job.skip_if_locked:
             summary.skipped_run = True
             summary.notices.append(f"skipped: {problem.message}")
@@ -716,6 +714,12 @@ def _run_one(job: MirrorJob, ns: argparse.Namespace, console: Console, err: Cons
             render(summary, console, name)  # (JSON lines on stdout: the event above instead)
         results.append((name, summary))
     return 130 if got else summary.exit_code
+
+
+def _no_run(job: MirrorJob) -> Summary:
+    """The summary of a run that counted nothing (what happened is set on it)."""
+    now = time.time()
+    return Summary(url=job.url, dest=str(job.dest), started=now, finished=now)
 
 
 def _err_console(console: Console) -> Console:

@@ -357,10 +357,18 @@ def _check_authority(url: str) -> None:
     """
     hostport = urlsplit(url).netloc.rpartition("@")[2]
     host, port = _split_port(hostport)
-    if port is None or not re.fullmatch(r"[0-9]{0,5}", port) or int(port or 0) > 65535:
+    if not _port_ok(port, required=False):
         raise ValueError(f"expected a port from 0 to 65535 in {_show_url(url)}")
     if not _valid_host(host):
         raise ValueError(f"invalid host {_show(host)} in {_show_url(url)}")
+
+
+def _port_ok(port: str | None, required: bool) -> bool:
+    """What :func:`_split_port` gave is a port (from 0 to 65535; none at all when not
+    ``required``)."""
+    if port is None or not re.fullmatch(r"[0-9]{1,5}" if required else r"[0-9]{0,5}", port):
+        return False
+    return int(port or 0) <= 65535
 
 
 def _split_port(hostport: str) -> tuple[str, str | None]:
@@ -502,9 +510,8 @@ def _scheduler(v: Any) -> str:
     host, port = _split_port(hostport)
     ok = (
         scheme in _SCHEDULER_SCHEMES
-        and port is not None
-        and re.fullmatch(r"[0-9]{1,5}", port) is not None
-        and 0 < int(port) <= 65535
+        and _port_ok(port, required=True)
+        and int(port or 0) > 0
         and _valid_host(host)
     )
     if not ok:

@@ -924,7 +924,7 @@ def _handle(run: _Run, events: list[Event]) -> None:
                         else "interrupted: its worker process stopped"
                     )
                     out = replace(out, error=why)
-                    s.failed.append((out.path, out.error or ""))
+                    s.failed.append((out.path, why))
                 run.state.seen(run.run_id, out.path)
             rep.finished(out)
         elif isinstance(ev, FileStarted):

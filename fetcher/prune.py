@@ -69,10 +69,14 @@ def prune(
     batch: list[str] = []
     # what the run saw, at once while it is small; else asked 500 local files at a time
     seen = state.seen_in(run_id)
+
+    def selected(rel: str, is_dir: bool) -> bool:  # (else never a candidate, nor its dir)
+        return wanted(rel, is_dir, job.include, job.exclude) and not (
+            uncrawled and (rel in uncrawled or _below_any(rel, uncrawled))
+        )
+
     for rel in local_files(dest, new_dirs) if found is None else found:
-        if rel in unchanged or not wanted(rel, False, job.include, job.exclude):
-            continue
-        if uncrawled and _below_any(rel, uncrawled):
+        if rel in unchanged or not selected(rel, False):
             continue
         if seen is not None:
             if rel not in seen:
@@ -129,12 +133,7 @@ def prune(
     if not job.dry_run:
         state.forget(candidates)
 
-    def kept(rel: str) -> bool:  # outside the selection, as its files are
-        return not wanted(rel, True, job.include, job.exclude) or (
-            bool(uncrawled) and (rel in uncrawled or _below_any(rel, uncrawled))
-        )
-
-    for rel in _empty_dirs(dest, seen_dirs, gone, kept):
+    for rel in _empty_dirs(dest, seen_dirs, gone, lambda d: not selected(d, True)):
         if not job.dry_run:
             try:
                 (dest / rel).rmdir()

@@ -645,11 +645,15 @@ def test_a_source_replaced_by_an_older_dated_version_is_made_again(
         pool.close()
 
 
-class Blocked:
-    """A runner that starts nothing and waits for the pool's cancel."""
+class _Noting:
+    """A runner whose ``event`` is set as its first ffmpeg is about to start."""
 
     def __init__(self) -> None:
         self.event = threading.Event()
+
+
+class Blocked(_Noting):
+    """A runner that starts nothing and waits for the pool's cancel."""
 
     def __call__(
         self, argv: Sequence[str], timeout: float, stop: threading.Event | None
@@ -714,11 +718,8 @@ def test_a_never_ending_custom_command_is_killed_at_its_timeout(tree: tuple[Path
     assert sorted(os.listdir(derived)) == []  # and no temporary area either
 
 
-class Started:
-    """A runner that says when its first ffmpeg is about to start."""
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
+class Started(_Noting):
+    """A runner that says when its first ffmpeg is about to start, then starts it."""
 
     def __call__(
         self, argv: Sequence[str], timeout: float, stop: threading.Event | None
