@@ -185,6 +185,7 @@ class DaskExecutor:
 
     shard_files = MAX_FILES
     small_shard_files = MAX_FILES
+    lost = "interrupted: its Dask task stopped (the scheduler lost, or it was cancelled)"
 
     def __init__(
         self,

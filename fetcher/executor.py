@@ -36,6 +36,9 @@ class Executor(Protocol):
     small_shard_files: int
     """The same for small new files (:func:`~fetcher.download.pipelinable`), which a
     worker's lanes take in trains: more of them to a shard cost the end of a run little."""
+    lost: str
+    """Why a file came back "interrupted" when the run had not asked it to stop (its
+    worker went): the failure the run records for it."""
 
     def submit(self, shard: Shard) -> None: ...
     def finish(self) -> None: ...
@@ -81,6 +84,8 @@ class LocalExecutor:
     re-sync that fetches nothing.) Otherwise a worker is started from the fork server.
     ``limits`` must come from the same context.
     """
+
+    lost = "interrupted: its worker process stopped"
 
     def __init__(self, t: Transfer, procs: int, limits: SharedLimits, ctx: Any = None) -> None:
         self.shard_files = max(2, t.threads)

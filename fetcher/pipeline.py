@@ -917,12 +917,7 @@ def _handle(run: _Run, events: list[Event]) -> None:
                     # stopped, but not by this run: its worker lost its parent (killed),
                     # or a Dask task its scheduler (lost, or cancelled from outside).
                     # Never a clean run.
-                    why = (
-                        "interrupted: its Dask task stopped (the scheduler lost, or it was"
-                        " cancelled)"
-                        if run.job.executor == "dask"
-                        else "interrupted: its worker process stopped"
-                    )
+                    why = run.executor.lost if run.executor else "interrupted"
                     out = replace(out, error=why)
                     s.failed.append((out.path, why))
                 run.state.seen(run.run_id, out.path)
