@@ -846,3 +846,32 @@ def test_a_report_of_a_dest_whose_name_is_not_utf8(tmp_path: Path) -> None:
     report = tmp_path / "r.json"
     write_report(report, [(None, Summary(url="http://m.test/", dest=dest, started=1, finished=2))])
     assert json.loads(report.read_text("utf-8"))["jobs"][0]["dest"] == dest
+
+
+def test_a_run_into_a_dest_that_looks_like_markup_or_is_not_utf8_ends_with_its_report(
+    tmp_path: Path,
+) -> None:
+    """Against a server: the terminal's summary title is DEST as given (it crashed after
+    the run, before the report), and a DEST whose name is not UTF-8 gets its report."""
+    import io
+    import json
+
+    from rich.console import Console
+
+    from fetcher.cli import main
+
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "a.txt").write_bytes(b"a")
+    raw = os.fsdecode(os.fsencode(str(tmp_path)) + b"/od\xff")
+    with FaultServer(root=tmp_path / "www") as srv:
+        for dest in (str(tmp_path / "mirror[/archive]"), raw):
+            buf = io.StringIO()
+            term = Console(file=buf, force_terminal=True, width=300, color_system=None)
+            report = tmp_path / "r.json"
+            code = main(["--mirror", srv.url, "--dest", dest, "--report", str(report)], term)
+            assert code == 0, buf.getvalue()
+            assert json.loads(report.read_text("utf-8"))["jobs"][0]["dest"] == dest
+            if "[" in dest:
+                # (the title wraps at the table's width, inside the path too)
+                assert f"→{dest}" in "".join(buf.getvalue().split()), buf.getvalue()
+            assert (Path(dest) / "a.txt").read_bytes() == b"a"
