@@ -56,7 +56,7 @@ from fetcher.models import (
     WorkerFatal,
     names_digest,
 )
-from fetcher.plan import LocalFile, decide, is_metadata, is_top_metadata, racy
+from fetcher.plan import ListingClock, LocalFile, decide, is_metadata, is_top_metadata, racy
 from fetcher.procs import fork_safe, worker_context
 from fetcher.prune import local_files, prune
 from fetcher.shard import make_shards
@@ -110,6 +110,9 @@ class _Run:
     # told to prune from here rather than by a last_seen written to each of their rows
     unchanged: set[str] = field(default_factory=set)
     disk: _Disk | None = None
+    clock: ListingClock = field(default_factory=ListingClock)  # the listing's zone (adoption)
+    # files another tool may have put in DEST, if the listing's zone is this far from UTC
+    unsure_zone: dict[int, list[tuple[Job, LocalFile]]] = field(default_factory=dict)
 
 
 class _Disk:
@@ -711,6 +714,11 @@ def _loop(run: _Run) -> None:
                     # a crawl told to stop ends quietly, its last batches dropped: it is
                     # over, not complete (nor may --delete take its word for what is upstream)
                     run.crawl_complete = not run.stop.is_set()
+                    if run.crawl_complete:
+                        for waiting in run.unsure_zone.values():  # never trusted: fetched
+                            for j, _local in waiting:
+                                _plan(run, j)
+                    run.unsure_zone.clear()
                     run.reporter.crawl_done()
                 continue
             took += len(got)
@@ -815,24 +823,42 @@ def _take(run: _Run, item: CrawlItem) -> None:
     if local is None and f.size_exact and not run.job.dry_run and disk.clear_dir(f.path):
         s.notices.append(f"{f.path}: a directory fetched before is a file upstream now; replaced")
     row = disk.row(f.path)
-    d = decide(f, row, local, partial=disk.has_partial(f.path))
+    d = decide(f, row, local, partial=disk.has_partial(f.path), clock=run.clock)
     if d.adopt and local is not None:
-        run.state.adopt(run.run_id, f, local.size, local.mtime)
-        _count(s, "skipped", local.size)
-        run.reporter.skipped(f)
-        _post(run, f.path)
+        _adopt(run, f, local)
     elif d.job is None:
         run.state.seen(run.run_id, f.path)
         _count(s, "skipped", local.size if local else 0)
         run.reporter.skipped(f)
         _post(run, f.path)  # catches up on outputs missing or older than the file
+    elif d.offset is not None and local is not None:
+        # The same file if the listing's zone is d.offset from UTC: held until enough
+        # files say so (then adopted), or until the crawl ends (then fetched).
+        waiting = run.unsure_zone.setdefault(d.offset, [])
+        waiting.append((d.job, local))
+        if run.clock.vote(d.offset):
+            for j, lf in run.unsure_zone.pop(d.offset):
+                _adopt(run, j.file, lf)
     else:
-        _count(s, d.job.action.value, f.size or 0)
-        run.reporter.planned(d.job)
-        if run.job.dry_run:
-            run.state.seen(run.run_id, f.path)  # upstream, so never a deletion candidate
-            return
-        (run.held if is_metadata(f.path) else run.batch).append(d.job)
+        _plan(run, d.job)
+
+
+def _adopt(run: _Run, f: RemoteFile, local: LocalFile) -> None:
+    """A file another tool put in DEST, the one listed: recorded, not fetched."""
+    run.state.adopt(run.run_id, f, local.size, local.mtime)
+    _count(run.summary, "skipped", local.size)
+    run.reporter.skipped(f)
+    _post(run, f.path)
+
+
+def _plan(run: _Run, j: Job) -> None:
+    f = j.file
+    _count(run.summary, j.action.value, f.size or 0)
+    run.reporter.planned(j)
+    if run.job.dry_run:
+        run.state.seen(run.run_id, f.path)  # upstream, so never a deletion candidate
+        return
+    (run.held if is_metadata(f.path) else run.batch).append(j)
 
 
 def _count(s: Summary, key: str, nbytes: int) -> None:

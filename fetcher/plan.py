@@ -16,7 +16,16 @@ from typing import NamedTuple
 from fetcher.models import Action, Job, RemoteFile
 from fetcher.state import Row
 
-__all__ = ["Decision", "LocalFile", "decide", "is_metadata", "is_top_metadata", "matches", "wanted"]
+__all__ = [
+    "Decision",
+    "ListingClock",
+    "LocalFile",
+    "decide",
+    "is_metadata",
+    "is_top_metadata",
+    "matches",
+    "wanted",
+]
 
 # Repository metadata is published after the files it points at (DESIGN: incremental sync).
 _METADATA = re.compile(
@@ -45,6 +54,9 @@ class Decision:
     job: Job | None
     adopt: bool = False
     """No state row, but the local file matches the listing: record it, fetch nothing."""
+    offset: int | None = None
+    """With ``job``: the local file would match if the listing's dates were this many
+    seconds off (a zone not whole hours from UTC), which ``ListingClock`` does not trust yet."""
 
 
 def is_metadata(path: str) -> bool:
@@ -79,14 +91,49 @@ def wanted(path: str, is_dir: bool, include: Sequence[str], exclude: Sequence[st
     return matches(path, include)
 
 
-def _same_time(listing: float, local: float) -> bool:
-    # Listing dates carry no timezone (nginx prints UTC, Apache local time) and
-    # often only minutes: accept whole-hour offsets up to ±14 h, within a minute.
-    diff = abs(listing - local)
-    if diff > 14 * 3600 + _ADOPT_SLACK:
-        return False
-    off = diff % 3600
-    return off <= _ADOPT_SLACK or 3600 - off <= _ADOPT_SLACK
+def _offset(listing: float, local: float) -> int | None:
+    """How far the listing's date is from the file's own, in whole quarter hours (seconds),
+    if it is that within a minute; else None.
+
+    Listing dates carry no time zone (nginx prints UTC unless told otherwise, Apache the
+    server's local time) and often only minutes. Zones are whole quarter hours from UTC,
+    up to ±14 h: India +5:30, Nepal +5:45, Newfoundland -3:30, South Australia +9:30.
+    """
+    diff = listing - local
+    q = round(diff / _QUARTER) * _QUARTER
+    if abs(q) > 14 * 3600 or abs(diff - q) > _ADOPT_SLACK:
+        return None
+    return q
+
+
+_QUARTER = 900
+
+
+class ListingClock:
+    """Which offsets of a listing's dates from the files' own a run takes as the server's
+    time zone, for adopting a tree another tool made.
+
+    Whole hours always, as most zones are. Any other quarter hour is trusted once
+    :attr:`AGREE` files of the same exact size have shown it: one server has one zone
+    (two, with summer time), and a file of another content would have to match the size
+    and that offset to the minute. Before that, the pipeline holds such files back
+    (see ``Decision.offset``) and adopts them when the offset is trusted, or fetches them
+    when the crawl ends without it.
+    """
+
+    AGREE = 3
+
+    def __init__(self) -> None:
+        self._votes: dict[int, int] = {}
+
+    def trusted(self, offset: int) -> bool:
+        return offset % 3600 == 0 or self._votes.get(offset, 0) >= self.AGREE
+
+    def vote(self, offset: int) -> bool:
+        """One more file at ``offset``; True when this vote makes it trusted."""
+        n = self._votes.get(offset, 0) + 1
+        self._votes[offset] = n
+        return n == self.AGREE
 
 
 def decide(
@@ -94,8 +141,10 @@ def decide(
     row: Row | None,
     local: LocalFile | None,
     partial: bool = False,
+    clock: ListingClock | None = None,
 ) -> Decision:
-    """What to do with ``f`` this run.
+    """What to do with ``f`` this run. ``clock``: the zones the run trusts the listing's
+    dates to be in, for adopting a local file it has no row for (else whole hours only).
 
     >>> decide(RemoteFile("u", "a", 3, True, None, "3|x"), None, None).job.action
     <Action.NEW: 'new'>
@@ -107,9 +156,12 @@ def decide(
     if row is not None and row.status == "invalid":
         return Decision(Job(f, Action.NEW))  # it failed a probe: fetch it again
     if row is None or row.status not in ("ok", "adopted"):
-        if local is not None and _adoptable(f, local):
+        off = _adoptable(f, local) if local is not None else None
+        if off is None:
+            return Decision(Job(f, Action.NEW))
+        if clock.trusted(off) if clock is not None else off % 3600 == 0:
             return Decision(None, adopt=True)
-        return Decision(Job(f, Action.NEW))
+        return Decision(Job(f, Action.NEW), offset=off)
     if local is None:
         return Decision(Job(f, Action.NEW))
     if row.size is not None and local.size != row.size:
@@ -151,7 +203,8 @@ def racy(row: Row) -> bool:
     )
 
 
-def _adoptable(f: RemoteFile, local: LocalFile) -> bool:
-    if f.size is None or not f.size_exact or f.size != local.size:
-        return False
-    return f.mtime is not None and _same_time(f.mtime, local.mtime)
+def _adoptable(f: RemoteFile, local: LocalFile) -> int | None:
+    """The offset of the listing's date from the local file's, if the two may be one file."""
+    if f.size is None or not f.size_exact or f.size != local.size or f.mtime is None:
+        return None
+    return _offset(f.mtime, local.mtime)

@@ -202,6 +202,7 @@ def serve(
     localtime: bool | None = None,
     limit_rate: str | None = None,
     keepalive_requests: int | None = None,
+    tz: str | None = None,
     startup_timeout: float = 15.0,
 ) -> Iterator[Served]:
     """Run a ``kind`` server on 127.0.0.1 serving ``root`` with directory listings.
@@ -212,8 +213,10 @@ def serve(
     fancyindex equivalents).  ``limit_rate`` (nginx only, e.g. ``"20m"``) caps
     each connection's send rate, as a busy mirror does; ``keepalive_requests``
     (nginx only; default 10000) is how many requests a connection may carry before
-    nginx closes it (1000 is nginx's own default, 100 before 1.19.10).  Config, logs
-    and temp files go to ``workdir``.
+    nginx closes it (1000 is nginx's own default, 100 before 1.19.10).  ``tz`` is the
+    server's time zone (its ``TZ``, e.g. ``"Asia/Kolkata"``), in which Apache and nginx
+    with ``localtime=True`` print listing dates.  Config, logs and temp files go to
+    ``workdir``.
     """
     reason = unavailable(kind)
     if reason is not None:
@@ -251,7 +254,7 @@ def serve(
     for _attempt in range(3):
         port = free_port()
         argv, access_log, parse = _CONFIGURE[kind](root, workdir, port, options)
-        proc = _start(argv, workdir)
+        proc = _start(argv, workdir, tz)
         try:
             ok, last_error = _wait_ready(proc, port, workdir, startup_timeout)
             if not ok:
@@ -276,13 +279,15 @@ def _skip(reason: str) -> None:
 # --- process handling ---------------------------------------------------------
 
 
-def _start(argv: list[str], workdir: Path) -> subprocess.Popen[bytes]:
+def _start(argv: list[str], workdir: Path, tz: str | None = None) -> subprocess.Popen[bytes]:
     env = dict(
         os.environ,
         HOME=str(workdir),
         XDG_DATA_HOME=str(workdir / "data"),
         XDG_CONFIG_HOME=str(workdir / "config"),
     )
+    if tz is not None:
+        env["TZ"] = tz
     with open(workdir / "stdout.log", "ab") as out, open(workdir / "stderr.log", "ab") as err:
         return subprocess.Popen(
             argv,

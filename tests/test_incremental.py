@@ -784,6 +784,41 @@ def test_tree_made_by_another_tool_is_adopted(tmp_path: Path, run_fetch: RunFetc
         assert _file_requests(srv) == []
 
 
+@pytest.mark.real_server
+@pytest.mark.parametrize(
+    ("tz", "files", "adopted"),
+    [("Asia/Kolkata", 24, True), ("America/St_Johns", 24, True), ("Asia/Kolkata", 2, False)],
+    ids=["india-24", "newfoundland-24", "india-2"],
+)
+def test_tree_made_by_another_tool_is_adopted_in_a_zone_not_whole_hours_from_utc(
+    tmp_path: Path, run_fetch: RunFetch, tz: str, files: int, adopted: bool
+) -> None:
+    """nginx printing its local time (+5:30, -3:30): a tree whose files have the server's own
+    times is adopted once three files agree on that offset, the first ones included; two
+    files are too few to trust it, and are fetched (the listing could be another zone)."""
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    paths = _file_paths(_make_source(src, files=files, dirs=2))
+    for i, rel in enumerate(sorted(paths)):
+        os.utime(src / rel, (OLD + i * 4111, OLD + i * 4111))  # dates of their own
+    shutil.copytree(src, dest)  # copy2: the same times, no .fetcher
+    report = tmp_path / "report.json"
+    with serve("nginx", src, tmp_path / "nginx", localtime=True, tz=tz) as srv:
+        args = ("--mirror", srv.url, "--dest", dest, "--procs", "1")
+        r = run_fetch(*args, "--report", report)
+        assert r.code == 0, r
+        logged = srv.requests(min_count=len(paths) + 3)
+        fetched = sorted(q.path[1:] for q in logged if not q.path.endswith("/"))
+        assert fetched == ([] if adopted else sorted(paths)), fetched
+        planned = _report(report)["planned"]
+        assert planned.get("skipped", {}).get("files", 0) == (len(paths) if adopted else 0)
+        _assert_same(dest, src)
+        before = len(srv.requests(min_count=len(logged)))
+        r = run_fetch(*args)  # recorded either way: the next run fetches nothing
+        assert r.code == 0, r
+        again = srv.requests(min_count=before + 3)[before:]
+        assert [q.path for q in again if not q.path.endswith("/")] == []
+
+
 def test_partly_adopted_tree_plans_each_directory_from_what_is_on_disk(
     tmp_path: Path, run_fetch: RunFetch
 ) -> None:

@@ -1,5 +1,5 @@
 from fetcher.models import Action, RelPath, RemoteFile
-from fetcher.plan import LocalFile, decide, is_metadata, matches, wanted
+from fetcher.plan import ListingClock, LocalFile, decide, is_metadata, matches, wanted
 from fetcher.state import Row
 
 
@@ -84,6 +84,27 @@ def test_adopt_matching_local_file_even_with_timezone_offset() -> None:
     assert decide(f, None, LocalFile(10, f.mtime - 3600 * 5)).adopt  # type: ignore[operator]
     assert not decide(f, None, LocalFile(10, f.mtime + 1800)).adopt  # type: ignore[operator]
     assert not decide(f, None, LocalFile(11, f.mtime)).adopt  # type: ignore[arg-type]
+
+
+def test_adopt_at_another_quarter_hour_only_once_the_clock_trusts_it() -> None:
+    f = remote()
+    assert f.mtime is not None
+    ist = LocalFile(10, f.mtime - 5.5 * 3600 + 20)  # the listing in India's time
+    d = decide(f, None, ist)
+    assert not d.adopt and d.job is not None and d.job.action is Action.NEW
+    assert d.offset == 5.5 * 3600
+    clock = ListingClock()
+    for _ in range(ListingClock.AGREE - 1):
+        assert decide(f, None, ist, clock=clock).offset == 19800
+        assert not clock.vote(19800)
+    assert clock.vote(19800)  # the AGREE-th file at that offset: the listing's zone
+    assert decide(f, None, ist, clock=clock).adopt
+    # only that offset; another quarter hour is not, nor is a date off by 20 minutes
+    assert decide(f, None, LocalFile(10, f.mtime + 2.75 * 3600), clock=clock).offset == -9900
+    assert decide(f, None, LocalFile(10, f.mtime + 20 * 60), clock=clock).offset is None
+    assert not decide(f, None, LocalFile(10, f.mtime + 20 * 60), clock=clock).adopt
+    assert decide(f, None, LocalFile(10, f.mtime + 3 * 3600), clock=clock).adopt  # whole hours
+    assert decide(f, None, LocalFile(10, f.mtime + 15 * 3600)).offset is None  # beyond ±14 h
 
 
 def test_metadata_paths() -> None:
