@@ -91,6 +91,8 @@ class _Dir:
     ancestors: tuple[bytes, ...]
     ahead: Future[_Page] | None = field(default=None, compare=False)
     """Set on a directory asked for before the crawl reached it (``known``): its listing."""
+    confirms: _Suspect | None = field(default=None, compare=False)
+    """Set on a listing read only to tell whether ``confirms.d`` is a symlink loop."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +108,21 @@ class _Page:
     """Not parsed: the same as the last run's, its files all unchanged (see ``crawl``)."""
     unsure: bool = False
     """Ended by the connection's close with no closing tag at its end: maybe cut short."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Suspect:
+    """A directory whose listing is the same as an ancestor's, held back.
+
+    A server-side symlink loop shows the same listing again one level further down,
+    which a coincidence does not: ``pkg/`` holding only ``pkg/``, both changed in one
+    minute (or on a listing without dates), is not a loop, and ``pkg/pkg/`` has its own.
+    """
+
+    d: _Dir
+    page: _Page
+    expect: bytes
+    """The fingerprint the listing below (``_Dir.confirms``) has if ``d`` is a loop."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -396,7 +413,7 @@ def crawl(
     lanes, depth = pipelined_lanes(opts.concurrency, longest)
 
     def keeper(d: _Dir) -> _Keep | None:
-        if listings is None or intact is None or opts.verify:
+        if listings is None or intact is None or opts.verify or d.confirms is not None:
             return None
 
         def keep(page_url: str, digest: bytes) -> tuple[Listing, tuple[str, ...], int] | None:
@@ -420,7 +437,7 @@ def crawl(
         page = with_retries(
             retrying, lambda: _fetch_page(get, d.url, scope, opts, gate, keep), reached
         )
-        if opts.verify:
+        if opts.verify and d.confirms is None:
             for e in page.entries:
                 name = unquote(e.url.rstrip("/").rsplit("/", 1)[-1])
                 if not e.is_dir and is_sums_file(name) and scope.contains(e.url):
@@ -542,6 +559,9 @@ def crawl(
                     # silent end of a crawl that then looks complete and clean.
                     yield from _unread(d, f"unexpected {type(exc).__name__}: {exc}")
                     continue
+                if d.confirms is not None:
+                    yield from _confirmed(page, d, scope, opts, visited, submit)
+                    continue
                 if page.unsure:
                     yield CrawlProblem(
                         d.url,
@@ -619,6 +639,8 @@ def _start_is_a_file(client: httpx.Client, t: Transfer) -> str:
 
 
 def _unread(d: _Dir, message: str) -> Iterator[CrawlItem]:
+    if d.confirms is not None:  # the suspect is neither a loop nor crawled: unread too
+        d, message = d.confirms.d, f"no listing below it to tell a symlink loop by: {message}"
     if d.path:
         yield RemoteDir(RelPath(d.path))  # it exists upstream, even if unreadable now
     yield CrawlProblem(d.url, message, "listing")
@@ -640,15 +662,15 @@ def _children(
     opts: CrawlOptions,
     visited: set[str],
     submit: Callable[[_Dir], None],
+    checked: bool = False,
 ) -> Iterator[CrawlItem]:
     fp = _fingerprint(page.entries)
-    if fp in d.ancestors:
-        # Not even the directory itself is mirrored: it is a view of an ancestor.
-        yield CrawlProblem(
-            d.url,
-            "listing identical to an ancestor's (a server-side symlink loop?); not descended",
-            "loop",
-        )
+    if fp in d.ancestors and not checked:
+        check = _check_loop(page, d, scope, fp)
+        if check is None:
+            yield _loop(d)
+        else:
+            submit(check)  # held back until the listing below tells (``_confirmed``)
         return
     if d.path:
         yield RemoteDir(RelPath(d.path))
@@ -704,6 +726,60 @@ def _children(
         if len(stamps) == len(files):  # a file without one is asked about every run
             names = names_digest(stamps)
             yield Listing(d.url, d.path, page.digest, names, len(files), tuple(below), fp)
+
+
+def _loop(d: _Dir) -> CrawlProblem:
+    # Not even the directory itself is mirrored: it is a view of an ancestor.
+    return CrawlProblem(
+        d.url,
+        "listing identical to an ancestor's, and so is the one below it (a server-side "
+        "symlink loop?); not descended",
+        "loop",
+    )
+
+
+def _check_loop(page: _Page, d: _Dir, scope: Scope, fp: bytes) -> _Dir | None:
+    """The listing that tells whether ``d``, whose listing is the same as an ancestor's,
+    is that ancestor again (a symlink loop); ``None`` when there is none to ask for.
+
+    If ``d`` is the ancestor ``a`` again, then ``d/x/``, for the name ``x`` that leads from
+    ``a`` down towards ``d``, is ``a/x/`` again, whose listing the crawl has seen: the
+    next ancestor's, or ``d``'s own when ``a`` is ``d``'s parent.
+    """
+    at = max(i for i, seen in enumerate(d.ancestors) if seen == fp)
+    segments = d.path.split("/")
+    if len(segments) != len(d.ancestors):
+        return None
+    below = f"{d.path}/{segments[at]}"
+    expect = d.ancestors[at + 1] if at + 1 < len(d.ancestors) else fp
+    for e in page.entries:
+        if not e.is_dir:
+            continue
+        try:
+            if scope.child(d.url, d.path, e.url) != below:
+                continue
+        except UnsafePath:
+            continue
+        url = e.url if e.url.endswith("/") else e.url + "/"
+        return _Dir(url, below, d.depth + 1, (), confirms=_Suspect(d, page, expect))
+    return None
+
+
+def _confirmed(
+    page: _Page,
+    check: _Dir,
+    scope: Scope,
+    opts: CrawlOptions,
+    visited: set[str],
+    submit: Callable[[_Dir], None],
+) -> Iterator[CrawlItem]:
+    """The suspect of ``check`` (see ``_check_loop``), now that ``page`` is its listing."""
+    s = check.confirms
+    assert s is not None
+    if _fingerprint(page.entries) == s.expect:
+        yield _loop(s.d)
+    else:
+        yield from _children(s.page, s.d, scope, opts, visited, submit, checked=True)
 
 
 def _kept_children(

@@ -435,6 +435,53 @@ def test_symlink_loop_on_nginx(tmp_path: Path, served, run_fetch) -> None:
     _check_symlink_mirror(dest, r.output, [q.path for q in srv.requests()])
 
 
+@pytest.mark.real_server
+@pytest.mark.parametrize("kind", ["python", "nginx"])
+def test_a_directory_named_as_its_only_subdirectory_is_no_loop(
+    tmp_path: Path, served, run_fetch, kind: str
+) -> None:
+    """``pkg/`` holds only ``pkg/``: its listing is the start's again, on a page without
+    dates (python) or with both made in one minute (nginx). It was taken for a symlink
+    loop and ``pkg/pkg/`` never read; a real loop below it (``self -> .``) still is one."""
+    base = tmp_path / "www"
+    inner = base / "pub" / "start" / "pkg" / "pkg"
+    inner.mkdir(parents=True)
+    (inner / "file.txt").write_bytes(b"inside pkg/pkg\n")
+    (inner / "self").symlink_to(".")
+    for p in (inner / "file.txt", inner, inner.parent):
+        os.utime(p, (1_700_000_000, 1_700_000_000))
+    srv = served(kind, base)
+    dest = tmp_path / "d"
+    args = ("--mirror", srv.url + START[1:], "--dest", dest, "--procs", "1")
+    r = run_fetch(*args)
+    _no_traceback(r.output)
+    assert r.code == 0, r
+    assert _mirrored(dest) == {"pkg", "pkg/pkg", "pkg/pkg/file.txt"}, r.output
+    assert (dest / "pkg" / "pkg" / "file.txt").read_bytes() == b"inside pkg/pkg\n"
+    assert "symlink loop" in r.output and "/pkg/pkg/self/" in r.output, r.output
+    first = len(srv.requests(min_count=1))
+    r = run_fetch(*args)  # the kept listings of the last run: the same verdicts
+    assert r.code == 0, r
+    assert _mirrored(dest) == {"pkg", "pkg/pkg", "pkg/pkg/file.txt"}, r.output
+    again = [q for q in srv.requests()[first:] if not q.path.endswith("/")]
+    assert again == [] or kind == "python", again  # (python: no dates, so asked with 304s)
+    assert all(q.status == 304 for q in again), again
+
+
+def test_a_loop_that_cannot_be_told_is_a_listing_error(tmp_path: Path, run_fetch) -> None:
+    """``a/`` lists as the start does, and ``a/a/``, which would tell, cannot be read."""
+    with FaultServer() as srv:
+        srv.add_listing(START, _page(b"a/"))
+        srv.add_listing(START + "a/", _page(b"a/"))
+        srv.persist(START + "a/a/", Fault.status(403))
+        r = run_fetch("--mirror", srv.url + START[1:], "--dest", tmp_path / "d", "--procs", "1")
+        _no_traceback(r.output)
+        assert r.code != 0, r
+        assert "no listing below it to tell a symlink loop by: HTTP 403" in r.output, r
+        assert srv.count(path=START + "a/a/") >= 1
+        assert srv.count(path=START + "a/a/a/") == 0
+
+
 def test_one_file_under_two_spellings_fetched_once(tmp_path: Path, run_fetch) -> None:
     """``a.txt``, ``%61.txt`` and ``%61%2Etxt`` are one local file: one request, no race."""
     with FaultServer() as srv:
