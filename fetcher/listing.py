@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import codecs
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import quote, unquote_to_bytes, urljoin, urlsplit
@@ -87,7 +88,7 @@ def _read_tree(body: bytes, page: _Page, page_url: str) -> list[ListingEntry]:
             reader.rebase(str(href))
             break
     found: dict[str, _Found] = {}
-    for a in root.iter("a"):
+    for a in _links(root):
         item = reader.read(a)
         if item is None:
             continue
@@ -96,6 +97,38 @@ def _read_tree(body: bytes, page: _Page, page_url: str) -> list[ListingEntry]:
         else:
             found[item.url] = item
     return [item.entry() for item in found.values()]
+
+
+# The sort links of Apache's FancyIndexing and of nginx's fancyindex: "?C=N;O=D", "?C=M&O=A".
+_SORT_LINK = re.compile(r"\?C=[NMSD][;&]O=[AD]")
+
+
+def _links(root: etree._Element) -> Iterator[etree._Element]:
+    """The page's links; on a page Apache or nginx's fancyindex made, its listing's only.
+
+    Both put a directory's README around the ``<pre>`` or ``<table>`` of its listing
+    (Apache's ``HeaderName`` and ``ReadmeName``, on by default in Debian's config;
+    fancyindex's ``fancyindex_header`` and ``_footer``), and its links ("the ChangeLog",
+    "old releases", "/status.html") are not entries: taken for ones, they were files
+    fetched into a 404 on every run, and directories made in DEST with a listing error.
+    Their listing is the ``<pre>`` or ``<table>`` that holds the sort links and, as they
+    print it, an ``<hr>`` under them (Apache) or a ``<thead>`` (fancyindex); a hand-made
+    page's sort links say nothing of where its other links are.
+    """
+    boxes: list[etree._Element] = []
+    for a in root.iter("a"):
+        if not _SORT_LINK.fullmatch(str(a.get("href") or "").strip()):
+            continue
+        box = next(a.iterancestors("pre", "table"), None)
+        if box is None or box in boxes or next(box.iter("hr", "thead"), None) is None:
+            continue
+        boxes.append(box)
+    if not boxes:
+        yield from root.iter("a")
+        return
+    for box in boxes:
+        if not any(outer in boxes for outer in box.iterancestors("pre", "table")):
+            yield from box.iter("a")
 
 
 # nginx's autoindex, as ngx_http_autoindex_module prints it (HTML, exact or rounded

@@ -13,8 +13,8 @@ the body raises.  A missing binary skips the test (``pytest.skip``) or, outside
 pytest, raises :class:`ServerUnavailable`.
 
 Kinds: ``nginx`` (autoindex; options ``exact_size``, ``localtime``),
-``nginx-fancyindex`` (same options), ``apache`` (option ``style``: ``fancy``,
-``table`` or ``plain``), ``lighttpd``, ``caddy`` and ``python``
+``nginx-fancyindex`` (same options), ``apache`` (options ``style``: ``fancy``,
+``table`` or ``plain``; ``readmes``), ``lighttpd``, ``caddy`` and ``python``
 (``http.server``; it has no Range, no ETag and logs no byte counts).
 
 Running as root: nginx gets ``user root;``; lighttpd runs as root without
@@ -203,6 +203,7 @@ def serve(
     limit_rate: str | None = None,
     keepalive_requests: int | None = None,
     tz: str | None = None,
+    readmes: bool = False,
     startup_timeout: float = 15.0,
 ) -> Iterator[Served]:
     """Run a ``kind`` server on 127.0.0.1 serving ``root`` with directory listings.
@@ -215,14 +216,16 @@ def serve(
     (nginx only; default 10000) is how many requests a connection may carry before
     nginx closes it (1000 is nginx's own default, 100 before 1.19.10).  ``tz`` is the
     server's time zone (its ``TZ``, e.g. ``"Asia/Kolkata"``), in which Apache and nginx
-    with ``localtime=True`` print listing dates.  Config, logs and temp files go to
+    with ``localtime=True`` print listing dates.  ``readmes`` (Apache only) shows a
+    directory's ``HEADER.html`` above its listing and ``README.html`` below it, as
+    Debian's default config does (``HeaderName``, ``ReadmeName``).  Config, logs and temp files go to
     ``workdir``.
     """
     reason = unavailable(kind)
     if reason is not None:
         _skip(reason)
-    if style is not None and kind != "apache":
-        raise ValueError(f"style= is an apache option, not {kind}'s")
+    if (style is not None or readmes) and kind != "apache":
+        raise ValueError(f"style= and readmes= are apache options, not {kind}'s")
     nginx_only = (exact_size, localtime, limit_rate, keepalive_requests)
     if any(o is not None for o in nginx_only) and not kind.startswith("nginx"):
         raise ValueError(
@@ -245,6 +248,7 @@ def serve(
 
     options = {
         "style": style,
+        "readmes": readmes,
         "exact_size": exact_size is not False,
         "localtime": bool(localtime),
         "limit_rate": limit_rate,
@@ -458,6 +462,8 @@ def _apache(root: Path, workdir: Path, port: int, options: dict[str, object]) ->
         "    AllowOverride None\n    Require all granted\n</Directory>\n"
         f"IndexOptions {_APACHE_INDEX_OPTIONS[str(options['style'])]}\n"
     )
+    if options["readmes"]:
+        conf += "HeaderName HEADER.html\nReadmeName README.html\n"
     if icons.is_dir():  # Debian's look: icons beside each entry, served from /icons/
         conf += (
             f'Alias /icons/ "{icons}/"\n'

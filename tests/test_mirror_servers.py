@@ -10,7 +10,7 @@ import pytest
 
 from tests.faultserver import FaultServer
 from tests.servers import visible_manifest
-from tests.trees import make_hard_tree, tree_manifest
+from tests.trees import make_hard_tree, settled, tree_manifest
 
 
 @pytest.fixture(scope="module")
@@ -86,3 +86,36 @@ def test_default_dest_is_last_segment(
         assert r.code == 0, r
     assert (tmp_path / "Packages" / "a.rpm").read_bytes() == b"rpm"
     shutil.rmtree(tmp_path / "Packages")
+
+
+@pytest.mark.real_server
+@pytest.mark.parametrize("style", ["fancy", "table"])
+def test_links_of_apache_readmes_are_not_entries(
+    style: str, served, tmp_path: Path, run_fetch
+) -> None:
+    """Apache shows HEADER.html above a listing and README.html below it (Debian's config).
+    Their links were entries: a file and a directory that do not exist asked for (404)
+    on every run, the directory made in DEST, and a listing error that kept off --delete."""
+    src = tmp_path / "www"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.iso").write_bytes(b"iso\n")
+    (src / "sub" / "b.txt").write_bytes(b"b\n")
+    (src / "HEADER.html").write_text(
+        '<h2>Mirror</h2><p>See <a href="/">home</a>, <a href="ChangeLog">the change log</a>,'
+        ' <a href="old/">old releases</a>, <a href="/status.html">status</a> and'
+        ' <a href="a.iso">the image</a>.</p>\n'
+    )
+    (src / "README.html").write_text(
+        '<p>From <a href="https://upstream.invalid/">upstream</a>: <a href="sub/b.txt">b</a>,'
+        ' <a href="SHA256SUMS">sums</a>, <a href="?C=N;O=D">by name</a></p>\n'
+    )
+    (src / "sub" / "README.html").write_text('<p><a href="../gone/x.iso">moved</a></p>\n')
+    srv = served("apache", settled(src), style=style, readmes=True)
+    dest = tmp_path / "dest"
+    for _ in range(2):
+        r = run_fetch("--mirror", srv.url, "--dest", dest, "--procs", "1")
+        assert r.code == 0, r
+        _check(dest, tree_manifest(src))
+    asked = {q.path for q in srv.requests()}
+    assert asked.isdisjoint({"/ChangeLog", "/old/", "/status.html", "/SHA256SUMS", "/gone/"})
+    assert asked >= {"/", "/sub/", "/a.iso", "/sub/b.txt", "/HEADER.html", "/README.html"}
