@@ -35,11 +35,13 @@ from fetcher.errors import (
     IsADirectory,
     RangeMismatch,
     RedirectRefused,
+    StaleIndex,
     TransferError,
 )
 from fetcher.http1 import NoToken, ThreadConnTransport
 from fetcher.limits import SharedLimits
 from fetcher.models import STATE_DIR, Action, Job, Outcome, RelPath, RemoteFile, Scope, Status
+from fetcher.plan import is_top_metadata
 from fetcher.retry import RetryPolicy, retry_after_seconds, with_retries
 from fetcher.transport import file_url, plain_get, request_parts
 from fetcher.wire import Body, write_all
@@ -329,8 +331,10 @@ def _attempt_into(ctx: _Ctx, job: Job, where: _Where, look: bool, out: _Out) -> 
         # and Content-Length counts those raw bytes.
         resumable = total is None or total - offset > RESUME_MIN
         # A small new file from its first byte can be written unnamed (see _Out); an
-        # update replaces a file, and a resume appends to its partial file.
+        # update replaces a file, and a resume appends to its partial file. An index
+        # read back before it is published goes to its partial file too.
         unnamed = not resumable and not offset and job.action is Action.NEW
+        unnamed = unnamed and not _read_back(f)
         if not (unnamed and _unnamed_ok(ctx, where, out)):
             part, meta = where.partial()
             _ensure_dir(str(part.parent), ctx.known_dirs)
@@ -386,7 +390,7 @@ def _attempt_into(ctx: _Ctx, job: Job, where: _Where, look: bool, out: _Out) -> 
             raise IncompleteDownload(
                 f"the partial file of {f.url} holds {on_disk} bytes where {size} came"
             )
-        _name_partial(ctx, where, part, mtime)
+        _name_partial(ctx, where, part, mtime, f)
         if resumable or offset:  # a sidecar was written, or this resume read one
             meta.unlink(missing_ok=True)
     return Outcome(
@@ -840,7 +844,7 @@ def _attempt_segmented(ctx: _Ctx, job: Job, where: _Where) -> Outcome:
         raise IncompleteDownload(f"{len(set(ranges) - finished)} ranges of {f.url} missing")
     last_mod = got.get("last-modified")
     mtime = _parse_last_modified(last_mod) or f.mtime
-    _name_partial(ctx, where, part, mtime)
+    _name_partial(ctx, where, part, mtime, f)
     meta.unlink(missing_ok=True)
     return Outcome(
         f.path,
@@ -862,8 +866,26 @@ def _write_sidecar(meta: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, meta)
 
 
-def _name_partial(ctx: _Ctx, where: _Where, part: Path, mtime: float | None) -> None:
+def _read_back(f: RemoteFile) -> bool:
+    """Metadata that names other metadata (``repomd.xml``, ``Release``), crawled from the
+    listings: read back before it is published, to see that DEST holds what it names
+    (:func:`fetcher.repo_refs.disagreement`). From ``--index``, its digest already ties
+    it to the copy the run's file list came from."""
+    return f.checksum is None and is_top_metadata(f.path)
+
+
+def _name_partial(ctx: _Ctx, where: _Where, part: Path, mtime: float | None, f: RemoteFile) -> None:
     """The checked partial file takes its final name (and the server's time), atomically."""
+    if _read_back(f):
+        from fetcher.repo_refs import disagreement
+
+        why = disagreement(f.path, part.read_bytes(), ctx.t.dest)
+        if why is not None:
+            _discard(where)
+            raise StaleIndex(
+                f"{f.path} not published: {why} (rewritten upstream during the run?);"
+                " the next run fetches what it names"
+            )
     _ensure_dir(where.parent, ctx.known_dirs)
     if mtime is not None:
         os.utime(part, (mtime, mtime))

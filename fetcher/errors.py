@@ -17,6 +17,7 @@ meant for a person, plus an optional hint saying what to do about it::
         ├── RangeMismatch ..... a 206 answer for a range we did not ask for
         ├── RedirectRefused ... a redirect off the mirror or too many hops
         ├── ChecksumMismatch .. the bytes do not match the published digest
+        ├── StaleIndex ........ an index naming files DEST does not hold as it says
         └── IsADirectory ...... the "file" turned out to be a directory
 
 Foreign exceptions (httpx, OSError) are translated where they enter, with
@@ -38,6 +39,7 @@ __all__ = [
     "PostProcessError",
     "RangeMismatch",
     "RedirectRefused",
+    "StaleIndex",
     "TransferError",
     "UnsafePath",
     "UsageError",
@@ -145,6 +147,12 @@ class ChecksumMismatch(TransferError):
     """The received bytes do not match the published digest."""
 
     retryable = True
+
+
+class StaleIndex(TransferError):
+    """Repository metadata (``repomd.xml``, ``Release``) that names files DEST does not hold
+    as it says: rewritten upstream during the run. Not retried: the next run lists the
+    files it names."""
 
 
 class IsADirectory(TransferError):
