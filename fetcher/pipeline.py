@@ -58,7 +58,7 @@ from fetcher.models import (
 )
 from fetcher.plan import ListingClock, LocalFile, decide, is_metadata, is_top_metadata, racy
 from fetcher.procs import fork_safe, worker_context
-from fetcher.prune import local_files, prune
+from fetcher.prune import drop_partials, local_files, prune
 from fetcher.shard import make_shards
 from fetcher.state import ROWS_AT_ONCE, Row, RunLock, State
 from fetcher.transport import make_client, make_transport
@@ -445,6 +445,9 @@ def _run_with_state(
                     new_dirs=run.disk.fresh, unchanged=run.unchanged, found=run.disk.found,
                     uncrawled=run.uncrawled,
                 )  # fmt: skip
+            if not summary.dry_run and _crawl_clean(run):
+                # partial files of a killed run that nothing upstream stands for any more
+                drop_partials(dest, (path for path, _ in summary.failed))
             if run.kept and _crawl_clean(run):
                 # directories gone upstream (or out of the selection): their kept listings go
                 state.forget_listings([url for url in run.kept if url not in run.listed])

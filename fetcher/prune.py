@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Callable, Iterator, Sequence, Set
+from collections.abc import Callable, Iterable, Iterator, Sequence, Set
 from pathlib import Path
 
 from fetcher.config import MirrorJob
+from fetcher.download import partial_dir, partial_name
 from fetcher.errors import UnsafePath
-from fetcher.models import STATE_DIR, Summary
+from fetcher.models import STATE_DIR, RelPath, Summary
 from fetcher.plan import wanted
 from fetcher.state import State
 
-__all__ = ["local_files", "prune"]
+__all__ = ["drop_partials", "local_files", "prune"]
 
 
 def local_files(dest: Path, skip: Set[str] = frozenset()) -> Iterator[str]:
@@ -140,6 +141,31 @@ def prune(
             except OSError:
                 continue  # something appeared in it (or under it) since
         s.deleted_dirs.append(rel + "/")
+
+
+def drop_partials(dest: Path, failed: Iterable[str]) -> int:
+    """Remove the partial files (and sidecars) in DEST's partial directory but those of
+    ``failed``, which the next run resumes; how many went. For the end of a run whose
+    crawl was complete and clean: every other file it listed was planned, and a planned
+    file's partial file is resumed and renamed into place, so what is left belongs to
+    files gone upstream (or out of the selection) since a run that was killed while
+    fetching them, and no run would ever take it up again.
+    """
+    keep = {partial_name(RelPath(p)).partition(".")[0] for p in failed}
+    gone = 0
+    try:
+        entries = list(os.scandir(partial_dir(dest)))
+    except OSError:
+        return 0
+    for e in entries:
+        if e.name.partition(".")[0] in keep or not e.is_file(follow_symlinks=False):
+            continue
+        try:
+            os.unlink(e.path)
+        except FileNotFoundError:
+            continue
+        gone += 1
+    return gone
 
 
 def _not_a_dir(path: Path) -> bool:

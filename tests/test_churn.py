@@ -8,7 +8,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +21,8 @@ from tests.faultserver import Fault, FaultServer
 from tests.trees import tree_manifest
 
 RunFetch = Callable[..., Any]
+REPO = Path(__file__).resolve().parent.parent
+MIB = 1 << 20
 
 OLD = 1_700_000_000.0
 """Source mtimes: fixed and old, so listing dates are stable across runs."""
@@ -139,3 +145,72 @@ def test_an_index_rewritten_upstream_after_the_files_it_names_is_not_published(
         r = run_fetch("--mirror", srv.url, "--dest", dest, "--delete")
     assert r.code == 0, r.output
     assert tree_manifest(dest) == tree_manifest(www)
+
+
+def _partials(dest: Path) -> list[str]:
+    part = dest / ".fetcher" / "partial"
+    return sorted(p.name for p in part.iterdir()) if part.is_dir() else []
+
+
+def _begun(dest: Path) -> list[Path]:
+    """Partial files with a sidecar and some bytes: a next run resumes them."""
+    part = dest / ".fetcher" / "partial"
+    begun = []
+    for p in part.glob("*.part") if part.is_dir() else ():
+        with contextlib.suppress(FileNotFoundError):
+            if p.stat().st_size >= 64 * 1024 and p.with_suffix(".json").exists():
+                begun.append(p)
+    return begun
+
+
+def test_the_partial_file_of_a_killed_run_goes_once_its_file_is_gone_upstream(
+    tmp_path: Path, run_fetch: RunFetch
+) -> None:
+    """A run killed while it fetched a big file leaves its partial file to be resumed; but
+    the file was deleted upstream before the next run, which then had nothing to resume it
+    for, and left it (and its sidecar) in DEST for good: every such kill under a timer
+    that stops hung syncs kept a few hundred MiB of an ISO nobody serves. A run whose
+    crawl is complete and clean removes the partial files of everything but what failed
+    in it (which the next run resumes)."""
+    www = tmp_path / "www"
+    (www / "iso").mkdir(parents=True)
+    (www / "iso" / "old.iso").write_bytes(os.urandom(4 * MIB))
+    (www / "iso" / "kept.iso").write_bytes(os.urandom(3 * MIB))
+    (www / "small.txt").write_bytes(b"small")
+    dest = tmp_path / "d"
+    with FaultServer(root=www) as srv:
+        srv.persist("/iso/*", Fault.trickle(MIB))
+        argv = [sys.executable, "-m", "fetcher", "--mirror", srv.url, "--dest", str(dest),
+                "--procs", "1", "--threads", "2", "-q"]  # fmt: skip
+        proc = subprocess.Popen(
+            argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 30
+            while len(_begun(dest)) < 2:
+                assert proc.poll() is None, f"run ended early: {proc.returncode}"
+                assert time.monotonic() < deadline, (
+                    f"no partial files after 30 s: {_partials(dest)}"
+                )
+                time.sleep(0.05)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        assert not (dest / "iso" / "old.iso").exists()
+        srv.persist("/iso/*", None)
+        (www / "iso" / "old.iso").unlink()
+
+        # a run that fails the other one keeps its partial file for the next
+        srv.persist("/iso/kept.iso", Fault.status(503))
+        r = run_fetch("--mirror", srv.url, "--dest", dest, "--retries", "1")
+        assert r.code == 1, r.output
+        left = _partials(dest)
+        assert len(left) == 2 and {n.rpartition(".")[2] for n in left} == {"part", "json"}, left
+        srv.persist("/iso/kept.iso", None)
+        r = run_fetch("--mirror", srv.url, "--dest", dest)
+    assert r.code == 0, r.output
+    assert tree_manifest(dest) == tree_manifest(www)
+    assert _partials(dest) == []
+    assert srv.count(path="/iso/kept.iso", status=206) >= 1  # resumed, not fetched again
