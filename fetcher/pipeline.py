@@ -56,7 +56,7 @@ from fetcher.models import (
     WorkerFatal,
     names_digest,
 )
-from fetcher.plan import ListingClock, LocalFile, decide, is_metadata, is_top_metadata, racy
+from fetcher.plan import ListingClock, LocalFile, decide, is_metadata, publish_step, racy
 from fetcher.procs import fork_safe, worker_context
 from fetcher.prune import drop_partials, local_files, prune
 from fetcher.shard import make_shards
@@ -744,11 +744,13 @@ def _loop(run: _Run) -> None:
                 run.held = []
                 run.held_back = True
             else:
-                # Two steps: the indices first, then the files that point at them
-                # (repomd.xml, Release, InRelease), so no client sees a dangling index.
-                first = [j for j in run.held if not is_top_metadata(j.file.path)]
-                _submit(run, first or run.held)
-                run.held = [j for j in run.held if is_top_metadata(j.file.path)] if first else []
+                # In steps: the indices first, then the files that point at them
+                # (repomd.xml, Release, InRelease), so no client sees a dangling index,
+                # then their signatures (plan.publish_step); a step waits for the last
+                # and is held back if anything in it failed.
+                step = min(publish_step(j.file.path) for j in run.held)
+                _submit(run, [j for j in run.held if publish_step(j.file.path) == step])
+                run.held = [j for j in run.held if publish_step(j.file.path) != step]
             continue
         # 3. events from the workers, and finished post-processing
         if run.post is not None:

@@ -24,6 +24,7 @@ __all__ = [
     "is_metadata",
     "is_top_metadata",
     "matches",
+    "publish_step",
     "wanted",
 ]
 
@@ -36,6 +37,8 @@ _METADATA = re.compile(
 _TOP_METADATA = re.compile(
     r"(^|/)(repodata/repomd\.xml(\.asc|\.key)?|Release|Release\.gpg|InRelease)$"
 )
+
+_SIGNATURE = re.compile(r"(^|/)(repodata/repomd\.xml\.(asc|key)|Release\.gpg)$")
 
 _ADOPT_SLACK = 60.0
 
@@ -67,6 +70,16 @@ def is_metadata(path: str) -> bool:
 def is_top_metadata(path: str) -> bool:
     """The metadata that points at other metadata: published after everything else."""
     return _TOP_METADATA.search(path) is not None
+
+
+def publish_step(path: str) -> int:
+    """When repository metadata is published, once every other file is in: 0 the indices,
+    1 the files that point at them (``repomd.xml``, ``Release``, ``InRelease``), 2 the
+    detached signatures of those (``Release.gpg``, ``repomd.xml.asc``), which must not
+    stand beside an older copy of what they sign when its step failed."""
+    if not is_top_metadata(path):
+        return 0
+    return 2 if _SIGNATURE.search(path) else 1
 
 
 def matches(path: str, globs: Sequence[str]) -> bool:

@@ -214,3 +214,57 @@ def test_the_partial_file_of_a_killed_run_goes_once_its_file_is_gone_upstream(
     assert tree_manifest(dest) == tree_manifest(www)
     assert _partials(dest) == []
     assert srv.count(path="/iso/kept.iso", status=206) >= 1  # resumed, not fetched again
+
+
+def test_a_signature_is_not_published_beside_an_index_that_was_not(
+    tmp_path: Path, run_fetch: RunFetch
+) -> None:
+    """``Release.gpg`` signs ``Release`` (and ``repomd.xml.asc`` signs ``repomd.xml``).
+    Both went out in one step: upstream rewrote the suite while the run asked for
+    ``Release``, the new ``Release`` was refused (it names another ``Packages.gz``) but
+    the new ``Release.gpg`` was published beside the old ``Release``, which then failed
+    its signature check on every client (BADSIG). A signature goes after what it signs,
+    and not when that failed."""
+    www = tmp_path / "www"
+    (www / "dists" / "stable" / "main" / "binary-amd64").mkdir(parents=True)
+    _debian(www, b"Packages, first")
+    suite = www / "dists" / "stable"
+    (suite / "Release.gpg").write_bytes(b"signature of the first Release")
+    _age(www)
+    dest = tmp_path / "d"
+    with FaultServer(root=www) as srv:
+        assert run_fetch("--mirror", srv.url, "--dest", dest).code == 0
+        old = tree_manifest(dest)
+        for p in ("Release", "Release.gpg"):
+            os.utime(suite / p, (OLD + 7200, OLD + 7200))
+
+        def rewrite() -> None:
+            _debian(www, b"Packages, later")
+            (suite / "Release.gpg").write_bytes(b"signature of the later Release")
+
+        # the signature, if asked for in the same step, is answered after Release is
+        after = threading.Event()
+        srv.script("/dists/stable/Release.gpg", [Fault.gated(after)])
+
+        def release_answered() -> None:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not any(
+                q.path == "/dists/stable/Release" and q.finished for q in srv.requests
+            ):
+                time.sleep(0.01)
+            after.set()
+
+        th = threading.Thread(target=release_answered, daemon=True)
+        with _changed_when_asked(srv, "/dists/stable/Release", rewrite):
+            th.start()
+            try:
+                r = run_fetch("--mirror", srv.url, "--dest", dest)
+            finally:
+                after.set()
+                th.join(timeout=60)
+        assert r.code == 1, r.output
+        assert "dists/stable/Release not published" in r.output, r.output
+        assert tree_manifest(dest) == old
+        r = run_fetch("--mirror", srv.url, "--dest", dest)
+    assert r.code == 0, r.output
+    assert tree_manifest(dest) == tree_manifest(www)
