@@ -57,6 +57,10 @@ class Transfer:
     auth: tuple[str, str] | None = field(default=None, repr=False)
     """User and password from the start URL (``https://user:pass@host/``), sent as HTTP Basic
     auth with every request; the URLs themselves carry none (see :func:`build_job`)."""
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    """The run's selection (``--include`` / ``--exclude``): a published index is checked
+    against what DEST holds only for the files the selection takes."""
     pipeline: int = 8
     """Small-file requests in flight per download thread, and listings' per crawl connection
     (1: none pipelined); each gathered on as few connections as hold them (see
@@ -143,6 +147,8 @@ class MirrorJob:
             user_agent=self.user_agent,
             headers=self.headers,
             segments=self.segments,
+            include=self.include,
+            exclude=self.exclude,
         )
 
 

@@ -879,7 +879,7 @@ def _name_partial(ctx: _Ctx, where: _Where, part: Path, mtime: float | None, f: 
     if _read_back(f):
         from fetcher.repo_refs import disagreement
 
-        why = disagreement(f.path, part.read_bytes(), ctx.t.dest)
+        why = disagreement(f.path, part.read_bytes(), ctx.t)
         if why is not None:
             _discard(where)
             raise StaleIndex(

@@ -15,20 +15,27 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
+from typing import TYPE_CHECKING
+
+from fetcher.plan import wanted
+
+if TYPE_CHECKING:
+    from fetcher.config import Transfer
 
 __all__ = ["disagreement"]
 
 _SIGNED_RELEASE = ("Release", "InRelease")
 
 
-def disagreement(path: str, body: bytes, dest: str) -> str | None:
-    """Why the index ``path`` (relative to ``dest``), whose bytes are ``body``, must not
+def disagreement(path: str, body: bytes, t: Transfer) -> str | None:
+    """Why the index ``path`` (relative to ``t.dest``), whose bytes are ``body``, must not
     be published over DEST as it is now; None when it may (or is not such an index).
 
     ``repomd.xml``: every file it names must be in DEST with its size and digest.
     ``Release`` / ``InRelease``: every file it names that DEST holds must have its
     size and SHA256 (a ``Release`` also names forms a mirror need not carry, such as
-    the uncompressed ``Packages``). One that does not parse names nothing here.
+    the uncompressed ``Packages``). Files the run's selection leaves out (``--exclude``)
+    are not looked at. One that does not parse names nothing here.
     """
     from fetcher.errors import ListingError
 
@@ -55,7 +62,9 @@ def disagreement(path: str, body: bytes, dest: str) -> str | None:
         rel = posixpath.normpath(posixpath.join(top, href))
         if rel.startswith("../") or rel == ".." or posixpath.isabs(rel):
             continue  # (not below DEST: not this mirror's to check)
-        why = _differs(os.path.join(dest, rel), size, checksum, required)
+        if not wanted(rel, False, t.include, t.exclude):
+            continue  # left out of the mirror on purpose
+        why = _differs(os.path.join(t.dest, rel), size, checksum, required)
         if why is not None:
             return f"it names {rel}, which {why}"
     return None

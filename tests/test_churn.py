@@ -147,6 +147,37 @@ def test_an_index_rewritten_upstream_after_the_files_it_names_is_not_published(
     assert tree_manifest(dest) == tree_manifest(www)
 
 
+def test_an_index_naming_files_the_selection_leaves_out_is_published(
+    tmp_path: Path, run_fetch: RunFetch
+) -> None:
+    """A mirror that leaves out part of the repository metadata (``--exclude '*filelists*'``,
+    a big file few clients ask for) still publishes its repomd.xml, whose check of what
+    DEST holds passes over what the selection leaves out; it was refused on every run."""
+    www = tmp_path / "www"
+    (www / "repodata").mkdir(parents=True)
+    entries = ""
+    for kind, body in (("primary", b"primary, first"), ("filelists", b"filelists, big")):
+        digest = hashlib.sha256(body).hexdigest()
+        (www / "repodata" / f"{digest}-{kind}.xml.gz").write_bytes(body)
+        entries += (
+            f'<data type="{kind}"><checksum type="sha256">{digest}</checksum>'
+            f'<location href="repodata/{digest}-{kind}.xml.gz"/><size>{len(body)}</size></data>'
+        )
+    (www / "repodata" / "repomd.xml").write_text(
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        f'<repomd xmlns="http://linux.duke.edu/metadata/repo">{entries}</repomd>\n'
+    )
+    _age(www)
+    dest = tmp_path / "d"
+    with FaultServer(root=www) as srv:
+        r = run_fetch("--mirror", srv.url, "--dest", dest, "--exclude", "*filelists*")
+    assert r.code == 0, r.output
+    assert (dest / "repodata" / "repomd.xml").read_bytes() == (
+        www / "repodata" / "repomd.xml"
+    ).read_bytes()
+    assert not list((dest / "repodata").glob("*filelists*"))
+
+
 def _partials(dest: Path) -> list[str]:
     part = dest / ".fetcher" / "partial"
     return sorted(p.name for p in part.iterdir()) if part.is_dir() else []
