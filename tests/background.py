@@ -1,6 +1,6 @@
 """Runs watched while they go: ``pipeline.mirror`` in a thread against a server that holds
 one listing, a CLI run in a session of its own (for signals to its process group), and the
-named semaphores a run leaves in ``/dev/shm``."""
+named semaphores a run's processes hold."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 from fetcher.config import MirrorJob
 from fetcher.models import Summary
@@ -45,12 +45,46 @@ def mirror_in_background(job: MirrorJob, release: threading.Event) -> Iterator[l
     assert not th.is_alive(), "the run did not finish within 60 s of its release"
 
 
-def named_semaphores() -> set[str]:
-    """multiprocessing's named semaphores now in /dev/shm (empty where there is none)."""
-    try:
-        return {n for n in os.listdir("/dev/shm") if n.startswith("sem.mp-")}
-    except OSError:
-        return set()
+def semaphores_of(pids: Iterable[int]) -> set[str]:
+    """multiprocessing's named semaphores in /dev/shm (``sem.mp-*``) that these processes
+    have open: theirs alone, not those of anything else running on the machine (a test
+    that counted every new name there failed, and unlinked another program's, when
+    another test suite ran beside it). glibc maps a semaphore under a temporary name it
+    then links to the real one, so the maps give its inode, not its name."""
+    inodes = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as maps:
+                for line in maps:
+                    fields = line.split()
+                    if len(fields) >= 6 and fields[5].startswith("/dev/shm/sem."):
+                        inodes.add(int(fields[4]))
+        except OSError:
+            continue  # gone, or not ours to read
+    found = set()
+    with contextlib.suppress(OSError):
+        for entry in os.scandir("/dev/shm"):
+            if entry.name.startswith("sem.mp-"):
+                with contextlib.suppress(OSError):
+                    if entry.inode() in inodes:
+                        found.add(entry.name)
+    return found
+
+
+def process_group(pgid: int) -> list[int]:
+    """The processes now in process group ``pgid``."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="utf-8", errors="replace") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if len(fields) > 2 and fields[2] == str(pgid):  # state, ppid, pgrp
+            pids.append(int(entry))
+    return pids
 
 
 @contextlib.contextmanager

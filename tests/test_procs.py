@@ -17,7 +17,7 @@ from fetcher.config import build_job
 from fetcher.errors import LockHeld
 from fetcher.live import RichReporter
 from fetcher.state import RunLock
-from tests.background import hold_listing, mirror_in_background, named_semaphores
+from tests.background import hold_listing, mirror_in_background, semaphores_of
 from tests.faultserver import FaultServer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -97,9 +97,9 @@ def test_a_dry_run_makes_no_cross_process_locks(tmp_path: Path) -> None:
         job = build_job(
             {"url": srv.url + "pub/", "dest": str(tmp_path / "d"), "dry_run": True}, "t"
         )
-        before = named_semaphores()
+        before = semaphores_of([os.getpid()])
         with mirror_in_background(job, gate) as result:
             assert srv.wait_for(1, path="/pub/sub/", timeout=30), "the crawl never got to sub/"
-            made = named_semaphores() - before
+            made = semaphores_of([os.getpid()]) - before
     assert made == set()
     assert result and result[0].exit_code == 0

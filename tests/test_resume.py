@@ -24,7 +24,7 @@ from fetcher.download import fetch_file, partial_paths
 from fetcher.models import Action, Job, RelPath, RemoteFile, Status
 from fetcher.retry import build_retrying
 from fetcher.transport import make_transport
-from tests.background import named_semaphores
+from tests.background import process_group, semaphores_of
 from tests.faultserver import Fault, FaultServer
 from tests.faultserver import serving as _serving
 from tests.trees import tree_manifest
@@ -70,7 +70,7 @@ def test_kill_mid_transfer_then_resume(tmp_path: Path, run_fetch: RunFetch) -> N
         argv = [sys.executable, "-m", "fetcher", "--mirror", srv.url, "--dest", str(dest),
                 "--procs", "2", "--threads", "2", "-q"]  # fmt: skip
         log = (tmp_path / "run1.log").open("wb")
-        semaphores = named_semaphores()
+        held: set[str] = set()
         proc = subprocess.Popen(
             argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
@@ -80,6 +80,7 @@ def test_kill_mid_transfer_then_resume(tmp_path: Path, run_fetch: RunFetch) -> N
                 assert proc.poll() is None, f"run ended early: {proc.returncode}"
                 assert time.monotonic() < deadline, "no partial bytes after 30 s"
                 time.sleep(0.05)
+            held = semaphores_of(process_group(proc.pid))
             os.killpg(proc.pid, signal.SIGKILL)
         finally:
             with contextlib.suppress(ProcessLookupError):
@@ -88,7 +89,7 @@ def test_kill_mid_transfer_then_resume(tmp_path: Path, run_fetch: RunFetch) -> N
             log.close()
             # A run whose workers came from a fork server has named semaphores that
             # nobody unlinks once the group is killed: this test must not leave any behind.
-            leaked = named_semaphores() - semaphores
+            leaked = {name for name in held if os.path.exists(f"/dev/shm/{name}")}
             for name in leaked:
                 with contextlib.suppress(OSError):
                     os.unlink(f"/dev/shm/{name}")
