@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from fetcher.checksums import is_sums_file
 from fetcher.models import Action, Job, RemoteFile
 from fetcher.state import Row
 
@@ -63,8 +64,9 @@ class Decision:
 
 
 def is_metadata(path: str) -> bool:
-    """True for index files that must be published after everything they reference."""
-    return _METADATA.search(path) is not None
+    """True for index files that must be published after everything they reference
+    (checksum files too, Fedora's ``*-CHECKSUM`` among them: they name files as well)."""
+    return _METADATA.search(path) is not None or is_sums_file(path.rpartition("/")[2])
 
 
 def is_top_metadata(path: str) -> bool:

@@ -7,7 +7,7 @@ import sqlite3
 from pathlib import Path
 
 from fetcher.checksums import is_sums_file, parse_sums
-from tests.faultserver import FaultServer
+from tests.faultserver import Fault, FaultServer
 
 H1 = hashlib.sha256(b"one").hexdigest()
 H2 = hashlib.sha512(b"two").hexdigest()
@@ -57,3 +57,28 @@ def test_verify_uses_published_digests(tmp_path: Path, run_fetch) -> None:
     (sha,) = db.execute("SELECT sha256 FROM files WHERE path = 'good.iso'").fetchone()
     db.close()
     assert sha == hashlib.sha256(good).hexdigest()
+
+
+def test_a_checksum_file_is_held_back_when_a_file_it_names_fails(tmp_path: Path, run_fetch) -> None:
+    """A Fedora-style ``*-CHECKSUM`` is metadata, as ``SHA256SUMS`` is: published last, and
+    not at all when a file failed (a client would read digests of files not there)."""
+    www = tmp_path / "www" / "iso"
+    www.mkdir(parents=True)
+    good, lost = b"good image" * 1000, b"lost image" * 1000
+    (www / "good.iso").write_bytes(good)
+    (www / "lost.iso").write_bytes(lost)
+    sums = "".join(
+        f"SHA256 ({name}) = {hashlib.sha256(data).hexdigest()}\n"
+        for name, data in (("good.iso", good), ("lost.iso", lost))
+    )
+    (www / "Fedora-38-x86_64-CHECKSUM").write_text(sums)
+    (www / "SHA256SUMS").write_text(f"{hashlib.sha256(good).hexdigest()}  good.iso\n")
+    dest = tmp_path / "v"
+    with FaultServer(root=tmp_path / "www") as srv:
+        srv.persist("/iso/lost.iso", Fault.status(404))
+        r = run_fetch("--mirror", srv.url + "iso/", "--dest", dest, "--procs", "1", "--verify")
+    assert r.code == 1, r
+    assert (dest / "good.iso").read_bytes() == good
+    for held in ("SHA256SUMS", "Fedora-38-x86_64-CHECKSUM"):
+        assert f"failed {held}: metadata not published" in r.output, r.output
+        assert not (dest / held).exists(), held

@@ -116,6 +116,7 @@ def test_metadata_paths() -> None:
         "dists/stable/main/binary-amd64/Packages.xz",
         "SHA256SUMS",
         "iso/MD5SUMS",
+        "iso/Fedora-38-x86_64-CHECKSUM",
     ]:
         assert is_metadata(p), p
     for p in ["Packages/a.rpm", "repodata-old.txt", "pool/main/r/release-notes.deb"]:
