@@ -52,7 +52,7 @@ examples:
   fetch --mirror https://mirrors.example.org/centos/7/os/x86_64/Packages/ --procs 4
   fetch --mirror URL --dest /srv/mirror/pkgs --exclude '*.src.rpm' --delete
   fetch --mirror URL --dry-run              # what would be fetched, skipped, deleted
-  fetch --config configs/mirrors.toml --job centos
+  fetch --config configs/mirrors.toml --job centos7-os
   fetch demo                                # a local sample mirror, end to end
 
 exit codes: 0 done, 1 some files failed (listed), 2 usage or config error,

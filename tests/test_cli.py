@@ -347,6 +347,19 @@ def test_version_and_help() -> None:
         assert flag in out.stdout, flag
 
 
+def test_the_help_s_config_example_runs_a_job_of_that_file(
+    run_fetch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fetcher.cli import EPILOG
+
+    examples = [shlex.split(line)[1:] for line in EPILOG.splitlines() if "fetch --config" in line]
+    assert examples
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)  # (its path is the repository's)
+    for argv in examples:
+        r = run_fetch(*argv, "--check")
+        assert r.code == 0 and "1 job(s) valid" in r.output, (argv, r)
+
+
 def test_some_files_failed_exit_1_and_listed(tmp_path: Path, run_fetch) -> None:
     (tmp_path / "www").mkdir()
     for name in ("a.bin", "b.bin", "c.bin"):
