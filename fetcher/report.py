@@ -304,9 +304,14 @@ def write_metrics(path: Path, summaries: list[tuple[str | None, Summary]]) -> No
 
 def _previous(path: Path) -> dict[tuple[str, str], float]:
     """The old file's samples by (metric, job label): a job's last success time is kept
-    across failed runs, and every series of a job across a skipped one."""
+    across failed runs, and every series of a job across a skipped one.
+
+    Only a regular file has an old text: a FIFO or ``/dev/stdout``, opened to be read,
+    would wait for a writer (or for this run's own output) for ever."""
     out: dict[tuple[str, str], float] = {}
     try:
+        if str(path) == "-" or not stat.S_ISREG(path.stat().st_mode):
+            return out
         text = path.read_text("utf-8")
     except OSError:
         return out

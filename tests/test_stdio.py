@@ -257,3 +257,33 @@ def test_a_command_that_only_prints_says_nothing_when_its_reader_left(tmp_path: 
     proc.stdout.close()
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0 and err == b"", err
+
+
+def test_metrics_go_through_a_fifo_and_to_dev_stdout(tmp_path: Path) -> None:
+    # written as they are, as a report is: the last run's samples are read from a regular
+    # file only (reading a FIFO or this run's own stdout would wait for ever)
+    fifo = tmp_path / "metrics.fifo"
+    os.mkfifo(fifo)
+    held = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)  # the collector: fetch's open won't block
+    try:
+        with FaultServer(root=_tree(tmp_path)) as srv:
+            for target in (fifo, "/dev/stdout"):
+                argv = ["--mirror", srv.url, "--dest", str(tmp_path / "d"), "--procs", "1",
+                        "-q", "--metrics", str(target)]  # fmt: skip
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "fetcher", *argv],
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(),
+                )  # fmt: skip
+                try:
+                    out, err = proc.communicate(timeout=60)
+                finally:
+                    proc.kill()  # (stuck, it holds SIGTERM until its metrics are written)
+                assert proc.returncode == 0, err
+                assert b"Traceback" not in err, err
+                if target == fifo:
+                    out = os.read(held, 1 << 20)
+                assert b'fetch_exit_code{job="' in out, out
+    finally:
+        os.close(held)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    _assert_mirrored(tmp_path / "d")
