@@ -312,7 +312,7 @@ def _previous(path: Path) -> dict[tuple[str, str], float]:
     try:
         if str(path) == "-" or not stat.S_ISREG(path.stat().st_mode):
             return out
-        text = path.read_text("utf-8")
+        text = path.read_text("utf-8", errors="replace")  # (damaged: its lines are skipped)
     except OSError:
         return out
     for line in text.splitlines():

@@ -287,3 +287,13 @@ def test_metrics_go_through_a_fifo_and_to_dev_stdout(tmp_path: Path) -> None:
         os.close(held)
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
     _assert_mirrored(tmp_path / "d")
+
+
+def test_metrics_over_a_damaged_old_file_are_written(tmp_path: Path, run_fetch) -> None:
+    metrics = tmp_path / "fetch.prom"
+    metrics.write_bytes(b"\xff\xfe garbage, not UTF-8\n")
+    with FaultServer(root=_tree(tmp_path)) as srv:
+        r = run_fetch("--mirror", srv.url, "--dest", tmp_path / "d", "--procs", "1",
+                      "--metrics", metrics)  # fmt: skip
+    assert r.code == 0, r.output
+    assert 'fetch_exit_code{job="' in metrics.read_text()
