@@ -699,18 +699,22 @@ def _run_one(job: MirrorJob, ns: argparse.Namespace, console: Console, err: Cons
     with _held(stops) as got:
         reporter.close()
         prefix = f"{name}: " if name else ""
+        json_out = ns.log_format == "json" and log is None  # JSON lines only, -q or not
         if problem is None:
             said = one_line(summary)
         elif summary.skipped_run:
             said = prefix + summary.notices[-1]
-            console.print(said, highlight=False, markup=False)
+            if not json_out:  # (else the summary event below says it)
+                console.print(said, highlight=False, markup=False)
         else:
             said = f"{prefix}error: {problem.message}"
             _print_error(err, problem, prefix=prefix)
         lines = reporter if isinstance(reporter, LineReporter) else None
+        if lines is None and json_out:  # -q: no status lines, but the summary event
+            lines = LineReporter(cast(TextIO, console.file), fmt="json")
         if lines is not None and (log is not None or lines.fmt == "json"):
             lines.summary(said, summary_dict(summary, name))  # the log's last word
-        if problem is None and (lines is None or lines.fmt != "json" or log is not None):
+        if problem is None and not json_out:
             render(summary, console, name)  # (JSON lines on stdout: the event above instead)
         results.append((name, summary))
     return 130 if got else summary.exit_code

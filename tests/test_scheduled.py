@@ -383,3 +383,36 @@ def test_lock_held_skip_if_locked(tmp_path: Path, run_fetch) -> None:
     # last success time was "now", keeping a hung run's alert quiet), and the report says so
     assert metrics.read_text() == before
     assert json.loads(report.read_text())["jobs"][0]["skipped_run"] is True
+
+
+def test_json_lines_on_stdout_are_only_json_with_q_and_when_skipped(
+    tmp_path: Path, run_fetch
+) -> None:
+    """--log-format json without --log-file: every line printed is a JSON event, the
+    summary last; -q leaves out the status lines, not the summary's format, and a run
+    skipped by --skip-if-locked says so in its event, not in a line of text beside it."""
+    import fcntl
+
+    _tree(tmp_path / "www" / "l", n=3)
+    dest = tmp_path / "o"
+
+    def events(output: str) -> list[dict]:
+        return [json.loads(line) for line in output.splitlines() if line.strip()]
+
+    with FaultServer(root=tmp_path / "www") as srv:
+        r = run_fetch("--mirror", srv.url + "l/", "--dest", dest, "-q", "--log-format", "json")
+        assert r.code == 0, r
+        got = events(r.output)
+        assert [e["event"] for e in got] == ["summary"], got
+        assert got[-1]["fetched"]["files"] == 3 and got[-1]["exit_code"] == 0
+        with open(dest / ".fetcher" / "lock", "w") as fh:
+            fh.write("pid 4242, started 2026-01-01 00:00:00\n")
+            fh.flush()
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            for quiet in ((), ("-q",)):
+                r = run_fetch("--mirror", srv.url + "l/", "--dest", dest, "--skip-if-locked",
+                              "--log-format", "json", *quiet)  # fmt: skip
+                assert r.code == 0, r
+                got = events(r.output)
+                assert got[-1]["event"] == "summary" and got[-1]["skipped_run"] is True, got
+                assert "pid 4242" in got[-1]["notices"][-1]
