@@ -25,12 +25,16 @@ __all__ = [
 _SHOW_FAILURES = 20
 
 
+# From the least to the most serious: a job another run held (3) is less so than one
+# whose files failed (1), which a timer set to take 3 as success must still see.
+_SEVERITY = (0, 3, 1, 2, 4, 130)
+
+
 def exit_code(summaries: list[Summary]) -> int:
-    """The worst job's code; an interrupt wins over everything."""
+    """The most serious job's code: an interrupt, then fatal I/O, a usage error, failed
+    files, and last a DEST another run held."""
     codes = [s.exit_code for s in summaries] or [0]
-    if 130 in codes:
-        return 130
-    return max(codes)
+    return max(codes, key=lambda c: _SEVERITY.index(c) if c in _SEVERITY else len(_SEVERITY))
 
 
 def _import_render() -> None:

@@ -385,6 +385,29 @@ def test_lock_held_skip_if_locked(tmp_path: Path, run_fetch) -> None:
     assert json.loads(report.read_text())["jobs"][0]["skipped_run"] is True
 
 
+def test_a_job_whose_files_failed_outranks_a_locked_one(tmp_path: Path, run_fetch) -> None:
+    """One job's DEST is held by another run (3), another job's file fails (1): the run
+    exits 1. It exited 3, which a timer that takes 3 as success (the shipped unit's
+    SuccessExitStatus=3) reported as a good run."""
+    import fcntl
+
+    _tree(tmp_path / "www" / "a", n=1)
+    _tree(tmp_path / "www" / "b", n=2)
+    cfg = tmp_path / "m.toml"
+    with FaultServer(root=tmp_path / "www") as srv:
+        srv.persist("/b/f1.bin", Fault.status(404))
+        cfg.write_text(
+            f'[jobs.a]\nurl = "{srv.url}a/"\ndest = "{tmp_path / "da"}"\n'
+            f'[jobs.b]\nurl = "{srv.url}b/"\ndest = "{tmp_path / "db"}"\n'
+        )
+        assert run_fetch("--config", cfg, "--job", "a").code == 0
+        with open(tmp_path / "da" / ".fetcher" / "lock", "w") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            r = run_fetch("--config", cfg)
+    assert r.code == 1, r
+    assert "f1.bin" in r.output and "lock" in r.output, r
+
+
 def test_json_lines_on_stdout_are_only_json_with_q_and_when_skipped(
     tmp_path: Path, run_fetch
 ) -> None:
