@@ -639,8 +639,10 @@ def main(argv: Sequence[str] | None = None, console: Console | None = None) -> i
                 log.close()
         code = max(exit_code([s for _, s in results]), 130 if stopped else 0)
         with _held(stops):  # the report says how the run ended, whatever comes now
-            for flag, path, write in (("--report", ns.report, write_report),
-                                      ("--metrics", ns.metrics, write_metrics)):  # fmt: skip
+            for flag, path, write in (
+                ("--report", ns.report, write_report),
+                ("--metrics", ns.metrics, lambda p, r: write_metrics(p, r, others=bool(ns.job))),
+            ):
                 if path:
                     try:
                         write(path, results)

@@ -266,8 +266,13 @@ def _label(v: str) -> str:
     return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def write_metrics(path: Path, summaries: list[tuple[str | None, Summary]]) -> None:
-    """A Prometheus textfile for node_exporter's textfile collector, written atomically."""
+def write_metrics(
+    path: Path, summaries: list[tuple[str | None, Summary]], others: bool = False
+) -> None:
+    """A Prometheus textfile for node_exporter's textfile collector, written atomically.
+
+    ``others``: this run is some of a config's jobs (``--job``), and the old file's series
+    of the other jobs are kept as they were (a timer per job can share one file)."""
     metrics: list[tuple[str, str, str, list[tuple[str, float]]]] = [
         ("fetch_last_run_timestamp_seconds", "gauge", "When the last run of the job finished.", []),
         (
@@ -299,6 +304,12 @@ def write_metrics(path: Path, summaries: list[tuple[str | None, Summary]]) -> No
         for m, v in zip(metrics, values, strict=True):
             if v is not None:
                 m[3].append((job, float(v)))
+    if others:
+        ran = {_label(name or s.url) for name, s in summaries}
+        for m in metrics:
+            m[3].extend(
+                sorted((j, v) for (n, j), v in previous.items() if n == m[0] and j not in ran)
+            )
     lines: list[str] = []
     for name, kind, help_, samples in metrics:
         lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}"]

@@ -67,6 +67,30 @@ def test_two_jobs_one_fails(tmp_path: Path, run_fetch) -> None:
     assert ("fetch_last_success_timestamp_seconds", "broken") not in samples
 
 
+def test_metrics_of_one_job_keep_the_other_jobs_series(tmp_path: Path, run_fetch) -> None:
+    """A timer per job (--job), one metrics file: each run rewrites its job's series and
+    keeps the others'; the other jobs' series went with each run. A run of the whole
+    config writes its jobs only (a job gone from it goes from the file)."""
+    _tree(tmp_path / "www" / "a")
+    _tree(tmp_path / "www" / "b")
+    cfg, metrics = tmp_path / "m.toml", tmp_path / "m.prom"
+    with FaultServer(root=tmp_path / "www") as srv:
+        cfg.write_text(
+            f'[jobs.a]\nurl = "{srv.url}a/"\n[jobs.b]\nurl = "{srv.url}b/"\n'
+            f'[jobs.c]\nurl = "{srv.url}c/"\n'
+        )
+        for job in ("a", "b"):
+            r = run_fetch("--config", cfg, "--job", job, "--procs", "1", "--metrics", metrics)
+            assert r.code == 0, r
+        text = metrics.read_text()
+        assert 'fetch_exit_code{job="a"} 0' in text and 'fetch_exit_code{job="b"} 0' in text
+        assert text.count("# TYPE fetch_exit_code gauge") == 1, text
+        cfg.write_text(f'[jobs.b]\nurl = "{srv.url}b/"\n')
+        assert run_fetch("--config", cfg, "--procs", "1", "--metrics", metrics).code == 0
+    text = metrics.read_text()
+    assert 'job="a"' not in text and 'fetch_exit_code{job="b"} 0' in text, text
+
+
 def test_job_selection(tmp_path: Path, run_fetch) -> None:
     _tree(tmp_path / "www" / "a")
     _tree(tmp_path / "www" / "b")
