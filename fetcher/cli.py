@@ -725,7 +725,8 @@ def _run_one(job: MirrorJob, ns: argparse.Namespace, console: Console, err: Cons
 def _no_run(job: MirrorJob) -> Summary:
     """The summary of a run that counted nothing (what happened is set on it)."""
     now = time.time()
-    return Summary(url=job.url, dest=str(job.dest), started=now, finished=now)
+    # (DEST absolute, as a run's own summary has it: a report says where, from any directory)
+    return Summary(url=job.url, dest=str(job.dest.absolute()), started=now, finished=now)
 
 
 def _err_console(console: Console) -> Console:

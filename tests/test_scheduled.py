@@ -432,6 +432,28 @@ def test_a_job_whose_files_failed_outranks_a_locked_one(tmp_path: Path, run_fetc
     assert "f1.bin" in r.output and "lock" in r.output, r
 
 
+def test_a_skipped_run_reports_dest_as_a_real_run_does(
+    tmp_path: Path, run_fetch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DEST given relative: the report of a run --skip-if-locked skipped names it as the
+    real run's report does, absolute (it said "o", which a reader elsewhere cannot place)."""
+    import fcntl
+
+    _tree(tmp_path / "www" / "l", n=1)
+    monkeypatch.chdir(tmp_path)
+    first, skipped = tmp_path / "r1.json", tmp_path / "r2.json"
+    with FaultServer(root=tmp_path / "www") as srv:
+        assert run_fetch("--mirror", srv.url + "l/", "--dest", "o", "--report", first).code == 0
+        with open(tmp_path / "o" / ".fetcher" / "lock", "w") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            r = run_fetch("--mirror", srv.url + "l/", "--dest", "o", "--skip-if-locked",
+                          "--report", skipped)  # fmt: skip
+            assert r.code == 0, r
+    real, held = (json.loads(p.read_text())["jobs"][0] for p in (first, skipped))
+    assert held["skipped_run"] is True
+    assert held["dest"] == real["dest"] == str(tmp_path / "o")
+
+
 def test_json_lines_on_stdout_are_only_json_with_q_and_when_skipped(
     tmp_path: Path, run_fetch
 ) -> None:
