@@ -913,6 +913,7 @@ def fetch_file(
     prepared: httpx.Request | None = None,
     defer: bool = False,
     failed: Exception | None = None,
+    failed_at: float | None = None,
 ) -> Outcome:
     """Fetch ``job`` into ``t.dest``; never raises for a per-file problem.
 
@@ -920,7 +921,8 @@ def fetch_file(
     once: its retry would go out of turn, dropping the connection and the answers
     already on their way to the files behind it. With ``defer`` such a failure
     raises :class:`Deferred` instead; ``failed=`` its cause, later, takes the policy
-    from there (the failure counts as attempt 1, its wait is waited then).
+    from there (the failure counts as attempt 1, its wait is waited then, counted from
+    ``failed_at``: the waits of several files failed in one train pass together).
 
     Example::
 
@@ -975,7 +977,9 @@ def fetch_file(
                 return _attempt_segmented(ctx, job, where)
             return _attempt(ctx, job, where, True)
 
-        return with_retries(retrying, again, failed=failed, before_sleep=before_sleep)
+        return with_retries(
+            retrying, again, failed=failed, failed_at=failed_at, before_sleep=before_sleep
+        )
     except Interrupted:
         return Outcome(
             f.path, f.url, Status.FAILED, error="interrupted", attempts=attempts, stamp=f.stamp

@@ -171,12 +171,28 @@ def build_retrying(
     return RetryPolicy(t, sleep, before_sleep)
 
 
+def _counted_from(sleep: Callable[[float], Any], at: float) -> Callable[[float], Any]:
+    """``sleep``, its first wait counted from ``at`` (``time.monotonic()``), not from now."""
+    first = True
+
+    def wait(seconds: float) -> None:
+        nonlocal first
+        if first:
+            first = False
+            seconds -= time.monotonic() - at
+        if seconds > 0:
+            sleep(seconds)
+
+    return wait
+
+
 def with_retries(
     retrying: RetryPolicy,
     attempt: Callable[[], _T],
     before: Callable[[], object] = lambda: None,
     *,
     failed: Exception | None = None,
+    failed_at: float | None = None,
     **changes: Any,
 ) -> _T:
     """``attempt()`` under ``retrying``'s policy, its first call bare.
@@ -186,10 +202,13 @@ def with_retries(
     A first failure is replayed to the policy as attempt 1, so what it decides (retry
     or not, how long to wait) is what it would have decided. ``before`` runs before
     every attempt (what it raises ends them, unjudged). ``failed``: the first attempt
-    was made elsewhere, and raised this. ``changes`` go to the policy's copy (e.g.
+    was made elsewhere, and raised this; ``failed_at``: when (``time.monotonic()``),
+    from which the wait after it counts. ``changes`` go to the policy's copy (e.g.
     ``before_sleep``).
     """
     first = failed
+    if failed_at is not None:
+        changes["sleep"] = _counted_from(retrying._sleep, failed_at)
     if first is None:
         before()
         try:

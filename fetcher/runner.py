@@ -297,21 +297,23 @@ class ShardRunner:
             ready = [plain_get(j.file.url, self.t) for j in train] if len(train) > 1 else []
             if ahead is not None and ready:
                 ahead.expect(ready[1:])
-            later: list[tuple[Job, Exception]] = []  # first attempts failed mid-train
+            # first attempts failed mid-train, and when
+            later: list[tuple[Job, Exception, float]] = []
             try:
                 for i, job in enumerate(train):
                     defer = ahead is not None and i < len(train) - 1
                     out = self.fetch(job, ready[i] if ready else None, defer=defer)
                     if isinstance(out, Exception):
-                        later.append((job, out))
+                        later.append((job, out, time.monotonic()))
                     else:
                         self._finished(job, out)
             finally:
                 if ahead is not None and ready:
                     ahead.expect([])
-            # their retries, now that no answers wait behind them
-            for job, failure in later:
-                out = self.fetch(job, failed=failure)
+            # their retries, now that no answers wait behind them; each one's wait counts
+            # from its failure, so the waits pass together, not one after another
+            for job, failure, at in later:
+                out = self.fetch(job, failed=failure, failed_at=at)
                 assert not isinstance(out, Exception)
                 self._finished(job, out)
 
@@ -345,9 +347,11 @@ class ShardRunner:
         *,
         defer: bool = False,
         failed: Exception | None = None,
+        failed_at: float | None = None,
     ) -> Outcome | Exception:
         """One file's outcome; with ``defer``, a failed first attempt's error instead (see
-        :func:`fetch_file`), to be given back as ``failed`` for the rest of its attempts."""
+        :func:`fetch_file`), to be given back as ``failed`` (and when, ``failed_at``) for
+        the rest of its attempts."""
         f = job.file
         if self.stop.is_set():
             return Outcome(
@@ -374,6 +378,7 @@ class ShardRunner:
                 prepared=prepared,
                 defer=defer,
                 failed=failed,
+                failed_at=failed_at,
             )
         except Deferred as exc:
             return exc.cause

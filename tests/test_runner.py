@@ -28,6 +28,7 @@ from fetcher.models import (
     WorkerExit,
 )
 from fetcher.procs import worker_context
+from fetcher.retry import build_retrying
 from fetcher.runner import ShardRunner, worker_main
 from fetcher.shard import Shard
 from tests.faultserver import Fault, FaultServer
@@ -211,6 +212,34 @@ def test_a_file_that_fails_mid_train_is_retried_after_the_train_not_in_its_middl
     assert connections == 1, connections
     retried = [e for e in events if isinstance(e, Retried)]
     assert [(e.path, e.attempt) for e in retried] == [("f2.bin", 1)], retried
+
+
+def test_the_waits_before_retrying_a_train_s_failed_files_overlap(tmp_path: Path) -> None:
+    # Every file of a train is answered 503 with Retry-After: 1 (a mirror shedding load).
+    # Each one's retry waits for the train to end, then for its own second since its
+    # failure: those seconds pass together. Served one after another, eight files had
+    # waited eight seconds, and a train of 32 with Retry-After: 30 sixteen minutes.
+    files = _serve_files(tmp_path / "www", {f"f{i}.bin": os.urandom(100 + i) for i in range(8)})
+    dest = tmp_path / "d"
+    waits: list[float] = []
+    with FaultServer(root=tmp_path / "www") as srv:
+        srv.script("/f*", [Fault.status(503, retry_after="1")] * len(files))
+        t = Transfer(dest=str(dest), root=srv.url, threads=1, pipeline=8)
+        runner = ShardRunner(t, 0, lambda events: None)
+
+        def sleep(seconds: float) -> None:
+            waits.append(seconds)
+            runner.stop.wait(seconds)
+
+        runner.retrying = build_retrying(t, sleep=sleep)
+        started = time.monotonic()
+        out = runner.run(_jobs(srv.url, files))
+        took = time.monotonic() - started
+        asked = Counter(q.path for q in srv.requests)
+    assert [o.status for o in out] == [Status.FETCHED] * len(files), out
+    assert all((dest / n).read_bytes() == d for n, d in files.items())
+    assert asked == Counter({"/" + n: 2 for n in files}), asked
+    assert sum(waits) < 2.5 and took < 4, (waits, took)
 
 
 def test_while_the_small_file_lane_is_held_up_another_lane_takes_the_small_files(
