@@ -170,7 +170,11 @@ def _send(ctx: _Ctx, url: str, headers: dict[str, str]) -> tuple[httpx.Response,
     if not plain:
         ready = None
     for _ in range(MAX_REDIRECTS + 1):
-        if ctx.limits is not None:
+        # A pause holds back requests, not the answer to one sent ahead (the runner's
+        # prepared GET, due on this thread's connection): waiting to read it spares the
+        # server nothing, and each 429 read renews the pause, so a train of them had
+        # been read one Retry-After apart.
+        if ctx.limits is not None and ctx.limits.paused() and not _due(ctx, ready):
             ctx.limits.wait_pause(ctx.stop)
         if ready is not None:
             req = ready
@@ -201,6 +205,12 @@ def _send(ctx: _Ctx, url: str, headers: dict[str, str]) -> tuple[httpx.Response,
         seen.append(target)
         url = target
     raise RedirectRefused(f"more than {MAX_REDIRECTS} redirects from {seen[0]}")
+
+
+def _due(ctx: _Ctx, ready: httpx.Request | None) -> bool:
+    """``ready`` (the runner's prepared GET) was sent ahead and its answer is on its way."""
+    transport = ctx.transport
+    return ready is not None and isinstance(transport, ThreadConnTransport) and transport.owes()
 
 
 def pipelinable(job: Job) -> bool:

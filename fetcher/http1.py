@@ -33,7 +33,9 @@ hostile server could hurt (bounded head, checked framing) and nothing more:
   a small file's CPU here and a wake-up of the server each. Anything out of
   turn drops the connection; requests sent ahead on a connection that goes (a
   keep-alive limit, a close) are the thread's next requests again, in order;
-  a server that drops pipelined requests twice gets no more of them;
+  a server that drops pipelined requests twice gets no more of them; while
+  ``hold()`` says the server asked for a pause (a 429's ``Retry-After``),
+  nothing more goes ahead, and the answers already due are read as they come;
 * a short error page the caller does not read is drained (1 s at most), so
   it does not cost the connection;
 * with the ``REUSE_BUFFER`` request extension, large bodies are read with
@@ -114,6 +116,7 @@ class ThreadConnTransport(httpx.BaseTransport):
         keepalive: bool = True,
         pipeline: int = 1,
         trusted: bool = False,
+        hold: Callable[[], bool] | None = None,
     ) -> None:
         self._ssl_factory = ssl_context  # built on the first https connection (loading CAs costs)
         self._ssl: ssl.SSLContext | None = None
@@ -128,6 +131,9 @@ class ThreadConnTransport(httpx.BaseTransport):
         # a round trip. The first connection that goes with requests due ends the trust.
         self._trusted = trusted
         self._answered_ahead = 0
+        # True while the server asked for a pause (429/503 Retry-After): nothing more is
+        # sent ahead then; the answers already due are still read
+        self._hold = hold
         self._connect_timeout = timeout.connect
         self.read_timeout = timeout.read
         self._gate = gate
@@ -269,6 +275,12 @@ class ThreadConnTransport(httpx.BaseTransport):
         if not requests and conn is not None and conn.queued:
             self._drop(conn)  # a train cut short: the answers still due are not wanted
 
+    def owes(self) -> bool:
+        """This thread's connection has requests sent ahead still to be answered: the next
+        of them is on the server's side already (no pause holds its answer back)."""
+        conn: Conn | None = getattr(self._local, "conn", None)
+        return conn is not None and bool(conn.queued)
+
     def _expected(self) -> deque[tuple[tuple[str, str, int], bytes]] | None:
         """This thread's announced requests, (origin, head) each, in order."""
         return getattr(self._local, "expect", None)
@@ -279,6 +291,8 @@ class ThreadConnTransport(httpx.BaseTransport):
             return []
         free = self._depth - 1 - len(conn.queued)
         if free < self._batch and free < len(expect):
+            return []
+        if self._hold is not None and self._hold():
             return []
         extra = []
         # only requests for this connection's server, and in order: stop at another's

@@ -55,6 +55,10 @@ class SharedLimits:
             if until > self.pause_until.value:
                 self.pause_until.value = until
 
+    def paused(self) -> bool:
+        """A ``429``/``503`` asked for a pause that has not ended: send no new request."""
+        return bool(self.pause_until.value > time.time())
+
     def wait_pause(
         self, stop: threading.Event | None = None, sleep: Callable[[float], Any] = time.sleep
     ) -> None:

@@ -181,6 +181,7 @@ def make_transport(
         keepalive=keepalive,
         pipeline=t.pipeline if pipeline is None else pipeline,
         trusted=trusted,
+        hold=limits.paused if limits is not None else None,
     )
 
 

@@ -200,6 +200,33 @@ def test_fresh_connection_sends_its_first_request_alone(
     assert ahead["/b"] == 3, log  # proven after /a: /c, /d, /e went behind /b
 
 
+def test_nothing_goes_ahead_while_held_but_the_answers_due_are_read(
+    make_transport: Callable[..., ThreadConnTransport],
+) -> None:
+    # ``hold`` is the run's pause (a 429's Retry-After): no request is sent ahead while
+    # it holds; those already sent are answered and read, and nothing is lost or repeated.
+    log: Log = []
+    held = threading.Event()
+    t = make_transport(pipeline=4, hold=held.is_set)
+    with RawServer(echo(log, {"/a": (3, WAIT), "/b": (2, SHORT)})) as srv:
+        fetch_all(t, srv.url, ["/warm"])
+        train = ["/b", "/c", "/d", "/e", "/f"]
+        t.expect([get(srv.url + p) for p in train])
+        assert fetch_all(t, srv.url, ["/a"]) == [b"/a"]  # /b, /c, /d went behind it
+        held.set()
+        assert t.owes()
+        assert fetch_all(t, srv.url, ["/b", "/c", "/d"]) == [b"/b", b"/c", b"/d"]
+        assert not t.owes()
+        held.clear()
+        assert fetch_all(t, srv.url, ["/e", "/f"]) == [b"/e", b"/f"]
+        assert srv.accepts == 1
+        assert on(srv, 0) == ["/warm", "/a", *train]
+    ahead = {target: n for _, target, n in log}
+    assert ahead["/a"] == 3, log
+    # held: nothing went behind /b, /c or /d; then /f went behind /e
+    assert (ahead["/b"], ahead["/c"], ahead["/d"], ahead["/e"]) == (2, 1, 0, 1), log
+
+
 def test_each_thread_pipelines_its_own_train_on_its_own_connection(
     make_transport: Callable[..., ThreadConnTransport],
 ) -> None:

@@ -16,6 +16,7 @@ import pytest
 
 from fetcher.config import Transfer
 from fetcher.http1 import pipelined_lanes
+from fetcher.limits import local_limits
 from fetcher.models import (
     Action,
     FileDone,
@@ -240,6 +241,34 @@ def test_the_waits_before_retrying_a_train_s_failed_files_overlap(tmp_path: Path
     assert all((dest / n).read_bytes() == d for n, d in files.items())
     assert asked == Counter({"/" + n: 2 for n in files}), asked
     assert sum(waits) < 2.5 and took < 4, (waits, took)
+
+
+def test_a_429_holds_back_requests_not_the_answers_already_on_their_way(
+    tmp_path: Path,
+) -> None:
+    # A mirror sheds load: every request of a burst is answered 429, Retry-After: 1. The
+    # run pauses for that host: no request goes out for a second after each 429. But the
+    # answers to requests already sent are read at once; waiting before each of them (the
+    # pause renewed by each 429 read) had taken a second per file, and the whole run
+    # (every lane, every process shares the pause) a train's length of Retry-Afters.
+    files = _serve_files(tmp_path / "www", {f"f{i}.bin": os.urandom(100 + i) for i in range(8)})
+    dest = tmp_path / "d"
+    with FaultServer(root=tmp_path / "www") as srv:
+        srv.script("/f*", [Fault.status(429, retry_after="1")] * len(files))
+        t = Transfer(dest=str(dest), root=srv.url, threads=1, pipeline=8)
+        runner = ShardRunner(t, 0, lambda events: None, local_limits(4))
+        started = time.monotonic()
+        out = runner.run(_jobs(srv.url, files))
+        took = time.monotonic() - started
+        requests = [q for q in srv.requests if q.path.startswith("/f")]
+    assert [o.status for o in out] == [Status.FETCHED] * len(files), out
+    assert all((dest / n).read_bytes() == d for n, d in files.items())
+    assert Counter(q.path for q in requests) == Counter({"/" + n: 2 for n in files})
+    # polite still: the first file's 429 held back the requests not sent yet for its second
+    first, second = requests[0], requests[1]
+    assert first.status == 429 and first.finished is not None
+    assert second.started - first.finished >= 0.9, second.started - first.finished
+    assert took < 4.5, took
 
 
 def test_while_the_small_file_lane_is_held_up_another_lane_takes_the_small_files(
