@@ -14,6 +14,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import re
 import select
 import socket
 import ssl
@@ -47,6 +48,9 @@ DRAIN_MAX = 64 * 1024
 DRAIN_TIMEOUT = 1.0
 NO_BODY_STATUS = frozenset({204, 304})
 HEX = b"0123456789abcdefABCDEF"
+LF_END = re.compile(rb"\n\r?\n")
+"""The end of a head whose lines end in a bare LF (looked for only when no CRLF end is
+there): RFC 9112 section 2.2 lets a recipient take LF for CRLF, and curl and httpx do."""
 
 
 class Owner(Protocol):
@@ -349,13 +353,14 @@ class Body(httpx.SyncByteStream):
             yield data
 
     def _line(self, conn: Conn, what: str) -> bytes:
-        while (i := conn.rest.find(b"\r\n", conn.at)) < 0:
+        # (ended by CRLF, or by a bare LF, which curl takes too)
+        while (i := conn.rest.find(b"\n", conn.at)) < 0:
             if conn.unread() > MAX_CHUNK_LINE:
                 raise httpx.RemoteProtocolError(f"{what} line too long")
             conn.feed(self._recv(conn))
         line = conn.rest[conn.at : i]
-        conn.skip_to(i + 2)
-        return line
+        conn.skip_to(i + 1)
+        return line.removesuffix(b"\r")
 
     @staticmethod
     def _recv(conn: Conn) -> bytes:
@@ -403,6 +408,9 @@ def read_head(conn: Conn) -> tuple[int, bytes, list[tuple[bytes, bytes]], bytes]
     buf, at = conn.rest, conn.at
     start = at
     while (end := buf.find(b"\r\n\r\n", start)) < 0:
+        if (lf := LF_END.search(buf, at)) is not None:
+            end, after = lf.span()
+            break
         if len(buf) - at > MAX_HEAD:
             raise httpx.RemoteProtocolError(f"response head over {MAX_HEAD} bytes")
         start = max(0, len(buf) - at - 3)
@@ -420,10 +428,15 @@ def read_head(conn: Conn) -> tuple[int, bytes, list[tuple[bytes, bytes]], bytes]
             )
         conn.feed(data)
         buf, at = conn.rest, 0
+    else:
+        after = end + 4
     if end - at > MAX_HEAD:
         raise httpx.RemoteProtocolError(f"response head over {MAX_HEAD} bytes")
-    conn.skip_to(end + 4)
-    lines = buf[at:end].split(b"\r\n")
+    conn.skip_to(after)
+    if after - end == 4:
+        lines = buf[at:end].split(b"\r\n")
+    else:
+        lines = [line.removesuffix(b"\r") for line in buf[at:end].split(b"\n")]
     parts = lines[0].split(b" ", 2)
     version = parts[0]
     if (

@@ -605,6 +605,34 @@ def test_interim_responses_are_skipped(transport: ThreadConnTransport, dribble: 
         assert srv.accepts == 1
 
 
+@pytest.mark.parametrize("dribble", [False, True], ids=["whole", "byte-by-byte"])
+def test_lines_ended_by_a_bare_lf_are_read(transport: ThreadConnTransport, dribble: bool) -> None:
+    # RFC 9112 section 2.2: a recipient may take a bare LF for CRLF, and curl and httpx
+    # do. Waiting for a CRLF CRLF that never came, every request timed out.
+    raws = [
+        b"HTTP/1.1 100 Continue\n\nHTTP/1.1 200 OK\nContent-Length: 5\nX-A: 1\n\nhello",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 4\nX-A: 2\r\n\nnext",  # mixed
+        b"HTTP/1.1 200 OK\nTransfer-Encoding: chunked\nX-A: 3\n\n5;x=1\nchunk\n0\nX-T: 1\n\n",
+    ]
+
+    def script(peer: Peer, index: int) -> None:
+        for raw in raws:
+            if peer.read_request() is None:
+                return
+            (peer.dribble if dribble else peer.send)(raw)
+        keep_answering(ok(b"crlf"))(peer, index)
+
+    with RawServer(script) as srv:
+        got = [fetch(transport, f"{srv.url}/{i}") for i in range(4)]
+        assert [(r.status_code, r.headers.get("x-a"), body) for r, body in got] == [
+            (200, "1", b"hello"),
+            (200, "2", b"next"),
+            (200, "3", b"chunk"),
+            (200, None, b"crlf"),
+        ]
+        assert srv.accepts == 1
+
+
 def test_a_large_head_under_the_limit_is_accepted(transport: ThreadConnTransport) -> None:
     pads = [f"X-Pad-{i}: {'p' * 1000}" for i in range(60)]  # about 60 KiB
     with RawServer(send_then(ok(b"big head", *pads), close=False)) as srv:
