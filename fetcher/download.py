@@ -687,6 +687,20 @@ def _range_answer(
 
 
 def _attempt_segmented(ctx: _Ctx, job: Job, where: _Where) -> Outcome:
+    # The first range's answer, closed whatever stops the attempt before its body is read
+    # (a partial file that cannot be made, say): left open, its body stayed on the
+    # thread's connection, and the next request there read it as its answer's head.
+    held: list[httpx.Response] = []
+    try:
+        return _attempt_segmented_into(ctx, job, where, held)
+    finally:
+        for resp in held:
+            resp.close()
+
+
+def _attempt_segmented_into(
+    ctx: _Ctx, job: Job, where: _Where, held: list[httpx.Response]
+) -> Outcome:
     """One attempt at a big new or changed file as ``--segments`` byte ranges at once.
 
     The first range's answer brings the validator (ETag, else Last-Modified); every other
@@ -718,6 +732,7 @@ def _attempt_segmented(ctx: _Ctx, job: Job, where: _Where) -> Outcome:
         resp, answered_by = _send(
             ctx, f.url, {**ctx.headers, "Range": f"bytes={a}-{b}", "If-Range": validator}
         )
+        held.append(resp)
         if not _range_answer(resp, left[0], size, validator):
             resp.close()
             if resp.status_code not in (200, 206):
@@ -734,6 +749,7 @@ def _attempt_segmented(ctx: _Ctx, job: Job, where: _Where) -> Outcome:
         headers = {**ctx.headers, "Range": f"bytes=0-{ranges[0][1]}"}
         _add_conditions(headers, job, where.final)  # as for a whole update: 304 if not changed
         resp, answered_by = _send(ctx, f.url, headers)
+        held.append(resp)
         if resp.status_code == 304:
             resp.close()
             return _unchanged(job, where.final)

@@ -13,8 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from fetcher.download import SEGMENT_MIN, partial_paths
-from fetcher.models import RelPath
+from fetcher.config import Transfer
+from fetcher.download import SEGMENT_MIN, fetch_file, partial_paths
+from fetcher.models import Action, Job, RelPath, RemoteFile, Status
+from fetcher.retry import build_retrying
+from fetcher.transport import make_transport
 from tests.background import fetch_session
 from tests.faultserver import Fault, FaultServer
 from tests.servers import serve
@@ -264,3 +267,32 @@ def test_ctrl_c_mid_way_then_the_next_run_fetches_only_the_ranges_left(
     assert r.code == 0, r.output
     assert (dest / "big.img").read_bytes() == payload
     assert asked == sorted(set(ranges) - kept)  # those finished before Ctrl-C: not again
+
+
+def test_an_attempt_stopped_before_its_first_range_is_read_leaves_its_connection_clean(
+    tmp_path: Path, payload: bytes
+) -> None:
+    # The first range is answered, then the attempt stops before reading it (here its
+    # sidecar cannot be written: a directory is in the way). Its answer was left open, on
+    # the thread's connection: the next file's request there read that body as its head,
+    # and failed.
+    www = _www(tmp_path, payload)
+    dest = tmp_path / "d"
+    with FaultServer(root=www) as srv:
+        t = Transfer(dest=str(dest), root=srv.url, segments=4, threads=1, retries=1)
+        meta = partial_paths(dest, RelPath("iso/big.img"))[1]
+        meta.with_name(meta.name + ".tmp").mkdir(parents=True)
+
+        def job(name: str, size: int) -> Job:
+            url = srv.url + name
+            return Job(RemoteFile(url, RelPath(name), size, size_exact=True), Action.NEW)
+
+        with make_transport(t) as transport:
+            policy = build_retrying(t)
+            big = fetch_file(transport, job("iso/big.img", SIZE), t, retrying=policy)
+            small = fetch_file(transport, job("iso/small.txt", 1), t, retrying=policy)
+        asked = [q.path for q in srv.requests]
+    assert big.status is Status.FAILED and "Is a directory" in (big.error or ""), big
+    assert small.status is Status.FETCHED, small
+    assert (dest / "iso" / "small.txt").read_bytes() == b"s"
+    assert asked == ["/iso/big.img", "/iso/small.txt"], asked
