@@ -409,6 +409,8 @@ class ThreadConnTransport(httpx.BaseTransport):
         conn.used = False  # this connection has answered: no longer a stale-reuse suspect
         mode, length = framing(request.method, status, headers)
         reusable = version == b"HTTP/1.1" and not has_token(headers, b"connection", b"close")
+        if not reusable:
+            conn.closing = True
         return httpx.Response(
             status,
             headers=headers,

@@ -154,11 +154,17 @@ class TokenGate:
                 return True
         return bool(self._sem.acquire(True, timeout))  # (positional: block/blocking)
 
-    def release(self) -> None:
+    def release(self, closed: bool = False) -> None:
         """Give a token back, a moment later, so the server has seen the close first.
 
-        The cap then holds as the server counts connections, too.
+        The cap then holds as the server counts connections, too. ``closed``: the
+        server has closed its end already (it counts the connection no more): at once.
+        A server that closes every connection (HTTP/1.0, keep-alive off) had cost each
+        thread the moment per file.
         """
+        if closed:
+            self.release_now()
+            return
         timer = threading.Timer(_CLOSE_GRACE, self.release_now)
         timer.daemon = True
         timer.start()

@@ -46,6 +46,7 @@ READ_SIZE = 256 * 1024
 BIG_BUFFER = 1 << 20
 DRAIN_MAX = 64 * 1024
 DRAIN_TIMEOUT = 1.0
+CLOSE_WAIT = 0.05  # seconds a connection the server closes may take to show it (see Conn.close)
 NO_BODY_STATUS = frozenset({204, 304})
 HEX = b"0123456789abcdefABCDEF"
 LF_END = re.compile(rb"\n\r?\n")
@@ -71,8 +72,8 @@ class Conn:
     """
 
     __slots__ = (
-        "_buf", "_head", "_release", "at", "busy", "key", "proven", "queued", "rest", "sock",
-        "used",
+        "_buf", "_head", "_release", "at", "busy", "closing", "key", "proven", "queued", "rest",
+        "sock", "used",
     )  # fmt: skip
 
     def __init__(self, key: tuple[str, str, int], sock: socket.socket, release: Any) -> None:
@@ -84,7 +85,8 @@ class Conn:
         self.proven = False  # has kept alive after an HTTP/1.1 response: may pipeline
         self.queued: deque[bytes] = deque()  # requests sent ahead, their answers still to come
         self.busy = False
-        self._release: Callable[[], None] | None = release
+        self.closing = False  # the server said it closes it (Connection: close, HTTP/1.0)
+        self._release: Callable[[bool], None] | None = release
         self._buf: bytearray | None = None
         self._head: memoryview | None = None
 
@@ -133,12 +135,32 @@ class Conn:
         return self._head[:n].tobytes()
 
     def close(self) -> None:
+        """Close it and give its token back: at once if the server has closed its end
+        (it counts the connection no more), else a moment later (see ``TokenGate``)."""
+        gone = False
         try:
+            gone = self.closing and _peer_closed(self.sock, CLOSE_WAIT)
             self.sock.close()
         finally:
             release, self._release = self._release, None
             if release is not None:
-                release()
+                release(gone)
+
+
+def _peer_closed(sock: socket.socket, wait: float) -> bool:
+    """The server's end of ``sock`` is closed (its FIN came), or comes within ``wait``."""
+    if type(sock) is not socket.socket:
+        return False  # (TLS: a close_notify may come first; the grace then)
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN | select.POLLRDHUP)
+    if not poller.poll(wait * 1000):
+        return False
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True  # reset: closed all the same
 
 
 def set_io_timeout(sock: socket.socket, seconds: float | None) -> None:

@@ -864,6 +864,50 @@ def test_connection_cap_holds_and_tokens_come_back() -> None:
         t.close()
 
 
+@pytest.mark.parametrize(
+    "answer",
+    [
+        ok(b"bye", "Connection: close"),
+        b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\nbye",
+        b"HTTP/1.0 200 OK\r\n\r\nbye",  # to the close
+    ],
+    ids=["connection-close", "http-1.0", "http-1.0-to-the-close"],
+)
+def test_a_connection_the_server_closes_gives_its_token_back_at_once(answer: bytes) -> None:
+    # A server that closes every connection (HTTP/1.0, keep-alive off, its keep-alive
+    # limit) no longer counts it once its FIN is here: the token goes back then. Given
+    # back 50 ms later as for a close of ours, each file had cost its thread 50 ms.
+    sem = threading.BoundedSemaphore(1)
+    t = new_transport(gate=TokenGate(sem), timeout=httpx.Timeout(5, connect=2))
+    try:
+        with RawServer(send_then(answer, close=True)) as srv:
+            started = time.monotonic()
+            for i in range(20):
+                assert fetch(t, f"{srv.url}/{i}")[1] == b"bye"
+            took = time.monotonic() - started
+            assert srv.accepts == 20
+            assert srv.max_open == 1, srv.max_open
+        assert took < 0.5, took  # 20 x 50 ms waited for tokens before
+    finally:
+        t.close()
+
+
+def test_a_connection_closed_by_the_client_gives_its_token_back_a_moment_later() -> None:
+    # The server sees our close a moment after we make it: the cap holds as it counts.
+    sem = threading.BoundedSemaphore(1)
+    t = new_transport(gate=TokenGate(sem), keepalive=False, timeout=httpx.Timeout(5, connect=2))
+    try:
+        with RawServer(keep_answering(ok())) as srv:
+            started = time.monotonic()
+            for i in range(5):
+                assert fetch(t, f"{srv.url}/{i}")[1] == b"hello"
+            took = time.monotonic() - started
+            assert srv.accepts == 5
+        assert took >= 4 * 0.05, took
+    finally:
+        t.close()
+
+
 # --- 9. close_idle ----------------------------------------------------------------------------
 
 
