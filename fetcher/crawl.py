@@ -427,16 +427,28 @@ def crawl(
 
         return keep
 
-    def fetch(d: _Dir) -> _Page:
+    def fetch(
+        d: _Dir,
+        defer: bool = False,
+        failed: Exception | None = None,
+        failed_at: float | None = None,
+    ) -> _Page:
+        """``d``'s page. ``defer``: its first attempt only, what it raises for the caller to
+        give back as ``failed`` (at ``failed_at``) for the rest of its attempts."""
         keep = keeper(d)
 
         def reached() -> None:
             if d.ahead is not None and over.is_set():
                 raise ListingError("the crawl is over")  # asked ahead, never reached: no retry
 
-        page = with_retries(
-            retrying, lambda: _fetch_page(get, d.url, scope, opts, gate, keep), reached
-        )
+        def attempt() -> _Page:
+            return _fetch_page(get, d.url, scope, opts, gate, keep)
+
+        if defer:
+            reached()
+            page = attempt()
+        else:
+            page = with_retries(retrying, attempt, reached, failed=failed, failed_at=failed_at)
         if opts.verify and d.confirms is None:
             for e in page.entries:
                 name = unquote(e.url.rstrip("/").rsplit("/", 1)[-1])
@@ -448,19 +460,36 @@ def crawl(
         return page
 
     def fetch_train(train: list[tuple[_Dir, Future[_Page]]]) -> None:
-        if ahead is not None and len(train) > 1:
-            ahead([prepare(d.url) for d, _ in train[1:]])
+        announce = ahead if len(train) > 1 else None
+        if announce is not None:
+            announce([prepare(d.url) for d, _ in train[1:]])
+        # Listings whose first attempt failed mid-train, and when: retried once the train
+        # is over. At once, the retry went out of turn, and the connection went with the
+        # answers on their way to the listings behind it (each of them asked for again),
+        # which all waited out its Retry-After first.
+        later: list[tuple[_Dir, Future[_Page], Exception, float]] = []
         try:
-            for d, fut in train:
+            for i, (d, fut) in enumerate(train):
                 if not fut.set_running_or_notify_cancel():
                     continue
                 try:
+                    if announce is not None and i < len(train) - 1:
+                        try:
+                            fut.set_result(fetch(d, defer=True))
+                        except Exception as exc:  # noqa: BLE001 - judged by the policy below
+                            later.append((d, fut, exc, time.monotonic()))
+                        continue
                     fut.set_result(fetch(d))
                 except BaseException as exc:  # noqa: BLE001 - delivered to the crawl loop
                     fut.set_exception(exc)
         finally:
-            if ahead is not None and len(train) > 1:
-                ahead([])
+            if announce is not None:
+                announce([])
+        for d, fut, failure, at in later:
+            try:
+                fut.set_result(fetch(d, failed=failure, failed_at=at))
+            except BaseException as exc:  # noqa: BLE001 - delivered to the crawl loop
+                fut.set_exception(exc)
 
     # Listings in flight: at most ``concurrency``, picked alternately deepest first and
     # oldest first.  Deepest first, files turn up after one listing per level instead of

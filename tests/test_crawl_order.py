@@ -160,6 +160,28 @@ def test_listings_go_in_trains_on_one_connection(tmp_path: Path) -> None:
     assert connections == 1
 
 
+def test_a_listing_that_fails_mid_train_is_retried_after_the_train(tmp_path: Path) -> None:
+    # s1/'s first answer is a 503 (Retry-After: 1) while s2/ and s3/ are already asked for
+    # on the same connection. Retried at once, its request came out of turn: the
+    # connection went, with the answers on their way to the listings behind it, which
+    # were asked for again (every listing of a 32-deep train, twice), and all of them
+    # waited out its Retry-After first. Retried after the train: each asked for once.
+    with FaultServer() as srv:
+        for d in SHALLOW:
+            srv.add_file(f"/pub/{d}file.txt", d.encode())
+        srv.script("/pub/s1/", [Fault.status(503, retry_after="1")])
+        t = Transfer(dest=str(tmp_path), root=srv.url + "pub/", pipeline=4)
+        transport = make_transport(t, pool_size=1)
+        assert isinstance(transport, ThreadConnTransport)
+        with make_client(t, transport=transport) as client:
+            items = list(crawl(client, t, CrawlOptions(concurrency=1), ahead=transport.expect))
+        listings = [q.path for q in srv.requests if q.path.endswith("/")]
+        connections = srv.connections
+    assert {i.path for i in items if isinstance(i, RemoteFile)} == {f"{d}file.txt" for d in SHALLOW}
+    assert sorted(listings) == sorted(["/pub/", "/pub/s1/", *(f"/pub/{d}" for d in SHALLOW)])
+    assert connections == 1
+
+
 def _trains(tmp_path: Path, pipelining: bool) -> tuple[list[list[str]], int, set[str]]:
     """Crawl root + 8 directories at concurrency 4, pipeline 4: the trains announced."""
     with FaultServer() as srv:
