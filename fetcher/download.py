@@ -336,6 +336,15 @@ def _attempt_into(ctx: _Ctx, job: Job, where: _Where, look: bool, out: _Out) -> 
             mode = "wb"
             cl = got.get("content-length")
             total = int(cl) if cl and cl.isdigit() else None
+            if total is not None and f.size_exact and total != f.size and not redirected:
+                # Could not land (see the check after the body): not read at all, where
+                # each attempt had read it whole to find out (a big file changed upstream
+                # since the crawl, five times over). Retried: another server behind the
+                # name may have the listing's version.
+                _discard(where)
+                raise IncompleteDownload(
+                    f"{f.url} is {total} bytes (Content-Length), the listing says {f.size}"
+                )
         # We asked for identity.  A server that sends Content-Encoding anyway (a .gz file
         # served as "gzip") sends the bytes as stored: iter_raw() keeps them undecoded,
         # and Content-Length counts those raw bytes.

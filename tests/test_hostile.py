@@ -27,9 +27,12 @@ import pytest
 
 from fetcher.config import Transfer, build_job
 from fetcher.crawl import CrawlOptions, crawl
+from fetcher.download import fetch_file
 from fetcher.listing import parse_listing
-from fetcher.models import CrawlProblem, RemoteFile, Summary
+from fetcher.models import Action, CrawlProblem, Job, RelPath, RemoteFile, Status, Summary
 from fetcher.pipeline import mirror
+from fetcher.retry import build_retrying
+from fetcher.transport import make_transport
 from tests.faultserver import DirEntry, Fault, FaultServer, nginx_listing
 
 START = "/pub/start/"
@@ -809,6 +812,34 @@ def test_short_body_with_consistent_headers_never_lands(tmp_path: Path, run_fetc
         _no_traceback(r.output)
         assert not (dest / "short.bin").exists(), (dest / "short.bin").stat().st_size
         assert r.code == 1, r
+
+
+def test_a_file_whose_length_is_not_the_listing_s_is_not_read_at_all(tmp_path: Path) -> None:
+    # The listing printed an exact size; the server's Content-Length says another (the
+    # file was rewritten since the crawl, or a mirror behind the same name is behind).
+    # The body cannot land, so it is not read: each attempt had fetched the whole file
+    # (an ISO five times over) to find out. Still retried: another backend may agree.
+    www = tmp_path / "www"
+    www.mkdir()
+    (www / "iso.img").write_bytes(os.urandom(3 << 20))
+    dest = tmp_path / "d"
+    received: list[int] = []
+    with FaultServer(root=www) as srv:
+        t = Transfer(dest=str(dest), root=srv.url, retries=3)
+        job = Job(RemoteFile(srv.url + "iso.img", RelPath("iso.img"), 2 << 20, True), Action.NEW)
+        with make_transport(t) as transport:
+            out = fetch_file(
+                transport, job, t, retrying=build_retrying(t, sleep=lambda s: None),
+                on_bytes=received.append,
+            )  # fmt: skip
+        asked = srv.count(path="/iso.img")
+    assert out.status is Status.FAILED, out
+    assert "listing says 2097152" in (out.error or ""), out
+    assert asked == 3 and out.attempts == 3, (asked, out)
+    assert sum(received) == 0, sum(received)
+    assert not (dest / "iso.img").exists()
+    partial = dest / ".fetcher" / "partial"
+    assert not partial.exists() or not list(partial.iterdir())
 
 
 def test_trickling_server_hits_read_timeout(tmp_path: Path, run_fetch) -> None:
