@@ -369,7 +369,14 @@ def _attempt_into(ctx: _Ctx, job: Job, where: _Where, look: bool, out: _Out) -> 
             elif mode == "wb" and look:
                 meta.unlink(missing_ok=True)  # an older version's, over these new bytes
         digest = _digest_for(f.checksum, where.partial()[0] if offset else None)
-        received = _stream_body(ctx, resp, out.fd, mode, digest)
+        # A body of no stated length (chunked, or to the close) is cut off past the
+        # listing's exact size: a hostile server's never ends, and filled the disk.
+        cap = f.size - offset if f.size_exact and f.size is not None and not redirected else None
+        try:
+            received = _stream_body(ctx, resp, out.fd, mode, digest, cap)
+        except _PastListing:
+            _discard(where)
+            raise IncompleteDownload(f"{f.url} goes on past the listing's {f.size} bytes") from None
     finally:
         resp.close()
 
@@ -516,7 +523,15 @@ def _digest_for(checksum: tuple[str, str] | None, existing: Path | None) -> Any:
     return h
 
 
-def _stream_body(ctx: _Ctx, resp: httpx.Response, fd: int, mode: str, digest: Any) -> int:
+class _PastListing(Exception):
+    """More bytes came than the listing's exact size: not this file (see ``_stream_body``)."""
+
+
+def _stream_body(
+    ctx: _Ctx, resp: httpx.Response, fd: int, mode: str, digest: Any, cap: int | None = None
+) -> int:
+    """The body into ``fd``: its length. ``cap``: the most it may be (the listing's exact
+    size, less what a resume has); a body past it stops there, as :class:`_PastListing`."""
     received = 0
     limits = ctx.limits
     consume = limits.consume if limits is not None and limits.rate else None
@@ -531,6 +546,8 @@ def _stream_body(ctx: _Ctx, resp: httpx.Response, fd: int, mode: str, digest: An
                 received += n
                 if ctx.stop is not None and ctx.stop.is_set():
                     raise Interrupted
+                if cap is not None and received > cap:
+                    raise _PastListing
                 ctx.on_bytes(n)
 
             if write_to(fd, moved) is not None:
@@ -541,11 +558,13 @@ def _stream_body(ctx: _Ctx, resp: httpx.Response, fd: int, mode: str, digest: An
         for chunk in stream if type(stream) is Body else resp.iter_raw():
             if ctx.stop is not None and ctx.stop.is_set():
                 raise Interrupted
+            n = len(chunk)
+            received += n
+            if cap is not None and received > cap:
+                raise _PastListing
             write_all(fd, chunk)
             if digest is not None:
                 digest.update(chunk)
-            n = len(chunk)
-            received += n
             ctx.on_bytes(n)
             if consume is not None:
                 consume(n)

@@ -842,6 +842,39 @@ def test_a_file_whose_length_is_not_the_listing_s_is_not_read_at_all(tmp_path: P
     assert not partial.exists() or not list(partial.iterdir())
 
 
+@pytest.mark.parametrize("framing", ["chunked", "close"])
+def test_a_body_without_length_past_the_listing_s_size_is_cut_off(
+    tmp_path: Path, run_fetch, framing: str
+) -> None:
+    # The listing says 2 MiB, exactly; the server sends a body of no stated length (chunked,
+    # or to the close) that goes on: 64 MiB here, for ever from a hostile server. It was
+    # read to its end (the disk filled, and the run ended with exit 4) before the size was
+    # compared; it is cut off past the listing's size, nothing of it kept.
+    www = tmp_path / "www"
+    (www / "pub").mkdir(parents=True)
+    (www / "pub" / "ok.txt").write_bytes(b"fine\n")
+    when = 1_700_000_000
+    listing = nginx_listing(
+        "/pub/",
+        [DirEntry("big.iso", False, 2 << 20, when), DirEntry("ok.txt", False, 5, when)],
+    )
+    dest = tmp_path / "d"
+    with FaultServer(root=www) as srv:
+        srv.add_listing("/pub/", listing)
+        srv.add_file("/pub/big.iso", b"\0" * (64 << 20), last_modified=when)
+        fault = Fault.chunked() if framing == "chunked" else Fault.header("Content-Length", None)
+        srv.persist("/pub/big.iso", fault)
+        r = run_fetch("--mirror", srv.url + "pub/", "--dest", dest, "--retries", "1")
+        sent = srv.file_bytes_sent
+    assert r.code == 1, r
+    assert "2097152" in r.output and "big.iso" in r.output, r.output
+    assert (dest / "ok.txt").read_bytes() == b"fine\n"
+    assert not (dest / "big.iso").exists()
+    partial = dest / ".fetcher" / "partial"
+    assert not partial.exists() or not list(partial.iterdir())
+    assert sent < 32 << 20, sent  # (what the sockets' buffers took before the cut)
+
+
 def test_trickling_server_hits_read_timeout(tmp_path: Path, run_fetch) -> None:
     with FaultServer() as srv:
         srv.add_file(START + "slow.bin", b"s" * 1000)

@@ -317,8 +317,8 @@ def test_a_partial_file_someone_else_wrote_into_is_not_published(tmp_path: Path)
     real = download._stream_body
     meddled: list[int] = []
 
-    def stream_body(ctx: Any, resp: Any, fd: int, mode: str, digest: Any) -> int:
-        received = real(ctx, resp, fd, mode, digest)
+    def stream_body(ctx: Any, resp: Any, fd: int, mode: str, digest: Any, cap: Any) -> int:
+        received = real(ctx, resp, fd, mode, digest, cap)
         if mode == "ab" and not meddled:  # resuming: the other writer adds a piece
             meddled.append(received)
             with open(f"/proc/self/fd/{fd}", "ab") as other:
