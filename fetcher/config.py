@@ -574,7 +574,7 @@ def _hide_userinfo(url: str) -> str:
 
 def _show_url(v: Any) -> str:
     """``_show`` for a URL (or whatever came in its place), without credentials."""
-    return _show(_hide_userinfo(v)) if isinstance(v, str) else _USERINFO.sub("//", repr(v))
+    return _show(_hide_userinfo(v)) if isinstance(v, str) else _hide_userinfo(repr(v))
 
 
 PATH_KEYS = ("dest", "ca_cert", "post_dest")

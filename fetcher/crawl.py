@@ -472,14 +472,14 @@ def crawl(
             for i, (d, fut) in enumerate(train):
                 if not fut.set_running_or_notify_cancel():
                     continue
+                defer = announce is not None and i < len(train) - 1
                 try:
-                    if announce is not None and i < len(train) - 1:
-                        try:
-                            fut.set_result(fetch(d, defer=True))
-                        except Exception as exc:  # noqa: BLE001 - judged by the policy below
-                            later.append((d, fut, exc, time.monotonic()))
-                        continue
-                    fut.set_result(fetch(d))
+                    fut.set_result(fetch(d, defer=defer))
+                except Exception as exc:  # noqa: BLE001 - judged by the policy, or delivered
+                    if defer:
+                        later.append((d, fut, exc, time.monotonic()))
+                    else:
+                        fut.set_exception(exc)
                 except BaseException as exc:  # noqa: BLE001 - delivered to the crawl loop
                     fut.set_exception(exc)
         finally:

@@ -296,7 +296,9 @@ def _attempt_into(ctx: _Ctx, job: Job, where: _Where, look: bool, out: _Out) -> 
         _add_conditions(headers, job, final)
 
     resp, answered_by = _send(ctx, f.url, headers)
-    redirected = answered_by != f.url
+    # The listing's exact size, which the body must have (after a redirect the listing
+    # described the link, not the target): checked before, during and after the body.
+    exact = f.size if f.size_exact and answered_by == f.url else None
     got = _header_map(resp)
     try:
         status = resp.status_code
@@ -336,7 +338,7 @@ def _attempt_into(ctx: _Ctx, job: Job, where: _Where, look: bool, out: _Out) -> 
             mode = "wb"
             cl = got.get("content-length")
             total = int(cl) if cl and cl.isdigit() else None
-            if total is not None and f.size_exact and total != f.size and not redirected:
+            if total is not None and exact is not None and total != exact:
                 # Could not land (see the check after the body): not read at all, where
                 # each attempt had read it whole to find out (a big file changed upstream
                 # since the crawl, five times over). Retried: another server behind the
@@ -371,7 +373,7 @@ def _attempt_into(ctx: _Ctx, job: Job, where: _Where, look: bool, out: _Out) -> 
         digest = _digest_for(f.checksum, where.partial()[0] if offset else None)
         # A body of no stated length (chunked, or to the close) is cut off past the
         # listing's exact size: a hostile server's never ends, and filled the disk.
-        cap = f.size - offset if f.size_exact and f.size is not None and not redirected else None
+        cap = exact - offset if exact is not None else None
         try:
             received = _stream_body(ctx, resp, out.fd, mode, digest, cap)
         except _PastListing:
@@ -386,11 +388,10 @@ def _attempt_into(ctx: _Ctx, job: Job, where: _Where, look: bool, out: _Out) -> 
     cl = got.get("content-length")
     if status == 200 and cl and cl.isdigit() and received != int(cl):
         raise IncompleteDownload(f"got {received} of {cl} bytes for {f.url}")
-    if f.size_exact and f.size is not None and size != f.size and not redirected:
+    if exact is not None and size != exact:
         # The listing printed an exact size and the body disagrees: a cut-short body with
         # a matching Content-Length, or a file changed since the listing.  Either way it
         # must not land; a later attempt (or run) sees the file as the listing does.
-        # (After a redirect the listing described the link, not the target.)
         _discard(where)
         raise IncompleteDownload(f"got {size} bytes, the listing says {f.size}, for {f.url}")
     sha256 = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from collections.abc import Callable, Iterable, Iterator, Sequence, Set
@@ -143,29 +144,23 @@ def prune(
         s.deleted_dirs.append(rel + "/")
 
 
-def drop_partials(dest: Path, failed: Iterable[str]) -> int:
+def drop_partials(dest: Path, failed: Iterable[str]) -> None:
     """Remove the partial files (and sidecars) in DEST's partial directory but those of
-    ``failed``, which the next run resumes; how many went. For the end of a run whose
+    ``failed``, which the next run resumes. For the end of a run whose
     crawl was complete and clean: every other file it listed was planned, and a planned
     file's partial file is resumed and renamed into place, so what is left belongs to
     files gone upstream (or out of the selection) since a run that was killed while
     fetching them, and no run would ever take it up again.
     """
     keep = {partial_name(RelPath(p)).partition(".")[0] for p in failed}
-    gone = 0
     try:
         entries = list(os.scandir(partial_dir(dest)))
     except OSError:
-        return 0
+        return
     for e in entries:
-        if e.name.partition(".")[0] in keep or not e.is_file(follow_symlinks=False):
-            continue
-        try:
-            os.unlink(e.path)
-        except FileNotFoundError:
-            continue
-        gone += 1
-    return gone
+        if e.name.partition(".")[0] not in keep and e.is_file(follow_symlinks=False):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(e.path)
 
 
 def _not_a_dir(path: Path) -> bool:

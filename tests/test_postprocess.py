@@ -440,6 +440,13 @@ def _pool(tree: tuple[Path, Path], rules: list[PostRule], **kw: object) -> PostP
     return PostPool(FF, rules, tree[0], tree[1], jobs=2, **kw)  # type: ignore[arg-type]
 
 
+def _made(tree: tuple[Path, Path], rules: list[PostRule]) -> None:
+    """The clip's outputs for ``rules``, made once by a pool that runs ffmpeg."""
+    with _pool(tree, rules) as pool:
+        assert pool.submit("videos/clip.mp4") == len(rules)
+        assert {o.status for o in pool.close()} == {PostStatus.DONE}
+
+
 def _leftovers(derived: Path) -> list[str]:
     return [str(p) for p in derived.rglob(".tmp-*")]
 
@@ -667,9 +674,7 @@ class Blocked(_Noting):
 def test_a_forced_remake_removes_the_old_outputs_before_it_starts(tree: tuple[Path, Path]) -> None:
     derived = tree[1]
     rules = [parse_post_spec("probe"), parse_post_spec("thumbnails")]
-    with _pool(tree, rules) as pool:
-        assert pool.submit("videos/clip.mp4") == 2
-        assert {o.status for o in pool.close()} == {PostStatus.DONE}
+    _made(tree, rules)
     assert (derived / "videos/clip.mp4/probe.ok").is_file()
     blocked = Blocked()
     pool = _pool(tree, rules, runner=blocked)
@@ -687,9 +692,7 @@ def test_a_forced_remake_removes_the_old_outputs_before_it_starts(tree: tuple[Pa
 def test_an_emptied_output_is_made_again(tree: tuple[Path, Path]) -> None:
     derived = tree[1]
     rules = [parse_post_spec("probe"), parse_post_spec("thumbnails")]
-    with _pool(tree, rules) as pool:
-        assert pool.submit("videos/clip.mp4") == 2
-        assert {o.status for o in pool.close()} == {PostStatus.DONE}
+    _made(tree, rules)
     out = derived / "videos/clip.mp4"
     (out / "probe.ok").write_bytes(b"")  # a full disk, a crash before the data reached it
     for jpg in (out / "thumbnails-160x90").iterdir():
