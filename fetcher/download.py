@@ -59,6 +59,7 @@ __all__ = [
     "partial_paths",
     "pipelinable",
     "plain_get",
+    "staged_path",
     "unwritable",
 ]
 
@@ -96,6 +97,12 @@ def partial_paths(dest: Path, path: RelPath) -> tuple[Path, Path]:
 def partial_dir(dest: Path) -> Path:
     """Where DEST's partial files and their sidecars are kept."""
     return dest / STATE_DIR / "partial"
+
+
+def staged_path(dest: str, path: str) -> str:
+    """Where repository metadata waits, checked, for the rest of its group (``Job.stage``):
+    ``.fetcher/staged/`` and the file's own path below it (what ``repo_refs`` reads)."""
+    return os.path.join(dest, STATE_DIR, "staged", path)
 
 
 def _read_sidecar(meta: Path, url: str) -> dict[str, Any] | None:
@@ -244,14 +251,16 @@ class _Where:
 
     Plain strings for the final name (a ``Path`` per file costs more than the
     syscalls it names); the partial pair is made on first use, which most small
-    files never reach.
+    files never reach. ``target``: the name the checked file takes, its final name
+    or, for staged metadata (``Job.stage``), its name under ``.fetcher/staged/``.
     """
 
-    __slots__ = ("_dest", "_part", "_path", "final", "parent")
+    __slots__ = ("_dest", "_part", "_path", "final", "parent", "target")
 
-    def __init__(self, dest: str, path: RelPath) -> None:
+    def __init__(self, dest: str, path: RelPath, staged: bool = False) -> None:
         self.final = os.path.join(dest, path)
         self.parent = os.path.dirname(self.final)
+        self.target = staged_path(dest, path) if staged else self.final
         self._dest = dest
         self._path = path
         self._part: tuple[Path, Path] | None = None
@@ -352,10 +361,10 @@ def _attempt_into(ctx: _Ctx, job: Job, where: _Where, look: bool, out: _Out) -> 
         # and Content-Length counts those raw bytes.
         resumable = total is None or total - offset > RESUME_MIN
         # A small new file from its first byte can be written unnamed (see _Out); an
-        # update replaces a file, and a resume appends to its partial file. An index
-        # read back before it is published goes to its partial file too.
+        # update replaces a file, and a resume appends to its partial file. Staged
+        # metadata, and an index read back before it is published, go to it too.
         unnamed = not resumable and not offset and job.action is Action.NEW
-        unnamed = unnamed and not _read_back(f)
+        unnamed = unnamed and not job.stage and not _read_back(f)
         if not (unnamed and _unnamed_ok(ctx, where, out)):
             part, meta = where.partial()
             _ensure_dir(str(part.parent), ctx.known_dirs)
@@ -941,10 +950,10 @@ def _name_partial(ctx: _Ctx, where: _Where, part: Path, mtime: float | None, f: 
                 f"{f.path} not published: {why} (rewritten upstream during the run?);"
                 " the next run fetches what it names"
             )
-    _ensure_dir(where.parent, ctx.known_dirs)
+    _ensure_dir(os.path.dirname(where.target), ctx.known_dirs)
     if mtime is not None:
         os.utime(part, (mtime, mtime))
-    os.replace(part, where.final)
+    os.replace(part, where.target)
 
 
 def _discard(where: _Where) -> None:
@@ -998,7 +1007,7 @@ def fetch_file(
         known_dirs,
         prepared,
     )
-    where = _Where(t.dest, f.path)
+    where = _Where(t.dest, f.path, job.stage)
     attempts = 0
 
     def before_sleep(state: tenacity.RetryCallState) -> None:

@@ -394,6 +394,10 @@ class Job:
     action: Action
     etag: str | None = None
     last_modified: str | None = None
+    stage: bool = False
+    """Repository metadata: named under ``.fetcher/staged/`` once checked, not in place;
+    the coordinator publishes the staged files together once the last is in (or drops
+    them), so DEST never holds a new index under an older file that names it."""
 
 
 class Status(enum.StrEnum):

@@ -12,6 +12,7 @@ import errno
 import itertools
 import os
 import queue
+import shutil
 import stat
 import threading
 import time
@@ -29,6 +30,7 @@ from fetcher.download import (
     partial_dir,
     partial_name,
     pipelinable,
+    staged_path,
     unwritable,
 )
 from fetcher.errors import FatalIOError, FetchError
@@ -36,6 +38,7 @@ from fetcher.executor import Executor, LocalExecutor
 from fetcher.http1 import ThreadConnTransport, pipelined_lanes
 from fetcher.limits import SharedLimits, local_limits
 from fetcher.models import (
+    STATE_DIR,
     BytesEvent,
     Counts,
     CrawlProblem,
@@ -88,6 +91,8 @@ class _Run:
     outstanding: dict[str, Job] = field(default_factory=dict)
     held: list[Job] = field(default_factory=list)
     held_back: bool = False  # repository metadata not published: other files failed
+    # fetched metadata waiting under .fetcher/staged/ to be published together (Job.stage)
+    staged: list[Outcome] = field(default_factory=list)
     unsure: bool = False  # a listing may have been cut short (CrawlProblem "unsure")
     uncrawled: set[str] = field(default_factory=set)  # directories past --depth
     batch: list[Job] = field(default_factory=list)
@@ -389,6 +394,7 @@ def mirror(
         raise unwritable(dest, exc) from exc
     try:
         check_writable(dest)
+        _drop_staged(dest)  # a killed run's
         state = State.open(dest)
         return _run_with_state(job, dest, state, summary, rep, stop, ffmpeg, derived)
     finally:
@@ -463,6 +469,8 @@ def _run_with_state(
                 # been exiting while the run was wound up here: wait for them now.
                 run.executor.join(timeout=10)
                 run.executor.kill()
+            if not summary.dry_run:
+                _drop_staged(dest)  # what a stopped run did not publish
     finally:
         try:
             state.close()
@@ -737,10 +745,11 @@ def _loop(run: _Run) -> None:
             run.batch = []
         if run.crawl_complete and not run.outstanding:
             if not run.held:
+                _publish_staged(run)
                 break
             if run.summary.failed:
                 for j in run.held:
-                    _failed_here(run, j, "metadata not published: other files failed")
+                    _failed_here(run, j.file.path, j.file.url, _NOT_PUBLISHED)
                 run.held = []
                 run.held_back = True
             else:
@@ -761,16 +770,55 @@ def _loop(run: _Run) -> None:
             if dead and run.outstanding:
                 run.summary.fatal = f"worker process(es) {dead} died; run again to resume"
                 for j in run.outstanding.values():
-                    _failed_here(run, j, "worker process died")
+                    _failed_here(run, j.file.path, j.file.url, "worker process died")
                 run.outstanding.clear()
                 break
 
 
-def _failed_here(run: _Run, j: Job, why: str) -> None:
+def _publish_staged(run: _Run) -> None:
+    """Give the staged metadata its names in DEST, in ``publish_step`` order (the indices,
+    then the files that point at them, then their signatures), when every file is in;
+    else none of it: an index updated in place (``Packages.gz``) must not stand under an
+    older ``Release`` that names other bytes. Each is a rename in DEST's filesystem, so
+    clients see the new set whole within moments, as rsync's ``--delay-updates`` has it."""
+    s = run.summary
+    staged = sorted(run.staged, key=lambda o: publish_step(o.path))
+    run.staged = []
+    for i, out in enumerate(staged):
+        if s.failed:
+            for o in staged[i:]:  # with whatever failed: the old copies stay, all of them
+                run.held_back = True
+                _failed_here(run, o.path, o.url, _NOT_PUBLISHED)
+            return
+        final = os.path.join(run.dest, out.path)
+        try:
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            os.replace(staged_path(str(run.dest), out.path), final)
+        except OSError as exc:
+            why = f"cannot publish: {exc.strerror or exc}"
+            _failed_here(run, out.path, out.url, why)
+            continue
+        s.fetched.files += 1
+        s.fetched.bytes += out.size
+        run.state.record(run.run_id, out)
+        run.reporter.finished(out)
+        _post(run, out.path, force=True)
+
+
+_NOT_PUBLISHED = "metadata not published: other files failed"
+
+
+def _drop_staged(dest: Path) -> None:
+    """Staged metadata a run did not publish (stopped, or killed before): the next run
+    fetches it again, as DEST's older copies and their rows say."""
+    shutil.rmtree(dest / STATE_DIR / "staged", ignore_errors=True)
+
+
+def _failed_here(run: _Run, path: RelPath, url: str, why: str) -> None:
     """A planned file that fails here, not in a worker: counted as a worker's would be."""
-    run.summary.failed.append((j.file.path, why))
-    run.state.seen(run.run_id, j.file.path)
-    run.reporter.finished(Outcome(j.file.path, j.file.url, Status.FAILED, error=why))
+    run.summary.failed.append((path, why))
+    run.state.seen(run.run_id, path)
+    run.reporter.finished(Outcome(path, url, Status.FAILED, error=why))
 
 
 def _drain(run: _Run, deadline: float) -> None:
@@ -863,7 +911,10 @@ def _plan(run: _Run, j: Job) -> None:
     if run.job.dry_run:
         run.state.seen(run.run_id, f.path)  # upstream, so never a deletion candidate
         return
-    (run.held if is_metadata(f.path) else run.batch).append(j)
+    if is_metadata(f.path):
+        run.held.append(replace(j, stage=True))
+    else:
+        run.batch.append(j)
 
 
 def _count(s: Summary, key: str, nbytes: int) -> None:
@@ -918,7 +969,10 @@ def _handle(run: _Run, events: list[Event]) -> None:
             rep.transferred(ev.nbytes)
         elif isinstance(ev, FileDone):
             out = ev.outcome
-            run.outstanding.pop(out.path, None)
+            job = run.outstanding.pop(out.path, None)
+            if out.status is Status.FETCHED and job is not None and job.stage:
+                run.staged.append(out)  # published (and counted) with its group
+                continue
             if out.status is Status.FETCHED:
                 s.fetched.files += 1
                 s.fetched.bytes += out.size

@@ -35,8 +35,10 @@ def disagreement(path: str, body: bytes, t: Transfer) -> str | None:
     ``Release`` / ``InRelease``: every file it names that DEST holds must have its
     size and SHA256 (a ``Release`` also names forms a mirror need not carry, such as
     the uncompressed ``Packages``). Files the run's selection leaves out (``--exclude``)
-    are not looked at. One that does not parse names nothing here.
+    are not looked at. One that does not parse names nothing here. A file this run
+    fetched is read where it waits to be published with ``path`` (``staged_path``).
     """
+    from fetcher.download import staged_path
     from fetcher.errors import ListingError
 
     name = posixpath.basename(path)
@@ -64,7 +66,9 @@ def disagreement(path: str, body: bytes, t: Transfer) -> str | None:
             continue  # (not below DEST: not this mirror's to check)
         if not wanted(rel, False, t.include, t.exclude):
             continue  # left out of the mirror on purpose
-        why = _differs(os.path.join(t.dest, rel), size, checksum, required)
+        staged = staged_path(t.dest, rel)
+        local = staged if os.path.lexists(staged) else os.path.join(t.dest, rel)
+        why = _differs(local, size, checksum, required)
         if why is not None:
             return f"it names {rel}, which {why}"
     return None

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -299,3 +300,78 @@ def test_a_signature_is_not_published_beside_an_index_that_was_not(
         r = run_fetch("--mirror", srv.url, "--dest", dest)
     assert r.code == 0, r.output
     assert tree_manifest(dest) == tree_manifest(www)
+
+
+def test_an_index_updated_in_place_waits_for_the_release_that_names_it(
+    tmp_path: Path, run_fetch: RunFetch
+) -> None:
+    """``Packages.gz`` keeps its name from one version of the suite to the next. Upstream
+    published a new suite, and rewrote it once more while the run asked for ``Release``:
+    the new ``Release`` was refused (it names a third ``Packages.gz``), but the second
+    ``Packages.gz`` had been published in place already, under the first ``Release``,
+    which names other bytes: every client without by-hash failed with a hash mismatch
+    until the next run. Indices now wait, staged, for the files that point at them, and
+    go with them or not at all."""
+    www = tmp_path / "www"
+    (www / "dists" / "stable" / "main" / "binary-amd64").mkdir(parents=True)
+    (www / "pool").mkdir()
+    (www / "pool" / "a.deb").write_bytes(b"a package")
+    _debian(www, b"Packages, first")
+    _age(www)
+    dest = tmp_path / "d"
+    with FaultServer(root=www) as srv:
+        assert run_fetch("--mirror", srv.url, "--dest", dest).code == 0
+        old = tree_manifest(dest)
+        _debian(www, b"Packages, secnd")  # (the same size: only the date tells)
+        (www / "pool" / "b.deb").write_bytes(b"a new package")
+        _age(www, OLD + 7200)
+        with _changed_when_asked(srv, "/dists/stable/Release", lambda: _debian(www, b"P, third")):
+            r = run_fetch("--mirror", srv.url, "--dest", dest, "--delete")
+        assert r.code == 1, r.output
+        assert "dists/stable/Release not published" in r.output, r.output
+        assert srv.count(path="/dists/stable/main/binary-amd64/Packages.gz", status=200) == 1
+        now = tree_manifest(dest)
+        for p in ("dists/stable/Release", "dists/stable/main/binary-amd64/Packages.gz"):
+            assert now[p] == old[p], p  # the first suite, whole
+        assert (dest / "pool" / "b.deb").read_bytes() == b"a new package"  # (not metadata)
+        assert not (dest / ".fetcher" / "staged").exists()
+        r = run_fetch("--mirror", srv.url, "--dest", dest, "--delete")
+    assert r.code == 0, r.output
+    assert tree_manifest(dest) == tree_manifest(www)
+    assert (dest / "dists/stable/main/binary-amd64/Packages.gz").read_bytes() == b"P, third"
+
+
+def test_staged_metadata_is_published_whole_or_not_at_all(
+    tmp_path: Path, run_fetch: RunFetch
+) -> None:
+    """A staged index that cannot take its name (someone's directory in the way) holds
+    back the ``Release`` that names it; what a killed run left staged is never published."""
+    www = tmp_path / "www"
+    (www / "dists" / "stable" / "main" / "binary-amd64").mkdir(parents=True)
+    _debian(www, b"Packages, first")
+    _age(www)
+    dest = tmp_path / "d"
+    index = "dists/stable/main/binary-amd64/Packages.gz"
+    with FaultServer(root=www) as srv:
+        assert run_fetch("--mirror", srv.url, "--dest", dest).code == 0
+        old = tree_manifest(dest)
+        _debian(www, b"Packages, secnd")
+        _age(www, OLD + 7200)
+        (dest / index).unlink()
+        (dest / index).mkdir()
+        (dest / index / "someone's").write_bytes(b"kept")
+        r = run_fetch("--mirror", srv.url, "--dest", dest)
+        assert r.code == 1, r.output
+        assert "cannot publish" in r.output, r.output
+        assert "dists/stable/Release" in r.output and "metadata not published" in r.output
+        assert (dest / "dists/stable/Release").read_bytes() == _release(b"Packages, first")
+        assert (dest / index / "someone's").read_bytes() == b"kept"
+
+        shutil.rmtree(dest / index)
+        staged = dest / ".fetcher" / "staged" / "dists" / "stable"
+        staged.mkdir(parents=True)
+        (staged / "Release").write_bytes(b"left by a killed run")
+        r = run_fetch("--mirror", srv.url, "--dest", dest)
+        assert r.code == 0, r.output
+        assert not (dest / ".fetcher" / "staged").exists()
+    assert tree_manifest(dest) == tree_manifest(www) != old
