@@ -104,6 +104,7 @@ class _Box:
 
 
 _CLOSE_GRACE = 0.05  # seconds; connections close rarely (idle workers, reclaim, crawl end)
+_SLICE = 0.05  # seconds a waiting thread waits before it looks at ``stop`` and reclaims again
 
 
 class TokenGate:
@@ -113,46 +114,73 @@ class TokenGate:
     for one (it was usually closed for that thread's sake), rather than to any
     process: no churn.  Waiting never times out by itself; it ends when a token
     comes or ``stop`` is set.
+
+    A thread waiting on the semaphore cannot be woken by a token handed over beside
+    it, so one waiting thread of the process at most waits on the semaphore (the
+    *blocker*) and the others wait on the condition, which a token handed over
+    wakes at once.  A token given back while the blocker alone waits goes to the
+    semaphore it waits on: that wakes it at once too (a thread of another process
+    waiting on the semaphore then may take it first; the cap holds all the same).
     """
 
     def __init__(self, sem: Any, stop: threading.Event | None = None) -> None:
         self._sem = sem
         self._stop = stop
         self._cond = threading.Condition()
-        self._waiting = 0
-        self._spare = 0
+        self._waiting = 0  # threads in acquire(), the blocker among them
+        self._blocked = False  # a thread of acquire() waits on the semaphore
+        self._spare = 0  # tokens handed over, for the threads waiting on the condition
 
     def acquire(self, reclaim: Callable[[], bool] = lambda: False) -> bool:
         """Take a token; ``reclaim`` may close an idle connection of ours to free one.
 
         False when the run is stopping.
         """
+        blocker = False
         with self._cond:
             self._waiting += 1
         try:
-            while not self._take():
+            while True:
+                with self._cond:
+                    if self._spare:
+                        self._spare -= 1
+                        return True
+                    if not self._blocked:
+                        self._blocked = blocker = True
+                    if not blocker and self._cond.wait(_SLICE):
+                        continue  # a token handed over, or the semaphore free to wait on
+                if blocker and self._sem.acquire(True, _SLICE):
+                    return True
                 if self._stop is not None and self._stop.is_set():
                     return False
                 reclaim()
         finally:
             with self._cond:
                 self._waiting -= 1
-                extra = max(0, self._spare - self._waiting)
+                if blocker:
+                    self._blocked = False
+                    self._cond.notify()  # another waiting thread waits on the semaphore now
+                extra = max(0, self._spare - self._beside())
                 self._spare -= extra
             for _ in range(extra):
                 self._sem.release()
-        return True
 
     def try_acquire(self, reclaim: Callable[[], bool] = lambda: False) -> bool:
         """Take a token if one is free now (after ``reclaim``, once); never waits."""
-        return self._take(0) or (reclaim() and self._take())
+        return self._take(0) or (reclaim() and self._take(_SLICE))
 
-    def _take(self, timeout: float = 0.05) -> bool:
+    def _take(self, timeout: float) -> bool:
         with self._cond:
             if self._spare:
                 self._spare -= 1
                 return True
         return bool(self._sem.acquire(True, timeout))  # (positional: block/blocking)
+
+    def _beside(self) -> int:
+        """The waiting threads a token handed over can wake (under ``_cond``): all but the
+        blocker.  One that has yet to find out whether it is the blocker counts: it
+        looks for a spare token first."""
+        return self._waiting - self._blocked
 
     def release(self, closed: bool = False) -> None:
         """Give a token back, a moment later, so the server has seen the close first.
@@ -171,7 +199,7 @@ class TokenGate:
 
     def release_now(self) -> None:
         with self._cond:
-            if self._waiting > self._spare:
+            if self._beside() > self._spare:
                 self._spare += 1
                 self._cond.notify()
                 return

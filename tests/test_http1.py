@@ -11,6 +11,7 @@ script closes it) and on exit shuts every connection down and joins its threads.
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import random
 import re
 import socket
@@ -906,6 +907,165 @@ def test_a_connection_closed_by_the_client_gives_its_token_back_a_moment_later()
         assert took >= 4 * 0.05, took
     finally:
         t.close()
+
+
+class RecordingSemaphore:
+    """A semaphore for a TokenGate that records what each wait on it came to.
+
+    A wait lasts up to WAIT, however short a slice the gate asks for: a loaded machine
+    cannot end one before the test hands its token over, so a wait that came to False
+    is one that the hand-over did not end.
+    """
+
+    def __init__(self) -> None:
+        self._sem = threading.Semaphore(0)
+        self.waited = threading.Event()  # a thread has begun to wait on it
+        self.results: list[bool] = []
+
+    def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
+        self.waited.set()
+        got = self._sem.acquire(blocking, WAIT if blocking else None)
+        self.results.append(got)
+        return got
+
+    def release(self) -> None:
+        self._sem.release()
+
+
+def _acquire_in_threads(
+    gate: TokenGate, n: int, **kwargs: Any
+) -> tuple[list[threading.Thread], list[bool]]:
+    """n threads that each wait for a token of ``gate``; what each acquire returned."""
+    got: list[bool] = []
+    threads = [
+        threading.Thread(target=lambda: got.append(gate.acquire(**kwargs)), daemon=True)
+        for _ in range(n)
+    ]
+    for th in threads:
+        th.start()
+    return threads, got
+
+
+def _join(threads: list[threading.Thread]) -> None:
+    for th in threads:
+        th.join(2 * WAIT)
+    assert not any(th.is_alive() for th in threads), "a thread still waits for a token"
+
+
+def test_a_token_handed_to_the_waiting_thread_wakes_it_at_once() -> None:
+    # A closing connection hands its token to the thread of this process that waits
+    # for one. Handed over beside the semaphore that thread waited on, it came only
+    # once that wait ran out: up to 50 ms of each hand-over.
+    sem = RecordingSemaphore()
+    gate = TokenGate(sem)
+    threads, got = _acquire_in_threads(gate, 1)
+    assert sem.waited.wait(WAIT)
+    gate.release_now()
+    _join(threads)
+    assert got == [True]
+    assert sem.results == [True], "the token came only once a wait on the semaphore ran out"
+
+
+def test_tokens_handed_to_two_waiting_threads_wake_each_at_once() -> None:
+    # One thread waits on the semaphore, the other for a token handed over.
+    sem = RecordingSemaphore()
+    gate = TokenGate(sem)
+    threads, got = _acquire_in_threads(gate, 2)
+    assert sem.waited.wait(WAIT)
+    gate.release_now()
+    gate.release_now()
+    _join(threads)
+    assert got == [True, True]
+    assert False not in sem.results, "a token came only once a wait on the semaphore ran out"
+
+
+def test_stop_ends_every_wait_for_a_token_and_reclaim_runs_while_waiting() -> None:
+    sem = threading.Semaphore(0)
+    stop = threading.Event()
+    gate = TokenGate(sem, stop)
+    reclaimed: list[threading.Event] = [threading.Event() for _ in range(3)]
+    got: list[bool] = []
+
+    def wait(i: int) -> None:
+        def reclaim() -> bool:
+            reclaimed[i].set()
+            return False
+
+        got.append(gate.acquire(reclaim))
+
+    threads = [threading.Thread(target=wait, args=(i,), daemon=True) for i in range(3)]
+    for th in threads:
+        th.start()
+    # every thread waits (one on the semaphore, two beside it) and asks to reclaim
+    assert all(ev.wait(WAIT) for ev in reclaimed)
+    stop.set()
+    _join(threads)
+    assert got == [False, False, False]
+    assert not sem.acquire(blocking=False), "a stopped wait made a token"
+    gate.release_now()  # nobody waits: back to the semaphore
+    assert sem.acquire(blocking=False)
+
+
+def test_a_token_reclaim_frees_goes_to_the_thread_that_waits() -> None:
+    sem = threading.Semaphore(0)
+    gate = TokenGate(sem)
+    calls: list[int] = []
+
+    def reclaim() -> bool:
+        # an idle connection of ours, closed by the server already: its token back at once
+        calls.append(1)
+        if len(calls) == 1:
+            gate.release_now()
+            return True
+        return False
+
+    threads, got = _acquire_in_threads(gate, 1, reclaim=reclaim)
+    _join(threads)
+    assert got == [True]
+    assert calls == [1]
+    assert not sem.acquire(blocking=False), "the token was handed over twice"
+
+
+@pytest.mark.parametrize(
+    "make_sem",
+    [threading.Semaphore, multiprocessing.get_context("spawn").Semaphore],
+    ids=["threading", "multiprocessing"],
+)
+def test_no_token_is_lost_or_made_by_many_takes_and_hand_overs(
+    make_sem: Callable[[int], Any],
+) -> None:
+    # Tokens are connection slots shared by processes: one lost shrinks the cap for
+    # good, one made twice breaks it. A plain semaphore counts either.
+    cap = 3
+    sem = make_sem(cap)
+    stop = threading.Event()
+    gate = TokenGate(sem, stop)
+    lock = threading.Lock()
+    held = [0, 0]  # now, most at once
+
+    def work(i: int) -> None:
+        for k in range(300 if i else 150):
+            if k % 5 == 0:
+                if not gate.try_acquire():
+                    continue
+            elif not gate.acquire():
+                return  # stopping
+            with lock:
+                held[0] += 1
+                held[1] = max(held)
+            with lock:
+                held[0] -= 1
+            if k % 40 == 0:
+                gate.release()  # a moment later, from a timer
+            else:
+                gate.release_now()
+        stop.set()  # the first thread done stops the others amid their hand-overs
+
+    assert run_threads(work, 8) == []
+    assert held[1] <= cap, f"{held[1]} tokens held at once under a cap of {cap}"
+    for _ in range(cap):
+        assert sem.acquire(True, WAIT), "a token was lost"
+    assert not sem.acquire(False), "a token was made twice"
 
 
 # --- 9. close_idle ----------------------------------------------------------------------------
