@@ -16,8 +16,9 @@ hostile server could hurt (bounded head, checked framing) and nothing more:
 * framing per RFC 9112 section 6.3: no body for HEAD, 1xx, 204 and 304;
   chunked when it is the final transfer coding; else ``Content-Length``
   (conflicting values are an error); else the body runs to the close;
-* a response head over 64 KiB, a malformed status line or header line, a
-  bad chunk size, or a connection closed inside a body is a
+* a response head over 64 KiB, a malformed status line or header line (a
+  folded line continues the field before it, RFC 9112 section 5.2), a bad
+  chunk size, or a connection closed inside a body is a
   ``RemoteProtocolError``; socket timeouts are ``ConnectTimeout`` /
   ``ReadTimeout`` / ``WriteTimeout``, other socket failures ``ConnectError``
   / ``ReadError`` / ``WriteError``, each raised from the original error;

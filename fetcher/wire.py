@@ -2,10 +2,11 @@
 
 The parsing half of :mod:`fetcher.http1` (which owns connections, pipelining and the
 exchange).  Strict where a hostile server could hurt, and nothing more: a bounded
-head, RFC 9112 section 6.3 framing (no body for HEAD, 1xx, 204 and 304; chunked when
-it is the final transfer coding; else ``Content-Length``, conflicting values being
-an error; else the body runs to the close), plain-hex chunk sizes.  Failures are
-httpx's exception types, so the retry policy needs nothing new.
+head (its folded lines unfolded, as RFC 9112 section 5.2 has a user agent do), RFC
+9112 section 6.3 framing (no body for HEAD, 1xx, 204 and 304; chunked when it is the
+final transfer coding; else ``Content-Length``, conflicting values being an error;
+else the body runs to the close), plain-hex chunk sizes.  Failures are httpx's
+exception types, so the retry policy needs nothing new.
 """
 
 from __future__ import annotations
@@ -426,7 +427,11 @@ class Stale(Exception):
 
 
 def read_head(conn: Conn) -> tuple[int, bytes, list[tuple[bytes, bytes]], bytes]:
-    """The next response head on ``conn``: status, reason, headers (names lower-cased), version."""
+    """The next response head on ``conn``: status, reason, headers (names lower-cased), version.
+
+    Folded lines (obs-fold) are unfolded into the value they continue; the MAX_HEAD
+    limit is on the head's bytes as sent, folds and all.
+    """
     buf, at = conn.rest, conn.at
     start = at
     while (end := buf.find(b"\r\n\r\n", start)) < 0:
@@ -470,8 +475,17 @@ def read_head(conn: Conn) -> tuple[int, bytes, list[tuple[bytes, bytes]], bytes]
         raise httpx.RemoteProtocolError(f"bad status line {lines[0][:80]!r}")
     headers: list[tuple[bytes, bytes]] = []
     for line in lines[1:]:
+        if line[:1] in (b" ", b"\t"):
+            # obs-fold: the line continues the field before it. RFC 9112 section 5.2 has
+            # a user agent replace each fold with SP (curl and h11 do); refused, such a
+            # server's every file failed. Before any field there is nothing to continue.
+            if not headers:
+                raise httpx.RemoteProtocolError(f"bad header line {line[:80]!r}")
+            name, value = headers[-1]
+            headers[-1] = (name, (value + b" " + line.strip()).strip())
+            continue
         name, sep, value = line.partition(b":")
-        if not sep or not name or name != name.strip() or line[:1] in (b" ", b"\t"):
+        if not sep or not name or name != name.strip():
             raise httpx.RemoteProtocolError(f"bad header line {line[:80]!r}")
         headers.append((name.lower(), value.strip()))
     return int(parts[1]), parts[2] if len(parts) > 2 else b"", headers, version

@@ -783,6 +783,27 @@ def test_dropped_connection_resumes_with_range(tmp_path: Path, run_fetch) -> Non
         assert second.status == 206
 
 
+def test_folded_header_lines_are_read_unfolded(tmp_path: Path, run_fetch) -> None:
+    # An old server folds its long header lines (obs-fold, RFC 9112 section 5.2): each
+    # file failed every attempt with a RemoteProtocolError. Unfolded, the date keeps its
+    # seconds (the listing has only the minute) and the length frames the body.
+    when = 1_700_000_007  # Tue, 14 Nov 2023 22:13:27 GMT
+    with FaultServer() as srv:
+        srv.add_file(START + "folded.txt", b"folded\n", last_modified=when)
+        srv.persist(
+            START + "folded.txt",
+            Fault.header("Last-Modified", "Tue, 14 Nov 2023\r\n 22:13:27 GMT")
+            | Fault.header("Content-Length", "\r\n\t7"),
+        )
+        dest = tmp_path / "d"
+        r = run_fetch("--mirror", srv.url + START[1:], "--dest", dest, "--procs", "1")
+        _no_traceback(r.output)
+        assert r.code == 0, r
+        assert (dest / "folded.txt").read_bytes() == b"folded\n"
+        assert (dest / "folded.txt").stat().st_mtime == when
+        assert srv.count(path=START + "folded.txt") == 1
+
+
 def test_short_body_never_lands(tmp_path: Path, run_fetch) -> None:
     """Cut-off bodies, on every attempt: a failure, and no file under the final name."""
     with FaultServer() as srv:

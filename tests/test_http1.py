@@ -634,6 +634,43 @@ def test_lines_ended_by_a_bare_lf_are_read(transport: ThreadConnTransport, dribb
         assert srv.accepts == 1
 
 
+@pytest.mark.parametrize("dribble", [False, True], ids=["whole", "byte-by-byte"])
+def test_folded_header_lines_are_unfolded(transport: ThreadConnTransport, dribble: bool) -> None:
+    # RFC 9112 section 5.2: a user agent that receives an obs-fold (a line starting with
+    # SP or HTAB) MUST replace it with SP before interpreting the value; curl and h11 do.
+    # Each of these answers was a RemoteProtocolError, and every retry failed alike.
+    raws = [
+        b'HTTP/1.1 200 OK\r\nContent-Length:\r\n 5\r\nETag:\r\n\t"v1"\r\n'
+        b"X-A: a \r\n  continued\r\n\tand again\r\n\r\nhello",
+        b"HTTP/1.1 200 OK\nX-A: a\n X-B: b\nContent-Length: 4\n\nnext",  # bare LFs
+        b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>;\r\n rel=preload\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding:\r\n chunked\r\nX-A: 3\r\n\r\n"
+        b"5\r\nchunk\r\n0\r\n\r\n",
+    ]
+
+    def script(peer: Peer, index: int) -> None:
+        for raw in raws:
+            if peer.read_request() is None:
+                return
+            (peer.dribble if dribble else peer.send)(raw)
+        keep_answering(ok(b"plain"))(peer, index)
+
+    with RawServer(script) as srv:
+        got = [fetch(transport, f"{srv.url}/{i}") for i in range(4)]
+        first = got[0][0].headers
+        assert (first["content-length"], first["etag"]) == ("5", '"v1"')
+        assert first["x-a"] == "a continued and again"
+        assert got[1][0].headers["x-a"] == "a X-B: b" and "x-b" not in got[1][0].headers
+        assert got[2][0].headers["transfer-encoding"] == "chunked"
+        assert [(r.status_code, body) for r, body in got] == [
+            (200, b"hello"),
+            (200, b"next"),
+            (200, b"chunk"),
+            (200, b"plain"),
+        ]
+        assert srv.accepts == 1  # every body was framed right: the connection went on
+
+
 def test_a_large_head_under_the_limit_is_accepted(transport: ThreadConnTransport) -> None:
     pads = [f"X-Pad-{i}: {'p' * 1000}" for i in range(60)]  # about 60 KiB
     with RawServer(send_then(ok(b"big head", *pads), close=False)) as srv:
@@ -668,11 +705,15 @@ HOSTILE: dict[str, bytes] = {
     "header-without-colon": _head("HTTP/1.1 200 OK", "X-Fine: 1", "NoColonHere"),
     "header-empty-name": _head("HTTP/1.1 200 OK", ": value", "Content-Length: 0"),
     "header-space-before-colon": _head("HTTP/1.1 200 OK", "Content-Length : 5") + b"hello",
-    "obs-fold-space": _head("HTTP/1.1 200 OK", "X-A: a", " continued", "Content-Length: 0"),
-    "obs-fold-tab": _head("HTTP/1.1 200 OK", "X-A: a", "\tcontinued", "Content-Length: 0"),
-    "obs-fold-with-colon": _head("HTTP/1.1 200 OK", "X-A: a", " X-B: b", "Content-Length: 0"),
+    "obs-fold-before-any-field": _head("HTTP/1.1 200 OK", " X-A: a", "Content-Length: 0"),
+    "obs-fold-tab-before-any-field": _head("HTTP/1.1 200 OK", "\tX-A: a", "Content-Length: 0"),
+    "obs-fold-splits-content-length": _head("HTTP/1.1 200 OK", "Content-Length: 5", " 6")
+    + b"hello!",
     "head-over-64k-no-blank-line": b"HTTP/1.1 200 OK\r\n" + _PAD,
     "head-over-64k-then-blank-line": b"HTTP/1.1 200 OK\r\n" + _PAD + b"Content-Length: 0\r\n\r\n",
+    "head-over-64k-in-folded-lines": b"HTTP/1.1 200 OK\r\nX-Pad: a\r\n"
+    + b"".join(b" %s\r\n" % (b"a" * 1000) for _ in range(70))
+    + b"Content-Length: 0\r\n\r\n",
     "chunk-size-not-hex": _head("HTTP/1.1 200 OK", "Transfer-Encoding: chunked") + b"zz\r\n",
     "chunk-size-empty": _head("HTTP/1.1 200 OK", "Transfer-Encoding: chunked") + b"\r\nhello",
     "chunk-size-only-extension": _head("HTTP/1.1 200 OK", "Transfer-Encoding: chunked")
