@@ -16,9 +16,10 @@ hostile server could hurt (bounded head, checked framing) and nothing more:
 * framing per RFC 9112 section 6.3: no body for HEAD, 1xx, 204 and 304;
   chunked when it is the final transfer coding; else ``Content-Length``
   (conflicting values are an error); else the body runs to the close;
-* a response head over 64 KiB, a malformed status line or header line (a
-  folded line continues the field before it, RFC 9112 section 5.2), a bad
-  chunk size, or a connection closed inside a body is a
+* a response head over 64 KiB (with the interim 1xx heads before it), more
+  than 8 interim answers to one request, a malformed status line or header
+  line (a folded line continues the field before it, RFC 9112 section 5.2),
+  a bad chunk size, or a connection closed inside a body is a
   ``RemoteProtocolError``; socket timeouts are ``ConnectTimeout`` /
   ``ReadTimeout`` / ``WriteTimeout``, other socket failures ``ConnectError``
   / ``ReadError`` / ``WriteError``, each raised from the original error;
@@ -402,11 +403,7 @@ class ThreadConnTransport(httpx.BaseTransport):
             if timed_out(exc):
                 raise httpx.WriteTimeout("timed out sending the request") from exc
             raise httpx.WriteError(f"sending the request: {exc}") from exc
-        while True:
-            status, reason, headers, version = read_head(conn)
-            if 100 <= status < 200 and status != 101:
-                continue  # interim response (100 Continue, 103 Early Hints)
-            break
+        status, reason, headers, version = read_head(conn)  # (interim answers skipped)
         conn.used = False  # this connection has answered: no longer a stale-reuse suspect
         mode, length = framing(request.method, status, headers)
         reusable = version == b"HTTP/1.1" and not has_token(headers, b"connection", b"close")

@@ -28,6 +28,8 @@ from typing import Any, Protocol
 import httpx
 
 __all__ = [
+    "MAX_HEAD",
+    "MAX_INTERIM",
     "Body",
     "Conn",
     "Owner",
@@ -42,6 +44,13 @@ __all__ = [
 ]
 
 MAX_HEAD = 64 * 1024
+"""Most bytes of a response head: of the final one and the interim (1xx) ones before it."""
+MAX_INTERIM = 8
+"""Most interim (1xx) answers skipped before a final one. A GET of this client meets one
+100 Continue at most (it sends no ``Expect``), a 103 Early Hints or a few (RFC 8297 lets
+a server send several), a WebDAV server's 102 Processing now and then: eight is past all
+of them. Each one restarts the read timeout, so a server sending them without end held
+the thread for ever, as a trickle would, and uncounted."""
 MAX_CHUNK_LINE = 4096
 READ_SIZE = 256 * 1024
 BIG_BUFFER = 1 << 20
@@ -427,19 +436,34 @@ class Stale(Exception):
 
 
 def read_head(conn: Conn) -> tuple[int, bytes, list[tuple[bytes, bytes]], bytes]:
-    """The next response head on ``conn``: status, reason, headers (names lower-cased), version.
+    """The next final response head on ``conn``: status, reason, headers (names
+    lower-cased), version.
 
-    Folded lines (obs-fold) are unfolded into the value they continue; the MAX_HEAD
-    limit is on the head's bytes as sent, folds and all.
+    Interim (1xx) heads before it are read and dropped (100 Continue, 103 Early Hints;
+    101 Switching Protocols counts as final). More than :data:`MAX_INTERIM` of them, or
+    over :data:`MAX_HEAD` bytes with the final head, is a ``RemoteProtocolError``,
+    like any other malformed answer. Folded lines (obs-fold) are unfolded into the
+    value they continue; the limit is on the bytes as sent, folds and all.
     """
+    left = MAX_HEAD
+    for _ in range(MAX_INTERIM + 1):
+        status, reason, headers, version, size = _one_head(conn, left)
+        if not 100 <= status < 200 or status == 101:
+            return status, reason, headers, version
+        left -= size
+    raise httpx.RemoteProtocolError(f"more than {MAX_INTERIM} interim (1xx) responses")
+
+
+def _one_head(conn: Conn, limit: int) -> tuple[int, bytes, list[tuple[bytes, bytes]], bytes, int]:
+    """The next head on ``conn``, 1xx or not, and its size; over ``limit`` bytes, an error."""
     buf, at = conn.rest, conn.at
     start = at
     while (end := buf.find(b"\r\n\r\n", start)) < 0:
         if (lf := LF_END.search(buf, at)) is not None:
             end, after = lf.span()
             break
-        if len(buf) - at > MAX_HEAD:
-            raise httpx.RemoteProtocolError(f"response head over {MAX_HEAD} bytes")
+        if len(buf) - at > limit:
+            raise _too_big(limit)
         start = max(0, len(buf) - at - 3)
         try:
             data = conn.recv()
@@ -457,8 +481,9 @@ def read_head(conn: Conn) -> tuple[int, bytes, list[tuple[bytes, bytes]], bytes]
         buf, at = conn.rest, 0
     else:
         after = end + 4
-    if end - at > MAX_HEAD:
-        raise httpx.RemoteProtocolError(f"response head over {MAX_HEAD} bytes")
+    if end - at > limit:
+        raise _too_big(limit)
+    size = after - at
     conn.skip_to(after)
     if after - end == 4:
         lines = buf[at:end].split(b"\r\n")
@@ -488,7 +513,13 @@ def read_head(conn: Conn) -> tuple[int, bytes, list[tuple[bytes, bytes]], bytes]
         if not sep or not name or name != name.strip():
             raise httpx.RemoteProtocolError(f"bad header line {line[:80]!r}")
         headers.append((name.lower(), value.strip()))
-    return int(parts[1]), parts[2] if len(parts) > 2 else b"", headers, version
+    return int(parts[1]), parts[2] if len(parts) > 2 else b"", headers, version, size
+
+
+def _too_big(limit: int) -> httpx.RemoteProtocolError:
+    if limit < MAX_HEAD:
+        return httpx.RemoteProtocolError(f"response heads over {MAX_HEAD} bytes with the 1xx ones")
+    return httpx.RemoteProtocolError(f"response head over {MAX_HEAD} bytes")
 
 
 def framing(method: str, status: int, headers: list[tuple[bytes, bytes]]) -> tuple[str, int]:

@@ -28,7 +28,15 @@ import pytest
 
 from fetcher.http1 import REUSE_BUFFER, ThreadConnTransport
 from fetcher.limits import TokenGate
-from fetcher.wire import Body, Conn, framing, read_head, set_io_timeout, timed_out
+from fetcher.wire import (
+    MAX_INTERIM,
+    Body,
+    Conn,
+    framing,
+    read_head,
+    set_io_timeout,
+    timed_out,
+)
 from tests.servers import free_port, serve
 
 pytestmark = pytest.mark.timeout(30)
@@ -604,6 +612,60 @@ def test_interim_responses_are_skipped(transport: ThreadConnTransport, dribble: 
         assert "link" not in r.headers
         assert fetch(transport, f"{srv.url}/2")[1] == b"next"
         assert srv.accepts == 1
+
+
+@pytest.mark.parametrize("extra", [0, 1], ids=["at-the-cap", "one-past-the-cap"])
+def test_interim_responses_are_capped(transport: ThreadConnTransport, extra: int) -> None:
+    # Interim answers were skipped without a count: a server could hold the thread
+    # with them for ever. Up to MAX_INTERIM go; one more fails the attempt.
+    interim = b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
+    raw = interim * (MAX_INTERIM + extra) + ok(b"final")
+    with RawServer(by_index(send_then(raw, close=False), keep_answering(ok()))) as srv:
+        if extra:
+            with pytest.raises(httpx.RemoteProtocolError, match="interim"):
+                fetch(transport, f"{srv.url}/1")
+            assert fetch(transport, f"{srv.url}/2")[1] == b"hello"  # on a new connection
+            assert srv.accepts == 2
+        else:
+            assert fetch(transport, f"{srv.url}/1")[1] == b"final"
+
+
+def test_endless_interim_responses_fail_at_once(transport: ThreadConnTransport) -> None:
+    # Each interim head restarts the read timeout (as a trickle does): sent without end,
+    # they held the thread until the server stopped, then it timed out.
+    left: list[bool] = []  # the client went away before the script's deadline
+
+    def script(peer: Peer, index: int) -> None:
+        if peer.read_request() is None:
+            return
+        deadline = time.monotonic() + WAIT
+        try:
+            while not peer.client_gone() and time.monotonic() < deadline:
+                peer.send(b"HTTP/1.1 102 Processing\r\n\r\n")
+        except ConnectionError:
+            pass
+        left.append(time.monotonic() < deadline)
+
+    with RawServer(script) as srv:
+        start = time.monotonic()
+        with pytest.raises(httpx.RemoteProtocolError, match="interim"):
+            fetch(transport, f"{srv.url}/x")
+        assert time.monotonic() - start < WAIT / 2
+        assert srv.peer(0).closed.wait(WAIT)
+        assert left == [True], "the client kept reading interim answers"
+
+
+def test_interim_heads_count_against_the_head_limit(transport: ThreadConnTransport) -> None:
+    # Each head under 64 KiB, together over it: the interim heads share the limit with
+    # the final one, so what a server may send before its answer stays bounded.
+    links = [f"Link: </{i}-{'l' * 1000}.css>; rel=preload" for i in range(25)]  # ~25 KiB
+    interim = _head("HTTP/1.1 103 Early Hints", *links)
+    raw = interim * 3 + ok(b"final")
+    with RawServer(by_index(send_then(raw, close=False), keep_answering(ok()))) as srv:
+        with pytest.raises(httpx.RemoteProtocolError, match="head"):
+            fetch(transport, f"{srv.url}/1")
+        assert fetch(transport, f"{srv.url}/2")[1] == b"hello"
+        assert srv.accepts == 2
 
 
 @pytest.mark.parametrize("dribble", [False, True], ids=["whole", "byte-by-byte"])
