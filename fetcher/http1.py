@@ -19,10 +19,11 @@ hostile server could hurt (bounded head, checked framing) and nothing more:
 * a response head over 64 KiB (with the interim 1xx heads before it), more
   than 8 interim answers to one request, a malformed status line or header
   line (a folded line continues the field before it, RFC 9112 section 5.2),
-  a bad chunk size, or a connection closed inside a body is a
-  ``RemoteProtocolError``; socket timeouts are ``ConnectTimeout`` /
-  ``ReadTimeout`` / ``WriteTimeout``, other socket failures ``ConnectError``
-  / ``ReadError`` / ``WriteError``, each raised from the original error;
+  a bad chunk size, a trailer section over 64 KiB or 64 lines, or a
+  connection closed inside a body is a ``RemoteProtocolError``; socket
+  timeouts are ``ConnectTimeout`` / ``ReadTimeout`` / ``WriteTimeout``, other
+  socket failures ``ConnectError`` / ``ReadError`` / ``WriteError``, each
+  raised from the original error;
 * a reused keep-alive connection that the server has closed in the meantime
   is replaced once, silently, before any response byte arrived (GET and
   HEAD only: they are idempotent);

@@ -5,8 +5,8 @@ exchange).  Strict where a hostile server could hurt, and nothing more: a bounde
 head (its folded lines unfolded, as RFC 9112 section 5.2 has a user agent do), RFC
 9112 section 6.3 framing (no body for HEAD, 1xx, 204 and 304; chunked when it is the
 final transfer coding; else ``Content-Length``, conflicting values being an error;
-else the body runs to the close), plain-hex chunk sizes.  Failures are httpx's
-exception types, so the retry policy needs nothing new.
+else the body runs to the close), plain-hex chunk sizes, trailers bounded like a
+head.  Failures are httpx's exception types, so the retry policy needs nothing new.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import httpx
 __all__ = [
     "MAX_HEAD",
     "MAX_INTERIM",
+    "MAX_TRAILER_LINES",
     "Body",
     "Conn",
     "Owner",
@@ -52,6 +53,11 @@ a server send several), a WebDAV server's 102 Processing now and then: eight is 
 of them. Each one restarts the read timeout, so a server sending them without end held
 the thread for ever, as a trickle would, and uncounted."""
 MAX_CHUNK_LINE = 4096
+MAX_TRAILER_LINES = 64
+"""Most lines of a chunked body's trailer section, whose bytes count against MAX_HEAD as a
+head's do. The trailer fields in use are a handful (a checksum, Server-Timing, gRPC's
+status), and this client only reads past them; each line restarts the read timeout, so
+a server sending them without end held the thread for ever."""
 READ_SIZE = 256 * 1024
 BIG_BUFFER = 1 << 20
 DRAIN_MAX = 64 * 1024
@@ -365,8 +371,7 @@ class Body(httpx.SyncByteStream):
                 raise httpx.RemoteProtocolError(f"bad chunk size line {line[:40]!r}")
             size = int(size_text, 16)
             if size == 0:
-                while self._line(conn, "trailer"):  # trailers end with an empty line
-                    pass
+                self._trailers(conn)
                 self._complete = True
                 return
             while size > 0:
@@ -377,6 +382,20 @@ class Body(httpx.SyncByteStream):
                 yield take
             if self._line(conn, "chunk end"):
                 raise httpx.RemoteProtocolError("chunk data longer than its size")
+
+    def _trailers(self, conn: Conn) -> None:
+        """Read past the trailer section to the empty line that ends it: at most
+        MAX_TRAILER_LINES lines and MAX_HEAD bytes (each line counted with a CRLF end),
+        a ``RemoteProtocolError`` beyond."""
+        left = MAX_HEAD
+        for _ in range(MAX_TRAILER_LINES + 1):  # (the last one: the empty line)
+            line = self._line(conn, "trailer")
+            if not line:
+                return
+            left -= len(line) + 2
+            if left < 0:
+                raise httpx.RemoteProtocolError(f"trailer section over {MAX_HEAD} bytes")
+        raise httpx.RemoteProtocolError(f"more than {MAX_TRAILER_LINES} trailer lines")
 
     def _to_close(self, conn: Conn) -> Iterator[bytes]:
         if conn.unread():

@@ -30,6 +30,7 @@ from fetcher.http1 import REUSE_BUFFER, ThreadConnTransport
 from fetcher.limits import TokenGate
 from fetcher.wire import (
     MAX_INTERIM,
+    MAX_TRAILER_LINES,
     Body,
     Conn,
     framing,
@@ -530,6 +531,66 @@ def test_chunked_body_is_reassembled(transport: ThreadConnTransport, dribble: bo
         assert r.headers["transfer-encoding"] == "chunked"
         assert fetch(transport, f"{srv.url}/next")[1] == b"next"
         assert srv.accepts == 1  # the trailer was consumed: the connection was reusable
+
+
+def _trailers(*lines: bytes) -> bytes:
+    """A chunked answer whose last chunk has ``lines`` as its trailer section."""
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n"
+    return head + b"".join(line + b"\r\n" for line in lines) + b"\r\n"
+
+
+TRAILERS_AT_THE_CAP = [b"X-T-%02d: %s" % (i, b"t" * 990) for i in range(MAX_TRAILER_LINES)]
+TRAILERS_PAST_THE_CAP: dict[str, bytes] = {
+    "one-line-too-many": _trailers(*(b"X-T: %d" % i for i in range(MAX_TRAILER_LINES + 1))),
+    "over-64k": _trailers(*(b"X-T-%02d: %s" % (i, b"t" * 4000) for i in range(20))),
+}
+
+
+def test_trailers_up_to_the_cap_are_read(transport: ThreadConnTransport) -> None:
+    raw = _trailers(*TRAILERS_AT_THE_CAP)  # as many lines as allowed, 1000 bytes each
+    with RawServer(send_then(raw, close=False)) as srv:
+        assert fetch(transport, f"{srv.url}/x")[1] == b"hello"
+
+
+@pytest.mark.parametrize(
+    "raw", list(TRAILERS_PAST_THE_CAP.values()), ids=list(TRAILERS_PAST_THE_CAP)
+)
+def test_trailers_past_the_cap_raise_protocol_error(
+    transport: ThreadConnTransport, raw: bytes
+) -> None:
+    # The trailer lines were read until the empty line, however many came: the section
+    # has the head's 64 KiB and at most MAX_TRAILER_LINES lines.
+    with RawServer(by_index(send_then(raw, close=False), keep_answering(ok()))) as srv:
+        with pytest.raises(httpx.RemoteProtocolError, match="trailer"):
+            fetch(transport, f"{srv.url}/bad")
+        assert fetch(transport, f"{srv.url}/good")[1] == b"hello"  # on a new connection
+        assert srv.accepts == 2
+
+
+def test_endless_trailers_fail_at_once(transport: ThreadConnTransport) -> None:
+    # Each trailer line restarts the read timeout: sent without end, they held the
+    # thread until the server stopped.
+    left: list[bool] = []  # the client went away before the script's deadline
+
+    def script(peer: Peer, index: int) -> None:
+        if peer.read_request() is None:
+            return
+        peer.send(_trailers()[:-2])  # the last chunk, and no end to its trailers
+        deadline = time.monotonic() + WAIT
+        try:
+            while not peer.client_gone() and time.monotonic() < deadline:
+                peer.send(b"X-Trailer: more\r\n" * 16)
+        except ConnectionError:
+            pass
+        left.append(time.monotonic() < deadline)
+
+    with RawServer(script) as srv:
+        start = time.monotonic()
+        with pytest.raises(httpx.RemoteProtocolError, match="trailer"):
+            fetch(transport, f"{srv.url}/x")
+        assert time.monotonic() - start < WAIT / 2
+        assert srv.peer(0).closed.wait(WAIT)
+        assert left == [True], "the client kept reading trailer lines"
 
 
 def test_transfer_encoding_wins_over_content_length(transport: ThreadConnTransport) -> None:
