@@ -77,7 +77,7 @@ def main_bench() -> None:
                 threads_per_worker=2,
                 processes=True,
                 host="127.0.0.1",
-                dashboard_address=None,
+                dashboard_address="127.0.0.1:0",  # (None is the default, :8787: shared)
             ) as cluster,
         ):
             for d in range(DIRS):

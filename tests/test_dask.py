@@ -32,7 +32,7 @@ def cluster() -> Iterator[Any]:
         processes=True,
         threads_per_worker=2,
         host="127.0.0.1",
-        dashboard_address=None,
+        dashboard_address="127.0.0.1:0",  # (None is the default, :8787: shared)
     ) as c:
         yield c
 
