@@ -166,7 +166,9 @@ class TokenGate:
                 self._sem.release()
 
     def try_acquire(self, reclaim: Callable[[], bool] = lambda: False) -> bool:
-        """Take a token if one is free now (after ``reclaim``, once); never waits."""
+        """Take a token if one is free now; else, if ``reclaim`` closed an idle connection
+        of ours, the token it frees (given back after the close grace: a wait of at most
+        one slice). Never waits for another connection to end."""
         return self._take(0) or (reclaim() and self._take(_SLICE))
 
     def _take(self, timeout: float) -> bool:
