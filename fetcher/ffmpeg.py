@@ -159,8 +159,21 @@ def thumbnails_argv(
 
 
 def probe_argv(ff: FFmpeg, src: Path) -> list[str]:
-    """Decode every stream to nowhere; any stderr line or a non-zero exit is a failure."""
-    return [*_base(ff, overwrite=False), "-xerror", "-i", file_arg(src), "-f", "null", "-"]
+    """Decode every video and audio stream to nowhere; any stderr line or a non-zero
+    exit is a failure.
+
+    Mapped explicitly: left to itself ffmpeg takes one video and one audio stream,
+    and a damaged second audio track (a film's dub) would pass.  ``?``: a file
+    without video (or audio) is not an error.  Subtitles, data and attachments
+    are not decoded (a null output cannot take them).
+    """
+    return [
+        *_base(ff, overwrite=False),
+        "-xerror",
+        "-i", file_arg(src),
+        "-map", "0:v?", "-map", "0:a?",
+        "-f", "null", "-",
+    ]  # fmt: skip
 
 
 def transcode_argv(

@@ -16,7 +16,15 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ffmpeg_exe", "ffprobe_exe", "jpeg_size", "make_clip", "streams", "truncate"]
+__all__ = [
+    "ffmpeg_exe",
+    "ffprobe_exe",
+    "jpeg_size",
+    "make_clip",
+    "make_dubbed_clip",
+    "streams",
+    "truncate",
+]
 
 
 def ffmpeg_exe() -> str | None:
@@ -58,6 +66,40 @@ def make_clip(
         argv += ["-c:a", "aac", "-b:a", "64k"]
     argv += ["-f", "mp4", f"file:{path.absolute()}"]
     subprocess.run(argv, stdin=subprocess.DEVNULL, check=True, timeout=60)
+    return path
+
+
+def make_dubbed_clip(path: Path, seconds: float = 6) -> Path:
+    """An mkv with a picture and two audio tracks, the second one damaged past its start.
+
+    Its first ``seconds / 2`` are sound (so opening the file, which reads a few
+    packets of every stream, finds nothing wrong); the rest is corrupted AAC, as a
+    bad sector in the dubbed track of a film would leave it.
+    """
+    exe = ffmpeg_exe()
+    assert exe is not None, "ffmpeg is needed to make clips"
+    work = path.parent / f".{path.name}.parts"
+    work.mkdir(parents=True, exist_ok=True)
+    half = seconds / 2
+    q = [exe, "-nostdin", "-hide_banner", "-loglevel", "error", "-y"]
+
+    def ff(*args: str) -> None:
+        subprocess.run([*q, *args], stdin=subprocess.DEVNULL, check=True, timeout=60)
+
+    good, noisy, listing = work / "good.mka", work / "noisy.mka", work / "list.txt"
+    ff("-f", "lavfi", "-i", f"sine=frequency=880:duration={half}", "-c:a", "aac", str(good))
+    ff("-i", str(good), "-c", "copy", "-bsf:a", "noise=amount=2", str(noisy))
+    listing.write_text(f"file '{good}'\nfile '{noisy}'\n")
+    ff(
+        "-f", "lavfi", "-i", f"testsrc=size=64x64:rate=25:duration={seconds}",
+        "-f", "lavfi", "-i", f"sine=frequency=440:duration={seconds}",
+        "-f", "concat", "-safe", "0", "-i", str(listing),
+        "-map", "0", "-map", "1", "-map", "2",
+        "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p",
+        "-c:a:0", "aac", "-c:a:1", "copy",
+        "-f", "matroska", f"file:{path.absolute()}",
+    )  # fmt: skip
+    shutil.rmtree(work)
     return path
 
 

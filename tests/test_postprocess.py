@@ -49,12 +49,20 @@ from fetcher.postprocess import (
 )
 
 try:
-    from tests.media import ffprobe_exe, jpeg_size, make_clip, streams, truncate
+    from tests.media import (
+        ffprobe_exe,
+        jpeg_size,
+        make_clip,
+        make_dubbed_clip,
+        streams,
+        truncate,
+    )
 except ImportError:  # tests/ itself is on sys.path, not its parent
     from media import (  # type: ignore[no-redef,import-not-found,unused-ignore]
         ffprobe_exe,
         jpeg_size,
         make_clip,
+        make_dubbed_clip,
         streams,
         truncate,
     )
@@ -520,6 +528,24 @@ def test_probe_passes_a_good_clip_and_fails_a_truncated_one_with_a_reason(
     assert bad.undecodable and not good.undecodable  # only this makes the file fetched again
     assert not (derived / "videos/broken.mp4/probe.ok").exists()
     assert pool.counts.failed == 1 and _leftovers(derived) == []
+
+
+@needs_ff
+def test_probe_decodes_every_audio_track_not_only_the_one_ffmpeg_would_pick(
+    tree: tuple[Path, Path],
+) -> None:
+    # README: probe "decodes every stream". ffmpeg alone maps one video and one audio
+    # stream, so a damaged second (dubbed) track went unnoticed and got a probe.ok.
+    dest, derived = tree
+    make_dubbed_clip(dest / "videos/dubbed.mkv")
+    with _pool(tree, [parse_post_spec("probe")]) as pool:
+        pool.submit("videos/clip.mp4")
+        pool.submit("videos/dubbed.mkv")
+        outcomes = {o.rel: o for o in pool.close()}
+    good, bad = outcomes["videos/clip.mp4"], outcomes["videos/dubbed.mkv"]
+    assert good.status == PostStatus.DONE, good.error
+    assert bad.status == PostStatus.FAILED and bad.undecodable, bad
+    assert not (derived / "videos/dubbed.mkv/probe.ok").exists()
 
 
 @needs_ff
