@@ -144,7 +144,8 @@ class PostOutcome:
     status: PostStatus
     outputs: tuple[str, ...] = ()
     error: str | None = None
-    """The reason and ffmpeg's stderr tail, when failed."""
+    """The reason and ffmpeg's stderr tail, when failed; why, when skipped for want of
+    a stream to take."""
     seconds: float = 0.0
     undecodable: bool = False
     """Failed because the file does not decode: a probe's ffmpeg ran to its end and
@@ -165,6 +166,16 @@ Runner = Callable[[Sequence[str], float, threading.Event | None], RunResult]
 
 class _Undecodable(PostProcessError):
     """ffmpeg ran to its end on the source and reported that it does not decode."""
+
+
+class _NothingToTake(PostProcessError):
+    """The source has none of the streams the action takes: the audio of a silent
+    video, thumbnails of a sound-only file.  Nothing is wrong, and nothing to make."""
+
+
+# What ffmpeg says (5.1: "Output file #0 does not contain any stream"; 7: "Output file
+# does not contain any stream") when the action's selection found nothing to take.
+_NO_STREAM = "does not contain any stream"
 
 
 def _changed_ns(st: os.stat_result) -> int:
@@ -383,12 +394,14 @@ class PostPool:
         try:
             outputs = self._make(task, src, changed, limit)
             status = PostStatus.DONE
+        except _NothingToTake as exc:
+            status, error = PostStatus.SKIPPED, exc.message
         except PostProcessError as exc:
             error = f"{exc.message}\n{exc.tail}".strip()
             undecodable = isinstance(exc, _Undecodable)
         except (OSError, UnsafePath) as exc:
             error = str(exc)
-        if status is PostStatus.FAILED:
+        if status is not PostStatus.DONE:  # (skipped: an older version's output is stale)
             self._discard(task)
         if status is PostStatus.FAILED and self._stop.is_set():
             self._dropped(task)  # killed by cancel(): not done, and not a failure either
@@ -482,6 +495,9 @@ class PostPool:
         outdir = made if task.is_dir else tmp  # (a custom file rule's side files: dropped)
         result = self._runner(self._argv(task, src, made, outdir), limit, self._stop)
         probe = task.rule.action == "probe"
+        if result.returncode > 0 and not probe and _NO_STREAM in result.stderr_tail:
+            # (a probe of a file without picture or sound is a failure: nothing decodes)
+            raise _NothingToTake("no stream for this action in the file", result.stderr_tail)
         if result.returncode != 0:
             # A probe writes nothing: its exit status speaks of the input alone,
             # unless a signal (not ours: we raise for those) ended it.

@@ -549,6 +549,40 @@ def test_probe_decodes_every_audio_track_not_only_the_one_ffmpeg_would_pick(
 
 
 @needs_ff
+def test_a_file_without_the_stream_an_action_takes_is_skipped_not_failed(
+    tree: tuple[Path, Path],
+) -> None:
+    # A silent screen recording has no audio to extract, a sound-only .webm no picture
+    # to take thumbnails of: nothing is wrong with either, yet each run failed (exit 1).
+    dest, derived = tree
+    make_clip(dest / "videos/silent.mp4", seconds=1, size="64x64", audio=False)
+    exe = FF.path if FF is not None else "ffmpeg"
+    subprocess.run(
+        [exe, "-nostdin", "-loglevel", "error", "-f", "lavfi", "-i", "sine=duration=1",
+         "-c:a", "libopus", "-f", "webm", str(dest / "videos/sound.webm")],
+        stdin=subprocess.DEVNULL, check=True, timeout=60,
+    )  # fmt: skip
+    # an old version's output, stale now: it goes, as after a failed remake
+    (derived / "videos/silent.mp4").mkdir(parents=True)
+    (derived / "videos/silent.mp4/audio.m4a").write_bytes(b"old")
+    os.utime(derived / "videos/silent.mp4/audio.m4a", (1, 1))
+    rules = [parse_post_spec("audio"), parse_post_spec("thumbnails"), parse_post_spec("probe")]
+    with _pool(tree, rules) as pool:
+        pool.submit("videos/silent.mp4")
+        pool.submit("videos/sound.webm")
+        outcomes = {(o.rel, o.action): o for o in pool.close()}
+    for key in [("videos/silent.mp4", "audio"), ("videos/sound.webm", "thumbnails")]:
+        assert outcomes[key].status == PostStatus.SKIPPED, outcomes[key]
+        assert outcomes[key].outputs == () and not outcomes[key].undecodable
+    others = {k: o.status for k, o in outcomes.items() if o.status != PostStatus.SKIPPED}
+    assert set(others.values()) == {PostStatus.DONE}, others
+    assert pool.counts.failed == 0 and pool.counts.skipped == 2
+    assert not (derived / "videos/silent.mp4/audio.m4a").exists()
+    assert not (derived / "videos/sound.webm/thumbnails-160x90").exists()
+    assert _leftovers(derived) == []
+
+
+@needs_ff
 def test_a_probe_that_times_out_or_cannot_write_is_no_verdict_on_the_file(
     tree: tuple[Path, Path],
 ) -> None:
