@@ -135,10 +135,16 @@ def _base(ff: FFmpeg, *, overwrite: bool = True) -> list[str]:
 def thumbnails_argv(
     ff: FFmpeg, src: Path, outdir: Path, *, size: tuple[int, int] = (160, 90), count: int = 10
 ) -> list[str]:
-    """Up to ``count`` key frames as ``outdir/thumb-001.jpg``…, letterboxed to ``size``."""
+    """Up to ``count`` key frames as ``outdir/thumb-001.jpg``…, letterboxed to ``size``.
+
+    Frames are first made square-pixelled (``iw*sar``): a DVD's or a broadcast's
+    wide picture is stored narrower than it is shown, and fitted by its stored
+    shape it would come out squeezed between bars.  (``sar`` is 1 when unknown.)
+    """
     w, h = size
     vf = (
         r"select='eq(pict_type\,I)',"
+        "scale='trunc(iw*sar/2)*2':ih,setsar=1,"
         f"scale={w}:{h}:force_original_aspect_ratio=decrease,pad={w}:{h}:(ow-iw)/2:(oh-ih)/2"
     )
     # image2 expands '%' in the whole name, so a '%' in the directory is doubled.

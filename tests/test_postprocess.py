@@ -509,6 +509,41 @@ def test_thumbnails_are_jpegs_of_the_requested_size(tree: tuple[Path, Path]) -> 
     assert _leftovers(derived) == []
 
 
+def _rgb_at(jpeg: Path, x: int, y: int) -> tuple[int, int, int]:
+    """The colour of one pixel, decoded by ffmpeg."""
+    assert FF is not None
+    raw = subprocess.run(
+        [FF.path, "-nostdin", "-loglevel", "error", "-i", f"file:{jpeg}",
+         "-vf", f"format=rgb24,crop=1:1:{x}:{y}", "-f", "rawvideo", "-pix_fmt", "rgb24", "-"],
+        stdin=subprocess.DEVNULL, capture_output=True, check=True, timeout=60,
+    ).stdout  # fmt: skip
+    return raw[0], raw[1], raw[2]
+
+
+@needs_ff
+def test_thumbnails_of_anamorphic_video_have_its_display_shape(tree: tuple[Path, Path]) -> None:
+    # A PAL DVD's 16:9 picture is stored as 720x576 with wide pixels (64:45). Fitted by
+    # its stored shape (5:4), its 160x90 thumbnail was a squeezed picture between bars.
+    assert FF is not None
+    dest, derived = tree
+    subprocess.run(
+        [FF.path, "-nostdin", "-loglevel", "error",
+         "-f", "lavfi", "-i", "color=c=red:size=720x576:rate=25:duration=1,setsar=64/45",
+         "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p",
+         "-f", "mp4", f"file:{dest / 'videos/dvd.mp4'}"],
+        stdin=subprocess.DEVNULL, check=True, timeout=60,
+    )  # fmt: skip
+    with _pool(tree, [parse_post_spec("thumbnails")]) as pool:
+        pool.submit("videos/dvd.mp4")
+        [outcome] = pool.close()
+    assert outcome.status == PostStatus.DONE, outcome.error
+    thumb = derived / outcome.outputs[0]
+    assert jpeg_size(thumb.read_bytes()) == (160, 90)
+    for x, y in [(1, 45), (158, 45), (80, 45)]:  # edges and middle: picture, no bars
+        r, g, b = _rgb_at(thumb, x, y)
+        assert r > 200 and g < 60 and b < 60, ((x, y), (r, g, b))
+
+
 @needs_ff
 def test_probe_passes_a_good_clip_and_fails_a_truncated_one_with_a_reason(
     tree: tuple[Path, Path],
