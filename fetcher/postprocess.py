@@ -189,6 +189,24 @@ def _changed_ns(st: os.stat_result) -> int:
     return max(st.st_mtime_ns, st.st_ctime_ns)
 
 
+_COARSEST_NS = 2_000_000_000
+"""FAT's two seconds: a multiple of every file system's time step (ext2/3 with small
+inodes and HFS+ keep seconds, exFAT 10 ms, others less)."""
+
+
+def _date(made: Path, changed_ns: int) -> None:
+    """Date an output as its source's change, or just after where that cannot be kept.
+
+    A file system with a coarse time step stores the date rounded down, older than
+    the source: the output would look stale, and be made again, on every run.  There
+    it is dated at the next multiple of two seconds instead, which all keep exactly.
+    """
+    os.utime(made, ns=(changed_ns, changed_ns))
+    if made.stat().st_mtime_ns < changed_ns:
+        up = -(-changed_ns // _COARSEST_NS) * _COARSEST_NS
+        os.utime(made, ns=(up, up))
+
+
 def _whole(out: Path) -> bool:
     """Not an empty file or directory (what a damaged output looks like)."""
     try:
@@ -463,7 +481,7 @@ class PostPool:
             self._produce(task, src, made, tmp, limit)
             # The source's change as seen when queued: if it changes while ffmpeg
             # runs, this output is already stale for the next run.
-            os.utime(made, ns=(changed, changed))
+            _date(made, changed)
             self._publish(task, made, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

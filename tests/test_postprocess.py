@@ -722,6 +722,33 @@ def test_fresh_outputs_are_skipped_without_running_ffmpeg(tree: tuple[Path, Path
 
 
 @needs_ff
+def test_outputs_on_a_file_system_keeping_whole_seconds_stay_fresh(
+    tree: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # ext2/ext3 with 128-byte inodes keep whole seconds (FAT two, exFAT 10 ms): an output
+    # dated as its source, to the nanosecond, was stored older than it, and every run
+    # remade every output of a derived tree on such a disk. Such a file system, here:
+    real_utime = os.utime
+
+    def whole_seconds(path: object, *args: object, ns: tuple[int, int] | None = None) -> None:
+        assert ns is not None and not args
+        real_utime(path, ns=tuple(t - t % 1_000_000_000 for t in ns))  # type: ignore[arg-type]
+
+    dest = tree[0]
+    src = dest / "videos/clip.mp4"
+    src.write_bytes(src.read_bytes())  # a ctime with nanoseconds, as a download's
+    assert max(src.stat().st_mtime_ns, src.stat().st_ctime_ns) % 1_000_000_000 != 0
+    monkeypatch.setattr(os, "utime", whole_seconds)
+    rules = [parse_post_spec("probe"), parse_post_spec("thumbnails")]
+    _made(tree, rules)
+    again = Counting()
+    with _pool(tree, rules, runner=again) as pool:
+        assert pool.submit("videos/clip.mp4") == 0
+        assert {o.status for o in pool.close()} == {PostStatus.SKIPPED}
+    assert again.calls == []
+
+
+@needs_ff
 def test_a_source_replaced_by_an_older_dated_version_is_made_again(
     tree: tuple[Path, Path],
 ) -> None:
