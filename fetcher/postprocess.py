@@ -29,6 +29,7 @@ import contextlib
 import enum
 import functools
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -176,6 +177,10 @@ class _NothingToTake(PostProcessError):
 # What ffmpeg says (5.1: "Output file #0 does not contain any stream"; 7: "Output file
 # does not contain any stream") when the action's selection found nothing to take.
 _NO_STREAM = "does not contain any stream"
+# What ffmpeg says when it has no decoder for a stream's codec (5.1, 6: "Decoder (codec
+# av1) not found for input stream #0:0"; 7: "Decoding requested, but no decoder found
+# for: av1"): a limit of this ffmpeg, not a verdict on the file.
+_NO_DECODER = re.compile(r"Decoder \(codec [^)]*\) not found|no decoder found for")
 
 
 def _changed_ns(st: os.stat_result) -> int:
@@ -518,7 +523,10 @@ class PostPool:
             raise _NothingToTake("no stream for this action in the file", result.stderr_tail)
         if result.returncode != 0:
             # A probe writes nothing: its exit status speaks of the input alone,
-            # unless a signal (not ours: we raise for those) ended it.
+            # unless a signal (not ours: we raise for those) ended it, or this ffmpeg
+            # has no decoder for its codec (fetching it again would not help).
+            if probe and _NO_DECODER.search(result.stderr_tail):
+                raise PostProcessError("this ffmpeg has no decoder for it", result.stderr_tail)
             error = _Undecodable if probe and result.returncode > 0 else PostProcessError
             raise error(f"ffmpeg exited with status {result.returncode}", result.stderr_tail)
         if probe:

@@ -24,6 +24,7 @@ __all__ = [
     "make_dubbed_clip",
     "streams",
     "truncate",
+    "unknown_codec",
 ]
 
 
@@ -107,6 +108,17 @@ def truncate(path: Path, fraction: float = 0.5) -> Path:
     """Cut ``path`` to ``fraction`` of its size, in place (a broken download)."""
     with path.open("r+b") as f:
         f.truncate(int(path.stat().st_size * fraction))
+    return path
+
+
+def unknown_codec(path: Path) -> Path:
+    """Rename, in place, the H.264 sample entry of an mp4 from :func:`make_clip` (``avc1``)
+    to a codec no ffmpeg knows: a sound file in a format this ffmpeg cannot decode, as
+    AV1 is to a build without an AV1 decoder."""
+    data = path.read_bytes()
+    at = data.rfind(b"avc1")  # the last: the first ones are brands in 'ftyp'
+    assert at > 0 and data[at - 4 : at].startswith(b"\0"), "no avc1 sample entry"
+    path.write_bytes(data[:at] + b"zzzz" + data[at + 4 :])
     return path
 
 

@@ -56,6 +56,7 @@ try:
         make_dubbed_clip,
         streams,
         truncate,
+        unknown_codec,
     )
 except ImportError:  # tests/ itself is on sys.path, not its parent
     from media import (  # type: ignore[no-redef,import-not-found,unused-ignore]
@@ -65,6 +66,7 @@ except ImportError:  # tests/ itself is on sys.path, not its parent
         make_dubbed_clip,
         streams,
         truncate,
+        unknown_codec,
     )
 
 FF = find_ffmpeg()
@@ -615,6 +617,23 @@ def test_a_file_without_the_stream_an_action_takes_is_skipped_not_failed(
     assert not (derived / "videos/silent.mp4/audio.m4a").exists()
     assert not (derived / "videos/sound.webm/thumbnails-160x90").exists()
     assert _leftovers(derived) == []
+
+
+@needs_ff
+def test_a_probe_of_a_codec_this_ffmpeg_cannot_decode_is_no_verdict_on_the_file(
+    tree: tuple[Path, Path],
+) -> None:
+    # A file in a codec this ffmpeg build has no decoder for (AV1, VVC in an older one)
+    # says nothing about the file: fetching it again on every run would never help.
+    dest, derived = tree
+    unknown_codec(make_clip(dest / "videos/new-codec.mp4", seconds=1, audio=False))
+    with _pool(tree, [parse_post_spec("probe")]) as pool:
+        pool.submit("videos/new-codec.mp4")
+        [outcome] = pool.close()
+    assert outcome.status == PostStatus.FAILED and outcome.error is not None
+    assert "no decoder" in outcome.error and "not found" in outcome.error, outcome.error
+    assert not outcome.undecodable  # probed again next run, not fetched again
+    assert not (derived / "videos/new-codec.mp4/probe.ok").exists()
 
 
 @needs_ff
