@@ -148,7 +148,7 @@ class RichReporter(Reporter):
 
     def post_failed(self, out: PostOutcome) -> None:
         self.console.print(
-            f"[red]{out.action} failed[/] {escape(out.rel)}: {escape(out.error or '')}",
+            f"[red]{escape(out.label)} failed[/] {escape(out.rel)}: {escape(out.error or '')}",
             highlight=False,
         )
 

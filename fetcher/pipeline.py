@@ -1021,10 +1021,10 @@ def _post_outcomes(run: _Run, outs: list[PostOutcome]) -> None:
 
     s = run.summary
     for o in outs:
-        key = f"{o.action} {o.status.value}"
+        key = f"{o.label} {o.status.value}"
         s.post[key] = s.post.get(key, 0) + 1
         if o.status is PostStatus.FAILED:
-            s.post_failed.append((f"{o.rel} ({o.action})", o.error or "failed"))
+            s.post_failed.append((f"{o.rel} ({o.label})", o.error or "failed"))
             run.reporter.post_failed(o)
             if o.undecodable:
                 # a probe found that the file does not decode: fetch it again next run

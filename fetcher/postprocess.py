@@ -151,6 +151,14 @@ class PostOutcome:
     undecodable: bool = False
     """Failed because the file does not decode: a probe's ffmpeg ran to its end and
     rejected it (not a timeout, a kill, or a file we could not write)."""
+    custom: str | None = None
+    """A custom rule's output name (``custom-still``): several custom rules are told
+    apart by it."""
+
+    @property
+    def label(self) -> str:
+        """How the summary, the report and the log name the rule."""
+        return self.custom or self.action
 
 
 @dataclass(frozen=True, slots=True)
@@ -334,7 +342,13 @@ class PostPool:
                     self._remove(task)
                 elif _fresh(out, changed):
                     self._counts["skipped"] += 1
-                    skipped = PostOutcome(rel, task.rule.action, PostStatus.SKIPPED, (task.output,))
+                    skipped = PostOutcome(
+                        rel,
+                        task.rule.action,
+                        PostStatus.SKIPPED,
+                        (task.output,),
+                        custom=task.custom,
+                    )
                     self._finished.append(skipped)
                     continue
                 self._inflight.add(task.output)
@@ -398,7 +412,7 @@ class PostPool:
         undecodable: bool = False,
     ) -> None:
         outcome = PostOutcome(
-            task.source, task.rule.action, status, outputs, error, seconds, undecodable
+            task.source, task.rule.action, status, outputs, error, seconds, undecodable, task.custom
         )
         with self._lock:
             if ran:

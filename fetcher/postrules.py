@@ -203,6 +203,15 @@ class PostTask:
     output: str
     is_dir: bool = False
 
+    @property
+    def custom(self) -> str | None:
+        """A custom rule's output name without extension (``custom-still``, ``custom-2``):
+        what tells two custom rules apart in the summary and the report."""
+        if self.rule.action != "custom":
+            return None
+        name = self.output.rsplit("/", 1)[-1]
+        return name if self.is_dir else name.rsplit(".", 1)[0]
+
 
 def check_rel(rel: str) -> str:
     # Already decoded (a RelPath): checked, never decoded again.

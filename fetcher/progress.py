@@ -186,9 +186,9 @@ class LineReporter(Reporter):
     def post_failed(self, out: PostOutcome) -> None:
         self._emit(
             "post_failed",
-            f"{out.action} failed: {out.rel}: {out.error}",
+            f"{out.label} failed: {out.rel}: {out.error}",
             path=out.rel,
-            action=out.action,
+            action=out.label,
             error=out.error,
         )
 

@@ -481,10 +481,50 @@ args = ["-re", "-f", "lavfi", "-i", "testsrc=size=64x64:rate=5", "-f", "matroska
     assert not (derived / "a.mp4" / "custom-forever.mkv").exists()
     assert not leftovers(derived)
     job = report(tmp_path / "r.json")
-    assert job["post"] == {"thumbnails done": 1, "custom failed": 1}
+    assert job["post"] == {"thumbnails done": 1, "custom-forever failed": 1}
     [failure] = job["post_failed"]
-    assert failure["path"] == "a.mp4 (custom)"
+    assert failure["path"] == "a.mp4 (custom-forever)"
     assert "timed out after 1.5 s" in failure["error"]
+
+
+def test_two_custom_rules_are_told_apart_in_the_summary_and_the_report(
+    tmp_path: Path, clips: dict[str, Path], run_fetch: Fetch
+) -> None:
+    """Each custom rule is named by its output (``custom-<name>``, else its place): both
+    used to be just "custom", so a failure did not say which rule's it was."""
+    root = build(tmp_path / "srv", clips, {"a.mp4": "small"})
+    cfg = tmp_path / "m.toml"
+    with FaultServer(root=root) as srv:
+        cfg.write_text(
+            f"""
+[jobs.media]
+url = "{srv.url}"
+dest = "dest"
+
+[[jobs.media.post]]
+action = "custom"
+name = "still"
+ext = "png"
+args = ["-i", "{{input}}", "-frames:v", "1", "{{output}}"]
+
+[[jobs.media.post]]
+action = "custom"
+ext = "mkv"
+args = ["-i", "{{input}}", "-c:v", "no-such-encoder", "{{output}}"]
+"""
+        )
+        r = run_fetch("--config", cfg, "--report", tmp_path / "r.json")
+        assert not srv.errors, srv.errors
+
+    assert r.code == 1, r
+    assert (tmp_path / "dest.derived/a.mp4/custom-still.png").is_file()
+    job = report(tmp_path / "r.json")
+    assert job["post"] == {"custom-still done": 1, "custom-2 failed": 1}
+    [failure] = job["post_failed"]
+    assert failure["path"] == "a.mp4 (custom-2)", failure
+    assert summary_lines(r.output, "post-processing failed") == [
+        "post-processing failed a.mp4 (custom-2): ffmpeg exited with status 1"
+    ]
 
 
 # --- overlap --------------------------------------------------------------------------
