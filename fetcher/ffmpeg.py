@@ -230,18 +230,32 @@ def custom_argv(
     """The user's arguments with placeholders replaced inside each element.
 
     ``{input}``, ``{output}`` and ``{outdir}`` become ``file:`` paths;
-    ``{stem}`` is the source's name without its extension.  The program is
-    always ffmpeg, and no element is ever split or given to a shell.
+    ``{stem}`` is the source's name without its extension, :func:`safe_stem`.  The
+    program is always ffmpeg, and no element is ever split or given to a shell.
     """
     subs = {
         "{input}": file_arg(src),
         "{output}": file_arg(out),
         "{outdir}": file_arg(outdir),
-        "{stem}": src.stem,
+        "{stem}": safe_stem(src.stem),
     }
     pattern = re.compile("|".join(re.escape(k) for k in subs))
     # One pass, so a substituted name containing "{output}" is left alone.
     return [*_base(ff), *(pattern.sub(lambda m: subs[m.group(0)], a) for a in template)]
+
+
+_UNSAFE_IN_ARGS = re.compile(r"""[\x00-\x1f\x7f\\'",;:=\[\]|%]|^-""")
+
+
+def safe_stem(stem: str) -> str:
+    """``stem``, the server's name, as a custom rule may place it anywhere in ffmpeg's
+    arguments: with ``_`` for each character that ends, joins or quotes filters and
+    their options in a filter graph (``, ; : = [ ] ' " \\``), separates a URL's protocol
+    (``:``) or a concat list (``|``), starts a pattern (``%``: image2's numbering,
+    drawtext's expansions) or a line, and for a leading ``-`` (an option). Verbatim,
+    a name ``x,metadata=mode=print:file=leak`` added a filter writing a file; a plain
+    name (``Lecture 01 - Intro (2024)``) is left as it is."""
+    return _UNSAFE_IN_ARGS.sub("_", stem)
 
 
 @dataclass(frozen=True, slots=True)

@@ -977,3 +977,37 @@ def test_a_missing_source_is_a_failed_outcome(tree: tuple[Path, Path]) -> None:
         [outcome] = pool.close()
     assert outcome == PostOutcome("videos/gone.mp4", "probe", PostStatus.FAILED, (), outcome.error)
     assert outcome.error is not None and "cannot read videos/gone.mp4" in outcome.error
+
+
+@needs_ff
+def test_a_hostile_name_cannot_add_filters_through_stem(
+    tree: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``{stem}`` in a filter graph (frames labelled with their file's name): a server's
+    name ``x,metadata=mode=print:file=leak`` added a filter writing a file of ffmpeg's
+    choosing (as ``movie=`` could read one). Characters that end, join or quote filters
+    and options, and ``%``, become ``_`` in ``{stem}``; a plain name is left as it is."""
+    dest, derived = tree
+    name = "x,metadata=mode=print:file=leak"
+    (dest / f"{name}.mp4").write_bytes((dest / "videos/clip.mp4").read_bytes())
+    monkeypatch.chdir(tmp_path)  # where ffmpeg would write a relative "leak"
+    args = ["-i", "{input}", "-frames:v", "1", "-s", "32x24",
+            "-vf", "metadata=mode=add:key=title:value={stem}", "-metadata", "title={stem}",
+            "{output}"]  # fmt: skip
+    rule = rule_from_mapping({"action": "custom", "args": args, "name": "t", "ext": "mkv"}, "c")
+    with _pool(tree, [rule]) as pool:
+        assert pool.submit(f"{name}.mp4") == 1
+        assert pool.submit("videos/clip.mp4") == 1
+        outcomes = pool.close()
+    assert {o.status for o in outcomes} == {PostStatus.DONE}, [o.error for o in outcomes]
+    assert [p.name for p in tmp_path.rglob("leak")] == []
+    titles = {o.rel: _metadata(derived / o.outputs[0]) for o in outcomes}
+    assert "title=x_metadata_mode_print_file_leak" in titles[f"{name}.mp4"], titles
+    assert "title=clip" in titles["videos/clip.mp4"], titles
+
+
+def _metadata(media: Path) -> str:
+    """``media``'s global metadata, as ffmpeg writes it out (``title=...`` lines)."""
+    assert FF is not None
+    argv = [FF.path, "-hide_banner", "-i", str(media), "-f", "ffmetadata", "-"]
+    return subprocess.run(argv, capture_output=True, text=True, check=False).stdout
