@@ -103,6 +103,11 @@ def check_derived(dest: Path, derived: Path) -> None:
     d, m = derived.resolve(), dest.resolve()
     if (d.is_relative_to(m) and not d.is_relative_to(m / STATE_DIR)) or m.is_relative_to(d):
         raise UsageError(f"the derived tree {derived} must lie outside {dest} (and not contain it)")
+    for cleared in ("staged", "partial"):  # emptied by runs (staged metadata, partial files)
+        if d.is_relative_to(m / STATE_DIR / cleared):
+            raise UsageError(
+                f"the derived tree {derived} lies in {m / STATE_DIR / cleared}, which runs clear"
+            )
 
 
 def remove_derived(derived: Path, rel: str) -> bool:

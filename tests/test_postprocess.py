@@ -412,6 +412,10 @@ def test_derived_tree_must_not_overlap_the_mirror(tmp_path: Path) -> None:
     for bad in [dest / "derived", tmp_path]:
         with pytest.raises(UsageError, match="outside"):
             check_derived(dest, bad)
+    # where fetch clears what a run left (staged metadata, partial files): not there
+    for cleared in ["staged", "partial", "staged/x", "partial/x"]:
+        with pytest.raises(UsageError, match="cleared"):
+            check_derived(dest, dest / ".fetcher" / cleared)
 
 
 # --- the pool, against real ffmpeg ----------------------------------------------------------
