@@ -105,8 +105,9 @@ def check_derived(dest: Path, derived: Path) -> None:
         raise UsageError(f"the derived tree {derived} must lie outside {dest} (and not contain it)")
     for cleared in ("staged", "partial"):  # emptied by runs (staged metadata, partial files)
         if d.is_relative_to(m / STATE_DIR / cleared):
+            where = m / STATE_DIR / cleared
             raise UsageError(
-                f"the derived tree {derived} lies in {m / STATE_DIR / cleared}, which runs clear"
+                f"the derived tree {derived} lies in {where}, which runs clear: put it elsewhere"
             )
 
 

@@ -414,7 +414,7 @@ def test_derived_tree_must_not_overlap_the_mirror(tmp_path: Path) -> None:
             check_derived(dest, bad)
     # where fetch clears what a run left (staged metadata, partial files): not there
     for cleared in ["staged", "partial", "staged/x", "partial/x"]:
-        with pytest.raises(UsageError, match="cleared"):
+        with pytest.raises(UsageError, match="which runs clear"):
             check_derived(dest, dest / ".fetcher" / cleared)
 
 
