@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import queue
 import socket
 import sys
@@ -212,6 +213,8 @@ class DaskExecutor:
         self._seq = 0
         self._finished = False
         self._stopped = False
+        self._address = job.scheduler or "its address"
+        self._lost = False  # the client lost its scheduler (see _check_scheduler)
         # what the run's tasks watch (_RunWatch): set on stop, at the scheduler
         self._stop_name = f"fetch-stop-{uuid.uuid4().hex}"
 
@@ -254,7 +257,7 @@ class DaskExecutor:
         waits for that)."""
         # (also at a run's end: a task cancelled from outside was reported as such while
         # its thread ran on)
-        if not self._stopped and self._seq:
+        if not self._stopped and self._seq and self._client.status == "running":
             try:
                 require_distributed().Event(self._stop_name, client=self._client).set()
             except Exception:  # noqa: BLE001 - the scheduler is gone: so are its tasks' orders
@@ -276,7 +279,20 @@ class DaskExecutor:
             self._ready.extend(_events(task.seq, failed_outcomes(task.shard, "interrupted")))
         if self._own_client:
             self._own_client = False
-            self._client.close(timeout=10)
+            if not self._lost:
+                self._client.close(timeout=10)
+                return
+            # Closing a client that is still trying to reach its lost scheduler cancels
+            # that attempt, and distributed logs the cancellation, traceback and all, over
+            # the run's summary: the run has said why it stopped.
+            log = logging.getLogger("distributed.client")
+            level = log.level
+            log.setLevel(logging.CRITICAL)
+            try:
+                with contextlib.suppress(Exception):
+                    self._client.close(timeout=2)
+            finally:
+                log.setLevel(level)
 
     def join(self, timeout: float = 10) -> None:
         futures = [task.future for task in self._running.values()]
@@ -287,7 +303,28 @@ class DaskExecutor:
                 pass
 
     # -- inside ------------------------------------------------------------
+    def _check_scheduler(self) -> None:
+        """Stop the run once the client has lost its scheduler: Dask cancels the futures
+        it had then, but one submitted while it tries to reconnect (the crawl goes on) was
+        never done nor failed, and the run waited for it for ever. The tasks see the
+        scheduler gone too, and stop (:class:`_RunWatch`)."""
+        if self._lost or self._client.status == "running":
+            return
+        self._lost = True
+        self._ready.append(
+            WorkerFatal(-1, f"lost the Dask scheduler at {self._address}; run again to resume")
+        )
+        tasks = list(self._running.values())
+        self._running.clear()
+        for task in tasks:
+            self._release(task.tokens)
+            self._ready.extend(_events(task.seq, failed_outcomes(task.shard, _LOST)))
+        while self._pending:
+            self._ready.extend(_events(-1, failed_outcomes(self._pending.popleft(), _LOST)))
+        self._stopped = True
+
     def _dispatch(self) -> None:
+        self._check_scheduler()
         while self._pending and not self._stopped:
             n = self._acquire(min(self._per_task, self._budget - self._held))
             if not n:
@@ -332,12 +369,16 @@ class DaskExecutor:
         if status == "finished":
             outcomes: list[Outcome] = fut.result()
         elif status == "cancelled":
-            outcomes = failed_outcomes(task.shard, "interrupted")
+            lost = self._client.status != "running"  # (Dask cancels them as it sees it go)
+            outcomes = failed_outcomes(task.shard, _LOST if lost else "interrupted")
         else:
             exc = fut.exception()
             reason = f"Dask task failed after {TASK_RETRIES} retries: {type(exc).__name__}: {exc}"
             outcomes = failed_outcomes(task.shard, reason, attempts=TASK_RETRIES + 1)
         out.extend(_events(task.seq, outcomes))
+
+
+_LOST = "the Dask scheduler was lost"
 
 
 def _events(worker: int, outcomes: list[Outcome]) -> list[Event]:

@@ -1,0 +1,120 @@
+"""The Dask executor against a scheduler and a worker in processes of their own, which a
+test can kill (a ``LocalCluster``'s scheduler lives in the test's process)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.background import fetch_session
+from tests.faultserver import Fault, FaultServer
+
+pytest.importorskip("distributed")
+
+pytestmark = pytest.mark.slow
+
+
+def _start(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", *args], stdout=out, stderr=subprocess.STDOUT, cwd=log.parent
+        )
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture
+def scheduler(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A ``dask scheduler`` and one ``dask worker`` on 127.0.0.1: the scheduler's address
+    and process; both are killed when the test ends."""
+    home = tmp_path / "dask"
+    home.mkdir()
+    info = home / "scheduler.json"
+    sched = _start(
+        ["distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0",
+         "--no-dashboard", "--dashboard-address", "127.0.0.1:0", "--scheduler-file", str(info)],
+        home / "scheduler.log",
+    )  # fmt: skip
+    worker: subprocess.Popen[bytes] | None = None
+    try:
+        deadline = time.monotonic() + 30
+        while not info.exists() and time.monotonic() < deadline and sched.poll() is None:
+            time.sleep(0.05)
+        assert info.exists(), (home / "scheduler.log").read_text()
+        worker = _start(
+            ["distributed.cli.dask_worker", "--scheduler-file", str(info), "--host", "127.0.0.1",
+             "--nthreads", "2", "--no-nanny", "--no-dashboard", "--dashboard-address", "127.0.0.1:0"],
+            home / "worker.log",
+        )  # fmt: skip
+        address = json.loads(info.read_text())["address"]
+        log = home / "scheduler.log"
+        while "Register worker" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "Register worker" in log.read_text(), (home / "worker.log").read_text()
+        yield address, sched
+    finally:
+        if worker is not None:
+            _stop(worker)
+        _stop(sched)
+
+
+def test_scheduler_lost_mid_run_stops_the_run_with_a_clear_error(
+    tmp_path: Path, scheduler: tuple[str, subprocess.Popen[bytes]]
+) -> None:
+    """Shards submitted after the scheduler had gone (the crawl still going) were never
+    done, nor ever failed: the run waited for them for ever. Now it stops at once, exit 4
+    with the reason, the report written, and none of distributed's tracebacks."""
+    address, sched = scheduler
+    www = tmp_path / "www"
+    for d in ("a", "b"):
+        (www / "m" / d).mkdir(parents=True)
+        for i in range(4):
+            (www / "m" / d / f"f{i}.bin").write_bytes(os.urandom(1 << 20))
+    dest = tmp_path / "o"
+    report = tmp_path / "report.json"
+    with FaultServer(root=www) as srv:
+        srv.persist("/m/a/f*", Fault.trickle(200_000))
+        gate = threading.Event()
+        srv.persist("/m/b/", Fault.gated(gate))  # the crawl goes on after the scheduler
+        argv = ["--mirror", srv.url + "m/", "--dest", str(dest), "--threads", "2",
+                "--max-connections", "4", "--executor", "dask", "--scheduler", address,
+                "--report", str(report), "--log-format", "text"]  # fmt: skip
+        try:
+            with fetch_session(argv) as proc:
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline and srv.file_bytes_sent < 100_000:
+                    time.sleep(0.05)
+                assert srv.file_bytes_sent >= 100_000, "no download started"
+                sched.send_signal(signal.SIGKILL)
+                sched.wait(timeout=10)
+                # the tasks see it gone (and stop) as the coordinator's client does: the
+                # crawl goes on from then
+                while time.monotonic() < deadline + 10 and srv.open_connections > 1:
+                    time.sleep(0.05)
+                gate.set()
+                try:
+                    out, _ = proc.communicate(timeout=8)
+                except subprocess.TimeoutExpired:
+                    pytest.fail("the run did not end after its scheduler had gone")
+        finally:
+            gate.set()
+    text = out.decode(errors="replace")
+    assert proc.returncode == 4, text
+    assert f"lost the Dask scheduler at {address}" in text, text
+    assert "Traceback" not in text, text
+    (job,) = json.loads(report.read_text())["jobs"]
+    assert job["exit_code"] == 4 and "lost the Dask scheduler" in job["fatal"], job
+    assert not [p for p in dest.rglob("f*.bin") if p.stat().st_size != 1 << 20]
