@@ -44,6 +44,7 @@ import queue
 import socket
 import sys
 import threading
+import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, replace
@@ -95,9 +96,10 @@ def run_shard_task(
     except FatalIOError as exc:
         return failed_outcomes(shard, f"worker {host} cannot write DEST: {exc.message}")
     _stop_profiler()
-    watch = _RunWatch(stop) if stop else None
+    limits = local_limits(t.threads, t.limit_rate)
+    watch = _RunWatch(stop, limits) if stop else None
     try:
-        return run_shard(shard, t, worker, local_limits(t.threads, t.limit_rate), watch)
+        return run_shard(shard, t, worker, limits, watch)
     finally:
         if watch is not None:
             watch.close()
@@ -109,12 +111,19 @@ class _RunWatch:
     scheduler, which the coordinator sets when it stops. Dask's cancel() does not
     interrupt a task that is running: without this, a stopped run's tasks went on
     downloading into DEST after it had ended and let go of the lock, beside the next
-    run's. The scheduler gone counts as stopped as well."""
+    run's. The scheduler gone counts as stopped as well.
 
-    def __init__(self, name: str) -> None:
+    Between two waits it also shares the task's pause gate with the run's other tasks
+    (:class:`_SharedPause`)."""
+
+    def __init__(self, name: str, limits: SharedLimits) -> None:
         dist = require_distributed()
         # the worker's client, taken in the task's thread: the watching thread has none
-        self._event = dist.Event(name, client=dist.get_client())
+        client = dist.get_client()
+        self._event = dist.Event(name, client=client)
+        self._pause = _SharedPause(dist.Variable(_pause_name(name), client=client), limits)
+        with contextlib.suppress(Exception):  # a task started during a pause keeps it
+            self._pause.sync()
         self._alive = True
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="run-watch", daemon=True)
@@ -126,15 +135,58 @@ class _RunWatch:
     def _watch(self) -> None:
         while not self._done.is_set():
             try:
-                if self._event.wait(timeout=0.5):
+                if self._event.wait(timeout=_PAUSE_POLL):
                     break
             except Exception:  # noqa: BLE001 - the scheduler is gone (whatever distributed raises)
                 break
+            with contextlib.suppress(Exception):  # (the scheduler gone: the Event says so)
+                self._pause.sync()
         self._alive = self._done.is_set()
 
     def close(self) -> None:
         self._done.set()
         self._thread.join(timeout=5)
+
+
+_PAUSE_POLL = 0.5  # seconds between a task's looks at the run's Event and pause
+
+
+def _pause_name(stop: str) -> str:
+    return f"{stop}-pause"
+
+
+class _SharedPause:
+    """A pause gate shared through a :class:`distributed.Variable` at the scheduler.
+
+    A ``429``/``503`` with ``Retry-After`` pauses the whole run for the mirror (README),
+    but each task has limits of its own (:func:`~fetcher.limits.local_limits`): under
+    Dask the task that read it held back while the run's other tasks went on asking.
+    Now each task (and the coordinator, for its crawl) writes a pause of its own that
+    outlasts the run's to the Variable, or takes the run's when it outlasts its own, at
+    most every :data:`_PAUSE_POLL`. The deadline is wall-clock time, as the gate's: the
+    machines' clocks are assumed to agree to well under a second (NTP).
+    """
+
+    def __init__(self, var: Any, limits: SharedLimits) -> None:
+        self._var = var
+        self._limits = limits
+        self._known = 0.0  # the run's deadline, as last read or written here
+
+    def sync(self, read: bool = True) -> None:
+        """Write this process's pause if it is the newer, else (``read``) take the run's."""
+        mine = float(self._limits.pause_until.value)
+        if mine > self._known:
+            self._var.set(mine)
+            self._known = mine
+            return
+        if not read:
+            return
+        theirs = float(self._var.get(timeout=_PAUSE_POLL))
+        self._known = max(self._known, theirs)
+        if theirs > mine:
+            with self._limits.lock:
+                if theirs > self._limits.pause_until.value:
+                    self._limits.pause_until.value = theirs
 
 
 def _stop_profiler() -> None:
@@ -217,6 +269,11 @@ class DaskExecutor:
         self._lost = False  # the client lost its scheduler (see _check_scheduler)
         # what the run's tasks watch (_RunWatch): set on stop, at the scheduler
         self._stop_name = f"fetch-stop-{uuid.uuid4().hex}"
+        # the run's pause gate, there too: the crawl's (this process's limits) and the tasks'
+        self._pause_var = dist.Variable(_pause_name(self._stop_name), client=self._client)
+        self._pause_var.set(0.0)  # (a task reads it without waiting)
+        self._pause = _SharedPause(self._pause_var, limits) if limits is not None else None
+        self._pause_due = 0.0
 
     # -- the protocol ------------------------------------------------------
     def submit(self, shard: Shard) -> None:
@@ -230,6 +287,7 @@ class DaskExecutor:
         self._finished = True
 
     def events(self, timeout: float) -> list[Event]:
+        self._sync_pause()
         self._dispatch()
         out, self._ready = self._ready, []
         try:
@@ -277,6 +335,11 @@ class DaskExecutor:
         for task in tasks:
             self._release(task.tokens)
             self._ready.extend(_events(task.seq, failed_outcomes(task.shard, "interrupted")))
+        if not self._lost:
+            # (the stop Event stays: a task that has not seen it yet must; the Variable
+            # would only pile up at a scheduler that outlives many runs)
+            with contextlib.suppress(Exception):
+                self._pause_var.delete()
         if self._own_client:
             self._own_client = False
             if not self._lost:
@@ -303,6 +366,16 @@ class DaskExecutor:
                 pass
 
     # -- inside ------------------------------------------------------------
+    def _sync_pause(self) -> None:
+        now = time.monotonic()
+        if self._pause is None or self._stopped or now < self._pause_due:
+            return
+        self._pause_due = now + _PAUSE_POLL
+        with contextlib.suppress(Exception):  # (the scheduler gone: _check_scheduler says so)
+            # the crawl's pause goes out at once, for the tasks to come too; the tasks'
+            # is read (a round trip) only while some run
+            self._pause.sync(read=bool(self._running))
+
     def _check_scheduler(self) -> None:
         """Stop the run once the client has lost its scheduler: Dask cancels the futures
         it had then, but one submitted while it tries to reconnect (the crawl goes on) was

@@ -205,6 +205,35 @@ def test_a_task_cancelled_from_outside_fails_its_files_and_stops(
     assert not list(dest.rglob("f*.bin")), "a file was published after the run ended"
 
 
+def test_retry_after_pauses_every_task_of_the_run(tmp_path: Path, run_fetch, cluster) -> None:
+    """A 429 with Retry-After pauses the whole run (README), not just the task that read
+    it: each task has limits of its own, and the others went on asking meanwhile."""
+    www = tmp_path / "www" / "p"
+    for d in ("a", "b"):
+        (www / d).mkdir(parents=True)
+        for i in range(40):
+            (www / d / f"f{i:02d}.bin").write_bytes(os.urandom(2000))
+    with FaultServer(root=tmp_path / "www") as srv:
+        srv.persist("/p/a/f*", Fault.delay(0.05))
+        srv.persist("/p/b/f*", Fault.delay(0.05))
+        # a file request of the first task, once both are under way
+        srv.script("/p/a/f*", [Fault.ok()] * 8 + [Fault.status(429, retry_after="3")])
+        r = run_fetch(
+            "--mirror", srv.url + "p/", "--dest", tmp_path / "o", "-q", "--threads", "1",
+            "--max-connections", "2", "--pipeline", "1", *_dask(cluster),
+        )  # fmt: skip
+        assert r.code == 0, r
+        requests = srv.requests
+    (limited,) = [q for q in requests if q.status == 429]
+    assert limited.finished is not None
+    # every task has heard of the pause within its next look (every 0.5 s)
+    during = [
+        q.path for q in requests
+        if q.path != limited.path and limited.finished + 1.2 < q.started < limited.finished + 2.8
+    ]  # fmt: skip
+    assert not during, f"requests during the 3 s pause: {during}"
+
+
 def test_killed_worker_task_is_retried_and_tree_is_complete(
     tmp_path: Path, run_fetch, cluster, client
 ) -> None:
