@@ -111,7 +111,10 @@ class _RunWatch:
     scheduler, which the coordinator sets when it stops. Dask's cancel() does not
     interrupt a task that is running: without this, a stopped run's tasks went on
     downloading into DEST after it had ended and let go of the lock, beside the next
-    run's. The scheduler gone counts as stopped as well.
+    run's. The scheduler gone counts as stopped as well, and so does this task no longer
+    wanted there: a coordinator that dies (kill -9, OOM) sets no Event, and its tasks
+    went on with their shards, beside the next run's (local workers watch their
+    parent); the scheduler forgets a lost client's tasks, and tells their workers.
 
     Between two waits it also shares the task's pause gate with the run's other tasks
     (:class:`_SharedPause`)."""
@@ -124,13 +127,21 @@ class _RunWatch:
         self._pause = _SharedPause(dist.Variable(_pause_name(name), client=client), limits)
         with contextlib.suppress(Exception):  # a task started during a pause keeps it
             self._pause.sync()
+        self._worker = dist.get_worker()
+        self._key = self._worker.get_current_task()
         self._alive = True
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="run-watch", daemon=True)
         self._thread.start()
 
     def __call__(self) -> bool:
-        return self._alive
+        return self._alive and self._wanted()
+
+    def _wanted(self) -> bool:
+        # (a read of the worker's state, from another thread than its event loop's: one
+        # dict lookup and an attribute; "cancelled" is a running task the scheduler let go)
+        ts = self._worker.state.tasks.get(self._key)
+        return ts is not None and ts.state != "cancelled"
 
     def _watch(self) -> None:
         while not self._done.is_set():

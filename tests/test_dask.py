@@ -155,6 +155,33 @@ def test_ctrl_c_stops_the_tasks_running_on_the_cluster(tmp_path: Path, cluster) 
     assert not list(dest.rglob("f*.bin")), "a file was published after the run ended"
 
 
+def test_a_killed_coordinator_s_tasks_stop(tmp_path: Path, cluster) -> None:
+    """Local workers stop when their coordinator dies (kill -9, OOM); Dask tasks went on
+    downloading the rest of their shards into DEST, whose lock was free, beside the next
+    run's. The scheduler forgets a dead client's tasks: a task now stops once its worker
+    has been told so."""
+    from tests.background import fetch_session
+
+    make_simple_tree(tmp_path / "www" / "s", files=8, dirs=2, min_size=3 << 20, max_size=3 << 20)
+    dest = tmp_path / "o"
+    with FaultServer(root=tmp_path / "www") as srv:
+        srv.persist("/s/d*", Fault.trickle(400_000))  # each file ~7 s
+        argv = ["--mirror", srv.url + "s/", "--dest", str(dest), "--threads", "2",
+                "--max-connections", "4", *_dask(cluster)]  # fmt: skip
+        with fetch_session(argv) as proc:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and srv.file_bytes_sent < 500_000:
+                time.sleep(0.05)
+            assert srv.file_bytes_sent >= 500_000, "no download started"
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and srv.open_connections:
+            time.sleep(0.05)
+        assert not srv.open_connections, "the dead run's tasks are still downloading"
+    assert not list(dest.rglob("f*.bin")), "a file was published after the run had died"
+
+
 def test_an_address_distributed_cannot_read_is_a_usage_error() -> None:
     """distributed's ValueError (build_job checks the form; a scheme may still be missing
     from this installation) is a usage error, not a traceback."""
