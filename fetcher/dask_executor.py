@@ -369,12 +369,18 @@ class DaskExecutor:
                 log.setLevel(level)
 
     def join(self, timeout: float = 10) -> None:
-        futures = [task.future for task in self._running.values()]
-        if futures:
-            try:
-                require_distributed().wait(futures, timeout=timeout)
-            except TimeoutError:
-                pass
+        """Wait up to ``timeout`` for the tasks still out to end (:meth:`stop` told them).
+
+        On the futures themselves: ``distributed.wait`` looks for a default client, which
+        this one is not (``set_as_default=False``), and raised "No clients found", a
+        traceback in place of the run's summary, whenever a task was still out (queued
+        on a busy or workerless cluster, slow to stop); it also raises for a cancelled
+        future."""
+        deadline = time.monotonic() + timeout
+        while self._client.status == "running" and time.monotonic() < deadline:
+            if all(task.future.done() for task in self._running.values()):
+                return
+            time.sleep(0.05)
 
     # -- inside ------------------------------------------------------------
     def _sync_pause(self) -> None:

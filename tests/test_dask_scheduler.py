@@ -118,3 +118,35 @@ def test_scheduler_lost_mid_run_stops_the_run_with_a_clear_error(
     (job,) = json.loads(report.read_text())["jobs"]
     assert job["exit_code"] == 4 and "lost the Dask scheduler" in job["fatal"], job
     assert not [p for p in dest.rglob("f*.bin") if p.stat().st_size != 1 << 20]
+
+
+def test_join_waits_for_a_task_that_has_not_ended(tmp_path: Path) -> None:
+    """A run that stopped (Ctrl-C, a stop event, a fatal error) with a task still
+    outstanding (one running takes up to half a second to see the stop) crashed in
+    join() with distributed's "ValueError: No clients found": ``distributed.wait`` looks
+    for a default client, and the run's is not one. Now join() waits on the futures
+    themselves, up to its timeout."""
+    from distributed import LocalCluster
+
+    from fetcher.config import MirrorJob
+    from fetcher.dask_executor import DaskExecutor
+    from fetcher.models import Action, Job, RemoteFile, rel_path
+    from fetcher.shard import Shard
+
+    (tmp_path / ".fetcher").mkdir()
+    with LocalCluster(n_workers=0, host="127.0.0.1", dashboard_address="127.0.0.1:0") as cluster:
+        job = MirrorJob(
+            url="http://127.0.0.1:9/", dest=tmp_path, executor="dask",
+            scheduler=cluster.scheduler_address,
+        )  # fmt: skip
+        ex = DaskExecutor(job.transfer(), job)
+        try:
+            f = RemoteFile("http://127.0.0.1:9/a.bin", rel_path("a.bin"), 10)
+            ex.submit(Shard((Job(f, Action.NEW),)))
+            ex.finish()
+            started = time.monotonic()
+            ex.join(timeout=0.5)  # no worker: the task never starts, nor ends
+            assert 0.4 < time.monotonic() - started < 5
+        finally:
+            ex.kill()
+        assert ex.done()
