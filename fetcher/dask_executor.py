@@ -329,11 +329,22 @@ class DaskExecutor:
         if not self._stopped and self._seq and self._client.status == "running":
             try:
                 require_distributed().Event(self._stop_name, client=self._client).set()
+                self._drop_unstarted()
             except Exception:  # noqa: BLE001 - the scheduler is gone: so are its tasks' orders
                 pass
         self._stopped = True
         while self._pending:
             self._ready.extend(_events(-1, failed_outcomes(self._pending.popleft(), "interrupted")))
+
+    def _drop_unstarted(self) -> None:
+        """Cancel the run's tasks no worker has taken yet (queued on a busy cluster, or
+        one with no worker): they would see the stop Event only once started, and a
+        stopped run waited for them (Ctrl-C: 30 s, then :meth:`join`'s 10 s). Those
+        running are left to stop and report what they did."""
+        taken = {key for keys in self._client.processing().values() for key in keys}
+        idle = [t.future for t in self._running.values() if t.future.key not in taken]
+        if idle:
+            self._client.cancel(idle)
 
     def kill(self) -> None:
         """Stop, and give up on the tasks still running (cancelled at the scheduler)."""

@@ -150,3 +150,37 @@ def test_join_waits_for_a_task_that_has_not_ended(tmp_path: Path) -> None:
         finally:
             ex.kill()
         assert ex.done()
+
+
+def test_a_stopped_run_drops_its_tasks_that_never_started(tmp_path: Path) -> None:
+    """A task still queued at the scheduler (a busy cluster, or no worker yet) sees the
+    stop Event only once it starts: Ctrl-C waited 30 s for it, then join()'s 10 s. Now
+    stop() cancels the run's tasks no worker is running, and the run ends at once."""
+    from distributed import LocalCluster
+
+    from fetcher.config import MirrorJob
+    from fetcher.dask_executor import DaskExecutor
+    from fetcher.models import Action, FileDone, Job, RemoteFile, Status, rel_path
+    from fetcher.shard import Shard
+
+    (tmp_path / ".fetcher").mkdir()
+    with LocalCluster(n_workers=0, host="127.0.0.1", dashboard_address="127.0.0.1:0") as cluster:
+        job = MirrorJob(
+            url="http://127.0.0.1:9/", dest=tmp_path, executor="dask",
+            scheduler=cluster.scheduler_address,
+        )  # fmt: skip
+        ex = DaskExecutor(job.transfer(), job)
+        try:
+            f = RemoteFile("http://127.0.0.1:9/a.bin", rel_path("a.bin"), 10)
+            ex.submit(Shard((Job(f, Action.NEW),)))
+            ex.finish()
+            ex.stop()
+            got = []
+            deadline = time.monotonic() + 5
+            while not ex.done() and time.monotonic() < deadline:
+                got += ex.events(timeout=0.1)
+            assert ex.done(), "the run still waits for a task no worker will run"
+        finally:
+            ex.kill()
+    (out,) = [ev.outcome for ev in got if isinstance(ev, FileDone)]
+    assert out.status is Status.FAILED and out.error == "interrupted"
