@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
+import os
 import queue
 import socket
 import sys
@@ -78,15 +79,19 @@ def require_distributed() -> ModuleType:
 
 
 def run_shard_task(
-    shard: Shard, t: Transfer, worker: int = 0, stop: str | None = None
+    shard: Shard, t: Transfer, worker: int = 0, stop: str | None = None, mark: str | None = None
 ) -> list[Outcome]:
     """The Dask task: check DEST is this worker's too, then run the shard; ``stop`` names
-    the run's :class:`distributed.Event` (see :class:`_RunWatch`)."""
+    the run's :class:`distributed.Event` (see :class:`_RunWatch`), ``mark`` is what the
+    coordinator wrote in its DEST (:data:`RUN_MARK`)."""
     dest = Path(t.dest)
     host = socket.gethostname()
     # The coordinator made DEST/.fetcher before submitting anything; a worker that
     # does not see it has another filesystem there, and must not create a private DEST.
-    if not (dest / STATE_DIR).is_dir():
+    # Nor may it write into another DEST/.fetcher at that path (a stale local copy
+    # where the mount failed, another site's export): the run would count files it
+    # never sees. That one does not hold this run's mark.
+    if not (dest / STATE_DIR).is_dir() or (mark is not None and _read_mark(dest) != mark):
         return failed_outcomes(
             shard,
             f"worker {host} cannot see DEST {dest}: mount it at the same path on every worker",
@@ -103,6 +108,27 @@ def run_shard_task(
     finally:
         if watch is not None:
             watch.close()
+
+
+RUN_MARK = "dask-run"
+"""In DEST/.fetcher: the running coordinator's mark, which each task checks it sees."""
+
+
+def _read_mark(dest: Path) -> str | None:
+    try:
+        return (dest / STATE_DIR / RUN_MARK).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _write_mark(dest: Path, mark: str) -> None:
+    path = dest / STATE_DIR / RUN_MARK
+    tmp = path.with_name(f"{RUN_MARK}.{mark}")
+    try:
+        tmp.write_text(mark + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise FatalIOError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
 class _RunWatch:
@@ -280,6 +306,9 @@ class DaskExecutor:
         self._lost = False  # the client lost its scheduler (see _check_scheduler)
         # what the run's tasks watch (_RunWatch): set on stop, at the scheduler
         self._stop_name = f"fetch-stop-{uuid.uuid4().hex}"
+        # what they check they see in DEST (run_shard_task): only this run's DEST has it
+        self._mark = uuid.uuid4().hex
+        _write_mark(Path(self._t.dest), self._mark)
         # the run's pause gate, there too: the crawl's (this process's limits) and the tasks'
         self._pause_var = dist.Variable(_pause_name(self._stop_name), client=self._client)
         self._pause_var.set(0.0)  # (a task reads it without waiting)
@@ -438,7 +467,7 @@ class DaskExecutor:
                 limit_rate=self._rate_per_conn * n if self._rate_per_conn else None,
             )
             fut = self._client.submit(
-                run_shard_task, shard, t, self._seq, self._stop_name, pure=False,
+                run_shard_task, shard, t, self._seq, self._stop_name, self._mark, pure=False,
                 retries=TASK_RETRIES,
             )  # fmt: skip
             self._running[fut.key] = _Task(fut, shard, n, self._seq)

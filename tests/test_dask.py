@@ -103,6 +103,22 @@ def test_worker_that_cannot_see_dest_fails_its_shard(tmp_path: Path) -> None:
     assert not (tmp_path / "not-mounted").exists()
 
 
+def test_worker_with_another_dest_at_the_same_path_fails_its_shard(tmp_path: Path) -> None:
+    """A DEST/.fetcher of another filesystem at the path (a stale local copy where the
+    mount failed, another site's export) passed the check: the worker wrote the files
+    there, a private copy, and the run counted them fetched. The task now checks the
+    run's mark, which the coordinator wrote in its own DEST."""
+    dest = tmp_path / "elsewhere"
+    (dest / ".fetcher").mkdir(parents=True)
+    (dest / ".fetcher" / "dask-run").write_text("an older run\n")
+    f = RemoteFile("http://127.0.0.1:9/a.bin", rel_path("a.bin"), 10)
+    shard = Shard((Job(f, Action.NEW),))
+    t = Transfer(dest=str(dest), root="http://127.0.0.1:9/")
+    (out,) = run_shard_task(shard, t, 0, None, "this run")
+    assert out.status is Status.FAILED
+    assert "cannot see DEST" in (out.error or ""), out.error
+
+
 def test_missing_extra_is_a_usage_error(tmp_path: Path, run_fetch, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "distributed", None)
     (tmp_path / "www").mkdir()
