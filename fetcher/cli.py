@@ -499,7 +499,10 @@ def _forced_terminal() -> bool:
     return os.environ.get("TTY_COMPATIBLE", "") in ("0", "1") or "FORCE_COLOR" in os.environ
 
 
-def _make_reporter(ns: argparse.Namespace, console: Console, log: TextIO | None) -> Any:
+def _make_reporter(
+    ns: argparse.Namespace, console: Console, log: TextIO | None, job: str | None = None
+) -> Any:
+    """The live display on a terminal, else lines (of ``job``, a config's, if named)."""
     if console.is_terminal and not ns.quiet and ns.log_format is None and log is None:
         from fetcher.live import RichReporter
 
@@ -509,7 +512,7 @@ def _make_reporter(ns: argparse.Namespace, console: Console, log: TextIO | None)
         rep = Reporter()  # says nothing: no status lines to format and throw away
     else:
         stream: Any = log if log is not None else console.file
-        rep = LineReporter(stream, fmt=ns.log_format or "text", verbose=ns.verbose)
+        rep = LineReporter(stream, fmt=ns.log_format or "text", verbose=ns.verbose, job=job)
     if isinstance(console, _LazyConsole) and not console.made and console.is_terminal:
         rep.crawl_done = _then_preload(rep.crawl_done)  # (elsewhere the summary is plain)
     return rep
@@ -677,7 +680,7 @@ def _run_one(job: MirrorJob, ns: argparse.Namespace, console: Console, err: Cons
              log: TextIO | None, results: list[tuple[str | None, Summary]],
              stops: Sequence[signal.Signals] = ()) -> int:  # fmt: skip
     name = job.name if ns.config else None
-    reporter = _make_reporter(ns, console, log)
+    reporter = _make_reporter(ns, console, log, name)
     SYNCING.set()
     problem: FetchError | None = None
     try:
@@ -705,15 +708,15 @@ def _run_one(job: MirrorJob, ns: argparse.Namespace, console: Console, err: Cons
         if problem is None:
             said = one_line(summary)
         elif summary.skipped_run:
-            said = prefix + summary.notices[-1]
+            said = summary.notices[-1]  # (a log line names the job itself: LineReporter.job)
             if not json_out:  # (else the summary event below says it)
-                console.print(said, highlight=False, markup=False)
+                console.print(prefix + said, highlight=False, markup=False)
         else:
-            said = f"{prefix}error: {problem.message}"
+            said = f"error: {problem.message}"
             _print_error(err, problem, prefix=prefix)
         lines = reporter if isinstance(reporter, LineReporter) else None
         if lines is None and json_out:  # -q: no status lines, but the summary event
-            lines = LineReporter(cast(TextIO, console.file), fmt="json")
+            lines = LineReporter(cast(TextIO, console.file), fmt="json", job=name)
         if lines is not None and (log is not None or lines.fmt == "json"):
             lines.summary(said, summary_dict(summary, name))  # the log's last word
         if problem is None and not json_out:

@@ -77,8 +77,12 @@ class LineReporter(Reporter):
         interval: float = 5.0,
         get_time: Callable[[], float] = time.monotonic,
         verbose: bool = False,
+        job: str | None = None,
     ) -> None:
         self.stream = stream
+        self.job = job
+        """The config job this run is (``--config``): every line names it, as one log
+        holds the lines of all the jobs run; None for a run of the command line's."""
         self.fmt = fmt
         self.interval = interval
         self.get_time = get_time
@@ -94,10 +98,11 @@ class LineReporter(Reporter):
 
     def _emit(self, kind: str, text: str, **fields: Any) -> None:
         if self.fmt == "json":
-            rec = {"ts": round(time.time(), 3), "event": kind, **fields}
+            rec = {"ts": round(time.time(), 3), "event": kind, "job": self.job, **fields}
             self.stream.write(json.dumps(rec, ensure_ascii=False) + "\n")
         else:
-            self.stream.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
+            name = f"{self.job}: " if self.job else ""
+            self.stream.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {name}{text}\n")
         self.stream.flush()
 
     def _tick(self) -> None:

@@ -485,3 +485,36 @@ def test_json_lines_on_stdout_are_only_json_with_q_and_when_skipped(
                 got = events(r.output)
                 assert got[-1]["event"] == "summary" and got[-1]["skipped_run"] is True, got
                 assert "pid 4242" in got[-1]["notices"][-1]
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_every_log_line_of_a_config_run_names_its_job(tmp_path: Path, run_fetch, fmt: str) -> None:
+    """Several jobs, one --log-file (the README's cron line): each status, failure and
+    listing error says which job it is about. Only the JSON summary did: a text log's
+    "failed: f1.bin: HTTP 404" could be any job's, and so could its summary line."""
+    _tree(tmp_path / "www" / "a", n=2)
+    _tree(tmp_path / "www" / "b", n=2)
+    cfg, log = tmp_path / "m.toml", tmp_path / "run.log"
+    with FaultServer(root=tmp_path / "www") as srv:
+        srv.persist("/b/f1.bin", Fault.status(404))
+        cfg.write_text(
+            f"[defaults]\nprocs = 1\nretries = 1\n"
+            f'[jobs.a]\nurl = "{srv.url}a/"\ndest = "out/a"\n'
+            f'[jobs.b]\nurl = "{srv.url}b/"\ndest = "out/b"\n'
+            f'[jobs.c]\nurl = "{srv.url}missing/"\ndest = "out/c"\n'
+        )
+        r = run_fetch("--config", cfg, "--log-file", log, "--log-format", fmt)
+    assert r.code == 1, r
+    lines = log.read_text().splitlines()
+    if fmt == "json":
+        events = [json.loads(line) for line in lines]
+        assert all(e.get("job") in ("a", "b", "c") for e in events), events
+        failed = [e for e in events if e["event"] == "failed"]
+        assert [(e["job"], e["path"]) for e in failed] == [("b", "f1.bin")], failed
+        assert any(e["job"] == "c" and e["event"] == "listing" for e in events), events
+    else:
+        said = [line.split(" ", 2)[2] for line in lines]  # (after the date and time)
+        assert all(s.startswith(("a: ", "b: ", "c: ")) for s in said), said
+        assert any(s.startswith("b: failed: f1.bin") for s in said), said
+        assert any(s.startswith("c: listing: ") for s in said), said
+        assert [s.partition(":")[0] for s in said if "summary:" in s] == ["a", "b", "c"], said
