@@ -743,6 +743,23 @@ def _suggest(key: str) -> str | None:
     return f"did you mean '{close[0]}'?" if close else None
 
 
+def _check_defaults(defaults: Mapping[str, Any], where: str) -> None:
+    """Each ``[defaults]`` key is known and its value valid, named as the file has it:
+    checked only once merged into a job, a typo there read ``jobs.a.max_conections:
+    unknown key``, pointing at a table that has no such key."""
+    for raw_key, value in defaults.items():
+        key = ALIASES.get(raw_key, raw_key.replace("-", "_"))
+        if key == "post":
+            continue  # (its rules are checked with each job's: they are one list)
+        check = _FIELDS.get(key)
+        if check is None:
+            raise ConfigError(f"{where}.{raw_key}: unknown key", _suggest(raw_key))
+        try:
+            check(value)
+        except ValueError as exc:
+            raise ConfigError(f"{where}.{raw_key}: {exc}") from None
+
+
 def _check_post(table: Mapping[str, Any], where: str) -> None:
     """``post`` is an array of tables, before defaults' and a job's rules are joined."""
     if "post" in table and not isinstance(table["post"], list):
@@ -788,6 +805,7 @@ def load_config(
     if not jobs:
         raise ConfigError(f"{label}: no [jobs.NAME] table")
     _check_post(defaults, f"{label}: defaults")
+    _check_defaults(defaults, f"{label}: defaults")
     run = list(dict.fromkeys(only or jobs))
     missing = [n for n in run if n not in jobs]
     if missing:

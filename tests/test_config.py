@@ -105,6 +105,15 @@ def test_load_config(tmp_path: Path) -> None:
         ("[defaults]\n", "m.toml: no [jobs.NAME] table"),
         ("[job.a]\nurl='http://h/'\n", "m.toml: job: unknown table"),
         ("[jobs.a]\ndest = 'x'\n", "m.toml: jobs.a: missing required key 'url'"),
+        # a mistake in [defaults] is named there, not in the first job (which has no such key)
+        (
+            "[defaults]\nmax_conections = 4\n[jobs.a]\nurl='http://h/'\n",
+            "m.toml: defaults.max_conections: unknown key",
+        ),
+        (
+            "[defaults]\nthreads = 'eight'\n[jobs.a]\nurl='http://h/'\n",
+            'm.toml: defaults.threads: expected an integer from 1 to 1024, got "eight"',
+        ),
     ],
 )
 def test_config_errors(tmp_path: Path, text: str, message: str) -> None:

@@ -156,7 +156,7 @@ BAD_CONFIGS = [
     ),
     (
         '[defaults]\nlimit_rate = 0.001\n[jobs.c]\nurl = "http://127.0.0.1:9/"\n',
-        "m.toml: jobs.c.limit_rate: expected a rate like 500k, 10M or a number of bytes per second, from 1 to 1024G, got 0.001",
+        "m.toml: defaults.limit_rate: expected a rate like 500k, 10M or a number of bytes per second, from 1 to 1024G, got 0.001",
     ),
     (
         '[jobs.c]\nurl = "http://127.0.0.1:9/"\n[[jobs.c.post]]\naction = "explode"\n',
