@@ -518,3 +518,48 @@ def test_every_log_line_of_a_config_run_names_its_job(tmp_path: Path, run_fetch,
         assert any(s.startswith("b: failed: f1.bin") for s in said), said
         assert any(s.startswith("c: listing: ") for s in said), said
         assert [s.partition(":")[0] for s in said if "summary:" in s] == ["a", "b", "c"], said
+
+
+def _unit(path: Path) -> dict[str, list[str]]:
+    """A systemd unit's ``Key=value`` settings (every section), each key's values in order."""
+    out: dict[str, list[str]] = {}
+    for line in path.read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not line.startswith(("#", ";", "[")):
+            out.setdefault(key.strip(), []).append(value.strip())
+    return out
+
+
+def test_the_shipped_service_unit_runs_as_written(tmp_path: Path) -> None:
+    """configs/systemd/fetch-mirror@.service, installed as the README says: its User= can
+    write the --report it names (/var/lib/fetch is made for it: StateDirectory=, else
+    every run synced, then failed with exit 4 on the report), and `systemctl stop` (or a
+    shutdown) during a sync is no failure: fetch exits 130 on the SIGTERM, which systemd
+    counts as one unless SuccessExitStatus says otherwise."""
+    import shlex
+    import shutil
+
+    unit = REPO / "configs" / "systemd" / "fetch-mirror@.service"
+    settings = _unit(unit)
+    argv = shlex.split(settings["ExecStart"][0])
+    report = Path(argv[argv.index("--report") + 1])
+    state_dirs = " ".join(settings.get("StateDirectory", [])).split()
+    assert report.parent.parent == Path("/var/lib"), report
+    assert report.parent.name in state_dirs, settings
+    success = " ".join(settings["SuccessExitStatus"]).split()
+    assert {"3", "130"} <= set(success), success
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        return
+    # (the program is not installed here: the unit is checked as it is otherwise)
+    text = unit.read_text().replace("/usr/local/bin/fetch", shutil.which("true") or "/bin/true")
+    for suffix in ("service", "timer"):
+        src = unit.with_suffix(f".{suffix}")
+        (tmp_path / f"fetch-mirror@t.{suffix}").write_text(
+            text if suffix == "service" else src.read_text()
+        )
+    p = subprocess.run(
+        [analyze, "verify", "--man=no", "fetch-mirror@t.service", "fetch-mirror@t.timer"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert p.returncode == 0 and not p.stderr.strip(), p.stderr
