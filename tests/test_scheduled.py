@@ -563,3 +563,33 @@ def test_the_shipped_service_unit_runs_as_written(tmp_path: Path) -> None:
         cwd=tmp_path, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert p.returncode == 0 and not p.stderr.strip(), p.stderr
+
+
+def test_the_readme_cron_line_runs_as_written(tmp_path: Path, run_fetch) -> None:
+    """The README's crontab line names fetch by the path the shipped unit does: cron runs
+    it with PATH=/usr/bin:/bin, where a bare `fetch` (pip's /usr/local/bin) is not found
+    and every run mails "fetch: not found". Its options, with the paths moved here, run
+    a config's jobs and write the log, report and metrics."""
+    import shlex
+
+    readme = (REPO / "README.md").read_text()
+    cron = next(line.strip() for line in readme.splitlines() if line.strip().startswith("17 "))
+    fields = cron.split(None, 6)
+    assert fields[5] == "mirror", cron  # (/etc/crontab and /etc/cron.d: a user field)
+    argv = shlex.split(fields[6])
+    unit = _unit(REPO / "configs" / "systemd" / "fetch-mirror@.service")
+    assert argv[0] == shlex.split(unit["ExecStart"][0])[0], cron
+    _tree(tmp_path / "www" / "a", n=2)
+    with FaultServer(root=tmp_path / "www") as srv:
+        cfg = tmp_path / "mirrors.toml"
+        cfg.write_text(f'[jobs.a]\nurl = "{srv.url}a/"\ndest = "out/a"\n')
+        moved = [
+            str(tmp_path / Path(a).name) if a.startswith("/") and a != "/etc/fetch/mirrors.toml"
+            else str(cfg) if a.startswith("/") else a
+            for a in argv[1:]
+        ]  # fmt: skip
+        r = run_fetch(*moved)
+    assert r.code == 0, r
+    assert (tmp_path / "out" / "a" / "f1.bin").exists()
+    for opt in ("--log-file", "--report", "--metrics"):
+        assert (tmp_path / Path(argv[argv.index(opt) + 1]).name).stat().st_size > 0, opt
