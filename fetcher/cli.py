@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--verify",
         dest="verify_digests",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         help="use SHA256SUMS-style files found in the listings: every file they name is checked against its digest",
     )
     g.add_argument(
@@ -235,12 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("sync")
     g.add_argument(
         "--dry-run",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         help="print the plan (fetch / skip / delete, with bytes); change nothing",
     )
     g.add_argument(
         "--delete",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         help="remove local files no longer upstream (only after a complete, error-free crawl)",
     )
     g.add_argument(
@@ -248,10 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N|P%",
         help="refuse to delete more than N files or P%% of them (default 10%%)",
     )
-    g.add_argument("--force", action="store_true", help="delete even beyond --max-delete")
+    g.add_argument(
+        "--force",
+        action=argparse.BooleanOptionalAction,
+        help="delete even beyond --max-delete",
+    )
     g.add_argument(
         "--skip-if-locked",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         help="when another run holds DEST's lock, say so and exit 0 instead of 3 (for timers)",
     )
 
@@ -289,7 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--ca-cert", metavar="FILE", help="trust this CA bundle instead of the system's")
     g.add_argument(
-        "--insecure", action="store_true", help="do not verify TLS certificates (explicit opt-out)"
+        "--insecure",
+        action=argparse.BooleanOptionalAction,
+        help="do not verify TLS certificates (explicit opt-out)",
     )
 
     g = p.add_argument_group("output")
@@ -334,7 +340,7 @@ def _overrides(ns: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for attr, key in _CLI_KEYS.items():
         v = getattr(ns, attr, None)
-        if v is None or v is False:
+        if v is None:  # (not given; False is a --no-OPTION, over a config's true)
             continue
         if isinstance(v, list):
             v = tuple(v)
@@ -399,7 +405,7 @@ def _unused_flags(given: Mapping[str, Any], jobs: Sequence[MirrorJob]) -> None:
     --config, a job of the file may be what uses it)."""
     for keys, uses, why in _DEPENDENT:
         for key in keys:
-            if key in given and not any(uses(j) for j in jobs):
+            if given.get(key, False) is not False and not any(uses(j) for j in jobs):
                 raise UsageError(f"{_flag(key)} {why}")
 
 

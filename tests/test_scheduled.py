@@ -593,3 +593,29 @@ def test_the_readme_cron_line_runs_as_written(tmp_path: Path, run_fetch) -> None
     assert (tmp_path / "out" / "a" / "f1.bin").exists()
     for opt in ("--log-file", "--report", "--metrics"):
         assert (tmp_path / Path(argv[argv.index(opt) + 1]).name).stat().st_size > 0, opt
+
+
+def test_the_command_line_turns_off_what_the_config_turns_on(tmp_path: Path, run_fetch) -> None:
+    """The shipped mirrors.toml sets delete = true in [defaults]; the command line, which
+    the README says overrides the file, had only --delete: a job could not be run once
+    without deleting (nor without skip_if_locked, insecure, ...). --no-OPTION does it,
+    for every true-or-false key; an unused --no-force is no mistake to refuse."""
+    _tree(tmp_path / "www" / "a", n=3)
+    cfg, dest = tmp_path / "m.toml", tmp_path / "out"
+    with FaultServer(root=tmp_path / "www") as srv:
+        cfg.write_text(
+            f"[defaults]\ndelete = true\nforce = true\nskip_if_locked = true\n"
+            f'[jobs.a]\nurl = "{srv.url}a/"\ndest = "{dest}"\n'
+        )
+        assert run_fetch("--config", cfg).code == 0
+        (dest / "gone.bin").write_bytes(b"not upstream")
+        r = run_fetch("--config", cfg, "--check", "--no-delete", "--no-skip-if-locked")
+        assert r.code == 0, r
+        assert "delete = False" in r.output and "skip_if_locked = False" in r.output, r
+        r = run_fetch("--config", cfg, "--no-delete", "--no-force")
+        assert r.code == 0, r
+        assert (dest / "gone.bin").exists()
+        assert run_fetch("--config", cfg).code == 0
+        assert not (dest / "gone.bin").exists()
+    r = run_fetch("--mirror", "http://127.0.0.1:9/", "--dest", dest, "--no-dry-run", "--check")
+    assert r.code == 2 and "--check go with --config" in r.output, r
