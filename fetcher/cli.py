@@ -551,6 +551,13 @@ def _open_log(path: Path) -> TextIO:
     return cast(TextIO, guard_log(stream, f"--log-file {path}"))
 
 
+def _one_file(a: Path | None, b: Path | None) -> bool:
+    """``a`` and ``b`` name one file (not standard output), by whatever names."""
+    if a is None or b is None or Path("-") in (a, b):
+        return False
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     # systemd stops a unit with SIGTERM, a closed terminal (ssh gone) sends SIGHUP: treat
     # them like Ctrl-C (keep partial files, save state, exit 130).
@@ -599,6 +606,11 @@ def main(argv: Sequence[str] | None = None, console: Console | None = None) -> i
         ns = build_parser().parse_args(argv)
         if ns.report == ns.metrics == Path("-"):
             raise UsageError("--report - and --metrics -: one standard output for two files")
+        if _one_file(ns.report, ns.metrics):
+            raise UsageError(
+                f"--report {ns.report} and --metrics {ns.metrics}: one file for both"
+                ": the metrics would be written over the report"
+            )
         if Path("-") in (ns.report, ns.metrics) and isinstance(console, _LazyConsole):
             console = err  # stdout carries the report (or metrics) alone; the rest to stderr
         _check_cwd()

@@ -245,6 +245,16 @@ def test_report_and_metrics_cannot_both_be_stdout(tmp_path: Path, run_fetch) -> 
     assert not (tmp_path / "d").exists()
 
 
+def test_report_and_metrics_cannot_be_one_file(tmp_path: Path, run_fetch) -> None:
+    # the metrics were written over the report, by another name for it too
+    (tmp_path / "link").symlink_to(tmp_path / "out")
+    for other in (tmp_path / "out", tmp_path / "link", tmp_path / "sub" / ".." / "out"):
+        r = run_fetch("--mirror", "http://127.0.0.1:9/", "--dest", tmp_path / "d",
+                      "--report", tmp_path / "out", "--metrics", other)  # fmt: skip
+        assert r.code == 2 and "one file for both" in r.output, (other, r.output)
+    assert not (tmp_path / "d").exists() and not (tmp_path / "out").exists()
+
+
 def test_a_command_that_only_prints_says_nothing_when_its_reader_left(tmp_path: Path) -> None:
     # fetch --config m.toml --check | head -1: no sync to keep going, nothing to report
     cfg = tmp_path / "m.toml"
