@@ -820,6 +820,7 @@ def load_config(
             raise ConfigError(f"{label}: jobs.{name}: expected a table")
         _check_post(table, f"{label}: jobs.{name}")
         merged = {**defaults, **table}
+        _check_dependent(table, merged, f"{label}: jobs.{name}")
         if "post" in defaults and "post" in table:
             merged["post"] = [*defaults["post"], *table["post"]]
         # (after the rules' merge: --post replaces both)
@@ -830,6 +831,30 @@ def load_config(
         _check_own_dest(job, out.values(), f"{label}: jobs.{name}", given)
         out[name] = job
     return {name: out[name] for name in run}
+
+
+# keys that mean something only beside another: (keys, does the job use them, which)
+_DEPENDENT_KEYS: tuple[tuple[tuple[str, ...], Callable[[Mapping[str, Any]], bool], str], ...] = (
+    (("scheduler",), lambda m: m.get("executor") == "dask", 'executor = "dask"'),
+    (
+        ("suites", "components", "architectures"),
+        lambda m: m.get("index") == "debian",
+        'index = "debian"',
+    ),
+    (("force", "max_delete"), lambda m: m.get("delete") is True, "delete = true"),
+)
+
+
+def _check_dependent(table: Mapping[str, Any], merged: Mapping[str, Any], where: str) -> None:
+    """A key of the job's own table that its file's settings leave unused (``max_delete``
+    without ``delete``) is a mistake to say, as its option on the command line is, not to
+    drop. Judged by the file, not the command line: a job's ``max_delete`` still goes
+    with its ``delete = true`` on a run with ``--no-delete``; a key in [defaults] is for
+    the jobs that use it."""
+    for keys, uses, which in _DEPENDENT_KEYS:
+        for key in keys:
+            if key in table and table[key] is not False and not uses(merged):
+                raise ConfigError(f"{where}.{key}: goes with {which}")
 
 
 def _check_own_dest(

@@ -114,6 +114,19 @@ def test_load_config(tmp_path: Path) -> None:
             "[defaults]\nthreads = 'eight'\n[jobs.a]\nurl='http://h/'\n",
             'm.toml: defaults.threads: expected an integer from 1 to 1024, got "eight"',
         ),
+        # a key that means nothing without another, as its option would be on the command line
+        (
+            "[jobs.a]\nurl='http://h/'\nmax_delete = '5%'\n",
+            "m.toml: jobs.a.max_delete: goes with delete = true",
+        ),
+        (
+            "[jobs.a]\nurl='http://h/'\nsuites = ['stable']\n",
+            'm.toml: jobs.a.suites: goes with index = "debian"',
+        ),
+        (
+            "[jobs.a]\nurl='http://h/'\nscheduler = 'tcp://127.0.0.1:8786'\n",
+            'm.toml: jobs.a.scheduler: goes with executor = "dask"',
+        ),
     ],
 )
 def test_config_errors(tmp_path: Path, text: str, message: str) -> None:
@@ -122,6 +135,19 @@ def test_config_errors(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ConfigError) as exc:
         load_config(cfg)
     assert message in str(exc.value)
+
+
+def test_a_dependent_key_is_checked_against_the_file_not_the_command_line(tmp_path: Path) -> None:
+    """A job with ``delete = true`` and ``max_delete`` run once with ``--no-delete``: its
+    max_delete still goes with the file's delete; and one from [defaults] is every job's,
+    used by those that delete."""
+    cfg = tmp_path / "m.toml"
+    cfg.write_text(
+        "[defaults]\nmax_delete = '5%'\n"
+        "[jobs.a]\nurl='http://h/a/'\ndelete = true\nmax_delete = 3\n[jobs.b]\nurl='http://h/b/'\n"
+    )
+    assert not load_config(cfg, overrides={"delete": False})["a"].delete
+    assert load_config(cfg)["a"].delete
 
 
 def test_aliases_are_hosts_with_or_without_a_port() -> None:
