@@ -14,7 +14,9 @@ import fcntl
 import functools
 import json
 import os
+import shutil
 import sqlite3
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -242,9 +244,12 @@ def _damage_is_fatal(method: _F) -> _F:
 class State:
     """The manifest of one DEST.  ``readonly`` opens without creating anything."""
 
-    def __init__(self, conn: sqlite3.Connection, readonly: bool) -> None:
+    def __init__(
+        self, conn: sqlite3.Connection, readonly: bool, scratch: str | None = None
+    ) -> None:
         self._db = conn
         self.readonly = readonly
+        self._scratch = scratch  # the directory of a copy read instead (_read_only), if any
         self._pending: list[tuple[Any, ...]] = []
         self._seen: list[tuple[int, str]] = []
         self._listings: list[Listing] = []
@@ -265,13 +270,15 @@ class State:
                 conn = sqlite3.connect(":memory:")
                 _migrate(conn)
                 return State(conn, True)
-            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            conn, scratch = _read_only(path)
             try:
                 _check_version(conn)
             except BaseException:
                 conn.close()
+                if scratch is not None:
+                    shutil.rmtree(scratch, ignore_errors=True)
                 raise
-            return State(conn, True)
+            return State(conn, True, scratch)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(path, isolation_level=None)
@@ -307,6 +314,8 @@ class State:
                     self._db.execute("PRAGMA journal_mode=DELETE")
         finally:
             self._db.close()
+            if self._scratch is not None:
+                shutil.rmtree(self._scratch, ignore_errors=True)
 
     # -- runs -------------------------------------------------------------
     @_damage_is_fatal
@@ -572,6 +581,39 @@ class State:
                 yield Row._make(r)
         except sqlite3.DatabaseError as exc:
             raise _unreadable(exc) from exc
+
+
+def _read_only(path: Path) -> tuple[sqlite3.Connection, str | None]:
+    """A connection that reads ``path`` and changes nothing, and the scratch directory it
+    needed, if any.
+
+    A run killed while SQLite rewrote the file through its rollback journal (each run
+    does, as it switches the file to WAL and back: ``open``, ``close``) leaves a hot
+    journal, which must be played back before the file can be read, and a read-only
+    connection may not (``SQLITE_READONLY_ROLLBACK``). The next run that writes plays it
+    back; a dry run or ``--verify-only`` reads a copy of the file and its journal instead,
+    played back there, and DEST stays as it was.
+    """
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        conn.execute("PRAGMA user_version").fetchone()
+        return conn, None
+    except sqlite3.DatabaseError as exc:
+        if exc.sqlite_errorcode != sqlite3.SQLITE_READONLY_ROLLBACK:
+            return conn, None  # _check_version says what it is
+    conn.close()
+    scratch = tempfile.mkdtemp(prefix="fetch-state-")
+    try:
+        copy = os.path.join(scratch, path.name)
+        shutil.copyfile(path, copy)
+        with contextlib.suppress(FileNotFoundError):  # (played back meanwhile)
+            shutil.copyfile(f"{path}-journal", f"{copy}-journal")
+        return sqlite3.connect(copy), scratch
+    except BaseException as exc:
+        shutil.rmtree(scratch, ignore_errors=True)
+        if isinstance(exc, (OSError, sqlite3.DatabaseError)):
+            raise FatalIOError(f"cannot read state database {path}: {exc}") from exc
+        raise
 
 
 def _check_version(conn: sqlite3.Connection) -> int:

@@ -619,6 +619,48 @@ def test_dry_run_on_a_fresh_dest_creates_nothing(tmp_path: Path, run_fetch: RunF
     assert "to fetch: new" in r.output and "10" in r.output
 
 
+_HOT_JOURNAL = """
+import os, sqlite3, sys
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("PRAGMA journal_mode=DELETE")
+db.execute("PRAGMA cache_size=1")  # pages go to the file before the commit
+db.execute("BEGIN")
+db.execute("UPDATE files SET size = size + 1, stamp = 'torn'")
+for _ in range(50):
+    db.execute("INSERT INTO runs (url) VALUES (?)", ("x" * 4000,))
+os.kill(os.getpid(), 9)
+"""
+
+
+def test_a_dry_run_and_verify_only_read_a_state_left_with_a_hot_journal(
+    mirrored: Any, tmp_path: Path, run_fetch: RunFetch
+) -> None:
+    """Each run switches the state to WAL as it opens it and back to a rollback journal as
+    it closes it, both through ``state.sqlite-journal``: a run killed then leaves a hot
+    journal, which only a connection that may write can roll back. A dry run (and
+    ``--verify-only``) opens read-only and stopped with exit 4, telling the user to remove
+    the state. They read a rolled-back copy instead, and DEST stays as it was."""
+    srv, src, dest, files = mirrored
+    db = dest / ".fetcher" / "state.sqlite"
+    subprocess.run([sys.executable, "-c", _HOT_JOURNAL, str(db)], check=False, timeout=30)
+    assert (dest / ".fetcher" / "state.sqlite-journal").stat().st_size > 0
+    (src / files[1]).unlink()
+    before = _snapshot(dest)
+    report = tmp_path / "report.json"
+    r = run_fetch("--mirror", srv.url, "--dest", dest, "--dry-run", "--delete", "--report", report)
+    assert r.code == 0, r.output
+    planned = _report(report)["planned"]
+    assert planned["skipped"]["files"] == len(files) - 1, planned  # the rows as committed
+    assert _report(report)["deleted"] == [files[1]]
+    r = run_fetch("--verify-only", dest)
+    assert r.code == 0 and "every recorded digest matches" in r.output, r.output
+    assert _snapshot(dest) == before, "a read-only run changed DEST"
+    r = run_fetch("--mirror", srv.url, "--dest", dest, "--delete")
+    assert r.code == 0, r.output
+    assert not (dest / ".fetcher" / "state.sqlite-journal").exists()
+    _assert_same(dest, src)
+
+
 # --- 9. state schema, adoption ----------------------------------------------------------
 
 
