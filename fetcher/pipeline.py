@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import json
 import os
 import queue
 import shutil
@@ -780,16 +781,20 @@ def _publish_staged(run: _Run) -> None:
     then the files that point at them, then their signatures), when every file is in;
     else none of it: an index updated in place (``Packages.gz``) must not stand under an
     older ``Release`` that names other bytes. Each is a rename in DEST's filesystem, so
-    clients see the new set whole within moments, as rsync's ``--delay-updates`` has it."""
+    clients see the new set whole within moments, as rsync's ``--delay-updates`` has it.
+    The set is written down first (``_PUBLISHING``): a run killed or stopped between two
+    renames has the rest published by :func:`_drop_staged`, not dropped."""
     s = run.summary
     staged = sorted(run.staged, key=lambda o: publish_step(o.path))
     run.staged = []
+    if staged and not s.failed:
+        _begin_publishing(run.dest, [o.path for o in staged])
     for i, out in enumerate(staged):
         if s.failed:
             for o in staged[i:]:  # with whatever failed: the old copies stay, all of them
                 run.held_back = True
                 _failed_here(run, o.path, o.url, _NOT_PUBLISHED)
-            return
+            break
         final = os.path.join(run.dest, out.path)
         try:
             os.makedirs(os.path.dirname(final), exist_ok=True)
@@ -803,6 +808,24 @@ def _publish_staged(run: _Run) -> None:
         run.state.record(run.run_id, out)
         run.reporter.finished(out)
         _post(run, out.path, force=True)
+    (run.dest / STATE_DIR / _PUBLISHING).unlink(missing_ok=True)
+
+
+_PUBLISHING = "publishing"
+"""In DEST's state directory while a run publishes its staged metadata: their paths, in
+the order they take their names (JSON)."""
+
+
+def _begin_publishing(dest: Path, paths: list[RelPath]) -> None:
+    """Write the list down, whole (or not at all: a full disk publishes as before, the
+    renames need no space)."""
+    marker = dest / STATE_DIR / _PUBLISHING
+    tmp = marker.with_name(marker.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps(paths), "utf-8")
+        os.replace(tmp, marker)
+    except OSError:
+        tmp.unlink(missing_ok=True)
 
 
 _NOT_PUBLISHED = "metadata not published: other files failed"
@@ -810,8 +833,30 @@ _NOT_PUBLISHED = "metadata not published: other files failed"
 
 def _drop_staged(dest: Path) -> None:
     """Staged metadata a run did not publish (stopped, or killed before): the next run
-    fetches it again, as DEST's older copies and their rows say."""
-    shutil.rmtree(dest / STATE_DIR / "staged", ignore_errors=True)
+    fetches it again, as DEST's older copies and their rows say.
+
+    But a publication that had begun (``_PUBLISHING`` names its files) is finished first,
+    in its order: the run was killed or stopped between two renames, leaving a new
+    ``Packages.gz`` under the old ``Release``, say, which names other bytes. Dropped, the
+    rest waited for a run that publishes metadata, none while any file failed; the set
+    was whole and checked, so its remaining files take their names now."""
+    state_dir = dest / STATE_DIR
+    marker = state_dir / _PUBLISHING
+    try:
+        paths = json.loads(marker.read_text("utf-8"))
+    except (OSError, ValueError):
+        paths = []  # none begun (it is written whole, or not at all)
+    for path in paths if isinstance(paths, list) else []:
+        if not isinstance(path, str) or path.startswith("/") or ".." in path.split("/"):
+            continue  # not one of ours
+        final = os.path.join(dest, path)
+        try:
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            os.replace(staged_path(str(dest), path), final)
+        except OSError:
+            continue  # published before the kill, or cannot be: the next run says
+    marker.unlink(missing_ok=True)
+    shutil.rmtree(state_dir / "staged", ignore_errors=True)
 
 
 def _failed_here(run: _Run, path: RelPath, url: str, why: str) -> None:

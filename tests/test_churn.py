@@ -375,3 +375,67 @@ def test_staged_metadata_is_published_whole_or_not_at_all(
         assert r.code == 0, r.output
         assert not (dest / ".fetcher" / "staged").exists()
     assert tree_manifest(dest) == tree_manifest(www) != old
+
+
+_KILLED_AFTER_ONE_PUBLISH = """
+import os, signal, sys
+real = os.replace
+
+def replace(src, dst, *a, **k):
+    real(src, dst, *a, **k)
+    if os.fspath(src).endswith("/.fetcher/staged/dists/stable/main/binary-amd64/Packages.gz"):
+        os.killpg(0, signal.SIGKILL)  # the new index has its name, its Release not yet
+
+os.replace = replace
+from fetcher.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_run_killed_while_it_publishes_metadata_has_it_published_whole_next(
+    tmp_path: Path, run_fetch: RunFetch
+) -> None:
+    """Staged metadata takes its names one rename at a time. A run killed between two
+    left the new ``Packages.gz`` under the old ``Release`` (which names other bytes), and
+    the next run dropped the rest as a stopped run's: with any file failing in it, the
+    new metadata was held back, and DEST stayed that way, its clients meeting a checksum
+    error, for as long as something failed. A publication once begun is now finished by
+    the next run (or the stopped run itself) before anything else."""
+    www = tmp_path / "www"
+    (www / "repodata").mkdir(parents=True)
+    (www / "dists" / "stable" / "main" / "binary-amd64").mkdir(parents=True)
+    (www / "Packages").mkdir()
+    (www / "Packages" / "p0.rpm").write_bytes(b"p0" * 100)
+    _yum(www, b"primary, first")
+    _debian(www, b"Packages, first")
+    _age(www)
+    dest = tmp_path / "d"
+    index = "dists/stable/main/binary-amd64/Packages.gz"
+    with FaultServer(root=www) as srv:
+        assert run_fetch("--mirror", srv.url, "--dest", dest).code == 0
+        _yum(www, b"primary, secnd")
+        _debian(www, b"Packages, secnd")
+        _age(www, OLD + 7200)
+        argv = [sys.executable, "-c", _KILLED_AFTER_ONE_PUBLISH, "--mirror", srv.url,
+                "--dest", str(dest), "-q"]  # fmt: skip
+        proc = subprocess.run(argv, cwd=REPO, capture_output=True, start_new_session=True,
+                              timeout=60, check=False)  # fmt: skip
+        assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
+        assert (dest / index).read_bytes() == b"Packages, secnd"
+        assert (dest / "dists/stable/Release").read_bytes() == _release(b"Packages, first")
+
+        (www / "Packages" / "p1.rpm").write_bytes(b"a new package that fails")
+        srv.persist("/Packages/p1.rpm", Fault.status(503))
+        r = run_fetch("--mirror", srv.url, "--dest", dest, "--retries", "1")
+        assert r.code == 1, r.output
+        assert (dest / "dists/stable/Release").read_bytes() == _release(b"Packages, secnd")
+        assert (dest / index).read_bytes() == b"Packages, secnd"
+        href, xml = _repomd(b"primary, secnd")
+        assert (dest / "repodata/repomd.xml").read_bytes() == xml
+        assert (dest / href).read_bytes() == b"primary, secnd"
+        assert not (dest / ".fetcher" / "staged").exists()
+
+        srv.persist("/Packages/p1.rpm", None)
+        r = run_fetch("--mirror", srv.url, "--dest", dest, "--delete", "--force")
+        assert r.code == 0, r.output
+    assert tree_manifest(dest) == tree_manifest(www)
