@@ -109,6 +109,12 @@ def prune(
         s.failed.append(("--delete", f"{len(candidates)} deletions over the limit of {limit}"))
         return
     gone: set[str] = set()
+    if not job.dry_run:
+        # The rows first: a run killed after the files went, before their rows, left rows
+        # that no later run would look at (candidates come from DEST's files), for files
+        # in neither place. Killed the other way round, a file left without its row is
+        # still not upstream, and the next --delete takes it.
+        state.forget(candidates)
     for rel in candidates:
         s.deleted.append(rel)
         if job.dry_run:
@@ -132,8 +138,6 @@ def prune(
             s.failed.append((rel, f"cannot delete: {exc.strerror or exc}"))
             continue
         gone.add(rel)
-    if not job.dry_run:
-        state.forget(candidates)
 
     for rel in _empty_dirs(dest, seen_dirs, gone, lambda d: not selected(d, True)):
         if not job.dry_run:

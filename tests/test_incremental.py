@@ -384,6 +384,69 @@ def mirrored(tmp_path: Path, run_fetch: RunFetch) -> Any:
         yield srv, src, dest, _file_paths(manifest)
 
 
+_KILLED_AFTER_ONE_DELETE = """
+import os, signal, sys
+real = os.unlink
+dest = sys.argv[sys.argv.index("--dest") + 1]
+
+def unlink(path, *a, **k):
+    real(path, *a, **k)
+    if os.fspath(path).startswith(dest + "/") and "/.fetcher/" not in os.fspath(path):
+        os.killpg(0, signal.SIGKILL)  # the first file --delete removes is gone
+
+os.unlink = unlink
+from fetcher.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _sums(root: Path) -> None:
+    lines = [f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.name}\n"
+             for p in sorted(root.glob("*.bin"))]  # fmt: skip
+    (root / "SHA256SUMS").write_text("".join(lines))
+    os.utime(root / "SHA256SUMS", (OLD + len(lines), OLD + len(lines)))
+
+
+def test_a_run_killed_while_it_deletes_leaves_no_rows_for_what_it_deleted(
+    tmp_path: Path, run_fetch: RunFetch
+) -> None:
+    """``--delete`` removed the files, then their rows: a run killed in between left the
+    rows of files gone from DEST and from upstream, which no later run looks at again
+    (deletion starts from DEST's files). ``--verify-only`` reported them missing for
+    good, and their directory's listing could never be kept. The rows go first; a file
+    left without one is still not upstream, and the next ``--delete`` removes it."""
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    src.mkdir()
+    for i in range(6):
+        (src / f"f{i}.bin").write_bytes(bytes([i]) * (1000 + i))
+    _sums(src)
+    for p in src.rglob("*.bin"):
+        os.utime(p, (OLD, OLD))
+    with _serving(src) as srv:
+        assert run_fetch("--mirror", srv.url, "--dest", dest, "--verify").code == 0
+        for i in (1, 2, 3):
+            (src / f"f{i}.bin").unlink()
+        _sums(src)
+        argv = [sys.executable, "-c", _KILLED_AFTER_ONE_DELETE, "--mirror", srv.url,
+                "--dest", str(dest), "--verify", "--delete", "--force", "-q"]  # fmt: skip
+        proc = subprocess.run(argv, cwd=Path(__file__).resolve().parent.parent,
+                              capture_output=True, start_new_session=True, timeout=60,
+                              check=False)  # fmt: skip
+        assert proc.returncode == -9, proc.stderr.decode()
+        assert sum((dest / f"f{i}.bin").exists() for i in (1, 2, 3)) == 2
+        r = run_fetch("--verify-only", dest)
+        assert r.code == 0, r.output
+        r = run_fetch("--mirror", srv.url, "--dest", dest, "--verify", "--delete", "--force")
+        assert r.code == 0, r.output
+    _assert_same(dest, src)
+    con = sqlite3.connect(dest / ".fetcher" / "state.sqlite")
+    try:
+        rows = {path for (path,) in con.execute("SELECT path FROM files")}
+    finally:
+        con.close()
+    assert rows == {p.name for p in src.iterdir()}
+
+
 def test_delete_removes_one_vanished_file_and_reports_it(
     mirrored: Any, tmp_path: Path, run_fetch: RunFetch
 ) -> None:
