@@ -11,6 +11,7 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -558,9 +559,19 @@ def _one_file(a: Path | None, b: Path | None) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
+_RUN_STOP: threading.Event | None = None
+"""The stop event of the run under way (``_run_one``), which :func:`_on_sigterm` sets."""
+
+
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     # systemd stops a unit with SIGTERM, a closed terminal (ssh gone) sends SIGHUP: treat
-    # them like Ctrl-C (keep partial files, save state, exit 130).
+    # them like Ctrl-C (keep partial files, save state, exit 130). The exception is lost
+    # when the signal lands in a finalizer (a weak reference's callback, a __del__:
+    # "Exception ignored in ..."), and the run went on to its end: the run's stop event,
+    # which the coordinator checks between steps, says it too.
+    stop = _RUN_STOP
+    if stop is not None:
+        stop.set()
     raise KeyboardInterrupt
 
 
@@ -701,10 +712,12 @@ def _run_one(job: MirrorJob, ns: argparse.Namespace, console: Console, err: Cons
     reporter = _make_reporter(ns, console, log, name)
     SYNCING.set()
     problem: FetchError | None = None
+    global _RUN_STOP
     try:
         from fetcher.pipeline import mirror
 
-        summary = mirror(job, reporter)
+        _RUN_STOP = threading.Event()  # one per job: a run sets its own as it ends
+        summary = mirror(job, reporter, stop=_RUN_STOP)
     except KeyboardInterrupt:
         # stopped while the run started or wound up, outside the part that counts (which
         # returns its summary marked interrupted): nothing to count, but a run to report
@@ -712,6 +725,8 @@ def _run_one(job: MirrorJob, ns: argparse.Namespace, console: Console, err: Cons
         summary.interrupted = True
     except FetchError as exc:
         problem = exc  # nothing started: a lock held, DEST unusable, the state unreadable
+    finally:
+        _RUN_STOP = None
     if problem is not None:
         summary = _no_run(job)
         if isinstance(problem, LockHeld) and job.skip_if_locked:

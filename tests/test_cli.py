@@ -424,6 +424,52 @@ def test_interrupt_exits_130_keeps_partials_and_resumes(
         assert srv.file_bytes_sent - sent_before < len(payload)  # resumed, not restarted
 
 
+_SIGTERM_IN_A_FINALIZER = """
+import signal, sys
+import fetcher.pipeline as pipeline
+
+class Dropped:
+    def __del__(self):
+        signal.raise_signal(signal.SIGTERM)  # its handler runs here, in a finalizer
+
+take, fired = pipeline._take, []
+
+def first_take(run, item):
+    if not fired:
+        fired.append(Dropped())
+        fired[:] = [True]  # the finalizer runs now
+    take(run, item)
+
+pipeline._take = first_take
+from fetcher.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_sigterm_that_lands_in_a_finalizer_still_stops_the_run(tmp_path: Path) -> None:
+    """SIGTERM (and SIGHUP) stop a run by raising KeyboardInterrupt wherever the main
+    thread is. When that is a finalizer (a weak reference's callback, a ``__del__``:
+    threads and queues have them), Python prints "Exception ignored in ..." and drops
+    the exception: the run went on to its end and said 0, and systemd, its stop ignored,
+    killed it after its timeout. The handler also sets the run's stop event, which the
+    coordinator checks between steps."""
+    www = tmp_path / "www"
+    www.mkdir()
+    for i in range(6):
+        (www / f"f{i}.bin").write_bytes(bytes([i]) * 4000)
+    dest = tmp_path / "d"
+    with FaultServer(root=www) as srv:
+        argv = [sys.executable, "-c", _SIGTERM_IN_A_FINALIZER, "--mirror", srv.url,
+                "--dest", str(dest), "--procs", "1"]  # fmt: skip
+        proc = subprocess.run(argv, cwd=Path(__file__).resolve().parent.parent,
+                              capture_output=True, timeout=60, start_new_session=True,
+                              check=False)  # fmt: skip
+    out = proc.stdout.decode(errors="replace") + proc.stderr.decode(errors="replace")
+    assert "Exception ignored in" in out  # (the situation this test is about)
+    assert proc.returncode == 130, out
+    assert "interrupted" in out, out
+
+
 def test_under_nohup_a_hangup_does_not_stop_the_run(tmp_path: Path) -> None:
     www = tmp_path / "www"
     www.mkdir()
