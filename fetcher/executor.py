@@ -322,8 +322,8 @@ def _zygote_main(cmd: Any, theirs: Any, args: tuple[Any, ...]) -> None:
                     _say(cmd, ("exit", i, p.exitcode))
                 os._exit(0)
             p = ctx.Process(
-                target=_worker_main, args=(cmd, want, *args), name=f"fetch-worker-{want}",
-                daemon=True,
+                target=_worker_main, args=(cmd, want, os.getpid(), *args),
+                name=f"fetch-worker-{want}", daemon=True,
             )  # fmt: skip
             try:
                 p.start()
@@ -335,11 +335,15 @@ def _zygote_main(cmd: Any, theirs: Any, args: tuple[Any, ...]) -> None:
 
 
 def _worker_main(
-    cmd: Any, i: int, t: Transfer, shards: Any, events: Any, limits: Any, stop: Any, _: int
-) -> None:
+    cmd: Any, i: int, parent: int, t: Transfer, shards: Any, events: Any, limits: Any,
+    stop: Any, _: int,
+) -> None:  # fmt: skip
+    """A worker forked by the workers' parent, ``parent`` (its PID, as it said it). Not
+    ``os.getppid()`` here: that parent may have ended (its coordinator killed) between the
+    fork and this line, and the worker then watched PID 1, or a subreaper, forever."""
     cmd.close()  # its parent's line to the coordinator is not the worker's
     # the process it watches is its parent, this copy, not the coordinator
-    worker_main(i, t, shards, events, limits, stop, os.getppid())
+    worker_main(i, t, shards, events, limits, stop, parent, forked_by=True)
 
 
 def _say(cmd: Any, news: tuple[Any, ...]) -> None:

@@ -453,6 +453,8 @@ def worker_main(
     limits: SharedLimits | None,
     stop: Any,
     parent: int | None = None,
+    *,
+    forked_by: bool = False,
 ) -> None:
     """Entry point of a local worker process: pull shards until ``None``.
 
@@ -462,6 +464,10 @@ def worker_main(
     holds a copy of, it would read as closed only once they had all ended too); any
     other (under ``forkserver`` a worker's parent is the fork server) through the pipe
     multiprocessing keeps to the process that started it.
+
+    ``forked_by``: ``parent`` is the process that forked this one (it said its own PID),
+    whether or not it is still this one's parent: a worker started after its parent
+    ended has the stop it would have had a moment later, at once.
 
     A worker whose parent is gone stops; a lane still waiting on a server then (up to
     the read timeout) is not waited for beyond a second: the next run may already hold
@@ -475,7 +481,7 @@ def worker_main(
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     alive: Callable[[], bool] | None = None
     watch = multiprocessing.parent_process()
-    if parent is not None and os.getppid() == parent:
+    if parent is not None and (forked_by or os.getppid() == parent):
         alive = lambda: os.getppid() == parent  # noqa: E731
     elif watch is not None:
         alive = watch.is_alive

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import select
+import signal
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -103,3 +107,96 @@ def test_a_dry_run_makes_no_cross_process_locks(tmp_path: Path) -> None:
             made = semaphores_of([os.getpid()]) - before
     assert made == set()
     assert result and result[0].exit_code == 0
+
+
+_WORKER_STARTS_AFTER_ITS_PARENT_DIED = """
+import os, sys
+import fetcher.executor as executor
+
+run_worker = executor._worker_main
+
+def held(*args):
+    with open(os.environ["HOLD"], "rb") as fifo:  # the test lets it go on
+        fifo.read()
+    run_worker(*args)
+
+executor._worker_main = held
+from fetcher.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _group(pgid: int) -> dict[int, int]:
+    """The live processes of process group ``pgid``: PID -> parent PID."""
+    out: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        state, ppid, pgrp = stat[stat.rindex(")") + 2 :].split()[:3]
+        if int(pgrp) == pgid and state not in "ZX":
+            out[int(entry.name)] = int(ppid)
+    return out
+
+
+def _until(what: Callable[[], bool], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not what():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def _let_go(fifo: Path) -> bool:
+    """Open ``fifo`` for writing and close it (its reader reads the end), once it has one."""
+    try:
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError:  # (ENXIO: no reader yet)
+        return False
+    os.close(fd)
+    return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="forks itself on Linux only")
+def test_a_worker_whose_parent_died_as_it_forked_it_stops(tmp_path: Path) -> None:
+    """A worker watches its parent (the copy of the coordinator that forks the workers)
+    by its own parent PID, which it read as it started. The coordinator killed (SIGKILL,
+    that process alone) just as a worker was forked, the workers' parent ended at once,
+    and the worker, started a moment after, took its new parent (PID 1, or a subreaper)
+    for the one to watch: it never stopped, for as long as the machine ran. The
+    workers' parent now gives its PID to each worker it forks."""
+    www = tmp_path / "www"
+    www.mkdir()
+    for i in range(4):
+        (www / f"f{i}.bin").write_bytes(bytes([i]) * 5000)
+    hold = tmp_path / "hold"
+    os.mkfifo(hold)
+    with FaultServer(root=www) as srv:
+        argv = [sys.executable, "-c", _WORKER_STARTS_AFTER_ITS_PARENT_DIED, "--mirror",
+                srv.url, "--dest", str(tmp_path / "d"), "--procs", "1", "-q"]  # fmt: skip
+        proc = subprocess.Popen(argv, cwd=REPO, env=dict(os.environ, HOLD=str(hold)),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)  # fmt: skip
+        try:
+            workers: list[int] = []
+
+            def forked() -> bool:
+                group = _group(proc.pid)
+                zygotes = [pid for pid, ppid in group.items() if ppid == proc.pid]
+                workers[:] = [pid for pid, ppid in group.items() if ppid in zygotes]
+                return bool(workers)
+
+            assert _until(forked, 30), "no worker was forked"
+            os.kill(proc.pid, signal.SIGKILL)  # the coordinator alone
+            proc.wait(10)
+            assert _until(lambda: set(_group(proc.pid)) == set(workers), 10)
+            assert _until(lambda: _let_go(hold), 10)  # the worker starts now, its parent gone
+            assert _until(lambda: not _group(proc.pid), 5), "the worker is still running"
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
