@@ -301,7 +301,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("output")
     g.add_argument(
-        "-q", "--quiet", action="store_true", help="no progress; only problems and the summary"
+        "-q",
+        "--quiet",
+        action="count",
+        default=0,
+        help="no progress; only problems and the summary. Twice (-qq): nothing on standard"
+        " output unless the run ends with an exit code other than 0, then its summary (cron"
+        " mails only what needs a look); errors still go to stderr",
     )
     g.add_argument("-v", "--verbose", action="store_true", help="one line per file and per retry")
     g.add_argument(
@@ -738,21 +744,23 @@ def _run_one(job: MirrorJob, ns: argparse.Namespace, console: Console, err: Cons
         reporter.close()
         prefix = f"{name}: " if name else ""
         json_out = ns.log_format == "json" and log is None  # JSON lines only, -q or not
+        # -qq: standard output says nothing of a run that ended well (a log file still does)
+        hush = ns.quiet >= 2 and summary.exit_code == 0
         if problem is None:
             said = one_line(summary)
         elif summary.skipped_run:
             said = summary.notices[-1]  # (a log line names the job itself: LineReporter.job)
-            if not json_out:  # (else the summary event below says it)
+            if not json_out and not hush:  # (else the summary event below says it)
                 console.print(prefix + said, highlight=False, markup=False)
         else:
             said = f"error: {problem.message}"
             _print_error(err, problem, prefix=prefix)
         lines = reporter if isinstance(reporter, LineReporter) else None
-        if lines is None and json_out:  # -q: no status lines, but the summary event
+        if lines is None and json_out and not hush:  # -q: no status lines, but the summary
             lines = LineReporter(cast(TextIO, console.file), fmt="json", job=name)
         if lines is not None and (log is not None or lines.fmt == "json"):
             lines.summary(said, summary_dict(summary, name))  # the log's last word
-        if problem is None and not json_out:
+        if problem is None and not json_out and not hush:
             render(summary, console, name)  # (JSON lines on stdout: the event above instead)
         results.append((name, summary))
     return 130 if got else summary.exit_code

@@ -619,3 +619,28 @@ def test_the_command_line_turns_off_what_the_config_turns_on(tmp_path: Path, run
         assert not (dest / "gone.bin").exists()
     r = run_fetch("--mirror", "http://127.0.0.1:9/", "--dest", dest, "--no-dry-run", "--check")
     assert r.code == 2 and "--check go with --config" in r.output, r
+
+
+def test_qq_says_nothing_of_a_run_that_ended_well(tmp_path: Path) -> None:
+    """cron mails whatever a run prints: with -q every run's summary, so an operator learnt
+    to ignore the mails. With -qq standard output is empty unless the run ends with another
+    exit code than 0, and then it holds the summary; a log file still gets every run."""
+    _tree(tmp_path / "www" / "d", n=4)
+    log = tmp_path / "log"
+
+    def fetch(*extra: str) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "fetcher", "--mirror", srv.url + "d/",
+                "--dest", str(tmp_path / "o"), "--retries", "1", *extra]  # fmt: skip
+        return subprocess.run(argv, capture_output=True, text=True, timeout=120)
+
+    with FaultServer(root=tmp_path / "www") as srv:
+        for extra in ((), ("--log-format", "json"), ("--log-file", str(log))):
+            p = fetch("-qq", *extra)
+            assert (p.returncode, p.stdout, p.stderr) == (0, "", ""), (extra, p)
+        assert log.read_text().count("unchanged") >= 1
+        (tmp_path / "www" / "d" / "f9.bin").write_bytes(b"new")
+        srv.persist("/d/f9.bin", Fault.status(500))
+        p = fetch("-qq")
+        assert p.returncode == 1 and "failed" in p.stdout and "f9.bin" in p.stdout, p
+        p = fetch("-q")  # (once: the summary whatever the outcome)
+        assert p.returncode == 1 and "unchanged" in p.stdout, p
