@@ -8,6 +8,7 @@ metadata is published last; deletion waits for a complete, error-free crawl.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import json
@@ -783,32 +784,66 @@ def _publish_staged(run: _Run) -> None:
     older ``Release`` that names other bytes. Each is a rename in DEST's filesystem, so
     clients see the new set whole within moments, as rsync's ``--delay-updates`` has it.
     The set is written down first (``_PUBLISHING``): a run killed or stopped between two
-    renames has the rest published by :func:`_drop_staged`, not dropped."""
+    renames has the rest published by :func:`_drop_staged`, not dropped. One that cannot
+    take its name (someone's directory there) gives the names the set took before it
+    back to the old files (kept aside, linked, under ``.fetcher/replaced/``)."""
     s = run.summary
-    staged = sorted(run.staged, key=lambda o: publish_step(o.path))
+    staged = sorted(run.staged, key=lambda o: (publish_step(o.path), o.path))
     run.staged = []
-    if staged and not s.failed:
+    if not staged:
+        return
+    if not s.failed:
         _begin_publishing(run.dest, [o.path for o in staged])
-    for i, out in enumerate(staged):
-        if s.failed:
-            for o in staged[i:]:  # with whatever failed: the old copies stay, all of them
-                run.held_back = True
+        failed = _rename_all(run.dest, [o.path for o in staged])
+        if failed is None:
+            for out in staged:
+                s.fetched.files += 1
+                s.fetched.bytes += out.size
+                run.state.record(run.run_id, out)
+                run.reporter.finished(out)
+                _post(run, out.path, force=True)
+        else:
+            path, why = failed
+            for o in staged:
+                if o.path == path:
+                    _failed_here(run, o.path, o.url, f"cannot publish: {why}")
+        (run.dest / STATE_DIR / _PUBLISHING).unlink(missing_ok=True)
+    if s.failed:  # with whatever failed: the old copies stay, all of them
+        run.held_back = True
+        for o in staged:
+            if all(path != o.path for path, _ in s.failed):
                 _failed_here(run, o.path, o.url, _NOT_PUBLISHED)
-            break
-        final = os.path.join(run.dest, out.path)
+
+
+def _rename_all(dest: Path, paths: list[RelPath]) -> tuple[RelPath, str] | None:
+    """Rename each staged file in ``paths`` over its name in DEST, in order; None when all
+    did. Else undo those done (each old file linked aside first is put back, a name that
+    was free is freed) and say which one could not, and why."""
+    old_dir = dest / STATE_DIR / "replaced"  # (not in staged/: a mirror may have ".old/")
+    done: list[tuple[str, str | None]] = []  # (final, the old file's copy or None)
+    for path in paths:
+        final = os.path.join(dest, path)
+        kept = os.path.join(old_dir, path)
         try:
             os.makedirs(os.path.dirname(final), exist_ok=True)
-            os.replace(staged_path(str(run.dest), out.path), final)
+            try:
+                os.makedirs(os.path.dirname(kept), exist_ok=True)
+                os.link(final, kept, follow_symlinks=False)
+            except FileNotFoundError:
+                kept = ""  # a new name: nothing to put back
+            except (IsADirectoryError, PermissionError):
+                kept = ""  # (linux: EPERM for a directory) the rename below says why
+            os.replace(staged_path(str(dest), path), final)
         except OSError as exc:
-            why = f"cannot publish: {exc.strerror or exc}"
-            _failed_here(run, out.path, out.url, why)
-            continue
-        s.fetched.files += 1
-        s.fetched.bytes += out.size
-        run.state.record(run.run_id, out)
-        run.reporter.finished(out)
-        _post(run, out.path, force=True)
-    (run.dest / STATE_DIR / _PUBLISHING).unlink(missing_ok=True)
+            for name, copy in reversed(done):
+                with contextlib.suppress(OSError):
+                    if copy:
+                        os.replace(copy, name)
+                    else:
+                        os.unlink(name)
+            return path, exc.strerror or str(exc)
+        done.append((final, kept or None))
+    return None
 
 
 _PUBLISHING = "publishing"
@@ -857,6 +892,7 @@ def _drop_staged(dest: Path) -> None:
             continue  # published before the kill, or cannot be: the next run says
     marker.unlink(missing_ok=True)
     shutil.rmtree(state_dir / "staged", ignore_errors=True)
+    shutil.rmtree(state_dir / "replaced", ignore_errors=True)
 
 
 def _failed_here(run: _Run, path: RelPath, url: str, why: str) -> None:

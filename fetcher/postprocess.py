@@ -103,7 +103,7 @@ def check_derived(dest: Path, derived: Path) -> None:
     d, m = derived.resolve(), dest.resolve()
     if (d.is_relative_to(m) and not d.is_relative_to(m / STATE_DIR)) or m.is_relative_to(d):
         raise UsageError(f"the derived tree {derived} must lie outside {dest} (and not contain it)")
-    for cleared in ("staged", "partial"):  # emptied by runs (staged metadata, partial files)
+    for cleared in ("staged", "replaced", "partial"):  # emptied by runs (metadata, partials)
         if d.is_relative_to(m / STATE_DIR / cleared):
             where = m / STATE_DIR / cleared
             raise UsageError(

@@ -439,3 +439,42 @@ def test_a_run_killed_while_it_publishes_metadata_has_it_published_whole_next(
         r = run_fetch("--mirror", srv.url, "--dest", dest, "--delete", "--force")
         assert r.code == 0, r.output
     assert tree_manifest(dest) == tree_manifest(www)
+
+
+def test_a_set_whose_later_file_cannot_take_its_name_leaves_the_old_set_whole(
+    tmp_path: Path, run_fetch: RunFetch
+) -> None:
+    """Staged metadata takes its names one at a time. When a later one could not (someone's
+    directory where ``Sources.gz`` goes), the ones before it had taken theirs already: the
+    new ``Packages.gz`` stood under the old ``Release`` that names other bytes. The names
+    taken are given back to the old files."""
+    www = tmp_path / "www"
+    suite = www / "dists" / "stable"
+    (suite / "main" / "binary-amd64").mkdir(parents=True)
+    (suite / "main" / "source").mkdir()
+    (suite / "main" / "source" / "Sources.gz").write_bytes(b"Sources, first")
+    _debian(www, b"Packages, first")
+    _age(www)
+    dest = tmp_path / "d"
+    sources = dest / "dists/stable/main/source/Sources.gz"
+    with FaultServer(root=www) as srv:
+        assert run_fetch("--mirror", srv.url, "--dest", dest).code == 0
+        old = tree_manifest(dest)
+        _debian(www, b"Packages, secnd")
+        (suite / "main" / "source" / "Sources.gz").write_bytes(b"Sources, secnd")
+        _age(www, OLD + 7200)
+        sources.unlink()
+        sources.mkdir()
+        (sources / "someone's").write_bytes(b"kept")
+        r = run_fetch("--mirror", srv.url, "--dest", dest)
+        assert r.code == 1, r.output
+        assert "cannot publish" in r.output and "metadata not published" in r.output, r.output
+        now = tree_manifest(dest)
+        for p in ("dists/stable/Release", "dists/stable/main/binary-amd64/Packages.gz"):
+            assert now[p] == old[p], p  # the first suite, whole
+        assert not (dest / ".fetcher" / "staged").exists()
+        assert not (dest / ".fetcher" / "replaced").exists()
+        shutil.rmtree(sources)
+        r = run_fetch("--mirror", srv.url, "--dest", dest)
+    assert r.code == 0, r.output
+    assert tree_manifest(dest) == tree_manifest(www)
