@@ -33,6 +33,8 @@ Failures
     ``KilledWorker``) every file of the shard becomes a FAILED outcome with
     the reason.  A worker that cannot see or write DEST fails its shard with a
     reason naming the host: DEST must be the same path on a shared filesystem.
+    Tasks queued at a scheduler with no worker wait there; after
+    :data:`NO_WORKERS_WAIT` the run says so (a :class:`~fetcher.models.Notice`).
 """
 
 from __future__ import annotations
@@ -57,7 +59,16 @@ from fetcher.config import MirrorJob, Transfer
 from fetcher.download import check_writable
 from fetcher.errors import FatalIOError, UsageError
 from fetcher.limits import SharedLimits, local_limits
-from fetcher.models import STATE_DIR, BytesEvent, Event, FileDone, Outcome, Status, WorkerFatal
+from fetcher.models import (
+    STATE_DIR,
+    BytesEvent,
+    Event,
+    FileDone,
+    Notice,
+    Outcome,
+    Status,
+    WorkerFatal,
+)
 from fetcher.runner import run_shard
 from fetcher.shard import MAX_FILES, Shard
 
@@ -65,6 +76,9 @@ __all__ = ["DaskExecutor", "require_distributed", "run_shard_task"]
 
 INSTALL_HINT = "pip install 'fetcher[dask]'"
 TASK_RETRIES = 2
+NO_WORKERS_WAIT = 10.0
+"""Seconds a run's tasks wait at a scheduler with no worker before the run says so."""
+_WORKERS_POLL = 1.0  # seconds between the coordinator's looks at the scheduler's workers
 
 
 def require_distributed() -> ModuleType:
@@ -304,6 +318,9 @@ class DaskExecutor:
         self._stopped = False
         self._address = job.scheduler or "its address"
         self._lost = False  # the client lost its scheduler (see _check_scheduler)
+        self._workers_due = 0.0  # next look at the scheduler's workers (_check_workers)
+        self._no_workers_since: float | None = None  # seen with none since then
+        self._told_no_workers = False
         # what the run's tasks watch (_RunWatch): set on stop, at the scheduler
         self._stop_name = f"fetch-stop-{uuid.uuid4().hex}"
         # what they check they see in DEST (run_shard_task): only this run's DEST has it
@@ -328,6 +345,7 @@ class DaskExecutor:
 
     def events(self, timeout: float) -> list[Event]:
         self._sync_pause()
+        self._check_workers()
         self._dispatch()
         out, self._ready = self._ready, []
         try:
@@ -432,6 +450,31 @@ class DaskExecutor:
             # the crawl's pause goes out at once, for the tasks to come too; the tasks'
             # is read (a round trip) only while some run
             self._pause.sync(read=bool(self._running))
+
+    def _check_workers(self) -> None:
+        """Say once when the run's tasks have waited :data:`NO_WORKERS_WAIT` at a scheduler
+        with no worker at all: they queue there, the run waited for ever, and nothing told
+        why. The run goes on waiting (a worker may join; a stop still ends it); the notice
+        comes again only if every worker leaves after one had come."""
+        now = time.monotonic()
+        if not self._running or self._stopped or self._lost or now < self._workers_due:
+            return
+        self._workers_due = now + _WORKERS_POLL
+        try:
+            workers = len(self._client.nthreads())
+        except Exception:  # noqa: BLE001 - the scheduler gone: _check_scheduler says so
+            return
+        if workers:
+            self._no_workers_since = None
+            self._told_no_workers = False
+            return
+        if self._no_workers_since is None:
+            self._no_workers_since = now
+        if not self._told_no_workers and now - self._no_workers_since >= NO_WORKERS_WAIT:
+            self._told_no_workers = True
+            self._ready.append(
+                Notice(-1, f"the Dask scheduler at {self._address} has no workers; waiting for one")
+            )
 
     def _check_scheduler(self) -> None:
         """Stop the run once the client has lost its scheduler: Dask cancels the futures

@@ -35,6 +35,7 @@ __all__ = [
     "Job",
     "Listing",
     "ListingEntry",
+    "Notice",
     "Outcome",
     "RelPath",
     "RemoteDir",
@@ -484,7 +485,17 @@ class WorkerExit:
     worker: int
 
 
-Event = BytesEvent | FileStarted | Retried | FileDone | WorkerFatal | WorkerExit
+@pickles_by_fields
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """Something the run should say while it goes on (a cluster with no workers): the
+    executor's word, shown by the reporter; unlike :class:`WorkerFatal`, nothing stops."""
+
+    worker: int
+    message: str
+
+
+Event = BytesEvent | FileStarted | Retried | FileDone | WorkerFatal | WorkerExit | Notice
 
 
 @dataclass(slots=True)

@@ -49,6 +49,7 @@ from fetcher.models import (
     FileStarted,
     Job,
     Listing,
+    Notice,
     Outcome,
     RelPath,
     RemoteDir,
@@ -1095,6 +1096,8 @@ def _handle(run: _Run, events: list[Event]) -> None:
         elif isinstance(ev, WorkerFatal) and not s.fatal:
             s.fatal = ev.message
             rep.notice(f"stopping: {ev.message}")
+        elif isinstance(ev, Notice):
+            rep.notice(ev.message)
 
 
 def _post_outcomes(run: _Run, outs: list[PostOutcome]) -> None:

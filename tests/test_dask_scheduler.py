@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -184,3 +185,60 @@ def test_a_stopped_run_drops_its_tasks_that_never_started(tmp_path: Path) -> Non
             ex.kill()
     (out,) = [ev.outcome for ev in got if isinstance(ev, FileDone)]
     assert out.status is Status.FAILED and out.error == "interrupted"
+
+
+def test_a_run_at_a_scheduler_with_no_workers_says_so_and_waits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Against a scheduler with no worker the run's tasks queued there, and the run waited
+    for ever without a word. Now, once they have waited NO_WORKERS_WAIT, it says so, once,
+    and goes on waiting (a worker may join) until it is stopped."""
+    from distributed import LocalCluster
+
+    from fetcher import dask_executor
+    from fetcher.config import MirrorJob
+    from fetcher.models import Reporter
+    from fetcher.pipeline import mirror
+
+    monkeypatch.setattr(dask_executor, "NO_WORKERS_WAIT", 0.3)
+    monkeypatch.setattr(dask_executor, "_WORKERS_POLL", 0.1)
+
+    class Notices(Reporter):
+        def __init__(self) -> None:
+            self.said: list[str] = []
+
+        def notice(self, message: str) -> None:
+            self.said.append(message)
+
+    rep = Notices()
+    stop = threading.Event()
+    result: list[Any] = []
+    www = tmp_path / "www" / "m"
+    www.mkdir(parents=True)
+    (www / "a.bin").write_bytes(b"x" * 100)
+    with (
+        LocalCluster(n_workers=0, host="127.0.0.1", dashboard_address="127.0.0.1:0") as cluster,
+        FaultServer(root=tmp_path / "www") as srv,
+    ):
+        address = cluster.scheduler_address
+        job = MirrorJob(url=srv.url + "m/", dest=tmp_path / "o", executor="dask", scheduler=address)
+        th = threading.Thread(target=lambda: result.append(mirror(job, rep, stop=stop)))
+        th.start()
+        try:
+            want = f"the Dask scheduler at {address} has no workers; waiting for one"
+            deadline = time.monotonic() + 10
+            while want not in rep.said and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert want in rep.said, rep.said
+            # the run goes on waiting, and says it no more
+            deadline = time.monotonic() + 1
+            while th.is_alive() and time.monotonic() < deadline:
+                th.join(timeout=0.1)
+            assert th.is_alive(), "the run ended at a scheduler with no workers"
+            assert rep.said.count(want) == 1, rep.said
+        finally:
+            stop.set()
+            th.join(timeout=30)
+        assert not th.is_alive(), "a stop did not end the run"
+    (summary,) = result
+    assert not summary.fetched.files
