@@ -546,12 +546,35 @@ class DaskExecutor:
             outcomes = failed_outcomes(task.shard, _LOST if lost else "interrupted")
         else:
             exc = fut.exception()
-            reason = f"Dask task failed after {TASK_RETRIES} retries: {type(exc).__name__}: {exc}"
-            outcomes = failed_outcomes(task.shard, reason, attempts=TASK_RETRIES + 1)
+            if isinstance(exc, require_distributed().KilledWorker):
+                outcomes = _killed(task.shard, exc)
+            else:
+                reason = (
+                    f"Dask task failed after {TASK_RETRIES} retries: {type(exc).__name__}: {exc}"
+                )
+                outcomes = failed_outcomes(task.shard, reason, attempts=TASK_RETRIES + 1)
         out.extend(_events(task.seq, outcomes))
 
 
 _LOST = "the Dask scheduler was lost"
+
+
+def _killed(shard: Shard, exc: Any) -> list[Outcome]:
+    """The files of a task whose workers died while running it (``KilledWorker``).
+
+    Dask gives up on such a task after ``distributed.scheduler.allowed-failures`` deaths,
+    not after :data:`TASK_RETRIES` (those are for a task that raises): its files failed
+    as "failed after 2 retries: KilledWorker", as if the mirror had refused them, when
+    the worker (killed, out of memory, its machine lost) was the cause. Their partial
+    files stay in DEST for the next run."""
+    deaths = int(getattr(exc, "allowed_failures", 0)) + 1
+    last = getattr(getattr(exc, "last_worker", None), "address", None)
+    said = [f"{deaths} workers in turn"] if deaths > 1 else []
+    if last:
+        said.append(f"the last at {last}" if said else str(last))
+    detail = f" ({', '.join(said)})" if said else ""
+    reason = f"the Dask worker running it died{detail}; the next run resumes it"
+    return failed_outcomes(shard, reason, attempts=deaths)
 
 
 def _events(worker: int, outcomes: list[Outcome]) -> list[Event]:

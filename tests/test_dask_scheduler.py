@@ -242,3 +242,57 @@ def test_a_run_at_a_scheduler_with_no_workers_says_so_and_waits(
         assert not th.is_alive(), "a stop did not end the run"
     (summary,) = result
     assert not summary.fetched.files
+
+
+def test_a_shard_whose_worker_died_says_so_not_a_retry_count(tmp_path: Path) -> None:
+    """A task whose workers died under it (distributed's ``KilledWorker``) failed its
+    files as "Dask task failed after 2 retries: KilledWorker: ...", a count of retries
+    that never ran: Dask gives up on it after its own allowed failures. The files now say
+    that the worker running them died, and that the next run resumes them."""
+    import dask
+    from distributed import Client, LocalCluster
+
+    from fetcher.config import MirrorJob
+    from fetcher.dask_executor import DaskExecutor
+    from fetcher.models import Action, FileDone, Job, RemoteFile, Status, rel_path
+    from fetcher.shard import Shard
+
+    dest = tmp_path / "o"
+    (dest / ".fetcher").mkdir(parents=True)
+    gate = threading.Event()
+    with (
+        dask.config.set({"distributed.scheduler.allowed-failures": 0}),
+        LocalCluster(
+            n_workers=1, threads_per_worker=1, host="127.0.0.1", dashboard_address="127.0.0.1:0"
+        ) as cluster,
+        Client(cluster, set_as_default=False) as client,
+        FaultServer() as srv,
+    ):
+        srv.add_file("/a.bin", b"x" * 1000)
+        srv.persist("/a.bin", Fault.gated(gate))  # held until the worker is gone
+        job = MirrorJob(
+            url=srv.url, dest=dest, executor="dask", scheduler=cluster.scheduler_address
+        )
+        ex = DaskExecutor(job.transfer(), job)
+        got: list[Any] = []
+        try:
+            f = RemoteFile(srv.url + "a.bin", rel_path("a.bin"), 1000)
+            ex.submit(Shard((Job(f, Action.NEW),)))
+            ex.finish()
+            deadline = time.monotonic() + 20
+            while not srv.count(path="/a.bin") and time.monotonic() < deadline:
+                got += ex.events(timeout=0.05)
+            assert srv.count(path="/a.bin"), "the task never asked for its file"
+            (pid,) = client.run(os.getpid).values()
+            os.kill(pid, signal.SIGKILL)
+            while not ex.done() and time.monotonic() < deadline:
+                got += ex.events(timeout=0.1)
+            assert ex.done(), "the task whose worker died never ended"
+        finally:
+            gate.set()
+            ex.kill()
+    (out,) = [ev.outcome for ev in got if isinstance(ev, FileDone)]
+    assert out.status is Status.FAILED
+    assert "worker running it died" in (out.error or ""), out.error
+    assert "next run resumes" in (out.error or ""), out.error
+    assert "retries" not in (out.error or ""), out.error
