@@ -296,3 +296,28 @@ def test_a_shard_whose_worker_died_says_so_not_a_retry_count(tmp_path: Path) -> 
     assert "worker running it died" in (out.error or ""), out.error
     assert "next run resumes" in (out.error or ""), out.error
     assert "retries" not in (out.error or ""), out.error
+
+
+def test_readme_cluster_commands_keep_their_dashboards_on_an_address() -> None:
+    """README's ``dask scheduler`` / ``dask worker`` example left each process's dashboard
+    listening on every interface (its default): each line now says where, with a flag the
+    installed ``dask`` command takes."""
+    import shlex
+
+    from distributed.cli import dask_scheduler, dask_worker
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## More than one machine", 1)[1]
+    lines = [ln.split("$ ", 1)[1] for ln in section.splitlines() if "$ dask " in ln]
+    assert len(lines) >= 2, lines
+    for line in lines:
+        argv = shlex.split(line)
+        command = {"scheduler": dask_scheduler.main, "worker": dask_worker.main}[argv[1]]
+        known = {opt for p in command.params for opt in p.opts + p.secondary_opts}
+        flags = [a.split("=", 1)[0] for a in argv[2:] if a.startswith("--")]
+        assert not set(flags) - known, (line, set(flags) - known)
+        assert {"--dashboard-address", "--no-dashboard"} & set(flags), line
+        for i, a in enumerate(argv):
+            if a == "--dashboard-address":
+                host = argv[i + 1].rsplit(":", 1)[0]
+                assert host not in ("", "0.0.0.0", "::", "[::]"), line
