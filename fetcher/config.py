@@ -855,6 +855,10 @@ def _check_dependent(table: Mapping[str, Any], merged: Mapping[str, Any], where:
         for key in keys:
             if key in table and table[key] is not False and not uses(merged):
                 raise ConfigError(f"{where}.{key}: goes with {which}")
+    if merged.get("insecure") is True and merged.get("ca_cert"):
+        # one check off and a CA bundle for it: which was meant? (insecure won, quietly;
+        # a one-off --insecure over a job's ca_cert is the command line's, and fine)
+        raise ConfigError(f"{where}.insecure: turns off the check that ca_cert is for")
 
 
 def _check_own_dest(

@@ -127,6 +127,10 @@ def test_load_config(tmp_path: Path) -> None:
             "[jobs.a]\nurl='http://h/'\nscheduler = 'tcp://127.0.0.1:8786'\n",
             'm.toml: jobs.a.scheduler: goes with executor = "dask"',
         ),
+        (  # one check off and a CA bundle for it: which was meant?
+            "[jobs.a]\nurl='https://h/'\ninsecure = true\nca_cert = 'ca.pem'\n",
+            "m.toml: jobs.a.insecure: turns off the check that ca_cert is for",
+        ),
     ],
 )
 def test_config_errors(tmp_path: Path, text: str, message: str) -> None:
@@ -148,6 +152,10 @@ def test_a_dependent_key_is_checked_against_the_file_not_the_command_line(tmp_pa
     )
     assert not load_config(cfg, overrides={"delete": False})["a"].delete
     assert load_config(cfg)["a"].delete
+    import certifi  # (httpx's: a real bundle)
+
+    cfg.write_text(f"[jobs.a]\nurl='https://h/a/'\nca_cert = '{certifi.where()}'\n")
+    assert load_config(cfg, overrides={"insecure": True})["a"].insecure  # a one-off: fine
 
 
 def test_aliases_are_hosts_with_or_without_a_port() -> None:
