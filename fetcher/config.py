@@ -9,6 +9,7 @@ wherever it came from and always names its key::
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import ipaddress
 import math
@@ -805,6 +806,7 @@ def load_config(
     if not jobs:
         raise ConfigError(f"{label}: no [jobs.NAME] table")
     _check_post(defaults, f"{label}: defaults")
+    defaults = _with_env(defaults, f"{label}: defaults")
     _check_defaults(defaults, f"{label}: defaults")
     run = list(dict.fromkeys(only or jobs))
     missing = [n for n in run if n not in jobs]
@@ -819,6 +821,7 @@ def load_config(
         if not isinstance(table, dict):
             raise ConfigError(f"{label}: jobs.{name}: expected a table")
         _check_post(table, f"{label}: jobs.{name}")
+        table = _with_env(table, f"{label}: jobs.{name}")
         merged = {**defaults, **table}
         _check_dependent(table, merged, f"{label}: jobs.{name}")
         if "post" in defaults and "post" in table:
@@ -831,6 +834,31 @@ def load_config(
         _check_own_dest(job, out.values(), f"{label}: jobs.{name}", given)
         out[name] = job
     return {name: out[name] for name in run}
+
+
+_ENV_VAR = re.compile(r"\$(?:(\$)|\{(\w+)\}|(\w+))")
+
+
+def _with_env(table: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """``table`` with ``$VAR`` and ``${VAR}`` in its paths (``dest``, ``post_dest``,
+    ``ca_cert``) replaced by the environment's values, and ``$$`` by ``$``: written in
+    the file, ``dest = "$MIRRORS/centos"`` made a directory named ``$MIRRORS``. A variable
+    that is not set is an error, not an empty string. (The command line's paths are the
+    shell's to expand: not again here.)"""
+    out = dict(table)
+    for key, value in table.items():
+        if key.replace("-", "_") in PATH_KEYS and isinstance(value, str):
+            out[key] = _ENV_VAR.sub(functools.partial(_env_value, where=f"{where}.{key}"), value)
+    return out
+
+
+def _env_value(m: re.Match[str], where: str) -> str:
+    if m.group(1):
+        return "$"
+    name = m.group(2) or m.group(3)
+    if name not in os.environ:
+        raise ConfigError(f"{where}: ${name} is not set", "or write $$ for a $")
+    return os.environ[name]
 
 
 # keys that mean something only beside another: (keys, does the job use them, which)

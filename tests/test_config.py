@@ -158,6 +158,28 @@ def test_a_dependent_key_is_checked_against_the_file_not_the_command_line(tmp_pa
     assert load_config(cfg, overrides={"insecure": True})["a"].insecure  # a one-off: fine
 
 
+def test_paths_in_a_config_take_environment_variables(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``dest = "$MIRRORS/centos"`` made a directory named ``$MIRRORS`` beside the file;
+    a variable that is not set is a mistake to say, and ``$$`` is a ``$``."""
+    monkeypatch.setenv("FETCH_TEST_ROOT", str(tmp_path / "root"))
+    monkeypatch.delenv("FETCH_TEST_UNSET", raising=False)
+    cfg = tmp_path / "m.toml"
+    cfg.write_text(
+        "[defaults]\npost_dest = '${FETCH_TEST_ROOT}/derived/'\n"
+        "[jobs.a]\nurl='http://h/a/'\ndest = '$FETCH_TEST_ROOT/a'\n"
+        "[jobs.b]\nurl='http://h/b/'\ndest = 'pay$$day'\n"
+    )
+    jobs = load_config(cfg)
+    assert jobs["a"].dest == tmp_path / "root" / "a"
+    assert jobs["a"].post_dest == tmp_path / "root" / "derived"
+    assert jobs["b"].dest == tmp_path / "pay$day"
+    cfg.write_text("[jobs.a]\nurl='http://h/a/'\ndest = '$FETCH_TEST_UNSET/a'\n")
+    with pytest.raises(ConfigError, match=r"m.toml: jobs.a.dest: \$FETCH_TEST_UNSET is not set"):
+        load_config(cfg)
+
+
 def test_aliases_are_hosts_with_or_without_a_port() -> None:
     job = build_job(
         {"url": "http://h/", "aliases": ["m2.example.org", "10.0.0.1:8080", "[::1]:81"]}, "x"
