@@ -197,6 +197,23 @@ _NO_STREAM = "does not contain any stream"
 _NO_DECODER = re.compile(r"Decoder \(codec [^)]*\) not found|no decoder found for")
 
 
+def _transport_stream(src: Path) -> bool:
+    """``src`` begins as an MPEG transport stream: the sync byte 0x47 at each 188-byte
+    packet (or at byte 4 of each 192-byte one, with its time code), over the first two.
+    ``*.ts`` names TypeScript sources as well as recordings and HLS segments; ffmpeg
+    failed on every source, and a failed probe sent its file to be fetched again, on
+    every run. One that cannot be read is left to the actions to report."""
+    try:
+        with open(src, "rb") as fh:
+            head = fh.read(2 * 192)
+    except OSError:
+        return True
+    return any(
+        len(head) > first + size and all(head[i] == 0x47 for i in range(first, len(head), size))
+        for first, size in ((0, 188), (4, 192))
+    )
+
+
 def _changed_ns(st: os.stat_result) -> int:
     """When the source last changed on disk.
 
@@ -331,6 +348,8 @@ class PostPool:
         if not tasks:
             return 0
         src = self._dest / rel
+        if rel.lower().endswith(".ts") and not _transport_stream(src):
+            return 0  # TypeScript (or any text) named like a recording: not media
         try:
             st = src.stat()
         except OSError as exc:

@@ -1015,3 +1015,29 @@ def _metadata(media: Path) -> str:
     assert FF is not None
     argv = [FF.path, "-hide_banner", "-i", str(media), "-f", "ffmetadata", "-"]
     return subprocess.run(argv, capture_output=True, text=True, check=False).stdout
+
+
+@needs_ff
+def test_a_ts_file_that_is_not_a_transport_stream_is_not_media(tree: tuple[Path, Path]) -> None:
+    """``*.ts`` is in the default globs for MPEG transport streams (recordings, HLS
+    segments), and names TypeScript sources too: a mirror holding both had ffmpeg fail
+    on every ``.ts`` source, and a failed probe sends its file to be fetched again, on
+    every run. A ``.ts`` whose bytes are not a transport stream (sync byte 0x47 every 188
+    bytes, or 192 with a time code) is left alone; a real one is processed as before."""
+    dest, derived = tree
+    assert FF is not None
+    (dest / "src").mkdir()
+    (dest / "src/app.ts").write_text("export const answer: number = 42;\n" * 20)
+    (dest / "src/empty.ts").write_bytes(b"")
+    subprocess.run(
+        [FF.path, "-nostdin", "-loglevel", "error", "-i", str(dest / "videos/clip.mp4"),
+         "-c", "copy", "-f", "mpegts", str(dest / "videos/clip.ts")],
+        check=True, timeout=60,
+    )  # fmt: skip
+    with _pool(tree, [parse_post_spec("probe")]) as pool:
+        assert pool.submit("src/app.ts") == 0
+        assert pool.submit("src/empty.ts") == 0
+        assert pool.submit("videos/clip.ts") == 1
+        outcomes = pool.close()
+    assert [(o.rel, o.status) for o in outcomes] == [("videos/clip.ts", PostStatus.DONE)]
+    assert not (derived / "src").exists()
