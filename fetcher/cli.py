@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, TextIO, cast
@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, TextIO, cast
 import fetcher.startup  # noqa: F401 - first: it trims what the pipeline's imports bring
 from fetcher import __version__
 from fetcher.config import (
+    DEPENDENT,
     PATH_KEYS,
     MirrorJob,
     build_job,
@@ -395,25 +396,14 @@ def _checked_jobs(ns: argparse.Namespace) -> list[MirrorJob]:
     return jobs
 
 
-# options that only mean something beside another: (keys given, does a job use them, why)
-_DEPENDENT: tuple[tuple[tuple[str, ...], Callable[[MirrorJob], bool], str], ...] = (
-    (("scheduler",), lambda j: j.executor == "dask", "goes with --executor dask"),
-    (
-        ("suites", "components", "architectures"),
-        lambda j: j.index == "debian",
-        "goes with --index debian",
-    ),
-    (("force", "max_delete"), lambda j: j.delete, "goes with --delete"),
-)
-
-
 def _unused_flags(given: Mapping[str, Any], jobs: Sequence[MirrorJob]) -> None:
     """A command-line option that no job can use is a mistake to say, not to drop (with
     --config, a job of the file may be what uses it)."""
-    for keys, uses, why in _DEPENDENT:
+    for keys, other, value in DEPENDENT:
         for key in keys:
-            if given.get(key, False) is not False and not any(uses(j) for j in jobs):
-                raise UsageError(f"{_flag(key)} {why}")
+            if given.get(key, False) is not False and all(getattr(j, other) != value for j in jobs):
+                shown = "" if value is True else f" {value}"
+                raise UsageError(f"{_flag(key)} goes with {_flag(other)}{shown}")
 
 
 def _jobs(ns: argparse.Namespace) -> list[MirrorJob]:
@@ -813,8 +803,6 @@ def _describe(job: MirrorJob) -> dict[str, Any]:
 
 
 def _main_thread() -> bool:
-    import threading
-
     return threading.current_thread() is threading.main_thread()
 
 

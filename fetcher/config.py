@@ -25,7 +25,7 @@ from fetcher import __version__
 from fetcher.errors import ConfigError
 from fetcher.models import STATE_DIR
 
-__all__ = ["MirrorJob", "Transfer", "build_job", "default_dest", "load_config"]
+__all__ = ["DEPENDENT", "MirrorJob", "Transfer", "build_job", "default_dest", "load_config"]
 
 USER_AGENT = f"fetch/{__version__} (+https://pypi.org/project/fetcher/)"
 
@@ -861,16 +861,13 @@ def _env_value(m: re.Match[str], where: str) -> str:
     return os.environ[name]
 
 
-# keys that mean something only beside another: (keys, does the job use them, which)
-_DEPENDENT_KEYS: tuple[tuple[tuple[str, ...], Callable[[Mapping[str, Any]], bool], str], ...] = (
-    (("scheduler",), lambda m: m.get("executor") == "dask", 'executor = "dask"'),
-    (
-        ("suites", "components", "architectures"),
-        lambda m: m.get("index") == "debian",
-        'index = "debian"',
-    ),
-    (("force", "max_delete"), lambda m: m.get("delete") is True, "delete = true"),
+DEPENDENT: tuple[tuple[tuple[str, ...], str, object], ...] = (
+    (("scheduler",), "executor", "dask"),
+    (("suites", "components", "architectures"), "index", "debian"),
+    (("force", "max_delete"), "delete", True),
 )
+"""Keys that mean something only beside another's value: (keys, the other key, its value).
+The command line's options (``cli._unused_flags``) and a job's table here alike."""
 
 
 def _check_dependent(table: Mapping[str, Any], merged: Mapping[str, Any], where: str) -> None:
@@ -879,10 +876,11 @@ def _check_dependent(table: Mapping[str, Any], merged: Mapping[str, Any], where:
     drop. Judged by the file, not the command line: a job's ``max_delete`` still goes
     with its ``delete = true`` on a run with ``--no-delete``; a key in [defaults] is for
     the jobs that use it."""
-    for keys, uses, which in _DEPENDENT_KEYS:
+    for keys, other, value in DEPENDENT:
         for key in keys:
-            if key in table and table[key] is not False and not uses(merged):
-                raise ConfigError(f"{where}.{key}: goes with {which}")
+            if key in table and table[key] is not False and merged.get(other) != value:
+                shown = "true" if value is True else f'"{value}"'
+                raise ConfigError(f"{where}.{key}: goes with {other} = {shown}")
     if merged.get("insecure") is True and merged.get("ca_cert"):
         # one check off and a CA bundle for it: which was meant? (insecure won, quietly;
         # a one-off --insecure over a job's ca_cert is the command line's, and fine)
