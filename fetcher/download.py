@@ -61,6 +61,7 @@ __all__ = [
     "plain_get",
     "staged_path",
     "unwritable",
+    "write_json",
 ]
 
 MAX_REDIRECTS = 5
@@ -376,7 +377,7 @@ def _attempt_into(ctx: _Ctx, job: Job, where: _Where, look: bool, out: _Out) -> 
                 # The validator survives a crash with the partial file, so a later run can
                 # resume with If-Range; small files just start over (one write less each).
                 side_data = {"url": f.url, "etag": etag, "last_modified": last_mod, "size": total}
-                _write_sidecar(meta, side_data)
+                write_json(meta, side_data)
             elif mode == "wb" and look:
                 meta.unlink(missing_ok=True)  # an older version's, over these new bytes
         digest = _digest_for(f.checksum, where.partial()[0] if offset else None)
@@ -810,7 +811,7 @@ def _attempt_segmented_into(
     def save() -> None:  # under ``lock``: the sidecar says which ranges are in
         state = {"url": f.url, "size": size, "validator": validator, "ranges": ranges,
                  "done": sorted(finished)}  # fmt: skip
-        _write_sidecar(meta, state)
+        write_json(meta, state)
 
     with lock:
         save()
@@ -923,8 +924,9 @@ def _attempt_segmented_into(
     )
 
 
-def _write_sidecar(meta: Path, data: dict[str, Any]) -> None:
-    """``meta`` holds ``data`` (JSON), whole: written beside it, then renamed over it."""
+def write_json(meta: Path, data: Any) -> None:
+    """``meta`` holds ``data`` (JSON), whole: written beside it, then renamed over it (a
+    partial file's sidecar; the list of staged metadata being published)."""
     tmp = meta.with_name(meta.name + ".tmp")
     tmp.write_text(json.dumps(data), "utf-8")
     os.replace(tmp, meta)

@@ -34,6 +34,7 @@ from fetcher.download import (
     pipelinable,
     staged_path,
     unwritable,
+    write_json,
 )
 from fetcher.errors import FatalIOError, FetchError
 from fetcher.executor import Executor, LocalExecutor
@@ -811,8 +812,9 @@ def _publish_staged(run: _Run) -> None:
         (run.dest / STATE_DIR / _PUBLISHING).unlink(missing_ok=True)
     if s.failed:  # with whatever failed: the old copies stay, all of them
         run.held_back = True
+        failed_paths = {path for path, _ in s.failed}
         for o in staged:
-            if all(path != o.path for path, _ in s.failed):
+            if o.path not in failed_paths:
                 _failed_here(run, o.path, o.url, _NOT_PUBLISHED)
 
 
@@ -826,7 +828,6 @@ def _rename_all(dest: Path, paths: list[RelPath]) -> tuple[RelPath, str] | None:
         final = os.path.join(dest, path)
         kept = os.path.join(old_dir, path)
         try:
-            os.makedirs(os.path.dirname(final), exist_ok=True)
             try:
                 os.makedirs(os.path.dirname(kept), exist_ok=True)
                 os.link(final, kept, follow_symlinks=False)
@@ -834,7 +835,7 @@ def _rename_all(dest: Path, paths: list[RelPath]) -> tuple[RelPath, str] | None:
                 kept = ""  # a new name: nothing to put back
             except (IsADirectoryError, PermissionError):
                 kept = ""  # (linux: EPERM for a directory) the rename below says why
-            os.replace(staged_path(str(dest), path), final)
+            _take_name(dest, path)
         except OSError as exc:
             for name, copy in reversed(done):
                 with contextlib.suppress(OSError):
@@ -847,6 +848,13 @@ def _rename_all(dest: Path, paths: list[RelPath]) -> tuple[RelPath, str] | None:
     return None
 
 
+def _take_name(dest: Path, path: str) -> None:
+    """The staged file of ``path`` takes its name in DEST (its directory made if need be)."""
+    final = os.path.join(dest, path)
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    os.replace(staged_path(str(dest), path), final)
+
+
 _PUBLISHING = "publishing"
 """In DEST's state directory while a run publishes its staged metadata: their paths, in
 the order they take their names (JSON)."""
@@ -856,12 +864,10 @@ def _begin_publishing(dest: Path, paths: list[RelPath]) -> None:
     """Write the list down, whole (or not at all: a full disk publishes as before, the
     renames need no space)."""
     marker = dest / STATE_DIR / _PUBLISHING
-    tmp = marker.with_name(marker.name + ".tmp")
     try:
-        tmp.write_text(json.dumps(paths), "utf-8")
-        os.replace(tmp, marker)
+        write_json(marker, paths)
     except OSError:
-        tmp.unlink(missing_ok=True)
+        marker.with_name(marker.name + ".tmp").unlink(missing_ok=True)
 
 
 _NOT_PUBLISHED = "metadata not published: other files failed"
@@ -885,10 +891,8 @@ def _drop_staged(dest: Path) -> None:
     for path in paths if isinstance(paths, list) else []:
         if not isinstance(path, str) or path.startswith("/") or ".." in path.split("/"):
             continue  # not one of ours
-        final = os.path.join(dest, path)
         try:
-            os.makedirs(os.path.dirname(final), exist_ok=True)
-            os.replace(staged_path(str(dest), path), final)
+            _take_name(dest, path)
         except OSError:
             continue  # published before the kill, or cannot be: the next run says
     marker.unlink(missing_ok=True)
