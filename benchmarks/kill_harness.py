@@ -42,31 +42,12 @@ import time
 from pathlib import Path
 
 from tests.faultserver import Fault, FaultServer
+from tests.test_churn import _release, _repomd  # (the repository shapes the tests serve)
 from tests.trees import tree_manifest
 
 REPO = Path(__file__).resolve().parent.parent
 MIB = 1 << 20
 OLD = 1_700_000_000.0
-
-
-def _repomd(primary: bytes) -> tuple[str, bytes]:
-    digest = hashlib.sha256(primary).hexdigest()
-    href = f"repodata/{digest}-primary.xml.gz"
-    xml = (
-        '<?xml version="1.0" encoding="UTF-8"?>\n'
-        '<repomd xmlns="http://linux.duke.edu/metadata/repo"><data type="primary">'
-        f'<checksum type="sha256">{digest}</checksum><location href="{href}"/>'
-        f"<size>{len(primary)}</size></data></repomd>\n"
-    )
-    return href, xml.encode()
-
-
-def _release(packages: bytes) -> bytes:
-    digest = hashlib.sha256(packages).hexdigest()
-    return (
-        "Origin: test\nSuite: stable\nComponents: main\nArchitectures: amd64\nSHA256:\n"
-        f" {digest} {len(packages):8d} main/binary-amd64/Packages.gz\n"
-    ).encode()
 
 
 def set_metadata(www: Path, gen: int, when: float) -> None:
