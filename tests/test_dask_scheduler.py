@@ -3,6 +3,7 @@ test can kill (a ``LocalCluster``'s scheduler lives in the test's process)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -127,6 +128,17 @@ def test_join_waits_for_a_task_that_has_not_ended(tmp_path: Path) -> None:
     join() with distributed's "ValueError: No clients found": ``distributed.wait`` looks
     for a default client, and the run's is not one. Now join() waits on the futures
     themselves, up to its timeout."""
+    with _one_task_queued(tmp_path) as ex:
+        started = time.monotonic()
+        ex.join(timeout=0.5)  # no worker: the task never starts, nor ends
+        assert 0.4 < time.monotonic() - started < 5
+    assert ex.done()
+
+
+@contextlib.contextmanager
+def _one_task_queued(tmp_path: Path) -> Iterator[Any]:
+    """A DaskExecutor at a cluster with no worker, one shard (one file) submitted and the
+    run's submissions finished: its task queued at the scheduler, never started."""
     from distributed import LocalCluster
 
     from fetcher.config import MirrorJob
@@ -145,44 +157,24 @@ def test_join_waits_for_a_task_that_has_not_ended(tmp_path: Path) -> None:
             f = RemoteFile("http://127.0.0.1:9/a.bin", rel_path("a.bin"), 10)
             ex.submit(Shard((Job(f, Action.NEW),)))
             ex.finish()
-            started = time.monotonic()
-            ex.join(timeout=0.5)  # no worker: the task never starts, nor ends
-            assert 0.4 < time.monotonic() - started < 5
+            yield ex
         finally:
             ex.kill()
-        assert ex.done()
 
 
 def test_a_stopped_run_drops_its_tasks_that_never_started(tmp_path: Path) -> None:
     """A task still queued at the scheduler (a busy cluster, or no worker yet) sees the
     stop Event only once it starts: Ctrl-C waited 30 s for it, then join()'s 10 s. Now
     stop() cancels the run's tasks no worker is running, and the run ends at once."""
-    from distributed import LocalCluster
+    from fetcher.models import FileDone, Status
 
-    from fetcher.config import MirrorJob
-    from fetcher.dask_executor import DaskExecutor
-    from fetcher.models import Action, FileDone, Job, RemoteFile, Status, rel_path
-    from fetcher.shard import Shard
-
-    (tmp_path / ".fetcher").mkdir()
-    with LocalCluster(n_workers=0, host="127.0.0.1", dashboard_address="127.0.0.1:0") as cluster:
-        job = MirrorJob(
-            url="http://127.0.0.1:9/", dest=tmp_path, executor="dask",
-            scheduler=cluster.scheduler_address,
-        )  # fmt: skip
-        ex = DaskExecutor(job.transfer(), job)
-        try:
-            f = RemoteFile("http://127.0.0.1:9/a.bin", rel_path("a.bin"), 10)
-            ex.submit(Shard((Job(f, Action.NEW),)))
-            ex.finish()
-            ex.stop()
-            got = []
-            deadline = time.monotonic() + 5
-            while not ex.done() and time.monotonic() < deadline:
-                got += ex.events(timeout=0.1)
-            assert ex.done(), "the run still waits for a task no worker will run"
-        finally:
-            ex.kill()
+    with _one_task_queued(tmp_path) as ex:
+        ex.stop()
+        got = []
+        deadline = time.monotonic() + 5
+        while not ex.done() and time.monotonic() < deadline:
+            got += ex.events(timeout=0.1)
+        assert ex.done(), "the run still waits for a task no worker will run"
     (out,) = [ev.outcome for ev in got if isinstance(ev, FileDone)]
     assert out.status is Status.FAILED and out.error == "interrupted"
 
