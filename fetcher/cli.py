@@ -18,6 +18,8 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, TextIO, cast
 
+import msgspec
+
 import fetcher.startup  # noqa: F401 - first: it trims what the pipeline's imports bring
 from fetcher import __version__
 from fetcher.config import (
@@ -786,10 +788,17 @@ def _print_error(err: Console, exc: FetchError, prefix: str = "") -> None:
         err.print(f"  hint: {exc.hint}", highlight=False, markup=False, soft_wrap=True)
 
 
-def _describe(job: MirrorJob) -> dict[str, Any]:
-    from dataclasses import asdict
+def _plain(v: Any) -> Any:
+    """``v`` with its structs (a job's post rules and their options) as dicts, recursively."""
+    if isinstance(v, msgspec.Struct):
+        return {k: _plain(x) for k, x in msgspec.structs.asdict(v).items()}
+    if isinstance(v, tuple):
+        return tuple(_plain(x) for x in v)
+    return v
 
-    d = asdict(job)
+
+def _describe(job: MirrorJob) -> dict[str, Any]:
+    d: dict[str, Any] = _plain(job)
     d.pop("url")
     d.pop("dest")
     d.pop("name")

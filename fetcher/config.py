@@ -16,10 +16,12 @@ import math
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence, Set
-from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
+
+import msgspec
+from msgspec.structs import fields
 
 from fetcher import __version__
 from fetcher.errors import ConfigError
@@ -30,8 +32,18 @@ __all__ = ["DEPENDENT", "MirrorJob", "Transfer", "build_job", "default_dest", "l
 USER_AGENT = f"fetch/{__version__} (+https://pypi.org/project/fetcher/)"
 
 
-@dataclass(frozen=True, slots=True)
-class Transfer:
+_SECRET = ("proxy", "headers", "auth")  # a job's or a transfer's repr leaves them out
+
+
+def _shown(self: msgspec.Struct) -> list[tuple[str, Any]]:
+    return [(k, getattr(self, k)) for k in self.__struct_fields__ if k not in _SECRET]
+
+
+def _repr(self: msgspec.Struct) -> str:
+    return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in _shown(self))})"
+
+
+class Transfer(msgspec.Struct, frozen=True):
     """What a worker needs to fetch files; small, frozen and picklable."""
 
     dest: str
@@ -49,13 +61,13 @@ class Transfer:
     limit_rate: float | None = None
     """Bytes per second for the runner's own limits (a Dask task); local workers share one bucket."""
     http2: bool = False
-    proxy: str | None = field(default=None, repr=False)
+    proxy: str | None = None
     """The HTTP proxy every request goes through (resolved: :func:`proxy_for`), or None."""
-    headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    headers: tuple[tuple[str, str], ...] = ()
     """``--header``s, sent with every request."""
     segments: int = 1
     """``--segments``: a big file's byte ranges fetched at once over this many connections."""
-    auth: tuple[str, str] | None = field(default=None, repr=False)
+    auth: tuple[str, str] | None = None
     """User and password from the start URL (``https://user:pass@host/``), sent as HTTP Basic
     auth with every request; the URLs themselves carry none (see :func:`build_job`)."""
     include: tuple[str, ...] = ()
@@ -67,9 +79,11 @@ class Transfer:
     (1: none pipelined); each gathered on as few connections as hold them (see
     :func:`fetcher.http1.pipelined_lanes`, :class:`fetcher.runner.ShardRunner`)."""
 
+    __repr__ = _repr
+    __rich_repr__ = _shown
 
-@dataclass(frozen=True, slots=True)
-class MirrorJob:
+
+class MirrorJob(msgspec.Struct, frozen=True):
     """One mirror to sync: every option of the CLI, resolved and validated."""
 
     url: str
@@ -100,7 +114,7 @@ class MirrorJob:
     scheduler: str | None = None
     post: tuple[Any, ...] = ()
     post_dest: Path | None = None
-    post_jobs: int = field(default_factory=lambda: os.cpu_count() or 2)
+    post_jobs: int = msgspec.field(default_factory=lambda: os.cpu_count() or 2)
     index: str = "html"
     verify_digests: bool = False
     max_listing_bytes: int = 64 << 20
@@ -109,14 +123,17 @@ class MirrorJob:
     architectures: tuple[str, ...] = ()
     skip_if_locked: bool = False
     """Another run still holds DEST's lock: log it and exit 0 instead of 3 (for timers)."""
-    auth: tuple[str, str] | None = field(default=None, repr=False)
+    auth: tuple[str, str] | None = None
     """From the URL's ``user:password@``, which ``url`` no longer holds."""
-    proxy: str | None = field(default=None, repr=False)
+    proxy: str | None = None
     """``--proxy``: a proxy URL, ``direct``, or None (the environment's, see :func:`proxy_for`)."""
     user_agent: str = USER_AGENT
-    headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    headers: tuple[tuple[str, str], ...] = ()
     """``--header Name: value``: sent with every request (values may be secrets: not shown)."""
     segments: int = 1
+
+    __repr__ = _repr
+    __rich_repr__ = _shown
 
     def derived_root(self) -> Path:
         """Where post-processing outputs go: ``post_dest``, else ``<dest>.derived`` beside DEST."""

@@ -22,11 +22,12 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import unquote
 
 import httpx
+import msgspec
+from msgspec.structs import replace
 
 from fetcher import __version__
 from fetcher.checksums import MAX_SUMS_BYTES, is_sums_file, parse_sums
@@ -63,8 +64,7 @@ from fetcher.transport import plain_get
 __all__ = ["CrawlOptions", "crawl"]
 
 
-@dataclass(frozen=True, slots=True)
-class CrawlOptions:
+class CrawlOptions(msgspec.Struct, frozen=True):
     """What the crawl reads and how (from the job's options)."""
 
     depth: int = 64
@@ -81,27 +81,25 @@ class CrawlOptions:
     """Debian archives (``--index debian``): which parts to mirror; empty means all."""
 
 
-@dataclass(frozen=True, slots=True)
-class _Dir:
+class _Dir(msgspec.Struct, frozen=True):
     """A directory to list: its URL, its path below the root and its depth."""
 
     url: str
     path: str  # "" for the root
     depth: int
     ancestors: tuple[bytes, ...]
-    ahead: Future[_Page] | None = field(default=None, compare=False)
+    ahead: Future[_Page] | None = None
     """Set on a directory asked for before the crawl reached it (``known``): its listing."""
-    confirms: _Suspect | None = field(default=None, compare=False)
+    confirms: _Suspect | None = None
     """Set on a listing read only to tell whether ``confirms.d`` is a symlink loop."""
 
 
-@dataclass(frozen=True, slots=True)
-class _Page:
+class _Page(msgspec.Struct, frozen=True):
     """A listing as read: its entries, or, kept, the last run's."""
 
     url: str
     entries: list[ListingEntry]
-    sums: dict[str, tuple[str, str]] = field(default_factory=dict)
+    sums: dict[str, tuple[str, str]] = msgspec.field(default_factory=dict)
     digest: bytes | None = None
     """The page's bytes and the crawl's options, hashed (when listings are kept)."""
     kept: _Kept | None = None
@@ -110,8 +108,7 @@ class _Page:
     """Ended by the connection's close with no closing tag at its end: maybe cut short."""
 
 
-@dataclass(frozen=True, slots=True)
-class _Suspect:
+class _Suspect(msgspec.Struct, frozen=True):
     """A directory whose listing is the same as an ancestor's, held back.
 
     A server-side symlink loop shows the same listing again one level further down,
@@ -125,8 +122,7 @@ class _Suspect:
     """The fingerprint the listing below (``_Dir.confirms``) has if ``d`` is a loop."""
 
 
-@dataclass(frozen=True, slots=True)
-class _Kept:
+class _Kept(msgspec.Struct, frozen=True):
     """A page the same as the last run's over files as it left them."""
 
     listing: Listing
@@ -294,7 +290,7 @@ _CLOSING_TAG = re.compile(rb"</[A-Za-z][\w:.-]*\s*>\s*\Z")
 
 
 def _parse(body: bytes, url: str) -> list[ListingEntry]:
-    # The readers load with the first page parsed (their dataclasses and regular
+    # The readers load with the first page parsed (their structs and regular
     # expressions: ~4 ms of start-up): a re-sync whose pages are all kept parses none.
     from fetcher.listing import parse_listing
 

@@ -50,10 +50,12 @@ import threading
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+
+import msgspec
+from msgspec.structs import replace
 
 from fetcher.config import MirrorJob, Transfer
 from fetcher.download import check_writable
@@ -272,8 +274,7 @@ def failed_outcomes(shard: Shard, reason: str, attempts: int = 0) -> list[Outcom
     ]
 
 
-@dataclass(slots=True)
-class _Task:
+class _Task(msgspec.Struct):
     future: Any
     shard: Shard
     tokens: int

@@ -24,9 +24,10 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
+
+import msgspec
 
 from fetcher.errors import PostProcessError
 
@@ -50,20 +51,19 @@ _TAIL_LINES = 20
 _VERSION_RE = re.compile(r"version\s+n?(\d+)\.(\d+)(?:\.(\d+))?")
 
 
-@dataclass(frozen=True, slots=True)
-class FFmpeg:
+class FFmpeg(msgspec.Struct, frozen=True):
     """An ffmpeg executable, its version and the flags that depend on it."""
 
     path: str
     version: tuple[int, ...] = ()
     """``(major, minor[, patch])``; empty when unparseable (a git build: assume new)."""
     ffprobe: str | None = None
-    fps_mode: tuple[str, str] = field(init=False)
-    """``("-fps_mode", "vfr")`` from 5.1 on, ``("-vsync", "vfr")`` before (deprecated since)."""
 
-    def __post_init__(self) -> None:
+    @property
+    def fps_mode(self) -> tuple[str, str]:
+        """``("-fps_mode", "vfr")`` from 5.1 on, ``("-vsync", "vfr")`` before (deprecated since)."""
         modern = not self.version or self.version >= (5, 1)
-        object.__setattr__(self, "fps_mode", ("-fps_mode" if modern else "-vsync", "vfr"))
+        return ("-fps_mode" if modern else "-vsync", "vfr")
 
 
 def parse_version(text: str) -> tuple[int, ...]:
@@ -258,8 +258,7 @@ def safe_stem(stem: str) -> str:
     return _UNSAFE_IN_ARGS.sub("_", stem)
 
 
-@dataclass(frozen=True, slots=True)
-class RunResult:
+class RunResult(msgspec.Struct, frozen=True):
     """How one ffmpeg run ended."""
 
     returncode: int

@@ -18,14 +18,14 @@ import multiprocessing
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
+
+import msgspec
 
 __all__ = ["SharedLimits", "TokenGate", "local_limits"]
 
 
-@dataclass(frozen=True)
-class SharedLimits:
+class SharedLimits(msgspec.Struct, frozen=True):
     """Cross-process limits; every field pickles to a worker process."""
 
     connections: Any  # a Semaphore (multiprocessing or threading)

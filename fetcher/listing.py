@@ -25,9 +25,10 @@ from __future__ import annotations
 import codecs
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import quote, unquote_to_bytes, urljoin, urlsplit
+
+import msgspec
 
 from fetcher.listing_formats import DateFinder, FoundDate, Row, read_row, size_token
 from fetcher.models import ListingEntry
@@ -260,8 +261,7 @@ def _decode_bytes(raw: bytes, charsets: tuple[str, ...]) -> str:
     return raw.decode(charsets[-1], "replace")
 
 
-@dataclass(frozen=True, slots=True)
-class _Page:
+class _Page(msgspec.Struct, frozen=True):
     """Where the page is, and what counts as below it."""
 
     prefix: str
@@ -316,8 +316,7 @@ def _origin(scheme: str, host: str | None, port: int | None) -> tuple[str, str, 
     return scheme, host.lower(), port or (443 if scheme == "https" else 80)
 
 
-@dataclass(slots=True)
-class _Found:
+class _Found(msgspec.Struct):
     """One link while the page is read; duplicates merge into the first."""
 
     url: str

@@ -19,11 +19,12 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
+import msgspec
+from msgspec.structs import replace
 
 from fetcher.config import MirrorJob, Transfer
 from fetcher.crawl import CrawlItem, CrawlOptions, Intact, crawl
@@ -82,8 +83,7 @@ _CRAWL_DONE = object()
 _UNSEEN = object()
 
 
-@dataclass
-class _Run:
+class _Run(msgspec.Struct):
     """One run's working state in the coordinator."""
 
     job: MirrorJob
@@ -92,36 +92,40 @@ class _Run:
     run_id: int
     summary: Summary
     reporter: Reporter
-    outstanding: dict[str, Job] = field(default_factory=dict)
-    held: list[Job] = field(default_factory=list)
+    outstanding: dict[str, Job] = msgspec.field(default_factory=dict)
+    held: list[Job] = msgspec.field(default_factory=list)
     held_back: bool = False  # repository metadata not published: other files failed
     # fetched metadata waiting under .fetcher/staged/ to be published together (Job.stage)
-    staged: list[Outcome] = field(default_factory=list)
+    staged: list[Outcome] = msgspec.field(default_factory=list)
     unsure: bool = False  # a listing may have been cut short (CrawlProblem "unsure")
-    uncrawled: set[str] = field(default_factory=set)  # directories past --depth
-    batch: list[Job] = field(default_factory=list)
+    uncrawled: set[str] = msgspec.field(default_factory=set)  # directories past --depth
+    batch: list[Job] = msgspec.field(default_factory=list)
     crawl_complete: bool = False
     pipelined: bool | None = None  # the crawl's requests sent ahead were answered (state)
     kept: dict[str, Listing] | None = None  # the listings the last run kept (if used)
-    listed: set[str] = field(default_factory=set)  # the listings this run read or kept
+    listed: set[str] = msgspec.field(default_factory=set)  # the listings this run read or kept
     crawlers: int = 0
     # batches of at most _BATCH crawl items, and _CRAWL_DONE once per crawl
-    inbox: queue.Queue[Any] = field(default_factory=lambda: queue.Queue(maxsize=10_000 // _BATCH))
-    stop: threading.Event = field(default_factory=threading.Event)
+    inbox: queue.Queue[Any] = msgspec.field(
+        default_factory=lambda: queue.Queue(maxsize=10_000 // _BATCH)
+    )
+    stop: threading.Event = msgspec.field(default_factory=threading.Event)
     limits: SharedLimits | None = None
-    threads: list[threading.Thread] = field(default_factory=list)
+    threads: list[threading.Thread] = msgspec.field(default_factory=list)
     post: PostPool | None = None
     derived: Path | None = None
     executor: Executor | None = None
     fork: bool = False  # local workers come from a fork of this process (procs.fork_safe)
-    seen_dirs: set[str] = field(default_factory=set)
+    seen_dirs: set[str] = msgspec.field(default_factory=set)
     # the files of directories found unchanged (UnchangedDir): seen upstream by this run,
     # told to prune from here rather than by a last_seen written to each of their rows
-    unchanged: set[str] = field(default_factory=set)
+    unchanged: set[str] = msgspec.field(default_factory=set)
     disk: _Disk | None = None
-    clock: ListingClock = field(default_factory=ListingClock)  # the listing's zone (adoption)
+    clock: ListingClock = msgspec.field(
+        default_factory=ListingClock
+    )  # the listing's zone (adoption)
     # files another tool may have put in DEST, if the listing's zone is this far from UTC
-    unsure_zone: dict[int, list[tuple[Job, LocalFile]]] = field(default_factory=dict)
+    unsure_zone: dict[int, list[tuple[Job, LocalFile]]] = msgspec.field(default_factory=dict)
 
 
 class _Disk:

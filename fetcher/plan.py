@@ -10,8 +10,9 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import NamedTuple
+
+import msgspec
 
 from fetcher.checksums import is_sums_file
 from fetcher.models import Action, Job, RemoteFile
@@ -51,8 +52,7 @@ class LocalFile(NamedTuple):
     mtime: float
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(msgspec.Struct, frozen=True):
     """What the plan does with a listed file: a job to fetch it, or none."""
 
     job: Job | None

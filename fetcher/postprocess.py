@@ -36,8 +36,9 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
+
+import msgspec
 
 from fetcher.errors import UnsafePath, UsageError
 from fetcher.ffmpeg import (
@@ -142,8 +143,7 @@ class PostStatus(enum.StrEnum):
     FAILED = "failed"
 
 
-@dataclass(frozen=True, slots=True)
-class PostOutcome:
+class PostOutcome(msgspec.Struct, frozen=True):
     """What one rule did for one file; ``outputs`` are relative to DERIVED."""
 
     rel: str
@@ -167,8 +167,7 @@ class PostOutcome:
         return self.custom or self.action
 
 
-@dataclass(frozen=True, slots=True)
-class PostCounts:
+class PostCounts(msgspec.Struct, frozen=True):
     queued: int = 0
     running: int = 0
     done: int = 0

@@ -12,8 +12,9 @@ import fnmatch
 import json
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
+
+import msgspec
 
 from fetcher.errors import ConfigError, UnsafePath, UsageError
 from fetcher.ffmpeg import (
@@ -54,8 +55,7 @@ _NO_FFMPEG = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class PostOptions:
+class PostOptions(msgspec.Struct, frozen=True):
     """An action's settings; each action reads only its own."""
 
     height: int = 480
@@ -70,8 +70,7 @@ class PostOptions:
     """Names a custom rule's output (``custom-<name>``) instead of its position."""
 
 
-@dataclass(frozen=True, slots=True)
-class PostRule:
+class PostRule(msgspec.Struct, frozen=True):
     """Files whose relative path matches one of ``globs`` get ``action``.
 
     A glob without ``/`` matches the base name, one with ``/`` the whole path
@@ -80,7 +79,7 @@ class PostRule:
 
     action: str
     globs: tuple[str, ...]
-    options: PostOptions = field(default_factory=PostOptions)
+    options: PostOptions = msgspec.field(default_factory=PostOptions)
     timeout: float | None = None
 
     def matches(self, rel: str) -> bool:
@@ -194,8 +193,7 @@ def parse_post_spec(spec: str) -> PostRule:
     return PostRule(action, parts)
 
 
-@dataclass(frozen=True, slots=True)
-class PostTask:
+class PostTask(msgspec.Struct, frozen=True):
     """One output to make: relative paths below DEST and below DERIVED."""
 
     rule: PostRule

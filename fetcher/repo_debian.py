@@ -16,8 +16,9 @@ from __future__ import annotations
 import hashlib
 import io
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import IO
+
+import msgspec
 
 from fetcher.crawl import CrawlItem
 from fetcher.errors import HTTPStatusError, ListingError
@@ -30,8 +31,7 @@ _PREFERRED = (".xz", ".gz", ".bz2", ".zst", "")
 _RELEASE_FILES = ("Release", "InRelease", "Release.gpg")
 
 
-@dataclass(frozen=True, slots=True)
-class Release:
+class Release(msgspec.Struct, frozen=True):
     """What a ``Release`` file says: its fields and the SHA256 section."""
 
     fields: dict[str, str]
@@ -39,8 +39,7 @@ class Release:
     """Path below ``dists/SUITE/`` → (hex digest, size)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Suite:
+class Suite(msgspec.Struct, frozen=True):
     name: str
     release: Release
     copies: dict[str, bytes]

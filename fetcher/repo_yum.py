@@ -13,9 +13,10 @@ from __future__ import annotations
 import hashlib
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import IO
 from urllib.parse import quote
+
+import msgspec
 
 from fetcher.crawl import CrawlItem
 from fetcher.errors import ListingError
@@ -29,8 +30,7 @@ _COMMON = "{http://linux.duke.edu/metadata/common}"
 _XML_BASE = "{http://www.w3.org/XML/1998/namespace}base"
 
 
-@dataclass(frozen=True, slots=True)
-class MetaFile:
+class MetaFile(msgspec.Struct, frozen=True):
     """One ``<data>`` entry of ``repomd.xml``."""
 
     type: str

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Iterable
-from dataclasses import dataclass
 
-from fetcher.models import Job, pickles_by_fields
+import msgspec
+
+from fetcher.models import Job
 
 __all__ = ["MAX_FILES", "Shard", "make_shards"]
 
@@ -15,9 +16,7 @@ MAX_BYTES = 32 << 20
 _UNKNOWN = 1 << 20  # size assumed for a file whose listing shows none
 
 
-@pickles_by_fields
-@dataclass(frozen=True, slots=True)
-class Shard:
+class Shard(msgspec.Struct, frozen=True):
     """A unit of work for one worker: a few files, fetched by its thread pool."""
 
     jobs: tuple[Job, ...]

@@ -8,7 +8,6 @@ sides: what the server was asked for (its request log) and what landed on disk.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import gzip
 import hashlib
 import itertools
@@ -23,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import msgspec
 import pytest
 
 from fetcher.config import Transfer, build_job
@@ -583,7 +583,7 @@ def test_listing_over_size_cap_refused(tmp_path: Path, how: str) -> None:
         if how == "chunked":
             srv.persist(START, Fault.chunked())
         job = build_job({"url": srv.url + START[1:], "dest": str(tmp_path / "d"), "procs": 1}, "t")
-        job = dataclasses.replace(job, max_listing_bytes=1 << 20)
+        job = msgspec.structs.replace(job, max_listing_bytes=1 << 20)
         summary = mirror(job)
         assert summary.exit_code == 1
         assert summary.fetched.files == 0

@@ -5,7 +5,6 @@ from __future__ import annotations
 import calendar
 import doctest
 import json
-from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 from urllib.parse import quote, urljoin
@@ -13,6 +12,7 @@ from urllib.parse import quote, urljoin
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from msgspec.structs import asdict
 
 import fetcher.listing
 import fetcher.listing_formats

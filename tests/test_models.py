@@ -1,8 +1,8 @@
-import dataclasses
 import pickle
 import random
 from collections.abc import Callable
 
+import msgspec
 import pytest
 
 from fetcher.errors import HTTPStatusError, UnsafePath
@@ -149,8 +149,8 @@ def test_everything_sent_between_processes_pickles_field_for_field() -> None:
     for v in values:
         back = pickle.loads(pickle.dumps(v))
         assert type(back) is type(v)
-        assert [getattr(back, x.name) for x in dataclasses.fields(v)] == [
-            getattr(v, x.name) for x in dataclasses.fields(v)
+        assert [getattr(back, x.name) for x in msgspec.structs.fields(v)] == [
+            getattr(v, x.name) for x in msgspec.structs.fields(v)
         ]
 
 

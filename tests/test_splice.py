@@ -9,11 +9,11 @@ iterate them.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import threading
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from fetcher.config import Transfer
@@ -109,7 +109,7 @@ def test_nginx_big_files_are_spliced_and_the_connection_reused(
     tmp_path: Path, www: dict[str, bytes], spliced: list[int]
 ) -> None:
     sem = CountingSemaphore(4)
-    limits = dataclasses.replace(local_limits(4), connections=sem)
+    limits = msgspec.structs.replace(local_limits(4), connections=sem)
     with serve("nginx", tmp_path / "www", tmp_path / "nginx") as srv:
         names = [(n, len(www[n])) for n in ("big.bin", "small.bin", "second.bin")]
         outs, reported = _fetch(tmp_path / "d", srv.url, names, limits)
