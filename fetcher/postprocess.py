@@ -17,7 +17,12 @@ Each output is made in ``DERIVED/.fetcher/.tmp-<pid>-<random>/`` (a name free of
 the server's characters) and renamed into place (a directory as a whole), dated
 as its source's last change on disk (the later of its mtime and ctime, when the
 task was queued).  An output at least as new as that is fresh and is not made
-again::
+again, unless the options its name does not show were changed since: beside an
+output of thumbnails (their count), transcode (its quality and preset) or a custom
+rule (its arguments), ``.<output>.options`` says what made it, in a line such as
+``transcode height=480 crf=23 preset='veryfast'``.  An output without one (made
+before fetch kept them) is taken as made with the rule's options of the run that
+finds it::
 
     >>> [t.output for t in plan_post([parse_post_spec("remux")], "a/b.MKV")]
     ['a/b.MKV/remux.mp4']
@@ -260,6 +265,60 @@ def _fresh(out: Path, changed_ns: int) -> bool:
         return False
 
 
+_OPTIONS_READ = {"thumbnails": ("count",), "transcode": ("crf", "preset"), "custom": ("args",)}
+"""What each action reads of its options and its output's name does not show (a
+thumbnails directory is named by its size, a transcode by its height: another value,
+another output). The actions missing here have no options."""
+
+
+def made_with(rule: PostRule) -> str | None:
+    """The line that says what made a ``rule``'s output (see the module's docstring), or
+    None for an action without options."""
+    read = _OPTIONS_READ.get(rule.action)
+    if read is None:
+        return None
+    o, shown = rule.options, []
+    if rule.action == "thumbnails":
+        shown.append(f"size={o.size[0]}x{o.size[1]}")
+    elif rule.action == "transcode":
+        shown.append(f"height={o.height}")
+    shown += [f"{k}={getattr(o, k)!r}" for k in read]
+    return " ".join([rule.action, *shown]) + "\n"
+
+
+def _options_file(out: Path) -> Path:
+    return out.with_name(f".{out.name}.options")
+
+
+def _same_options(out: Path, line: str | None) -> bool:
+    """Was the (fresh) output ``out`` made with the options ``line`` describes? Without a
+    record of them (made before records were kept) it is taken as made so, and one is
+    written: a change of the options from then on makes it again."""
+    if line is None:
+        return True
+    record = _options_file(out)
+    try:
+        return record.read_text(encoding="utf-8") == line
+    except FileNotFoundError:
+        _write_options(out, line)
+        return True
+    except (OSError, UnicodeDecodeError):
+        return False  # unreadable: made again, and the record with it
+
+
+def _write_options(out: Path, line: str | None) -> None:
+    if line is None:
+        return
+    record = _options_file(out)
+    tmp = record.with_name(f"{TMP_PREFIX}{os.getpid()}-{record.name}")
+    try:
+        tmp.write_text(line, encoding="utf-8")
+        os.replace(tmp, record)
+    except OSError:  # (the output stands; it is taken as made with these next time)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -284,7 +343,11 @@ def _sweep(parent: Path) -> None:
             and int(pid) != os.getpid()
             and not _pid_alive(int(pid))
         ):
-            shutil.rmtree(entry.path, ignore_errors=True)
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:  # an options record being written
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
 
 
 class PostPool:
@@ -364,7 +427,7 @@ class PostPool:
                     continue
                 if force:
                     self._remove(task)
-                elif _fresh(out, changed):
+                elif _fresh(out, changed) and _same_options(out, made_with(task.rule)):
                     self._counts["skipped"] += 1
                     skipped = PostOutcome(
                         rel,
@@ -493,9 +556,13 @@ class PostPool:
             self._remove(task)
 
     def _remove(self, task: PostTask) -> None:
-        # With the lock held: an output and the directories its removal leaves empty.
+        # With the lock held: an output, its options' record, and the directories their
+        # removal leaves empty.
+        out = self._derived / task.output
         with contextlib.suppress(OSError, UnsafePath):
-            _remove_below(self._derived, self._derived / task.output)
+            if made_with(task.rule) is not None:
+                _remove_below(self._derived, _options_file(out))
+            _remove_below(self._derived, out)
 
     def _argv(self, task: PostTask, src: Path, out: Path, outdir: Path) -> list[str]:
         o, action = task.rule.options, task.rule.action
@@ -582,3 +649,6 @@ class PostPool:
                 # into the temporary (removed with it).
                 os.replace(final, made.parent / ".old")
             os.replace(made, final)
+            # after the output: killed between the two, the new output keeps the old
+            # record and is made once more (never an old output with a new record)
+            _write_options(final, made_with(task.rule))

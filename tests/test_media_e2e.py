@@ -361,8 +361,9 @@ def test_a_rerun_of_an_unchanged_mirror_runs_no_ffmpeg(
     first = run_fetch(*args)
     assert first.code == 0, first
     made = mtimes(derived)
-    # sub/, and per clip: its directory, thumbnails-160x90/, 2 JPEGs, probe.ok
-    assert len(made) == 1 + 2 * (1 + 1 + 2 + 1)
+    # sub/, and per clip: its directory, thumbnails-160x90/, 2 JPEGs, the record of their
+    # options (.thumbnails-160x90.options), probe.ok
+    assert len(made) == 1 + 2 * (1 + 1 + 2 + 1 + 1)
 
     # The second run finds a wrapper first on PATH that logs every invocation.
     calls = tmp_path / "calls.log"

@@ -35,11 +35,13 @@ from fetcher.postprocess import (
     AUDIO_GLOBS,
     VIDEO_GLOBS,
     PostCounts,
+    PostOptions,
     PostOutcome,
     PostPool,
     PostRule,
     PostStatus,
     check_derived,
+    made_with,
     needs_ffmpeg,
     parse_post_spec,
     plan_post,
@@ -1041,3 +1043,70 @@ def test_a_ts_file_that_is_not_a_transport_stream_is_not_media(tree: tuple[Path,
         outcomes = pool.close()
     assert [(o.rel, o.status) for o in outcomes] == [("videos/clip.ts", PostStatus.DONE)]
     assert not (derived / "src").exists()
+
+
+def test_what_made_an_output_names_the_options_its_name_does_not() -> None:
+    assert made_with(parse_post_spec("transcode")) == (
+        "transcode height=480 crf=23 preset='veryfast'\n"
+    )
+    assert made_with(PostRule("thumbnails", ("*.mp4",), PostOptions(size=(320, 180), count=4))) == (
+        "thumbnails size=320x180 count=4\n"
+    )
+    custom = PostRule("custom", ("*.mp4",), PostOptions(args=("-i", "{input}", "{output}")))
+    assert made_with(custom) == "custom args=('-i', '{input}', '{output}')\n"
+    assert [made_with(parse_post_spec(a)) for a in ("probe", "remux", "audio")] == [None] * 3
+
+
+@needs_ff
+def test_an_output_is_made_again_when_its_options_change(tree: tuple[Path, Path]) -> None:
+    """A transcode's quality or the thumbnails' count changed in the config, not the
+    source: the outputs were kept as fresh, made with the old options, run after run."""
+    derived = tree[1]
+
+    def thumbnails(count: int) -> list[PostRule]:
+        return [PostRule("thumbnails", ("*.mp4",), PostOptions(count=count))]
+
+    runs = Counting()
+    with _pool(tree, thumbnails(2), runner=runs) as pool:
+        assert pool.submit("videos/clip.mp4") == 1
+        [made] = pool.close()
+    assert made.status == PostStatus.DONE, made.error
+    out = derived / "videos/clip.mp4/thumbnails-160x90"
+    record = derived / "videos/clip.mp4/.thumbnails-160x90.options"
+    assert record.read_text() == "thumbnails size=160x90 count=2\n"
+    assert made.outputs == tuple(
+        f"videos/clip.mp4/thumbnails-160x90/{p.name}" for p in sorted(out.iterdir())
+    )
+
+    with _pool(tree, thumbnails(2), runner=runs) as pool:  # the same options: fresh
+        assert pool.submit("videos/clip.mp4") == 0
+        pool.close()
+    assert len(runs.calls) == 1
+
+    with _pool(tree, thumbnails(3), runner=runs) as pool:  # another count: made again
+        assert pool.submit("videos/clip.mp4") == 1
+        [again] = pool.close()
+    assert again.status == PostStatus.DONE and len(runs.calls) == 2
+    assert record.read_text() == "thumbnails size=160x90 count=3\n"
+    assert [c[c.index("-frames:v") + 1] for c in runs.calls] == ["2", "3"]
+
+    # Made before records were kept: taken as made with this run's options, and recorded.
+    record.unlink()
+    with _pool(tree, thumbnails(4), runner=runs) as pool:
+        assert pool.submit("videos/clip.mp4") == 0
+        pool.close()
+    assert len(runs.calls) == 2 and record.read_text() == "thumbnails size=160x90 count=4\n"
+    with _pool(tree, thumbnails(2), runner=runs) as pool:
+        assert pool.submit("videos/clip.mp4") == 1
+        pool.close()
+    assert len(runs.calls) == 3
+
+    # A source fetched again (forced) whose remake fails: neither output nor record is left.
+    def failing(argv: Sequence[str], timeout: float, stop: threading.Event | None) -> RunResult:
+        return RunResult(1, "boom", 0.0)
+
+    with _pool(tree, thumbnails(2), runner=failing) as pool:
+        assert pool.submit("videos/clip.mp4", force=True) == 1
+        [failed] = pool.close()
+    assert failed.status == PostStatus.FAILED
+    assert not out.exists() and not record.exists()
