@@ -271,6 +271,10 @@ def write_metrics(
 ) -> None:
     """A Prometheus textfile for node_exporter's textfile collector, written atomically.
 
+    Each series is labelled ``mirror`` with its job's name (the start URL without a
+    config), not ``job``: Prometheus gives every series it scrapes the ``job`` of its
+    scrape (node_exporter's) and renames one the target exposes to ``exported_job``.
+
     ``others``: this run is some of a config's jobs (``--job``), and the old file's series
     of the other jobs are kept as they were (a timer per job can share one file)."""
     metrics: list[tuple[str, str, str, list[tuple[str, float]]]] = [
@@ -313,13 +317,18 @@ def write_metrics(
     lines: list[str] = []
     for name, kind, help_, samples in metrics:
         lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}"]
-        lines += [f'{name}{{job="{j}"}} {v:.17g}' for j, v in samples]
+        lines += [f'{name}{{{LABEL}="{j}"}} {v:.17g}' for j, v in samples]
     _atomic_write(path, "\n".join(lines) + "\n")
+
+
+LABEL = "mirror"
+"""The label naming a job in ``--metrics`` (see :func:`write_metrics`)."""
 
 
 def _previous(path: Path) -> dict[tuple[str, str], float]:
     """The old file's samples by (metric, job label): a job's last success time is kept
-    across failed runs, and every series of a job across a skipped one.
+    across failed runs, and every series of a job across a skipped one. A file written
+    before the label was ``mirror`` (it was ``job``) is read as well.
 
     Only a regular file has an old text: a FIFO or ``/dev/stdout``, opened to be read,
     would wait for a writer (or for this run's own output) for ever."""
@@ -331,8 +340,12 @@ def _previous(path: Path) -> dict[tuple[str, str], float]:
     except OSError:
         return out
     for line in text.splitlines():
-        metric, sep, rest = line.partition('{job="')
-        if not sep or line.startswith("#"):
+        if line.startswith("#"):
+            continue
+        metric, sep, rest = line.partition(f'{{{LABEL}="')
+        if not sep:
+            metric, sep, rest = line.partition('{job="')
+        if not sep:
             continue
         job, _, value = rest.rpartition('"} ')
         try:

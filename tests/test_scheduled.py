@@ -56,7 +56,7 @@ def test_two_jobs_one_fails(tmp_path: Path, run_fetch) -> None:
 
     parser = pytest.importorskip("prometheus_client.parser")
     samples = {
-        (s.name, s.labels["job"]): s.value
+        (s.name, s.labels["mirror"]): s.value
         for fam in parser.text_string_to_metric_families(metrics.read_text())
         for s in fam.samples
     }
@@ -83,12 +83,38 @@ def test_metrics_of_one_job_keep_the_other_jobs_series(tmp_path: Path, run_fetch
             r = run_fetch("--config", cfg, "--job", job, "--procs", "1", "--metrics", metrics)
             assert r.code == 0, r
         text = metrics.read_text()
-        assert 'fetch_exit_code{job="a"} 0' in text and 'fetch_exit_code{job="b"} 0' in text
+        assert 'fetch_exit_code{mirror="a"} 0' in text and 'fetch_exit_code{mirror="b"} 0' in text
         assert text.count("# TYPE fetch_exit_code gauge") == 1, text
         cfg.write_text(f'[jobs.b]\nurl = "{srv.url}b/"\n')
         assert run_fetch("--config", cfg, "--procs", "1", "--metrics", metrics).code == 0
     text = metrics.read_text()
-    assert 'job="a"' not in text and 'fetch_exit_code{job="b"} 0' in text, text
+    assert 'mirror="a"' not in text and 'fetch_exit_code{mirror="b"} 0' in text, text
+
+
+def test_metrics_label_jobs_mirror_and_read_the_old_job_label(tmp_path: Path, run_fetch) -> None:
+    """Prometheus gives every scraped series the ``job`` of its scrape (node_exporter's):
+    a ``job`` label in the textfile came out as ``exported_job``, and an alert written
+    against ``job="a"`` matched nothing. A file of the old label keeps its job's last
+    success across the first failing run of the new one."""
+    cfg, metrics = tmp_path / "m.toml", tmp_path / "m.prom"
+    metrics.write_text(
+        "# TYPE fetch_last_success_timestamp_seconds gauge\n"
+        'fetch_last_success_timestamp_seconds{job="a"} 1700000000\n'
+        'fetch_exit_code{job="a"} 0\n'
+    )
+    with FaultServer(root=tmp_path / "www") as srv:
+        cfg.write_text(f'[jobs.a]\nurl = "{srv.url}missing/"\nretries = 1\n')
+        r = run_fetch("--config", cfg, "--procs", "1", "--metrics", metrics)
+    assert r.code == 1, r
+    parser = pytest.importorskip("prometheus_client.parser")
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in parser.text_string_to_metric_families(metrics.read_text())
+        for s in fam.samples
+    }
+    assert samples[("fetch_exit_code", (("mirror", "a"),))] == 1
+    assert samples[("fetch_last_success_timestamp_seconds", (("mirror", "a"),))] == 1700000000
+    assert all(labels == (("mirror", "a"),) for _, labels in samples), samples
 
 
 def test_job_selection(tmp_path: Path, run_fetch) -> None:
@@ -376,7 +402,7 @@ def test_a_stop_while_the_run_starts_is_reported(tmp_path: Path, run_fetch) -> N
     assert proc.returncode == 130, out.decode(errors="replace")
     job = json.loads(report.read_text())["jobs"][0]
     assert job["interrupted"] is True and job["exit_code"] == 130, job
-    assert 'fetch_exit_code{job="' in metrics.read_text()
+    assert 'fetch_exit_code{mirror="' in metrics.read_text()
     assert b"Traceback" not in out
 
 

@@ -292,7 +292,7 @@ def test_metrics_go_through_a_fifo_and_to_dev_stdout(tmp_path: Path) -> None:
                 assert b"Traceback" not in err, err
                 if target == fifo:
                     out = os.read(held, 1 << 20)
-                assert b'fetch_exit_code{job="' in out, out
+                assert b'fetch_exit_code{mirror="' in out, out
     finally:
         os.close(held)
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
@@ -306,4 +306,4 @@ def test_metrics_over_a_damaged_old_file_are_written(tmp_path: Path, run_fetch) 
         r = run_fetch("--mirror", srv.url, "--dest", tmp_path / "d", "--procs", "1",
                       "--metrics", metrics)  # fmt: skip
     assert r.code == 0, r.output
-    assert 'fetch_exit_code{job="' in metrics.read_text()
+    assert 'fetch_exit_code{mirror="' in metrics.read_text()
