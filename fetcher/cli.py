@@ -560,6 +560,29 @@ def _one_file(a: Path | None, b: Path | None) -> bool:
 _RUN_STOP: threading.Event | None = None
 """The stop event of the run under way (``_run_one``), which :func:`_on_sigterm` sets."""
 
+_STOPPED_EARLY = False
+"""A stop signal came while fetch loaded (:mod:`fetcher.console`): the first job is
+interrupted as it starts."""
+
+
+def _take_over_early() -> dict[signal.Signals, Any]:
+    """The stop signals :mod:`fetcher.console` noted while fetch loaded: from now on they
+    raise as Ctrl-C does (:func:`_on_sigterm`); one that came already stops the first job
+    as it starts (:data:`_STOPPED_EARLY`). Returns the dispositions to restore at the end."""
+    global _STOPPED_EARLY
+    from fetcher.console import early_stops
+
+    early, caught = early_stops()
+    if not caught or not _main_thread():
+        return {}
+    taken = {sig: signal.SIG_DFL for sig in caught}
+    for sig in caught:
+        signal.signal(sig, _on_sigterm)
+    caught.clear()
+    _STOPPED_EARLY = bool(early)
+    early.clear()
+    return taken
+
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     # systemd stops a unit with SIGTERM, a closed terminal (ssh gone) sends SIGHUP: treat
@@ -607,6 +630,17 @@ def main(argv: Sequence[str] | None = None, console: Console | None = None) -> i
     if console is None:
         console = cast("Console", _LazyConsole())
     err = _err_console(console)
+    taken = _take_over_early()
+    try:
+        return _main(argv, console, err, taken)
+    finally:
+        global _STOPPED_EARLY
+        _STOPPED_EARLY = False
+        for sig, handler in taken.items():
+            signal.signal(sig, handler)
+
+
+def _main(argv: list[str], console: Console, err: Console, taken: dict[signal.Signals, Any]) -> int:
     if argv[:1] == ["demo"]:
         from fetcher.demo import demo_main
 
@@ -628,6 +662,8 @@ def main(argv: Sequence[str] | None = None, console: Console | None = None) -> i
                 raise _stray(ns.url, "--verify-only takes one DEST")
             if ns.mirror or ns.config:
                 raise UsageError("--verify-only checks a DEST on its own: no --mirror or --config")
+            if _STOPPED_EARLY:
+                raise KeyboardInterrupt  # (stopped while fetch loaded: nothing read yet)
             return _verify_only(ns.verify_only, console)
         jobs = _checked_jobs(ns)
     except FetchError as exc:
@@ -653,9 +689,10 @@ def main(argv: Sequence[str] | None = None, console: Console | None = None) -> i
         _print_error(err, exc)
         return exc.exit_code
     stops = [signal.SIGTERM]
-    if signal.getsignal(signal.SIGHUP) is signal.SIG_DFL:  # (nohup: left ignored)
-        stops.append(signal.SIGHUP)
+    if signal.SIGHUP in taken or signal.getsignal(signal.SIGHUP) is signal.SIG_DFL:
+        stops.append(signal.SIGHUP)  # (nohup: left ignored)
     old = {sig: signal.signal(sig, _on_sigterm) for sig in stops} if _main_thread() else {}
+    old.update(taken)  # (the dispositions the console script found)
     results: list[tuple[str | None, Summary]] = []
     stopped = False
     try:
@@ -710,8 +747,11 @@ def _run_one(job: MirrorJob, ns: argparse.Namespace, console: Console, err: Cons
     reporter = _make_reporter(ns, console, log, name)
     SYNCING.set()
     problem: FetchError | None = None
-    global _RUN_STOP
+    global _RUN_STOP, _STOPPED_EARLY
     try:
+        if _STOPPED_EARLY:
+            _STOPPED_EARLY = False
+            raise KeyboardInterrupt  # (as if it came now: nothing done, the run reported)
         from fetcher.pipeline import mirror
 
         _RUN_STOP = threading.Event()  # one per job: a run sets its own as it ends
@@ -816,7 +856,7 @@ def _main_thread() -> bool:
 
 
 def entry() -> None:
-    """The console script."""
+    """What the console script runs once :mod:`fetcher.console` has loaded."""
     from fetcher.stdio import guard_std_streams
 
     guard_std_streams()  # output that cannot be written is dropped; the run goes on

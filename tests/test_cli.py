@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import os
 import re
 import shlex
@@ -468,6 +469,46 @@ def test_a_sigterm_that_lands_in_a_finalizer_still_stops_the_run(tmp_path: Path)
     assert "Exception ignored in" in out  # (the situation this test is about)
     assert proc.returncode == 130, out
     assert "interrupted" in out, out
+
+
+_STOPPED_WHILE_LOADING = """
+import os, signal, sys
+import fetcher.console as console
+
+console.catch_early()  # what the console script does first
+os.kill(os.getpid(), int(sys.argv.pop(1)))  # as if it came while the rest of fetch loads
+sys.argv[0] = "fetch"
+console.run()
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["sigterm", "hangup"])
+def test_a_stop_while_fetch_loads_ends_as_an_interrupted_run_with_its_report(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    """A timer's stop (SIGTERM) in fetch's first tenth of a second, while its modules
+    load, ended the process at once: exit 143 (129 for SIGHUP), no report, no metrics, an
+    alert's last-run time left as it was. Now the run is reported as interrupted, exit
+    130, and nothing was asked of the mirror."""
+    www = tmp_path / "www"
+    www.mkdir()
+    (www / "a.bin").write_bytes(b"a" * 4000)
+    dest, report, metrics = tmp_path / "d", tmp_path / "r.json", tmp_path / "m.prom"
+    with FaultServer(root=www) as srv:
+        argv = [sys.executable, "-c", _STOPPED_WHILE_LOADING, str(int(sig)), "--mirror",
+                srv.url, "--dest", str(dest), "--procs", "1", "--report", str(report),
+                "--metrics", str(metrics)]  # fmt: skip
+        proc = subprocess.run(argv, cwd=Path(__file__).resolve().parent.parent,
+                              capture_output=True, timeout=60, start_new_session=True,
+                              check=False)  # fmt: skip
+        asked = srv.count()
+    out = proc.stdout.decode(errors="replace") + proc.stderr.decode(errors="replace")
+    assert proc.returncode == 130, out
+    assert "Traceback" not in out and "interrupted" in out, out
+    [job] = json.loads(report.read_text())["jobs"]
+    assert job["interrupted"] is True and job["exit_code"] == 130, job
+    assert "fetch_exit_code{mirror=" in metrics.read_text()
+    assert asked == 0 and not (dest / "a.bin").exists()
 
 
 def test_under_nohup_a_hangup_does_not_stop_the_run(tmp_path: Path) -> None:
