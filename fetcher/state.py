@@ -157,6 +157,24 @@ def _where_in(db: sqlite3.Connection, head: str, first: Sequence[Any], keys: Seq
         db.execute(f"{head} IN ({','.join('?' * len(chunk))})", [*first, *chunk])
 
 
+def _storable(paths: list[str]) -> list[str]:
+    """``paths`` but those that are not UTF-8 (local names, their bytes kept as surrogate
+    escapes): SQLite cannot take them, and no row holds one (``rel_path`` refuses them)."""
+    try:
+        "".join(paths).encode("utf-8")
+    except UnicodeEncodeError:
+        return [p for p in paths if _utf8(p)]
+    return paths
+
+
+def _utf8(path: str) -> bool:
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 _HELD: set[int] = set()  # descriptors of the run locks this process holds
 
 
@@ -519,6 +537,9 @@ class State:
     def seen_among(self, run_id: int, paths: list[str]) -> set[str]:
         """Which of ``paths`` run ``run_id`` saw upstream (one query)."""
         self.flush()
+        paths = _storable(paths)
+        if not paths:
+            return set()
         marks = ",".join("?" * len(paths))
         # By path (the primary key); schema 1's last_seen index, which SQLite would pick
         # and then read every row this run saw for each batch, is kept out by the unary +
@@ -569,6 +590,7 @@ class State:
 
     @_damage_is_fatal
     def forget(self, paths: list[str]) -> None:
+        paths = _storable(paths)
         if self.readonly or not paths:
             return
         with self._db:

@@ -554,6 +554,32 @@ def test_vanished_files_are_the_same_read_at_once_or_in_batches(
     _assert_same(dest, src)
 
 
+@pytest.mark.parametrize("rows_at_once", [20_000, 3])
+def test_a_stray_whose_name_is_not_utf8_is_counted_and_deleted(
+    mirrored: Any,
+    tmp_path: Path,
+    run_fetch: RunFetch,
+    monkeypatch: pytest.MonkeyPatch,
+    rows_at_once: int,
+) -> None:
+    # A local file no fetch made (left by another tool) whose name's bytes are not UTF-8:
+    # its path, surrogate-escaped, went into the state's queries, which cannot encode it.
+    # The run ended in a traceback, every --delete run after it too, with nothing deleted.
+    monkeypatch.setattr("fetcher.state.ROWS_AT_ONCE", rows_at_once)
+    srv, src, dest, files = mirrored
+    (src / files[0]).unlink()
+    stray = os.fsdecode(b"d000/stray\xff\xfe.bin")
+    (dest / stray).write_bytes(b"not upstream, never fetched")
+    report = tmp_path / "report.json"
+    r = run_fetch("--mirror", srv.url, "--dest", dest, "--report", report)
+    assert r.code == 0, r
+    assert _report(report)["vanished"] == 2
+    r = run_fetch("--mirror", srv.url, "--dest", dest, "--delete", "--force", "--report", report)
+    assert r.code == 0, r
+    assert sorted(_report(report)["deleted"]) == sorted([files[0], stray])
+    _assert_same(dest, src)
+
+
 def test_delete_guard_refuses_half_the_tree_unless_forced(
     mirrored: Any, tmp_path: Path, run_fetch: RunFetch
 ) -> None:
