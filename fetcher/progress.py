@@ -99,7 +99,12 @@ class LineReporter(Reporter):
     def _emit(self, kind: str, text: str, **fields: Any) -> None:
         if self.fmt == "json":
             rec = {"ts": round(time.time(), 3), "event": kind, "job": self.job, **fields}
-            self.stream.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            line = json.dumps(rec, ensure_ascii=False)
+            try:
+                line.encode("utf-8")
+            except UnicodeEncodeError:  # a name that is not UTF-8 (its bytes as surrogates)
+                line = json.dumps(rec)  # as \udcXX escapes: still JSON, nothing lost
+            self.stream.write(line + "\n")
         else:
             name = f"{self.job}: " if self.job else ""
             self.stream.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {name}{text}\n")

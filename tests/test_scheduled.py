@@ -546,6 +546,28 @@ def test_every_log_line_of_a_config_run_names_its_job(tmp_path: Path, run_fetch,
         assert [s.partition(":")[0] for s in said if "summary:" in s] == ["a", "b", "c"], said
 
 
+def test_a_json_log_keeps_its_summary_when_a_name_is_not_utf8(tmp_path: Path, run_fetch) -> None:
+    """A DEST, or a stray file --delete removes, whose name's bytes are not UTF-8: the
+    summary event (its ``dest``, its ``deleted``) could not be written to the UTF-8 log,
+    which was given up ("cannot write --log-file") and ended without it. The report
+    writes such a name as JSON's ``\\udcXX`` escapes; the log now does too."""
+    _tree(tmp_path / "www", n=2)
+    dest = os.fsdecode(os.fsencode(str(tmp_path)) + b"/od\xff")
+    stray = os.fsdecode(b"stray\xfe")
+    log = tmp_path / "run.log"
+    with FaultServer(root=tmp_path / "www") as srv:
+        assert run_fetch("--mirror", srv.url, "--dest", dest, "--procs", "1").code == 0
+        (Path(dest) / stray).write_bytes(b"not upstream")
+        args = ["--mirror", srv.url, "--dest", dest, "--delete", "--force"]
+        r = run_fetch(*args, "--log-file", log, "--log-format", "json")
+    assert r.code == 0, r
+    events = [json.loads(line) for line in log.read_text("utf-8").splitlines()]
+    summary = events[-1]
+    assert summary["event"] == "summary", events
+    assert summary["dest"] == dest and summary["deleted"] == [stray], summary
+    assert not (Path(dest) / stray).exists()
+
+
 def _unit(path: Path) -> dict[str, list[str]]:
     """A systemd unit's ``Key=value`` settings (every section), each key's values in order."""
     out: dict[str, list[str]] = {}
