@@ -6,7 +6,8 @@ The start URL is the archive root (the directory holding ``dists/`` and
 ``Release`` names, one ``Packages`` index (``.xz``, ``.gz``, ``.bz2``, plain:
 the first the server has) is fetched, checked against ``Release``'s SHA256
 section, and read: every ``Filename`` is yielded with its ``Size`` and
-``SHA256``.  Then the index files of those directories that the server has and
+``SHA256``.  Then the index files of those directories that the server has (and
+their ``by-hash/SHA256/`` copies when ``Release`` says ``Acquire-By-Hash: yes``) and
 ``Release`` / ``InRelease`` / ``Release.gpg`` themselves, which the pipeline
 publishes last.  GPG signatures are mirrored, not checked.
 """
@@ -150,11 +151,19 @@ def _suite(src: IndexSource, suite: Suite, seen: set[str]) -> Iterator[CrawlItem
             if listed:
                 raise ListingError(f"none of {', '.join(listed)} found below {base}")
     # The index files themselves: those of the directories read, that the server has.
+    # With "Acquire-By-Hash: yes" apt asks for each by its digest instead (DIR/by-hash/
+    # SHA256/DIGEST), not by its name: those copies too, or every client meets a 404.
+    by_hash = rel.fields.get("Acquire-By-Hash", "").strip().lower() == "yes"
+    hashed: set[str] = set()
     for name, (digest, size) in sorted(rel.sha256.items()):
         if not any(name.startswith(d) for d in index_dirs) or "/by-hash/" in name:
             continue
         if _exists(src, base + name):
             yield from src.file(base + name, size, ("sha256", digest))
+        copy = f"{name.rpartition('/')[0]}/by-hash/SHA256/{digest}"
+        if by_hash and copy not in hashed and _exists(src, base + copy):
+            hashed.add(copy)
+            yield from src.file(base + copy, size, ("sha256", digest))
     for f in _RELEASE_FILES:
         if f in suite.copies:
             body = suite.copies[f]

@@ -457,6 +457,44 @@ def test_inrelease_clear_signed_is_parsed() -> None:
     }
 
 
+def test_debian_by_hash_copies_of_the_indices_are_mirrored() -> None:
+    """A ``Release`` with ``Acquire-By-Hash: yes`` sends apt to ``DIR/by-hash/SHA256/DIGEST``
+    for each index, not to its name. They were left out, and the mirror published that
+    ``Release`` without them: every client met a 404 on ``apt update``. The copies the
+    server has come with the index files, with their size and digest."""
+    deb = b"a package"
+    packages = (
+        f"Package: a\nFilename: pool/main/a/a_1_all.deb\nSize: {len(deb)}\n"
+        f"SHA256: {hashlib.sha256(deb).hexdigest()}\n\n"
+    ).encode()
+    xz, gz = lzma.compress(packages), gzip.compress(packages)
+    sums = "".join(
+        f" {hashlib.sha256(b).hexdigest()} {len(b)} main/binary-amd64/{n}\n"
+        for n, b in (("Packages", packages), ("Packages.gz", gz), ("Packages.xz", xz))
+    )
+    release = (
+        "Suite: stable\nComponents: main\nArchitectures: amd64\nAcquire-By-Hash: yes\n"
+        f"SHA256:\n{sums}"
+    ).encode()
+    d = "dists/stable/main/binary-amd64/"
+    files = {
+        "dists/": b'<html><body><a href="stable/">stable/</a></body></html>',
+        "dists/stable/Release": release,
+        d + "Packages.xz": xz,
+        d + "Packages.gz": gz,
+        d + f"by-hash/SHA256/{hashlib.sha256(xz).hexdigest()}": xz,
+        d + f"by-hash/SHA256/{hashlib.sha256(gz).hexdigest()}": gz,
+        "pool/main/a/a_1_all.deb": deb,
+    }
+    got = {i.path: i for i in mock_index(files, "debian") if isinstance(i, RemoteFile)}
+    assert set(got) == set(files) - {"dists/"}
+    for path, body in files.items():
+        if "/by-hash/" in path:
+            f = got[path]  # type: ignore[index]
+            assert f.size == len(body)
+            assert f.checksum == ("sha256", hashlib.sha256(body).hexdigest())
+
+
 def test_auto_takes_a_refused_or_soft_404_probe_for_no_repository() -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         path = request.url.path
