@@ -6,6 +6,7 @@ pick; each run must leave DEST a consistent mirror (the old state or the new one
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
 import os
 import shutil
@@ -17,6 +18,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from tests.faultserver import Fault, FaultServer
 from tests.trees import tree_manifest
@@ -146,6 +149,119 @@ def test_an_index_rewritten_upstream_after_the_files_it_names_is_not_published(
         r = run_fetch("--mirror", srv.url, "--dest", dest, "--delete")
     assert r.code == 0, r.output
     assert tree_manifest(dest) == tree_manifest(www)
+
+
+def _packages_naming(*debs: str) -> bytes:
+    return "".join(f"Package: {d}\nFilename: pool/{d}/{d}.deb\nSize: 9\n\n" for d in debs).encode()
+
+
+def _primary_naming(*rpms: str) -> bytes:
+    entries = "".join(
+        f'<package type="rpm"><name>{r}</name><size package="9"/>'
+        f'<location href="pool/{r}/{r}.rpm"/></package>'
+        for r in rpms
+    )
+    xml = f'<metadata xmlns="http://linux.duke.edu/metadata/common">{entries}</metadata>'
+    return gzip.compress(xml.encode(), mtime=0)
+
+
+@pytest.mark.parametrize("kind", ["yum"])
+def test_an_index_naming_a_package_added_after_its_directory_was_listed_is_not_published(
+    tmp_path: Path, run_fetch: RunFetch, kind: str
+) -> None:
+    """Upstream adds a package (``pool/b/``) and the new ``primary`` / ``Packages.gz``
+    naming it after the run listed ``pool/`` but before it listed the metadata. The new
+    ``repomd.xml`` / ``Release`` named a ``primary`` / ``Packages.gz`` DEST held, and was
+    published: the run said 0, and every client installing the new package met a 404.
+    The packages the new list names are looked for as well."""
+    www = tmp_path / "www"
+    (www / "pool" / "a").mkdir(parents=True)
+    (www / "dists" / "stable" / "main" / "binary-amd64").mkdir(parents=True)
+    (www / "repodata").mkdir()
+    (www / "pool" / "a" / f"a.{'rpm' if kind == 'yum' else 'deb'}").write_bytes(b"package a")
+
+    def publish(*names: str) -> None:
+        if kind == "yum":
+            _yum(www, _primary_naming(*names))
+        else:
+            _debian(www, _packages_naming(*names))
+
+    publish("a")
+    _age(www)
+    dest = tmp_path / "d"
+    listing = "/repodata/" if kind == "yum" else "/dists/stable/main/binary-amd64/"
+    with FaultServer(root=www) as srv:
+        assert run_fetch("--mirror", srv.url, "--dest", dest).code == 0
+        old = tree_manifest(dest)
+
+        def add_b() -> None:
+            (www / "pool" / "b").mkdir()
+            (www / "pool" / "b" / f"b.{'rpm' if kind == 'yum' else 'deb'}").write_bytes(
+                b"package b"
+            )
+            publish("a", "b")
+            _age(www, OLD + 7200)
+
+        # the metadata's listing is answered once pool/ was listed
+        gate = threading.Event()
+        srv.reset_stats()
+        srv.script(listing, [Fault.gated(gate)])
+
+        def when_listed() -> None:
+            try:
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:
+                    if any(q.path == "/pool/" and q.finished for q in srv.requests):
+                        add_b()
+                        break
+                    time.sleep(0.01)
+            finally:
+                gate.set()
+
+        th = threading.Thread(target=when_listed, daemon=True)
+        th.start()
+        try:  # (listings one per request: none waits in line behind the gated one)
+            r = run_fetch("--mirror", srv.url, "--dest", dest, "--pipeline", "1")
+        finally:
+            gate.set()
+            th.join(timeout=60)
+        assert r.code == 1, r.output
+        assert "not published" in r.output and "which names pool/b/b." in r.output, r.output
+        assert tree_manifest(dest) == old
+        r = run_fetch("--mirror", srv.url, "--dest", dest, "--delete", "--force")
+    assert r.code == 0, r.output
+    assert tree_manifest(dest) == tree_manifest(www)
+
+
+def test_a_release_whose_packages_name_a_package_dest_lacks_is_not_published(
+    tmp_path: Path,
+) -> None:
+    """The same check for a ``Release``: the ``Packages`` list it names (one form per
+    directory read) names a package DEST lacks or holds with another size."""
+    from fetcher.config import Transfer
+    from fetcher.repo_refs import disagreement
+
+    dest = tmp_path / "d"
+    packages = gzip.compress(_packages_naming("a", "b"), mtime=0)
+    index = dest / "dists/stable/main/binary-amd64/Packages.gz"
+    index.parent.mkdir(parents=True)
+    index.write_bytes(packages)
+    (dest / "pool" / "a").mkdir(parents=True)
+    (dest / "pool" / "a" / "a.deb").write_bytes(b"package a")
+    t = Transfer(dest=str(dest), root="http://mirror.test/")
+    release = _release(packages)
+    why = disagreement("dists/stable/Release", release, t)
+    assert why is not None and "which names pool/b/b.deb, which is not in DEST" in why, why
+    (dest / "pool" / "b").mkdir()
+    (dest / "pool" / "b" / "b.deb").write_bytes(b"short")
+    why = disagreement("dists/stable/Release", release, t)
+    assert why is not None and "pool/b/b.deb, which has 5 bytes in DEST, not 9" in why, why
+    (dest / "pool" / "b" / "b.deb").write_bytes(b"package b")
+    assert disagreement("dists/stable/Release", release, t) is None
+    assert disagreement("dists/stable/InRelease", release, t) is None
+    t = Transfer(dest=str(dest), root="http://mirror.test/", exclude=("pool/b",))
+    (dest / "pool" / "b" / "b.deb").unlink()
+    assert disagreement("dists/stable/Release", release, t) is None  # left out on purpose
 
 
 def test_an_index_naming_files_the_selection_leaves_out_is_published(
