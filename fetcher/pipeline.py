@@ -64,7 +64,15 @@ from fetcher.models import (
     WorkerFatal,
     names_digest,
 )
-from fetcher.plan import ListingClock, LocalFile, decide, is_metadata, publish_step, racy
+from fetcher.plan import (
+    ListingClock,
+    LocalFile,
+    decide,
+    is_metadata,
+    publish_step,
+    racy,
+    wanted,
+)
 from fetcher.procs import fork_safe, worker_context
 from fetcher.prune import drop_partials, local_files, prune
 from fetcher.shard import make_shards
@@ -799,6 +807,8 @@ def _publish_staged(run: _Run) -> None:
     if not staged:
         return
     if not s.failed:
+        _check_kept_tops(run, staged)
+    if not s.failed:
         _begin_publishing(run.dest, [o.path for o in staged])
         failed = _rename_all(run.dest, [o.path for o in staged])
         if failed is None:
@@ -820,6 +830,43 @@ def _publish_staged(run: _Run) -> None:
         for o in staged:
             if o.path not in failed_paths:
                 _failed_here(run, o.path, o.url, _NOT_PUBLISHED)
+
+
+def _check_kept_tops(run: _Run, staged: list[Outcome]) -> None:
+    """A ``Release`` / ``InRelease`` / ``repomd.xml`` in DEST that this run did not fetch
+    again stays as it is over the staged files: it must still agree with them. A
+    ``Packages.gz`` rewritten in place upstream after the run read its suite's listing
+    (the ``Release`` unchanged there) but before it read the index's own came alone, and
+    took its name under the old ``Release``, which names other bytes. Such a set fails
+    (``s.failed``): none of it is published, and the next run fetches both."""
+    from fetcher.repo_refs import disagreement
+
+    names = {o.path for o in staged}
+    tops: set[str] = set()
+    for path in names:
+        parts = path.split("/")
+        for i in range(len(parts)):
+            d = "/".join(parts[:i])
+            for top in ("Release", "InRelease", "repodata/repomd.xml"):
+                tops.add(f"{d}/{top}" if d else top)
+    t = run.job.transfer()
+    for top in sorted(tops - names):
+        if not wanted(top, False, t.include, t.exclude):
+            continue
+        try:
+            body = (run.dest / top).read_bytes()
+        except OSError:
+            continue  # none there (or not a file): nothing stands over the set
+        why = disagreement(top, body, replace(t, dest=str(run.dest)))
+        if why is not None:
+            o = next((o for o in staged if f"names {o.path}," in why), staged[0])
+            _failed_here(
+                run, o.path, o.url,
+                f"{o.path} not published: {top}, kept in DEST (not fetched again by this"
+                f" run), disagrees: {why} (rewritten upstream during the run?); the next"
+                " run fetches both",
+            )  # fmt: skip
+            return
 
 
 def _rename_all(dest: Path, paths: list[RelPath]) -> tuple[RelPath, str] | None:

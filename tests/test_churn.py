@@ -457,6 +457,55 @@ def test_an_index_updated_in_place_waits_for_the_release_that_names_it(
     assert (dest / "dists/stable/main/binary-amd64/Packages.gz").read_bytes() == b"P, third"
 
 
+def test_an_index_rewritten_after_its_release_was_listed_is_not_published_alone(
+    tmp_path: Path, run_fetch: RunFetch
+) -> None:
+    """Upstream rewrites ``Packages.gz`` and ``Release`` after the run listed
+    ``dists/stable/`` (``Release`` unchanged there: not fetched) but before it listed
+    ``binary-amd64/``. The new ``Packages.gz`` was fetched alone and took its name under
+    the old ``Release``, which names other bytes: the run said 0 and every client met a
+    hash mismatch. A ``Release`` kept in DEST must agree with the set published under it."""
+    www = tmp_path / "www"
+    (www / "dists" / "stable" / "main" / "binary-amd64").mkdir(parents=True)
+    _debian(www, b"Packages, first")
+    _age(www)
+    dest = tmp_path / "d"
+    with FaultServer(root=www) as srv:
+        assert run_fetch("--mirror", srv.url, "--dest", dest).code == 0
+        old = tree_manifest(dest)
+        gate = threading.Event()
+        srv.reset_stats()
+        srv.script("/dists/stable/main/binary-amd64/", [Fault.gated(gate)])
+
+        def after_the_suite_was_listed() -> None:
+            try:
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:
+                    if any(q.path == "/dists/stable/" and q.finished for q in srv.requests):
+                        _debian(www, b"Packages, later")
+                        _age(www, OLD + 7200)
+                        break
+                    time.sleep(0.01)
+            finally:
+                gate.set()
+
+        th = threading.Thread(target=after_the_suite_was_listed, daemon=True)
+        th.start()
+        try:  # (listings one per request: none waits in line behind the gated one)
+            r = run_fetch("--mirror", srv.url, "--dest", dest, "--pipeline", "1")
+        finally:
+            gate.set()
+            th.join(timeout=60)
+        assert srv.count(path="/dists/stable/Release") == 0  # (the case: not fetched again)
+        assert r.code == 1, r.output
+        assert "main/binary-amd64/Packages.gz not published: dists/stable/Release" in r.output
+        assert tree_manifest(dest) == old
+        assert not (dest / ".fetcher" / "staged").exists()
+        r = run_fetch("--mirror", srv.url, "--dest", dest)
+    assert r.code == 0, r.output
+    assert tree_manifest(dest) == tree_manifest(www)
+
+
 def test_staged_metadata_is_published_whole_or_not_at_all(
     tmp_path: Path, run_fetch: RunFetch
 ) -> None:
