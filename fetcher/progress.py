@@ -67,6 +67,18 @@ class Tally:
         return False
 
 
+def json_text(doc: Any, indent: int | None = None) -> str:
+    """``doc`` as JSON, its text as it is; with a name that is not UTF-8 in it (its bytes
+    kept as surrogates, which a UTF-8 file cannot take) as ``\\udcXX`` escapes instead:
+    still JSON, nothing lost."""
+    text = json.dumps(doc, indent=indent, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(doc, indent=indent)
+    return text
+
+
 class LineReporter(Reporter):
     """Unattended output: a status line every ``interval`` seconds and one per problem."""
 
@@ -99,12 +111,7 @@ class LineReporter(Reporter):
     def _emit(self, kind: str, text: str, **fields: Any) -> None:
         if self.fmt == "json":
             rec = {"ts": round(time.time(), 3), "event": kind, "job": self.job, **fields}
-            line = json.dumps(rec, ensure_ascii=False)
-            try:
-                line.encode("utf-8")
-            except UnicodeEncodeError:  # a name that is not UTF-8 (its bytes as surrogates)
-                line = json.dumps(rec)  # as \udcXX escapes: still JSON, nothing lost
-            self.stream.write(line + "\n")
+            self.stream.write(json_text(rec) + "\n")
         else:
             name = f"{self.job}: " if self.job else ""
             self.stream.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {name}{text}\n")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 import sys
@@ -12,7 +11,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from fetcher.models import Summary
-from fetcher.progress import human_bytes
+from fetcher.progress import human_bytes, json_text
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -254,12 +253,7 @@ def write_report(path: Path, summaries: list[tuple[str | None, Summary]]) -> Non
         "exit_code": exit_code([s for _, s in summaries]),
         "jobs": [summary_dict(s, n) for n, s in summaries],
     }
-    text = json.dumps(doc, indent=2, ensure_ascii=False)
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # a path that is not UTF-8 (its bytes kept as surrogates)
-        text = json.dumps(doc, indent=2)  # as \udcXX escapes: still JSON, nothing lost
-    _atomic_write(path, text + "\n")
+    _atomic_write(path, json_text(doc, indent=2) + "\n")
 
 
 def _label(v: str) -> str:

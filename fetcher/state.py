@@ -14,6 +14,7 @@ import fcntl
 import functools
 import json
 import os
+import re
 import shutil
 import sqlite3
 import tempfile
@@ -159,20 +160,14 @@ def _where_in(db: sqlite3.Connection, head: str, first: Sequence[Any], keys: Seq
 
 def _storable(paths: list[str]) -> list[str]:
     """``paths`` but those that are not UTF-8 (local names, their bytes kept as surrogate
-    escapes): SQLite cannot take them, and no row holds one (``rel_path`` refuses them)."""
-    try:
-        "".join(paths).encode("utf-8")
-    except UnicodeEncodeError:
-        return [p for p in paths if _utf8(p)]
-    return paths
+    escapes): SQLite cannot take them, and no row holds one (``rel_path`` refuses them).
+    A surrogate is the only thing that keeps a ``str`` from encoding as UTF-8."""
+    if "".join(paths).isascii():
+        return paths
+    return [p for p in paths if not _SURROGATE.search(p)]
 
 
-def _utf8(path: str) -> bool:
-    try:
-        path.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 _HELD: set[int] = set()  # descriptors of the run locks this process holds

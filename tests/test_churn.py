@@ -39,16 +39,26 @@ def _age(www: Path, when: float = OLD) -> None:
 
 @contextlib.contextmanager
 def _changed_when_asked(
-    srv: FaultServer, path: str, change: Callable[[], None]
+    srv: FaultServer, path: str, change: Callable[[], None], after: str | None = None
 ) -> Iterator[threading.Thread]:
-    """The next request for ``path`` waits while ``change()`` rewrites the served tree."""
+    """The next request for ``path`` waits while ``change()`` rewrites the served tree;
+    with ``after``, the change comes once ``after`` has been answered (and ``path``
+    waits until then)."""
     gate = threading.Event()
     srv.reset_stats()
     srv.script(path, [Fault.gated(gate)])
 
+    def answered(at: str) -> bool:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if any(q.path == at and q.finished for q in srv.requests):
+                return True
+            time.sleep(0.01)
+        return False
+
     def when_asked() -> None:
         try:
-            if srv.wait_for(1, path=path, timeout=60):
+            if answered(after) if after else srv.wait_for(1, path=path, timeout=60):
                 change()
         finally:
             gate.set()
@@ -203,28 +213,9 @@ def test_an_index_naming_a_package_added_after_its_directory_was_listed_is_not_p
             _age(www, OLD + 7200)
 
         # the metadata's listing is answered once pool/ was listed
-        gate = threading.Event()
-        srv.reset_stats()
-        srv.script(listing, [Fault.gated(gate)])
-
-        def when_listed() -> None:
-            try:
-                deadline = time.monotonic() + 60
-                while time.monotonic() < deadline:
-                    if any(q.path == "/pool/" and q.finished for q in srv.requests):
-                        add_b()
-                        break
-                    time.sleep(0.01)
-            finally:
-                gate.set()
-
-        th = threading.Thread(target=when_listed, daemon=True)
-        th.start()
-        try:  # (listings one per request: none waits in line behind the gated one)
+        with _changed_when_asked(srv, listing, add_b, after="/pool/"):
+            # (listings one per request: none waits in line behind the gated one)
             r = run_fetch("--mirror", srv.url, "--dest", dest, "--pipeline", "1")
-        finally:
-            gate.set()
-            th.join(timeout=60)
         assert r.code == 1, r.output
         assert "not published" in r.output and "which names pool/b/b." in r.output, r.output
         assert tree_manifest(dest) == old
@@ -473,29 +464,16 @@ def test_an_index_rewritten_after_its_release_was_listed_is_not_published_alone(
     with FaultServer(root=www) as srv:
         assert run_fetch("--mirror", srv.url, "--dest", dest).code == 0
         old = tree_manifest(dest)
-        gate = threading.Event()
-        srv.reset_stats()
-        srv.script("/dists/stable/main/binary-amd64/", [Fault.gated(gate)])
 
-        def after_the_suite_was_listed() -> None:
-            try:
-                deadline = time.monotonic() + 60
-                while time.monotonic() < deadline:
-                    if any(q.path == "/dists/stable/" and q.finished for q in srv.requests):
-                        _debian(www, b"Packages, later")
-                        _age(www, OLD + 7200)
-                        break
-                    time.sleep(0.01)
-            finally:
-                gate.set()
+        def rewritten() -> None:
+            _debian(www, b"Packages, later")
+            _age(www, OLD + 7200)
 
-        th = threading.Thread(target=after_the_suite_was_listed, daemon=True)
-        th.start()
-        try:  # (listings one per request: none waits in line behind the gated one)
+        with _changed_when_asked(
+            srv, "/dists/stable/main/binary-amd64/", rewritten, after="/dists/stable/"
+        ):
+            # (listings one per request: none waits in line behind the gated one)
             r = run_fetch("--mirror", srv.url, "--dest", dest, "--pipeline", "1")
-        finally:
-            gate.set()
-            th.join(timeout=60)
         assert srv.count(path="/dists/stable/Release") == 0  # (the case: not fetched again)
         assert r.code == 1, r.output
         assert "main/binary-amd64/Packages.gz not published: dists/stable/Release" in r.output
