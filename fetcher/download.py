@@ -427,7 +427,7 @@ def _attempt_into(ctx: _Ctx, job: Job, where: _Where, look: bool, out: _Out) -> 
             raise IncompleteDownload(
                 f"the partial file of {f.url} holds {on_disk} bytes where {size} came"
             )
-        _name_partial(ctx, where, part, mtime, f)
+        _name_partial(ctx, where, part, mtime, job)
         if resumable or offset:  # a sidecar was written, or this resume read one
             meta.unlink(missing_ok=True)
     return Outcome(
@@ -909,7 +909,7 @@ def _attempt_segmented_into(
         raise IncompleteDownload(f"{len(set(ranges) - finished)} ranges of {f.url} missing")
     last_mod = got.get("last-modified")
     mtime = _parse_last_modified(last_mod) or f.mtime
-    _name_partial(ctx, where, part, mtime, f)
+    _name_partial(ctx, where, part, mtime, job)
     meta.unlink(missing_ok=True)
     return Outcome(
         f.path,
@@ -940,12 +940,13 @@ def _read_back(f: RemoteFile) -> bool:
     return f.checksum is None and is_top_metadata(f.path)
 
 
-def _name_partial(ctx: _Ctx, where: _Where, part: Path, mtime: float | None, f: RemoteFile) -> None:
+def _name_partial(ctx: _Ctx, where: _Where, part: Path, mtime: float | None, job: Job) -> None:
     """The checked partial file takes its final name (and the server's time), atomically."""
+    f = job.file
     if _read_back(f):
         from fetcher.repo_refs import disagreement
 
-        why = disagreement(f.path, part.read_bytes(), ctx.t)
+        why = disagreement(f.path, part.read_bytes(), ctx.t, job.gone)
         if why is not None:
             _discard(where)
             raise StaleIndex(

@@ -360,6 +360,11 @@ class Job(msgspec.Struct, frozen=True):
     """Repository metadata: named under ``.fetcher/staged/`` once checked, not in place;
     the coordinator publishes the staged files together once the last is in (or drops
     them), so DEST never holds a new index under an older file that names it."""
+    gone: frozenset[str] = frozenset()
+    """A ``Release`` / ``InRelease``: the files below its directory that DEST holds and this
+    run did not find upstream. Such a ``Release`` names every form of its indices, the
+    uncompressed ``Packages`` too, which a mirror may stop carrying: a stale copy left in
+    DEST (until ``--delete``) is not the mirror's, and must not hold the suite back."""
 
 
 class Status(enum.StrEnum):

@@ -13,6 +13,7 @@ import errno
 import itertools
 import json
 import os
+import posixpath
 import queue
 import shutil
 import stat
@@ -74,7 +75,7 @@ from fetcher.plan import (
     wanted,
 )
 from fetcher.procs import fork_safe, worker_context
-from fetcher.prune import drop_partials, local_files, prune
+from fetcher.prune import below_any, drop_partials, local_files, not_seen, prune
 from fetcher.shard import make_shards
 from fetcher.state import ROWS_AT_ONCE, Row, RunLock, State
 from fetcher.transport import make_client, make_transport
@@ -774,7 +775,14 @@ def _loop(run: _Run) -> None:
                 # then their signatures (plan.publish_step); a step waits for the last
                 # and is held back if anything in it failed.
                 step = min(publish_step(j.file.path) for j in run.held)
-                _submit(run, [j for j in run.held if publish_step(j.file.path) == step])
+                _submit(
+                    run,
+                    [
+                        replace(j, gone=_gone_below(run, j.file.path, run.staged))
+                        for j in run.held
+                        if publish_step(j.file.path) == step
+                    ],
+                )
                 run.held = [j for j in run.held if publish_step(j.file.path) != step]
             continue
         # 3. events from the workers, and finished post-processing
@@ -857,7 +865,7 @@ def _check_kept_tops(run: _Run, staged: list[Outcome]) -> None:
             body = (run.dest / top).read_bytes()
         except OSError:
             continue  # none there (or not a file): nothing stands over the set
-        why = disagreement(top, body, replace(t, dest=str(run.dest)))
+        why = disagreement(top, body, replace(t, dest=str(run.dest)), _gone_below(run, top, staged))
         if why is not None:
             o = next((o for o in staged if f"names {o.path}," in why), staged[0])
             _failed_here(
@@ -867,6 +875,32 @@ def _check_kept_tops(run: _Run, staged: list[Outcome]) -> None:
                 " run fetches both",
             )  # fmt: skip
             return
+
+
+def _gone_below(run: _Run, top: str, staged: list[Outcome]) -> frozenset[str]:
+    """For a ``Release`` / ``InRelease`` (``Job.gone``): the files below its directory that
+    DEST holds and this run did not find upstream, as :func:`prune` finds vanished files.
+    Empty when the crawl may have missed some (``_crawl_clean``), and for a ``Release`` at
+    DEST's top (all of DEST is not walked for it): the check stays whole then. A file in
+    DEST that upstream dropped, and that the ``Release`` names as a form a mirror need not
+    carry (the uncompressed ``Packages``), no longer holds the suite back."""
+    directory = top.rpartition("/")[0]
+    if posixpath.basename(top) not in ("Release", "InRelease") or not directory:
+        return frozenset()
+    if not _crawl_clean(run):
+        return frozenset()
+    fetched = {o.path for o in staged}  # (their rows are written once they are published)
+    files = (f"{directory}/{rel}" for rel in local_files(run.dest / directory))
+    return frozenset(
+        not_seen(
+            files,
+            run.state,
+            run.run_id,
+            skip=lambda rel: (
+                rel in run.unchanged or rel in fetched or below_any(rel, run.uncrawled)
+            ),
+        )
+    )
 
 
 def _rename_all(dest: Path, paths: list[RelPath]) -> tuple[RelPath, str] | None:

@@ -15,7 +15,7 @@ from fetcher.models import STATE_DIR, RelPath, Summary
 from fetcher.plan import wanted
 from fetcher.state import State
 
-__all__ = ["drop_partials", "local_files", "prune"]
+__all__ = ["below_any", "drop_partials", "local_files", "not_seen", "prune"]
 
 
 def local_files(dest: Path, skip: Set[str] = frozenset()) -> Iterator[str]:
@@ -67,28 +67,19 @@ def prune(
         if job.delete:
             s.notices.append(f"--delete skipped: {blocked}")
         return
-    candidates: list[str] = []
-    batch: list[str] = []
-    # what the run saw, at once while it is small; else asked 500 local files at a time
-    seen = state.seen_in(run_id)
 
     def selected(rel: str, is_dir: bool) -> bool:  # (else never a candidate, nor its dir)
         return wanted(rel, is_dir, job.include, job.exclude) and not (
-            uncrawled and (rel in uncrawled or _below_any(rel, uncrawled))
+            uncrawled and (rel in uncrawled or below_any(rel, uncrawled))
         )
 
-    for rel in local_files(dest, new_dirs) if found is None else found:
-        if rel in unchanged or not selected(rel, False):
-            continue
-        if seen is not None:
-            if rel not in seen:
-                candidates.append(rel)
-            continue
-        batch.append(rel)
-        if len(batch) >= 500:
-            candidates += _not_seen(state, run_id, batch)
-            batch = []
-    candidates += _not_seen(state, run_id, batch)
+    candidates = not_seen(
+        local_files(dest, new_dirs) if found is None else found,
+        state,
+        run_id,
+        skip=lambda rel: rel in unchanged or not selected(rel, False),
+        seen=state.seen_in(run_id),
+    )
     if found is not None:
         # listed earlier: still a file of nobody's now (not one of this run's directories,
         # as a file upstream that became one is: see pipeline._Disk.add_dir)
@@ -205,7 +196,34 @@ def _empty_dirs(
     return out
 
 
-def _below_any(rel: str, dirs: Set[str]) -> bool:
+def not_seen(
+    files: Iterable[str],
+    state: State,
+    run_id: int,
+    *,
+    skip: Callable[[str], bool],
+    seen: Set[str] | None = None,
+) -> list[str]:
+    """Those of ``files`` (but the ``skip``ped) that run ``run_id`` did not see upstream:
+    not in ``seen`` (:meth:`State.seen_in`, when the state is small), else not marked in
+    the state, asked 500 at a time."""
+    candidates: list[str] = []
+    batch: list[str] = []
+    for rel in files:
+        if skip(rel):
+            continue
+        if seen is not None:
+            if rel not in seen:
+                candidates.append(rel)
+            continue
+        batch.append(rel)
+        if len(batch) >= 500:
+            candidates += _not_seen(state, run_id, batch)
+            batch = []
+    return candidates + _not_seen(state, run_id, batch)
+
+
+def below_any(rel: str, dirs: Set[str]) -> bool:
     """``rel`` is below one of ``dirs`` (relative paths)."""
     d = rel
     while "/" in d:

@@ -19,7 +19,7 @@ import os
 import posixpath
 import re
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
+from collections.abc import Iterator, Set
 from typing import IO, TYPE_CHECKING
 
 from fetcher.plan import wanted
@@ -32,7 +32,7 @@ __all__ = ["disagreement"]
 _SIGNED_RELEASE = ("Release", "InRelease")
 
 
-def disagreement(path: str, body: bytes, t: Transfer) -> str | None:
+def disagreement(path: str, body: bytes, t: Transfer, gone: Set[str] = frozenset()) -> str | None:
     """Why the index ``path`` (relative to ``t.dest``), whose bytes are ``body``, must not
     be published over DEST as it is now; None when it may (or is not such an index).
 
@@ -42,8 +42,11 @@ def disagreement(path: str, body: bytes, t: Transfer) -> str | None:
     the uncompressed ``Packages``). And every package the ``primary`` / ``Packages``
     list it names (read from DEST) names must be in DEST with its size: a directory
     listed before upstream added a package to it does not show the package. Files the
-    run's selection leaves out (``--exclude``) are not looked at. One that does not parse names nothing here. A file this run
-    fetched is read where it waits to be published with ``path`` (``staged_path``).
+    run's selection leaves out (``--exclude``) are not looked at, nor the files of DEST
+    in ``gone`` that a ``Release`` names but need not (upstream no longer has them: a
+    ``Packages`` it stopped carrying). One that does not parse names nothing here. A file
+    this run fetched is read where it waits to be published with ``path``
+    (``staged_path``).
     """
     from fetcher.download import staged_path
     from fetcher.errors import ListingError
@@ -81,6 +84,8 @@ def disagreement(path: str, body: bytes, t: Transfer) -> str | None:
         rel = _below(top, href)
         if rel is None or not wanted(rel, False, t.include, t.exclude):
             continue  # not below DEST (not this mirror's to check), or left out on purpose
+        if not required and rel in gone:
+            continue  # a form upstream stopped carrying: DEST's copy is not the mirror's
         staged = staged_path(t.dest, rel)
         local = staged if os.path.lexists(staged) else os.path.join(t.dest, rel)
         why = _differs(local, size, checksum, required)

@@ -9,6 +9,7 @@ import contextlib
 import gzip
 import hashlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -621,3 +622,80 @@ def test_a_set_whose_later_file_cannot_take_its_name_leaves_the_old_set_whole(
         r = run_fetch("--mirror", srv.url, "--dest", dest)
     assert r.code == 0, r.output
     assert tree_manifest(dest) == tree_manifest(www)
+
+
+def _release_naming(**forms: bytes) -> bytes:
+    """A ``Release`` naming each form of ``main/binary-amd64/Packages`` given (its suffix,
+    "" for the uncompressed one, as keyword names: plain, gz), as Debian's name every form."""
+    lines = "".join(
+        f" {hashlib.sha256(body).hexdigest()} {len(body):8d} main/binary-amd64/"
+        f"Packages{'' if form == 'plain' else '.' + form}\n"
+        for form, body in forms.items()
+    )
+    return f"Origin: test\nSuite: stable\nSHA256:\n{lines}".encode()
+
+
+def test_a_release_is_published_past_an_index_form_upstream_no_longer_has(
+    tmp_path: Path, run_fetch: RunFetch
+) -> None:
+    """Upstream stops carrying the uncompressed ``Packages`` (its ``Release`` names it
+    still, as Debian's ``Release`` files name every form). DEST's copy, from before, names
+    the old packages: every later ``Release`` was refused over it ("it names
+    .../Packages, which has another sha256 in DEST"), on every run, and the mirror's
+    suite stayed old for good. A file upstream no longer has is not the mirror's: the
+    new ``Release`` is published; the stale copy goes with ``--delete``."""
+    www = tmp_path / "www"
+    amd64 = www / "dists" / "stable" / "main" / "binary-amd64"
+    amd64.mkdir(parents=True)
+    first = b"Package: a\nFilename: pool/a.deb\nSize: 9\n"
+    (www / "pool").mkdir()
+    (www / "pool" / "a.deb").write_bytes(b"package a")
+    (amd64 / "Packages").write_bytes(first)
+    (amd64 / "Packages.gz").write_bytes(gzip.compress(first, mtime=0))
+    (www / "dists" / "stable" / "Release").write_bytes(
+        _release_naming(plain=first, gz=gzip.compress(first, mtime=0))
+    )
+    _age(www)
+    dest = tmp_path / "d"
+    with FaultServer(root=www) as srv:
+        assert run_fetch("--mirror", srv.url, "--dest", dest).code == 0
+        second = first + b"\nPackage: b\nFilename: pool/b.deb\nSize: 9\n"
+        (www / "pool" / "b.deb").write_bytes(b"package b")
+        (amd64 / "Packages").unlink()
+        (amd64 / "Packages.gz").write_bytes(gzip.compress(second, mtime=0))
+        release = _release_naming(plain=second, gz=gzip.compress(second, mtime=0))
+        (www / "dists" / "stable" / "Release").write_bytes(release)
+        _age(www, OLD + 7200)
+        for _ in range(2):  # (the second run: nothing left to do, and nothing refused)
+            r = run_fetch("--mirror", srv.url, "--dest", dest)
+            assert r.code == 0, r.output
+            assert "not published" not in r.output, r.output
+            assert (dest / "dists" / "stable" / "Release").read_bytes() == release
+            assert (dest / "pool" / "b.deb").read_bytes() == b"package b"
+            # without --delete a file gone upstream stays, as any other (and is counted)
+            assert (dest / "dists/stable/main/binary-amd64/Packages").read_bytes() == first
+            assert re.search(r"gone upstream \(kept\) +1\b", r.output), r.output
+        r = run_fetch("--mirror", srv.url, "--dest", dest, "--delete", "--force")
+    assert r.code == 0, r.output
+    assert tree_manifest(dest) == tree_manifest(www)
+
+
+def test_only_a_form_a_release_need_not_name_is_passed_over_when_gone(tmp_path: Path) -> None:
+    """``disagreement``'s ``gone``: a ``Release``'s stale uncompressed ``Packages`` is passed
+    over; a file a ``repomd.xml`` names (every one is needed) is checked all the same."""
+    from fetcher.config import Transfer
+    from fetcher.repo_refs import disagreement
+
+    dest = tmp_path / "d"
+    (dest / "dists/stable/main/binary-amd64").mkdir(parents=True)
+    (dest / "dists/stable/main/binary-amd64/Packages").write_bytes(b"old")
+    (dest / "repodata").mkdir()
+    t = Transfer(dest=str(dest), root="http://mirror.test/")
+    release = _release_naming(plain=b"new list")
+    stale = "dists/stable/main/binary-amd64/Packages"
+    assert "has 3 bytes in DEST, not 8" in (disagreement("dists/stable/Release", release, t) or "")
+    assert disagreement("dists/stable/Release", release, t, frozenset({stale})) is None
+    href, repomd = _repomd(b"primary, new")
+    (dest / href).write_bytes(b"primary, old")
+    why = disagreement("repodata/repomd.xml", repomd, t, frozenset({href}))
+    assert why is not None and "has another sha256 in DEST" in why, why
