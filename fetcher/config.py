@@ -14,6 +14,7 @@ import importlib.util
 import ipaddress
 import math
 import os
+import posixpath
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from pathlib import Path
@@ -256,7 +257,8 @@ def split_credentials(url: str) -> tuple[str, tuple[str, str] | None]:
 
 def default_dest(url: str) -> Path:
     """The URL's last path segment, as ``lftp mirror`` does (``.../Packages/`` → ``Packages``)."""
-    segs = [s for s in urlsplit(url).path.split("/") if s]
+    # (dot segments resolved, RFC 3986 section 5.2.4: ``.../Packages/./`` is ``Packages``)
+    segs = [s for s in posixpath.normpath(urlsplit(url).path or "/").split("/") if s]
     name = unquote(segs[-1]) if segs else (urlsplit(url).hostname or "mirror")
     if name in (".", "..") or "/" in name or "\0" in name:
         name = urlsplit(url).hostname or "mirror"

@@ -14,6 +14,22 @@ def test_defaults_follow_lftp_and_the_connection_cap() -> None:
 
 
 @pytest.mark.parametrize(
+    ("url", "dest"),
+    [
+        ("http://h/pub/Packages/./", "Packages"),
+        ("http://h/pub/Packages/os/../", "Packages"),
+        ("http://h/pub/Packages//", "Packages"),
+        ("http://h/pub/..", "h"),
+        ("http://h/pub/%2e%2e/", "h"),
+    ],
+)
+def test_default_dest_is_the_directory_dot_segments_name(url: str, dest: str) -> None:
+    """``.../Packages/./`` is ``.../Packages/`` (RFC 3986 dot segments, as the crawl and any
+    server resolve them): DEST was named after the host."""
+    assert default_dest(url) == Path(dest)
+
+
+@pytest.mark.parametrize(
     ("values", "message"),
     [
         (

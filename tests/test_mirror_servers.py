@@ -82,10 +82,11 @@ def test_default_dest_is_last_segment(
     (small / "a.rpm").write_bytes(b"rpm")
     monkeypatch.chdir(tmp_path)
     with FaultServer(root=tmp_path / "www") as srv:
-        r = run_fetch("--mirror", srv.url + "pub/Packages/", "-q")
-        assert r.code == 0, r
-    assert (tmp_path / "Packages" / "a.rpm").read_bytes() == b"rpm"
-    shutil.rmtree(tmp_path / "Packages")
+        for start in ("pub/Packages/", "pub/Packages/./", "pub/x/../Packages/"):
+            r = run_fetch("--mirror", srv.url + start, "-q")
+            assert r.code == 0, r
+            assert (tmp_path / "Packages" / "a.rpm").read_bytes() == b"rpm"
+            shutil.rmtree(tmp_path / "Packages")
 
 
 @pytest.mark.real_server
