@@ -158,11 +158,18 @@ def measure(
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
         timer = threading.Timer(TOOL_TIMEOUT, lambda: _kill_group(proc.pid))
+        timer.daemon = True
         timer.start()
-        code = proc.wait()
+        try:
+            code = proc.wait()
+        except BaseException:  # ^C or SIGTERM: the tool (in its own session) goes too
+            _kill_group(proc.pid)
+            proc.wait()
+            raise
+        finally:
+            timer.cancel()
+            done.set()
         wall = time.perf_counter() - t0
-        timer.cancel()
-        done.set()
         sampler.join()
         orphan_cpu, orphan_rss_kib = _reap_orphans(proc.pid)
         _kill_group(proc.pid)  # daemons a tool left behind (none expected)
@@ -742,9 +749,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.dest_root is not None:
         global DEST_ROOT
         DEST_ROOT = args.dest_root.resolve() / "fetch-bench"
+    # SIGTERM (a `timeout` around the suite, a closed session) unwinds like ^C, so nginx
+    # and the proxy are stopped, not orphaned (they were, but for --serve)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0 if args.serve else 143))
     if args.serve:
-        # SIGTERM unwinds like ^C, so nginx and the proxy are stopped, not orphaned
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         WORK.mkdir(exist_ok=True)
         t = build_tree(args.serve, WORK)
         with serve("nginx", t.root, WORK / "servers", limit_rate=args.server_limit_rate) as srv:
