@@ -6,17 +6,22 @@ The start URL is the archive root (the directory holding ``dists/`` and
 ``Release`` names, one ``Packages`` index (``.xz``, ``.gz``, ``.bz2``, plain:
 the first the server has) is fetched, checked against ``Release``'s SHA256
 section, and read: every ``Filename`` is yielded with its ``Size`` and
-``SHA256``.  Then the index files of those directories that the server has (and
-their ``by-hash/SHA256/`` copies when ``Release`` says ``Acquire-By-Hash: yes``) and
+``SHA256``.  Then the index files a client of those components and architectures
+may ask for that the server has (the ``Packages``, translations, AppStream data,
+``Contents``; not source or installer indices), their ``by-hash/SHA256/`` copies
+when ``Release`` says ``Acquire-By-Hash: yes``, and
 ``Release`` / ``InRelease`` / ``Release.gpg`` themselves, which the pipeline
 publishes last.  GPG signatures are mirrored, not checked.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
+import re
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import IO
 
 import msgspec
@@ -130,7 +135,7 @@ def _suite(src: IndexSource, suite: Suite, seen: set[str]) -> Iterator[CrawlItem
     base = src.url("dists/") + suite.name + "/"
     rel = suite.release
     comps = rel.fields.get("Components", "").split()
-    archs = rel.fields.get("Architectures", "").split()
+    archs = archs_named(rel)
     if src.opts.components:
         comps = [c for c in comps if c in src.opts.components]
     if src.opts.architectures:
@@ -150,24 +155,68 @@ def _suite(src: IndexSource, suite: Suite, seen: set[str]) -> Iterator[CrawlItem
         else:
             if listed:
                 raise ListingError(f"none of {', '.join(listed)} found below {base}")
-    # The index files themselves: those of the directories read, that the server has.
-    # With "Acquire-By-Hash: yes" apt asks for each by its digest instead (DIR/by-hash/
-    # SHA256/DIGEST), not by its name: those copies too, or every client meets a 404.
+    # The index files themselves, those the server has: the Packages read, and what else
+    # a client of the selection asks for (_client_index). With "Acquire-By-Hash: yes" apt
+    # asks for each by its digest instead (DIR/by-hash/SHA256/DIGEST), not by its name:
+    # those copies too, or every client meets a 404.
     by_hash = rel.fields.get("Acquire-By-Hash", "").strip().lower() == "yes"
-    hashed: set[str] = set()
+    left_out = {*archs_named(rel), "source", "udeb"} - {*archs, "all"}
+    wanted: dict[str, tuple[str, int]] = {}  # path below the suite -> (digest, size)
     for name, (digest, size) in sorted(rel.sha256.items()):
-        if not any(name.startswith(d) for d in index_dirs) or "/by-hash/" in name:
-            continue
-        if _exists(src, base + name):
+        if _client_index(name, comps, left_out):
+            wanted[name] = (digest, size)
+            if by_hash:
+                wanted.setdefault(
+                    f"{name.rpartition('/')[0]}/by-hash/SHA256/{digest}", (digest, size)
+                )
+    there = _all_exist(src, [base + name for name in wanted])
+    for (name, (digest, size)), found in zip(wanted.items(), there, strict=True):
+        if found:
             yield from src.file(base + name, size, ("sha256", digest))
-        copy = f"{name.rpartition('/')[0]}/by-hash/SHA256/{digest}"
-        if by_hash and copy not in hashed and _exists(src, base + copy):
-            hashed.add(copy)
-            yield from src.file(base + copy, size, ("sha256", digest))
     for f in _RELEASE_FILES:
         if f in suite.copies:
             body = suite.copies[f]
             yield from src.file(base + f, len(body), ("sha256", hashlib.sha256(body).hexdigest()))
+
+
+def archs_named(rel: Release) -> list[str]:
+    """The architectures a ``Release`` names."""
+    return rel.fields.get("Architectures", "").split()
+
+
+def _client_index(name: str, comps: list[str], left_out: set[str]) -> bool:
+    """Whether apt, or a tool beside it, may ask a mirror of the chosen components and
+    architectures for the index ``name`` (below ``dists/SUITE/``) that ``Release`` names:
+    the ``Packages`` of each, and the translations (``i18n/``), AppStream data
+    (``dep11/``), command-not-found data (``cnf/``) and ``Contents`` files; not those of
+    an architecture ``left_out``, nor the indices of what fetch does not mirror (source
+    and installer packages: ``source/``, ``debian-installer/``, ``Contents-udeb-*``),
+    which would name files the mirror lacks. ``by-hash/`` copies come with their file."""
+    if "/by-hash/" in name:
+        return False
+    comp = next((c for c in comps if name.startswith(c + "/")), None)
+    if comp is None and "/" in name:
+        return False  # a component not chosen
+    rest = name[len(comp) + 1 :] if comp else name
+    if rest.startswith(("source/", "debian-installer/")):
+        return False
+    return not any(_arch_token(a).search(rest) for a in left_out)
+
+
+@functools.cache
+def _arch_token(arch: str) -> re.Pattern[str]:
+    # binary-arm64/, Contents-arm64.gz, Components-arm64.yml.xz, Commands-arm64.xz,
+    # Contents-udeb-amd64.gz ("udeb"), Contents-source.gz ("source")
+    return re.compile(rf"(^|[-/]){re.escape(arch)}(?=$|[-./])")
+
+
+def _all_exist(src: IndexSource, urls: list[str]) -> list[bool]:
+    """:func:`_exists` for each of ``urls``, several at once (within the run's connection
+    cap): a suite names hundreds of translations, and one round trip each added up."""
+    if len(urls) < 2:
+        return [_exists(src, u) for u in urls]
+    with ThreadPoolExecutor(min(8, len(urls), max(1, src.opts.concurrency))) as pool:
+        return list(pool.map(lambda u: _exists(src, u), urls))
 
 
 def _exists(src: IndexSource, url: str) -> bool:

@@ -116,6 +116,14 @@ def debian_repo(tmp: Path) -> Path:
         (d / "Packages").write_bytes(packages)
         (d / "Packages.gz").write_bytes(gzip.compress(packages))
         (d / "Packages.xz").write_bytes(lzma.compress(packages))
+        # what else apt (and apt-file, appstream, command-not-found) asks a mirror for
+        (suite / "main" / f"Contents-{arch}.gz").write_bytes(gzip.compress(b"usr/bin/a main/a\n"))
+        dep11 = suite / "main" / "dep11"
+        dep11.mkdir(exist_ok=True)
+        (dep11 / f"Components-{arch}.yml.gz").write_bytes(gzip.compress(arch.encode()))
+    (suite / "main" / "dep11" / "icons-48x48.tar.gz").write_bytes(gzip.compress(b"icons"))
+    (suite / "main" / "i18n").mkdir()
+    (suite / "main" / "i18n" / "Translation-en.bz2").write_bytes(bz2.compress(b"Package: a\n"))
     opts = [
         f"APT::FTPArchive::Release::{k}={v}"
         for k, v in [
@@ -297,6 +305,11 @@ def test_debian_suites_components_architectures_select(tmp_path: Path) -> None:
         assert any(p.startswith("dists/stable/main/binary-arm64/") for p in got)
         assert not any("binary-amd64" in p for p in got)
         assert not any("binary-amd64" in r.path for r in srv.requests)
+        # the other indices of arm64 and of no architecture; none of amd64's
+        for p in ("main/Contents-arm64.gz", "main/dep11/Components-arm64.yml.gz",
+                  "main/dep11/icons-48x48.tar.gz", "main/i18n/Translation-en.bz2"):  # fmt: skip
+            assert f"dists/stable/{p}" in got, p
+        assert not any("amd64" in p for p in got), sorted(got)
         assert any(p.startswith("pool/main/a/alpha/") for p in got)
         srv.reset_stats()
         s = run_mirror(srv.url, tmp_path / "b", "debian", suites=("oldstable",))
@@ -493,6 +506,40 @@ def test_debian_by_hash_copies_of_the_indices_are_mirrored() -> None:
             f = got[path]  # type: ignore[index]
             assert f.size == len(body)
             assert f.checksum == ("sha256", hashlib.sha256(body).hexdigest())
+
+
+@pytest.mark.parametrize(
+    ("name", "wanted"),
+    [
+        ("main/binary-arm64/Packages.xz", True),
+        ("main/binary-amd64/Packages.xz", False),
+        ("main/i18n/Translation-de.bz2", True),
+        ("main/dep11/Components-arm64.yml.gz", True),
+        ("main/dep11/Components-amd64.yml.gz", False),
+        ("main/dep11/icons-64x64@2.tar.gz", True),
+        ("main/cnf/Commands-arm64.xz", True),
+        ("main/Contents-arm64.gz", True),
+        ("Contents-arm64.gz", True),
+        ("Contents-amd64.gz", False),
+        ("main/Contents-udeb-arm64.gz", False),
+        ("main/Contents-source.gz", False),
+        ("main/source/Sources.xz", False),
+        ("main/debian-installer/binary-arm64/Packages.xz", False),
+        ("main/binary-arm64/by-hash/SHA256/00ff", False),
+        ("contrib/i18n/Translation-en.bz2", False),
+        ("updates/main/i18n/Translation-en.bz2", True),
+        ("main/binary-all/Packages.xz", True),
+    ],
+)
+def test_debian_indices_a_client_of_the_selection_asks_for(name: str, wanted: bool) -> None:
+    """Which indices a ``Release`` names are mirrored, for components ``main`` (and
+    security's ``updates/main``) and architecture arm64 of amd64 and arm64. Only the
+    binary ``Packages`` were: a client asking the mirror for translations, AppStream
+    data (``dep11``) or apt-file's ``Contents`` met a 404."""
+    from fetcher.repo_debian import _client_index
+
+    left_out = {"amd64", "source", "udeb"}
+    assert _client_index(name, ["main", "updates/main"], left_out) is wanted
 
 
 def test_auto_takes_a_refused_or_soft_404_probe_for_no_repository() -> None:
