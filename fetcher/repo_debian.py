@@ -8,8 +8,9 @@ the first the server has) is fetched, checked against ``Release``'s SHA256
 section, and read: every ``Filename`` is yielded with its ``Size`` and
 ``SHA256``.  Then the index files a client of those components and architectures
 may ask for that the server has (the ``Packages``, translations, AppStream data,
-``Contents``; not source or installer indices), their ``by-hash/SHA256/`` copies
-when ``Release`` says ``Acquire-By-Hash: yes``, and
+``Contents``; not source or installer indices), their ``by-hash/`` copies (by the
+strongest hash ``Release`` gives, as apt asks) when ``Release`` says
+``Acquire-By-Hash: yes``, and
 ``Release`` / ``InRelease`` / ``Release.gpg`` themselves, which the pipeline
 publishes last.  GPG signatures are mirrored, not checked.
 """
@@ -43,6 +44,8 @@ class Release(msgspec.Struct, frozen=True):
     fields: dict[str, str]
     sha256: dict[str, tuple[str, int]]
     """Path below ``dists/SUITE/`` → (hex digest, size)."""
+    sha512: dict[str, tuple[str, int]] = {}
+    """The same from the SHA512 section, if any (apt asks by-hash by the strongest)."""
 
 
 class Suite(msgspec.Struct, frozen=True):
@@ -89,12 +92,16 @@ def parse_release(data: bytes) -> Release:
     if not paras:
         raise ListingError("empty Release file")
     fields = paras[0]
+    return Release(fields, _sums(fields, "SHA256"), _sums(fields, "SHA512"))
+
+
+def _sums(fields: dict[str, str], section: str) -> dict[str, tuple[str, int]]:
     sums: dict[str, tuple[str, int]] = {}
-    for line in fields.get("SHA256", "").split("\n"):
+    for line in fields.get(section, "").split("\n"):
         parts = line.split()
         if len(parts) == 3 and parts[1].isdigit():
             sums[parts[2]] = (parts[0].lower(), int(parts[1]))
-    return Release(fields, sums)
+    return sums
 
 
 def find_suites(src: IndexSource, *, probe: bool = False) -> list[Suite]:
@@ -157,8 +164,10 @@ def _suite(src: IndexSource, suite: Suite, seen: set[str]) -> Iterator[CrawlItem
                 raise ListingError(f"none of {', '.join(listed)} found below {base}")
     # The index files themselves, those the server has: the Packages read, and what else
     # a client of the selection asks for (_client_index). With "Acquire-By-Hash: yes" apt
-    # asks for each by its digest instead (DIR/by-hash/SHA256/DIGEST), not by its name:
-    # those copies too, or every client meets a 404.
+    # asks for each by its digest instead (DIR/by-hash/TYPE/DIGEST), not by its name:
+    # those copies too, or every client meets a 404. TYPE is the strongest hash Release
+    # gives for the file (apt's HashStringList::find): SHA512 where it has that section
+    # (apt-ftparchive, aptly), else SHA256 (Debian, Ubuntu).
     by_hash = rel.fields.get("Acquire-By-Hash", "").strip().lower() == "yes"
     left_out = {*archs_named(rel), "source", "udeb"} - {*archs, "all"}
     wanted: dict[str, tuple[str, int]] = {}  # path below the suite -> (digest, size)
@@ -166,8 +175,11 @@ def _suite(src: IndexSource, suite: Suite, seen: set[str]) -> Iterator[CrawlItem
         if _client_index(name, comps, left_out):
             wanted[name] = (digest, size)
             if by_hash:
+                kind, hexdigest = (
+                    ("SHA512", rel.sha512[name][0]) if name in rel.sha512 else ("SHA256", digest)
+                )
                 wanted.setdefault(
-                    f"{name.rpartition('/')[0]}/by-hash/SHA256/{digest}", (digest, size)
+                    f"{name.rpartition('/')[0]}/by-hash/{kind}/{hexdigest}", (digest, size)
                 )
     there = _all_exist(src, [base + name for name in wanted])
     for (name, (digest, size)), found in zip(wanted.items(), there, strict=True):

@@ -508,6 +508,30 @@ def test_debian_by_hash_copies_of_the_indices_are_mirrored() -> None:
             assert f.checksum == ("sha256", hashlib.sha256(body).hexdigest())
 
 
+def test_debian_by_hash_copies_by_the_strongest_hash_release_gives() -> None:
+    """apt asks for ``by-hash/SHA512/`` where ``Release`` has a SHA512 section (as
+    apt-ftparchive writes it): only ``by-hash/SHA256/`` copies were mirrored, and apt met a
+    404 on the index's by-hash path, then fell back to its name (tests/test_apt_client.py)."""
+    packages = b"Package: a\n\n"
+    release = (
+        "Suite: stable\nComponents: main\nArchitectures: amd64\nAcquire-By-Hash: yes\n"
+        f"SHA256:\n {hashlib.sha256(packages).hexdigest()} {len(packages)} main/binary-amd64/Packages\n"
+        f"SHA512:\n {hashlib.sha512(packages).hexdigest()} {len(packages)} main/binary-amd64/Packages\n"
+    ).encode()
+    d = "dists/stable/main/binary-amd64/"
+    files = {
+        "dists/": b'<html><body><a href="stable/">stable/</a></body></html>',
+        "dists/stable/Release": release,
+        d + "Packages": packages,
+        d + f"by-hash/SHA256/{hashlib.sha256(packages).hexdigest()}": packages,
+        d + f"by-hash/SHA512/{hashlib.sha512(packages).hexdigest()}": packages,
+    }
+    got = {i.path: i for i in mock_index(files, "debian") if isinstance(i, RemoteFile)}
+    sha512_copy = d + f"by-hash/SHA512/{hashlib.sha512(packages).hexdigest()}"
+    assert set(got) == {"dists/stable/Release", d + "Packages", sha512_copy}
+    assert got[sha512_copy].checksum == ("sha256", hashlib.sha256(packages).hexdigest())  # type: ignore[index]
+
+
 @pytest.mark.parametrize(
     ("name", "wanted"),
     [
