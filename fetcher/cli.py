@@ -432,8 +432,9 @@ def _stray(arg: str, why: str) -> UsageError:
 
 def _validate_cli(over: dict[str, Any]) -> None:
     try:
-        # (without --dest, the DEST to check is the job's own default, checked with it)
-        build_job({"dest": os.sep, **over, "url": "http://localhost/"}, "options")
+        # (without --dest, the DEST to check is the job's own default, checked with it;
+        # a dry run: whether a Dask job has its scheduler is the whole job's to say)
+        build_job({"dest": os.sep, **over, "url": "http://localhost/", "dry_run": True}, "options")
     except UsageError as exc:
         raise _named_as_flag(exc) from None
 

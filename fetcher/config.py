@@ -711,11 +711,30 @@ def build_job(
                 out["scheduler"] = _scheduler(env)
             except ValueError as exc:
                 raise ConfigError(f"$DASK_SCHEDULER_ADDRESS: {exc}") from None
+    if out.get("executor") == "dask" and not out.get("dry_run"):
+        _check_dask(out, where)
     if out.get("http2") and importlib.util.find_spec("h2") is None:
         # (else every request to a server that offers HTTP/2 fails, with ModuleNotFoundError)
         raise ConfigError(f"{where}.http2: needs the h2 package", "pip install 'fetcher[http2]'")
     known = {f.name for f in fields(MirrorJob)}
     return MirrorJob(name=name, **{k: v for k, v in out.items() if k in known})
+
+
+def _check_dask(values: Mapping[str, Any], where: str) -> None:
+    """A run on Dask has a scheduler to reach and ``distributed`` to reach it with: found
+    out only as the executor was made, after DEST, its lock and its state were, and the
+    jobs before it in a config file had run (``--check`` said the job was valid)."""
+    if not values.get("scheduler"):
+        raise ConfigError(
+            f"{where}.scheduler: missing: a Dask run needs its scheduler, tcp://HOST:8786"
+            " (or $DASK_SCHEDULER_ADDRESS)",
+            "start one with 'dask scheduler --host HOST'",
+        )
+    if importlib.util.find_spec("distributed") is None:
+        raise ConfigError(
+            f"{where}.executor: dask needs Dask distributed, which is not installed",
+            "pip install 'fetcher[dask]'",
+        )
 
 
 def _check_dest(dest: Path, where: str) -> None:

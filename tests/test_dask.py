@@ -142,6 +142,37 @@ def test_dask_without_a_scheduler_is_a_usage_error(tmp_path: Path, run_fetch, mo
     assert "--scheduler" in r.output
 
 
+def test_a_dask_job_short_of_its_scheduler_or_extra_is_refused_before_anything_starts(
+    tmp_path: Path, run_fetch, monkeypatch
+) -> None:
+    """Both were found out only as the executor was made: DEST, its lock and its state
+    made, the jobs before it in the file run, and --check had said the file was valid."""
+    monkeypatch.delenv("DASK_SCHEDULER_ADDRESS", raising=False)
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "a.bin").write_bytes(b"x" * 100)
+    with FaultServer(root=tmp_path / "www") as srv:
+        config = tmp_path / "m.toml"
+        config.write_text(
+            f'[jobs.first]\nurl = "{srv.url}"\ndest = "first"\n'
+            f'[jobs.second]\nurl = "{srv.url}"\ndest = "second"\nexecutor = "dask"\n'
+        )
+        checked = run_fetch("--config", config, "--check")
+        r = run_fetch("--config", config)
+        alone = run_fetch("--mirror", srv.url, "--dest", tmp_path / "o", "--executor", "dask")
+        monkeypatch.setitem(sys.modules, "distributed", None)
+        extra = run_fetch(
+            "--mirror", srv.url, "--dest", tmp_path / "o",
+            "--executor", "dask", "--scheduler", "tcp://127.0.0.1:1",
+        )  # fmt: skip
+        requests = srv.count()
+    assert checked.code == r.code == alone.code == 2, (checked, r, alone)
+    assert "m.toml: jobs.second.scheduler: missing" in r.output, r
+    assert "--scheduler: missing" in alone.output, alone
+    assert extra.code == 2 and "pip install 'fetcher[dask]'" in extra.output, extra
+    assert requests == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.toml", "www"]
+
+
 def test_ctrl_c_stops_the_tasks_running_on_the_cluster(tmp_path: Path, cluster) -> None:
     """Dask's cancel() does not interrupt a running task: a stopped run's tasks went on
     downloading into DEST after the run had exited and let go of its lock (a next run's
