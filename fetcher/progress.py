@@ -61,6 +61,8 @@ class Tally:
         if out.status is Status.FAILED and out.error == "interrupted":
             return False
         self.done_files += 1
+        if out.status is Status.UNCHANGED:  # a conditional GET's 304: the summary's unchanged
+            self.skipped += 1
         if out.status is Status.FAILED:
             self.failed += 1
             return True

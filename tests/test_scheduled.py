@@ -692,3 +692,27 @@ def test_qq_says_nothing_of_a_run_that_ended_well(tmp_path: Path) -> None:
         assert p.returncode == 1 and "failed" in p.stdout and "f9.bin" in p.stdout, p
         p = fetch("-q")  # (once: the summary whatever the outcome)
         assert p.returncode == 1 and "unchanged" in p.stdout, p
+
+
+def test_the_last_status_line_counts_the_files_a_conditional_get_found_unchanged(
+    tmp_path: Path, run_fetch
+) -> None:
+    """A listing without sizes or dates (Python's http.server) makes every file of a
+    re-sync a conditional GET; the 304s were counted in the summary's "unchanged" but not
+    in the status line's, which ended the log with "3/3 files, ... 0 unchanged"."""
+    with FaultServer() as srv:
+        links = "".join(f'<a href="f{i}.bin">f{i}.bin</a>\n' for i in range(3))
+        srv.add_listing("/d/", f"<html><body>{links}</body></html>".encode())
+        for i in range(3):
+            srv.add_file(f"/d/f{i}.bin", b"x" * 100, last_modified=1_600_000_000)
+        argv = ("--mirror", srv.url + "d/", "--dest", tmp_path / "o", "--log-format", "json")
+        assert run_fetch(*argv).code == 0
+        r = run_fetch(*argv)
+        conditional = srv.count(path="/d/f0.bin", status=304)
+    assert r.code == 0, r
+    assert conditional == 1
+    records = [json.loads(line) for line in r.output.splitlines()]
+    summary = records[-1]
+    status = [rec for rec in records if rec["event"] == "status"][-1]
+    assert summary["event"] == "summary" and summary["unchanged"]["files"] == 3, summary
+    assert (status["files_done"], status["skipped"]) == (3, 3), status
