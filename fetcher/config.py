@@ -775,10 +775,25 @@ def _check_ca_file(path: Path, where: str) -> None:
         raise ConfigError(f"{where}: cannot read {path}: {exc.strerror or exc}") from None
 
 
+_RENAMED = {"mirror": "url", "arch": "architectures"}
+"""Options whose key is not their name (the others close enough for difflib to find)."""
+
+_COMMAND_LINE_ONLY = (
+    "quiet", "verbose", "log_format", "log_file", "report", "metrics",
+    "config", "job", "check", "verify_only",
+)  # fmt: skip
+"""Options of a whole run, not of a job: a file has no key for them."""
+
+
 def _suggest(key: str) -> str | None:
     import difflib
 
-    close = difflib.get_close_matches(key.replace("-", "_"), [*_FIELDS, "post"], n=1)
+    key = key.replace("-", "_")
+    if key in _RENAMED:
+        return f"did you mean '{_RENAMED[key]}'?"
+    if key in _COMMAND_LINE_ONLY:
+        return f"--{key.replace('_', '-')} is an option of the command line only"
+    close = difflib.get_close_matches(key, [*_FIELDS, "post"], n=1)
     return f"did you mean '{close[0]}'?" if close else None
 
 

@@ -157,6 +157,30 @@ def test_config_errors(tmp_path: Path, text: str, message: str) -> None:
     assert message in str(exc.value)
 
 
+@pytest.mark.parametrize(
+    ("key", "hint"),
+    [
+        ("mirror", "did you mean 'url'?"),  # (the README: "--mirror is url")
+        ("arch", "did you mean 'architectures'?"),
+        ("max-conections", "did you mean 'max_connections'?"),
+        # was "did you mean 'post'?", and "did you mean 'retries'?" for metrics
+        ("report", "--report is an option of the command line only"),
+        ("metrics", "--metrics is an option of the command line only"),
+        ("log_file", "--log-file is an option of the command line only"),
+        ("quiet", "--quiet is an option of the command line only"),
+    ],
+)
+def test_an_unknown_key_s_hint_names_what_to_write_instead(
+    tmp_path: Path, key: str, hint: str
+) -> None:
+    cfg = tmp_path / "m.toml"
+    cfg.write_text(f"[jobs.a]\nurl = 'http://h/'\n{key} = 'x'\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(cfg)
+    assert exc.value.message == f"m.toml: jobs.a.{key}: unknown key"
+    assert exc.value.hint == hint
+
+
 def test_a_dependent_key_is_checked_against_the_file_not_the_command_line(tmp_path: Path) -> None:
     """A job with ``delete = true`` and ``max_delete`` run once with ``--no-delete``: its
     max_delete still goes with the file's delete; and one from [defaults] is every job's,
