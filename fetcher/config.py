@@ -470,8 +470,9 @@ def _headers(v: Any) -> tuple[tuple[str, str], ...]:
         items = list(v.items())
     else:
         lines = _strs(v)
-        if not all(":" in h for h in lines):
-            raise ValueError(f"expected 'Name: value' headers, got {_show(v)}")
+        bad = next((h for h in lines if ":" not in h), None)
+        if bad is not None:  # (that one, not the list: a tuple's repr from the command line)
+            raise ValueError(f"expected 'Name: value' headers, got {_show(bad)}")
         items = [h.partition(":")[::2] for h in lines]
     out = []
     for name, value in items:

@@ -51,6 +51,10 @@ from tests.faultserver import Fault, FaultServer
             ["--mirror", "http://127.0.0.1:9/", "--header", "NoColon"],
             "--header: expected 'Name: value' headers",
         ),
+        (  # the header at fault, not the list's Python repr: got ('X-A: b', 'X-Token abc')
+            ["--mirror", "http://127.0.0.1:9/", "--header", "X-A: b", "--header", "X-Token abc"],
+            """--header: expected 'Name: value' headers, got "X-Token abc"\n""",
+        ),
         (
             ["--mirror", "http://u:p@127.0.0.1:9/", "--header", "Authorization: Bearer x"],
             "--mirror: credentials in the URL and an Authorization header",
