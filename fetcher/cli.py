@@ -645,7 +645,11 @@ def _main(argv: list[str], console: Console, err: Console, taken: dict[signal.Si
     if argv[:1] == ["demo"]:
         from fetcher.demo import demo_main
 
-        return demo_main(argv[1:], console)
+        try:
+            return demo_main(argv[1:], console)
+        except FetchError as exc:
+            _print_error(err, exc)
+            return exc.exit_code
     try:
         ns = build_parser().parse_args(argv)
         if ns.report == ns.metrics == Path("-"):

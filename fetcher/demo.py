@@ -26,6 +26,8 @@ from urllib.parse import quote
 
 from rich.console import Console
 
+from fetcher.errors import FatalIOError
+
 __all__ = ["build_sample", "demo_main", "serve_directory"]
 
 _EPOCH = 1_764_000_000  # fixed mtimes make the sample, and its listings, reproducible
@@ -218,16 +220,24 @@ def demo_main(argv: list[str], console: Console) -> int:
     upstream = ns.dir / "upstream"
     dest = ns.dir / "mirror"
     # the options passed on to the mirror run: refused now, not after building the sample
-    code = refused(["--mirror", "http://127.0.0.1/", "--dest", str(dest), *rest], console)
+    passed = ["--dest", str(dest), "--procs", str(ns.procs), *rest]
+    code = refused(["--mirror", "http://127.0.0.1/", *passed], console)
     if code is not None:
         return code
     console.print(f"[bold]building a sample mirror in {escape(str(upstream))}[/] …")
-    n = build_sample(upstream, ns.packages, media=not ns.no_media)
+    try:
+        n = build_sample(upstream, ns.packages, media=not ns.no_media)
+    except OSError as exc:  # (--dir a file, or somewhere this user cannot write)
+        where = f"{exc.filename}: " if exc.filename else ""
+        raise FatalIOError(
+            f"cannot build the sample: {where}{exc.strerror or exc}",
+            "give --dir a directory you can write",
+        ) from None
     with serve_directory(upstream) as url:
         console.print(
             f"[bold]serving it at {url}[/] ({n} files); mirroring into {escape(str(dest))}"
         )
-        args = ["--mirror", url, "--dest", str(dest), "--procs", str(ns.procs), *rest]
+        args = ["--mirror", url, *passed]
         media = not ns.no_media and _have_ffmpeg()
         if media:
             args += ["--post", "thumbnails=*.mp4", "--post", "probe=*.mp4"]

@@ -304,10 +304,23 @@ def test_a_dest_in_a_state_directory_or_inside_another_mirror_is_refused(
 
 def test_the_demo_refuses_bad_options_before_building_its_sample(tmp_path: Path, run_fetch) -> None:
     for bad, message in (("--pipeline=0", "--pipeline: expected an integer from 1 to 32"),
-                         ("--bogus", "unrecognized arguments: --bogus")):  # fmt: skip
-        r = run_fetch("demo", "--dir", tmp_path / "demo", bad)
+                         ("--bogus", "unrecognized arguments: --bogus"),
+                         # the demo's own option, passed on: was refused after the build
+                         ("--procs=0", "--procs: expected an integer from 1 to 1024")):  # fmt: skip
+        r = run_fetch("demo", "--dir", tmp_path / "demo", "--no-media", bad)
         assert r.code == 2 and message in r.output, r
         assert not (tmp_path / "demo").exists()
+
+
+def test_the_demo_in_a_directory_it_cannot_write_says_so_without_a_traceback(
+    tmp_path: Path, run_fetch
+) -> None:
+    (tmp_path / "file").write_text("not a directory")
+    r = run_fetch("demo", "--dir", tmp_path / "file", "--no-media")
+    assert r.code == 4, r
+    assert "fetch: error: cannot build the sample: " in r.output, r
+    assert "Not a directory" in r.output and "Traceback" not in r.output, r
+    assert (tmp_path / "file").read_text() == "not a directory"
 
 
 def test_a_deleted_working_directory_is_a_usage_error(tmp_path: Path) -> None:
