@@ -402,6 +402,11 @@ def mirror(
         return _run_with_state(job, dest, state, summary, rep, stop, None, derived)
     try:
         dest.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as exc:
+        if not dest.exists():  # (a dangling symlink: nothing there to name)
+            raise unwritable(dest, exc, "create") from exc
+        # a file: "cannot create DEST: File exists" read as if DEST were made already
+        raise unwritable(dest, NotADirectoryError(errno.ENOTDIR, "Not a directory")) from exc
     except OSError as exc:
         raise unwritable(dest, exc, "create") from exc
     lock = RunLock(dest)

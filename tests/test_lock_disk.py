@@ -183,6 +183,10 @@ def test_a_dest_that_cannot_hold_state_names_what_is_in_the_way(
             f"cannot write to {tmp_path / 'd1'}: {tmp_path / 'd1' / '.fetcher'}: File exists"
             in r.output
         )
+        # a file as DEST: was "cannot create DEST: File exists", as if it were made already
+        r = run_fetch("--mirror", srv.url, "--procs", "1", "--dest", tmp_path / "afile")
+        assert r.code == 4, r
+        assert f"cannot write to {tmp_path / 'afile'}: Not a directory\n" in r.output, r
         r = run_fetch("--mirror", srv.url, "--procs", "1", "--dest", tmp_path / "afile" / "x")
         assert r.code == 4, r
         assert f"cannot create {tmp_path / 'afile' / 'x'}: Not a directory" in r.output
