@@ -600,13 +600,21 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
 def _verify_only(dest: Path, console: Console) -> int:
     from fetcher.verify import verify_tree
 
-    problems = verify_tree(dest)  # UsageError (exit 2) when DEST holds no fetch state
+    checked: list[str] = []
+    # UsageError (exit 2) when DEST holds no fetch state
+    problems = verify_tree(dest, checked=checked.append)
     for path, problem in problems:
         console.print(f"{path}: {problem}", markup=False, highlight=False)
     if problems:
         console.print(f"{len(problems)} file(s) missing or changed", highlight=False)
+    elif not checked:  # (not "every recorded digest matches": none was, and nothing checked)
+        console.print(
+            "no SHA-256 digest recorded in DEST's state: nothing to check (digests come"
+            " from repository metadata, --index, or checksum files, --verify)",
+            highlight=False,
+        )
     else:
-        console.print("every recorded digest matches", highlight=False)
+        console.print(f"every recorded digest matches ({len(checked)} files)", highlight=False)
     return 1 if problems else 0
 
 

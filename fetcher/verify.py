@@ -8,6 +8,7 @@ written: the state is opened read-only, so a verify can run beside a sync.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 
 from fetcher.errors import UsageError
@@ -19,8 +20,9 @@ __all__ = ["verify_tree"]
 _BLOCK = 1 << 20
 
 
-def verify_tree(dest: Path) -> list[tuple[str, str]]:
-    """``(path, problem)`` for every recorded file that is missing or has other bytes.
+def verify_tree(dest: Path, checked: Callable[[str], None] | None = None) -> list[tuple[str, str]]:
+    """``(path, problem)`` for every recorded file that is missing or has other bytes;
+    ``checked(path)`` is called for each file with a digest to check.
 
     Raises :class:`UsageError` when DEST holds no fetch state.
 
@@ -38,6 +40,8 @@ def verify_tree(dest: Path) -> list[tuple[str, str]]:
         for row in state.rows():
             if not row.sha256:
                 continue
+            if checked is not None:
+                checked(row.path)
             problem = _check(dest, row.path, row.sha256)
             if problem is not None:
                 problems.append((row.path, problem))

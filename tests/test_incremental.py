@@ -741,8 +741,8 @@ def test_a_dry_run_and_verify_only_read_a_state_left_with_a_hot_journal(
     planned = _report(report)["planned"]
     assert planned["skipped"]["files"] == len(files) - 1, planned  # the rows as committed
     assert _report(report)["deleted"] == [files[1]]
-    r = run_fetch("--verify-only", dest)
-    assert r.code == 0 and "every recorded digest matches" in r.output, r.output
+    r = run_fetch("--verify-only", dest)  # (a mirror of listings: no digests, but read)
+    assert r.code == 0 and "nothing to check" in r.output, r.output
     assert _snapshot(dest) == before, "a read-only run changed DEST"
     r = run_fetch("--mirror", srv.url, "--dest", dest, "--delete")
     assert r.code == 0, r.output
@@ -1881,3 +1881,28 @@ def test_delete_keeps_the_files_of_directories_past_depth(
     assert r.code == 0 and "not crawled" in r.output, r.output
     assert not (dest / "d1" / "f2.bin").exists()
     assert len(list((dest / "d0" / "deep").rglob("g*.bin"))) == 4, r.output
+
+
+def test_verify_only_on_a_mirror_without_digests_says_there_was_nothing_to_check(
+    tmp_path: Path, run_fetch: RunFetch
+) -> None:
+    """A mirror of plain listings records no digest: --verify-only said "every recorded
+    digest matches", which a cron job's reader takes for a checked mirror."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.bin").write_bytes(b"a" * 100)
+    (src / "b.bin").write_bytes(b"b" * 100)
+    dest = tmp_path / "d"
+    with _serving(src) as srv:
+        assert run_fetch("--mirror", srv.url, "--dest", dest).code == 0
+        r = run_fetch("--verify-only", dest)
+        assert r.code == 0, r
+        assert "nothing to check" in r.output and "every recorded digest" not in r.output, r
+        (src / "SHA256SUMS").write_text(
+            "".join(f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.name}\n"
+                    for p in sorted(src.glob("*.bin")))
+        )  # fmt: skip
+        dest = tmp_path / "verified"
+        assert run_fetch("--mirror", srv.url, "--dest", dest, "--verify").code == 0
+    r = run_fetch("--verify-only", dest)
+    assert r.code == 0 and "every recorded digest matches (2 files)" in r.output, r
