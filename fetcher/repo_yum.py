@@ -68,7 +68,11 @@ def parse_repomd(data: bytes) -> list[MetaFile]:
     except ET.ParseError as exc:
         raise ListingError(f"repomd.xml does not parse: {exc}") from None
     if root.tag != f"{_REPO}repomd":
-        raise ListingError(f"not a repomd.xml (root element {root.tag!r})")
+        # (a bare <repomd> read "not a repomd.xml (root element 'repomd')": name the namespace)
+        raise ListingError(
+            f"not a repomd.xml: its root element is {root.tag!r},"
+            f" not 'repomd' in the namespace {_REPO[1:-1]}"
+        )
     out: list[MetaFile] = []
     for d in root.iter(f"{_REPO}data"):
         loc = d.find(f"{_REPO}location")

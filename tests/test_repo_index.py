@@ -605,3 +605,18 @@ def test_cli_index_auto_and_verify_only(tmp_path: Path, run_fetch: Callable[...,
     r = run_fetch("--verify-only", dest)
     assert r.code == 1 and "mismatch" in r.output, r
     assert run_fetch("--verify-only", tmp_path).code == 2
+
+
+def test_a_repomd_xml_outside_its_namespace_is_named_as_such(
+    tmp_path: Path, run_fetch: Callable[..., Any]
+) -> None:
+    """A bare ``<repomd>`` (the demo's sample has one) was refused as "not a repomd.xml
+    (root element 'repomd')": the element it asked for, as far as a reader could see."""
+    with FaultServer() as srv:
+        srv.add_file("/r/repodata/repomd.xml", b"<repomd><!-- sample --></repomd>\n")
+        r = run_fetch("--mirror", srv.url + "r/", "--dest", tmp_path / "d", "--index", "auto")
+    assert r.code == 1, r
+    assert (
+        "not a repomd.xml: its root element is 'repomd', not 'repomd' in the namespace"
+        " http://linux.duke.edu/metadata/repo" in r.output
+    ), r
