@@ -667,6 +667,12 @@ def _main(argv: list[str], console: Console, err: Console, taken: dict[signal.Si
                 f"--report {ns.report} and --metrics {ns.metrics}: one file for both"
                 ": the metrics would be written over the report"
             )
+        for flag, path in (("--report", ns.report), ("--metrics", ns.metrics)):
+            if _one_file(ns.log_file, path):  # (the log, every run's, replaced by it)
+                raise UsageError(
+                    f"--log-file {ns.log_file} and {flag} {path}: one file for both"
+                    f": the {flag.removeprefix('--')} would be written over the log"
+                )
         if Path("-") in (ns.report, ns.metrics) and isinstance(console, _LazyConsole):
             console = err  # stdout carries the report (or metrics) alone; the rest to stderr
         _check_cwd()

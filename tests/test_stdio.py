@@ -255,6 +255,26 @@ def test_report_and_metrics_cannot_be_one_file(tmp_path: Path, run_fetch) -> Non
     assert not (tmp_path / "d").exists() and not (tmp_path / "out").exists()
 
 
+def test_the_log_file_and_the_report_or_metrics_cannot_be_one_file(
+    tmp_path: Path, run_fetch
+) -> None:
+    # the report (or metrics), written atomically at the end, replaced the log that
+    # --log-file appends to, with the lines of every run before
+    log = tmp_path / "fetch.log"
+    log.write_text("the lines of the runs before\n")
+    with FaultServer() as srv:
+        srv.add_file("/a.bin", b"x" * 100)
+        for flag in ("--report", "--metrics"):
+            r = run_fetch("--mirror", srv.url, "--dest", tmp_path / "d",
+                          "--log-file", log, flag, tmp_path / "." / "fetch.log")  # fmt: skip
+            assert r.code == 2 and "one file for both" in r.output, (flag, r.output)
+            assert "would be written over the log" in r.output, r.output
+        requests = srv.count()
+    assert requests == 0
+    assert log.read_text() == "the lines of the runs before\n"
+    assert not (tmp_path / "d").exists()
+
+
 def test_a_command_that_only_prints_says_nothing_when_its_reader_left(tmp_path: Path) -> None:
     # fetch --config m.toml --check | head -1: no sync to keep going, nothing to report
     cfg = tmp_path / "m.toml"
