@@ -549,8 +549,11 @@ def _scheduler(v: Any) -> str:
 def _strs(v: Any) -> tuple[str, ...]:
     if isinstance(v, str):
         v = [v]
-    if not isinstance(v, list | tuple) or not all(isinstance(x, str) and x for x in v):
+    if not isinstance(v, list | tuple):
         raise ValueError(f"expected a string or a list of strings, got {_show(v)}")
+    for x in v:  # (the one at fault, not the list: a tuple's repr from the command line)
+        if not isinstance(x, str) or not x:
+            raise ValueError(f"expected a non-empty string or a list of them, got {_show(x)}")
     return tuple(v)
 
 

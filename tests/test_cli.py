@@ -51,6 +51,10 @@ from tests.faultserver import Fault, FaultServer
             ["--mirror", "http://127.0.0.1:9/", "--header", "NoColon"],
             "--header: expected 'Name: value' headers",
         ),
+        (  # an empty one among several, not the list's Python repr: got ('*.rpm', '')
+            ["--mirror", "http://127.0.0.1:9/", "--include", "*.rpm", "--include="],
+            """--include: expected a non-empty string or a list of them, got ""\n""",
+        ),
         (  # the header at fault, not the list's Python repr: got ('X-A: b', 'X-Token abc')
             ["--mirror", "http://127.0.0.1:9/", "--header", "X-A: b", "--header", "X-Token abc"],
             """--header: expected 'Name: value' headers, got "X-Token abc"\n""",
