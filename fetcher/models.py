@@ -453,6 +453,9 @@ class Counts(msgspec.Struct):
 
     files: int = 0
     bytes: int = 0
+    unsized: int = 0
+    """Of ``files``, those whose size no listing gave (not in ``bytes``: a plan's bytes
+    are then a lower bound)."""
 
 
 class Summary(msgspec.Struct):

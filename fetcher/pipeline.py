@@ -1082,7 +1082,7 @@ def _adopt(run: _Run, f: RemoteFile, local: LocalFile) -> None:
 
 def _plan(run: _Run, j: Job) -> None:
     f = j.file
-    _count(run.summary, j.action.value, f.size or 0)
+    _count(run.summary, j.action.value, f.size)
     run.reporter.planned(j)
     if run.job.dry_run:
         run.state.seen(run.run_id, f.path)  # upstream, so never a deletion candidate
@@ -1093,10 +1093,13 @@ def _plan(run: _Run, j: Job) -> None:
         run.batch.append(j)
 
 
-def _count(s: Summary, key: str, nbytes: int) -> None:
+def _count(s: Summary, key: str, nbytes: int | None) -> None:
     c = s.planned.setdefault(key, Counts())
     c.files += 1
-    c.bytes += nbytes
+    if nbytes is None:  # (a listing without sizes: python -m http.server, a plain list)
+        c.unsized += 1
+    else:
+        c.bytes += nbytes
 
 
 def _stat(p: str) -> LocalFile | None:

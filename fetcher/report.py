@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from fetcher.models import Summary
+from fetcher.models import Counts, Summary
 from fetcher.progress import human_bytes, json_text
 
 if TYPE_CHECKING:
@@ -67,7 +67,7 @@ def _rows(s: Summary) -> list[tuple[str, str, str, bool]]:
                 label = {"check": "check (conditional GET)", "skipped": "unchanged (skip)"}.get(
                     key, f"to fetch: {key}"
                 )
-                rows.append((label, str(c.files), human_bytes(c.bytes), False))
+                rows.append((label, str(c.files), _planned_bytes(c), False))
         if s.deleted:
             rows.append(("to delete", str(len(s.deleted)), "", False))
     else:
@@ -87,6 +87,15 @@ def _rows(s: Summary) -> list[tuple[str, str, str, bool]]:
         rows.append(("listing errors", str(len(s.listing_errors)), "", True))
     rows.append(("directories", str(s.directories), f"{s.elapsed:.1f} s", False))
     return rows
+
+
+def _planned_bytes(c: Counts) -> str:
+    """A plan's bytes; "0 B" said of files whose listing gave no size read as empty files."""
+    if not c.unsized:
+        return human_bytes(c.bytes)
+    if c.unsized == c.files:
+        return "size unknown"
+    return f"{human_bytes(c.bytes)} + {c.unsized} of unknown size"
 
 
 def _details(s: Summary) -> list[tuple[str, str, str]]:
@@ -197,7 +206,10 @@ def summary_dict(s: Summary, name: str | None = None) -> dict[str, Any]:
         "exit_code": s.exit_code,
         "fetched": {"files": s.fetched.files, "bytes": s.fetched.bytes},
         "unchanged": {"files": s.unchanged_files},
-        "planned": {k: {"files": c.files, "bytes": c.bytes} for k, c in s.planned.items()},
+        "planned": {
+            k: {"files": c.files, "bytes": c.bytes, **({"unsized": c.unsized} if c.unsized else {})}
+            for k, c in s.planned.items()
+        },
         "deleted": s.deleted,
         "deleted_dirs": s.deleted_dirs,
         "vanished": s.vanished,

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -1906,3 +1907,21 @@ def test_verify_only_on_a_mirror_without_digests_says_there_was_nothing_to_check
         assert run_fetch("--mirror", srv.url, "--dest", dest, "--verify").code == 0
     r = run_fetch("--verify-only", dest)
     assert r.code == 0 and "every recorded digest matches (2 files)" in r.output, r
+
+
+def test_a_dry_run_of_listings_without_sizes_does_not_plan_zero_bytes(
+    tmp_path: Path, run_fetch: RunFetch
+) -> None:
+    """Python's http.server (and plain Apache lists) show no sizes: the plan said
+    "to fetch: new  3  0 B", as if the files were empty."""
+    report = tmp_path / "report.json"
+    with FaultServer() as srv:
+        links = "".join(f'<a href="f{i}.bin">f{i}.bin</a>\n' for i in range(3))
+        srv.add_listing("/d/", f"<html><body>{links}</body></html>".encode())
+        for i in range(3):
+            srv.add_file(f"/d/f{i}.bin", b"x" * 1000)
+        r = run_fetch("--mirror", srv.url + "d/", "--dest", tmp_path / "o", "--dry-run",
+                      "--report", report)  # fmt: skip
+    assert r.code == 0, r
+    assert re.search(r"to fetch: new\s+3\s+size unknown\n", r.output), r.output
+    assert _report(report)["planned"]["new"] == {"files": 3, "bytes": 0, "unsized": 3}
