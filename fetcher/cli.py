@@ -681,6 +681,18 @@ def _main(argv: list[str], console: Console, err: Console, taken: dict[signal.Si
                 raise _stray(ns.url, "--verify-only takes one DEST")
             if ns.mirror or ns.config:
                 raise UsageError("--verify-only checks a DEST on its own: no --mirror or --config")
+            ignored = [_flag(key) for key in _overrides(ns)] + [
+                flag
+                for flag, v in (("--report", ns.report), ("--metrics", ns.metrics),
+                                ("--log-file", ns.log_file), ("--log-format", ns.log_format),
+                                ("--job", ns.job), ("--check", ns.check))
+                if v
+            ]  # fmt: skip
+            if ignored:  # (a --report or --metrics a timer waits for was never written)
+                raise UsageError(
+                    f"--verify-only takes no {', '.join(ignored)}: it prints what it finds"
+                    " and exits 1 if a file is missing or changed"
+                )
             if _STOPPED_EARLY:
                 raise KeyboardInterrupt  # (stopped while fetch loaded: nothing read yet)
             return _verify_only(ns.verify_only, console)

@@ -127,6 +127,10 @@ from tests.faultserver import Fault, FaultServer
             "fetch: error: --mirror goes without --config",
         ),
         (["--verify-only", "d", "e"], "fetch: error: unexpected argument 'e' (--verify-only takes"),
+        (  # accepted, and no report or metrics written: what a timer's alert waits for
+            ["--verify-only", "d", "--report", "r.json", "--metrics", "m.prom", "--procs", "2"],
+            "fetch: error: --verify-only takes no --procs, --report, --metrics: it prints",
+        ),
         # options that mean something only beside another: said, not silently dropped
         (
             ["--mirror", "http://127.0.0.1:9/", "--scheduler", "tcp://127.0.0.1:8786"],
