@@ -44,6 +44,9 @@ def pooled_transport(
         pool = transport._pool
         backend = CappedBackend(pool._network_backend, limits.connections, stop)
         backend.pool = pool
+        if t.proxy:
+            proxy = httpx.URL(t.proxy)
+            backend.proxy = (proxy.host, proxy.port or (443 if proxy.scheme == "https" else 80))
         pool._network_backend = backend
     return transport
 
@@ -97,6 +100,8 @@ class CappedBackend(httpcore.NetworkBackend):
         self._gate = TokenGate(sem, stop)
         self.pool: httpcore.ConnectionPool | None = None
         """The pool this backend serves; its idle connections can give their tokens back."""
+        self.proxy: tuple[str, int] | None = None
+        """The proxy's host and port, which the pool connects to instead of the mirror's."""
 
     def _reclaim(self) -> bool:
         # httpcore binds a request to a new connection as it arrives, before it connects.
@@ -126,6 +131,12 @@ class CappedBackend(httpcore.NetworkBackend):
             raise httpcore.ConnectError("stopping")
         try:
             stream = self._inner.connect_tcp(host, port, timeout, local_address, socket_options)
+        except httpcore.ConnectError as exc:
+            self._gate.release_now()
+            # (httpcore says only "[Errno 111] Connection refused": through a proxy, read as
+            # the mirror refusing; fetcher.http1 names the host it could not reach as well)
+            what = "the proxy " if (host, port) == self.proxy else ""
+            raise httpcore.ConnectError(f"cannot connect to {what}{host}:{port}: {exc}") from exc
         except BaseException:
             self._gate.release_now()
             raise

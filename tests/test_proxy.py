@@ -205,3 +205,20 @@ def test_a_proxy_from_the_environment_not_used_is_not_checked(
     with FaultServer(root=_www(tmp_path)) as srv:
         r = run_fetch("--mirror", f"{srv.url}pub/", "--dest", tmp_path / "d", "--procs", "1")
     assert r.code == 0, r.output
+
+
+def test_a_proxy_that_refuses_connections_is_named_in_the_listing_error(
+    tmp_path: Path, run_fetch
+) -> None:
+    """The error was "ConnectError: [Errno 111] Connection refused", which reads as the
+    mirror refusing; without a proxy it names the host it could not reach."""
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with FaultServer(root=_www(tmp_path)) as srv:
+        r = run_fetch("--mirror", srv.url + "pub/", "--dest", tmp_path / "d", "--retries", "1",
+                      "--proxy", f"http://127.0.0.1:{port}")  # fmt: skip
+        requests = srv.count()
+    assert r.code == 1, r.output
+    assert f"cannot connect to the proxy 127.0.0.1:{port}: " in r.output, r.output
+    assert requests == 0
