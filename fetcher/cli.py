@@ -873,6 +873,7 @@ def _describe(job: MirrorJob) -> dict[str, Any]:
     d.pop("url")
     d.pop("dest")
     d.pop("name")
+    d.pop("max_listing_bytes")  # (a fixed cap, not a key: copied into the file, it was refused)
     if d.pop("auth") is not None:
         d["auth"] = "user and password from the URL (not shown)"
     if d.get("proxy"):

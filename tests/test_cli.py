@@ -310,6 +310,24 @@ def test_a_dest_in_a_state_directory_or_inside_another_mirror_is_refused(
     assert run_fetch("--config", cfg, "--check").code == 0
 
 
+def test_every_key_check_prints_is_a_key_a_config_file_takes(tmp_path: Path, run_fetch) -> None:
+    """--check printed max_listing_bytes, a fixed cap: copied into the file, it was refused
+    as an unknown key (did you mean 'listing_rate'?)."""
+    cfg = tmp_path / "m.toml"
+    cfg.write_text("[jobs.a]\nurl = 'http://127.0.0.1:9/a/'\n")
+    check = run_fetch("--config", cfg, "--check")
+    assert check.code == 0, check
+    keys = re.findall(r"^    (\w+) = ", check.output, re.M)
+    assert "max_connections" in keys and "post" in keys, check.output
+    for key in keys:
+        table = "[[jobs.a.post]]\naction = 'probe'\n" if key == "post" else ""
+        value = {"url": "'http://127.0.0.1:9/a/'", "post": ""}.get(key)
+        own = f"{key} = 1\n" if value is None else ""
+        cfg.write_text(f"[jobs.a]\nurl = 'http://127.0.0.1:9/a/'\n{own}{table}")
+        r = run_fetch("--config", cfg, "--check")
+        assert "unknown key" not in r.output, (key, r.output)
+
+
 def test_the_demo_refuses_bad_options_before_building_its_sample(tmp_path: Path, run_fetch) -> None:
     for bad, message in (("--pipeline=0", "--pipeline: expected an integer from 1 to 32"),
                          ("--bogus", "unrecognized arguments: --bogus"),
