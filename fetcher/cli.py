@@ -668,6 +668,9 @@ def _main(argv: list[str], console: Console, err: Console, taken: dict[signal.Si
                 ": the metrics would be written over the report"
             )
         for flag, path in (("--report", ns.report), ("--metrics", ns.metrics)):
+            if path is not None and path != Path("-") and path.is_dir():
+                # (found only once the whole sync was done: exit 4, on every run of a timer)
+                raise UsageError(f"{flag} {path}: a directory", "give the file's name too")
             if _one_file(ns.log_file, path):  # (the log, every run's, replaced by it)
                 raise UsageError(
                     f"--log-file {ns.log_file} and {flag} {path}: one file for both"

@@ -160,12 +160,14 @@ def test_report_and_metrics_go_through_a_fifo_and_a_symlink(tmp_path: Path, run_
 
 
 def test_metrics_that_cannot_be_written_do_not_take_the_report(tmp_path: Path, run_fetch) -> None:
-    (tmp_path / "adir").mkdir()
+    # (under a file: a directory itself is refused before the run)
+    (tmp_path / "afile").write_text("")
+    metrics = tmp_path / "afile" / "m.prom"
     with FaultServer(root=_tree(tmp_path)) as srv:
         r = run_fetch("--mirror", srv.url, "--dest", tmp_path / "d", "--procs", "1",
-                      "--report", tmp_path / "r.json", "--metrics", tmp_path / "adir")  # fmt: skip
+                      "--report", tmp_path / "r.json", "--metrics", metrics)  # fmt: skip
     assert r.code == 4, r.output
-    assert f"cannot write --metrics {tmp_path / 'adir'}: Is a directory" in r.output
+    assert f"cannot write --metrics {metrics}: Not a directory" in r.output, r.output
     assert json.loads((tmp_path / "r.json").read_text())["exit_code"] == 0
     _assert_mirrored(tmp_path / "d")
 
@@ -273,6 +275,22 @@ def test_the_log_file_and_the_report_or_metrics_cannot_be_one_file(
     assert requests == 0
     assert log.read_text() == "the lines of the runs before\n"
     assert not (tmp_path / "d").exists()
+
+
+def test_a_directory_as_report_or_metrics_is_refused_before_the_run(
+    tmp_path: Path, run_fetch
+) -> None:
+    # it was found only once the sync was done (exit 4), and again on every timer's run
+    (tmp_path / "reports").mkdir()
+    with FaultServer() as srv:
+        srv.add_file("/a.bin", b"x" * 100)
+        for flag in ("--report", "--metrics"):
+            r = run_fetch("--mirror", srv.url, "--dest", tmp_path / "d", flag, tmp_path / "reports")
+            assert r.code == 2, (flag, r.output)
+            assert f"fetch: error: {flag} {tmp_path / 'reports'}: a directory" in r.output, r
+        requests = srv.count()
+    assert requests == 0 and not (tmp_path / "d").exists()
+    assert not list((tmp_path / "reports").iterdir())
 
 
 def test_a_command_that_only_prints_says_nothing_when_its_reader_left(tmp_path: Path) -> None:
