@@ -106,7 +106,7 @@ def prune(
         # in neither place. Killed the other way round, a file left without its row is
         # still not upstream, and the next --delete takes it.
         state.forget(candidates)
-    for rel in candidates:
+    for rel in sorted(candidates):  # (else DEST's directory order: reports that differ)
         s.deleted.append(rel)
         if job.dry_run:
             gone.add(rel)

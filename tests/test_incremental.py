@@ -1925,3 +1925,24 @@ def test_a_dry_run_of_listings_without_sizes_does_not_plan_zero_bytes(
     assert r.code == 0, r
     assert re.search(r"to fetch: new\s+3\s+size unknown\n", r.output), r.output
     assert _report(report)["planned"]["new"] == {"files": 3, "bytes": 0, "unsized": 3}
+
+
+def test_deletions_are_listed_in_path_order(tmp_path: Path, run_fetch: RunFetch) -> None:
+    """They came in DEST's directory order (creation order, or a hash's), so two runs'
+    reports and summaries of the same deletions differed."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "keep.bin").write_bytes(b"k" * 100)
+    dest = tmp_path / "d"
+    report = tmp_path / "report.json"
+    with _serving(src) as srv:
+        assert run_fetch("--mirror", srv.url, "--dest", dest).code == 0
+        names = ["z.old", "a.old", "m.old", "b/c.old", "b.old"]
+        (dest / "b").mkdir()
+        for name in names:
+            (dest / name).write_bytes(b"x")
+        r = run_fetch("--mirror", srv.url, "--dest", dest, "--delete", "--force",
+                      "--report", report)  # fmt: skip
+    assert r.code == 0, r.output
+    assert _report(report)["deleted"] == sorted(names)
+    assert re.findall(r"deleted (\S+\.old)", r.output) == sorted(names), r.output
