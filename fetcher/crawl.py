@@ -55,6 +55,7 @@ from fetcher.models import (
 from fetcher.plan import wanted
 from fetcher.retry import (
     build_retrying,
+    not_tls,
     retry_after_seconds,
     untrusted_certificate,
     with_retries,
@@ -200,6 +201,12 @@ def _fetch_page(
     try:
         return _read_page(get, url, scope, opts, gate, keep)
     except httpx.ConnectError as exc:
+        if not_tls(exc):  # (else "[SSL: WRONG_VERSION_NUMBER] wrong version number", 5 times)
+            where = httpx.URL(url)
+            raise ListingError(
+                f"{where.host}:{where.port or 443} does not answer in TLS (plain HTTP there?):"
+                f" use {url.replace('https://', 'http://', 1)} if that is the mirror"
+            ) from exc
         cert = untrusted_certificate(exc)
         if cert is None:
             raise

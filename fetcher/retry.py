@@ -48,6 +48,7 @@ def _import_tenacity() -> Any:
 __all__ = [
     "RetryPolicy",
     "build_retrying",
+    "not_tls",
     "retry_after_seconds",
     "untrusted_certificate",
     "with_retries",
@@ -82,10 +83,29 @@ def untrusted_certificate(exc: BaseException) -> ssl.SSLCertVerificationError | 
     return None
 
 
+def not_tls(exc: BaseException) -> bool:
+    """Whether ``exc`` is a TLS handshake answered by something that is not TLS (OpenSSL's
+    "wrong version number": most often plain HTTP on that port, an https:// URL for an
+    http:// server)."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, ssl.SSLError) and cur.reason == "WRONG_VERSION_NUMBER":
+            return True
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
 def _is_transient(exc: BaseException) -> bool:
     if isinstance(exc, httpx.TransportError):
-        # a certificate that does not verify will not verify on the next attempt either
-        return not isinstance(exc, httpx.UnsupportedProtocol) and untrusted_certificate(exc) is None
+        # a certificate that does not verify will not verify on the next attempt either,
+        # nor will a server that does not speak TLS start to
+        return (
+            not isinstance(exc, httpx.UnsupportedProtocol)
+            and untrusted_certificate(exc) is None
+            and not not_tls(exc)
+        )
     if isinstance(exc, TransferError):
         return bool(exc.retryable)
     return False

@@ -149,3 +149,16 @@ def test_a_certificate_for_another_name_says_so_not_to_add_a_ca(
     for line in lines:  # (the listing error, and again in the summary)
         assert "mismatch" in line and "the host name its certificate names" in line, line
         assert "--ca-cert" not in line, line
+
+
+def test_an_https_url_for_a_plain_http_server_says_so_once(tmp_path: Path, run_fetch) -> None:
+    """It said "ConnectError: TLS with HOST:PORT failed: [SSL: WRONG_VERSION_NUMBER] wrong
+    version number", after retrying that five times with backoff."""
+    with FaultServer() as srv:
+        srv.add_file("/pub/a.txt", b"a")
+        url = srv.url.replace("http://", "https://") + "pub/"
+        r = run_fetch("--mirror", url, "--dest", tmp_path / "d")
+        connections = srv.connections
+    assert r.code == 1, r
+    assert f"does not answer in TLS (plain HTTP there?): use {srv.url}pub/" in r.output, r
+    assert connections == 1, connections
