@@ -118,7 +118,27 @@ def _args(where: str, v: object) -> tuple[str, ...]:
         raise ConfigError(f"{where}: expected a list of strings (ffmpeg arguments), got {_show(v)}")
     if not any("{output}" in a or "{outdir}" in a for a in v):
         raise ConfigError(f"{where}: must contain {{output}} or {{outdir}}, where ffmpeg writes")
+    # A mistyped placeholder ({inputt}, {Stem}) went to ffmpeg as it is: every file then
+    # failed, each with ffmpeg's own error. Braces that are not close to one are left to
+    # ffmpeg (drawtext's %{pts}, text of the user's).
+    for a in v:
+        for name in _BRACED.findall(a):
+            if name not in PLACEHOLDERS:
+                close = difflib.get_close_matches(name.lower(), PLACEHOLDERS, n=1, cutoff=0.75)
+                if close:
+                    raise ConfigError(
+                        f"{where}: {{{name}}} in {_show(a)} is no placeholder;"
+                        f" did you mean {{{close[0]}}}? (known: "
+                        + ", ".join(f"{{{p}}}" for p in PLACEHOLDERS)
+                        + ")"
+                    )
     return tuple(v)
+
+
+PLACEHOLDERS = ("input", "output", "outdir", "stem")
+"""What a custom rule's arguments may name (:func:`fetcher.ffmpeg.custom_argv`)."""
+
+_BRACED = re.compile(r"(?<!%)\{(\w+)\}")
 
 
 def _globs(where: str, v: object) -> tuple[str, ...]:

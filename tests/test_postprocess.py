@@ -334,6 +334,14 @@ def test_rule_from_mapping_reads_every_option() -> None:
             "j.args: must contain {output} or {outdir}",
         ),
         ({"action": "custom", "args": "-i {input} {output}"}, "j.args: expected a list of strings"),
+        (
+            {"action": "custom", "args": ["-i", "{inputt}", "{output}"]},
+            'j.args: {inputt} in "{inputt}" is no placeholder; did you mean {input}?',
+        ),
+        (
+            {"action": "custom", "args": ["-i", "{input}", "{outdir}/{Stem}.png"]},
+            'j.args: {Stem} in "{outdir}/{Stem}.png" is no placeholder; did you mean {stem}?',
+        ),
         ({"action": "custom", "args": ["{output}"], "ext": "../x"}, "j.ext: expected"),
         ("probe", 'j: expected a table with an action, got "probe"'),
     ],
@@ -1110,3 +1118,11 @@ def test_an_output_is_made_again_when_its_options_change(tree: tuple[Path, Path]
         [failed] = pool.close()
     assert failed.status == PostStatus.FAILED
     assert not out.exists() and not record.exists()
+
+
+def test_braces_that_are_no_placeholder_typo_go_to_ffmpeg() -> None:
+    """Only a near miss of a placeholder is refused: drawtext's ``%{pts}`` and text of the
+    user's in braces are ffmpeg's."""
+    args = ["-i", "{input}", "-vf", "drawtext=text='%{pts} {camera}'", "{output}"]
+    rule = rule_from_mapping({"action": "custom", "args": args, "ext": "mkv"}, "c")
+    assert rule.options.args == tuple(args)
