@@ -263,7 +263,8 @@ class State:
         self._db = conn
         self.readonly = readonly
         self._scratch = scratch  # the directory of a copy read instead (_read_only), if any
-        self._pending: list[tuple[Any, ...]] = []
+        self._pending: list[tuple[Any, ...]] = []  # rows to write (their digest kept)
+        self._fetched: list[tuple[Any, ...]] = []  # rows of new bytes (their digest theirs)
         self._seen: list[tuple[int, str]] = []
         self._listings: list[Listing] = []
         self._last_flush = time.monotonic()
@@ -420,7 +421,10 @@ class State:
     def record(self, run_id: int, out: Outcome) -> None:
         if out.status not in (Status.FETCHED, Status.UNCHANGED):
             return
-        self._pending.append(
+        # New bytes replace the digest recorded for the old ones, with theirs or none (a
+        # digest kept for other bytes made --verify-only call good ones changed); a file
+        # found unchanged keeps it.
+        (self._fetched if out.status is Status.FETCHED else self._pending).append(
             (out.path, out.url, out.size, out.mtime, out.etag, out.last_modified, out.sha256,
              out.stamp, time.time(), run_id, "ok")
         )  # fmt: skip
@@ -474,33 +478,40 @@ class State:
         return found
 
     def _maybe_flush(self) -> None:
-        if len(self._pending) + len(self._seen) >= 2000 or time.monotonic() - self._last_flush > 1:
+        waiting = len(self._pending) + len(self._fetched) + len(self._seen)
+        if waiting >= 2000 or time.monotonic() - self._last_flush > 1:
             self.flush()
 
     def flush(self) -> None:
         self._last_flush = time.monotonic()
-        if not (self._pending or self._seen or self._listings):
+        if not (self._pending or self._fetched or self._seen or self._listings):
             return
         if self.readonly:
-            paths = [(p[0],) for p in self._pending] + [(p,) for _, p in self._seen]
+            paths = [(p[0],) for p in (*self._pending, *self._fetched)]
+            paths += [(p,) for _, p in self._seen]
             _in_groups(self._db, "INSERT OR IGNORE INTO temp.seen (path)", paths)
             self._pending.clear()
+            self._fetched.clear()
             self._seen.clear()
             return
         try:
             with self._db:
                 self._db.execute("BEGIN")
-                _in_groups(
-                    self._db,
-                    f"INSERT INTO files ({_ROW})",
-                    self._pending,
-                    " ON CONFLICT(path) DO UPDATE SET url=excluded.url, size=excluded.size,"
-                    " mtime=excluded.mtime, etag=COALESCE(excluded.etag, files.etag),"
-                    " last_modified=COALESCE(excluded.last_modified, files.last_modified),"
-                    " sha256=COALESCE(excluded.sha256, files.sha256), stamp=excluded.stamp,"
-                    " fetched_at=COALESCE(excluded.fetched_at, files.fetched_at),"
-                    " last_seen=excluded.last_seen, status=excluded.status",
-                )
+                for rows, sha256 in (
+                    (self._pending, "COALESCE(excluded.sha256, files.sha256)"),
+                    (self._fetched, "excluded.sha256"),
+                ):
+                    _in_groups(
+                        self._db,
+                        f"INSERT INTO files ({_ROW})",
+                        rows,
+                        " ON CONFLICT(path) DO UPDATE SET url=excluded.url, size=excluded.size,"
+                        " mtime=excluded.mtime, etag=COALESCE(excluded.etag, files.etag),"
+                        " last_modified=COALESCE(excluded.last_modified, files.last_modified),"
+                        f" sha256={sha256}, stamp=excluded.stamp,"
+                        " fetched_at=COALESCE(excluded.fetched_at, files.fetched_at),"
+                        " last_seen=excluded.last_seen, status=excluded.status",
+                    )
                 by_run: dict[int, list[str]] = {}
                 for run_id, path in self._seen:
                     by_run.setdefault(run_id, []).append(path)
@@ -518,6 +529,7 @@ class State:
             self._write_failed = True
             raise FatalIOError(f"cannot write state database: {exc}") from exc
         self._pending.clear()
+        self._fetched.clear()
         self._seen.clear()
         self._listings.clear()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import sqlite3
 from pathlib import Path
 
@@ -82,3 +83,30 @@ def test_a_checksum_file_is_held_back_when_a_file_it_names_fails(tmp_path: Path,
     for held in ("SHA256SUMS", "Fedora-38-x86_64-CHECKSUM"):
         assert f"failed {held}: metadata not published" in r.output, r.output
         assert not (dest / held).exists(), held
+
+
+def test_a_file_fetched_again_without_its_digest_does_not_keep_the_old_one(
+    tmp_path: Path, run_fetch
+) -> None:
+    """A file verified once (its SHA-256 recorded) and later fetched again in a run that
+    had no digest for it (upstream dropped its SHA256SUMS, or a run without --verify)
+    kept the old version's digest in the state: --verify-only then called the new, good
+    bytes "changed" (exit 1). A fetch without a digest clears the one recorded."""
+    www = tmp_path / "www"
+    www.mkdir()
+    first = b"first version" * 100
+    (www / "a.iso").write_bytes(first)
+    (www / "SHA256SUMS").write_text(f"{hashlib.sha256(first).hexdigest()}  a.iso\n")
+    os.utime(www / "a.iso", (1_700_000_000, 1_700_000_000))
+    dest = tmp_path / "d"
+    with FaultServer(root=www) as srv:
+        assert run_fetch("--mirror", srv.url, "--dest", dest, "--verify").code == 0
+        assert run_fetch("--verify-only", dest).code == 0
+        (www / "SHA256SUMS").unlink()
+        (www / "a.iso").write_bytes(b"second version, longer" * 100)
+        r = run_fetch("--mirror", srv.url, "--dest", dest)
+        assert r.code == 0, r.output
+        assert srv.count(path="/a.iso") == 2
+    r = run_fetch("--verify-only", dest)
+    assert r.code == 0, r.output
+    assert "nothing to check" in r.output, r.output
