@@ -347,6 +347,10 @@ class Action(enum.StrEnum):
     RESUME = "resume"
     CHECK = "check"
     """The listing shows neither size nor date: ask with a conditional GET."""
+    VERIFY = "verify"
+    """Unchanged, with a SHA-256 from the listings or the index that DEST's copy was never
+    checked against (fetched before it was published): hash that copy; fetch the file
+    again only if it differs."""
 
 
 class Job(msgspec.Struct, frozen=True):

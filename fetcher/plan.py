@@ -189,6 +189,10 @@ def decide(
         # Another digest: another file, whatever a 304 to the row's validators would say
         # (a version rolled back upstream keeps an older date, and the 304 kept ours).
         return Decision(Job(f, Action.CHANGED))
+    unhashed = f.checksum is not None and f.checksum[0] == "sha256" and not row.sha256
+    if unhashed and (f.stamp is None or f.stamp == row.stamp):
+        # a digest DEST's copy, fetched before it was published, was never checked against
+        return Decision(Job(f, Action.VERIFY))
     if f.stamp is not None:
         if f.stamp == row.stamp and (row.size is None or local.size == row.size):
             if racy(row):  # the same line may hide a rewrite: the server says (304, mostly)

@@ -61,12 +61,14 @@ def _rows(s: Summary) -> list[tuple[str, str, str, bool]]:
     """The summary's rows: (what, files, bytes, whether it is bad news)."""
     rows: list[tuple[str, str, str, bool]] = []
     if s.dry_run:
-        for key in ("new", "changed", "resume", "check", "skipped"):
+        for key in ("new", "changed", "resume", "check", "verify", "skipped"):
             c = s.planned.get(key)
             if c is not None:
-                label = {"check": "check (conditional GET)", "skipped": "unchanged (skip)"}.get(
-                    key, f"to fetch: {key}"
-                )
+                label = {
+                    "check": "check (conditional GET)",
+                    "skipped": "unchanged (skip)",
+                    "verify": "verify (hash DEST's copy)",
+                }.get(key, f"to fetch: {key}")
                 rows.append((label, str(c.files), _planned_bytes(c), False))
         if s.deleted:
             rows.append(("to delete", str(len(s.deleted)), "", False))

@@ -110,3 +110,41 @@ def test_a_file_fetched_again_without_its_digest_does_not_keep_the_old_one(
     r = run_fetch("--verify-only", dest)
     assert r.code == 0, r.output
     assert "nothing to check" in r.output, r.output
+
+
+def test_verify_hashes_the_copies_dest_already_holds(tmp_path: Path, run_fetch) -> None:
+    """A mirror made without --verify (or before upstream published its SHA256SUMS): the
+    first run with --verify hashes DEST's copies against the published digests instead
+    of passing them by, records the digests (for --verify-only), and fetches again only
+    a copy whose bytes differ. The next run hashes nothing."""
+    www = tmp_path / "www"
+    www.mkdir()
+    bodies = {f"f{i}.iso": bytes([65 + i]) * 5000 for i in range(3)}
+    for name, body in bodies.items():
+        (www / name).write_bytes(body)
+    (www / "SHA256SUMS").write_text(
+        "".join(f"{hashlib.sha256(b).hexdigest()}  {n}\n" for n, b in bodies.items())
+    )
+    dest = tmp_path / "d"
+    with FaultServer(root=www) as srv:
+        assert run_fetch("--mirror", srv.url, "--dest", dest).code == 0
+        assert "nothing to check" in run_fetch("--verify-only", dest).output
+        # damaged in DEST after the fact, keeping its size and date
+        damaged = dest / "f1.iso"
+        st = damaged.stat()
+        damaged.write_bytes(b"X" * 5000)
+        os.utime(damaged, ns=(st.st_atime_ns, st.st_mtime_ns))
+        srv.reset_stats()
+        r = run_fetch("--mirror", srv.url, "--dest", dest, "--verify", "--dry-run")
+        assert "verify (hash DEST's copy)  3" in r.output, r.output
+        r = run_fetch("--mirror", srv.url, "--dest", dest, "--verify")
+        assert r.code == 0, r.output
+        assert srv.count(path="/f1.iso") == 1  # the damaged copy, fetched again
+        assert srv.count(path="/f0.iso") == srv.count(path="/f2.iso") == 0  # hashed in DEST
+        assert damaged.read_bytes() == bodies["f1.iso"]
+        r = run_fetch("--verify-only", dest)
+        assert r.code == 0 and "matches (3 files)" in r.output, r.output
+        srv.reset_stats()
+        r = run_fetch("--mirror", srv.url, "--dest", dest, "--verify", "--dry-run")
+        assert "unchanged (skip)  4" in r.output, r.output  # (recorded: nothing to hash)
+        assert "hash DEST's copy" not in r.output, r.output
