@@ -74,7 +74,7 @@ from fetcher.models import (
 from fetcher.runner import run_shard
 from fetcher.shard import MAX_FILES, Shard
 
-__all__ = ["DaskExecutor", "require_distributed", "run_shard_task"]
+__all__ = ["DaskExecutor", "check_scheduler", "require_distributed", "run_shard_task"]
 
 INSTALL_HINT = "pip install 'fetcher[dask]'"
 TASK_RETRIES = 2
@@ -590,20 +590,56 @@ def _events(worker: int, outcomes: list[Outcome]) -> list[Event]:
     return events
 
 
+def check_scheduler(address: str | None, timeout: float) -> None:
+    """A :class:`UsageError` unless a TCP connection to the scheduler at ``address`` opens.
+
+    Asked before a run makes DEST and takes its lock: ``Client`` retries a refused
+    connection for its whole timeout (10 s), and the run had made DEST, its lock and
+    its state by then. A port that answers is left for ``Client`` to check (the
+    scheduler logs the probe at INFO: "closed before handshake completed"); an address
+    of a scheme not over TCP is too."""
+    if not address:
+        raise _no_scheduler()
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    try:
+        scheme, loc = parse_address(address)
+        if scheme not in ("tcp", "tls", "ws", "wss"):  # (all of them over TCP)
+            return
+        host, port = parse_host_port(loc, 8786)
+    except ValueError as exc:
+        raise _bad_address(address, exc) from None
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        why = "timed out" if isinstance(exc, TimeoutError) else exc.strerror or str(exc)
+        raise _unreachable(address, f"cannot connect to {host}:{port}: {why}") from None
+
+
+def _no_scheduler() -> UsageError:
+    return UsageError(
+        "--executor dask needs --scheduler tcp://HOST:8786 (or DASK_SCHEDULER_ADDRESS)",
+        "start one with 'dask scheduler --host HOST'",
+    )
+
+
+def _unreachable(address: str, why: object) -> UsageError:
+    return UsageError(
+        f"cannot reach the Dask scheduler at {address}: {why}",
+        "is 'dask scheduler' running there, and its port open to this machine?",
+    )
+
+
+def _bad_address(address: str, exc: ValueError) -> UsageError:
+    return UsageError(f"--scheduler {address}: {exc}", "give the scheduler as tcp://HOST:PORT")
+
+
 def _connect(dist: ModuleType, address: str | None) -> Any:
     if not address:
-        raise UsageError(
-            "--executor dask needs --scheduler tcp://HOST:8786 (or DASK_SCHEDULER_ADDRESS)",
-            "start one with 'dask scheduler --host HOST'",
-        )
+        raise _no_scheduler()
     try:
         return dist.Client(address, timeout=10, set_as_default=False)
     except (OSError, TimeoutError) as exc:
-        raise UsageError(
-            f"cannot reach the Dask scheduler at {address}: {exc}",
-            "is 'dask scheduler' running there, and its port open to this machine?",
-        ) from None
+        raise _unreachable(address, exc) from None
     except ValueError as exc:  # an address distributed cannot read (a scheme it lacks)
-        raise UsageError(
-            f"--scheduler {address}: {exc}", "give the scheduler as tcp://HOST:PORT"
-        ) from None
+        raise _bad_address(address, exc) from None

@@ -400,6 +400,10 @@ def mirror(
         _could_write(dest)  # a plan the real run could not carry out is not a plan
         state = State.open(dest, readonly=True)
         return _run_with_state(job, dest, state, summary, rep, stop, None, derived)
+    if job.executor == "dask":
+        from fetcher.dask_executor import check_scheduler
+
+        check_scheduler(job.scheduler, job.connect_timeout)  # before DEST, its lock, its state
     try:
         dest.mkdir(parents=True, exist_ok=True)
     except FileExistsError as exc:

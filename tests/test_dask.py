@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -171,6 +172,31 @@ def test_a_dask_job_short_of_its_scheduler_or_extra_is_refused_before_anything_s
     assert extra.code == 2 and "pip install 'fetcher[dask]'" in extra.output, extra
     assert requests == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.toml", "www"]
+
+
+def test_an_unreachable_scheduler_is_refused_before_dest_is_made(tmp_path: Path, run_fetch) -> None:
+    """A refused scheduler port was found out only by the Dask client, after its 10 s
+    of retries, with DEST, its lock and its state already made (seen running the CLI
+    by hand). One TCP connect now says so before anything is made."""
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "a.bin").write_bytes(b"x" * 100)
+    with socket.socket() as s:  # a port nothing listens on: bound, then let go
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with FaultServer(root=tmp_path / "www") as srv:
+        began = time.monotonic()
+        r = run_fetch(
+            "--mirror", srv.url, "--dest", tmp_path / "o",
+            "--executor", "dask", "--scheduler", f"tcp://127.0.0.1:{port}",
+        )  # fmt: skip
+        took = time.monotonic() - began
+        requests = srv.count()
+    assert r.code == 2, r
+    assert f"cannot reach the Dask scheduler at tcp://127.0.0.1:{port}" in r.output, r
+    assert "refused" in r.output, r
+    assert not (tmp_path / "o").exists()
+    assert requests == 0
+    assert took < 5, took  # (the client's own retries took 10 s)
 
 
 def test_ctrl_c_stops_the_tasks_running_on_the_cluster(tmp_path: Path, cluster) -> None:
