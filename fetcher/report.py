@@ -304,9 +304,9 @@ def write_metrics(
     previous = _previous(path)
     for name, s in summaries:
         job = _label(name or s.url)
-        if s.skipped_run:
-            # another run holds DEST (perhaps hung): this one did nothing, and must not look
-            # like a success to an alert on the last one
+        if s.skipped_run or s.dry_run:
+            # another run holds DEST (perhaps hung), or this one only planned: it synced
+            # nothing, and must not look like a success to an alert on the last one
             values: list[float | None] = [previous.get((m[0], job)) for m in metrics]
         else:
             last_ok = previous.get(("fetch_last_success_timestamp_seconds", job))
@@ -335,7 +335,7 @@ LABEL = "mirror"
 
 def _previous(path: Path) -> dict[tuple[str, str], float]:
     """The old file's samples by (metric, job label): a job's last success time is kept
-    across failed runs, and every series of a job across a skipped one. A file written
+    across failed runs, and every series of a job across a skipped or dry one. A file written
     before the label was ``mirror`` (it was ``job``) is read as well.
 
     Only a regular file has an old text: a FIFO or ``/dev/stdout``, opened to be read,

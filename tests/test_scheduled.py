@@ -117,6 +117,27 @@ def test_metrics_label_jobs_mirror_and_read_the_old_job_label(tmp_path: Path, ru
     assert all(labels == (("mirror", "a"),) for _, labels in samples), samples
 
 
+def test_a_dry_run_leaves_the_metrics_of_the_last_real_run(tmp_path: Path, run_fetch) -> None:
+    """A --dry-run with --metrics wrote its job's series as if it had synced: a new last
+    success time (exit 0), 0 files fetched, all unchanged; an alert on the last success
+    was silenced by a plan (seen running the CLI by hand). Its series are now kept as
+    the last real run left them, and its report says it was a dry run."""
+    _tree(tmp_path / "www" / "a")
+    metrics, report = tmp_path / "m.prom", tmp_path / "r.json"
+    with FaultServer(root=tmp_path / "www") as srv:
+        argv = ["--mirror", srv.url + "a/", "--dest", tmp_path / "o", "--procs", "1",
+                "--metrics", metrics]  # fmt: skip
+        assert run_fetch(*argv).code == 0
+        before = metrics.read_text()
+        (tmp_path / "www" / "a" / "new.bin").write_bytes(b"n" * 10)
+        r = run_fetch(*argv, "--dry-run", "--report", report)
+    assert r.code == 0, r
+    assert metrics.read_text() == before
+    assert 'fetch_files_fetched{mirror="' + srv.url + 'a/"} 5' in before, before
+    assert json.loads(report.read_text())["jobs"][0]["dry_run"] is True
+    assert not (tmp_path / "o" / "new.bin").exists()
+
+
 def test_job_selection(tmp_path: Path, run_fetch) -> None:
     _tree(tmp_path / "www" / "a")
     _tree(tmp_path / "www" / "b")
