@@ -742,7 +742,13 @@ def _main(argv: list[str], console: Console, err: Console, taken: dict[signal.Si
         with _held(stops):  # the report says how the run ended, whatever comes now
             for flag, path, write in (
                 ("--report", ns.report, write_report),
-                ("--metrics", ns.metrics, lambda p, r: write_metrics(p, r, others=bool(ns.job))),
+                # (the series of jobs this run did not get to, --job's others or those a
+                # stop kept from starting, stay as their last run left them)
+                (
+                    "--metrics",
+                    ns.metrics,
+                    lambda p, r: write_metrics(p, r, others=bool(ns.job) or len(r) < len(jobs)),
+                ),
             ):
                 if path:
                     try:

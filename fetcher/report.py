@@ -283,8 +283,9 @@ def write_metrics(
     config), not ``job``: Prometheus gives every series it scrapes the ``job`` of its
     scrape (node_exporter's) and renames one the target exposes to ``exported_job``.
 
-    ``others``: this run is some of a config's jobs (``--job``), and the old file's series
-    of the other jobs are kept as they were (a timer per job can share one file)."""
+    ``others``: this run is some of a config's jobs (``--job``, or a run stopped before
+    its last jobs started), and the old file's series of the other jobs are kept as they
+    were (a timer per job can share one file)."""
     metrics: list[tuple[str, str, str, list[tuple[str, float]]]] = [
         ("fetch_last_run_timestamp_seconds", "gauge", "When the last run of the job finished.", []),
         (

@@ -427,6 +427,53 @@ def test_a_stop_while_the_run_starts_is_reported(tmp_path: Path, run_fetch) -> N
     assert b"Traceback" not in out
 
 
+def test_a_stop_keeps_the_metrics_of_the_jobs_it_kept_from_starting(tmp_path: Path) -> None:
+    """SIGTERM (a systemctl stop) during the second of three jobs: the third never ran,
+    and the metrics file lost its series, its last success time with them, so an alert
+    on that went silent instead of firing later (seen stopping a config run by hand).
+    The jobs that did not start keep their series."""
+    import signal
+    import threading
+
+    from tests.background import fetch_session
+
+    jobs = ("a", "slow", "b")
+    for d in jobs:
+        _tree(tmp_path / "www" / d, n=2)
+    cfg, metrics = tmp_path / "m.toml", tmp_path / "m.prom"
+    with FaultServer(root=tmp_path / "www") as srv:
+        cfg.write_text(
+            "[defaults]\nprocs = 1\n"
+            + "".join(f'[jobs.{d}]\nurl = "{srv.url}{d}/"\ndest = "o/{d}"\n' for d in jobs)
+        )
+        argv = ["--config", str(cfg), "-q", "--metrics", str(metrics)]
+        first = subprocess.run(
+            [sys.executable, "-m", "fetcher", *argv], capture_output=True, timeout=120
+        )
+        assert first.returncode == 0, first
+        before = metrics.read_text()
+        assert 'fetch_last_success_timestamp_seconds{mirror="b"}' in before, before
+        gate = threading.Event()
+        srv.persist("/slow/", Fault.gated(gate))
+        srv.reset_stats()
+        try:
+            with fetch_session(argv) as proc:
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline and not srv.count(path="/slow/"):
+                    time.sleep(0.02)
+                assert srv.count(path="/slow/"), "the second job never asked for its listing"
+                os.kill(proc.pid, signal.SIGTERM)
+                gate.set()
+                out, _ = proc.communicate(timeout=60)
+        finally:
+            gate.set()
+    assert proc.returncode == 130, out.decode(errors="replace")
+    text = metrics.read_text()
+    assert 'fetch_exit_code{mirror="slow"} 130' in text, text
+    kept = [line for line in before.splitlines() if 'mirror="b"' in line]
+    assert kept and all(line in text.splitlines() for line in kept), text
+
+
 def test_lock_held_skip_if_locked(tmp_path: Path, run_fetch) -> None:
     import fcntl
 
