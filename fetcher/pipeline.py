@@ -217,13 +217,20 @@ class _Disk:
         # written since (an edit of the same size): someone's, kept
         return r.mtime is None or abs(st.st_mtime - r.mtime) <= 0.01
 
-    def clear_dir(self, path: RelPath) -> bool:
+    def clear_dir(self, path: RelPath, dry: list[str] | None = None) -> bool:
         """Upstream, the directory ``path`` of an earlier run is a file now: remove it, if
         all it holds are files this mirror fetched, unchanged since (and directories of
         such); True if it went. Anything else there (someone's file, a link) keeps it all,
         and the file fails to take its place, naming it. Only a directory the state knows
-        of is looked at (no system call for every new file)."""
-        if path not in self._dirs:
+        of is looked at (no system call for every new file).
+
+        ``dry`` (a dry run): remove nothing; True if it would go, its files added to
+        ``dry`` (they would go with it, not as deletions)."""
+        if path not in self._dirs and (
+            # (_dirs is DEST's directories only when read_rows read every row: not in a
+            # dry run, nor past ROWS_AT_ONCE files; then the state is asked)
+            self._all is not None or self.state_empty or not self.state.knows_below(path)
+        ):
             return False
         top = os.path.join(self.dest, path)
         files: list[str] = []
@@ -239,6 +246,9 @@ class _Disk:
                 files.append(rel)
         if not dirs:
             return False  # (not a directory after all)
+        if dry is not None:
+            dry.extend(files)
+            return True
         gone: list[str] = []
         try:
             for rel in files:
@@ -1053,8 +1063,11 @@ def _take(run: _Run, item: CrawlItem) -> None:
     local = disk.local(f.path)
     # (only for an exact size: a listing gives none for a directory, which a hand-written
     # page may link without its '/', and whose files must not go for it)
-    if local is None and f.size_exact and not run.job.dry_run and disk.clear_dir(f.path):
+    dry: list[str] | None = [] if run.job.dry_run else None
+    if local is None and f.size_exact and disk.clear_dir(f.path, dry):
         s.notices.append(f"{f.path}: a directory fetched before is a file upstream now; replaced")
+        if dry:  # (a dry run: what --delete would take is what the real run would)
+            run.unchanged.update(dry)
     row = disk.row(f.path)
     d = decide(f, row, local, partial=disk.has_partial(f.path), clock=run.clock)
     if d.adopt and local is not None:

@@ -583,6 +583,17 @@ class State:
         return self._db.execute("SELECT 1 FROM files LIMIT 1").fetchone() is None
 
     @_damage_is_fatal
+    def knows_below(self, directory: str) -> bool:
+        """Whether a row lies below ``directory`` (not the root): one step of the index."""
+        return (
+            self._db.execute(
+                "SELECT 1 FROM files WHERE path >= ? AND path < ? LIMIT 1",
+                (directory + "/", directory + "0"),  # (as in rows_in)
+            ).fetchone()
+            is not None
+        )
+
+    @_damage_is_fatal
     def directories(self) -> list[str]:
         """The URL of every directory that held a file when its row was written (each
         ends in ``/``): the crawl asks for them all at once instead of a level at a time.
