@@ -175,9 +175,10 @@ class _Disk:
         if path in self._dirs:
             return False
         p = self.dest / path
-        if not create:
+        if not create:  # (a dry run: True if a file of the mirror's would give way)
             if not p.is_dir():
                 self.fresh.add(path)
+                return not self.state_empty and self._ours(path)
             return False
         replaced = False
         try:

@@ -77,13 +77,15 @@ def prune(
         local_files(dest, new_dirs) if found is None else found,
         state,
         run_id,
-        skip=lambda rel: rel in unchanged or not selected(rel, False),
+        # (a file where upstream has a directory now is not gone: the directory takes its
+        # place, or, someone's file, it stays in the way; a dry run still finds it here)
+        skip=lambda rel: rel in unchanged or rel in seen_dirs or not selected(rel, False),
         seen=state.seen_in(run_id),
     )
     if found is not None:
         # listed earlier: still a file of nobody's now (not one of this run's directories,
         # as a file upstream that became one is: see pipeline._Disk.add_dir)
-        candidates = [rel for rel in candidates if rel not in seen_dirs and _not_a_dir(dest / rel)]
+        candidates = [rel for rel in candidates if _not_a_dir(dest / rel)]
     if not job.delete:
         s.vanished = len(candidates)
         if candidates:

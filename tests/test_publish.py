@@ -264,6 +264,36 @@ def test_a_directory_that_became_a_file_gives_way_in_a_dry_run_and_a_big_state(
         assert not (dest / "f0.bin").exists()
 
 
+def test_a_dry_run_plans_a_file_that_became_a_directory_as_the_run_does(
+    tmp_path: Path, run_fetch
+) -> None:
+    """Upstream, the file "y" of the last run is a directory now. A --delete dry run
+    counted y as a deletion, over --max-delete 0 (exit 1), where the run after it let y
+    give way to the directory and deleted nothing (exit 0); seen comparing the two by
+    hand. Now the dry run says what the run does."""
+    www = tmp_path / "www"
+    www.mkdir()
+    for i in range(5):
+        (www / f"f{i}.bin").write_bytes(b"f" * 70)
+    (www / "y").write_bytes(b"y" * 40)
+    dest = tmp_path / "d"
+    with FaultServer(root=www) as srv:
+        args = ("--mirror", srv.url, "--dest", dest, "--procs", "1", "--delete")
+        assert run_fetch(*args).code == 0
+        (www / "y").unlink()
+        (www / "y").mkdir()
+        (www / "y" / "in.bin").write_bytes(b"i" * 30)
+        dry = run_fetch(*args, "--max-delete", "0", "--dry-run")
+        assert (dest / "y").read_bytes() == b"y" * 40  # (a dry run changes nothing)
+        real = run_fetch(*args, "--max-delete", "0")
+    note = "y: a file fetched before is a directory upstream now; replaced"
+    for r in (dry, real):
+        assert r.code == 0, r.output
+        assert note in r.output, r.output
+        assert "delete" not in r.output.replace("--delete", ""), r.output
+    assert (dest / "y" / "in.bin").read_bytes() == b"i" * 30
+
+
 def test_without_unnamed_files_the_partial_file_serves(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
