@@ -109,6 +109,14 @@ def check_derived(dest: Path, derived: Path) -> None:
     d, m = derived.resolve(), dest.resolve()
     if (d.is_relative_to(m) and not d.is_relative_to(m / STATE_DIR)) or m.is_relative_to(d):
         raise UsageError(f"the derived tree {derived} must lie outside {dest} (and not contain it)")
+    if d == m / STATE_DIR:
+        # DERIVED/<rel> would be fetch's own files for a source named like them: --delete
+        # of an upstream "state.sqlite" removed the mirror's state, "partial/" mixed with
+        # partial downloads
+        raise UsageError(
+            f"the derived tree {derived} is {STATE_DIR} itself, which holds fetch's state:"
+            " put it elsewhere (a directory below it will do)"
+        )
     for cleared in ("staged", "replaced", "partial"):  # emptied by runs (metadata, partials)
         if d.is_relative_to(m / STATE_DIR / cleared):
             where = m / STATE_DIR / cleared

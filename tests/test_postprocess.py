@@ -426,6 +426,11 @@ def test_derived_tree_must_not_overlap_the_mirror(tmp_path: Path) -> None:
     for cleared in ["staged", "partial", "staged/x", "partial/x"]:
         with pytest.raises(UsageError, match="which runs clear"):
             check_derived(dest, dest / ".fetcher" / cleared)
+    # .fetcher itself: DERIVED/state.sqlite, the outputs of a source of that name, is the
+    # mirror's state (removed by --delete when the source vanished)
+    for top in [dest / ".fetcher", dest / ".fetcher" / "."]:
+        with pytest.raises(UsageError, match="holds fetch's state"):
+            check_derived(dest, top)
 
 
 # --- the pool, against real ffmpeg ----------------------------------------------------------
