@@ -407,6 +407,8 @@ def mirror(
 
         ffmpeg = None if job.dry_run else require_ffmpeg(job.post)
         check_derived(dest, derived)
+        # else every file is fetched, then each of its outputs fails with the same errno
+        _could_write(derived)
     if job.dry_run:
         _could_write(dest)  # a plan the real run could not carry out is not a plan
         state = State.open(dest, readonly=True)

@@ -599,6 +599,25 @@ def test_ctrl_c_while_clips_download_ends_the_run_interrupted(
     assert not leftovers(tmp_path / "dest.derived"), "a half-made output was left"
 
 
+def test_a_post_dest_that_cannot_be_written_stops_the_run_before_any_download(
+    tmp_path: Path, clips: dict[str, Path], run_fetch: Fetch
+) -> None:
+    root = build(tmp_path / "srv", clips, {"a.mp4": "small", "b.mp4": "small"})
+    in_the_way = tmp_path / "outputs"
+    in_the_way.write_text("a file of the user's\n")
+    dest = tmp_path / "dest"
+    with FaultServer(root=root) as srv:
+        r = run_fetch(
+            "--mirror", srv.url, "--dest", dest, "--post", "probe", "--post-dest", in_the_way
+        )
+
+    assert r.code == 4, r
+    assert f"cannot write to {in_the_way}: Not a directory" in r.output
+    assert "post-processing failed" not in r.output
+    assert not (dest / "a.mp4").exists() and not (dest / "b.mp4").exists()
+    assert in_the_way.read_text() == "a file of the user's\n"
+
+
 # --- no ffmpeg ------------------------------------------------------------------------
 
 
