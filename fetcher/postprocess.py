@@ -408,13 +408,16 @@ class PostPool:
         """Queue the stale outputs of ``DEST/<rel>``; the number queued.
 
         Fresh outputs are reported as skipped by :meth:`poll`.  ``force``
-        ignores freshness and first removes the outputs already there: pass it
-        for a file this run fetched, so that an interrupted remake leaves them
-        missing (made next run), never those of the previous version.
+        ignores freshness and first removes the outputs already there (all of
+        ``DERIVED/<rel>/``, those of other rules too): pass it for a file this
+        run fetched, so that an interrupted remake leaves them missing (made
+        next run), never those of the previous version.
         """
         if self._closed:
             raise RuntimeError("PostPool.submit() after close() or cancel()")
         tasks = plan_post(self._rules, rel)
+        if force:
+            self._remove_all(rel)
         if not tasks:
             return 0
         src = self._dest / rel
@@ -571,6 +574,16 @@ class PostPool:
             if made_with(task.rule) is not None:
                 _remove_below(self._derived, _options_file(out))
             _remove_below(self._derived, out)
+
+    def _remove_all(self, rel: str) -> None:
+        # A source fetched again: every output of the old version goes, not only those of
+        # this run's rules (thumbnails of another size, an action since dropped), which
+        # nothing would ever look at again, and which keep showing the old version.
+        with self._lock:
+            if any(o.startswith(f"{rel}/") for o in self._inflight):
+                return  # (its outputs are being made: they are of this version)
+            with contextlib.suppress(OSError, UnsafePath):
+                _remove_below(self._derived, self._derived / rel)
 
     def _argv(self, task: PostTask, src: Path, out: Path, outdir: Path) -> list[str]:
         o, action = task.rule.options, task.rule.action

@@ -198,6 +198,30 @@ def test_a_clip_that_breaks_upstream_loses_its_old_outputs(
     assert not (derived / "c.mp4").exists()  # no probe.ok vouching for it, no old thumbnails
 
 
+def test_a_clip_fetched_again_loses_the_outputs_of_rules_this_run_does_not_have(
+    tmp_path: Path, clips: dict[str, Path], run_fetch: Fetch
+) -> None:
+    """Thumbnails of another size, or an action since dropped: made from the old version,
+    dated as it was, and never looked at again by the rules of this run."""
+    root = build(tmp_path / "srv", clips, {"c.mp4": "small", "same.mp4": "small"})
+    then = time.time() - 7200
+    os.utime(root / "c.mp4", (then, then))
+    dest, derived = tmp_path / "dest", tmp_path / "dest.derived"
+    with FaultServer(root=root) as srv:
+        first = run_fetch("--mirror", srv.url, "--dest", dest, "--post", "remux")
+        assert first.code == 0, first
+        assert (derived / "c.mp4" / "remux.mp4").is_file()
+        shutil.copyfile(clips["wide"], root / "c.mp4")  # a new version upstream
+        os.utime(root / "c.mp4", (then + 3600, then + 3600))
+
+        r = run_fetch("--mirror", srv.url, "--dest", dest, "--post", "probe")
+
+    assert r.code == 0, r
+    assert (dest / "c.mp4").read_bytes() == clips["wide"].read_bytes()
+    assert sorted(os.listdir(derived / "c.mp4")) == ["probe.ok"]  # no remux of the old one
+    assert (derived / "same.mp4" / "remux.mp4").is_file()  # not fetched again: kept
+
+
 @pytest.mark.real_server
 def test_a_clip_that_failed_probe_is_fetched_again_next_run(
     tmp_path: Path, clips: dict[str, Path], nginx: Callable[[Path], Served], run_fetch: Fetch
