@@ -172,6 +172,24 @@ def test_a_truncated_clip_fails_probe_with_ffmpegs_reason_counted_apart_from_dow
     assert "moov atom not found" in failure["error"]
 
 
+def test_metrics_count_post_processing_failures_apart_from_files(
+    tmp_path: Path, clips: dict[str, Path], run_fetch: Fetch
+) -> None:
+    """Exit 1 for a clip that does not decode: the metrics say why, not 0 files failed."""
+    root = build(tmp_path / "srv", clips, {"good.mp4": "small", "bad.mp4": "bad"})
+    metrics = tmp_path / "fetch.prom"
+    with FaultServer(root=root) as srv:
+        r = run_fetch(
+            "--mirror", srv.url, "--dest", tmp_path / "dest", "--post", "probe",
+            "--post", "remux", "--metrics", metrics,
+        )  # fmt: skip
+
+    assert r.code == 1, r
+    lines = metrics.read_text().splitlines()
+    assert f'fetch_post_failed{{mirror="{srv.url}"}} 2' in lines  # bad.mp4: probe, remux
+    assert f'fetch_files_failed{{mirror="{srv.url}"}} 0' in lines
+
+
 @pytest.mark.real_server
 def test_a_clip_that_breaks_upstream_loses_its_old_outputs(
     tmp_path: Path, clips: dict[str, Path], nginx: Callable[[Path], Served], run_fetch: Fetch
