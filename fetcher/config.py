@@ -141,6 +141,8 @@ class MirrorJob(msgspec.Struct, frozen=True):
         if self.post_dest is not None:
             return self.post_dest.absolute()
         dest = self.dest.absolute()
+        if dest.name == "..":  # (else "...derived", inside DEST: refused)
+            dest = dest.resolve()
         return dest.parent / f"{dest.name}.derived"
 
     def transfer(self) -> Transfer:

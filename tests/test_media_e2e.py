@@ -641,6 +641,20 @@ def test_ctrl_c_while_clips_download_ends_the_run_interrupted(
     assert not leftovers(tmp_path / "dest.derived"), "a half-made output was left"
 
 
+def test_dest_given_as_dotdot_gets_its_derived_tree_beside_it(
+    tmp_path: Path, clips: dict[str, Path], run_fetch: Fetch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = build(tmp_path / "srv", clips, {"a.mp4": "small"})
+    (tmp_path / "mirror" / "notes").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "mirror" / "notes")
+    with FaultServer(root=root) as srv:
+        r = run_fetch("--mirror", srv.url, "--dest", "..", "--post", "probe")
+
+    assert r.code == 0, r  # was refused: "the derived tree .../notes/...derived must lie outside"
+    assert (tmp_path / "mirror" / "a.mp4").is_file()
+    assert (tmp_path / "mirror.derived" / "a.mp4" / "probe.ok").is_file()
+
+
 def test_a_post_dest_that_cannot_be_written_stops_the_run_before_any_download(
     tmp_path: Path, clips: dict[str, Path], run_fetch: Fetch
 ) -> None:
