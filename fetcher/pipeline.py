@@ -1238,8 +1238,8 @@ def _post_outcomes(run: _Run, outs: list[PostOutcome]) -> None:
 def _post(run: _Run, rel: str, force: bool = False) -> None:
     """Hand a file in place to post-processing, unless there is none, or a stop has
     cancelled it (files still finish while a stopped run drains its workers)."""
-    if run.post is not None and not run.post.closed:
-        run.post.submit(rel, force=force)
+    if run.post is not None and not run.post.closed and run.post.submit(rel, force=force):
+        run.reporter.post_progress(run.post.counts)  # (else shown once one has finished)
 
 
 def _finish_post(run: _Run) -> None:
@@ -1256,6 +1256,8 @@ def _finish_post(run: _Run) -> None:
             if not (c.queued or c.running):
                 break
             _post_outcomes(run, pool.poll())
+            # the downloads are over: nothing else keeps the status (and its lines) going
+            run.reporter.post_progress(pool.counts)
             time.sleep(0.1)
     except KeyboardInterrupt:
         run.summary.interrupted = True

@@ -613,6 +613,39 @@ def test_post_processing_starts_while_a_download_is_still_running(
     assert (tmp_path / "dest" / "zz-big.bin").read_bytes() == (root / "zz-big.bin").read_bytes()
 
 
+def test_the_status_shows_ffmpeg_work_under_way_before_any_of_it_has_finished(
+    tmp_path: Path, clips: dict[str, Path]
+) -> None:
+    """Long transcodes after the last download: the status said nothing of them (no
+    line at all for their whole time) until the first had finished."""
+    from fetcher.config import MirrorJob
+    from fetcher.models import Reporter
+    from fetcher.pipeline import mirror
+    from fetcher.postprocess import PostCounts, rule_from_mapping
+
+    class Seen(Reporter):
+        def __init__(self) -> None:
+            self.counts: list[PostCounts] = []
+
+        def post_progress(self, c: PostCounts) -> None:
+            self.counts.append(c)
+
+    root = build(tmp_path / "srv", clips, {"a.mp4": "small"})
+    # as long as the clip (-re: read at its own pace), 2 s
+    args = ["-re", "-i", "{input}", "-c", "copy", "{output}"]
+    rule = rule_from_mapping({"action": "custom", "name": "slow", "ext": "mkv", "args": args}, "t")
+    seen = Seen()
+    with FaultServer(root=root) as srv:
+        job = MirrorJob(url=srv.url, dest=tmp_path / "dest", post=(rule,), post_jobs=1)
+        summary = mirror(job, seen)
+
+    assert summary.post == {"custom-slow done": 1}
+    first = seen.counts[0]  # shown once queued (or already started)
+    assert (first.queued + first.running, first.done) == (1, 0), seen.counts
+    assert PostCounts(running=1) in seen.counts  # and while it runs
+    assert seen.counts[-1] == PostCounts(done=1)
+
+
 def test_ctrl_c_while_clips_download_ends_the_run_interrupted(
     tmp_path: Path, clips: dict[str, Path]
 ) -> None:
