@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TextIO
 
+import msgspec
+
 from fetcher.models import (
     CrawlProblem,
     FileStarted,
@@ -137,6 +139,7 @@ class LineReporter(Reporter):
             + (f"; ffmpeg {self.post.done} done, {self.post.queued + self.post.running} to do, {self.post.failed} failed" if self.post else ""),
             files_done=t.done_files, files_planned=t.planned_files, bytes=t.bytes,
             skipped=t.skipped, failed=t.failed, retries=t.retries, crawling=t.crawling,
+            **({"post": msgspec.structs.asdict(self.post)} if self.post else {}),
         )  # fmt: skip
 
     def planned(self, job: Job) -> None:

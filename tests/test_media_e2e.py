@@ -613,6 +613,24 @@ def test_post_processing_starts_while_a_download_is_still_running(
     assert (tmp_path / "dest" / "zz-big.bin").read_bytes() == (root / "zz-big.bin").read_bytes()
 
 
+def test_the_json_status_event_counts_ffmpeg_work(
+    tmp_path: Path, clips: dict[str, Path], run_fetch: Fetch
+) -> None:
+    """The text status line said "ffmpeg 1 done, 0 to do, 1 failed"; the JSON one, the
+    same event, had no field for any of it."""
+    root = build(tmp_path / "srv", clips, {"good.mp4": "small", "bad.mp4": "bad"})
+    with FaultServer(root=root) as srv:
+        r = run_fetch(
+            "--mirror", srv.url, "--dest", tmp_path / "dest", "--post", "probe",
+            "--log-format", "json",
+        )  # fmt: skip
+
+    assert r.code == 1, r
+    records = [json.loads(line) for line in r.output.splitlines() if line.startswith("{")]
+    status = [rec for rec in records if rec["event"] == "status"][-1]
+    assert status["post"] == {"queued": 0, "running": 0, "done": 1, "skipped": 0, "failed": 1}
+
+
 def test_the_status_shows_ffmpeg_work_under_way_before_any_of_it_has_finished(
     tmp_path: Path, clips: dict[str, Path]
 ) -> None:
