@@ -480,6 +480,9 @@ class Summary(msgspec.Struct):
     directories: int = 0
     started: float = 0.0
     finished: float = 0.0
+    downloaded: float = 0.0
+    """When the downloads were over, before the wait for post-processing (``--post``);
+    0 when the run had none to wait for."""
     interrupted: bool = False
     fatal: str | None = None
     dry_run: bool = False
@@ -502,6 +505,12 @@ class Summary(msgspec.Struct):
     def elapsed(self) -> float:
         """Seconds the run took (never 0: rates divide by it)."""
         return max(self.finished - self.started, 1e-9)
+
+    @property
+    def download_seconds(self) -> float:
+        """Seconds the downloads took: the run's, less the wait for its ffmpeg work (which
+        would make a download rate of post-processing time)."""
+        return max((self.downloaded or self.finished) - self.started, 1e-9)
 
     @property
     def exit_code(self) -> int:

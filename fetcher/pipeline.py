@@ -719,6 +719,7 @@ def _coordinate(run: _Run) -> None:
         ):
             run.summary.interrupted = True  # stopped from outside (the caller's stop event)
         if run.post is not None:
+            run.summary.downloaded = time.time()
             _finish_post(run)
     except KeyboardInterrupt:
         run.summary.interrupted = True

@@ -73,7 +73,7 @@ def _rows(s: Summary) -> list[tuple[str, str, str, bool]]:
         if s.deleted:
             rows.append(("to delete", str(len(s.deleted)), "", False))
     else:
-        rate = human_bytes(s.fetched.bytes / s.elapsed) + "/s"
+        rate = human_bytes(s.fetched.bytes / s.download_seconds) + "/s"
         fetched = f"{human_bytes(s.fetched.bytes)} ({rate})"
         rows.append(("fetched", str(s.fetched.files), fetched, False))
         rows.append(("unchanged", str(s.unchanged_files), "", False))

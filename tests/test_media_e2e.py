@@ -613,6 +613,34 @@ def test_post_processing_starts_while_a_download_is_still_running(
     assert (tmp_path / "dest" / "zz-big.bin").read_bytes() == (root / "zz-big.bin").read_bytes()
 
 
+def test_the_download_rate_leaves_out_the_wait_for_ffmpeg(
+    tmp_path: Path, clips: dict[str, Path]
+) -> None:
+    """ "fetched 1  25.6 MiB (802.0 KiB/s)" for a download that took a third of a second
+    and a transcode that took 32: the rate divided by the whole run."""
+    import io
+
+    from fetcher.config import MirrorJob
+    from fetcher.pipeline import mirror
+    from fetcher.postprocess import rule_from_mapping
+    from fetcher.progress import human_bytes
+    from fetcher.report import render_plain
+
+    root = build(tmp_path / "srv", clips, {"a.mp4": "small"})
+    args = ["-re", "-i", "{input}", "-c", "copy", "{output}"]  # 2 s, the clip's pace
+    rule = rule_from_mapping({"action": "custom", "name": "slow", "ext": "mkv", "args": args}, "t")
+    with FaultServer(root=root) as srv:
+        s = mirror(MirrorJob(url=srv.url, dest=tmp_path / "dest", post=(rule,), post_jobs=1))
+    out = io.StringIO()
+    render_plain(s, out)
+
+    assert s.post == {"custom-slow done": 1}
+    assert s.finished - s.downloaded >= 1.5  # ffmpeg's time, after the last download
+    rate = human_bytes(s.fetched.bytes / (s.downloaded - s.started))
+    assert f"({rate}/s)" in out.getvalue(), out.getvalue()
+    assert f"({human_bytes(s.fetched.bytes / s.elapsed)}/s)" not in out.getvalue()
+
+
 def test_the_json_status_event_counts_ffmpeg_work(
     tmp_path: Path, clips: dict[str, Path], run_fetch: Fetch
 ) -> None:
