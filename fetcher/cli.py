@@ -406,6 +406,9 @@ def _unused_flags(given: Mapping[str, Any], jobs: Sequence[MirrorJob]) -> None:
             if given.get(key, False) is not False and all(getattr(j, other) != value for j in jobs):
                 shown = "" if value is True else f" {value}"
                 raise UsageError(f"{_flag(key)} goes with {_flag(other)}{shown}")
+    for key in ("post_dest", "post_jobs"):  # (where outputs go, how many ffmpeg: of none)
+        if key in given and not any(j.post for j in jobs):
+            raise UsageError(f"{_flag(key)} goes with --post (or post rules in a config file)")
 
 
 def _jobs(ns: argparse.Namespace) -> list[MirrorJob]:

@@ -148,6 +148,14 @@ from tests.faultserver import Fault, FaultServer
             ["--mirror", "http://127.0.0.1:9/", "--max-delete", "5"],
             "fetch: error: --max-delete goes with --delete",
         ),
+        (  # (the run went on, and made nothing where it was told to)
+            ["--mirror", "http://127.0.0.1:9/", "--post-dest", "previews"],
+            "fetch: error: --post-dest goes with --post",
+        ),
+        (
+            ["--mirror", "http://127.0.0.1:9/", "--post-jobs", "1"],
+            "fetch: error: --post-jobs goes with --post",
+        ),
         (
             ["--verify-only", "d", "--mirror", "http://127.0.0.1:9/"],
             "fetch: error: --verify-only checks a DEST on its own",

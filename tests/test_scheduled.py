@@ -163,7 +163,8 @@ def test_command_line_paths_are_the_current_directory_s_and_go_to_the_jobs_run(
     (cwd / "ca.pem").write_bytes(tls.ca_pem.read_bytes())
     cfg = etc / "m.toml"
     cfg.write_text(
-        "[jobs.a]\nurl = 'https://127.0.0.1:9/a/'\n[jobs.b]\nurl = 'https://127.0.0.1:9/b/'\n"
+        "[jobs.a]\nurl = 'https://127.0.0.1:9/a/'\n[[jobs.a.post]]\naction = 'probe'\n"
+        "[jobs.b]\nurl = 'https://127.0.0.1:9/b/'\n"
     )
     monkeypatch.chdir(cwd)
     r = run_fetch("--config", cfg, "--job", "a", "--dest", "here", "--ca-cert", "ca.pem",
