@@ -145,7 +145,25 @@ def _globs(where: str, v: object) -> tuple[str, ...]:
     items = [v] if isinstance(v, str) else v
     if not isinstance(items, list) or not items or not all(isinstance(g, str) and g for g in items):
         raise ConfigError(f"{where}: expected a glob or a list of globs, got {_show(v)}")
+    for g in items:
+        if _rooted(g):
+            raise ConfigError(f"{where}: {_rooted(g)}")
     return tuple(items)
+
+
+def _rooted(glob: str) -> str | None:
+    """Why ``glob`` can match nothing (it starts with ``/`` or ``./``: paths are matched
+    as ``talks/a.mkv``, below the start URL), or None."""
+    fixed = glob
+    while fixed.startswith(("/", "./")):
+        fixed = fixed[1:] if fixed.startswith("/") else fixed[2:]
+    if fixed == glob:
+        return None
+    lead = glob[: glob.index("/") + 1]
+    return (
+        f"{_show(glob)} never matches: paths are matched below the start URL,"
+        f" without a leading {lead!r} (write {_show(fixed)})"
+    )
 
 
 def _seconds(where: str, v: object) -> float:
@@ -210,6 +228,9 @@ def parse_post_spec(spec: str) -> PostRule:
     parts = tuple(g for g in globs.split(",") if g) if eq else _DEFAULT_GLOBS[action]
     if not parts:
         raise UsageError(f"--post {spec}: empty glob")
+    for g in parts:
+        if _rooted(g):
+            raise UsageError(f"--post {spec}: {_rooted(g)}")
     return PostRule(action, parts)
 
 

@@ -287,6 +287,17 @@ def test_post_spec_and_default_globs() -> None:
             parse_post_spec(bad)
 
 
+def test_a_glob_rooted_at_slash_which_no_path_has_is_refused_with_the_one_meant() -> None:
+    """Paths are matched as "talks/a.mkv": "/talks/*.mkv" made a rule that took nothing,
+    without a word, on every run."""
+    for spec in ["transcode=/talks/*.mkv", "probe=*.mp4,./talks/*.mkv"]:
+        with pytest.raises(UsageError, match=r'never matches.* \(write "talks/\*\.mkv"\)'):
+            parse_post_spec(spec)
+    with pytest.raises(ConfigError, match=r'post\[0\]\.glob: "/talks/\*\.mkv" never matches'):
+        rule_from_mapping({"action": "probe", "glob": ["*.mp4", "/talks/*.mkv"]}, "post[0]")
+    assert parse_post_spec("probe=.hidden/*.mp4").globs == (".hidden/*.mp4",)  # not rooted
+
+
 def test_globs_match_base_name_without_slash_and_whole_path_with_one() -> None:
     rule = PostRule("probe", ("*.mp4", "raw/*.ts"))
     assert rule.matches("a/b/C.MP4") and rule.matches("raw/x/y.ts")
