@@ -301,6 +301,12 @@ def write_metrics(
         ("fetch_files_failed", "gauge", "Files that failed in the last run.", []),
         ("fetch_files_deleted", "gauge", "Files deleted by the last run.", []),
         (
+            "fetch_listing_errors",
+            "gauge",
+            "Directory listings the last run could not read (their files unseen).",
+            [],
+        ),
+        (
             "fetch_post_failed",
             "gauge",
             "Post-processing outputs (--post) that failed in the last run.",
@@ -319,7 +325,8 @@ def write_metrics(
             last_ok = previous.get(("fetch_last_success_timestamp_seconds", job))
             values = [s.finished, s.finished if s.exit_code == 0 else last_ok,
                       s.finished - s.started, s.fetched.files, s.fetched.bytes,
-                      s.unchanged_files, len(s.failed), len(s.deleted), len(s.post_failed),
+                      s.unchanged_files, len(s.failed), len(s.deleted), len(s.listing_errors),
+                      len(s.post_failed),
                       s.exit_code]  # fmt: skip
         for m, v in zip(metrics, values, strict=True):
             if v is not None:

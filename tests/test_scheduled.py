@@ -138,6 +138,26 @@ def test_a_dry_run_leaves_the_metrics_of_the_last_real_run(tmp_path: Path, run_f
     assert not (tmp_path / "o" / "new.bin").exists()
 
 
+def test_metrics_count_listing_errors(tmp_path: Path, run_fetch) -> None:
+    """A run whose crawl could not read a listing exits 1 with every file it saw fetched:
+    the metrics said fetch_files_failed 0 and nothing else of it (found by the scheduled
+    sync review). fetch_listing_errors counts them."""
+    _tree(tmp_path / "www" / "a")
+    _tree(tmp_path / "www" / "a" / "sub")
+    metrics = tmp_path / "m.prom"
+    with FaultServer(root=tmp_path / "www") as srv:
+        srv.persist("/a/sub/", Fault.status(500))
+        argv = ["--mirror", srv.url + "a/", "--dest", tmp_path / "o", "--procs", "1",
+                "--retries", "1", "--metrics", metrics]  # fmt: skip
+        assert run_fetch(*argv).code == 1
+        text = metrics.read_text()
+        assert 'fetch_listing_errors{mirror="' + srv.url + 'a/"} 1' in text, text
+        assert 'fetch_files_failed{mirror="' + srv.url + 'a/"} 0' in text, text
+        srv.clear_faults()
+        assert run_fetch(*argv).code == 0
+    assert 'fetch_listing_errors{mirror="' + srv.url + 'a/"} 0' in metrics.read_text()
+
+
 def test_job_selection(tmp_path: Path, run_fetch) -> None:
     _tree(tmp_path / "www" / "a")
     _tree(tmp_path / "www" / "b")
