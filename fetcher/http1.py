@@ -54,6 +54,7 @@ from __future__ import annotations
 
 # socket.create_connection() encodes the host name with this codec on first use;
 # imported here, a worker forked from the coordinator does not import it again.
+import contextlib
 import encodings.idna  # noqa: F401
 import socket
 import ssl
@@ -144,10 +145,13 @@ class ThreadConnTransport(httpx.BaseTransport):
         self._lock = threading.Lock()
         self._conns: set[Conn] = set()
         self._closed = False
+        self._aborted = False  # abort(): the run is stopping, no new connection
 
     # -- connections ----------------------------------------------------------
     def _connect(self, key: tuple[str, str, int]) -> Conn:
         scheme, host, port = key
+        if self._aborted:
+            raise httpx.ConnectError("stopping")
         release = None
         if self._gate is not None:
             if getattr(self._local, "no_wait", False):
@@ -243,6 +247,18 @@ class ThreadConnTransport(httpx.BaseTransport):
             self._conns.difference_update(idle)
         for c in idle:
             c.close()
+
+    def abort(self) -> None:
+        """A run is stopping: every exchange in flight ends now. Each connection's socket is
+        shut down, so a thread waiting on an answer (a listing the server is slow to send)
+        gets an error at once instead of at the server's pace or the read timeout; the
+        thread that owns it closes it, and no new one is made."""
+        self._aborted = True  # (nor is a request sent again on a fresh one: _connect)
+        with self._lock:
+            conns = list(self._conns)
+        for c in conns:
+            with contextlib.suppress(OSError):
+                c.sock.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
         self._closed = True

@@ -121,6 +121,7 @@ class _Run(msgspec.Struct):
     stop: threading.Event = msgspec.field(default_factory=threading.Event)
     limits: SharedLimits | None = None
     threads: list[threading.Thread] = msgspec.field(default_factory=list)
+    transports: list[ThreadConnTransport] = msgspec.field(default_factory=list)  # the crawls'
     post: PostPool | None = None
     derived: Path | None = None
     executor: Executor | None = None
@@ -628,6 +629,8 @@ def _start_crawl(run: _Run, root: str, prefix: str = "") -> None:
             transport = make_transport(
                 t, run.limits, stop, opts.concurrency, keep, depth, trusted=trusted
             )
+            if isinstance(transport, ThreadConnTransport):
+                run.transports.append(transport)  # (aborted when the run stops)
             with make_client(t, transport=transport) as client:
                 ahead = transport if isinstance(transport, ThreadConnTransport) else None
                 walk = _walk(
@@ -734,6 +737,8 @@ def _coordinate(run: _Run) -> None:
                 run.executor.kill()
     finally:
         run.stop.set()
+        for transport in run.transports:
+            transport.abort()  # a listing on its way at the server's pace ends now
         if run.executor is not None:
             run.executor.finish()
             run.executor.stop()  # (joined once the run is wound up: _run_with_state)

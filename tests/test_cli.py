@@ -476,6 +476,28 @@ def test_interrupt_exits_130_keeps_partials_and_resumes(
         assert srv.file_bytes_sent - sent_before < len(payload)  # resumed, not restarted
 
 
+def test_a_stop_while_a_listing_is_slow_to_come_acts_at_once(tmp_path: Path) -> None:
+    """SIGTERM while the server takes its time over a listing: the run waited for the
+    crawl's thread, stuck on that answer, for up to 10 s (the join's limit) before it
+    ended (found by the scheduled-sync review, 8.5 s against a listing held 10 s). The
+    crawl's connections are shut down as the run stops."""
+    www = tmp_path / "www"
+    (www / "slow").mkdir(parents=True)
+    (www / "slow" / "f.bin").write_bytes(b"f")
+    with FaultServer(root=www) as srv:
+        srv.persist("/slow/", Fault.delay(60))
+        argv = ["--mirror", srv.url, "--dest", str(tmp_path / "d"), "--procs", "1"]
+        with fetch_session(argv) as proc:
+            assert srv.wait_for(1, path="/slow/", timeout=30), "the listing was never asked for"
+            stopped = time.monotonic()
+            os.killpg(proc.pid, signal.SIGTERM)
+            out, _ = proc.communicate(timeout=60)
+            took = time.monotonic() - stopped
+    assert proc.returncode == 130, out.decode(errors="replace")
+    assert b"Traceback" not in out
+    assert took < 5, f"{took:.1f} s from SIGTERM to exit"
+
+
 _SIGTERM_IN_A_FINALIZER = """
 import signal, sys
 import fetcher.pipeline as pipeline
