@@ -1090,15 +1090,12 @@ def _kept_copy(where: _Where, f: RemoteFile) -> Outcome | None:
     """DEST's copy of ``f``, unchanged, when its bytes have the SHA-256 ``f`` names (a
     :attr:`Action.VERIFY` job); None when they differ or it cannot be read."""
     assert f.checksum is not None
-    h = hashlib.sha256()
     try:
-        with open(where.final, "rb") as fh:
-            st = os.fstat(fh.fileno())
-            while block := fh.read(1 << 20):
-                h.update(block)
+        st = os.stat(where.final)
+        h = _digest_for(f.checksum, Path(where.final))  # (sha256: decide() asks no other)
     except OSError:
         return None
-    if h.hexdigest() != f.checksum[1].lower():
+    if h is None or h.hexdigest() != f.checksum[1].lower():
         return None
     return Outcome(
         f.path, f.url, Status.UNCHANGED, size=st.st_size, mtime=st.st_mtime,

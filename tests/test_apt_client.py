@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 
 from tests.faultserver import FaultServer
-from tests.test_repo_index import build_deb, debian_repo, run_mirror
+from tests.test_repo_index import build_deb, debian_repo, release_of, run_mirror
 
 pytestmark = pytest.mark.skipif(
     not all(shutil.which(t) for t in ("apt-get", "dpkg-deb", "apt-ftparchive")),
@@ -93,19 +93,7 @@ def regenerate(root: Path, *, by_hash: bool = False, translation: bool = False) 
         (i18n / "Translation-en.bz2").write_bytes(bz2.compress(text))
         written.append(i18n / "Translation-en.bz2")
     (suite / "Release").unlink()
-    opts = [
-        f"APT::FTPArchive::Release::{k}={v}"
-        for k, v in [
-            ("Suite", "stable"),
-            ("Codename", "stable"),
-            ("Components", "main"),
-            ("Architectures", "amd64 arm64"),
-        ]
-    ]
-    if by_hash:
-        opts.append("APT::FTPArchive::DoByHash=true")
-    argv = ["apt-ftparchive", *(x for o in opts for x in ("-o", o)), "release", "dists/stable"]
-    release = subprocess.run(argv, cwd=root, check=True, capture_output=True).stdout
+    release = release_of(root, *(["APT::FTPArchive::DoByHash=true"] if by_hash else []))
     assert (b"Acquire-By-Hash: yes" in release) is by_hash
     (suite / "Release").write_bytes(release)
     written.append(suite / "Release")
@@ -196,6 +184,14 @@ def assert_served(gets: dict[str, int | None]) -> None:
     assert not missing, missing
 
 
+def mirrored(root: Path, dest: Path, mode: str) -> Path:
+    """``dest``, a mirror of the archive at ``root`` made by fetch in ``mode``."""
+    with FaultServer(root=root) as up:
+        s = run_mirror(up.url, dest, mode)
+    assert s.exit_code == 0, (s.failed, s.listing_errors)
+    return dest
+
+
 # --- the tests ----------------------------------------------------------------------------
 
 
@@ -207,10 +203,7 @@ def test_apt_updates_and_downloads_from_the_mirror(
     root = debian_repo(tmp_path)
     if by_hash:
         regenerate(root, by_hash=True)
-    dest = tmp_path / "dest"
-    with FaultServer(root=root) as up:
-        s = run_mirror(up.url, dest, mode)
-    assert s.exit_code == 0, (s.failed, s.listing_errors)
+    dest = mirrored(root, tmp_path / "dest", mode)
     with FaultServer(root=dest) as srv:
         apt = Apt(tmp_path / "apt", srv.url)
         out = apt.update()
@@ -259,10 +252,7 @@ def test_apt_gets_the_translations_from_the_mirror(
 ) -> None:
     root = debian_repo(tmp_path)
     regenerate(root, by_hash=by_hash, translation=True)
-    dest = tmp_path / "dest"
-    with FaultServer(root=root) as up:
-        s = run_mirror(up.url, dest, mode)
-    assert s.exit_code == 0, (s.failed, s.listing_errors)
+    dest = mirrored(root, tmp_path / "dest", mode)
     with FaultServer(root=dest) as srv:
         apt = Apt(tmp_path / "apt", srv.url, languages="en")
         out = apt.update()

@@ -124,6 +124,13 @@ def debian_repo(tmp: Path) -> Path:
     (suite / "main" / "dep11" / "icons-48x48.tar.gz").write_bytes(gzip.compress(b"icons"))
     (suite / "main" / "i18n").mkdir()
     (suite / "main" / "i18n" / "Translation-en.bz2").write_bytes(bz2.compress(b"Package: a\n"))
+    (suite / "Release").write_bytes(release_of(root))
+    return root
+
+
+def release_of(root: Path, *more: str) -> bytes:
+    """``dists/stable/Release`` of the archive at ``root``, as apt-ftparchive writes it
+    (suite ``stable``, component ``main``, amd64 + arm64; ``more``: other ``-o`` options)."""
     opts = [
         f"APT::FTPArchive::Release::{k}={v}"
         for k, v in [
@@ -133,10 +140,9 @@ def debian_repo(tmp: Path) -> Path:
             ("Architectures", "amd64 arm64"),
         ]
     ]
+    opts += more
     argv = ["apt-ftparchive", *(x for o in opts for x in ("-o", o)), "release", "dists/stable"]
-    release = subprocess.run(argv, cwd=root, check=True, capture_output=True).stdout
-    (suite / "Release").write_bytes(release)
-    return root
+    return subprocess.run(argv, cwd=root, check=True, capture_output=True).stdout
 
 
 def run_mirror(url: str, dest: Path, index: str, **kw: object) -> Summary:
