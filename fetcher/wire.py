@@ -62,6 +62,9 @@ READ_SIZE = 256 * 1024
 BIG_BUFFER = 1 << 20
 DRAIN_MAX = 64 * 1024
 DRAIN_TIMEOUT = 1.0
+TLS_GATHER = 0.02
+"""Seconds a TLS body's piece may gather records before it is handed on (see
+:meth:`Body._tls_pieces`)."""
 CLOSE_WAIT = 0.05  # seconds a connection the server closes may take to show it (see Conn.close)
 NO_BODY_STATUS = frozenset({204, 304})
 HEX = b"0123456789abcdefABCDEF"
@@ -258,6 +261,10 @@ class Body(httpx.SyncByteStream):
         if self._left > READ_SIZE and self._reuse:
             view = conn.buffer()
             size = len(view)
+            if isinstance(sock, ssl.SSLSocket):
+                yield from self._tls_pieces(sock, view)  # type: ignore[misc]
+                self._complete = True
+                return
             while self._left > 0:
                 n = sock.recv_into(view, min(self._left, size))
                 if not n:
@@ -357,6 +364,39 @@ class Body(httpx.SyncByteStream):
         finally:
             with contextlib.suppress(OSError):
                 conn.set_timeout(self._owner.read_timeout)
+
+    def _tls_pieces(self, sock: ssl.SSLSocket, view: memoryview) -> Iterator[memoryview]:
+        """The body off a TLS connection, in pieces of many records each.
+
+        One read of a TLS socket returns one record, at most 16 KiB: a piece per
+        read made the caller write, count and check every 16 KiB (65,536 times a
+        GiB). Records are gathered into ``view`` until it is full, the body is
+        done, or :data:`TLS_GATHER` has passed since the piece's first record, so
+        a slow body still comes on in pieces as they arrive."""
+        size = len(view)
+        while self._left > 0:
+            want = min(self._left, size)
+            got = sock.recv_into(view, want)
+            if not got:
+                raise self._cut_short()
+            failed: OSError | None = None  # after the first record: hand on what came first
+            closed = False
+            until = time.monotonic() + TLS_GATHER
+            try:
+                while got < want and time.monotonic() <= until:
+                    n = sock.recv_into(view[got:], want - got)
+                    if not n:
+                        closed = True
+                        break
+                    got += n
+            except OSError as exc:
+                failed = exc
+            self._left -= got
+            yield view[:got]
+            if closed:
+                raise self._cut_short()
+            if failed is not None:
+                raise failed
 
     def _cut_short(self) -> httpx.RemoteProtocolError:
         return httpx.RemoteProtocolError(

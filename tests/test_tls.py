@@ -6,12 +6,15 @@ no system trust store knows, so to a default client it is self-signed.
 
 from __future__ import annotations
 
+import random
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
-from tests.faultserver import FaultServer
+from fetcher.http1 import REUSE_BUFFER, ThreadConnTransport
+from tests.faultserver import Fault, FaultServer
 from tests.fixtures_servers import TLS
 
 START = "/pub/start/"
@@ -162,3 +165,47 @@ def test_an_https_url_for_a_plain_http_server_says_so_once(tmp_path: Path, run_f
     assert r.code == 1, r
     assert f"does not answer in TLS (plain HTTP there?): use {srv.url}pub/" in r.output, r
     assert connections == 1, connections
+
+
+# --- bodies over TLS ------------------------------------------------------------------
+
+
+def test_a_big_body_over_tls_comes_in_pieces_of_many_records(tls: TLS) -> None:
+    # One read of a TLS socket gives one record (at most 16 KiB): handed on one by
+    # one, a GiB was 65,536 writes into the file and as many turns of the caller's loop.
+    data = random.Random(7).randbytes(3 << 20)
+    transport = ThreadConnTransport(ssl_context=lambda: tls.client, timeout=httpx.Timeout(5))
+    try:
+        with FaultServer(tls=tls.server) as srv:
+            srv.add_file("/big.bin", data)
+            request = httpx.Request("GET", srv.url + "big.bin", extensions={REUSE_BUFFER: True})
+            resp = transport.handle_request(request)
+            try:
+                pieces = [bytes(piece) for piece in resp.stream]
+            finally:
+                resp.close()
+            assert not srv.errors
+    finally:
+        transport.close()
+    assert b"".join(pieces) == data
+    assert max(len(p) for p in pieces) > 16 * 1024, [len(p) for p in pieces][:20]
+
+
+def test_a_tls_body_cut_short_resumes_from_its_last_byte(
+    tls: TLS, tmp_path: Path, run_fetch
+) -> None:
+    # The records gathered into a piece before the connection dropped are written
+    # too: the retry asks for the rest from the byte where the body stopped.
+    data = random.Random(8).randbytes(3 << 20)
+    cut = (2 << 20) + 5_000
+    dest = tmp_path / "d"
+    with FaultServer(tls=tls.server) as srv:
+        srv.add_file(START + "big.bin", data)
+        srv.script(START + "big.bin", [Fault.drop_after(cut)])
+        r = run_fetch(
+            "--mirror", srv.url + START[1:], "--dest", dest, "--procs", "1", "--ca-cert", tls.ca_pem
+        )
+        asked = [q.headers.get("range") for q in srv.requests if q.path == START + "big.bin"]
+    assert r.code == 0, r
+    assert (dest / "big.bin").read_bytes() == data
+    assert asked == [None, f"bytes={cut}-"], asked
