@@ -18,7 +18,9 @@ tree), and the requests nginx logged during the run.
     python benchmarks/run.py --scenarios small,large --runs 5 --connections 16
 
 Scenarios: ``small``, ``large``, ``mixed`` (plain loopback), ``small-rtt``,
-``mixed-rtt`` (behind the proxy at ``--rtt-ms``), ``resync`` (an unchanged
+``mixed-rtt`` (behind the proxy at ``--rtt-ms``), ``small-tls``, ``large-tls``
+(plain loopback, nginx speaking HTTPS with a certificate of the suite's own CA,
+which every tool is given to check it against), ``resync`` (an unchanged
 re-sync of ``small`` at the RTT: the second run is timed), ``scale`` (a
 200,000-file ``--dry-run`` against a generated listing server: peak RSS).
 
@@ -74,9 +76,13 @@ VARIANT_FLAGS = {"fetch": [], "fetch-p1": ["--pipeline", "1"], "fetch-s4": ["--s
 """Every fetch row there is; ``fetch-s4`` (big files in 4 ranges, opt-in as in fetch) runs
 only when named with ``--tools``."""
 TOOLS = (*VARIANT_FLAGS, *PEERS)
-ALL_SCENARIOS = ("small", "large", "small-rtt", "mixed-rtt", "mixed", "resync", "scale")
+ALL_SCENARIOS = (
+    "small", "large", "small-rtt", "mixed-rtt", "mixed", "small-tls", "large-tls", "resync", "scale"
+)  # fmt: skip
 QUICK_SCENARIOS = ("small", "large", "small-rtt", "resync", "scale")
-FULL_SCENARIOS = ("small", "large", "small-rtt", "mixed-rtt", "resync", "scale")
+FULL_SCENARIOS = (
+    "small", "large", "small-rtt", "mixed-rtt", "small-tls", "large-tls", "resync", "scale"
+)  # fmt: skip
 TOOL_TIMEOUT = 900.0
 
 
@@ -257,7 +263,11 @@ def fetch_script() -> str:
     return str(own) if own.exists() else shutil.which("fetch") or "fetch"
 
 
-def tool_argv(tool: str, url: str, dest: Path, n: int, url_list: Path) -> list[str]:
+def tool_argv(
+    tool: str, url: str, dest: Path, n: int, url_list: Path, ca: Path | None = None
+) -> list[str]:
+    """The command for ``tool``; ``ca``: the CA file an https server's certificate is
+    checked against (every tool verifies it, none is told to skip the check)."""
     if tool in VARIANT_FLAGS:
         return [
             fetch_script(),
@@ -269,12 +279,14 @@ def tool_argv(tool: str, url: str, dest: Path, n: int, url_list: Path) -> list[s
             "--max-connections",
             str(n),
             "-q",  # --procs as it ships: 4 processes of 4 connections at N = 16
+            *(["--ca-cert", str(ca)] if ca else []),
         ]
     if tool == "rclone":
         return [
             "rclone",
             "--config",
             "/dev/null",
+            *(["--ca-cert", str(ca)] if ca else []),
             "copy",
             "--http-url",
             url,
@@ -296,6 +308,7 @@ def tool_argv(tool: str, url: str, dest: Path, n: int, url_list: Path) -> list[s
             "--robots=off",
             "--max-threads",
             str(n),
+            *([f"--ca-certificate={ca}"] if ca else []),
             "-q",
             "-P",
             str(dest),
@@ -303,7 +316,8 @@ def tool_argv(tool: str, url: str, dest: Path, n: int, url_list: Path) -> list[s
         ]
     if tool == "lftp":
         script = (
-            f"set net:max-retries 2; set cmd:fail-exit yes; "
+            (f"set ssl:ca-file {shlex.quote(str(ca))}; " if ca else "")
+            + f"set net:max-retries 2; set cmd:fail-exit yes; "
             f"mirror --parallel={n} {url} {shlex.quote(str(dest))}"
         )
         return ["lftp", "-c", script]
@@ -324,6 +338,7 @@ def tool_argv(tool: str, url: str, dest: Path, n: int, url_list: Path) -> list[s
             "--allow-overwrite=true",
             "--console-log-level=error",
             "--summary-interval=0",
+            *([f"--ca-certificate={ca}"] if ca else []),
         ]
     raise ValueError(tool)
 
@@ -425,18 +440,37 @@ def run_mirror_scenario(
     rtt_ms: float | None,
     results: list[Measure],
     limit_rate: str | None = None,
+    tls: bool = False,
 ) -> None:
-    with serve("nginx", tree.root, WORK / "servers", limit_rate=limit_rate) as srv:
+    """``tls``: nginx speaks HTTPS, with a certificate of the suite's own CA (every
+    tool is given the CA file), on plain loopback."""
+    pem, ca = make_certificates(WORK / "tls") if tls else (None, None)
+    with serve("nginx", tree.root, WORK / "servers", limit_rate=limit_rate, tls=pem) as srv:
         ctx = proxied(srv.port, rtt_ms / 2) if rtt_ms else contextlib.nullcontext(srv.port)
         with ctx as port:
-            url = f"http://127.0.0.1:{port}/"
+            url = f"{srv.scheme}://127.0.0.1:{port}/"
             url_list = WORK / f"{name}.urls"
             write_url_list(tree, url, url_list)
             for r in range(runs):
                 order = tools[r % len(tools) :] + tools[: r % len(tools)]
                 for tool in order:
-                    results.append(one_run(name, tool, r, tree, url, url_list, n, srv.access_log))
-                    _print_measure(results[-1])
+                    m = one_run(name, tool, r, tree, url, url_list, n, srv.access_log, ca=ca)
+                    results.append(m)
+                    _print_measure(m)
+
+
+def make_certificates(where: Path) -> tuple[Path, Path]:
+    """A CA of the suite's own and a certificate it signed for 127.0.0.1: the server's
+    PEM (key and chain) and the CA's, made once and kept in ``where``."""
+    pem, ca_pem = where / "server.pem", where / "ca.pem"
+    if not (pem.exists() and ca_pem.exists()):
+        import trustme
+
+        where.mkdir(parents=True, exist_ok=True)
+        ca = trustme.CA()
+        ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(pem))
+        ca.cert_pem.write_to_path(str(ca_pem))
+    return pem, ca_pem
 
 
 def one_run(
@@ -451,13 +485,14 @@ def one_run(
     dest: Path | None = None,
     fresh: bool = True,
     keep: bool = False,
+    ca: Path | None = None,
 ) -> Measure:
     dest = dest or DEST_ROOT / tool
     if fresh and dest.exists():
         shutil.rmtree(dest)
     os.sync()  # the last run's dirty pages are not this run's to write back
     dest.mkdir(parents=True, exist_ok=True)
-    argv = tool_argv(tool, url, dest, n, url_list)
+    argv = tool_argv(tool, url, dest, n, url_list, ca)
     before = log_lines(access_log)
     load = os.getloadavg()[0]
     logs = WORK / "logs"
@@ -559,16 +594,17 @@ def physical_limits(large: Tree, rtt_ms: float) -> dict[str, str]:
     biggest = max(large.files, key=lambda rel: large.files[rel][0])
     size = large.files[biggest][0]
 
-    def curl(port: int) -> str:
+    def curl(port: int, scheme: str = "http", *more: str) -> str:
         out = subprocess.run(
             [
                 "curl",
                 "-s",
+                *more,
                 "-o",
                 "/dev/null",
                 "-w",
                 "%{speed_download} %{time_total}",
-                f"http://127.0.0.1:{port}/{quote(biggest)}",
+                f"{scheme}://127.0.0.1:{port}/{quote(biggest)}",
             ],
             capture_output=True,
             text=True,
@@ -584,6 +620,11 @@ def physical_limits(large: Tree, rtt_ms: float) -> dict[str, str]:
             limits["proxy ceiling: curl through the proxy, 0 ms"] = curl(port)
         with proxied(srv.port, rtt_ms / 2) as port:
             limits[f"proxy ceiling: curl through the proxy, {rtt_ms:g} ms RTT"] = curl(port)
+    pem, ca = make_certificates(WORK / "tls")
+    with serve("nginx", large.root, WORK / "servers", tls=pem) as srv:
+        limits["wire over TLS: curl -o /dev/null, one file, https"] = curl(
+            srv.port, "https", "--cacert", str(ca)
+        )
     target = DEST_ROOT / "dd.bin"
     DEST_ROOT.mkdir(parents=True, exist_ok=True)
     dd = subprocess.run(
@@ -821,6 +862,11 @@ def main(argv: list[str] | None = None) -> int:
             run_mirror_scenario(
                 s, tree(s), tools, loop_runs, n, None, results, args.server_limit_rate
             )
+        elif s in ("small-tls", "large-tls"):
+            run_mirror_scenario(
+                s, tree(s.split("-")[0]), tools, loop_runs, n, None, results,
+                args.server_limit_rate, tls=True,
+            )  # fmt: skip
         elif s in ("small-rtt", "mixed-rtt"):
             run_mirror_scenario(
                 s, tree(s.split("-")[0]), tools, runs, n, rtt, results, args.server_limit_rate

@@ -116,10 +116,11 @@ class Served:
     workdir: Path
     access_log: Path
     _parse: Callable[[str], Request | None] = field(repr=False)
+    scheme: str = "http"
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/"
+        return f"{self.scheme}://127.0.0.1:{self.port}/"
 
     def requests(self, min_count: int = 0, timeout: float = 5.0) -> list[Request]:
         """Requests parsed from the access log, oldest first.
@@ -204,6 +205,7 @@ def serve(
     keepalive_requests: int | None = None,
     tz: str | None = None,
     readmes: bool = False,
+    tls: Path | None = None,
     startup_timeout: float = 15.0,
 ) -> Iterator[Served]:
     """Run a ``kind`` server on 127.0.0.1 serving ``root`` with directory listings.
@@ -218,7 +220,9 @@ def serve(
     server's time zone (its ``TZ``, e.g. ``"Asia/Kolkata"``), in which Apache and nginx
     with ``localtime=True`` print listing dates.  ``readmes`` (Apache only) shows a
     directory's ``HEADER.html`` above its listing and ``README.html`` below it, as
-    Debian's default config does (``HeaderName``, ``ReadmeName``).  Config, logs and temp files go to
+    Debian's default config does (``HeaderName``, ``ReadmeName``).  ``tls`` (nginx
+    only) is a PEM file holding the server's key and certificate chain: the server
+    speaks HTTPS, and :attr:`Served.url` says so.  Config, logs and temp files go to
     ``workdir``.
     """
     reason = unavailable(kind)
@@ -226,11 +230,11 @@ def serve(
         _skip(reason)
     if (style is not None or readmes) and kind != "apache":
         raise ValueError(f"style= and readmes= are apache options, not {kind}'s")
-    nginx_only = (exact_size, localtime, limit_rate, keepalive_requests)
+    nginx_only = (exact_size, localtime, limit_rate, keepalive_requests, tls)
     if any(o is not None for o in nginx_only) and not kind.startswith("nginx"):
         raise ValueError(
-            f"exact_size=, localtime=, limit_rate= and keepalive_requests= are nginx options,"
-            f" not {kind}'s"
+            f"exact_size=, localtime=, limit_rate=, keepalive_requests= and tls= are nginx"
+            f" options, not {kind}'s"
         )
     if limit_rate is not None and not re.fullmatch(r"[0-9]+[kKmMgG]?", limit_rate):
         raise ValueError(f"limit_rate must look like 500k or 20m, got {limit_rate!r}")
@@ -242,7 +246,7 @@ def serve(
         raise ValueError(f"not a directory: {root}")
     workdir.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=workdir.resolve()))
-    for path in (root, workdir):
+    for path in (root, workdir, *([tls] if tls else [])):
         if any(c in str(path) for c in '"\\\n\r'):
             raise ValueError(f"path unusable in a server config: {path!r}")
 
@@ -253,6 +257,7 @@ def serve(
         "localtime": bool(localtime),
         "limit_rate": limit_rate,
         "keepalive_requests": int(keepalive_requests or 10000),
+        "tls": tls.resolve() if tls else None,
     }
     last_error = ""
     for _attempt in range(3):
@@ -265,7 +270,8 @@ def serve(
                 if "in use" in last_error:  # lost a race for the port: try another
                     continue
                 raise RuntimeError(f"{kind} did not start: {last_error}")
-            yield Served(kind, root, port, proc.pid, workdir, access_log, parse)
+            scheme = "https" if tls else "http"
+            yield Served(kind, root, port, proc.pid, workdir, access_log, parse, scheme)
             return
         finally:
             _stop(proc)
@@ -407,8 +413,15 @@ def _nginx_conf(
             for t in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
         )
         + f"    sendfile on;\n    keepalive_requests {options['keepalive_requests']};\n"
-        f"    server {{\n        listen 127.0.0.1:{port};\n        server_name localhost;\n"
-        f'        root "{root}";\n'
+        f"    server {{\n        listen 127.0.0.1:{port}{' ssl' if options['tls'] else ''};\n"
+        "        server_name localhost;\n"
+        + (
+            f'        ssl_certificate "{options["tls"]}";\n'
+            f'        ssl_certificate_key "{options["tls"]}";\n'
+            if options["tls"]
+            else ""
+        )
+        + f'        root "{root}";\n'
         f"        location / {{\n"
         f"            {prefix} on;\n"
         f"            {prefix}_exact_size {on[bool(options['exact_size'])]};\n"

@@ -16,6 +16,7 @@ import pytest
 from fetcher.http1 import REUSE_BUFFER, ThreadConnTransport
 from tests.faultserver import Fault, FaultServer
 from tests.fixtures_servers import TLS
+from tests.servers import serve
 
 START = "/pub/start/"
 
@@ -209,3 +210,36 @@ def test_a_tls_body_cut_short_resumes_from_its_last_byte(
     assert r.code == 0, r
     assert (dest / "big.bin").read_bytes() == data
     assert asked == [None, f"bytes={cut}-"], asked
+
+
+@pytest.mark.real_server
+def test_fetch_mirrors_nginx_over_tls(tmp_path: Path, run_fetch) -> None:
+    # Real nginx speaking HTTPS (as most public mirrors do): listings and bodies over
+    # TLS, a big file among small ones, and a re-sync that finds it all unchanged.
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    pem, ca_pem = tmp_path / "server.pem", tmp_path / "ca.pem"
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(pem))
+    ca.cert_pem.write_to_path(str(ca_pem))
+    root = tmp_path / "www"
+    files = {
+        "pool/big.iso": random.Random(9).randbytes((3 << 20) + 12_345),
+        **{f"pool/s/{i:02d}.deb": random.Random(i).randbytes(100 + 997 * i) for i in range(20)},
+    }
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    dest = tmp_path / "d"
+    with serve("nginx", root, tmp_path / "work", tls=pem) as srv:
+        assert srv.url.startswith("https://")
+        argv = ("--mirror", srv.url, "--dest", dest, "--ca-cert", ca_pem, "--max-connections", "4")
+        first = run_fetch(*argv)
+        again = run_fetch(*argv, "--report", tmp_path / "again.json")
+        big = [q for q in srv.requests(min_count=len(files)) if q.path.endswith("big.iso")]
+    assert first.code == 0, first
+    for rel, data in files.items():
+        assert (dest / rel).read_bytes() == data, rel
+    assert again.code == 0, again
+    # the re-sync moved none of its bytes again (a file younger than the listing's
+    # minute is asked about, and the answer is 304)
+    assert sum(q.bytes_sent or 0 for q in big) == len(files["pool/big.iso"]), big
