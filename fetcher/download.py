@@ -526,12 +526,11 @@ def _digest_for(checksum: tuple[str, str] | None, existing: Path | None) -> Any:
         return None
     try:
         h = hashlib.new(checksum[0])
-    except ValueError:
+    except ValueError:  # a digest this Python lacks
         return None
     if existing is not None:
         with existing.open("rb") as fh:
-            while block := fh.read(1 << 20):
-                h.update(block)
+            h = hashlib.file_digest(fh, lambda: h)
     return h
 
 

@@ -179,13 +179,10 @@ def _differs(
     if checksum is None:
         return None
     try:
-        h = hashlib.new(checksum[0])
+        with open(local, "rb") as fh:
+            h = hashlib.file_digest(fh, checksum[0])
     except ValueError:
         return None  # a digest this Python lacks: the size must do
-    try:
-        with open(local, "rb") as fh:
-            while block := fh.read(1 << 20):
-                h.update(block)
     except OSError as exc:
         return f"cannot be read: {exc.strerror or exc}"
     if h.hexdigest().lower() != checksum[1].strip().lower():

@@ -17,8 +17,6 @@ from fetcher.state import State
 
 __all__ = ["verify_tree"]
 
-_BLOCK = 1 << 20
-
 
 def verify_tree(dest: Path, checked: Callable[[str], None] | None = None) -> list[tuple[str, str]]:
     """``(path, problem)`` for every recorded file that is missing or has other bytes;
@@ -55,11 +53,9 @@ def _check(dest: Path, rel: str, want: str) -> str | None:
     # Rows come from our own database, but a hand-edited one must not read outside DEST.
     if ".." in rel.split("/") or rel.startswith("/"):
         return "unsafe path in state"
-    h = hashlib.sha256()
     try:
         with path.open("rb") as fh:
-            while block := fh.read(_BLOCK):
-                h.update(block)
+            h = hashlib.file_digest(fh, "sha256")
     except FileNotFoundError:
         return "missing"
     except OSError as exc:
