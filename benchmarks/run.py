@@ -14,7 +14,7 @@ tree), and the requests nginx logged during the run.
 ::
 
     python benchmarks/run.py --quick                 # < 10 min on 2 cores
-    python benchmarks/run.py                         # the full suite: 5 runs on loopback, 3 at the RTT
+    python benchmarks/run.py                         # the full suite: 5 runs on loopback and of the re-sync, 3 at the RTT
     python benchmarks/run.py --scenarios small,large --runs 5 --connections 16
 
 Scenarios: ``small``, ``large``, ``mixed`` (plain loopback), ``small-rtt``,
@@ -769,7 +769,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--runs",
         type=int,
-        help="runs of every tool per scenario (default: 5 on loopback, 3 at the RTT; 1 with --quick)",
+        help="runs of every tool per scenario (default: 5 on loopback and of the re-sync, 3 at the RTT; 1 with --quick)",
     )
     p.add_argument("--connections", type=int, default=16)
     p.add_argument("--no-limits", action="store_true", help="skip curl / dd / proxy ceilings")
@@ -873,7 +873,9 @@ def main(argv: list[str] | None = None) -> int:
             )
         elif s == "resync":
             rs_tools = [t for t in ("fetch", "rclone", "lftp") if t in tools]
-            run_resync(tree("small"), rs_tools, runs, n, rtt, results, args.server_limit_rate)
+            # five runs, as on loopback: a re-sync takes a fraction of a second of CPU, and
+            # moves with the machine's moment as the loopback runs do
+            run_resync(tree("small"), rs_tools, loop_runs, n, rtt, results, args.server_limit_rate)
         elif s == "scale":
             run_scale(100, 2000, n, results)
 
