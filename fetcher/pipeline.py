@@ -78,7 +78,7 @@ from fetcher.procs import fork_safe, worker_context
 from fetcher.prune import below_any, drop_partials, local_files, not_seen, prune
 from fetcher.shard import make_shards
 from fetcher.state import ROWS_AT_ONCE, Row, RunLock, State
-from fetcher.transport import make_client, make_transport
+from fetcher.transport import make_client, make_transport, tls_context
 
 if TYPE_CHECKING:  # post-processing is imported when a run asks for it (--post)
     from fetcher.ffmpeg import FFmpeg
@@ -1146,8 +1146,11 @@ def _make_executor(run: _Run) -> Executor:
 
             run.executor = DaskExecutor(run.job.transfer(), run.job, run.limits)
         else:
+            t = run.job.transfer()
+            if run.fork and t.root.startswith("https:") and not (t.http2 or t.proxy):
+                tls_context(t.verify)  # the workers inherit it: one CA store loaded, not one each
             ctx = worker_context(run.fork)
-            run.executor = LocalExecutor(run.job.transfer(), run.job.procs, run.limits, ctx)
+            run.executor = LocalExecutor(t, run.job.procs, run.limits, ctx)
     return run.executor
 
 

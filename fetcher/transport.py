@@ -34,6 +34,7 @@ __all__ = [
     "request_headers",
     "request_parts",
     "timeout_of",
+    "tls_context",
 ]
 
 
@@ -175,7 +176,7 @@ def make_transport(
 
         return pooled_transport(t, _ssl_context(t.verify), limits, stop, pool_size or t.threads)
     return ThreadConnTransport(
-        ssl_context=lambda: httpx.create_ssl_context(verify=_ssl_context(t.verify)),
+        ssl_context=lambda: tls_context(t.verify),
         timeout=timeout_of(t),
         gate=TokenGate(limits.connections, stop) if limits is not None else None,
         keepalive=keepalive,
@@ -202,6 +203,27 @@ def make_client(
         follow_redirects=False,
         trust_env=False,  # no proxy or .netrc from the environment: fetch connects directly
     )
+
+
+_TLS_LOCK = threading.Lock()
+_TLS: dict[bool | str, ssl.SSLContext] = {}
+
+
+def tls_context(verify: bool | str) -> ssl.SSLContext:
+    """This process's TLS context for HTTP/1.1 connections that verify as ``verify``
+    says, made once.
+
+    Loading a CA store costs 20-40 ms of CPU (certifi's 144 certificates), and every
+    transport paid it on its first https connection: the crawl's, each worker's,
+    each one a worker made again. Made in the coordinator before the workers are
+    forked, it is theirs too (:func:`fetcher.pipeline._make_executor`). Threads share
+    it as a transport's threads always did; nothing changes it once made (httpcore's
+    pool, which sets ALPN on its context, gets its own: :func:`make_transport`)."""
+    with _TLS_LOCK:
+        ctx = _TLS.get(verify)
+        if ctx is None:
+            ctx = _TLS[verify] = httpx.create_ssl_context(verify=_ssl_context(verify))
+        return ctx
 
 
 def _ssl_context(verify: bool | str) -> ssl.SSLContext | bool:

@@ -6,7 +6,10 @@ no system trust store knows, so to a default client it is self-signed.
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -243,3 +246,40 @@ def test_fetch_mirrors_nginx_over_tls(tmp_path: Path, run_fetch) -> None:
     # the re-sync moved none of its bytes again (a file younger than the listing's
     # minute is asked about, and the answer is 304)
     assert sum(q.bytes_sent or 0 for q in big) == len(files["pool/big.iso"]), big
+
+
+_COUNT_TLS_CONTEXTS = """
+import os, sys
+import httpx
+real = httpx.create_ssl_context
+
+def counted(*a, **k):
+    with open(os.environ["FETCH_TEST_COUNT"], "a") as out:
+        out.write(f"{os.getpid()}\\n")
+    return real(*a, **k)
+
+httpx.create_ssl_context = counted
+from fetcher.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_one_tls_context_is_made_for_the_whole_run(tls: TLS, tmp_path: Path) -> None:
+    # Loading a CA store costs 20-40 ms of CPU; the crawl and every worker process each
+    # loaded it on their first https connection. Made before the workers fork, it is theirs.
+    count = tmp_path / "contexts"
+    dest = tmp_path / "d"
+    with FaultServer(tls=tls.server) as srv:
+        for i in range(12):
+            srv.add_file(f"{START}f{i:02d}.bin", random.Random(i).randbytes(200_000))
+        argv = [sys.executable, "-c", _COUNT_TLS_CONTEXTS, "--mirror", srv.url + START[1:],
+                "--dest", str(dest), "--ca-cert", str(tls.ca_pem), "--procs", "2", "-q"]  # fmt: skip
+        done = subprocess.run(
+            argv, env={**os.environ, "FETCH_TEST_COUNT": str(count)}, capture_output=True,
+            text=True, timeout=120,
+        )  # fmt: skip
+        assert not srv.errors
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert len(list(dest.glob("f*.bin"))) == 12
+    made = count.read_text().split()
+    assert len(made) == 1, made
