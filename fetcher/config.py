@@ -19,7 +19,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
 import msgspec
 from msgspec.structs import fields
@@ -355,7 +355,7 @@ def _str(v: Any) -> str:
 
 def _url(v: Any) -> str:
     s = _url_str(v)
-    parts = urlsplit(s)
+    parts = _split_url(s)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"expected an http:// or https:// URL, got {_show_url(v)}")
     _check_authority(s)
@@ -370,11 +370,21 @@ def _proxy(v: Any) -> str:
 
 
 def _proxy_url(s: str, expected: str = "expected an http:// or https:// proxy URL") -> str:
-    parts = urlsplit(s)
+    parts = _split_url(s)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"{expected}, got {_show_url(s)}")
     _check_authority(s)
     return s
+
+
+def _split_url(s: str) -> SplitResult:
+    """``urlsplit(s)``; where it refuses the URL itself (newer Pythons check a bracketed
+    host: "Invalid IPv6 URL"), the error names what is wrong as on every Python."""
+    try:
+        return urlsplit(s)
+    except ValueError:
+        _check_authority(s)
+        raise ValueError(f"invalid URL {_show_url(s)}") from None
 
 
 def _check_authority(url: str) -> None:
@@ -383,7 +393,11 @@ def _check_authority(url: str) -> None:
     Checked here, not left to the first request: a host that cannot be (a space in it,
     an empty label, 256.1.1.1) would fail every listing and exit 1 as a network error.
     """
-    hostport = urlsplit(url).netloc.rpartition("@")[2]
+    # the authority as urlsplit finds it (after "//", up to a path, query or fragment),
+    # taken by hand: urlsplit may refuse it before saying why
+    rest = url.partition(":")[2]
+    netloc = re.split(r"[/?#]", rest[2:], maxsplit=1)[0] if rest.startswith("//") else ""
+    hostport = netloc.rpartition("@")[2]
     host, port = _split_port(hostport)
     if not _port_ok(port, required=False):
         raise ValueError(f"expected a port from 0 to 65535 in {_show_url(url)}")
