@@ -37,8 +37,10 @@ __all__ = [
     "RunResult",
     "audio_argv",
     "custom_argv",
+    "duration_argv",
     "file_arg",
     "find_ffmpeg",
+    "media_seconds",
     "parse_version",
     "probe_argv",
     "remux_argv",
@@ -224,6 +226,39 @@ def audio_argv(ff: FFmpeg, src: Path, out: Path) -> list[str]:
     ]  # fmt: skip
 
 
+def duration_argv(ff: FFmpeg, src: Path) -> list[str] | None:
+    """ffprobe's reading of ``src``'s duration from its header (printed in seconds, or
+    ``N/A``): None without an ffprobe."""
+    if ff.ffprobe is None:
+        return None
+    return [
+        ff.ffprobe, "-hide_banner", "-loglevel", "error",
+        "-show_entries", "format=duration", "-of", "csv=p=0",
+        file_arg(src),
+    ]  # fmt: skip
+
+
+_PROBE_SECONDS = 30.0
+"""How long the duration's reading may take: it reads the header, not the streams."""
+
+
+def media_seconds(ff: FFmpeg, src: Path, stop: threading.Event | None = None) -> float | None:
+    """How long ``src`` plays, as its header says, or None when that cannot be told (no
+    ffprobe, no duration in the header, ffprobe failed or timed out)."""
+    argv = duration_argv(ff, src)
+    if argv is None:
+        return None
+    try:
+        result = run(argv, _PROBE_SECONDS, stop, output=True)
+    except PostProcessError:
+        return None
+    try:
+        seconds = float(result.output.strip().splitlines()[0])
+    except (ValueError, IndexError):  # "N/A" (a raw stream), or nothing at all
+        return None
+    return seconds if result.returncode == 0 and 0 < seconds < float("inf") else None
+
+
 def custom_argv(
     ff: FFmpeg, template: Sequence[str], *, src: Path, out: Path, outdir: Path
 ) -> list[str]:
@@ -265,11 +300,21 @@ class RunResult(msgspec.Struct, frozen=True):
     stderr_tail: str
     """The last lines of stderr (at most 20)."""
     seconds: float
+    output: str = ""
+    """The start of stdout (at most 64 KiB), when asked for."""
 
 
 def _drain(stream: IO[bytes], tail: collections.deque[str]) -> None:
     for raw in iter(stream.readline, b""):
         tail.append(raw.decode("utf-8", "replace").rstrip())
+
+
+_OUTPUT_BYTES = 64 << 10
+
+
+def _collect(stream: IO[bytes], into: bytearray) -> None:
+    for chunk in iter(lambda: stream.read(_OUTPUT_BYTES), b""):
+        into += chunk[: _OUTPUT_BYTES - len(into)]  # (the rest is read, and dropped)
 
 
 def _kill(proc: subprocess.Popen[bytes]) -> None:
@@ -327,8 +372,15 @@ def _dies_with_us() -> Callable[[], None] | None:
     return arm
 
 
-def run(argv: Sequence[str], timeout: float, stop: threading.Event | None = None) -> RunResult:
-    """Run ``argv`` (no shell, no stdin), keeping the tail of its stderr.
+def run(
+    argv: Sequence[str],
+    timeout: float,
+    stop: threading.Event | None = None,
+    *,
+    output: bool = False,
+) -> RunResult:
+    """Run ``argv`` (no shell, no stdin), keeping the tail of its stderr (and with
+    ``output``, the start of its stdout).
 
     Raises :class:`PostProcessError` when it cannot start, runs longer than
     ``timeout`` seconds, or ``stop`` is set; the process group it started is
@@ -340,7 +392,7 @@ def run(argv: Sequence[str], timeout: float, stop: threading.Event | None = None
         proc = subprocess.Popen(
             list(argv),
             stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
+            stdout=subprocess.PIPE if output else subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             start_new_session=True,
             preexec_fn=_dies_with_us(),  # safe as it is: see there
@@ -349,8 +401,12 @@ def run(argv: Sequence[str], timeout: float, stop: threading.Event | None = None
         raise PostProcessError(f"cannot run {argv[0]}: {exc}") from exc
     # A thread reads stderr, so a chatty decoder never blocks on a full pipe
     # and memory stays bounded by the tail.
-    reader = threading.Thread(target=_drain, args=(proc.stderr, tail), daemon=True)
-    reader.start()
+    readers = [threading.Thread(target=_drain, args=(proc.stderr, tail), daemon=True)]
+    stdout = bytearray()
+    if proc.stdout is not None:
+        readers.append(threading.Thread(target=_collect, args=(proc.stdout, stdout), daemon=True))
+    for reader in readers:
+        reader.start()
     why = ""
     try:
         while proc.poll() is None:
@@ -369,10 +425,13 @@ def run(argv: Sequence[str], timeout: float, stop: threading.Event | None = None
     finally:
         if proc.returncode is None:  # an exception above (KeyboardInterrupt)
             _kill(proc)
-        reader.join(timeout=5)
-        if proc.stderr is not None:
-            proc.stderr.close()
+        for reader in readers:
+            reader.join(timeout=5)
+        for stream in (proc.stderr, proc.stdout):
+            if stream is not None:
+                stream.close()
     text = "\n".join(tail)
     if why:
         raise PostProcessError(why, text)
-    return RunResult(proc.returncode, text, time.monotonic() - started)
+    out = stdout.decode("utf-8", "replace")
+    return RunResult(proc.returncode, text, time.monotonic() - started, out)

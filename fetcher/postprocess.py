@@ -52,6 +52,7 @@ from fetcher.ffmpeg import (
     RunResult,
     audio_argv,
     custom_argv,
+    media_seconds,
     probe_argv,
     remux_argv,
     run,
@@ -62,6 +63,7 @@ from fetcher.models import STATE_DIR
 from fetcher.postrules import (
     ACTIONS,
     AUDIO_GLOBS,
+    BY_DURATION,
     TMP_PREFIX,
     VIDEO_GLOBS,
     PostOptions,
@@ -358,6 +360,22 @@ def _sweep(parent: Path) -> None:
                     os.unlink(entry.path)
 
 
+class _Once:
+    """``read()``, called by the first task that needs it; its answer kept for the others
+    (the tasks of one source share its duration)."""
+
+    def __init__(self, read: Callable[[], float | None]) -> None:
+        self._read: Callable[[], float | None] | None = read
+        self._value: float | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float | None:
+        with self._lock:
+            if self._read is not None:
+                self._value, self._read = self._read(), None
+            return self._value
+
+
 class PostPool:
     """Runs post-processing tasks in a bounded pool while downloads go on.
 
@@ -430,6 +448,7 @@ class PostPool:
                 self._finish(t, PostStatus.FAILED, error=f"cannot read {rel}: {exc.strerror}")
             return 0
         changed = _changed_ns(st)
+        length = _Once(functools.partial(media_seconds, self._ff, src, self._stop))
         queued = 0
         for task in tasks:
             out = self._derived / task.output
@@ -451,8 +470,7 @@ class PostPool:
                     continue
                 self._inflight.add(task.output)
                 self._counts["queued"] += 1
-            limit = task.rule.timeout or self._timeout or default_timeout(st.st_size)
-            fut = self._pool.submit(self._execute, task, src, changed, limit)
+            fut = self._pool.submit(self._execute, task, src, changed, st.st_size, length)
             fut.add_done_callback(functools.partial(self._settled, task))
             queued += 1
         return queued
@@ -519,7 +537,15 @@ class PostPool:
             self._counts[status.value] += 1
             self._finished.append(outcome)
 
-    def _execute(self, task: PostTask, src: Path, changed: int, limit: float) -> None:
+    def _limit(self, task: PostTask, size: int, length: _Once) -> float:
+        """The task's timeout: its rule's, else the pool's, else by its input's size and,
+        for an action whose work follows it, duration (read once for all its tasks)."""
+        explicit = task.rule.timeout or self._timeout
+        if explicit:
+            return explicit
+        return default_timeout(size, length() if task.rule.action in BY_DURATION else None)
+
+    def _execute(self, task: PostTask, src: Path, changed: int, size: int, length: _Once) -> None:
         with self._lock:
             self._counts["queued"] -= 1
             self._counts["running"] += 1
@@ -527,7 +553,7 @@ class PostPool:
         status, error, undecodable = PostStatus.FAILED, None, False
         outputs: tuple[str, ...] = ()
         try:
-            outputs = self._make(task, src, changed, limit)
+            outputs = self._make(task, src, changed, self._limit(task, size, length))
             status = PostStatus.DONE
         except _NothingToTake as exc:
             status, error = PostStatus.SKIPPED, exc.message

@@ -26,6 +26,7 @@ from fetcher.models import STATE_DIR
 __all__ = [
     "ACTIONS",
     "AUDIO_GLOBS",
+    "BY_DURATION",
     "TMP_PREFIX",
     "VIDEO_GLOBS",
     "PostOptions",
@@ -292,9 +293,24 @@ def plan_post(rules: Iterable[PostRule], rel_path: str) -> list[PostTask]:
     return list(tasks.values())
 
 
-def default_timeout(size: int) -> float:
-    """60 s, plus 10 s for each 10 MiB of input."""
-    return 60.0 + 10.0 * size / (10 << 20)
+BY_DURATION = ("probe", "transcode", "audio", "custom")
+"""The actions that decode the whole input, whose work follows how long it plays, not its
+size: a five-minute 720p talk of 19 MiB took 76 s to transcode against a limit, by its
+size, of 79 s. (``thumbnails`` decodes a few key frames, ``remux`` copies bytes.)"""
+
+
+def default_timeout(size: int, seconds: float | None = None) -> float:
+    """60 s, plus 10 s for each 10 MiB of input; for an input that plays ``seconds``
+    (known for an action of :data:`BY_DURATION`), at least 60 s plus twice that, so
+    that only an ffmpeg slower than half real time is stopped.
+
+    >>> default_timeout(19 << 20), default_timeout(19 << 20, 300.0)
+    (79.0, 660.0)
+    """
+    by_size = 60.0 + 10.0 * size / (10 << 20)
+    if seconds is None:
+        return by_size
+    return max(by_size, 60.0 + 2.0 * seconds)
 
 
 def needs_ffmpeg(rules: Iterable[PostRule]) -> bool:

@@ -24,6 +24,7 @@ from fetcher.ffmpeg import (
     audio_argv,
     custom_argv,
     find_ffmpeg,
+    media_seconds,
     parse_version,
     probe_argv,
     remux_argv,
@@ -41,6 +42,7 @@ from fetcher.postprocess import (
     PostRule,
     PostStatus,
     check_derived,
+    default_timeout,
     made_with,
     needs_ffmpeg,
     parse_post_spec,
@@ -211,6 +213,14 @@ def test_run_kills_the_whole_process_group_on_timeout(tmp_path: Path) -> None:
     assert time.monotonic() - started < 10
     # The grandchild went with the group (SIGKILL lands at once; dying takes a moment).
     assert _eventually(lambda: not _alive(int(pidfile.read_text())))
+
+
+def test_run_keeps_the_start_of_stdout_when_asked() -> None:
+    code = "import sys\nprint('12.5')\nsys.stdout.write('x' * (1 << 20))"
+    result = run([sys.executable, "-c", code], timeout=30, output=True)
+    assert result.returncode == 0 and result.output.startswith("12.5\nxx")
+    assert len(result.output) == 64 << 10  # bounded; the rest was read and dropped
+    assert run([sys.executable, "-c", code], timeout=30).output == ""
 
 
 def test_run_reports_a_missing_program_and_a_cancel() -> None:
@@ -890,6 +900,71 @@ def test_a_never_ending_custom_command_is_killed_at_its_timeout(tree: tuple[Path
     assert _processes_mentioning(str(derived)) == []
     assert not (derived / "videos/clip.mp4/custom-1.mp4").exists() and _leftovers(derived) == []
     assert sorted(os.listdir(derived)) == []  # and no temporary area either
+
+
+def test_the_default_timeout_is_by_size_with_a_floor_by_duration() -> None:
+    mib = 1 << 20
+    assert default_timeout(19 * mib) == 79.0  # as it was: what an unknown duration gets
+    # the five-minute talk of 19 MiB whose transcode took 76 s of its 79
+    assert default_timeout(19 * mib, 300.0) == 660.0
+    assert default_timeout(2000 * mib, 60.0) == 2060.0  # never below the size's
+    assert default_timeout(0, 0.5) == 61.0
+
+
+class Timed:
+    """A runner that remembers the timeout each output's ffmpeg was given."""
+
+    def __init__(self) -> None:
+        self.limits: dict[str, float] = {}
+
+    def __call__(
+        self, argv: Sequence[str], timeout: float, stop: threading.Event | None
+    ) -> RunResult:
+        made = argv[-1].rsplit("/", 1)[-1] if argv[-1] != "-" else "probe"
+        self.limits[made.replace("thumb-%03d.jpg", "thumbnails")] = timeout
+        return run(argv, timeout, stop)
+
+
+@needs_ff
+@needs_ffprobe
+def test_a_long_small_clip_gets_a_timeout_by_its_duration_where_work_follows_it(
+    tree: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A long talk at a low bit rate is small: a timeout by its size alone stopped its
+    transcode (19 MiB, 5 minutes of 720p: 76 s of work against 79 s), and every run after."""
+    dest = tree[0]
+    clip = make_clip(dest / "talks/long.mp4", seconds=120, size="32x32")
+    size = clip.stat().st_size
+    assert size < 2 << 20 and default_timeout(size) < 65  # by size: about a minute
+    assert FF is not None
+    seconds = media_seconds(FF, clip)
+    assert seconds is not None and 119.9 < seconds < 120.5
+    rules = [parse_post_spec(a) for a in ("transcode", "audio", "probe", "remux", "thumbnails")]
+    timed = Timed()
+    with _pool(tree, rules, runner=timed) as pool:
+        assert pool.submit("talks/long.mp4") == 5
+        outcomes = pool.close()
+    assert {o.status for o in outcomes} == {PostStatus.DONE}, [o.error for o in outcomes]
+    by_duration = 60 + 2 * seconds
+    assert timed.limits == {
+        "transcode-480p.mp4": by_duration,
+        "audio.m4a": by_duration,
+        "probe": by_duration,
+        "remux.mp4": default_timeout(size),  # copies bytes
+        "thumbnails": default_timeout(size),  # a few key frames
+    }
+
+    # A rule's own timeout still wins, and a source ffprobe cannot read keeps the floor.
+    rule = rule_from_mapping({"action": "transcode", "height": 16, "timeout": 45}, "t")
+    (dest / "talks/noise.mp4").write_bytes(b"\0" * 1000)
+    timed = Timed()
+    with _pool(tree, [rule, parse_post_spec("probe")], runner=timed) as pool:
+        assert pool.submit("talks/long.mp4") == 1  # (its probe.ok is fresh)
+        assert pool.submit("talks/noise.mp4") == 2
+        pool.close()
+    assert timed.limits == {"transcode-16p.mp4": 45, "probe": default_timeout(1000)}
+    assert media_seconds(FF, dest / "talks/noise.mp4") is None
+    assert media_seconds(FFmpeg(FF.path, FF.version, None), clip) is None  # no ffprobe
 
 
 class Started(_Noting):
