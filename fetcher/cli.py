@@ -276,6 +276,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--post-jobs", type=int, metavar="N", help="ffmpeg processes at once (default: CPU count)"
     )
+    g.add_argument(
+        "--retry-failed-post",
+        action=argparse.BooleanOptionalAction,
+        help="try again the outputs whose ffmpeg timed out or refused the file on an earlier run"
+        " (by default not tried again while the file, the rule, its timeout and ffmpeg stay"
+        " the same); timeouts: a rule's own, else 60 s + 10 s per 10 MiB, and for transcode,"
+        " audio, probe and custom rules at least 60 s + twice the file's duration",
+    )
 
     g = p.add_argument_group("network")
     g.add_argument(
@@ -339,7 +347,7 @@ _CLI_KEYS = {
     "pipeline": "pipeline", "limit_rate": "limit_rate", "listing_rate": "listing_rate", "retries": "retries", "timeout": "timeout",
     "connect_timeout": "connect_timeout", "dry_run": "dry_run", "delete": "delete", "max_delete": "max_delete",
     "force": "force", "ca_cert": "ca_cert", "insecure": "insecure", "post_dest": "post_dest",
-    "post_jobs": "post_jobs", "skip_if_locked": "skip_if_locked", "index": "index", "verify_digests": "verify_digests", "suites": "suites",
+    "post_jobs": "post_jobs", "retry_failed_post": "retry_failed_post", "skip_if_locked": "skip_if_locked", "index": "index", "verify_digests": "verify_digests", "suites": "suites",
     "components": "components", "architectures": "architectures",
     "executor": "executor", "scheduler": "scheduler", "proxy": "proxy",
     "headers": "headers", "user_agent": "user_agent", "segments": "segments",
@@ -406,7 +414,7 @@ def _unused_flags(given: Mapping[str, Any], jobs: Sequence[MirrorJob]) -> None:
             if given.get(key, False) is not False and all(getattr(j, other) != value for j in jobs):
                 shown = "" if value is True else f" {value}"
                 raise UsageError(f"{_flag(key)} goes with {_flag(other)}{shown}")
-    for key in ("post_dest", "post_jobs"):  # (where outputs go, how many ffmpeg: of none)
+    for key in ("post_dest", "post_jobs", "retry_failed_post"):  # (of no ffmpeg work)
         if key in given and not any(j.post for j in jobs):
             raise UsageError(f"{_flag(key)} goes with --post (or post rules in a config file)")
 

@@ -116,6 +116,8 @@ class MirrorJob(msgspec.Struct, frozen=True):
     post: tuple[Any, ...] = ()
     post_dest: Path | None = None
     post_jobs: int = msgspec.field(default_factory=lambda: os.cpu_count() or 2)
+    retry_failed_post: bool = False
+    """Try again the post-processing outputs that failed before on an unchanged input."""
     index: str = "html"
     verify_digests: bool = False
     max_listing_bytes: int = 64 << 20
@@ -654,6 +656,7 @@ _FIELDS: dict[str, Callable[[Any], Any]] = {
     "scheduler": _scheduler,
     "post_dest": _str,
     "post_jobs": _int(1),
+    "retry_failed_post": _bool,
     "index": _choice("auto", "html", "repodata", "debian"),
     "verify_digests": _bool,
     "skip_if_locked": _bool,

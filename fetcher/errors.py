@@ -11,6 +11,7 @@ meant for a person, plus an optional hint saying what to do about it::
     ├── UnsafePath ............ a remote name that cannot live safely below DEST
     ├── ListingError .......... a directory listing could not be read or was refused
     ├── PostProcessError ...... ffmpeg failed, timed out or could not start (``.tail``)
+    │   └── PostTimeout ....... ffmpeg ran past its timeout (and was killed)
     └── TransferError ......... one file could not be fetched (recorded, run goes on)
         ├── HTTPStatusError ... an HTTP status we do not accept (``.retryable``)
         ├── IncompleteDownload  fewer bytes than announced, or a connection cut
@@ -37,6 +38,7 @@ __all__ = [
     "ListingError",
     "LockHeld",
     "PostProcessError",
+    "PostTimeout",
     "RangeMismatch",
     "RedirectRefused",
     "StaleIndex",
@@ -98,6 +100,11 @@ class PostProcessError(FetchError):
         super().__init__(message)
         self.args = (message, tail)
         self.tail = tail
+
+
+class PostTimeout(PostProcessError):
+    """ffmpeg ran past its timeout and was killed: with the same input, rule and
+    timeout, it would again."""
 
 
 class TransferError(FetchError):

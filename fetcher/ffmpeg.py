@@ -29,11 +29,12 @@ from typing import IO
 
 import msgspec
 
-from fetcher.errors import PostProcessError
+from fetcher.errors import PostProcessError, PostTimeout
 
 __all__ = [
     "FFmpeg",
     "PostProcessError",
+    "PostTimeout",
     "RunResult",
     "audio_argv",
     "custom_argv",
@@ -382,9 +383,9 @@ def run(
     """Run ``argv`` (no shell, no stdin), keeping the tail of its stderr (and with
     ``output``, the start of its stdout).
 
-    Raises :class:`PostProcessError` when it cannot start, runs longer than
-    ``timeout`` seconds, or ``stop`` is set; the process group it started is
-    killed first.  A non-zero exit is returned, not raised.
+    Raises :class:`PostProcessError` when it cannot start or ``stop`` is set, and
+    :class:`PostTimeout` when it runs longer than ``timeout`` seconds; the process
+    group it started is killed first.  A non-zero exit is returned, not raised.
     """
     started = time.monotonic()
     tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
@@ -432,6 +433,6 @@ def run(
                 stream.close()
     text = "\n".join(tail)
     if why:
-        raise PostProcessError(why, text)
+        raise (PostProcessError if why == "cancelled" else PostTimeout)(why, text)
     out = stdout.decode("utf-8", "replace")
     return RunResult(proc.returncode, text, time.monotonic() - started, out)

@@ -140,7 +140,7 @@ class RichReporter(Reporter):
     def post_progress(self, c: PostCounts) -> None:
         if self.post_task is None:
             self.post_task = self.files.add_task("ffmpeg", total=None, extra="")
-        finished = c.done + c.skipped + c.failed
+        finished = c.done + c.skipped + c.failed + c.failed_before
         extra = f"running {c.running}" + (f", [red]failed {c.failed}[/]" if c.failed else "")
         self.files.update(
             self.post_task, completed=finished, total=finished + c.queued + c.running, extra=extra

@@ -489,6 +489,9 @@ class Summary(msgspec.Struct):
     planned: dict[str, Counts] = msgspec.field(default_factory=dict)
     post: dict[str, int] = msgspec.field(default_factory=dict)
     post_failed: list[tuple[str, str]] = msgspec.field(default_factory=list)
+    post_failed_before: list[tuple[str, str]] = msgspec.field(default_factory=list)
+    """Post-processing outputs not tried: they failed before on the same input with the
+    same rule (``--retry-failed-post`` tries them); not this run's failures (exit 0)."""
     error: str | None = None
     """The run did not start: a usage, lock or I/O error (``error_code`` says which)."""
     error_code: int = 0

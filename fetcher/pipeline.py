@@ -124,6 +124,7 @@ class _Run(msgspec.Struct):
     transports: list[ThreadConnTransport] = msgspec.field(default_factory=list)  # the crawls'
     post: PostPool | None = None
     derived: Path | None = None
+    failed_posts: set[str] = msgspec.field(default_factory=set)  # outputs with a FailedPost
     executor: Executor | None = None
     fork: bool = False  # local workers come from a fork of this process (procs.fork_safe)
     seen_dirs: set[str] = msgspec.field(default_factory=set)
@@ -481,7 +482,12 @@ def _run_with_state(
             run.derived = derived
             from fetcher.postprocess import PostPool
 
-            run.post = PostPool(ffmpeg, job.post, dest, derived, jobs=job.post_jobs)
+            failed = state.failed_posts()
+            run.failed_posts = set(failed)
+            run.post = PostPool(
+                ffmpeg, job.post, dest, derived, jobs=job.post_jobs,
+                failed=failed, retry_failed=job.retry_failed_post,
+            )  # fmt: skip
         try:
             _coordinate(run)
             if not summary.dry_run or job.delete:
@@ -1233,6 +1239,14 @@ def _post_outcomes(run: _Run, outs: list[PostOutcome]) -> None:
     for o in outs:
         key = f"{o.label} {o.status.value}"
         s.post[key] = s.post.get(key, 0) + 1
+        if o.failure is not None:  # would fail again: not tried while file and rule stay
+            run.state.record_failed_post(o.failure)
+            run.failed_posts.add(o.output)
+        elif o.status in (PostStatus.DONE, PostStatus.SKIPPED) and o.output in run.failed_posts:
+            run.state.forget_failed_post(o.output)
+            run.failed_posts.discard(o.output)
+        if o.status is PostStatus.FAILED_BEFORE:
+            s.post_failed_before.append((f"{o.rel} ({o.label})", o.error or "failed"))
         if o.status is PostStatus.FAILED:
             s.post_failed.append((f"{o.rel} ({o.label})", o.error or "failed"))
             run.reporter.post_failed(o)

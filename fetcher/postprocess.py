@@ -22,7 +22,13 @@ output of thumbnails (their count), transcode (its quality and preset) or a cust
 rule (its arguments), ``.<output>.options`` says what made it, in a line such as
 ``transcode height=480 crf=23 preset='veryfast'``.  An output without one (made
 before fetch kept them) is taken as made with the rule's options of the run that
-finds it::
+finds it.
+
+An output whose ffmpeg timed out or refused the source would fail so again: its
+outcome carries a :class:`~fetcher.state.FailedPost`, which the coordinator keeps in
+the state, and a pool given it reports the output as failed before, without running
+ffmpeg, while the source's size and change, the rule, its timeout and ffmpeg stay as
+they were (unless told to ``retry_failed``, or the source was fetched again)::
 
     >>> [t.output for t in plan_post([parse_post_spec("remux")], "a/b.MKV")]
     ['a/b.MKV/remux.mp4']
@@ -39,7 +45,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -49,6 +55,7 @@ from fetcher.errors import UnsafePath, UsageError
 from fetcher.ffmpeg import (
     FFmpeg,
     PostProcessError,
+    PostTimeout,
     RunResult,
     audio_argv,
     custom_argv,
@@ -77,6 +84,7 @@ from fetcher.postrules import (
     require_ffmpeg,
     rule_from_mapping,
 )
+from fetcher.state import FailedPost
 
 __all__ = [
     "ACTIONS",
@@ -156,6 +164,9 @@ class PostStatus(enum.StrEnum):
     DONE = "done"
     SKIPPED = "skipped"
     FAILED = "failed"
+    FAILED_BEFORE = "failed before"
+    """Not tried: it failed before on this same input, with this same rule, timeout and
+    ffmpeg, in a way that would fail again (see :class:`~fetcher.state.FailedPost`)."""
 
 
 class PostOutcome(msgspec.Struct, frozen=True):
@@ -175,6 +186,12 @@ class PostOutcome(msgspec.Struct, frozen=True):
     custom: str | None = None
     """A custom rule's output name (``custom-still``): several custom rules are told
     apart by it."""
+    output: str = ""
+    """The output it is about, below DERIVED (for thumbnails, their directory)."""
+    failure: FailedPost | None = None
+    """When failed in a way that would fail again on the same input with the same rule
+    (a timeout, ffmpeg refusing the file): the record that keeps later runs from trying
+    it again while both stay as they are."""
 
     @property
     def label(self) -> str:
@@ -188,6 +205,7 @@ class PostCounts(msgspec.Struct, frozen=True):
     done: int = 0
     skipped: int = 0
     failed: int = 0
+    failed_before: int = 0
 
 
 Runner = Callable[[Sequence[str], float, threading.Event | None], RunResult]
@@ -195,6 +213,11 @@ Runner = Callable[[Sequence[str], float, threading.Event | None], RunResult]
 
 class _Undecodable(PostProcessError):
     """ffmpeg ran to its end on the source and reported that it does not decode."""
+
+
+class _Refused(PostProcessError):
+    """ffmpeg ran to its end and made nothing of the source: it would again, given the
+    same file, rule and ffmpeg."""
 
 
 class _NothingToTake(PostProcessError):
@@ -209,6 +232,12 @@ _NO_STREAM = "does not contain any stream"
 # av1) not found for input stream #0:0"; 7: "Decoding requested, but no decoder found
 # for: av1"): a limit of this ffmpeg, not a verdict on the file.
 _NO_DECODER = re.compile(r"Decoder \(codec [^)]*\) not found|no decoder found for")
+# What ffmpeg says (strerror) when our side failed it: the disk, memory, permissions. Not
+# the file's doing: tried again next run, unlike a file it refused.
+_OUR_SIDE = re.compile(
+    r"No space left on device|Disk quota exceeded|Read-only file system|Permission denied"
+    r"|Input/output error|Cannot allocate memory|Too many open files"
+)
 
 
 def _transport_stream(src: Path) -> bool:
@@ -400,6 +429,8 @@ class PostPool:
         jobs: int | None = None,
         timeout: float | None = None,
         runner: Runner = run,
+        failed: Mapping[str, FailedPost] | None = None,
+        retry_failed: bool = False,
     ) -> None:
         self._ff = ffmpeg
         self._rules = tuple(rules)
@@ -408,12 +439,14 @@ class PostPool:
         check_derived(self._dest, self._derived)
         self._timeout = timeout
         self._runner = runner
+        self._failed = dict(failed or {})
+        self._retry_failed = retry_failed
         self._pool = ThreadPoolExecutor(jobs or os.cpu_count() or 2, thread_name_prefix="post")
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._finished: list[PostOutcome] = []
         self._inflight: set[str] = set()
-        self._counts = {"queued": 0, "running": 0, "done": 0, "skipped": 0, "failed": 0}
+        self._counts = dict.fromkeys(PostCounts.__struct_fields__, 0)
         self._crash: BaseException | None = None
         self._closed = False
 
@@ -425,11 +458,12 @@ class PostPool:
     def submit(self, rel: str, *, force: bool = False) -> int:
         """Queue the stale outputs of ``DEST/<rel>``; the number queued.
 
-        Fresh outputs are reported as skipped by :meth:`poll`.  ``force``
-        ignores freshness and first removes the outputs already there (all of
-        ``DERIVED/<rel>/``, those of other rules too): pass it for a file this
-        run fetched, so that an interrupted remake leaves them missing (made
-        next run), never those of the previous version.
+        Fresh outputs are reported as skipped by :meth:`poll`, and those in ``failed``
+        (the pool's) for this same input and rule as failed before, unless the pool
+        was made to ``retry_failed``.  ``force`` ignores both and first removes the
+        outputs already there (all of ``DERIVED/<rel>/``, those of other rules too):
+        pass it for a file this run fetched, so that an interrupted remake leaves
+        them missing (made next run), never those of the previous version.
         """
         if self._closed:
             raise RuntimeError("PostPool.submit() after close() or cancel()")
@@ -465,8 +499,23 @@ class PostPool:
                         PostStatus.SKIPPED,
                         (task.output,),
                         custom=task.custom,
+                        output=task.output,
                     )
                     self._finished.append(skipped)
+                    continue
+                elif self._failed_before(task, st.st_size, changed):
+                    self._counts["failed_before"] += 1
+                    before = self._failed[task.output]
+                    self._finished.append(
+                        PostOutcome(
+                            rel,
+                            task.rule.action,
+                            PostStatus.FAILED_BEFORE,
+                            error=before.error,
+                            custom=task.custom,
+                            output=task.output,
+                        )
+                    )
                     continue
                 self._inflight.add(task.output)
                 self._counts["queued"] += 1
@@ -508,6 +557,23 @@ class PostPool:
             self.cancel()
         self._pool.shutdown(wait=True)
 
+    def _made_by(self, rule: PostRule) -> str:
+        """What a failure is recorded against, beside its input: the rule's action and
+        options, its timeout (``default``: by the input), and this ffmpeg."""
+        line = (made_with(rule) or rule.action).rstrip("\n")
+        timeout = rule.timeout or self._timeout or "default"
+        version = ".".join(map(str, self._ff.version)) or "unknown"
+        return f"{line} timeout={timeout} ffmpeg={self._ff.path} {version}"
+
+    def _failed_before(self, task: PostTask, size: int, changed: int) -> bool:
+        before = self._failed.get(task.output)
+        return (
+            before is not None
+            and not self._retry_failed
+            and (before.size, before.changed_ns) == (size, changed)
+            and before.made_by == self._made_by(task.rule)
+        )
+
     def _settled(self, task: PostTask, fut: Future[None]) -> None:
         with self._lock:
             if fut.cancelled():
@@ -526,15 +592,17 @@ class PostPool:
         ran: bool = False,
         seconds: float = 0.0,
         undecodable: bool = False,
+        failure: FailedPost | None = None,
     ) -> None:
         outcome = PostOutcome(
-            task.source, task.rule.action, status, outputs, error, seconds, undecodable, task.custom
-        )
+            task.source, task.rule.action, status, outputs, error, seconds, undecodable,
+            task.custom, task.output, failure,
+        )  # fmt: skip
         with self._lock:
             if ran:
                 self._counts["running"] -= 1
                 self._inflight.discard(task.output)
-            self._counts[status.value] += 1
+            self._counts[status.name.lower()] += 1
             self._finished.append(outcome)
 
     def _limit(self, task: PostTask, size: int, length: _Once) -> float:
@@ -550,7 +618,7 @@ class PostPool:
             self._counts["queued"] -= 1
             self._counts["running"] += 1
         started = time.monotonic()
-        status, error, undecodable = PostStatus.FAILED, None, False
+        status, error, undecodable, again = PostStatus.FAILED, None, False, False
         outputs: tuple[str, ...] = ()
         try:
             outputs = self._make(task, src, changed, self._limit(task, size, length))
@@ -560,6 +628,8 @@ class PostPool:
         except PostProcessError as exc:
             error = f"{exc.message}\n{exc.tail}".strip()
             undecodable = isinstance(exc, _Undecodable)
+            # (an undecodable file is fetched again, and then made again: not recorded)
+            again = isinstance(exc, PostTimeout | _Refused)
         except (OSError, UnsafePath) as exc:
             error = str(exc)
         if status is not PostStatus.DONE:  # (skipped: an older version's output is stale)
@@ -568,6 +638,12 @@ class PostPool:
             self._dropped(task)  # killed by cancel(): not done, and not a failure either
             return
         seconds = time.monotonic() - started
+        failure = None
+        if again and error is not None:
+            made_by = self._made_by(task.rule)
+            failure = FailedPost(
+                task.output, task.source, size, changed, made_by, error, time.time()
+            )
         self._finish(
             task,
             status,
@@ -576,6 +652,7 @@ class PostPool:
             ran=True,
             seconds=seconds,
             undecodable=undecodable,
+            failure=failure,
         )
 
     def _dropped(self, task: PostTask) -> None:
@@ -676,17 +753,23 @@ class PostPool:
         if result.returncode != 0:
             # A probe writes nothing: its exit status speaks of the input alone,
             # unless a signal (not ours: we raise for those) ended it, or this ffmpeg
-            # has no decoder for its codec (fetching it again would not help).
+            # has no decoder for its codec (fetching it again would not help).  Another
+            # action's refuses the file (the same would fail the same way), unless
+            # ffmpeg names our side (_OUR_SIDE) or a signal ended it.
             if probe and _NO_DECODER.search(result.stderr_tail):
-                raise PostProcessError("this ffmpeg has no decoder for it", result.stderr_tail)
-            error = _Undecodable if probe and result.returncode > 0 else PostProcessError
+                raise _Refused("this ffmpeg has no decoder for it", result.stderr_tail)
+            error: type[PostProcessError] = PostProcessError
+            if probe and result.returncode > 0:
+                error = _Undecodable
+            elif result.returncode > 0 and not _OUR_SIDE.search(result.stderr_tail):
+                error = _Refused
             raise error(f"ffmpeg exited with status {result.returncode}", result.stderr_tail)
         if probe:
             if result.stderr_tail:
                 raise _Undecodable("decoding reported errors", result.stderr_tail)
             made.write_text(f"decoded by ffmpeg {'.'.join(map(str, self._ff.version))}\n")
         if not _whole(made):  # (an empty one would be redone every run)
-            raise PostProcessError("ffmpeg wrote no output", result.stderr_tail)
+            raise _Refused("ffmpeg wrote no output", result.stderr_tail)
 
     def _publish(self, task: PostTask, made: Path, final: Path) -> None:
         with self._lock:  # see _discard

@@ -117,6 +117,15 @@ def _details(s: Summary) -> list[tuple[str, str, str]]:
         ("post-processing failed", s.post_failed),
     ):
         some("red", what, [f"{path}: {why}" for path, why in items], "")
+    if s.post_failed_before:
+        n = len(s.post_failed_before)
+        out.append(("yellow", "note", (
+            f"{n} post-processing output{'s' if n > 1 else ''} not tried: ffmpeg timed out or"
+            " refused the file before, and the file, the rule, its timeout and ffmpeg are"
+            " unchanged (--retry-failed-post tries again)"
+        )))  # fmt: skip
+        before = [f"{path}: {why.splitlines()[0]}" for path, why in s.post_failed_before]
+        some("yellow", "failed before", before, " failed before")
     some("yellow", "note", s.notices, "")
     if s.dry_run:
         out.extend(("", "would delete", p) for p in (s.deleted + s.deleted_dirs)[:_SHOW_FAILURES])
@@ -221,6 +230,7 @@ def summary_dict(s: Summary, name: str | None = None) -> dict[str, Any]:
         "directories": s.directories,
         "post": s.post,
         "post_failed": [{"path": p, "error": e} for p, e in s.post_failed],
+        "post_failed_before": [{"path": p, "error": e} for p, e in s.post_failed_before],
         "interrupted": s.interrupted,
         "fatal": s.fatal,
         "error": s.error,
@@ -312,6 +322,13 @@ def write_metrics(
             "Post-processing outputs (--post) that failed in the last run.",
             [],
         ),
+        (
+            "fetch_post_failed_before",
+            "gauge",
+            "Post-processing outputs the last run did not try: they failed before on the same"
+            " file, rule and ffmpeg (--retry-failed-post tries them).",
+            [],
+        ),
         ("fetch_exit_code", "gauge", "Exit code of the last run.", []),
     ]
     previous = _previous(path)
@@ -326,7 +343,7 @@ def write_metrics(
             values = [s.finished, s.finished if s.exit_code == 0 else last_ok,
                       s.finished - s.started, s.fetched.files, s.fetched.bytes,
                       s.unchanged_files, len(s.failed), len(s.deleted), len(s.listing_errors),
-                      len(s.post_failed),
+                      len(s.post_failed), len(s.post_failed_before),
                       s.exit_code]  # fmt: skip
         for m, v in zip(metrics, values, strict=True):
             if v is not None:

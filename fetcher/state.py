@@ -26,9 +26,9 @@ from typing import Any, NamedTuple, TypeVar, cast
 from fetcher.errors import FatalIOError, LockHeld
 from fetcher.models import STATE_DIR, Listing, Outcome, RemoteFile, Status
 
-__all__ = ["Row", "RunLock", "State"]
+__all__ = ["FailedPost", "Row", "RunLock", "State"]
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 _MIGRATIONS: dict[int, str] = {
     1: """
@@ -87,6 +87,21 @@ _MIGRATIONS: dict[int, str] = {
         fp BLOB NOT NULL
     );
     """,
+    # Post-processing outputs whose making failed in a way that would fail again on
+    # the same input with the same rule (a timeout, ffmpeg rejecting the file): not
+    # tried again while both stay so (fetcher.postprocess).
+    6: """
+    CREATE TABLE IF NOT EXISTS post_failures (
+        output TEXT PRIMARY KEY,
+        source TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        changed_ns INTEGER NOT NULL,
+        made_by TEXT NOT NULL,
+        error TEXT NOT NULL,
+        failed_at REAL NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS post_failures_source ON post_failures(source);
+    """,
 }
 
 
@@ -105,6 +120,20 @@ class Row(NamedTuple):
     fetched_at: float | None
     last_seen: int | None
     status: str
+
+
+class FailedPost(NamedTuple):
+    """A post-processing output (``output``, below DERIVED) that failed, and would again
+    while its source (``source``, below DEST) keeps its ``size`` and last change on disk
+    (``changed_ns``) and its rule, timeout and ffmpeg stay as ``made_by`` says."""
+
+    output: str
+    source: str
+    size: int
+    changed_ns: int
+    made_by: str
+    error: str
+    failed_at: float
 
 
 _ROW = "path, url, size, mtime, etag, last_modified, sha256, stamp, fetched_at, last_seen, status"
@@ -614,6 +643,27 @@ class State:
         with self._db:
             self._db.execute("BEGIN")
             _where_in(self._db, "DELETE FROM files WHERE path", [], paths)
+            _where_in(self._db, "DELETE FROM post_failures WHERE source", [], paths)
+
+    # -- post-processing --------------------------------------------------
+    @_damage_is_fatal
+    def failed_posts(self) -> dict[str, FailedPost]:
+        """Every recorded :class:`FailedPost`, by output (they are few: one per output
+        that cannot be made)."""
+        rows = self._db.execute(f"SELECT {', '.join(FailedPost._fields)} FROM post_failures")
+        return {r[0]: FailedPost._make(r) for r in rows}
+
+    @_damage_is_fatal
+    def record_failed_post(self, failed: FailedPost) -> None:
+        if not self.readonly:
+            marks = ", ".join("?" * len(failed))
+            self._db.execute(f"INSERT OR REPLACE INTO post_failures VALUES ({marks})", failed)
+
+    @_damage_is_fatal
+    def forget_failed_post(self, output: str) -> None:
+        """The output was made (or found nothing to take) after all."""
+        if not self.readonly:
+            self._db.execute("DELETE FROM post_failures WHERE output = ?", (output,))
 
     def rows(self) -> Iterator[Row]:
         try:

@@ -157,6 +157,10 @@ from tests.faultserver import Fault, FaultServer
             "fetch: error: --post-jobs goes with --post",
         ),
         (
+            ["--mirror", "http://127.0.0.1:9/", "--retry-failed-post"],
+            "fetch: error: --retry-failed-post goes with --post",
+        ),
+        (
             ["--verify-only", "d", "--mirror", "http://127.0.0.1:9/"],
             "fetch: error: --verify-only checks a DEST on its own",
         ),

@@ -806,7 +806,7 @@ def test_a_schema_1_state_file_is_brought_forward_and_its_rows_kept(
     assert r.code == 0, r
     assert _file_requests(srv) == [], "the rows of schema 1 were not used"
     version, indexes = _indexes(db)
-    assert version == SCHEMA_VERSION == 5 and "files_last_seen" not in indexes, indexes
+    assert version == SCHEMA_VERSION == 6 and "files_last_seen" not in indexes, indexes
     assert _last_run_pipelined(dest) == 1  # schema 3: the run's pipelined requests answered
     con = sqlite3.connect(db)
     try:  # schema 4: what each listing gave the run

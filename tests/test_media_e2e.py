@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -286,10 +287,150 @@ timeout = 0.001
 
         again = run_fetch("--config", cfg, "--report", tmp_path / "2.json")
 
-    assert again.code == 1, again  # probed again (no probe.ok), timed out again
+    # not fetched again, and not probed again either: it would only time out again
+    assert again.code == 0, again
     job = report(tmp_path / "2.json")
     assert job["fetched"]["files"] == 0, job
-    assert job["post"] == {"probe failed": 1}
+    assert job["post"] == {"probe failed before": 1}
+
+
+def _spy_on_ffmpeg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Put first on PATH an ffmpeg that logs its arguments to the file returned."""
+    calls = tmp_path / "calls.log"
+    spy = tmp_path / "spy" / "ffmpeg"
+    spy.parent.mkdir()
+    spy.write_text(f'#!/bin/sh\necho "$*" >> "{calls}"\nexec "{ffmpeg_exe()}" "$@"\n')
+    spy.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{spy.parent}{os.pathsep}{os.environ['PATH']}")
+    return calls
+
+
+def _transcodes(calls: Path) -> int:
+    return sum("transcode-" in line for line in calls.read_text().splitlines())
+
+
+def _failed_posts(dest: Path) -> list[tuple[str, str]]:
+    con = sqlite3.connect(dest / ".fetcher" / "state.sqlite")
+    try:
+        return con.execute("SELECT output, made_by FROM post_failures ORDER BY output").fetchall()
+    finally:
+        con.close()
+
+
+def test_a_transcode_that_timed_out_is_tried_again_only_when_file_rule_or_user_says(
+    tmp_path: Path, clips: dict[str, Path], run_fetch: Fetch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A transcode that timed out was tried again, and timed out again, on every run."""
+    root = build(tmp_path / "srv", clips, {"other.mp4": "small"})
+    # a minute of 640x360 takes seconds to transcode: never done within the timeouts here
+    make_clip(root / "talk.mp4", seconds=60, size="640x360")
+    calls = _spy_on_ffmpeg(tmp_path, monkeypatch)
+    cfg, dest = tmp_path / "m.toml", tmp_path / "dest"
+    metrics = tmp_path / "fetch.prom"
+
+    def config(timeout: float | None) -> None:
+        cfg.write_text(
+            f"""
+[jobs.media]
+url = "{srv.url}"
+dest = "dest"
+
+[[jobs.media.post]]
+action = "transcode"
+glob = "talk.mp4"
+height = 120
+{f"timeout = {timeout}" if timeout else ""}
+"""
+        )
+
+    def runs(*more: str) -> tuple[Run, dict[str, Any], int]:
+        before = _transcodes(calls) if calls.exists() else 0
+        r = run_fetch("--config", cfg, "--report", tmp_path / "r.json", "--metrics", metrics, *more)
+        return r, report(tmp_path / "r.json"), _transcodes(calls) - before
+
+    with FaultServer(root=root) as srv:
+        config(0.5)
+        r, job, ran = runs()
+        assert (r.code, job["post"], ran) == (1, {"transcode failed": 1}, 1), r
+        assert "timed out after 0.5 s" in job["post_failed"][0]["error"]
+        assert [o for o, _ in _failed_posts(dest)] == ["talk.mp4/transcode-120p.mp4"]
+
+        # The next run: not tried (no ffmpeg at all), and says so; no failure of its own.
+        r, job, ran = runs()
+        assert (r.code, job["post"], ran) == (0, {"transcode failed before": 1}, 0), r
+        assert job["post_failed"] == []
+        [before] = job["post_failed_before"]
+        assert before["path"] == "talk.mp4 (transcode)"
+        assert before["error"].startswith("timed out after 0.5 s")
+        [note] = summary_lines(r.output, "note 1 post-processing output not tried")
+        assert "--retry-failed-post" in note
+        [line] = summary_lines(r.output, "failed before")
+        assert line == "failed before talk.mp4 (transcode): timed out after 0.5 s"
+        lines = metrics.read_text().splitlines()
+        assert 'fetch_post_failed{mirror="media"} 0' in lines
+        assert 'fetch_post_failed_before{mirror="media"} 1' in lines
+
+        # Asked to: tried again (and timed out again).
+        r, job, ran = runs("--retry-failed-post")
+        assert (r.code, job["post"], ran) == (1, {"transcode failed": 1}, 1), r
+
+        # Another timeout is another rule: tried again; then not, as before.
+        config(0.6)
+        r, job, ran = runs()
+        assert (r.code, job["post"], ran) == (1, {"transcode failed": 1}, 1), r
+        assert "timeout=0.6" in _failed_posts(dest)[0][1]
+        r, job, ran = runs()
+        assert (r.code, job["post"], ran) == (0, {"transcode failed before": 1}, 0), r
+
+        # The file changed upstream (published again, fetched again): tried again.
+        later = (root / "talk.mp4").stat().st_mtime + 3600
+        os.utime(root / "talk.mp4", (later, later))
+        r, job, ran = runs()
+        assert (r.code, job["fetched"]["files"], ran) == (1, 1, 1), r
+        assert job["post"] == {"transcode failed": 1}
+
+        # Given its time, it is made, and its record goes.
+        config(None)
+        r, job, ran = runs()
+        assert (r.code, job["post"], ran) == (0, {"transcode done": 1}, 1), r
+        assert _failed_posts(dest) == []
+        config(0.5)
+        r, job, ran = runs()
+        assert (r.code, job["post"], ran) == (0, {"transcode skipped": 1}, 0), r
+
+
+@pytest.mark.real_server
+def test_a_file_ffmpeg_refuses_is_not_tried_again_and_its_record_goes_with_it(
+    tmp_path: Path, clips: dict[str, Path], nginx: Callable[[Path], Served], run_fetch: Fetch
+) -> None:
+    root = build(tmp_path / "srv", clips, {"good.mp4": "small", "bad.mp4": "bad"})
+    srv = nginx(root)
+    dest = tmp_path / "dest"
+    args = ("--mirror", srv.url, "--dest", dest, "--post", "transcode", "--post", "thumbnails")
+
+    first = run_fetch(*args, "--report", tmp_path / "1.json")
+    assert first.code == 1, first
+    assert report(tmp_path / "1.json")["post"] == {
+        "thumbnails done": 1, "thumbnails failed": 1, "transcode done": 1, "transcode failed": 1
+    }  # fmt: skip
+    assert [o for o, _ in _failed_posts(dest)] == [
+        "bad.mp4/thumbnails-160x90",
+        "bad.mp4/transcode-480p.mp4",
+    ]
+
+    again = run_fetch(*args, "--report", tmp_path / "2.json")
+    assert again.code == 0, again
+    job = report(tmp_path / "2.json")
+    assert job["post"] == {
+        "thumbnails failed before": 1, "thumbnails skipped": 1,
+        "transcode failed before": 1, "transcode skipped": 1,
+    }  # fmt: skip
+    assert "moov atom not found" in job["post_failed_before"][0]["error"]  # ffmpeg's words
+
+    (root / "bad.mp4").unlink()  # gone upstream: its outputs' records go with its row
+    gone = run_fetch(*args, "--delete", "--max-delete", "1")
+    assert gone.code == 0, gone
+    assert _failed_posts(dest) == []
 
 
 @pytest.mark.real_server
@@ -656,7 +797,9 @@ def test_the_json_status_event_counts_ffmpeg_work(
     assert r.code == 1, r
     records = [json.loads(line) for line in r.output.splitlines() if line.startswith("{")]
     status = [rec for rec in records if rec["event"] == "status"][-1]
-    assert status["post"] == {"queued": 0, "running": 0, "done": 1, "skipped": 0, "failed": 1}
+    assert status["post"] == {
+        "queued": 0, "running": 0, "done": 1, "skipped": 0, "failed": 1, "failed_before": 0
+    }  # fmt: skip
 
 
 def test_the_status_shows_ffmpeg_work_under_way_before_any_of_it_has_finished(

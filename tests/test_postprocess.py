@@ -967,6 +967,63 @@ def test_a_long_small_clip_gets_a_timeout_by_its_duration_where_work_follows_it(
     assert media_seconds(FFmpeg(FF.path, FF.version, None), clip) is None  # no ffprobe
 
 
+@needs_ff
+def test_only_a_failure_that_would_repeat_is_recorded_against_file_rule_and_ffmpeg(
+    tree: tuple[Path, Path],
+) -> None:
+    """A timeout or a file ffmpeg refuses would fail the same way on the next run; a full
+    disk, or a process killed by someone else, says nothing of the file."""
+    dest = tree[0]
+    (dest / "videos/bad.mp4").write_bytes((dest / "videos/clip.mp4").read_bytes())
+    truncate(dest / "videos/bad.mp4")  # no index: "moov atom not found"
+    rule = rule_from_mapping({"action": "remux", "timeout": 30}, "r")
+    with _pool(tree, [rule]) as pool:
+        pool.submit("videos/bad.mp4")
+        [refused] = pool.close()
+    assert refused.status == PostStatus.FAILED and refused.failure is not None
+    st = (dest / "videos/bad.mp4").stat()
+    assert refused.failure.output == refused.output == "videos/bad.mp4/remux.mp4"
+    assert (refused.failure.source, refused.failure.size) == ("videos/bad.mp4", st.st_size)
+    assert refused.failure.changed_ns == max(st.st_mtime_ns, st.st_ctime_ns)
+    assert FF is not None and refused.failure.made_by == (
+        f"remux timeout=30.0 ffmpeg={FF.path} {'.'.join(map(str, FF.version))}"
+    )
+    assert "moov atom not found" in refused.failure.error
+
+    def answering(
+        code: int, tail: str
+    ) -> Callable[[Sequence[str], float, threading.Event | None], RunResult]:
+        return lambda argv, timeout, stop: RunResult(code, tail, 0.0)
+
+    for code, tail in [
+        (1, "[out#0/mp4] Error writing trailer: No space left on device"),
+        (1, "file:/d/.fetcher/x/remux.mp4: Permission denied"),
+        (-9, ""),  # the kernel's OOM killer
+    ]:
+        with _pool(tree, [rule], runner=answering(code, tail)) as pool:
+            pool.submit("videos/clip.mp4")
+            [failed] = pool.close()
+        assert failed.status == PostStatus.FAILED and failed.failure is None, (code, tail)
+
+    # Recorded, it is not tried again while all stays so, unless the pool is told to.
+    calls = Counting()
+    with _pool(tree, [rule], runner=calls, failed={refused.output: refused.failure}) as pool:
+        assert pool.submit("videos/bad.mp4") == 0
+        [before] = pool.close()
+    assert (before.status, before.error, calls.calls) == (
+        PostStatus.FAILED_BEFORE, refused.failure.error, []
+    )  # fmt: skip
+    assert pool.counts == PostCounts(failed_before=1)
+    failed = {refused.output: refused.failure}
+    other = rule_from_mapping({"action": "remux", "timeout": 31}, "r")  # another rule
+    for rules, retry in [([rule], True), ([other], False)]:
+        with _pool(tree, rules, runner=calls, failed=failed, retry_failed=retry) as pool:
+            assert pool.submit("videos/bad.mp4") == 1
+            [again] = pool.close()
+        assert again.status == PostStatus.FAILED and again.failure is not None
+    assert len(calls.calls) == 2
+
+
 class Started(_Noting):
     """A runner that says when its first ffmpeg is about to start, then starts it."""
 
@@ -1080,7 +1137,14 @@ def test_a_missing_source_is_a_failed_outcome(tree: tuple[Path, Path]) -> None:
         assert pool.submit("videos/gone.mp4") == 0
         assert pool.submit("notes.txt") == 0
         [outcome] = pool.close()
-    assert outcome == PostOutcome("videos/gone.mp4", "probe", PostStatus.FAILED, (), outcome.error)
+    assert outcome == PostOutcome(
+        "videos/gone.mp4",
+        "probe",
+        PostStatus.FAILED,
+        (),
+        outcome.error,
+        output="videos/gone.mp4/probe.ok",
+    )
     assert outcome.error is not None and "cannot read videos/gone.mp4" in outcome.error
 
 
