@@ -108,15 +108,45 @@ __all__ = [
 ]
 
 
+def _link_in(path: Path, root: Path) -> Path | None:
+    """The first symbolic link on the way from ``root`` (not itself) down to ``path``."""
+    for step in reversed((path, *path.parents)):
+        if step.is_relative_to(root) and step != root and step.is_symlink():
+            return step
+    return None
+
+
 def _inside(path: Path, root: Path) -> Path:
-    if not path.resolve().is_relative_to(root.resolve()) or path.resolve() == root.resolve():
-        raise UnsafePath(f"{path} is not below {root}")
+    """``path``, which must lie below ``root`` (a directory of outputs) also once its
+    symbolic links are followed: else :class:`UnsafePath`, naming the link to blame."""
+    try:
+        real, top = path.resolve(), root.resolve()
+    except (OSError, RuntimeError):  # a loop of links (RuntimeError before Python 3.13)
+        raise UnsafePath(
+            f"{_link_in(path, root) or path} is a loop of symbolic links: outputs are written"
+            f" only into directories below {root} (replace the link with one)"
+        ) from None
+    if not real.is_relative_to(top) or real == top:
+        link = _link_in(path, root)
+        if link is None:
+            raise UnsafePath(f"{path} is not below {root}")
+        raise UnsafePath(
+            f"{link} is a symbolic link to {os.readlink(link)}, which is not below {root}:"
+            " outputs are written only into directories below it (replace the link with one)"
+        )
     return path
+
+
+def _real(path: Path, what: str) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError) as exc:  # (RuntimeError: a loop, before Python 3.13)
+        raise UsageError(f"{what} {path} is a loop of symbolic links") from exc
 
 
 def check_derived(dest: Path, derived: Path) -> None:
     """Refuse a derived tree that overlaps the mirror (``--delete`` would eat it)."""
-    d, m = derived.resolve(), dest.resolve()
+    d, m = _real(derived, "the derived tree"), _real(dest, "DEST")
     if (d.is_relative_to(m) and not d.is_relative_to(m / STATE_DIR)) or m.is_relative_to(d):
         raise UsageError(f"the derived tree {derived} must lie outside {dest} (and not contain it)")
     if d == m / STATE_DIR:

@@ -896,6 +896,55 @@ def test_a_post_dest_that_cannot_be_written_stops_the_run_before_any_download(
     assert in_the_way.read_text() == "a file of the user's\n"
 
 
+def test_a_symbolic_link_in_the_derived_tree_is_one_clear_line_never_a_traceback(
+    tmp_path: Path, clips: dict[str, Path], run_fetch: Fetch
+) -> None:
+    """A link in DERIVED that loops ended the run in a traceback (Python's "Symlink
+    loop"), and one to elsewhere failed each output as "DERIVED/a/x.mp4 is not below
+    DERIVED", which it seems to be: the link was never named."""
+    root = build(tmp_path / "srv", clips, {"a/x.mp4": "small", "b/y.mp4": "small"})
+    dest, derived, elsewhere = tmp_path / "dest", tmp_path / "dest.derived", tmp_path / "other"
+    derived.mkdir()
+    elsewhere.mkdir()
+    (derived / "a").symlink_to("a")  # a loop
+    (derived / "b").symlink_to(elsewhere)
+    with FaultServer(root=root) as srv:
+        args = ("--mirror", srv.url, "--dest", dest, "--post", "remux")
+        r = run_fetch(*args, "--report", tmp_path / "r.json")
+        assert r.code == 1, r
+        assert "Traceback" not in r.output
+        failed = report(tmp_path / "r.json")["post_failed"]
+        assert sorted(failed, key=lambda f: str(f["path"])) == [
+            {
+                "path": "a/x.mp4 (remux)",
+                "error": f"{derived}/a is a loop of symbolic links: outputs are written only"
+                f" into directories below {derived} (replace the link with one)",
+            },
+            {
+                "path": "b/y.mp4 (remux)",
+                "error": f"{derived}/b is a symbolic link to {elsewhere}, which is not below"
+                f" {derived}: outputs are written only into directories below it (replace the"
+                " link with one)",
+            },
+        ]
+        assert list(elsewhere.iterdir()) == []  # nothing written through the link
+
+        # --delete of a vanished source whose outputs lie past a loop: its file goes.
+        (root / "a/x.mp4").unlink()
+        r = run_fetch(*args, "--delete", "--max-delete", "1")
+        assert "Traceback" not in r.output
+        assert not (dest / "a/x.mp4").exists() and (derived / "a").is_symlink()
+
+        # The derived tree itself a loop: refused at start, exit 2, in one line.
+        (derived / "b").unlink()
+        (derived / "a").unlink()
+        derived.rmdir()
+        derived.symlink_to(derived.name)
+        r = run_fetch(*args)
+    assert r.code == 2, r
+    assert r.output == f"fetch: error: the derived tree {derived} is a loop of symbolic links\n"
+
+
 # --- no ffmpeg ------------------------------------------------------------------------
 
 
