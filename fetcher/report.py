@@ -198,6 +198,10 @@ def one_line(s: Summary) -> str:
         parts.append(f"{len(s.deleted)} {'to delete' if s.dry_run else 'deleted'}")
     if s.listing_errors:
         parts.append(f"{len(s.listing_errors)} listing errors")
+    if s.post_failed:
+        parts.append(f"{len(s.post_failed)} post-processing failed")
+    if s.post_failed_before:  # (not tried: a log must say so as the summary does)
+        parts.append(f"{len(s.post_failed_before)} post-processing failed before (not tried)")
     end = " (stopped)" if s.fatal else " (interrupted)" if s.interrupted else ""
     dry = "dry run: " if s.dry_run else ""
     return (

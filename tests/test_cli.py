@@ -827,6 +827,21 @@ def test_a_text_cell_in_the_plain_summary_does_not_push_the_counts_apart() -> No
     ]
 
 
+def test_the_log_line_counts_post_processing_failed_and_not_tried() -> None:
+    """A log's last line said nothing of ffmpeg work: not the outputs that failed, nor
+    those not tried because they failed before."""
+    from fetcher.models import Summary
+    from fetcher.report import one_line
+
+    s = Summary(url="http://m.test/", dest="/d", started=0.0, finished=0.5, directories=1)
+    s.post_failed = [("a.mp4 (probe)", "moov atom not found")]
+    s.post_failed_before = [("b.mp4 (transcode)", "timed out after 79 s"), ("c.mp4 (audio)", "…")]
+    assert one_line(s) == (
+        "summary: 0 fetched (0 B), 0 unchanged, 0 failed, 1 post-processing failed,"
+        " 2 post-processing failed before (not tried), 1 directories in 0.5 s"
+    )
+
+
 @pytest.mark.parametrize("server", ["fault", pytest.param("nginx", marks=pytest.mark.real_server)])
 def test_a_start_url_that_is_a_file_says_how_to_fetch_it(
     tmp_path: Path, server: str, run_fetch
