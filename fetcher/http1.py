@@ -39,6 +39,9 @@ hostile server could hurt (bounded head, checked framing) and nothing more:
   a server that drops pipelined requests twice gets no more of them; while
   ``hold()`` says the server asked for a pause (a 429's ``Retry-After``),
   nothing more goes ahead, and the answers already due are read as they come;
+  another thread may take back the announced requests not yet sent
+  (:meth:`Announced.withdraw`), as a lane held up by a slow answer gives the
+  rest of its train to another lane;
 * a short error page the caller does not read is drained (1 s at most), so
   it does not cost the connection;
 * with the ``REUSE_BUFFER`` request extension, large bodies are read with
@@ -60,7 +63,7 @@ import socket
 import ssl
 import threading
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import httpx
 
@@ -76,7 +79,14 @@ from fetcher.wire import (
     timed_out,
 )
 
-__all__ = ["MAX_DEPTH", "REUSE_BUFFER", "NoToken", "ThreadConnTransport", "pipelined_lanes"]
+__all__ = [
+    "MAX_DEPTH",
+    "REUSE_BUFFER",
+    "Announced",
+    "NoToken",
+    "ThreadConnTransport",
+    "pipelined_lanes",
+]
 
 REUSE_BUFFER = "fetch.reuse_buffer"
 """Request extension: True lets a big body come as memoryviews of one reused buffer, each
@@ -102,6 +112,29 @@ def pipelined_lanes(threads: int, pipeline: int) -> tuple[int, int]:
     inflight = threads * pipeline
     lanes = min(threads, -(-inflight // max(MAX_DEPTH, pipeline)))
     return lanes, -(-inflight // lanes)
+
+
+class Announced:
+    """A thread's requests announced to be sent ahead (:meth:`ThreadConnTransport.expect`),
+    (origin, head) each, in order, minus those sent or asked for since.
+
+    Only that thread sends them; any thread may take back the last ones not yet sent
+    (:meth:`withdraw`): a lane held up by a slow answer hands the rest of its train to
+    another lane, which asks for them on its own connection."""
+
+    __slots__ = ("items", "lock")
+
+    def __init__(self, items: Iterable[tuple[tuple[str, str, int], bytes]]) -> None:
+        self.items = deque(items)
+        self.lock = threading.Lock()
+
+    def withdraw(self, most: int) -> int:
+        """Take back up to ``most`` of the last requests not yet sent; how many went."""
+        with self.lock:
+            n = min(most, len(self.items))
+            for _ in range(n):
+                self.items.pop()
+            return n
 
 
 class NoToken(httpx.ConnectError):
@@ -203,7 +236,8 @@ class ThreadConnTransport(httpx.BaseTransport):
                 # dropped with answers due (a keep-alive limit reached mid-train did that).
                 expect = self._expected()
                 if expect is not None:
-                    expect.extendleft((conn.key, head) for head in reversed(conn.queued))
+                    with expect.lock:
+                        expect.items.extendleft((conn.key, h) for h in reversed(conn.queued))
                 conn.queued.clear()
         conn.close()
 
@@ -279,7 +313,7 @@ class ThreadConnTransport(httpx.BaseTransport):
         """Requests may go ahead: asked for, and the server has not dropped any twice."""
         return self._depth > 1 and self._lost < 2
 
-    def expect(self, requests: Sequence[httpx.Request]) -> None:
+    def expect(self, requests: Sequence[httpx.Request]) -> Announced:
         """This thread's next requests, in order: they may be sent ahead (pipelined).
 
         Each one is sent, at most ``pipeline - 1`` ahead of the one being answered,
@@ -287,12 +321,14 @@ class ThreadConnTransport(httpx.BaseTransport):
         A request made out of turn (a redirect, a retry, different headers) just
         goes on a fresh connection; the answers due on the old one are not wanted.
         """
-        self._local.expect = deque(
+        announced = Announced(
             (_origin(r.url), self._head_bytes(r)) for r in requests if r.method == "GET"
         )
+        self._local.expect = announced
         conn: Conn | None = getattr(self._local, "conn", None)
         if not requests and conn is not None and conn.queued:
             self._drop(conn)  # a train cut short: the answers still due are not wanted
+        return announced
 
     def owes(self) -> bool:
         """This thread's connection has requests sent ahead still to be answered: the next
@@ -300,32 +336,38 @@ class ThreadConnTransport(httpx.BaseTransport):
         conn: Conn | None = getattr(self._local, "conn", None)
         return conn is not None and bool(conn.queued)
 
-    def _expected(self) -> deque[tuple[tuple[str, str, int], bytes]] | None:
-        """This thread's announced requests, (origin, head) each, in order."""
+    def _expected(self) -> Announced | None:
+        """This thread's announced requests."""
         return getattr(self._local, "expect", None)
 
     def _top_up(self, conn: Conn) -> list[bytes]:
         expect = self._expected()
-        if not expect or not conn.proven or not self.pipelining:
+        if expect is None or not expect.items or not conn.proven or not self.pipelining:
             return []
         free = self._depth - 1 - len(conn.queued)
-        if free < self._batch and free < len(expect):
+        if free < self._batch and free < len(expect.items):
             return []
         if self._hold is not None and self._hold():
             return []
         extra = []
-        # only requests for this connection's server, and in order: stop at another's
-        while expect and expect[0][0] == conn.key and len(conn.queued) < self._depth - 1:
-            head = expect.popleft()[1]
-            conn.queued.append(head)
-            extra.append(head)
+        with expect.lock:  # (against a withdraw from another thread)
+            items = expect.items
+            # only requests for this connection's server, and in order: stop at another's
+            while items and items[0][0] == conn.key and len(conn.queued) < self._depth - 1:
+                head = items.popleft()[1]
+                conn.queued.append(head)
+                extra.append(head)
         return extra
 
     def _consume_expectation(self, key: tuple[str, str, int], head: bytes) -> None:
         expect = self._expected()
-        if expect and (key, head) in expect:
-            while expect.popleft() != (key, head):
-                pass
+        if expect is None or not expect.items:
+            return
+        with expect.lock:
+            items = expect.items
+            if (key, head) in items:
+                while items.popleft() != (key, head):
+                    pass
 
     # -- one exchange ---------------------------------------------------------
     def handle_request(self, request: httpx.Request) -> httpx.Response:

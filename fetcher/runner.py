@@ -22,7 +22,7 @@ import httpx
 
 from fetcher.config import Transfer
 from fetcher.download import Deferred, fetch_file, pipelinable, plain_get
-from fetcher.http1 import ThreadConnTransport, pipelined_lanes
+from fetcher.http1 import Announced, ThreadConnTransport, pipelined_lanes
 from fetcher.limits import SharedLimits
 from fetcher.models import (
     BytesEvent,
@@ -84,8 +84,34 @@ class _Batcher:
             self._send(events)
 
 
-STALL = 1.0
-"""Seconds without a small file done after which a lane on small files counts as held up."""
+STALL = 0.1
+"""Seconds without a small file done after which a lane on small files counts as held up,
+at least: see :meth:`ShardRunner._held_up_after`."""
+
+STALL_ANSWERS = 4.0
+"""A lane on small files is held up once it has waited this many times as long as a
+train's first answer usually takes (the round trip and the server's time), and at least
+:data:`STALL` seconds."""
+
+STALL_UNKNOWN = 1.0
+"""Seconds a lane waits before it counts as held up while no train's first answer has
+come yet (how long one takes is not known: a far mirror's round trip may be most of it)."""
+
+
+class _Train:
+    """What a lane's train has still to fetch, each job with its prepared GET (or None),
+    and its requests announced to the transport (None: nothing sent ahead). Another
+    thread may take back the jobs not yet sent (``ShardRunner._rescue``), under ``lock``."""
+
+    __slots__ = ("announced", "jobs", "lock")
+
+    def __init__(
+        self, jobs: Iterable[tuple[Job, httpx.Request | None]], announced: Announced | None
+    ) -> None:
+        self.jobs = deque(jobs)
+        self.announced = announced
+        self.lock = threading.Lock()
+
 
 LOOK_AGAIN = 0.5
 """Seconds a lane with nothing it may take waits before it looks at the queue again
@@ -110,9 +136,13 @@ class ShardRunner:
     of four lanes 4 deep, and at 50 ms RTT moves more files (fewer gaps between
     trains). A server that drops pipelined requests turns pipelining off
     (:attr:`ThreadConnTransport.pipelining`), and then every lane takes small files
-    again, one request at a time. A lane that has not finished a small file for
-    :data:`STALL` seconds (an answer held up, and the files behind it in its train
-    waiting for it) leaves its place to another lane.
+    again, one request at a time.
+
+    A lane that has not finished a small file for a while (:meth:`_held_up_after`: an
+    answer held up, a CDN's cache miss or a slow disk, and the files behind it in its
+    train waiting for it) leaves its place to another lane, and the part of its train
+    it has not sent yet goes back to the queue for the other lanes (:meth:`_rescue`);
+    only the answers already due on its connection wait behind the slow one.
 
     What a feeder keeps here is counted as *load*: a small new file counts one, a
     file that holds a lane to itself (a big one, an update, a resume) counts a
@@ -172,6 +202,8 @@ class ShardRunner:
         # lanes on a train of small files now (by thread): when each began it or last
         # finished one of its files
         self._small_at: dict[int, float] = {}
+        self._trains: dict[int, _Train] = {}  # what each lane's train has still to fetch
+        self._first_answer: float | None = None  # how long a train's first file takes
         self._results: dict[int, Outcome] | None = None
         self._lanes = [
             threading.Thread(target=self._lane, name=f"w{worker}-{i}", daemon=True)
@@ -188,6 +220,7 @@ class ShardRunner:
 
     def _tick(self) -> None:
         while not self._closed.wait(0.1):
+            self._rescue()
             if self._shared_stop is not None and self._shared_stop.is_set():
                 self.stop.set()
             if self._parent_alive is not None and not self._parent_alive():
@@ -272,9 +305,53 @@ class ShardRunner:
         """Lanes on small files and not held up, and how many may be."""
         if not gathered:
             return len(self._small_at), len(self._lanes)
-        now = time.monotonic()
-        busy = sum(now - t < STALL for t in self._small_at.values())
+        now, after = time.monotonic(), self._held_up_after()
+        busy = sum(now - t < after for t in self._small_at.values())
         return busy, self._small_lanes
+
+    def _held_up_after(self) -> float:
+        """Seconds without a small file done after which a lane counts as held up: many
+        times what a train's first file usually takes (on a far mirror the first answer
+        of every train takes a round trip or more), and at least :data:`STALL`;
+        :data:`STALL_UNKNOWN` until a first answer has come."""
+        usual = self._first_answer
+        return STALL_UNKNOWN if usual is None else max(STALL, STALL_ANSWERS * usual)
+
+    def _answered_first(self, seconds: float) -> None:
+        """A train's first file took ``seconds``. The estimate follows a faster one at
+        once and a slower one a twentieth of the way: a held-up answer is what it is
+        there to tell apart, not to learn from."""
+        usual = self._first_answer
+        if usual is None or seconds < usual:
+            self._first_answer = seconds
+        else:
+            self._first_answer = usual + (seconds - usual) / 20
+
+    def _rescue(self) -> None:
+        """The part of each held-up lane's train it has not sent yet goes back to the head
+        of the queue, where another lane takes it: it would wait for the slow answer for
+        nothing. (What was sent ahead stays: its answers come on that connection.)"""
+        if self._ahead is None or not self._ahead.pipelining:
+            return
+        if self.limits is not None and self.limits.paused():
+            return  # the server asked for a pause: nobody is to take more meanwhile
+        now, after = time.monotonic(), self._held_up_after()
+        with self._cond:
+            back: list[Job] = []
+            for lane, at in self._small_at.items():
+                train = self._trains.get(lane)
+                if now - at < after or train is None or train.announced is None:
+                    continue
+                with train.lock:
+                    # the requests not sent are the last of the train's jobs, in order
+                    n = train.announced.withdraw(len(train.jobs))
+                    taken = [train.jobs.pop()[0] for _ in range(n)]
+                back += reversed(taken)
+            if back:
+                self._jobs.extendleft(reversed(back))
+                # a server that holds answers up: every lane may take small files now
+                self._small_lanes = len(self._lanes)
+                self._cond.notify_all()
 
     def _small_train(self, lanes: int, gathered: bool) -> list[Job]:
         jobs = self._jobs
@@ -287,6 +364,7 @@ class ShardRunner:
 
     def _lane(self) -> None:
         ahead = self._ahead
+        me = threading.get_ident()
         small = False
         while True:
             train, small = self._take(small)
@@ -295,20 +373,36 @@ class ShardRunner:
             # The plain GETs of a train, built once: announced to the transport (which may
             # send them ahead) and handed to fetch_file, which sends exactly these.
             ready = [plain_get(j.file.url, self.t) for j in train] if len(train) > 1 else []
-            if ahead is not None and ready:
-                ahead.expect(ready[1:])
+            announced = ahead.expect(ready[1:]) if ahead is not None and ready else None
+            gets: list[httpx.Request | None] = [*ready] if ready else [None]
+            left = _Train(zip(train, gets, strict=True), announced)
+            if announced is not None:
+                with self._cond:
+                    self._trains[me] = left
             # first attempts failed mid-train, and when
             later: list[tuple[Job, Exception, float]] = []
+            began: float | None = time.monotonic() if small and announced is not None else None
             try:
-                for i, job in enumerate(train):
-                    defer = ahead is not None and i < len(train) - 1
-                    out = self.fetch(job, ready[i] if ready else None, defer=defer)
+                while True:
+                    with left.lock:
+                        if not left.jobs:
+                            break
+                        job, prepared = left.jobs.popleft()
+                        more = bool(left.jobs)
+                    out = self.fetch(job, prepared, defer=ahead is not None and more)
+                    if began is not None:
+                        self._answered_first(time.monotonic() - began)
+                        began = None
                     if isinstance(out, Exception):
                         later.append((job, out, time.monotonic()))
+                        self._answered()  # (not held up: the answer came)
                     else:
                         self._finished(job, out)
             finally:
-                if ahead is not None and ready:
+                if announced is not None:
+                    with self._cond:
+                        del self._trains[me]
+                    assert ahead is not None
                     ahead.expect([])
             # their retries, now that no answers wait behind them; each one's wait counts
             # from its failure, so the waits pass together, not one after another
@@ -316,6 +410,13 @@ class ShardRunner:
                 out = self.fetch(job, failed=failure, failed_at=at)
                 assert not isinstance(out, Exception)
                 self._finished(job, out)
+
+    def _answered(self) -> None:
+        """This lane's file has its answer, if not yet its outcome: the lane is not held up."""
+        me = threading.get_ident()
+        with self._cond:
+            if me in self._small_at:
+                self._small_at[me] = time.monotonic()
 
     def _finished(self, job: Job, out: Outcome) -> None:
         weight = self._weight(job)
