@@ -20,7 +20,9 @@ tree), and the requests nginx logged during the run.
 Scenarios: ``small``, ``large``, ``mixed`` (plain loopback), ``small-rtt``,
 ``mixed-rtt`` (behind the proxy at ``--rtt-ms``), ``small-tls``, ``large-tls``
 (plain loopback, nginx speaking HTTPS with a certificate of the suite's own CA,
-which every tool is given to check it against), ``resync`` (an unchanged
+which every tool is given to check it against), ``held`` (``small`` from the
+suite's fault server with one file in 50 answered after a second, as a CDN's
+cache misses are), ``resync`` (an unchanged
 re-sync of ``small`` at the RTT: the second run is timed), ``scale`` (a
 200,000-file ``--dry-run`` against a generated listing server: peak RSS).
 
@@ -51,7 +53,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import quote
@@ -77,12 +79,17 @@ VARIANT_FLAGS = {"fetch": [], "fetch-p1": ["--pipeline", "1"], "fetch-s4": ["--s
 only when named with ``--tools``."""
 TOOLS = (*VARIANT_FLAGS, *PEERS)
 ALL_SCENARIOS = (
-    "small", "large", "small-rtt", "mixed-rtt", "mixed", "small-tls", "large-tls", "resync", "scale"
+    "small", "large", "small-rtt", "mixed-rtt", "mixed", "small-tls", "large-tls", "held",
+    "resync", "scale",
 )  # fmt: skip
 QUICK_SCENARIOS = ("small", "large", "small-rtt", "resync", "scale")
 FULL_SCENARIOS = (
-    "small", "large", "small-rtt", "mixed-rtt", "small-tls", "large-tls", "resync", "scale"
+    "small", "large", "small-rtt", "mixed-rtt", "small-tls", "large-tls", "held", "resync",
+    "scale",
 )  # fmt: skip
+HELD_EVERY = 50
+"""``held``: one file in this many (every 50th by path) is answered after :data:`HELD_FOR`."""
+HELD_FOR = 1.0
 TOOL_TIMEOUT = 900.0
 
 
@@ -481,19 +488,22 @@ def one_run(
     url: str,
     url_list: Path,
     n: int,
-    access_log: Path,
+    access_log: Path | Callable[[], int],
     dest: Path | None = None,
     fresh: bool = True,
     keep: bool = False,
     ca: Path | None = None,
 ) -> Measure:
+    """One run of ``tool``, checked; ``access_log``: nginx's (its lines are the requests),
+    or what counts the requests another server answered."""
+    requests = access_log if callable(access_log) else lambda: log_lines(access_log)
     dest = dest or DEST_ROOT / tool
     if fresh and dest.exists():
         shutil.rmtree(dest)
     os.sync()  # the last run's dirty pages are not this run's to write back
     dest.mkdir(parents=True, exist_ok=True)
     argv = tool_argv(tool, url, dest, n, url_list, ca)
-    before = log_lines(access_log)
+    before = requests()
     load = os.getloadavg()[0]
     logs = WORK / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -511,7 +521,7 @@ def one_run(
         tree_rss,
         code,
         argv=argv,
-        requests=log_lines(access_log) - before,
+        requests=requests() - before,
         files=len(tree.files),
         bytes=tree.total_bytes,
         load=load,
@@ -552,6 +562,26 @@ def run_resync(
                     DEST_ROOT / f"resync-{tool}", fresh=False, keep=True,
                 )  # fmt: skip
                 m.bytes = 0
+                results.append(m)
+                _print_measure(m)
+
+
+def run_held(tree: Tree, tools: list[str], runs: int, n: int, results: list[Measure]) -> None:
+    """``small`` from the suite's fault server (in this process, threaded, on 127.0.0.1),
+    one file in :data:`HELD_EVERY` answered only after :data:`HELD_FOR` seconds, as a CDN
+    answers a cache miss or a busy mirror a read from a cold disk. A client that queues
+    requests behind a held answer waits with them."""
+    from tests.faultserver import Fault, FaultServer
+
+    with FaultServer(root=tree.root) as srv:
+        for rel in sorted(tree.files)[::HELD_EVERY]:
+            srv.persist("/" + rel, Fault.delay(HELD_FOR))  # (the path as decoded)
+        url = srv.url
+        url_list = WORK / "held.urls"
+        write_url_list(tree, url, url_list)
+        for r in range(runs):
+            for tool in tools[r % len(tools) :] + tools[: r % len(tools)]:
+                m = one_run("held", tool, r, tree, url, url_list, n, lambda: len(srv.requests))
                 results.append(m)
                 _print_measure(m)
 
@@ -871,6 +901,8 @@ def main(argv: list[str] | None = None) -> int:
             run_mirror_scenario(
                 s, tree(s.split("-")[0]), tools, runs, n, rtt, results, args.server_limit_rate
             )
+        elif s == "held":
+            run_held(tree("small"), tools, runs, n, results)
         elif s == "resync":
             rs_tools = [t for t in ("fetch", "rclone", "lftp") if t in tools]
             # five runs, as on loopback: a re-sync takes a fraction of a second of CPU, and
