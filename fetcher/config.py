@@ -355,6 +355,13 @@ def _str(v: Any) -> str:
     return v
 
 
+def _path(v: Any) -> str:
+    s = _str(v)
+    if "\x00" in s:  # (no file name holds one: os calls raise ValueError on it)
+        raise ValueError(f"expected a path without NUL characters, got {s!r}")
+    return s
+
+
 def _url(v: Any) -> str:
     s = _url_str(v)
     parts = _split_url(s)
@@ -627,7 +634,7 @@ _ONE_DIRECTORY = ("dest", "post_dest")
 
 _FIELDS: dict[str, Callable[[Any], Any]] = {
     "url": _url,
-    "dest": _str,
+    "dest": _path,
     "procs": _int_range(1, MAX_CONNECTIONS),
     "threads": _int_range(1, MAX_CONNECTIONS),
     "max_connections": _int_range(1, MAX_CONNECTIONS),
@@ -647,14 +654,14 @@ _FIELDS: dict[str, Callable[[Any], Any]] = {
     "user_agent": _user_agent,
     "limit_rate": _rate,
     "listing_rate": _float_range(0.001, 10000),
-    "ca_cert": _str,
+    "ca_cert": _path,
     "insecure": _bool,
     "http2": _bool,
     "pipeline": _int_range(1, 32),
     "segments": _int_range(1, 16),
     "executor": _choice("local", "dask"),
     "scheduler": _scheduler,
-    "post_dest": _str,
+    "post_dest": _path,
     "post_jobs": _int(1),
     "retry_failed_post": _bool,
     "index": _choice("auto", "html", "repodata", "debian"),
@@ -704,7 +711,11 @@ def build_job(
         except ValueError as exc:
             raise ConfigError(f"{where}.{raw_key}: {exc}") from None
         if key in PATH_KEYS:
-            p = Path(v).expanduser()
+            try:
+                p = Path(v).expanduser()
+            except RuntimeError:  # "~name" of no such user, or "~" with no home at all
+                user = str(v).split("/", 1)[0]
+                raise ConfigError(f"{where}.{raw_key}: no home directory for {user}") from None
             v = (base_dir / p) if base_dir is not None and not p.is_absolute() else p
             if key == "ca_cert":
                 _check_ca_file(v, f"{where}.{raw_key}")

@@ -340,6 +340,32 @@ def test_every_key_check_prints_is_a_key_a_config_file_takes(tmp_path: Path, run
         assert "unknown key" not in r.output, (key, r.output)
 
 
+def test_a_path_no_file_can_have_is_a_usage_error(tmp_path: Path, run_fetch) -> None:
+    """A NUL in a path of the file, or a ``~user`` of no such user, was a traceback
+    (``ValueError: embedded null byte``, ``RuntimeError: Could not determine home
+    directory.``), not the key and its problem."""
+    cfg = tmp_path / "m.toml"
+    nobody = "~no-such-user-7f3a"
+    for key, value, message in (
+        (
+            "dest",
+            '"a\\u0000b"',
+            r"jobs.a.dest: expected a path without NUL characters, got 'a\x00b'",
+        ),
+        ("post_dest", '"o\\u0000"', "jobs.a.post_dest: expected a path without NUL characters"),
+        ("ca_cert", '"c\\u0000"', "jobs.a.ca_cert: expected a path without NUL characters"),
+        ("dest", f"'{nobody}/a'", f"jobs.a.dest: no home directory for {nobody}"),
+        ("post_dest", f"'{nobody}'", f"jobs.a.post_dest: no home directory for {nobody}"),
+    ):
+        cfg.write_text(f"[jobs.a]\nurl = 'http://127.0.0.1:9/a/'\n{key} = {value}\n")
+        r = run_fetch("--config", cfg, "--check")
+        assert r.code == 2, (key, value, r)
+        assert f"fetch: error: m.toml: {message}" in r.output and "Traceback" not in r.output, r
+    r = run_fetch("--mirror", "http://127.0.0.1:9/a/", "--dest", f"{nobody}/a", "--dry-run")
+    assert r.code == 2 and f"fetch: error: --dest: no home directory for {nobody}" in r.output, r
+    assert list(tmp_path.iterdir()) == [cfg]
+
+
 def test_the_demo_refuses_bad_options_before_building_its_sample(tmp_path: Path, run_fetch) -> None:
     for bad, message in (("--pipeline=0", "--pipeline: expected an integer from 1 to 32"),
                          ("--bogus", "unrecognized arguments: --bogus"),
