@@ -855,6 +855,11 @@ def _check_post(table: Mapping[str, Any], where: str) -> None:
         raise ConfigError(f"{where}.post: expected an array of tables ([[{name}.post]])")
 
 
+MAX_CONFIG_BYTES = 16 << 20
+"""A config file is read up to this size: a file of jobs is a few KiB, and what is much
+larger (or endless) is something else given by mistake."""
+
+
 def load_config(
     path: Path,
     post_parser: Callable[[Any, str], Any] | None = None,
@@ -872,7 +877,14 @@ def load_config(
 
     label = path.name
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        with path.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            # (/dev/zero, a log or an image given by mistake: read whole, it took all memory)
+            raise ConfigError(
+                f"{path}: over {MAX_CONFIG_BYTES >> 20} MiB, too big for a config file"
+            )
+        data = tomllib.loads(raw.decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
     except OSError as exc:

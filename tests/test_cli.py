@@ -366,6 +366,31 @@ def test_a_path_no_file_can_have_is_a_usage_error(tmp_path: Path, run_fetch) -> 
     assert list(tmp_path.iterdir()) == [cfg]
 
 
+def test_an_endless_config_file_is_refused_not_read_into_memory(tmp_path: Path) -> None:
+    """``--config /dev/zero`` (or any huge file given by mistake) was read whole: the
+    machine ran out of memory and the kernel killed the biggest process. Here under a
+    1 GiB address-space limit, where reading it whole ends in a MemoryError."""
+    import resource
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+    big = tmp_path / "big.toml"
+    with big.open("wb") as f:  # sparse: 17 MiB that take no disk
+        f.truncate(17 << 20)
+    for path in ("/dev/zero", str(big)):
+        r = subprocess.run(
+            [sys.executable, "-m", "fetcher", "--config", path, "--check"],
+            cwd=Path(__file__).resolve().parent.parent,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            preexec_fn=limit,
+        )
+        assert r.returncode == 2, r
+        assert r.stderr == f"fetch: error: {path}: over 16 MiB, too big for a config file\n", r
+
+
 def test_the_demo_refuses_bad_options_before_building_its_sample(tmp_path: Path, run_fetch) -> None:
     for bad, message in (("--pipeline=0", "--pipeline: expected an integer from 1 to 32"),
                          ("--bogus", "unrecognized arguments: --bogus"),
