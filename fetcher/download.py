@@ -17,6 +17,9 @@ import hashlib
 import json
 import os
 import re
+import secrets
+import stat
+import tempfile
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -633,7 +636,14 @@ class _Out:
             part = where.partial()[0]
             part.parent.mkdir(parents=True, exist_ok=True)
             part.unlink(missing_ok=True)
-            os.link(src, part, src_dir_fd=self.fd, follow_symlinks=True)
+            try:
+                os.link(src, part, src_dir_fd=self.fd, follow_symlinks=True)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                # (the final name's directory is another filesystem: see _replace)
+                part = Path(where.parent, f".fetch-{secrets.token_hex(8)}")
+                os.link(src, part, src_dir_fd=self.fd, follow_symlinks=True)
             try:
                 os.replace(part, where.final)
             except OSError:  # a directory in the way, say: no partial file left for it
@@ -956,7 +966,50 @@ def _name_partial(ctx: _Ctx, where: _Where, part: Path, mtime: float | None, job
     _ensure_dir(os.path.dirname(where.target), ctx.known_dirs)
     if mtime is not None:
         os.utime(part, (mtime, mtime))
-    os.replace(part, where.target)
+    _replace(part, where.target)
+
+
+def _replace(part: Path, target: str) -> None:
+    """``os.replace(part, target)``, also where ``target``'s directory lies on another
+    filesystem than DEST's partial files: a disk mounted inside DEST (or linked into it)
+    for a big part of the mirror, which no rename reaches (EXDEV: every file there
+    failed, on every run, after its whole body came in). There the checked file is
+    copied into an unnamed file beside ``target`` that then takes the name, so the name
+    holds the old file or all of the new one, and a run killed while it copies leaves
+    nothing in the mirror."""
+    try:
+        os.replace(part, target)
+        return
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+    directory = os.path.dirname(target)
+    out = _Out()
+    tmp = None
+    try:
+        if not out.open_unnamed(directory):  # (no O_TMPFILE there: a hidden name instead)
+            out.fd, tmp = tempfile.mkstemp(prefix=".fetch-", dir=directory)
+        with open(part, "rb") as src:
+            st = os.fstat(src.fileno())
+            done = 0
+            while done < st.st_size:
+                n = os.sendfile(out.fd, src.fileno(), done, st.st_size - done)
+                if n == 0:
+                    raise IncompleteDownload(f"{part} shrank while it was copied")
+                done += n
+        os.fchmod(out.fd, stat.S_IMODE(st.st_mode))
+        os.utime(out.fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+        if tmp is None:
+            tmp = os.path.join(directory, f".fetch-{secrets.token_hex(8)}")
+            os.link(f"/proc/self/fd/{out.fd}", tmp, src_dir_fd=out.fd, follow_symlinks=True)
+        os.replace(tmp, target)
+        tmp = None
+    finally:
+        out.close()
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+    part.unlink()
 
 
 def _discard(where: _Where) -> None:

@@ -196,3 +196,42 @@ def test_a_dest_that_cannot_hold_state_names_what_is_in_the_way(
                 rf"cannot (create|write to) {re.escape(str(where))}: ", r.output
             ), r.output
     assert (tmp_path / "d1" / ".fetcher").read_text() == "not a directory"
+
+
+def test_a_directory_of_dest_on_another_filesystem_gets_its_files(
+    tmp_path: Path, run_fetch: RunFetch
+) -> None:
+    """A disk mounted inside DEST for a big part of the mirror (``pool/``): no rename
+    reaches it from ``DEST/.fetcher/partial/``, and every file there that went through a
+    partial file (an update, a body of 1 MiB or more, a segmented one) failed with
+    'Invalid cross-device link' on every run, after its whole body came in."""
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    rng = random.Random(11)
+    (src / "pool").mkdir(parents=True)
+    (src / "top.txt").write_bytes(b"top\n")
+    (src / "pool" / "small.txt").write_bytes(b"small\n")
+    (src / "pool" / "big.bin").write_bytes(rng.randbytes(3 * MIB))
+    (src / "pool" / "huge.bin").write_bytes(rng.randbytes(16 * MIB))
+    with _tmpfs(dest / "pool", "64m"), _serving(src) as srv:
+        args = ("--mirror", srv.url, "--dest", dest, "--procs", "1", "--segments", "2")
+        r = run_fetch(*args)
+        assert r.code == 0, r
+        assert tree_manifest(dest) == tree_manifest(src)
+        for name in ("small.txt", "big.bin", "huge.bin"):  # upstream, each changes
+            p = src / "pool" / name
+            p.write_bytes(p.read_bytes()[::-1] + b"!")
+            os.utime(p, (2_000_000_000, 2_000_000_000))
+        r = run_fetch(*args)
+        assert r.code == 0, r
+        assert "Invalid cross-device link" not in r.output, r
+        assert tree_manifest(dest) == tree_manifest(src)
+        mode = (dest / "top.txt").stat().st_mode
+        for p in (dest / "pool").iterdir():  # as any file fetch makes, not mkstemp's 0600
+            assert p.stat().st_mode == mode, p
+            assert p.stat().st_mtime == 2_000_000_000, p
+        assert sorted(p.name for p in (dest / "pool").iterdir()) == [
+            "big.bin",
+            "huge.bin",
+            "small.txt",
+        ]
+        assert not list((dest / ".fetcher" / "partial").iterdir())
