@@ -150,6 +150,8 @@ def _suite(src: IndexSource, suite: Suite, seen: set[str]) -> Iterator[CrawlItem
     index_dirs = [f"{c}/binary-{a}/" for c in comps for a in archs]
     for d in index_dirs:
         stem = d + "Packages"
+        if not src.scope.contains(base + stem):
+            continue  # (a component "../x": never asked for; the loop below says why)
         listed = [stem + ext for ext in _PREFERRED if stem + ext in rel.sha256]
         for name in listed:
             data = src.get_url(base + name)
@@ -181,9 +183,11 @@ def _suite(src: IndexSource, suite: Suite, seen: set[str]) -> Iterator[CrawlItem
                 wanted.setdefault(
                     f"{name.rpartition('/')[0]}/by-hash/{kind}/{hexdigest}", (digest, size)
                 )
-    there = _all_exist(src, [base + name for name in wanted])
-    for (name, (digest, size)), found in zip(wanted.items(), there, strict=True):
-        if found:
+    # One outside the start URL is not asked for: src.file() says why it is not mirrored.
+    inside = [name for name in wanted if src.scope.contains(base + name)]
+    there = dict(zip(inside, _all_exist(src, [base + name for name in inside]), strict=True))
+    for name, (digest, size) in wanted.items():
+        if there.get(name, True):
             yield from src.file(base + name, size, ("sha256", digest))
     for f in _RELEASE_FILES:
         if f in suite.copies:

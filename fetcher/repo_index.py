@@ -181,6 +181,11 @@ class IndexSource:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _get_once(self, url: str, cap: int) -> bytes | None:
+        if not self.scope.contains(url):
+            # A name from the metadata itself (a Release's component, a repomd.xml's
+            # href) with ".." in it: httpx drops the dot segments, and the request went
+            # above the start URL.
+            raise ListingError(f"index outside the start URL: {url}")
         for _ in range(_MAX_REDIRECTS + 1):
             if self.stop is not None and self.stop.is_set():
                 raise ListingError("interrupted")

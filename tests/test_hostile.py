@@ -243,6 +243,61 @@ def test_escaping_base_href_is_ignored(tmp_path: Path, run_fetch) -> None:
 # --- 2. redirects -------------------------------------------------------------------
 
 
+def test_repository_metadata_naming_paths_above_the_start_is_not_followed(
+    tmp_path: Path, run_fetch
+) -> None:
+    """``--index``: a Release whose component is ``../../../secret``, or a repomd.xml whose
+    primary is ``../../secret/…``, made fetch GET and HEAD ``/pub/secret/…``: httpx drops
+    the dot segments of the URL the index's name was joined into, and only the names of
+    files to mirror were checked against the start URL, not those of indices to read."""
+    packages = b"Package: p\nFilename: pool/p.deb\nSize: 3\n\n"
+    pk = hashlib.sha256(packages).hexdigest()
+    up = "../../../secret"
+    release = (
+        f"Suite: stable\nComponents: main {up}\nArchitectures: amd64\nSHA256:\n"
+        f" {pk} {len(packages)} main/binary-amd64/Packages\n"
+        f" {pk} {len(packages)} {up}/binary-amd64/Packages\n"
+        f" {pk} {len(packages)} {up}/i18n/Translation-en\n"
+    ).encode()
+    primary = gzip.compress(b"<metadata xmlns='http://linux.duke.edu/metadata/common'/>")
+    pd = hashlib.sha256(primary).hexdigest()
+    repomd = (
+        "<repomd xmlns='http://linux.duke.edu/metadata/repo'><data type='primary'>"
+        f"<checksum type='sha256'>{pd}</checksum><location href='../../secret/primary.xml.gz'/>"
+        f"<size>{len(primary)}</size></data></repomd>"
+    ).encode()
+    with FaultServer() as srv:
+        srv.add_listing(START + "dists/", _page(b"stable/"))
+        srv.add_file(START + "dists/stable/Release", release)
+        srv.add_file(START + "dists/stable/main/binary-amd64/Packages", packages)
+        srv.add_file(START + "pool/p.deb", b"deb")
+        srv.add_file(START + "yum/repodata/repomd.xml", repomd)
+        srv.add_file("/pub/secret/binary-amd64/Packages", packages)
+        srv.add_file("/pub/secret/i18n/Translation-en", packages)
+        srv.add_file("/pub/secret/primary.xml.gz", primary)
+        r = run_fetch(
+            "--mirror", srv.url + START[1:], "--dest", tmp_path / "deb", "--index", "debian"
+        )
+        _no_traceback(r.output)
+        assert r.code == 1, r
+        _all_below_start(srv)
+        assert (tmp_path / "deb" / "pool" / "p.deb").read_bytes() == b"deb"
+        # the rest of the index is read on: only what lies above is refused, and named
+        assert "index outside the start URL" not in r.output, r
+        for name in ("binary-amd64/Packages", "i18n/Translation-en"):
+            assert f"failed {srv.url}pub/start/dists/stable/{up}/{name}: " in r.output, r
+
+        srv.reset_stats()
+        yum = START + "yum/"
+        r = run_fetch(
+            "--mirror", srv.url + yum[1:], "--dest", tmp_path / "yum", "--index", "repodata"
+        )
+        _no_traceback(r.output)
+        assert r.code == 1, r
+        _all_below_start(srv, yum)
+        assert "index outside the start URL" in r.output, r
+
+
 def test_redirect_off_mirror_refused_unless_alias(tmp_path: Path, run_fetch) -> None:
     with FaultServer() as srv, FaultServer() as other:
         srv.add_file(START + "off.bin", b"would be from the mirror")
