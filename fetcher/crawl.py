@@ -294,6 +294,9 @@ def _read_page(
 
 
 _CLOSING_TAG = re.compile(rb"</[A-Za-z][\w:.-]*\s*>\s*\Z")
+_HTML_MARK = re.compile(rb"<(?:html|head|body|title|pre|table|ul)\b", re.I)
+"""What every server's page of an empty directory still shows (nginx, Apache, lighttpd,
+Caddy, IIS, python's http.server): a page with no link and none of these is no listing."""
 
 
 def _parse(body: bytes, url: str) -> list[ListingEntry]:
@@ -301,7 +304,13 @@ def _parse(body: bytes, url: str) -> list[ListingEntry]:
     # expressions: ~4 ms of start-up): a re-sync whose pages are all kept parses none.
     from fetcher.listing import parse_listing
 
-    return parse_listing(body, url)
+    entries = parse_listing(body, url)
+    if not entries and _HTML_MARK.search(body) is None:
+        # An empty body, a compressed page sent without its Content-Encoding, bytes of
+        # something else sent as text/html: read as an empty directory, --delete then
+        # removed the files below it.
+        raise ListingError(f"not a directory listing (no links, and no HTML in it): {url}")
+    return entries
 
 
 @functools.lru_cache(maxsize=8)

@@ -677,6 +677,37 @@ def test_malformed_and_truncated_pages(tmp_path: Path, run_fetch) -> None:
             assert (dest / name).read_bytes() == name.encode(), (name, r)
 
 
+@pytest.mark.parametrize("body", ["gzip", "binary", "empty"])
+def test_a_page_that_is_no_listing_deletes_nothing(tmp_path: Path, run_fetch, body: str) -> None:
+    """A directory's page sent as text/html but holding no HTML at all (compressed without
+    its Content-Encoding, bytes of something else, nothing) was read as an empty directory:
+    a clean crawl, and --delete removed every file below it."""
+    sub = _page(b"a.txt", b"b.txt")
+    with FaultServer() as srv:
+        srv.add_listing(START, _page(b"sub/", *(b"f%d.txt" % i for i in range(40))))
+        srv.add_listing(START + "sub/", sub)
+        for i in range(40):
+            srv.add_file(START + f"f{i}.txt", b"f")
+        srv.add_file(START + "sub/a.txt", b"a")
+        srv.add_file(START + "sub/b.txt", b"b")
+        dest = tmp_path / "d"
+        args = ("--mirror", srv.url + START[1:], "--dest", dest, "--procs", "1", "--delete")
+        assert run_fetch(*args).code == 0
+        served = {"gzip": gzip.compress(sub), "binary": bytes(range(256)) * 8, "empty": b""}
+        srv.add_listing(START + "sub/", served[body])
+        r = run_fetch(*args)
+        _no_traceback(r.output)
+        assert r.code == 1, r
+        assert "not a directory listing (no links, and no HTML in it)" in r.output, r
+        assert (dest / "sub" / "a.txt").read_bytes() == b"a"
+        assert (dest / "sub" / "b.txt").read_bytes() == b"b"
+        # a page of no links that is HTML is an empty directory, as before
+        srv.add_listing(START + "sub/", b"<html><body><pre></pre></body></html>")
+        r = run_fetch(*args)
+        assert r.code == 0, r
+        assert not (dest / "sub" / "a.txt").exists()
+
+
 def test_non_utf8_names_are_reported(tmp_path: Path, run_fetch) -> None:
     with FaultServer() as srv:
         srv.add_listing(
