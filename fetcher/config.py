@@ -895,6 +895,8 @@ def load_config(
         ) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{label}: not valid TOML: {exc}") from None
+    except RecursionError:  # (tomllib reads nested arrays and tables by recursion)
+        raise ConfigError(f"{label}: not valid TOML: arrays or tables nested too deeply") from None
     for key in data:
         if key not in ("defaults", "jobs"):
             raise ConfigError(f"{label}: {key}: unknown table; expected [defaults] and [jobs.NAME]")

@@ -295,6 +295,15 @@ def test_a_config_that_is_not_text_or_not_a_file(tmp_path: Path) -> None:
         load_config(tmp_path)
 
 
+def test_a_config_nested_past_the_parser_s_depth_is_not_valid_toml(tmp_path: Path) -> None:
+    """Was tomllib's RecursionError, a traceback, for a broken file."""
+    cfg = tmp_path / "m.toml"
+    for value in ("[" * 50_000 + "]" * 50_000, "{a = " * 50_000 + "1" + "}" * 50_000):
+        cfg.write_text(f"[jobs.a]\nurl = 'http://h/'\ninclude = {value}\n")
+        with pytest.raises(ConfigError, match=r"m\.toml: not valid TOML: .* nested too deeply$"):
+            load_config(cfg)
+
+
 @pytest.mark.parametrize(
     ("cpus", "conns", "procs", "threads"),
     [(2, 8, 2, 4), (2, 16, 4, 4), (1, 1, 1, 1), (8, 16, 4, 4), (2, 64, 4, 16), (3, 8, 3, 3)],
