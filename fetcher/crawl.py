@@ -302,9 +302,11 @@ Caddy, IIS, python's http.server): a page with no link and none of these is no l
 def _parse(body: bytes, url: str) -> list[ListingEntry]:
     # The readers load with the first page parsed (their structs and regular
     # expressions: ~4 ms of start-up): a re-sync whose pages are all kept parses none.
-    from fetcher.listing import parse_listing
+    from fetcher.listing import read_listing
 
-    entries = parse_listing(body, url)
+    entries, cut = read_listing(body, url)
+    if cut is not None:
+        raise ListingError(f"the page could not be read whole ({cut}): {url}")
     if not entries and _HTML_MARK.search(body) is None:
         # An empty body, a compressed page sent without its Content-Encoding, bytes of
         # something else sent as text/html: read as an empty directory, --delete then

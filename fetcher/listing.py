@@ -36,7 +36,7 @@ from fetcher.models import ListingEntry
 if TYPE_CHECKING:
     import lxml.etree as etree  # type: ignore[import-untyped,unused-ignore]
 
-__all__ = ["parse_listing"]
+__all__ = ["parse_listing", "read_listing"]
 
 _META_CHARSET = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?\s*([\w.:+-]+)""", re.I)
 _XML_ENCODING = re.compile(rb"""<\?xml[^>]+encoding\s*=\s*["']([\w.:+-]+)""", re.I)
@@ -66,22 +66,38 @@ def parse_listing(body: bytes, page_url: str) -> list[ListingEntry]:
         [ListingEntry(url='http://mirror.test/pub/a%20b', name='a b', is_dir=False, \
 size=1234, size_exact=True, date='25-Nov-2026 14:02', mtime=1795615320.0)]
     """
+    return read_listing(body, page_url)[0]
+
+
+def read_listing(body: bytes, page_url: str) -> tuple[list[ListingEntry], str | None]:
+    """:func:`parse_listing`'s entries, and why they may not be all the page holds (None
+    when it was read whole): the HTML parser stops at a depth of nested elements (2048),
+    which a page with an unclosed ``<font>`` or ``<div>`` on each row reaches after as
+    many rows, and gives the part before as if it were all. The crawl cannot take such a
+    page for the directory's contents (--delete would remove the rest)."""
     page = _Page.of(page_url)
     if page is None:
-        return []
+        return [], None
     if body.startswith(_NGINX_START):
         fast = _nginx_page(body, page, page_url)
         if fast is not None:
-            return fast
-    return _read_tree(body, page, page_url)
+            return fast, None
+    return _read_tree_whole(body, page, page_url)
 
 
 def _read_tree(body: bytes, page: _Page, page_url: str) -> list[ListingEntry]:
     """The general reader: the page as an HTML tree, each link read with its row."""
+    return _read_tree_whole(body, page, page_url)[0]
+
+
+def _read_tree_whole(
+    body: bytes, page: _Page, page_url: str
+) -> tuple[list[ListingEntry], str | None]:
+    """:func:`_read_tree`, and why the tree is not the whole page (None when it is)."""
     text, charset = _decode(body)
-    root = _parse_html(text, raw=charset is not None)
+    root, cut = _parse_html(text, raw=charset is not None)
     if root is None:
-        return []
+        return [], cut
     reader = _Reader(page, charset, page_url)
     for base in root.iter("base"):
         href = base.get("href")
@@ -97,7 +113,7 @@ def _read_tree(body: bytes, page: _Page, page_url: str) -> list[ListingEntry]:
             found[item.url].merge(item)
         else:
             found[item.url] = item
-    return [item.entry() for item in found.values()]
+    return [item.entry() for item in found.values()], cut
 
 
 # The sort links of Apache's FancyIndexing and of nginx's fancyindex: "?C=N;O=D", "?C=M&O=A".
@@ -232,24 +248,43 @@ def _charset(label: str) -> str | None:
     return "gb18030" if name in _GB else name
 
 
-def _parse_html(text: str, raw: bool) -> etree._Element | None:
+def _parse_html(text: str, raw: bool) -> tuple[etree._Element | None, str | None]:
+    """The page's tree, and why it is not the whole page (None when it is)."""
     # imported here, not with the module: a run whose pages are all nginx's own
     # (the fast reader's) never needs it, and the import is ~8 ms of start-up
     import lxml.etree as etree  # type: ignore[import-untyped,unused-ignore]
 
-    options = {"recover": True, "no_network": True, "remove_comments": True, "remove_pis": True}
+    # huge_tree: libxml2 stops at 256 levels of nested elements without it, 2048 with it
+    options = {
+        "recover": True,
+        "no_network": True,
+        "remove_comments": True,
+        "remove_pis": True,
+        "huge_tree": True,
+    }
     try:
-        return etree.fromstring(text, etree.HTMLParser(**options))
+        parser = etree.HTMLParser(**options)
+        return etree.fromstring(text, parser), _cut(parser)
     except ValueError:  # lxml refuses a str that carries an XML encoding declaration
         pass
     except etree.LxmlError:
-        return None
+        return None, None
     encoding = "iso-8859-1" if raw else "utf-8"
     try:
         data = text.encode(encoding)
-        return etree.fromstring(data, etree.HTMLParser(encoding=encoding, **options))
+        parser = etree.HTMLParser(encoding=encoding, **options)
+        return etree.fromstring(data, parser), _cut(parser)
     except (ValueError, etree.LxmlError):
-        return None
+        return None, None
+
+
+def _cut(parser: etree.HTMLParser) -> str | None:
+    """Why ``parser`` stopped before the end of the page: a limit of its own ("Excessive
+    depth in document: 2048"), after which it returns the part before as if it were all."""
+    for error in parser.error_log:
+        if error.type_name == "ERR_RESOURCE_LIMIT":
+            return str(error.message).split(",")[0].strip()  # (not "use XML_PARSE_HUGE")
+    return None
 
 
 def _decode_bytes(raw: bytes, charsets: tuple[str, ...]) -> str:

@@ -708,6 +708,30 @@ def test_a_page_that_is_no_listing_deletes_nothing(tmp_path: Path, run_fetch, bo
         assert not (dest / "sub" / "a.txt").exists()
 
 
+def test_a_page_nested_past_the_parser_s_depth_is_read_whole_or_is_an_error(
+    tmp_path: Path, run_fetch
+) -> None:
+    """A page that leaves a ``<font>`` or ``<div>`` open on each row nests one level a row;
+    libxml2 stopped at 256 levels and gave the rows before as the whole listing: the rest
+    of the directory was silently not there (and --delete removed its files). Now 2048
+    levels are read, and a page past them is a listing error, not a shorter directory."""
+    with FaultServer() as srv:
+        srv.add_listing(START, _page(b"font/", b"div/"))
+        font = b"".join(b'<font size=2><a href="f%d">f%d</a><br>\n' % (i, i) for i in range(400))
+        div = b"".join(b'<div><a href="d%d">d%d</a>\n' % (i, i) for i in range(2100))
+        srv.add_listing(START + "font/", b"<html><body>" + font + b"</body></html>")
+        srv.add_listing(START + "div/", b"<html><body>" + div + b"</body></html>")
+        for i in range(400):
+            srv.add_file(START + f"font/f{i}", b"f")
+        dest = tmp_path / "d"
+        r = run_fetch("--mirror", srv.url + START[1:], "--dest", dest, "--procs", "1", "-q")
+        _no_traceback(r.output)
+        assert r.code == 1, r
+        assert len(list((dest / "font").iterdir())) == 400
+        assert "the page could not be read whole (Excessive depth in document: 2048)" in r.output
+        assert srv.count(path=START + "div/d0") == 0 and not list((dest / "div").iterdir())
+
+
 def test_non_utf8_names_are_reported(tmp_path: Path, run_fetch) -> None:
     with FaultServer() as srv:
         srv.add_listing(
