@@ -32,7 +32,7 @@ from fetcher.config import (
     split_credentials,
 )
 from fetcher.errors import FetchError, LockHeld, UsageError
-from fetcher.models import Reporter, Summary
+from fetcher.models import STATE_DIR, Reporter, Summary
 from fetcher.procs import prestart
 from fetcher.progress import LineReporter
 from fetcher.report import (
@@ -569,6 +569,25 @@ def _one_file(a: Path | None, b: Path | None) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
+def _check_outputs_outside_state(ns: argparse.Namespace, jobs: list[MirrorJob]) -> None:
+    """--report, --metrics and --log-file are not in a job's DEST/.fetcher: written there,
+    they replaced (or grew) fetch's own files, ``--report DEST/.fetcher/state.sqlite``
+    the state itself, which the next run could not read."""
+    for flag, path in (("--report", ns.report), ("--metrics", ns.metrics),
+                       ("--log-file", ns.log_file)):  # fmt: skip
+        if path is None or path == Path("-"):
+            continue
+        where = Path(os.path.realpath(path))
+        for job in jobs:
+            state = Path(os.path.realpath(job.dest / STATE_DIR))
+            if where.is_relative_to(state):
+                raise UsageError(
+                    f"{flag} {path} lies in {state}, which is fetch's own (state, lock,"
+                    " partial files)",
+                    "give a path outside it",
+                )
+
+
 _RUN_STOP: threading.Event | None = None
 """The stop event of the run under way (``_run_one``), which :func:`_on_sigterm` sets."""
 
@@ -711,6 +730,7 @@ def _main(argv: list[str], console: Console, err: Console, taken: dict[signal.Si
                 raise KeyboardInterrupt  # (stopped while fetch loaded: nothing read yet)
             return _verify_only(ns.verify_only, console)
         jobs = _checked_jobs(ns)
+        _check_outputs_outside_state(ns, jobs)
     except FetchError as exc:
         _print_error(err, exc)
         return exc.exit_code

@@ -391,6 +391,32 @@ def test_an_endless_config_file_is_refused_not_read_into_memory(tmp_path: Path) 
         assert r.stderr == f"fetch: error: {path}: over 16 MiB, too big for a config file\n", r
 
 
+def test_outputs_in_dest_s_state_directory_are_refused(tmp_path: Path, run_fetch) -> None:
+    """``--report DEST/.fetcher/state.sqlite`` wrote the report over the state (the next
+    run: 'cannot read state database: file is not a database'), and --log-file there
+    appended lines to it."""
+    dest = tmp_path / "d"
+    with FaultServer() as srv:
+        srv.add_file("/pub/a.txt", b"a")
+        args = ("--mirror", srv.url + "pub/", "--dest", dest, "--procs", "1")
+        assert run_fetch(*args).code == 0
+        state = dest / ".fetcher" / "state.sqlite"
+        before = state.read_bytes()
+        for flag, path in (
+            ("--report", state),
+            ("--metrics", dest / ".fetcher" / "lock"),
+            ("--log-file", state),
+            ("--log-file", dest / ".fetcher" / "partial" / "fetch.log"),
+        ):
+            r = run_fetch(*args, flag, path)
+            assert r.code == 2, (flag, path, r)
+            assert f"fetch: error: {flag} {path} lies in {dest / '.fetcher'}, which is" in r.output
+        assert state.read_bytes() == before
+        assert not (dest / ".fetcher" / "partial" / "fetch.log").exists()
+        r = run_fetch(*args, "--report", tmp_path / "r.json")
+        assert r.code == 0 and json.loads((tmp_path / "r.json").read_text())["jobs"], r
+
+
 def test_the_demo_refuses_bad_options_before_building_its_sample(tmp_path: Path, run_fetch) -> None:
     for bad, message in (("--pipeline=0", "--pipeline: expected an integer from 1 to 32"),
                          ("--bogus", "unrecognized arguments: --bogus"),
