@@ -916,7 +916,9 @@ def load_config(
     over = dict(overrides or {})
     over_others = {k: v for k, v in over.items() if k not in _ONE_DIRECTORY}
     given = set(run) if "dest" in over else set()  # (the jobs whose DEST is --dest)
-    base = path.resolve().parent
+    # A file read from a pipe (--config <(...), /dev/stdin) has no directory of its own:
+    # "/proc/PID/fd" is not where its relative paths were meant, the current one is.
+    base = path.resolve().parent if path.is_file() else Path.cwd()
     out: dict[str, MirrorJob] = {}
     for name, table in jobs.items():
         if not isinstance(table, dict):

@@ -295,6 +295,24 @@ def test_a_config_that_is_not_text_or_not_a_file(tmp_path: Path) -> None:
         load_config(tmp_path)
 
 
+def test_relative_paths_of_a_config_read_from_a_pipe_are_the_current_directory_s(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--config <(...)`` or ``/dev/stdin``: relative paths resolved against the pipe's
+    "directory", /proc/PID/fd, and the run failed with 'cannot create /proc/.../fd/x'."""
+    import os
+
+    monkeypatch.chdir(tmp_path)
+    r, w = os.pipe()
+    try:
+        os.write(w, b"[jobs.a]\nurl = 'http://h/pub/'\ndest = 'x'\n[jobs.b]\nurl = 'http://h/b/'\n")
+        os.close(w)
+        jobs = load_config(Path(f"/dev/fd/{r}"))
+    finally:
+        os.close(r)
+    assert jobs["a"].dest == tmp_path / "x" and jobs["b"].dest == tmp_path / "b"
+
+
 def test_a_config_nested_past_the_parser_s_depth_is_not_valid_toml(tmp_path: Path) -> None:
     """Was tomllib's RecursionError, a traceback, for a broken file."""
     cfg = tmp_path / "m.toml"
