@@ -260,6 +260,14 @@ class RunLock:
 
 
 def _unreadable(exc: sqlite3.DatabaseError) -> FatalIOError:
+    if getattr(exc, "sqlite_errorcode", None) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+        # Not damaged: another program (an sqlite3 shell, a backup) holds it. Removing
+        # it, as below, would throw away a good state for nothing.
+        return FatalIOError(
+            f"cannot read state database: {exc}",
+            "another program has DEST/.fetcher/state.sqlite open (an sqlite3 shell?);"
+            " run again once it is done",
+        )
     return FatalIOError(
         f"cannot read state database: {exc}",
         "remove DEST/.fetcher/state.sqlite to start over (files on disk are adopted)",

@@ -859,6 +859,28 @@ def test_unreadable_state_file_is_a_clear_error(mirrored: Any, run_fetch: RunFet
         assert "state database" in r.output and "Traceback" not in r.output, r.output
 
 
+def test_a_state_file_another_program_holds_is_not_called_damaged(
+    mirrored: Any, run_fetch: RunFetch
+) -> None:
+    """An sqlite3 shell in a write transaction on the state: the run stopped with the
+    advice to remove the state file, which was whole."""
+    import sqlite3
+
+    srv, _, dest, _ = mirrored
+    db = sqlite3.connect(dest / ".fetcher" / "state.sqlite", timeout=0)
+    try:
+        db.execute("BEGIN EXCLUSIVE")
+        r = run_fetch("--mirror", srv.url, "--dest", dest, "--procs", "1")
+    finally:
+        db.rollback()
+        db.close()
+    assert r.code == 4, r
+    assert "cannot read state database: database is locked" in r.output, r.output
+    assert "another program has DEST/.fetcher/state.sqlite open" in r.output, r.output
+    assert "remove DEST/.fetcher/state.sqlite" not in r.output, r.output
+    assert run_fetch("--mirror", srv.url, "--dest", dest, "--procs", "1").code == 0
+
+
 def test_a_state_file_damaged_past_its_header_is_a_clear_error_and_reported(
     mirrored: Any, tmp_path: Path, run_fetch: RunFetch
 ) -> None:
