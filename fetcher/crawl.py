@@ -106,7 +106,8 @@ class _Page(msgspec.Struct, frozen=True):
     kept: _Kept | None = None
     """Not parsed: the same as the last run's, its files all unchanged (see ``crawl``)."""
     unsure: bool = False
-    """Ended by the connection's close with no closing tag at its end: maybe cut short."""
+    """Ended by the connection's close, or compressed, with no closing tag at its end:
+    maybe cut short."""
 
 
 class _Suspect(msgspec.Struct, frozen=True):
@@ -275,12 +276,17 @@ def _read_page(
             if "html" not in ctype and "xml" not in ctype and not body.lstrip()[:1] == b"<":
                 raise ListingError(f"not a directory listing ({ctype}): {url}")
             # A body neither sized nor chunked ends where the connection does, cut short
-            # or not; a page's closing tag at its end says it is whole.
-            unsure = (
-                "content-length" not in resp.headers
-                and "chunked" not in resp.headers.get("transfer-encoding", "").lower()
-                and _CLOSING_TAG.search(body, max(0, len(body) - 512)) is None
+            # or not; a compressed one (sent although we ask for identity) may stop short
+            # within its framing, and httpx's decoder does not say so; a page's closing
+            # tag at its end says it is whole.
+            framed = (
+                "content-length" in resp.headers
+                or "chunked" in resp.headers.get("transfer-encoding", "").lower()
             )
+            coded = resp.headers.get("content-encoding", "").strip().lower() not in ("", "identity")
+            unsure = (not framed or coded) and _CLOSING_TAG.search(
+                body, max(0, len(body) - 512)
+            ) is None
         page_url = url if url.endswith("/") else url + "/"
         if unsure:
             return _Page(page_url, _parse(bytes(body), url), unsure=True)  # nor kept
@@ -608,8 +614,9 @@ def crawl(
                 if page.unsure:
                     yield CrawlProblem(
                         d.url,
-                        "the listing came without a length and does not end with a closing "
-                        "tag: it may be cut short, so --delete will not act on this run",
+                        "the listing came without a length (or compressed) and does not end"
+                        " with a closing tag: it may be cut short, so --delete will not act"
+                        " on this run",
                         "unsure",
                     )
                 if page.kept is not None:

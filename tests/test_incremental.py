@@ -1857,6 +1857,39 @@ def test_a_listing_ended_by_the_close_without_a_closing_tag_blocks_delete(
     assert not (dest / "d0" / "f0.bin").exists() and len(list(dest.glob("d*/f*.bin"))) == 17
 
 
+def test_a_compressed_listing_cut_short_within_its_length_blocks_delete(
+    tmp_path: Path, run_fetch: RunFetch
+) -> None:
+    """A listing sent gzip-compressed (though fetch asks for identity) whose stream stops
+    before its end, inside a Content-Length that fits it: httpx's decoder gives the part
+    it has without a word, the page looked whole, and --delete removed every file of the
+    directories it no longer named."""
+    import gzip
+    import zlib
+
+    import httpx
+
+    www = _grid(tmp_path / "www", 6, 3)
+    dest = tmp_path / "d"
+    with FaultServer(root=www) as srv:
+        assert run_fetch("--mirror", srv.url, "--dest", dest, "--delete").code == 0
+        page = httpx.get(srv.url).content
+        packed = gzip.compress(page, mtime=0)
+        cut = next(
+            n for n in range(len(packed)) if b"d2/" in zlib.decompressobj(31).decompress(packed[:n])
+        )
+        srv.add_listing("/", packed[:cut])
+        srv.persist("/", Fault.header("Content-Encoding", "gzip"))
+        r = run_fetch("--mirror", srv.url, "--dest", dest, "--delete", "--force")
+        assert "may be cut short" in r.output and "--delete skipped" in r.output, r.output
+        assert len(list(dest.glob("d*/f*.bin"))) == 18
+        srv.add_listing("/", packed)  # whole, compressed: read as any other
+        (www / "d0" / "f0.bin").unlink()
+        r = run_fetch("--mirror", srv.url, "--dest", dest, "--delete")
+    assert r.code == 0 and "may be cut short" not in r.output, r.output
+    assert not (dest / "d0" / "f0.bin").exists() and len(list(dest.glob("d*/f*.bin"))) == 17
+
+
 def test_a_directory_linked_without_a_slash_is_crawled_and_past_depth_kept(
     tmp_path: Path, run_fetch: RunFetch
 ) -> None:
