@@ -884,7 +884,9 @@ def load_config(
             raise ConfigError(
                 f"{path}: over {MAX_CONFIG_BYTES >> 20} MiB, too big for a config file"
             )
-        data = tomllib.loads(raw.decode("utf-8"))
+        # utf-8-sig: a byte order mark, which Windows editors put first, is dropped; left,
+        # it was "Invalid statement (at line 1, column 1)", about a character no one sees
+        data = tomllib.loads(raw.decode("utf-8-sig"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
     except OSError as exc:

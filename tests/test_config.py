@@ -313,6 +313,14 @@ def test_relative_paths_of_a_config_read_from_a_pipe_are_the_current_directory_s
     assert jobs["a"].dest == tmp_path / "x" and jobs["b"].dest == tmp_path / "b"
 
 
+def test_a_config_saved_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    """A BOM first (Notepad's "UTF-8" does it) was 'not valid TOML: Invalid statement (at
+    line 1, column 1)', about a character no editor shows."""
+    cfg = tmp_path / "m.toml"
+    cfg.write_bytes(b"\xef\xbb\xbf[jobs.a]\nurl = 'http://h/a/'\n")
+    assert load_config(cfg)["a"].url == "http://h/a/"
+
+
 def test_a_config_nested_past_the_parser_s_depth_is_not_valid_toml(tmp_path: Path) -> None:
     """Was tomllib's RecursionError, a traceback, for a broken file."""
     cfg = tmp_path / "m.toml"
