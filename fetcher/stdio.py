@@ -12,6 +12,12 @@ that a child process (ffmpeg) inheriting it gets no ``SIGPIPE`` either. A
 File descriptors 0–2 closed at start are opened on ``/dev/null`` first: else the
 first file fetch opens would take descriptor 1, and anything written to
 "stdout" (by fetch or a child) would land inside a downloaded file.
+
+What goes through a guard is also made safe to show: a C1 control character
+(U+0080–U+009F; U+009B is a terminal's CSI, as ESC ``[`` is) or a bidirectional
+embedding, override or isolate (U+202A–U+202E, U+2066–U+2069: they reorder what a
+reader sees) in a name a mirror serves is written as its ``\\uXXXX`` escape, which
+JSON lines read back as the same character. (C0 controls are refused in names.)
 """
 
 from __future__ import annotations
@@ -21,7 +27,18 @@ import sys
 import threading
 from typing import Any
 
-__all__ = ["GuardedStream", "guard_log", "guard_std_streams"]
+__all__ = ["GuardedStream", "guard_log", "guard_std_streams", "shown"]
+
+
+_UNSHOWN = {
+    c: f"\\u{c:04x}" for c in (*range(0x80, 0xA0), *range(0x202A, 0x202F), *range(0x2066, 0x206A))
+}
+
+
+def shown(text: str) -> str:
+    """``text`` with the characters that would act on a terminal or reorder a line as
+    ``\\uXXXX`` escapes (see the module's note)."""
+    return text if text.isascii() else text.translate(_UNSHOWN)
 
 
 class GuardedStream:
@@ -47,7 +64,8 @@ class GuardedStream:
     def write(self, text: str) -> int:
         if self.dead is None:
             try:
-                return int(self._stream.write(text))
+                self._stream.write(shown(text))
+                return len(text)
             except (OSError, ValueError) as exc:  # ValueError: the file was closed
                 self._failed(exc)
         return len(text)

@@ -11,6 +11,7 @@ import contextlib
 import gzip
 import hashlib
 import itertools
+import json
 import os
 import socket
 import subprocess
@@ -1054,3 +1055,35 @@ def test_gzip_encoding_stored_as_served(tmp_path: Path, run_fetch) -> None:
         for q in srv.requests:
             if q.path != START:
                 assert q.headers.get("accept-encoding") == "identity", q.headers
+
+
+# --- names that act on a terminal -----------------------------------------------------
+
+
+_TRICKS = {
+    "csi\u009b2J.txt": b"clears the screen on a terminal that takes C1",  # 8-bit CSI, "ESC [ 2 J"
+    "invoice\u202etxt.exe": b"reads as invoiceexe.txt",  # right-to-left override
+}
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_names_that_act_on_a_terminal_are_shown_escaped(tmp_path: Path, fmt: str) -> None:
+    # A mirror's file names may hold C1 controls and bidirectional overrides (only C0 is
+    # refused in names): the files are mirrored as named, and every line fetch writes
+    # shows those characters as \uXXXX escapes, never raw. JSON lines read them back.
+    dest = tmp_path / "d"
+    with FaultServer() as srv:
+        for name, data in _TRICKS.items():
+            srv.add_file(START + name, data)
+        argv = [sys.executable, "-m", "fetcher", "--mirror", srv.url + START[1:], "--dest",
+                str(dest), "--procs", "1", "-v", "--log-format", fmt]  # fmt: skip
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for name, data in _TRICKS.items():
+        assert (dest / name).read_bytes() == data
+    out = done.stdout + done.stderr
+    assert "\u009b" not in out and "\u202e" not in out, out
+    assert "\\u009b" in out and "\\u202e" in out, out
+    if fmt == "json":
+        said = {json.loads(line).get("path") for line in done.stdout.splitlines()}
+        assert set(_TRICKS) <= said, said
