@@ -733,6 +733,33 @@ def test_a_page_nested_past_the_parser_s_depth_is_read_whole_or_is_an_error(
         assert srv.count(path=START + "div/d0") == 0 and not list((dest / "div").iterdir())
 
 
+def test_a_page_of_more_links_than_the_parser_may_take_is_an_error_not_gigabytes(
+    tmp_path: Path, run_fetch
+) -> None:
+    """The HTML parser takes ~1.1 KB a link: a hostile page of tiny links under the byte
+    cap took gigabytes and seconds of CPU, per crawl connection. Past listing.MAX_LINKS
+    a page is a listing error, unread: the rest of the mirror goes on, and --delete
+    keeps the files below it."""
+    most = 500_000  # listing.MAX_LINKS
+    with FaultServer() as srv:
+        srv.add_listing(START, _page(b"ok.txt", b"spam/"))
+        srv.add_file(START + "ok.txt", b"ok")
+        links = b"".join(b'<a href="%d">.</a>' % i for i in range(most + 1))
+        srv.add_listing(START + "spam/", b"<html><body>" + links + b"</body></html>")
+        dest = tmp_path / "d"
+        (dest / "spam").mkdir(parents=True)
+        (dest / "spam" / "kept.txt").write_bytes(b"mine")
+        r = run_fetch(
+            "--mirror", srv.url + START[1:], "--dest", dest, "--procs", "1", "-q", "--delete"
+        )
+        _no_traceback(r.output)
+        assert r.code == 1, r
+        assert (dest / "ok.txt").read_bytes() == b"ok"
+        assert (dest / "spam" / "kept.txt").read_bytes() == b"mine"
+        assert f"more than {most:,} links" in r.output, r
+        assert srv.count(path=START + "spam/0") == 0
+
+
 def test_non_utf8_names_are_reported(tmp_path: Path, run_fetch) -> None:
     with FaultServer() as srv:
         srv.add_listing(
