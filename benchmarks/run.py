@@ -939,7 +939,9 @@ def main(argv: list[str] | None = None) -> int:
         + "\n"
     )
     print(f"wrote {out} (+ .md) in {time.time() - started:.0f} s", flush=True)
-    return 0 if all(m.ok for m in results) else 1
+    # 1 when a run of fetch went wrong; a peer's failed run is its own, shown in the tables
+    # (rclone lost files over TLS in one suite: fetch's results were all good)
+    return 0 if all(m.ok for m in results if m.tool in VARIANT_FLAGS) else 1
 
 
 if __name__ == "__main__":
