@@ -271,34 +271,49 @@ def test_a_429_holds_back_requests_not_the_answers_already_on_their_way(
     assert took < 4.5, took
 
 
-def test_while_the_small_file_lane_is_held_up_another_lane_takes_the_small_files(
+def _held_train(
     tmp_path: Path,
-) -> None:
-    # Two lanes of --pipeline 4: one lane takes the small files, 8 deep, in trains of up
-    # to 32. The first file's answer is held (a CDN's cache miss): nothing was sent
-    # behind it on its new connection, so after runner.STALL_UNKNOWN (no answer has come
-    # yet to tell how long one takes) the rest of its train goes
-    # back to the queue and the other lane takes it, and the next trains; they all arrive
-    # meanwhile. (Before, its train of 31 waited for the held answer.)
+    held_path: str,
+    ready: Callable[[Path], bool],
+    why: str,
+    meanwhile: Callable[[Path], object],
+) -> Counter[str]:
+    """100 small files on two lanes of --pipeline 4 (one lane takes the small files, 8
+    deep, in trains of up to 32), ``held_path``'s answer held until ``ready(dest)``;
+    ``meanwhile(dest)`` is checked then. All must arrive whole; the requests per path."""
     files = _serve_files(
         tmp_path / "www", {f"s{i:03d}.bin": os.urandom(50 + i) for i in range(100)}
     )
     dest = tmp_path / "d"
     gate = threading.Event()
     with FaultServer(root=tmp_path / "www") as srv:
-        srv.persist("/s000.bin", Fault.gated(gate))
+        srv.persist(held_path, Fault.gated(gate))
         t = Transfer(dest=str(dest), root=srv.url, threads=2, pipeline=4)
         jobs = _jobs(srv.url, files)
-
-        def held() -> None:
-            assert (dest / "s001.bin").exists(), "s001 waited for the held answer"
-
         out = _run_while(
-            t, jobs, lambda: (dest / "s099.bin").exists(), gate,
-            "the files after the held train waited for it", held,
+            t, jobs, lambda: ready(dest), gate, why, lambda: meanwhile(dest)
         )  # fmt: skip
+        asked = Counter(q.path for q in srv.requests)
     assert [o.status for o in out] == [Status.FETCHED] * len(jobs)
     assert all((dest / n).read_bytes() == d for n, d in files.items())
+    return asked
+
+
+def test_while_the_small_file_lane_is_held_up_another_lane_takes_the_small_files(
+    tmp_path: Path,
+) -> None:
+    # The first file's answer is held (a CDN's cache miss): nothing was sent behind it
+    # on its new connection, so after runner.STALL_UNKNOWN (no answer has come yet to
+    # tell how long one takes) the rest of its train goes back to the queue and the
+    # other lane takes it, and the next trains; they all arrive meanwhile. (Before, its
+    # train of 31 waited for the held answer.)
+    def held(dest: Path) -> None:
+        assert (dest / "s001.bin").exists(), "s001 waited for the held answer"
+
+    _held_train(
+        tmp_path, "/s000.bin", lambda dest: (dest / "s099.bin").exists(),
+        "the files after the held train waited for it", held,
+    )  # fmt: skip
 
 
 def test_a_held_up_train_keeps_what_it_sent_ahead_and_hands_on_the_rest(
@@ -306,30 +321,18 @@ def test_a_held_up_train_keeps_what_it_sent_ahead_and_hands_on_the_rest(
 ) -> None:
     # The eleventh file's answer is held, its connection kept alive by then: up to 7
     # requests went behind it (8 deep); the rest of the 32-file train (at least s018 to
-    # s031) goes to the other lane. Nothing is asked for twice: what was sent ahead stays on its connection,
-    # where its answers come once the held one has.
-    files = _serve_files(
-        tmp_path / "www", {f"s{i:03d}.bin": os.urandom(50 + i) for i in range(100)}
-    )
-    dest = tmp_path / "d"
-    gate = threading.Event()
-    with FaultServer(root=tmp_path / "www") as srv:
-        srv.persist("/s010.bin", Fault.gated(gate))
-        t = Transfer(dest=str(dest), root=srv.url, threads=2, pipeline=4)
-        jobs = _jobs(srv.url, files)
+    # s031) goes to the other lane. Nothing is asked for twice: what was sent ahead stays
+    # on its connection, where its answers come once the held one has.
+    def held(dest: Path) -> None:
+        assert not (dest / "s010.bin").exists()
+        # sent right behind it (s010 itself went ahead of s009's answer): it waits
+        assert not (dest / "s011.bin").exists(), "s011 came before the answer ahead of it"
 
-        def held() -> None:
-            assert not (dest / "s010.bin").exists()
-            # sent right behind it (s010 itself went ahead of s009's answer): it waits
-            assert not (dest / "s011.bin").exists(), "s011 came before the answer ahead of it"
-
-        out = _run_while(
-            t, jobs, lambda: all((dest / f"s{i:03d}.bin").exists() for i in range(31, 100)),
-            gate, "the rest of the held train waited for it", held,
-        )  # fmt: skip
-        asked = Counter(q.path for q in srv.requests)
-    assert [o.status for o in out] == [Status.FETCHED] * len(jobs)
-    assert all((dest / n).read_bytes() == d for n, d in files.items())
+    asked = _held_train(
+        tmp_path, "/s010.bin",
+        lambda dest: all((dest / f"s{i:03d}.bin").exists() for i in range(31, 100)),
+        "the rest of the held train waited for it", held,
+    )  # fmt: skip
     assert set(asked.values()) == {1}, [p for p, n in asked.items() if n > 1]
 
 
