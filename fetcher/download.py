@@ -642,7 +642,7 @@ class _Out:
                 if exc.errno != errno.EXDEV:
                     raise
                 # (the final name's directory is another filesystem: see _replace)
-                part = Path(where.parent, f".fetch-{secrets.token_hex(8)}")
+                part = Path(_hidden_name(where.parent))
                 os.link(src, part, src_dir_fd=self.fd, follow_symlinks=True)
             try:
                 os.replace(part, where.final)
@@ -969,6 +969,12 @@ def _name_partial(ctx: _Ctx, where: _Where, part: Path, mtime: float | None, job
     _replace(part, where.target)
 
 
+def _hidden_name(directory: str | Path) -> str:
+    """A fresh hidden name in ``directory`` for a file about to be renamed over its own
+    (``tempfile.mkstemp``'s prefix, for when the file exists already)."""
+    return os.path.join(directory, f".fetch-{secrets.token_hex(8)}")
+
+
 def _replace(part: Path, target: str) -> None:
     """``os.replace(part, target)``, also where ``target``'s directory lies on another
     filesystem than DEST's partial files: a disk mounted inside DEST (or linked into it)
@@ -1000,7 +1006,7 @@ def _replace(part: Path, target: str) -> None:
         os.fchmod(out.fd, stat.S_IMODE(st.st_mode))
         os.utime(out.fd, ns=(st.st_atime_ns, st.st_mtime_ns))
         if tmp is None:
-            tmp = os.path.join(directory, f".fetch-{secrets.token_hex(8)}")
+            tmp = _hidden_name(directory)
             os.link(f"/proc/self/fd/{out.fd}", tmp, src_dir_fd=out.fd, follow_symlinks=True)
         os.replace(tmp, target)
         tmp = None
