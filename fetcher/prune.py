@@ -20,12 +20,15 @@ __all__ = ["below_any", "drop_partials", "local_files", "not_seen", "prune"]
 
 def local_files(dest: Path, skip: Set[str] = frozenset()) -> Iterator[str]:
     """DEST's files, relative; not in the state directory nor below the directories ``skip``."""
-    for root, dirs, files in os.walk(dest):
-        rel_root = os.path.relpath(root, dest)
-        if rel_root == ".":
+    top = os.fspath(dest)
+    below = top if top.endswith("/") else f"{top}/"  # what os.walk puts before a subdirectory
+    for root, dirs, files in os.walk(top):
+        if root == top:
             dirs[:] = [d for d in dirs if d != STATE_DIR and d not in skip]
             rel_root = ""
-        elif skip:
+        else:
+            rel_root = root[len(below) :]
+        if rel_root and skip:
             dirs[:] = [d for d in dirs if f"{rel_root}/{d}" not in skip]
         for name in files:
             yield f"{rel_root}/{name}" if rel_root else name

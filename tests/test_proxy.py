@@ -10,6 +10,8 @@ from __future__ import annotations
 import base64
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +114,29 @@ def test_which_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
     assert proxy_for("http://mirror.example/") is None
     monkeypatch.setenv("ALL_PROXY", "http://all.example:8")
     assert proxy_for("http://mirror.example/") == "http://all.example:8"
+
+
+IMPORTS = (
+    "import sys; from fetcher.config import proxy_for; p = proxy_for(sys.argv[1]); "
+    "print(p, 'urllib.request' in sys.modules)"
+)
+
+
+def test_proxy_variables_are_read_only_when_there_are_any() -> None:
+    # urllib.request (http.client, email, ...) costs ~17 ms of every run's start-up
+    bare = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+
+    def ask(url: str, **env: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-c", IMPORTS, url], env={**bare, **env},
+            capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+        return done.stdout.strip()
+
+    assert ask("http://mirror.example/") == "None False"
+    assert ask("http://127.0.0.1:8/", http_proxy="p.example:1") == "None False"
+    assert ask("http://mirror.example/", http_proxy="p.example:1") == "http://p.example:1 True"
+    assert ask("http://mirror.example/", NO_PROXY="*") == "None True"
 
 
 def test_proxy_direct_ignores_the_environment(
