@@ -148,7 +148,9 @@ class ShardRunner:
     file that holds a lane to itself (a big one, an update, a resume) counts a
     lane's share of :attr:`enough`. So a worker whose lanes are all on big files
     takes no more shards, and they go to a worker with a free lane, instead of
-    waiting here behind a long transfer.
+    waiting here behind a long transfer. The small files sent ahead behind a held-up
+    answer do not count: they wait for it, not for a lane, and the other lanes take
+    more meanwhile.
     """
 
     def __init__(
@@ -203,6 +205,7 @@ class ShardRunner:
         # finished one of its files
         self._small_at: dict[int, float] = {}
         self._trains: dict[int, _Train] = {}  # what each lane's train has still to fetch
+        self._was_held: set[int] = set()  # the lanes held up at the ticker's last look
         self._first_answer: float | None = None  # how long a train's first file takes
         self._results: dict[int, Outcome] | None = None
         self._lanes = [
@@ -246,20 +249,37 @@ class ShardRunner:
             self._cond.notify_all()
 
     def pending(self) -> int:
-        """The load of the jobs queued or running here (0: none)."""
+        """The load of the jobs queued or running here (0: none), but for the small files
+        waiting behind a held-up answer (:meth:`_stuck`)."""
         with self._cond:
-            return self._load
+            return self._load - self._stuck()
 
     def wait_below(self, n: int, timeout: float) -> None:
-        """Wait until the load here is below ``n``, or a lane that a heavy job held is
+        """Wait until :meth:`pending` is below ``n``, or a lane that a heavy job held is
         free (or ``timeout``)."""
         with self._cond:
             self._wake_below = n
             freed = self._heavy_done
             try:
-                self._cond.wait_for(lambda: self._load < n or self._heavy_done != freed, timeout)
+                self._cond.wait_for(
+                    lambda: self._load - self._stuck() < n or self._heavy_done != freed, timeout
+                )
             finally:
                 self._wake_below = 0
+
+    def _held_up(self) -> list[int]:
+        """The lanes on small files that have finished none for a while (under ``_cond``)."""
+        now, after = time.monotonic(), self._held_up_after()
+        return [lane for lane, at in self._small_at.items() if now - at >= after]
+
+    def _stuck(self) -> int:
+        """The small files of held-up lanes' trains (under ``_cond``). They wait for the
+        slow answer ahead of them, not for a lane: meanwhile the feeder takes as much
+        more for the other lanes, which would otherwise idle with the server ready."""
+        trains = self._trains
+        if not trains:
+            return 0
+        return sum(len(trains[lane].jobs) for lane in self._held_up() if lane in trains)
 
     def _take(self, held: bool) -> tuple[list[Job], bool]:
         """The next train, and whether it is one of small files (which holds a place
@@ -335,23 +355,25 @@ class ShardRunner:
             return
         if self.limits is not None and self.limits.paused():
             return  # the server asked for a pause: nobody is to take more meanwhile
-        now, after = time.monotonic(), self._held_up_after()
         with self._cond:
             back: list[Job] = []
-            for lane, at in self._small_at.items():
+            held = self._held_up()
+            for lane in held:
                 train = self._trains.get(lane)
-                if now - at < after or train is None or train.announced is None:
+                if train is None or train.announced is None:
                     continue
                 with train.lock:
                     # the requests not sent are the last of the train's jobs, in order
                     n = train.announced.withdraw(len(train.jobs))
                     taken = [train.jobs.pop()[0] for _ in range(n)]
                 back += reversed(taken)
-            if back:
-                self._jobs.extendleft(reversed(back))
-                # a server that holds answers up: every lane may take small files now
+            self._jobs.extendleft(reversed(back))
+            if back or not self._was_held.issuperset(held):
+                # a server that holds answers up: every lane may take small files now,
+                # and the feeder more of them (see _stuck); both are told at once
                 self._small_lanes = len(self._lanes)
                 self._cond.notify_all()
+            self._was_held = set(held)
 
     def _small_train(self, lanes: int, gathered: bool) -> list[Job]:
         jobs = self._jobs
