@@ -58,6 +58,7 @@ __all__ = [
     "Interrupted",
     "check_writable",
     "fetch_file",
+    "move_into",
     "partial_dir",
     "partial_name",
     "partial_paths",
@@ -966,7 +967,7 @@ def _name_partial(ctx: _Ctx, where: _Where, part: Path, mtime: float | None, job
     _ensure_dir(os.path.dirname(where.target), ctx.known_dirs)
     if mtime is not None:
         os.utime(part, (mtime, mtime))
-    _replace(part, where.target)
+    move_into(part, where.target)
 
 
 def _hidden_name(directory: str | Path) -> str:
@@ -975,7 +976,7 @@ def _hidden_name(directory: str | Path) -> str:
     return os.path.join(directory, f".fetch-{secrets.token_hex(8)}")
 
 
-def _replace(part: Path, target: str) -> None:
+def move_into(part: Path, target: str) -> None:
     """``os.replace(part, target)``, also where ``target``'s directory lies on another
     filesystem than DEST's partial files: a disk mounted inside DEST (or linked into it)
     for a big part of the mirror, which no rename reaches (EXDEV: every file there

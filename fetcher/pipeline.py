@@ -31,6 +31,7 @@ from fetcher.config import MirrorJob, Transfer
 from fetcher.crawl import CrawlItem, CrawlOptions, Intact, crawl
 from fetcher.download import (
     check_writable,
+    move_into,
     partial_dir,
     partial_name,
     pipelinable,
@@ -949,7 +950,7 @@ def _rename_all(dest: Path, paths: list[RelPath]) -> tuple[RelPath, str] | None:
         try:
             try:
                 os.makedirs(os.path.dirname(kept), exist_ok=True)
-                os.link(final, kept, follow_symlinks=False)
+                _keep_aside(final, kept)
             except FileNotFoundError:
                 kept = ""  # a new name: nothing to put back
             except (IsADirectoryError, PermissionError):
@@ -959,7 +960,7 @@ def _rename_all(dest: Path, paths: list[RelPath]) -> tuple[RelPath, str] | None:
             for name, copy in reversed(done):
                 with contextlib.suppress(OSError):
                     if copy:
-                        os.replace(copy, name)
+                        move_into(Path(copy), name)
                     else:
                         os.unlink(name)
             return path, exc.strerror or str(exc)
@@ -967,11 +968,24 @@ def _rename_all(dest: Path, paths: list[RelPath]) -> tuple[RelPath, str] | None:
     return None
 
 
+def _keep_aside(final: str, kept: str) -> None:
+    """The old file at ``final`` linked at ``kept``; copied where ``final`` lies on another
+    filesystem than DEST's state directory (a disk mounted inside DEST for ``dists/``)."""
+    try:
+        os.link(final, kept, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        shutil.copy2(final, kept, follow_symlinks=False)
+
+
 def _take_name(dest: Path, path: str) -> None:
-    """The staged file of ``path`` takes its name in DEST (its directory made if need be)."""
+    """The staged file of ``path`` takes its name in DEST (its directory made if need be):
+    a rename, or a copy that then takes the name where the directory is on another
+    filesystem (:func:`~fetcher.download.move_into`)."""
     final = os.path.join(dest, path)
     os.makedirs(os.path.dirname(final), exist_ok=True)
-    os.replace(staged_path(str(dest), path), final)
+    move_into(Path(staged_path(str(dest), path)), final)
 
 
 _PUBLISHING = "publishing"

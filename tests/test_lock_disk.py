@@ -235,3 +235,49 @@ def test_a_directory_of_dest_on_another_filesystem_gets_its_files(
             "small.txt",
         ]
         assert not list((dest / ".fetcher" / "partial").iterdir())
+
+
+def test_repository_metadata_is_published_into_a_directory_on_another_filesystem(
+    tmp_path: Path, run_fetch: RunFetch
+) -> None:
+    """``dists/`` on a disk of its own inside DEST: the metadata staged under
+    ``DEST/.fetcher/staged/`` could not take its names there (EXDEV), new or updated, and
+    every run failed the whole set with 'Invalid cross-device link'."""
+    from tests.test_churn import OLD, _age, _debian, _release
+
+    www, dest = tmp_path / "www", tmp_path / "dest"
+    (www / "dists" / "stable" / "main" / "binary-amd64").mkdir(parents=True)
+    (www / "pool").mkdir()
+    (www / "pool" / "p.deb").write_bytes(b"deb" * 100)
+    _debian(www, b"Packages, first")
+    _age(www)
+    index = "dists/stable/main/binary-amd64/Packages.gz"
+    with _tmpfs(dest / "dists", "16m"), _serving(www) as srv:
+        r = run_fetch("--mirror", srv.url, "--dest", dest)
+        assert r.code == 0, r.output
+        assert tree_manifest(dest) == tree_manifest(www)
+        _debian(www, b"Packages, secnd")
+        _age(www, OLD + 7200)
+        r = run_fetch("--mirror", srv.url, "--dest", dest)
+        assert r.code == 0, r.output
+        assert "cross-device" not in r.output, r.output
+        assert (dest / index).read_bytes() == b"Packages, secnd"
+        assert (dest / "dists/stable/Release").read_bytes() == _release(b"Packages, secnd")
+        assert os.stat(dest / index).st_mtime == OLD + 7200
+        assert tree_manifest(dest) == tree_manifest(www)
+        left = [p.name for p in (dest / "dists").rglob("*") if p.name.startswith(".")]
+        assert left == [], left
+        assert not (dest / ".fetcher" / "staged").exists()
+        # A set that cannot be published whole (someone's directory where the Release
+        # goes): the index that took its name first gets the old one back, from its copy.
+        _debian(www, b"Packages, third")
+        _age(www, OLD + 9000)
+        (dest / "dists/stable/Release").unlink()
+        (dest / "dists/stable/Release").mkdir()
+        (dest / "dists/stable/Release/someone's").write_bytes(b"kept")
+        r = run_fetch("--mirror", srv.url, "--dest", dest)
+        assert r.code == 1 and "cannot publish" in r.output, r.output
+        assert "cross-device" not in r.output, r.output
+        assert (dest / index).read_bytes() == b"Packages, secnd"
+        assert os.stat(dest / index).st_mtime == OLD + 7200
+        assert (dest / "dists/stable/Release/someone's").read_bytes() == b"kept"
