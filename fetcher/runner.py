@@ -250,9 +250,9 @@ class ShardRunner:
 
     def pending(self) -> int:
         """The load of the jobs queued or running here (0: none), but for the small files
-        waiting behind a held-up answer (:meth:`_stuck`)."""
+        waiting behind a held-up answer (:meth:`_unstuck_load`)."""
         with self._cond:
-            return self._load - self._stuck()
+            return self._unstuck_load()
 
     def wait_below(self, n: int, timeout: float) -> None:
         """Wait until :meth:`pending` is below ``n``, or a lane that a heavy job held is
@@ -262,7 +262,7 @@ class ShardRunner:
             freed = self._heavy_done
             try:
                 self._cond.wait_for(
-                    lambda: self._load - self._stuck() < n or self._heavy_done != freed, timeout
+                    lambda: self._unstuck_load() < n or self._heavy_done != freed, timeout
                 )
             finally:
                 self._wake_below = 0
@@ -272,14 +272,17 @@ class ShardRunner:
         now, after = time.monotonic(), self._held_up_after()
         return [lane for lane, at in self._small_at.items() if now - at >= after]
 
-    def _stuck(self) -> int:
-        """The small files of held-up lanes' trains (under ``_cond``). They wait for the
-        slow answer ahead of them, not for a lane: meanwhile the feeder takes as much
-        more for the other lanes, which would otherwise idle with the server ready."""
+    def _unstuck_load(self) -> int:
+        """The load here but for the small files of held-up lanes' trains (under
+        ``_cond``). Those wait for the slow answer ahead of them, not for a lane: the
+        feeder takes as much more for the other lanes, which would otherwise idle with
+        the server ready."""
         trains = self._trains
         if not trains:
-            return 0
-        return sum(len(trains[lane].jobs) for lane in self._held_up() if lane in trains)
+            return self._load
+        return self._load - sum(
+            len(trains[lane].jobs) for lane in self._held_up() if lane in trains
+        )
 
     def _take(self, held: bool) -> tuple[list[Job], bool]:
         """The next train, and whether it is one of small files (which holds a place
@@ -370,7 +373,7 @@ class ShardRunner:
             self._jobs.extendleft(reversed(back))
             if back or not self._was_held.issuperset(held):
                 # a server that holds answers up: every lane may take small files now,
-                # and the feeder more of them (see _stuck); both are told at once
+                # and the feeder more of them (see _unstuck_load); both are told at once
                 self._small_lanes = len(self._lanes)
                 self._cond.notify_all()
             self._was_held = set(held)

@@ -344,9 +344,10 @@ def test_files_waiting_behind_held_up_answers_leave_room_for_more_shards(
     # second answer of each held (a CDN's cache misses): the first answer proves the
     # connection, the other 31 go ahead on it and wait, and the next shard goes to
     # another lane. The fourth shard must still be taken, by the fourth lane: the 90
-    # files behind the held answers wait for them, not for a lane. (Before, they counted as the worker's load, the feeder took nothing
-    # more, and the fourth lane idled with the server ready, as did 4 of 16 connections
-    # in benchmarks/run.py's `held` for its first 4 s.)
+    # files behind the held answers wait for them, not for a lane. (Before, they counted
+    # as the worker's load, the feeder took nothing more, and the fourth lane idled with
+    # the server ready, as did 4 of 16 connections in benchmarks/run.py's `held` for its
+    # first 4 s.)
     names = {x: [f"{x}{i:02d}.bin" for i in range(32)] for x in "abcd"}
     files = _serve_files(
         tmp_path / "www", {n: os.urandom(64 + len(n)) for group in names.values() for n in group}
