@@ -21,7 +21,7 @@ import secrets
 import stat
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -73,6 +73,7 @@ MAX_REDIRECTS = 5
 RESUME_MIN = 1 << 20  # bodies smaller than this are refetched whole rather than resumed
 _FATAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+_UNSATISFIED = re.compile(r"bytes \*/(\d+)")  # a 416's Content-Range
 
 
 class Interrupted(Exception):
@@ -319,11 +320,12 @@ def _attempt_into(ctx: _Ctx, job: Job, where: _Where, look: bool, out: _Out) -> 
         status = resp.status_code
         if status == 304:
             return _unchanged(job, final)
-        if status == 416 and offset:
+        whole = status == 416 and offset > 0 and _whole_already(side, got, offset, exact)
+        if status == 416 and offset and not whole:
             # Our partial is not a prefix of what the server has now: start over.
             _discard(where)
             raise RangeMismatch(f"server refused range {offset}- for {f.url}")
-        if status not in (200, 206):
+        if status not in (200, 206) and not whole:
             if status in (429, 503):
                 ra = retry_after_seconds(got.get("retry-after"))
                 if ra and ctx.limits is not None:
@@ -331,7 +333,15 @@ def _attempt_into(ctx: _Ctx, job: Job, where: _Where, look: bool, out: _Out) -> 
             raise _status_error(resp, f.url)
         etag = got.get("etag")
         last_mod = got.get("last-modified")
-        if status == 206:
+        total: int | None
+        if whole:
+            # The partial file is the whole file: a run stopped after its last byte came,
+            # before the file took its name. It is checked and named as a resume that has
+            # nothing to add, not fetched again (a 4 GiB image, for a kill in its fsync).
+            assert side is not None
+            etag, last_mod = etag or side.get("etag"), last_mod or side.get("last_modified")
+            total, mode = offset, "ab"
+        elif status == 206:
             m = _CONTENT_RANGE.fullmatch(got.get("content-range", "").strip())
             if not offset or not m or int(m.group(1)) != offset:
                 _discard(where)
@@ -390,7 +400,7 @@ def _attempt_into(ctx: _Ctx, job: Job, where: _Where, look: bool, out: _Out) -> 
         # listing's exact size: a hostile server's never ends, and filled the disk.
         cap = exact - offset if exact is not None else None
         try:
-            received = _stream_body(ctx, resp, out.fd, mode, digest, cap)
+            received = 0 if whole else _stream_body(ctx, resp, out.fd, mode, digest, cap)
         except _PastListing:
             _discard(where)
             raise IncompleteDownload(f"{f.url} goes on past the listing's {f.size} bytes") from None
@@ -483,6 +493,25 @@ def _header_map(resp: httpx.Response) -> dict[str, str]:
     for name, value in resp.headers.raw:
         out.setdefault(name.decode("latin-1").lower(), value.decode("latin-1").strip())
     return out
+
+
+def _whole_already(
+    side: dict[str, Any] | None, got: Mapping[str, str], offset: int, exact: int | None
+) -> bool:
+    """A 416 to a resume from byte ``offset`` says the partial file holds the whole file:
+    the server's length (``Content-Range: bytes */N``) is ``offset``, as the sidecar and
+    the listing (``exact``) say it was, and the answer names no other version.
+
+    The resume asked with ``If-Range``: a server that honours it answers a changed file
+    whole (200), so its 416 is about the partial's version (nginx sends no validator with
+    it). One that names a version is held to it, as a 206 is (:func:`_changed_since`).
+    Without ``Content-Range`` (lighttpd) nothing says how long the file is: fetched again."""
+    m = _UNSATISFIED.fullmatch(got.get("content-range", "").strip())
+    if side is None or m is None or int(m.group(1)) != offset:
+        return False
+    if side.get("size") != offset or (exact is not None and exact != offset):
+        return False
+    return _changed_since(side, got.get("etag"), got.get("last-modified"), offset) is None
 
 
 def _changed_since(

@@ -6,6 +6,7 @@ that ignores ``Range``, a file that changes between attempts, and a 206 with the
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import signal
@@ -27,6 +28,7 @@ from fetcher.transport import make_transport
 from tests.background import process_group, semaphores_of
 from tests.faultserver import Fault, FaultServer
 from tests.faultserver import serving as _serving
+from tests.servers import serve
 from tests.trees import tree_manifest
 
 RunFetch = Callable[..., Any]
@@ -197,6 +199,89 @@ def test_wrong_content_range_then_retry_in_the_same_run(
         statuses = [q.status for q in srv.requests if q.is_file]
         assert statuses == [206, 200], statuses
     assert (dest / "file.bin").read_bytes() == data
+
+
+def _make_whole(dest: Path, data: bytes) -> None:
+    """The partial file of ``file.bin`` holds all of ``data``: a run stopped after the last
+    byte came and before the file took its name."""
+    (part,) = _parts(dest)
+    with part.open("ab") as fh:
+        fh.write(data[part.stat().st_size :])
+
+
+def test_a_partial_file_already_whole_takes_its_name_without_its_body_again(
+    tmp_path: Path, run_fetch: RunFetch
+) -> None:
+    """The resume from the partial's end gets a 416 with ``Content-Range: bytes */N``, N
+    its length: the partial is checked and named, not fetched again whole."""
+    dest = tmp_path / "dest"
+    data = random.Random(8).randbytes(SIZE)
+    with _serving() as srv:
+        srv.add_file("/pub/file.bin", data)
+        _first_attempt_breaks(srv, dest, run_fetch)
+        _make_whole(dest, data)
+        srv.reset_stats()
+        r = run_fetch("--mirror", srv.url + "pub/", "--dest", dest, "--procs", "1")
+        assert r.code == 0, r
+        (req,) = [q for q in srv.requests if q.path == "/pub/file.bin"]
+        assert req.headers.get("range") == f"bytes={SIZE}-" and req.headers.get("if-range")
+        assert req.status == 416 and srv.file_bytes_sent == 0
+    assert (dest / "file.bin").read_bytes() == data
+    assert _parts(dest) == [] and not list((dest / ".fetcher" / "partial").iterdir())
+
+
+@pytest.mark.parametrize("if_range", [True, False], ids=["if-range", "no-if-range"])
+def test_a_whole_partial_of_an_older_version_is_not_named(
+    tmp_path: Path, run_fetch: RunFetch, if_range: bool
+) -> None:
+    """The file changed upstream since: a server that honours If-Range answers it whole;
+    one that does not says, in its 416, that the file is no longer the partial's length."""
+    dest = tmp_path / "dest"
+    old = random.Random(9).randbytes(SIZE)
+    new = random.Random(10).randbytes(SIZE - MIB if not if_range else SIZE)
+    with _serving() as srv:
+        srv.add_file("/pub/file.bin", old)
+        _first_attempt_breaks(srv, dest, run_fetch)
+        _make_whole(dest, old)
+        srv.add_file("/pub/file.bin", new)  # a new ETag
+        if not if_range:
+            srv.persist("/pub/file.bin", Fault.ignore_if_range())
+        srv.reset_stats()
+        r = run_fetch("--mirror", srv.url + "pub/", "--dest", dest, "--procs", "1")
+        assert r.code == 0, r
+        statuses = [q.status for q in srv.requests if q.path == "/pub/file.bin"]
+        assert statuses == ([200] if if_range else [416, 200]), statuses
+    assert (dest / "file.bin").read_bytes() == new
+    assert _parts(dest) == []
+
+
+def test_a_whole_partial_against_nginx(tmp_path: Path, run_fetch: RunFetch) -> None:
+    """nginx answers the resume's If-Range that names its version with a 416 that carries
+    no validator, only ``Content-Range: bytes */N``: the partial takes its name."""
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    data = random.Random(11).randbytes(SIZE)
+    (src / "pub").mkdir(parents=True)
+    (src / "pub" / "file.bin").write_bytes(data)
+    with serve("nginx", src, tmp_path / "nginx") as srv:
+        url = srv.url + "pub/file.bin"
+        head = httpx.head(url).headers
+        part, meta = partial_paths(dest, RelPath("file.bin"))
+        part.parent.mkdir(parents=True)
+        part.write_bytes(data)
+        meta.write_text(
+            json.dumps(
+                {"url": url, "etag": head["etag"], "last_modified": head["last-modified"],
+                 "size": SIZE}
+            )
+        )  # fmt: skip
+        r = run_fetch("--mirror", srv.url + "pub/", "--dest", dest, "--procs", "1")
+        assert r.code == 0, r
+        gets = [
+            q for q in srv.requests(min_count=3) if q.path == "/pub/file.bin" and q.method == "GET"
+        ]
+        assert [(q.status, q.range) for q in gets] == [(416, f"bytes={SIZE}-")], gets
+    assert (dest / "file.bin").read_bytes() == data
+    assert not part.exists() and not meta.exists()
 
 
 # --- the same at the seam: fetch_file over httpx.MockTransport ------------------------------
