@@ -71,6 +71,7 @@ from fetcher.postrules import (
     ACTIONS,
     AUDIO_GLOBS,
     BY_DURATION,
+    DEFAULT_TIMEOUT,
     TMP_PREFIX,
     VIDEO_GLOBS,
     PostOptions,
@@ -589,9 +590,9 @@ class PostPool:
 
     def _made_by(self, rule: PostRule) -> str:
         """What a failure is recorded against, beside its input: the rule's action and
-        options, its timeout (``default``: by the input), and this ffmpeg."""
+        options, its timeout (the default's terms: by the input), and this ffmpeg."""
         line = (made_with(rule) or rule.action).rstrip("\n")
-        timeout = rule.timeout or self._timeout or "default"
+        timeout = rule.timeout or self._timeout or DEFAULT_TIMEOUT
         version = ".".join(map(str, self._ff.version)) or "unknown"
         return f"{line} timeout={timeout} ffmpeg={self._ff.path} {version}"
 

@@ -27,6 +27,7 @@ __all__ = [
     "ACTIONS",
     "AUDIO_GLOBS",
     "BY_DURATION",
+    "DEFAULT_TIMEOUT",
     "TMP_PREFIX",
     "VIDEO_GLOBS",
     "PostOptions",
@@ -299,6 +300,13 @@ size: a five-minute 720p talk of 19 MiB took 76 s to transcode against a limit, 
 size, of 79 s. (``thumbnails`` decodes a few key frames, ``remux`` copies bytes.)"""
 
 
+_BASE, _PER_10_MIB, _PLAYS = 60.0, 10.0, 2.0  # default_timeout()'s terms
+
+DEFAULT_TIMEOUT = f"default({_BASE:g}s+{_PER_10_MIB:g}s/10MiB,>={_BASE:g}s+{_PLAYS:g}x)"
+"""The default timeout as a failure's record names it (:func:`default_timeout`, in its own
+terms): a failure recorded under other terms is tried again, as under another timeout."""
+
+
 def default_timeout(size: int, seconds: float | None = None) -> float:
     """60 s, plus 10 s for each 10 MiB of input; for an input that plays ``seconds``
     (known for an action of :data:`BY_DURATION`), at least 60 s plus twice that, so
@@ -307,10 +315,10 @@ def default_timeout(size: int, seconds: float | None = None) -> float:
     >>> default_timeout(19 << 20), default_timeout(19 << 20, 300.0)
     (79.0, 660.0)
     """
-    by_size = 60.0 + 10.0 * size / (10 << 20)
+    by_size = _BASE + _PER_10_MIB * size / (10 << 20)
     if seconds is None:
         return by_size
-    return max(by_size, 60.0 + 2.0 * seconds)
+    return max(by_size, _BASE + _PLAYS * seconds)
 
 
 def needs_ffmpeg(rules: Iterable[PostRule]) -> bool:

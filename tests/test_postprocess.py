@@ -34,6 +34,7 @@ from fetcher.ffmpeg import (
 )
 from fetcher.postprocess import (
     AUDIO_GLOBS,
+    DEFAULT_TIMEOUT,
     VIDEO_GLOBS,
     PostCounts,
     PostOptions,
@@ -1021,6 +1022,34 @@ def test_only_a_failure_that_would_repeat_is_recorded_against_file_rule_and_ffmp
             assert pool.submit("videos/bad.mp4") == 1
             [again] = pool.close()
         assert again.status == PostStatus.FAILED and again.failure is not None
+    assert len(calls.calls) == 2
+
+
+@needs_ff
+def test_a_failure_under_the_default_timeout_names_its_terms(tree: tuple[Path, Path]) -> None:
+    """With no timeout set, a failure is recorded against the default's terms: one recorded
+    under other terms (an older fetch's default, or plain "default") is tried again, as
+    under another rule's timeout; under the same terms it is not."""
+    dest = tree[0]
+    (dest / "videos/bad.mp4").write_bytes((dest / "videos/clip.mp4").read_bytes())
+    truncate(dest / "videos/bad.mp4")
+    rule = rule_from_mapping({"action": "remux"}, "r")
+    with _pool(tree, [rule]) as pool:
+        pool.submit("videos/bad.mp4")
+        [refused] = pool.close()
+    assert refused.failure is not None
+    assert f" timeout={DEFAULT_TIMEOUT} " in refused.failure.made_by
+    assert DEFAULT_TIMEOUT == "default(60s+10s/10MiB,>=60s+2x)"
+    calls = Counting()
+    for made_by, tried in [
+        (refused.failure.made_by, 0),
+        (refused.failure.made_by.replace(DEFAULT_TIMEOUT, "default"), 1),
+        (refused.failure.made_by.replace("+10s/10MiB", "+20s/10MiB"), 1),
+    ]:
+        failed = {refused.output: refused.failure._replace(made_by=made_by)}
+        with _pool(tree, [rule], runner=calls, failed=failed) as pool:
+            assert pool.submit("videos/bad.mp4") == tried, made_by
+            pool.close()
     assert len(calls.calls) == 2
 
 
