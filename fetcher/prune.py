@@ -87,7 +87,7 @@ def prune(
     )
     if found is not None:
         # listed earlier: still a file of nobody's now (not one of this run's directories,
-        # as a file upstream that became one is: see pipeline._Disk.add_dir)
+        # as a file upstream that became one is: see disk.Disk.add_dir)
         candidates = [rel for rel in candidates if _not_a_dir(dest / rel)]
     if not job.delete:
         s.vanished = len(candidates)

@@ -192,7 +192,7 @@ def test_a_resync_repairs_what_was_lost_or_damaged_in_dest(
     tmp_path: Path, run_fetch: RunFetch
 ) -> None:
     # The plan looks at DEST's known files and directories while the first listings are
-    # on their way (pipeline._Disk.read_rows): what it saw there must be what it acts on.
+    # on their way (disk.Disk.read_rows): what it saw there must be what it acts on.
     src, dest = tmp_path / "src", tmp_path / "dest"
     files = _file_paths(_make_source(src, files=30, dirs=3))
     with serve("nginx", src, tmp_path / "nginx") as srv:
@@ -221,8 +221,8 @@ def test_kept_directories_are_checked_while_nothing_else_is_waiting(tmp_path: Pa
     # With every known file looked at and the first listings still on their way, read_rows
     # checks the kept listings' directories as intact() would, and intact() answers from
     # that: as of the look, as the plan's own answers are (see the test below).
+    from fetcher.disk import Disk
     from fetcher.models import Listing, Outcome, Status, names_digest
-    from fetcher.pipeline import _Disk
     from fetcher.state import State
 
     dest = tmp_path / "d"
@@ -242,7 +242,7 @@ def test_kept_directories_are_checked_while_nothing_else_is_waiting(tmp_path: Pa
             return Listing(f"http://mirror.test/{d}/", d, b"page", names, n, (), b"fp")
 
         a, b = kept("a", 3), kept("b", 2)
-        disk = _Disk(dest, st)
+        disk = Disk(dest, st)
         disk.read_rows(lambda: True, {a.url: a, b.url: b})
         assert set(disk._checked) == {"a", "b"}
         (dest / "a" / "f0").unlink()  # after the check: its answer stands for this run
@@ -253,15 +253,15 @@ def test_kept_directories_are_checked_while_nothing_else_is_waiting(tmp_path: Pa
 
         assert disk.found is not None and sorted(disk.found) == sorted(paths)  # DEST listed
         (dest / "a" / "mine.txt").write_bytes(b"of nobody's")
-        import fetcher.pipeline
+        import fetcher.disk
 
         with pytest.MonkeyPatch.context() as m:
-            m.setattr(fetcher.pipeline, "ROWS_AT_ONCE", 4)  # DEST has 5 files now
-            big = _Disk(dest, st)  # DEST holds more files than the state: prune() walks it
+            m.setattr(fetcher.disk, "ROWS_AT_ONCE", 4)  # DEST has 5 files now
+            big = Disk(dest, st)  # DEST holds more files than the state: prune() walks it
             big.read_rows(lambda: True, {a.url: a, b.url: b})
             assert big._checked and big.found is None
 
-        late = _Disk(dest, st)  # the crawl's first answer came before the files were looked at
+        late = Disk(dest, st)  # the crawl's first answer came before the files were looked at
         late.read_rows(lambda: False, {a.url: a, b.url: b})
         assert late._checked == {} and late.found is None
         assert late.intact("a", a) is None and late.intact("b", b) == (("b/g0", "b/g1"), 4)
@@ -272,8 +272,8 @@ def test_kept_directories_are_checked_while_nothing_else_is_waiting(tmp_path: Pa
 def test_the_plan_looks_at_known_files_only_while_nothing_else_is_waiting(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from fetcher.disk import Disk, _stat
     from fetcher.models import Outcome, Status
-    from fetcher.pipeline import _Disk, _stat
     from fetcher.state import State
 
     dest = tmp_path / "d"
@@ -288,7 +288,7 @@ def test_the_plan_looks_at_known_files_only_while_nothing_else_is_waiting(
         (dest / "a" / "b").mkdir(parents=True)
         for p in paths[::2]:
             (dest / p).write_bytes(b"x")
-        disk = _Disk(dest, st)
+        disk = Disk(dest, st)
         answers = iter([True, True, False])
         disk.read_rows(lambda: next(answers))  # the first listing came after two looks
         assert len(disk._looked) == 128  # 64 files a look
@@ -1292,15 +1292,15 @@ def test_a_resync_whose_listings_take_a_while_checks_and_lists_dest_meanwhile(
 
     import fetcher.pipeline
     import fetcher.prune
-    from fetcher.pipeline import _Disk
+    from fetcher.disk import Disk
 
     src, dest = tmp_path / "src", tmp_path / "dest"
     files = _file_paths(_make_source(src, files=20, dirs=2))
     looked = threading.Event()
-    real_read_rows = _Disk.read_rows
-    disks: list[_Disk] = []
+    real_read_rows = Disk.read_rows
+    disks: list[Disk] = []
 
-    def read_rows(disk: _Disk, *args: Any) -> None:
+    def read_rows(disk: Disk, *args: Any) -> None:
         disks.append(disk)
         try:
             real_read_rows(disk, *args)
@@ -1320,7 +1320,7 @@ def test_a_resync_whose_listings_take_a_while_checks_and_lists_dest_meanwhile(
         assert run_fetch(*args).code == 0
         stray = dest / files[0].split("/")[0] / "mine.txt"
         stray.write_bytes(b"not upstream")
-        monkeypatch.setattr(_Disk, "read_rows", read_rows)
+        monkeypatch.setattr(Disk, "read_rows", read_rows)
         monkeypatch.setattr(fetcher.prune, "local_files", walked)  # prune's own walk only
         srv.persist("/*", Fault.gated(looked))
         r = run_fetch(*args, "--delete", "--force")
@@ -1546,7 +1546,7 @@ def _lookup_steps(tmp_path: Path, rows: int) -> int:
 def test_vanished_files_from_a_listing_made_earlier_are_the_ones_still_there(
     tmp_path: Path, delete: bool
 ) -> None:
-    # A re-sync lists DEST while its first listings are on their way (_Disk.read_rows) and
+    # A re-sync lists DEST while its first listings are on their way (Disk.read_rows) and
     # prune() works from that list: a file listed then that is gone now, or is one of the
     # run's directories now (a file upstream became one), is not counted or deleted.
     from fetcher.config import build_job
@@ -1726,6 +1726,7 @@ def test_the_end_of_a_run_does_not_read_back_the_directories_it_created(
     dest = tmp_path / "d"
     (dest / "old").mkdir(parents=True)
     (dest / "old" / "extra.txt").write_bytes(b"not upstream")
+    import fetcher.disk
     import fetcher.pipeline
     import fetcher.prune
 
@@ -1738,7 +1739,8 @@ def test_the_end_of_a_run_does_not_read_back_the_directories_it_created(
             yield rel
 
     monkeypatch.setattr(fetcher.prune, "local_files", local_files)
-    monkeypatch.setattr(fetcher.pipeline, "local_files", local_files)  # (early, a re-sync)
+    monkeypatch.setattr(fetcher.pipeline, "local_files", local_files)
+    monkeypatch.setattr(fetcher.disk, "local_files", local_files)  # (early, a re-sync)
     with FaultServer(root=www) as srv:
         job = build_job({"url": srv.url, "dest": str(dest), "procs": 1}, "t")
         first = mirror(job)
