@@ -275,7 +275,6 @@ class Disk:
         return bool(self.partials) and partial_name(path) in self.partials
 
 
-
 def _stat(p: str) -> LocalFile | None:
     try:
         st = os.stat(p)
