@@ -302,7 +302,7 @@ def _attempt_into(ctx: _Ctx, job: Job, where: _Where, look: bool, out: _Out) -> 
         part, meta = where.partial()
         side = _read_sidecar(meta, f.url) if part.exists() else None
     if side is not None:
-        validator = side.get("etag") or side.get("last_modified")
+        validator = _if_range_value(side.get("etag"), side.get("last_modified"))
         size = part.stat().st_size
         if validator and size > 0:
             offset = size
@@ -388,7 +388,7 @@ def _attempt_into(ctx: _Ctx, job: Job, where: _Where, look: bool, out: _Out) -> 
             # sidecar, whole or not at all: a kill between the two must not leave the new
             # version's validator over the old bytes (the next resume would splice them).
             out.open_partial(part, mode)
-            if resumable and (etag or last_mod):
+            if resumable and _if_range_value(etag, last_mod):
                 # The validator survives a crash with the partial file, so a later run can
                 # resume with If-Range; small files just start over (one write less each).
                 side_data = {"url": f.url, "etag": etag, "last_modified": last_mod, "size": total}
@@ -493,6 +493,20 @@ def _header_map(resp: httpx.Response) -> dict[str, str]:
     for name, value in resp.headers.raw:
         out.setdefault(name.decode("latin-1").lower(), value.decode("latin-1").strip())
     return out
+
+
+def _if_range_value(etag: str | None, last_modified: str | None) -> str | None:
+    """What ``If-Range`` may carry to name this version: its ETag, unless that is weak
+    (``W/``), which ``If-Range`` never matches (RFC 9110, section 13.1.5: the server
+    answers the whole file); then its Last-Modified date; else nothing (no resume).
+
+    A weak ETag is what a server sends for a file it may encode on the fly, or changed
+    within the second (Apache); a CDN may weaken every ETag it passes on. Sent anyway,
+    every resume began again from byte 0, and every range of a segmented download but
+    the first came back whole, which failed the file."""
+    if etag and not etag.startswith("W/"):
+        return etag
+    return last_modified or None
 
 
 def _whole_already(
@@ -832,7 +846,7 @@ def _attempt_segmented_into(
         if resp.status_code == 304:
             resp.close()
             return _unchanged(job, where.final)
-        validator = resp.headers.get("etag") or resp.headers.get("last-modified")
+        validator = _if_range_value(resp.headers.get("etag"), resp.headers.get("last-modified"))
         if not _range_answer(resp, ranges[0], size, None) or not validator:
             resp.close()
             if resp.status_code not in (200, 206):

@@ -201,6 +201,22 @@ def test_wrong_content_range_then_retry_in_the_same_run(
     assert (dest / "file.bin").read_bytes() == data
 
 
+def test_a_partial_of_a_weak_etag_resumes_by_its_date(tmp_path: Path, run_fetch: RunFetch) -> None:
+    """A weak ETag never matches ``If-Range``: the resume names the version by its date."""
+    dest = tmp_path / "dest"
+    data = random.Random(12).randbytes(SIZE)
+    with _serving() as srv:
+        srv.add_file("/pub/file.bin", data, etag='W/"v1"', last_modified=1_700_000_000)
+        _first_attempt_breaks(srv, dest, run_fetch)
+        srv.reset_stats()
+        r = run_fetch("--mirror", srv.url + "pub/", "--dest", dest, "--procs", "1")
+        assert r.code == 0, r
+        (req,) = [q for q in srv.requests if q.path == "/pub/file.bin"]
+        assert req.headers.get("if-range") == "Tue, 14 Nov 2023 22:13:20 GMT", req.headers
+        assert req.status == 206 and srv.file_bytes_sent == SIZE - MIB
+    assert (dest / "file.bin").read_bytes() == data
+
+
 def _make_whole(dest: Path, data: bytes) -> None:
     """The partial file of ``file.bin`` holds all of ``data``: a run stopped after the last
     byte came and before the file took its name."""

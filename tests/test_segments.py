@@ -73,6 +73,32 @@ def test_ranges_at_once_of_one_version_joined(tmp_path: Path, payload: bytes, ru
     assert not list((tmp_path / "d" / ".fetcher" / "partial").iterdir())
 
 
+@pytest.mark.parametrize("dated", [True, False], ids=["last-modified", "no-date"])
+def test_a_weak_etag_is_not_what_the_ranges_name(
+    tmp_path: Path, payload: bytes, run_fetch, dated: bool
+) -> None:
+    """``If-Range`` never matches a weak ETag (``W/``, as a CDN or an encoding server sends):
+    with it every range but the first came back whole, and the file failed. The ranges name
+    the version by its date instead; with no date either, the file comes whole at once."""
+    with FaultServer(root=_www(tmp_path, b"")) as srv:
+        srv.add_file(
+            "/iso/big.img", payload, etag='W/"v1"', last_modified=1_700_000_000 if dated else None
+        )
+        r = run_fetch("--mirror", f"{srv.url}iso/", "--dest", tmp_path / "d", "--segments", "4",
+                      "--procs", "1")  # fmt: skip
+        reqs = [q for q in srv.requests if q.path == "/iso/big.img"]
+    assert r.code == 0, r.output
+    assert (tmp_path / "d" / "big.img").read_bytes() == payload
+    if dated:
+        assert sorted(q.headers["range"] for q in reqs) == sorted(_ranges(SIZE, 4))
+        assert {q.headers.get("if-range") for q in reqs[1:]} == {"Tue, 14 Nov 2023 22:13:20 GMT"}
+        assert [q.status for q in reqs] == [206] * len(reqs)
+    else:  # the first range, then the whole file
+        assert [(q.status, q.headers.get("range")) for q in reqs] == [
+            (206, _ranges(SIZE, 4)[0]), (200, None)
+        ]  # fmt: skip
+
+
 def test_a_server_that_ignores_range_gets_one_whole_request(
     tmp_path: Path, payload: bytes, run_fetch
 ) -> None:
