@@ -519,7 +519,8 @@ def _whole_already(
     The resume asked with ``If-Range``: a server that honours it answers a changed file
     whole (200), so its 416 is about the partial's version (nginx sends no validator with
     it). One that names a version is held to it, as a 206 is (:func:`_changed_since`).
-    Without ``Content-Range`` (lighttpd) nothing says how long the file is: fetched again."""
+    Without ``Content-Range`` (Apache, lighttpd) nothing says how long the file is: it is
+    fetched again."""
     m = _UNSATISFIED.fullmatch(got.get("content-range", "").strip())
     if side is None or m is None or int(m.group(1)) != offset:
         return False
