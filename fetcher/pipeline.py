@@ -15,6 +15,7 @@ import os
 import posixpath
 import queue
 import shutil
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -589,7 +590,7 @@ def _publish_staged(run: _Run) -> None:
     The set is written down first (``_PUBLISHING``): a run killed or stopped between two
     renames has the rest published by :func:`_drop_staged`, not dropped. One that cannot
     take its name (someone's directory there) gives the names the set took before it
-    back to the old files (kept aside, linked, under ``.fetcher/replaced/``)."""
+    back to the old files (kept aside, linked or copied, under ``.fetcher/replaced/``)."""
     s = run.summary
     staged = sorted(run.staged, key=lambda o: (publish_step(o.path), o.path))
     run.staged = []
@@ -686,7 +687,7 @@ def _gone_below(run: _Run, top: str, staged: list[Outcome]) -> frozenset[str]:
 
 def _rename_all(dest: Path, paths: list[RelPath]) -> tuple[RelPath, str] | None:
     """Rename each staged file in ``paths`` over its name in DEST, in order; None when all
-    did. Else undo those done (each old file linked aside first is put back, a name that
+    did. Else undo those done (each old file kept aside first is put back, a name that
     was free is freed) and say which one could not, and why."""
     old_dir = dest / STATE_DIR / "replaced"  # (not in staged/: a mirror may have ".old/")
     done: list[tuple[str, str | None]] = []  # (final, the old file's copy or None)
@@ -699,8 +700,8 @@ def _rename_all(dest: Path, paths: list[RelPath]) -> tuple[RelPath, str] | None:
                 _keep_aside(final, kept)
             except FileNotFoundError:
                 kept = ""  # a new name: nothing to put back
-            except (IsADirectoryError, PermissionError):
-                kept = ""  # (linux: EPERM for a directory) the rename below says why
+            except IsADirectoryError:
+                kept = ""  # the rename below says why
             _take_name(dest, path)
         except OSError as exc:
             for name, copy in reversed(done):
@@ -715,14 +716,23 @@ def _rename_all(dest: Path, paths: list[RelPath]) -> tuple[RelPath, str] | None:
 
 
 def _keep_aside(final: str, kept: str) -> None:
-    """The old file at ``final`` linked at ``kept``; copied where ``final`` lies on another
-    filesystem than DEST's state directory (a disk mounted inside DEST for ``dists/``)."""
+    """The old file at ``final`` linked at ``kept``; copied where it cannot be linked.
+
+    Where ``final`` lies on another filesystem than DEST's state directory (a disk
+    mounted inside DEST for ``dists/``: EXDEV), on one without hard links (FAT, exFAT:
+    EPERM), or is someone else's (``fs.protected_hardlinks``: EPERM). A directory at
+    ``final`` (Linux will not link one: EPERM) raises ``IsADirectoryError``; a file that
+    can be neither linked nor copied raises, and is not replaced: the put-back would
+    have nothing to put back (the new file was removed from a name taken as free)."""
     try:
         os.link(final, kept, follow_symlinks=False)
+        return
+    except FileNotFoundError:
+        raise
     except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise
-        shutil.copy2(final, kept, follow_symlinks=False)
+        if stat.S_ISDIR(os.lstat(final).st_mode):
+            raise IsADirectoryError(errno.EISDIR, "Is a directory", final) from exc
+    shutil.copy2(final, kept, follow_symlinks=False)
 
 
 def _take_name(dest: Path, path: str) -> None:

@@ -5,6 +5,7 @@ under a final name, a re-run with space completes)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import os
 import random
@@ -237,12 +238,17 @@ def test_a_directory_of_dest_on_another_filesystem_gets_its_files(
         assert not list((dest / ".fetcher" / "partial").iterdir())
 
 
-def test_repository_metadata_is_published_into_a_directory_on_another_filesystem(
-    tmp_path: Path, run_fetch: RunFetch
+@pytest.mark.parametrize("disk", ["dists-on-a-disk-of-its-own", "no-hard-links"])
+def test_repository_metadata_is_published_on_awkward_disks(
+    tmp_path: Path, run_fetch: RunFetch, monkeypatch: pytest.MonkeyPatch, disk: str
 ) -> None:
     """``dists/`` on a disk of its own inside DEST: the metadata staged under
     ``DEST/.fetcher/staged/`` could not take its names there (EXDEV), new or updated, and
-    every run failed the whole set with 'Invalid cross-device link'."""
+    every run failed the whole set with 'Invalid cross-device link'.
+
+    DEST on a FAT or exFAT disk (a USB stick with an offline apt repository): no hard
+    links (``link(2)`` says EPERM) and no unnamed files. The old metadata was not kept
+    aside, so a set that could not be published whole lost the files it had published."""
     from tests.test_churn import OLD, _age, _debian, _release
 
     www, dest = tmp_path / "www", tmp_path / "dest"
@@ -252,7 +258,17 @@ def test_repository_metadata_is_published_into_a_directory_on_another_filesystem
     _debian(www, b"Packages, first")
     _age(www)
     index = "dists/stable/main/binary-amd64/Packages.gz"
-    with _tmpfs(dest / "dists", "16m"), _serving(www) as srv:
+    with contextlib.ExitStack() as stack:
+        if disk == "no-hard-links":
+
+            def no_link(*args: object, **kwargs: object) -> None:
+                raise PermissionError(errno.EPERM, "Operation not permitted")
+
+            monkeypatch.setattr(os, "link", no_link)
+            monkeypatch.setattr("fetcher.download._Out.open_unnamed", lambda self, d: False)
+        else:
+            stack.enter_context(_tmpfs(dest / "dists", "16m"))
+        srv = stack.enter_context(_serving(www))
         r = run_fetch("--mirror", srv.url, "--dest", dest)
         assert r.code == 0, r.output
         assert tree_manifest(dest) == tree_manifest(www)
