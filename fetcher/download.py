@@ -1048,7 +1048,8 @@ def move_into(part: Path, target: str) -> None:
                 if n == 0:
                     raise IncompleteDownload(f"{part} shrank while it was copied")
                 done += n
-        os.fchmod(out.fd, stat.S_IMODE(st.st_mode))
+        with contextlib.suppress(PermissionError):  # FAT, exFAT: modes are the mount's
+            os.fchmod(out.fd, stat.S_IMODE(st.st_mode))
         os.utime(out.fd, ns=(st.st_atime_ns, st.st_mtime_ns))
         if tmp is None:
             tmp = _hidden_name(directory)

@@ -297,3 +297,53 @@ def test_repository_metadata_is_published_on_awkward_disks(
         assert (dest / index).read_bytes() == b"Packages, secnd"
         assert os.stat(dest / index).st_mtime == OLD + 7200
         assert (dest / "dists/stable/Release/someone's").read_bytes() == b"kept"
+
+
+def test_a_fat_disk_takes_files_and_reports_without_their_modes(
+    tmp_path: Path, run_fetch: RunFetch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FAT and exFAT keep no modes: ``chmod`` is refused (EPERM) unless the disk was
+    mounted ``quiet``. A file copied onto such a disk mounted inside DEST, and a report
+    written onto one, failed on it; their modes are the mount's, and they land."""
+    from fetcher.download import move_into
+
+    chmod, fchmod = os.chmod, os.fchmod
+    refused: list[str] = []
+    fat = tmp_path / "fat"
+
+    def on_fat(path: str) -> bool:
+        if path.startswith(str(fat)):
+            refused.append(path)
+            return True
+        return False
+
+    def no_chmod(path: Any, *args: Any, **kwargs: Any) -> None:
+        if on_fat(os.fspath(path)):
+            raise PermissionError(errno.EPERM, "Operation not permitted", path)
+        chmod(path, *args, **kwargs)
+
+    def no_fchmod(fd: int, mode: int) -> None:
+        if on_fat(os.readlink(f"/proc/self/fd/{fd}")):
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+        fchmod(fd, mode)
+
+    monkeypatch.setattr(os, "chmod", no_chmod)
+    monkeypatch.setattr(os, "fchmod", no_fchmod)
+    monkeypatch.setattr("fetcher.download._Out.open_unnamed", lambda self, d: False)
+    src = tmp_path / "src"
+    (src / "pool").mkdir(parents=True)
+    (src / "pool" / "p.deb").write_bytes(b"deb" * 100)
+    with _tmpfs(fat, "8m"), _serving(src) as srv:
+        # a file checked in DEST's partial directory takes its name on the other disk
+        part = tmp_path / "big.part"
+        part.write_bytes(b"checked" * 1000)
+        os.utime(part, (2_000_000_000, 2_000_000_000))
+        move_into(part, str(fat / "big.bin"))
+        assert (fat / "big.bin").read_bytes() == b"checked" * 1000
+        assert (fat / "big.bin").stat().st_mtime == 2_000_000_000 and not part.exists()
+        report = fat / "report.json"
+        r = run_fetch("--mirror", srv.url, "--dest", tmp_path / "dest", "--report", report)
+        assert r.code == 0, r
+        assert '"exit_code": 0' in report.read_text()
+    assert {Path(p).parent for p in refused} == {fat}, refused
+    assert len(refused) == 2, refused  # the copy's mode, the report's
