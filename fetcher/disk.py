@@ -25,6 +25,7 @@ from fetcher.state import ROWS_AT_ONCE, Row, State
 __all__ = ["Disk"]
 
 _UNSEEN = object()
+_MTIME_STEP = 2.0  # seconds: the coarsest a disk keeps a file's time to (FAT's)
 
 
 class Disk:
@@ -105,8 +106,9 @@ class Disk:
             return False
         if not stat.S_ISREG(st.st_mode) or st.st_size != r.size:
             return False
-        # written since (an edit of the same size): someone's, kept
-        return r.mtime is None or abs(st.st_mtime - r.mtime) <= 0.01
+        # written since (an edit of the same size): someone's, kept. The time it was given
+        # is the server's, long past; a disk keeps it to its own step (FAT: 2 s).
+        return r.mtime is None or abs(st.st_mtime - r.mtime) <= _MTIME_STEP
 
     def clear_dir(self, path: RelPath, dry: list[str] | None = None) -> bool:
         """Upstream, the directory ``path`` of an earlier run is a file now: remove it, if

@@ -163,14 +163,16 @@ def test_a_file_that_became_a_directory_upstream_gives_way_if_the_mirror_fetched
     # files below it fail, as any local file in the way does.
     www = tmp_path / "www"
     www.mkdir()
-    for name in ("a", "b", "c", "keep.txt"):
+    for name in ("a", "b", "c", "f", "keep.txt"):
         (www / name).write_bytes(name.encode() * 300)
-        os.utime(www / name, (1_700_000_000, 1_700_000_000))
+        os.utime(www / name, (1_700_000_001, 1_700_000_001))
     dest = tmp_path / "d"
     with FaultServer(root=www) as srv:
         args = ("--mirror", srv.url, "--dest", dest, "--procs", "1")
         assert run_fetch(*args).code == 0
-        for name in ("a", "b", "c"):
+        # "f" is on a FAT disk, which keeps a file's time to 2 s: as the mirror's as "a"
+        os.utime(dest / "f", (1_700_000_000, 1_700_000_000))
+        for name in ("a", "b", "c", "f"):
             (www / name).unlink()
             (www / name / "sub").mkdir(parents=True)
             (www / name / "sub" / "inner.txt").write_bytes(name.encode() * 50)
@@ -178,8 +180,9 @@ def test_a_file_that_became_a_directory_upstream_gives_way_if_the_mirror_fetched
         (dest / "c").write_bytes(b"X" * 300)  # edited too, to the same size (it went)
         r = run_fetch(*args)
     assert r.code == 1, r.output
-    assert (dest / "a" / "sub" / "inner.txt").read_bytes() == b"a" * 50
-    assert "a: a file fetched before is a directory upstream now; replaced" in r.output
+    for name in ("a", "f"):
+        assert (dest / name / "sub" / "inner.txt").read_bytes() == name.encode() * 50
+        assert f"{name}: a file fetched before is a directory upstream now; replaced" in r.output
     assert (dest / "b").read_bytes() == b"edited here"
     assert (dest / "c").read_bytes() == b"X" * 300
     assert f"{dest / 'b'}: a local file where the mirror has a directory" in r.output
@@ -190,6 +193,7 @@ def test_a_file_that_became_a_directory_upstream_gives_way_if_the_mirror_fetched
     finally:
         con.close()
     assert "a" not in paths and "a/sub/inner.txt" in paths and "b" in paths
+    assert "f" not in paths and "f/sub/inner.txt" in paths
     assert _partials(dest) == []
 
 
