@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--mirror",
         metavar="URL",
-        help="start URL: a directory listing; nothing above it or off-site is fetched (user:password@ in it, or a ~/.netrc entry for its host, authenticates every request)",
+        help="start URL: a directory listing; nothing above it or off-site is fetched (user:password@ in it, or a ~/.netrc entry for its host, authenticates every request to it)",
     )
     g.add_argument(
         "--dest",

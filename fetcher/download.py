@@ -217,8 +217,28 @@ def _send(ctx: _Ctx, url: str, headers: dict[str, str]) -> tuple[httpx.Response,
         if target in seen:
             raise RedirectRefused(f"redirect loop: {' -> '.join([*seen, target])}")
         seen.append(target)
+        kept = _for_origin(headers, url, target)
+        if kept is not headers:
+            headers, plain = kept, False
         url = target
     raise RedirectRefused(f"more than {MAX_REDIRECTS} redirects from {seen[0]}")
+
+
+_CREDENTIALS = frozenset({"authorization", "cookie"})
+
+
+def _for_origin(headers: dict[str, str], url: str, target: str) -> dict[str, str]:
+    """``headers`` for ``target``, which ``url`` redirected to: without the credentials
+    (``Authorization`` from the URL's user, ~/.netrc or ``--header``; a ``Cookie``) when
+    ``target`` is another origin (an alias: another host, port or scheme), as curl and
+    httpx have it. They were given for the mirror's host: an alias may be anyone's
+    server in a mirror network, or plain http. ``headers`` itself when nothing goes."""
+    if not any(k.lower() in _CREDENTIALS for k in headers):
+        return headers
+    a, b = httpx.URL(url), httpx.URL(target)
+    if (a.scheme, a.host, a.port) == (b.scheme, b.host, b.port):
+        return headers
+    return {k: v for k, v in headers.items() if k.lower() not in _CREDENTIALS}
 
 
 def _due(ctx: _Ctx, ready: httpx.Request | None) -> bool:
@@ -860,6 +880,7 @@ def _attempt_segmented_into(
         finally:
             os.close(fd)
     got = _header_map(resp)
+    piece_headers = _for_origin(ctx.headers, f.url, answered_by)  # (redirected to an alias)
     lock = threading.Lock()
     finished: set[tuple[int, int]] = set(done)
 
@@ -880,7 +901,7 @@ def _attempt_segmented_into(
             req = httpx.Request(
                 "GET",
                 file_url(answered_by, ctx.t.root),
-                headers={**ctx.headers, "Range": f"bytes={a}-{b}", "If-Range": validator},
+                headers={**piece_headers, "Range": f"bytes={a}-{b}", "If-Range": validator},
                 extensions=ctx.extensions,
             )
             answer = transport.handle_request(req)

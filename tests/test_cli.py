@@ -979,6 +979,40 @@ def test_credentials_in_the_url_go_with_every_request_and_nowhere_else(
     assert f"{srv.url}pub/ → {dest}" in r.output  # the URL, without them
 
 
+@pytest.mark.parametrize("given", ["url-user", "header"])
+def test_credentials_do_not_follow_a_redirect_to_an_alias(
+    tmp_path: Path, run_fetch, given: str
+) -> None:
+    """An alias (``--alias``) is another origin, maybe anyone's server in a mirror network,
+    maybe plain http: the mirror's credentials (from the URL, ~/.netrc or an Authorization
+    ``--header``) went there with every redirected file, and with each range of a
+    segmented one. Other headers still go, as curl has it."""
+    small, big = b"s" * 100, os.urandom(17 << 20)  # big: in ranges (--segments 2)
+    with FaultServer() as srv, FaultServer() as other:
+        for name, data in (("small.bin", small), ("big.bin", big)):
+            srv.add_file(f"/pub/{name}", data)
+            srv.persist(f"/pub/{name}", Fault.redirect(f"http://127.0.0.1:{other.port}/m/{name}"))
+            other.add_file(f"/m/{name}", data)
+        srv.add_file("/pub/here.txt", b"here")
+        if given == "url-user":
+            url, extra = srv.url.replace("http://", "http://user:s3cr3t@") + "pub/", []
+            sent = "Basic " + base64.b64encode(b"user:s3cr3t").decode()
+        else:
+            url, extra = srv.url + "pub/", ["--header", "Authorization: Bearer t0k3n"]
+            sent = "Bearer t0k3n"
+        dest = tmp_path / "d"
+        r = run_fetch("--mirror", url, "--dest", dest, "--procs", "1", "--segments", "2",
+                      "--alias", f"127.0.0.1:{other.port}", "--header", "X-Team: mirrors",
+                      *extra)  # fmt: skip
+        mine, theirs = srv.requests, other.requests
+    assert r.code == 0, r.output
+    assert (dest / "small.bin").read_bytes() == small and (dest / "big.bin").read_bytes() == big
+    assert all(q.headers.get("authorization") == sent for q in mine), mine
+    assert len(theirs) >= 3 and {q.path for q in theirs} == {"/m/small.bin", "/m/big.bin"}
+    assert [q.headers.get("authorization") for q in theirs] == [None] * len(theirs), theirs
+    assert all(q.headers.get("x-team") == "mirrors" for q in theirs), theirs
+
+
 @pytest.mark.parametrize("proxied", [False, True], ids=["direct", "via-proxy"])
 def test_headers_and_user_agent_go_with_every_request(
     tmp_path: Path, run_fetch, proxied: bool
