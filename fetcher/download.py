@@ -74,6 +74,9 @@ RESUME_MIN = 1 << 20  # bodies smaller than this are refetched whole rather than
 _FATAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _UNSATISFIED = re.compile(r"bytes \*/(\d+)")  # a 416's Content-Range
+# A partial file (or sidecar) is fetch's own, in DEST's state directory: a symbolic link
+# there is someone else's, and is not written through (ELOOP: the file fails, naming it).
+_PARTIAL_FLAGS = os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW
 
 
 class Interrupted(Exception):
@@ -673,7 +676,7 @@ class _Out:
 
     def open_partial(self, part: Path, mode: str) -> None:
         append = os.O_APPEND if mode == "ab" else os.O_TRUNC
-        self.fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | append, 0o666)
+        self.fd = os.open(part, _PARTIAL_FLAGS | os.O_CREAT | append, 0o666)
 
     def open_unnamed(self, directory: str) -> bool:
         """An unnamed file in ``directory``; False where the filesystem has none."""
@@ -874,7 +877,7 @@ def _attempt_segmented_into(
                 raise _status_error(resp, f.url)
             return _attempt(ctx, job, where, True)  # no ranges, or none safe to join: whole
         _ensure_dir(str(part.parent), ctx.known_dirs)
-        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+        fd = os.open(part, _PARTIAL_FLAGS | os.O_CREAT | os.O_TRUNC, 0o666)
         try:
             os.ftruncate(fd, size)
         finally:
@@ -912,7 +915,7 @@ def _attempt_segmented_into(
                     f" {len(ranges)} segments (HTTP {answer.status_code}, Content-Range"
                     f" {answer.headers.get('content-range')!r} for bytes {a}-{b})"
                 )
-            out = os.open(part, os.O_WRONLY | os.O_CLOEXEC)
+            out = os.open(part, _PARTIAL_FLAGS)
             try:
                 os.lseek(out, a, os.SEEK_SET)
                 got_n = _stream_body(ctx, answer, out, "wb", None)
@@ -1004,7 +1007,11 @@ def write_json(meta: Path, data: Any) -> None:
     """``meta`` holds ``data`` (JSON), whole: written beside it, then renamed over it (a
     partial file's sidecar; the list of staged metadata being published)."""
     tmp = meta.with_name(meta.name + ".tmp")
-    tmp.write_text(json.dumps(data), "utf-8")
+    fd = os.open(tmp, _PARTIAL_FLAGS | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        write_all(fd, json.dumps(data).encode("utf-8"))
+    finally:
+        os.close(fd)
     os.replace(tmp, meta)
 
 

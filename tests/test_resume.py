@@ -217,6 +217,32 @@ def test_a_partial_of_a_weak_etag_resumes_by_its_date(tmp_path: Path, run_fetch:
     assert (dest / "file.bin").read_bytes() == data
 
 
+@pytest.mark.parametrize("planted", ["partial", "sidecar"])
+def test_a_link_planted_among_the_partial_files_is_not_written_through(
+    tmp_path: Path, run_fetch: RunFetch, planted: str
+) -> None:
+    """``DEST/.fetcher/partial/`` is fetch's own: a symbolic link there (someone who can
+    write to DEST, with fetch run as root) pointed the next partial file, or sidecar, at
+    any file; it was opened through the link and overwritten. It is not opened now: the
+    file fails, naming the link, and what it points at is as it was."""
+    dest = tmp_path / "dest"
+    victim = tmp_path / "victim.conf"
+    victim.write_bytes(b"root:x:0:0\n")
+    data = random.Random(13).randbytes(SIZE)
+    part, meta = partial_paths(dest, RelPath("file.bin"))
+    part.parent.mkdir(parents=True)
+    link = part if planted == "partial" else meta.with_name(meta.name + ".tmp")
+    link.symlink_to(victim)
+    with _serving() as srv:
+        srv.add_file("/pub/file.bin", data)
+        r = run_fetch("--mirror", srv.url + "pub/", "--dest", dest, "--procs", "1",
+                      "--retries", "1")  # fmt: skip
+    assert r.code == 1, r
+    assert "Too many levels of symbolic links" in r.output and link.name in r.output, r.output
+    assert victim.read_bytes() == b"root:x:0:0\n"
+    assert link.is_symlink() and not (dest / "file.bin").exists()
+
+
 def _make_whole(dest: Path, data: bytes) -> None:
     """The partial file of ``file.bin`` holds all of ``data``: a run stopped after the last
     byte came and before the file took its name."""
