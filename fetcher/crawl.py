@@ -19,8 +19,9 @@ import re
 import shlex
 import threading
 import time
+import zlib
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 from urllib.parse import unquote
@@ -262,14 +263,8 @@ def _read_page(
                 raise ListingError(
                     f"listing of {cl} bytes is over the {opts.max_listing_bytes} byte cap: {url}"
                 )
-            body = bytearray()
             try:
-                for chunk in resp.iter_bytes():
-                    body += chunk
-                    if len(body) > opts.max_listing_bytes:
-                        raise ListingError(
-                            f"listing is over the {opts.max_listing_bytes} byte cap: {url}"
-                        )
+                body = _capped_body(resp, opts.max_listing_bytes, "listing", url)
             except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
                 raise IncompleteDownload(f"listing cut short: {url}: {exc}") from exc
             ctype = resp.headers.get("content-type", "text/html")
@@ -339,12 +334,63 @@ def _fetch_text(client: httpx.Client, url: str, cap: int) -> str:
             raise HTTPStatusError(
                 resp.status_code, url, retry_after_seconds(resp.headers.get("retry-after"))
             )
-        body = bytearray()
-        for chunk in resp.iter_bytes():
-            body += chunk
-            if len(body) > cap:
-                raise ListingError(f"checksum file over {cap} bytes: {url}")
+        body = _capped_body(resp, cap, "checksum file", url)
     return body.decode("utf-8", "replace")
+
+
+def _capped_body(resp: httpx.Response, cap: int, what: str, url: str) -> bytearray:
+    """The body of a page read whole (a listing, a checksum file): at most ``cap`` bytes
+    once decoded, else :class:`ListingError`.
+
+    We ask for identity; a server may send gzip or deflate anyway (a misconfigured one),
+    which is decoded here, never past the cap: zlib is told how much it may give. Any
+    other coding is refused unread: a zstd page of 128 KiB, decoded by httpx chunk by
+    chunk, had grown this process by 8 GiB before the cap was looked at."""
+    coding = resp.headers.get("content-encoding", "").strip().lower()
+    decoder: Any = None
+    chunks: Iterable[bytes]
+    if resp.is_stream_consumed:  # made with its content (a test's transport): decoded then
+        coding, chunks = "", [resp.content]
+    else:
+        chunks = resp.iter_raw()
+    if coding in ("gzip", "x-gzip"):
+        decoder = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    elif coding == "deflate":
+        decoder = _Deflate()
+    elif coding not in ("", "identity"):
+        raise ListingError(
+            f"{what} sent with Content-Encoding {coding[:40]!r} (identity was asked): not read:"
+            f" {url}"
+        )
+    body = bytearray()
+    for chunk in chunks:
+        if decoder is not None:
+            try:
+                chunk = decoder.decompress(chunk, cap + 1 - len(body))
+            except zlib.error as exc:
+                raise ListingError(f"{what} not decodable ({coding}: {exc}): {url}") from None
+        body += chunk
+        if len(body) > cap:
+            raise ListingError(f"{what} is over the {cap} byte cap: {url}")
+    return body
+
+
+class _Deflate:
+    """``Content-Encoding: deflate``: zlib's format, or raw deflate as some servers send it
+    (as httpx reads it), with zlib's bound on what one call gives."""
+
+    def __init__(self) -> None:
+        self._d = zlib.decompressobj()
+        self._first = True
+
+    def decompress(self, data: bytes, most: int) -> bytes:
+        if self._first:
+            self._first = False
+            try:
+                return self._d.decompress(data, most)
+            except zlib.error:
+                self._d = zlib.decompressobj(-zlib.MAX_WBITS)
+        return self._d.decompress(data, most)
 
 
 def _fingerprint(entries: Sequence[ListingEntry]) -> bytes:

@@ -1084,6 +1084,79 @@ def test_gzip_encoding_stored_as_served(tmp_path: Path, run_fetch) -> None:
                 assert q.headers.get("accept-encoding") == "identity", q.headers
 
 
+@pytest.mark.parametrize("coding", ["gzip", "deflate", "raw-deflate", "zstd"])
+def test_a_listing_compressed_although_identity_was_asked(
+    tmp_path: Path, run_fetch, coding: str
+) -> None:
+    """gzip and deflate (zlib's, or raw as some servers send it) are read, as a server
+    misconfigured so sends them; any other coding is refused unread, naming it."""
+    import zlib
+
+    import zstandard
+
+    page = _page(b"a.txt", b"b.txt")
+    raw = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    sent = {
+        "gzip": gzip.compress(page, mtime=0),
+        "deflate": zlib.compress(page),
+        "raw-deflate": raw.compress(page) + raw.flush(),
+        "zstd": zstandard.ZstdCompressor().compress(page),
+    }[coding]
+    with FaultServer() as srv:
+        srv.add_listing(START, sent)
+        srv.persist(START, Fault.header("Content-Encoding", coding.removeprefix("raw-")))
+        srv.add_file(START + "a.txt", b"a")
+        srv.add_file(START + "b.txt", b"b")
+        dest = tmp_path / "d"
+        r = run_fetch("--mirror", srv.url + START[1:], "--dest", dest, "--procs", "1")
+        _no_traceback(r.output)
+        if coding == "zstd":
+            assert r.code == 1, r
+            assert "listing sent with Content-Encoding 'zstd' (identity was asked)" in r.output
+            assert srv.count() == 1  # not retried
+        else:
+            assert r.code == 0, r
+            assert (dest / "a.txt").read_bytes() == b"a" and (dest / "b.txt").read_bytes() == b"b"
+
+
+@pytest.mark.parametrize("coding", ["gzip", "zstd"])
+def test_a_compressed_listing_bomb_stays_small(tmp_path: Path, coding: str) -> None:
+    """A listing of ~1 MiB on the wire that decodes to 1 GiB: gzip is decoded only as far
+    as the cap; zstd is not decoded at all. httpx decoded each chunk whole before the cap
+    was looked at: a zstd page of 128 KiB grew fetch by 8 GiB."""
+    import zlib
+
+    import zstandard
+
+    zeros = bytes(64 << 20)
+    if coding == "gzip":
+        z = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+        bomb = z.compress(b"<pre>") + b"".join(z.compress(zeros) for _ in range(16)) + z.flush()
+    else:
+        z = zstandard.ZstdCompressor().compressobj()
+        bomb = z.compress(b"<pre>") + b"".join(z.compress(zeros) for _ in range(16)) + z.flush()
+    del zeros
+    code = (
+        "import re, sys\n"
+        "from fetcher.cli import main\n"
+        "code = main(sys.argv[1:])\n"
+        "hwm = int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))\n"
+        "print(code, hwm)\n"
+    )
+    with FaultServer() as srv:
+        srv.add_listing(START, bomb)
+        srv.persist(START, Fault.header("Content-Encoding", coding))
+        out = subprocess.run(
+            [sys.executable, "-c", code, "--mirror", srv.url + START[1:], "--dest",
+             str(tmp_path / "d"), "--procs", "1", "-qq"],
+            cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    assert len(bomb) < 2 << 20, len(bomb)
+    code_seen, hwm_kib = map(int, out.stdout.split()[-2:])
+    assert code_seen == 1, out
+    assert hwm_kib < 400 * 1024, f"the listing grew fetch to {hwm_kib >> 10} MiB"
+
+
 # --- names that act on a terminal -----------------------------------------------------
 
 
