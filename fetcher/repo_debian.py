@@ -32,7 +32,15 @@ from fetcher.errors import HTTPStatusError, ListingError
 from fetcher.listing import parse_listing
 from fetcher.repo_index import IndexSource, check_digest, decompressed
 
-__all__ = ["Release", "Suite", "find_suites", "parse_paragraphs", "parse_release", "walk"]
+__all__ = [
+    "Release",
+    "Suite",
+    "deb822_lines",
+    "find_suites",
+    "parse_paragraphs",
+    "parse_release",
+    "walk",
+]
 
 _PREFERRED = (".xz", ".gz", ".bz2", ".zst", "")
 _RELEASE_FILES = ("Release", "InRelease", "Release.gpg")
@@ -65,24 +73,49 @@ def _strip_signature(text: str) -> str:
     return "\n".join(line[2:] if line.startswith("- ") else line for line in body.split("\n"))
 
 
+MAX_LINE = 1 << 20
+"""Characters in one line of a deb822 file, at most (a Packages line is a few KiB)."""
+MAX_PARAGRAPH = 16 << 20
+"""Characters in one paragraph, at most (a package's is a few KiB; Release's, its sums)."""
+
+
+def deb822_lines(text: IO[str]) -> Iterator[str]:
+    """The lines of ``text``, each read no further than :data:`MAX_LINE`: a line longer is
+    a :class:`ListingError`. (Iterating the file read a line whole, however long: a
+    Packages.xz of a few KiB can hold a line of gigabytes.)"""
+    while line := text.readline(MAX_LINE + 1):
+        if len(line) > MAX_LINE:
+            raise ListingError(f"a line of over {MAX_LINE} characters: not a deb822 file")
+        yield line
+
+
 def parse_paragraphs(lines: Iterator[str]) -> Iterator[dict[str, str]]:
-    """deb822 paragraphs as dicts; continuation lines are joined with newlines (pure)."""
-    para: dict[str, str] = {}
+    """deb822 paragraphs as dicts; continuation lines are joined with newlines (pure).
+
+    A paragraph over :data:`MAX_PARAGRAPH` characters is a :class:`ListingError`; the
+    lines of a field are gathered in a list and joined once (adding each to the field's
+    string copied it whole each time: a million continuation lines took hours)."""
+    para: dict[str, list[str]] = {}
     key = None
+    size = 0
     for raw in lines:
         line = raw.rstrip("\r\n")
         if not line.strip():
             if para:
-                yield para
-            para, key = {}, None
-        elif line[0] in " \t":
+                yield {k: "\n".join(v) for k, v in para.items()}
+            para, key, size = {}, None, 0
+            continue
+        size += len(line)
+        if size > MAX_PARAGRAPH:
+            raise ListingError(f"a paragraph of over {MAX_PARAGRAPH} characters: not a deb822 file")
+        if line[0] in " \t":
             if key is not None:
-                para[key] += "\n" + line.strip()
+                para[key].append(line.strip())
         elif ":" in line:
             key, _, value = line.partition(":")
-            para[key] = value.strip()
+            para[key] = [value.strip()]
     if para:
-        yield para
+        yield {k: "\n".join(v) for k, v in para.items()}
 
 
 def parse_release(data: bytes) -> Release:
@@ -248,7 +281,7 @@ def _exists(src: IndexSource, url: str) -> bool:
 
 def _packages(src: IndexSource, stream: IO[bytes], seen: set[str]) -> Iterator[CrawlItem]:
     text = io.TextIOWrapper(stream, encoding="utf-8", errors="replace")
-    for para in parse_paragraphs(iter(text)):
+    for para in parse_paragraphs(deb822_lines(text)):
         filename = para.get("Filename")
         if not filename or filename in seen:
             continue

@@ -155,10 +155,10 @@ def _yum_entries(stream: IO[bytes]) -> Iterator[tuple[str, int | None]]:
 
 
 def _debian_entries(stream: IO[bytes]) -> Iterator[tuple[str, int | None]]:
-    from fetcher.repo_debian import parse_paragraphs
+    from fetcher.repo_debian import deb822_lines, parse_paragraphs
 
     text = io.TextIOWrapper(stream, encoding="utf-8", errors="replace")
-    for para in parse_paragraphs(iter(text)):
+    for para in parse_paragraphs(deb822_lines(text)):
         filename = para.get("Filename")
         size = para.get("Size", "")
         if filename:

@@ -16,6 +16,7 @@ import hashlib
 import lzma
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -626,3 +627,43 @@ def test_a_repomd_xml_outside_its_namespace_is_named_as_such(
         "not a repomd.xml: its root element is 'repomd', not 'repomd' in the namespace"
         " http://linux.duke.edu/metadata/repo" in r.output
     ), r
+
+
+@pytest.mark.parametrize("shape", ["long-line", "long-paragraph"])
+def test_a_hostile_packages_index_is_refused_not_held(tmp_path: Path, shape: str) -> None:
+    """A Packages.gz of ~1 MiB that holds one line of 1 GiB, or one paragraph of 9 million
+    continuation lines: the first was read into memory whole (as a file's lines are), the
+    second added line by line to one string, copying it each time (hours). Each is now a
+    listing error naming the bound, in a fresh process that stays small."""
+    import zlib
+
+    from tests.test_churn import _debian
+
+    www = tmp_path / "www"
+    (www / "dists" / "stable" / "main" / "binary-amd64").mkdir(parents=True)
+    z = zlib.compressobj(1, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    if shape == "long-line":
+        head, body, times = b"Package: a\nDescription: ", b"x" * (64 << 20), 16
+    else:
+        head, body, times = b"Package: a\nDescription: x\n", b" y\n" * (1 << 20), 9
+    packages = z.compress(head) + b"".join(z.compress(body) for _ in range(times)) + z.flush()
+    _debian(www, packages)
+    code = (
+        "import re, sys\n"
+        "from pathlib import Path\n"
+        "from fetcher.config import MirrorJob\n"
+        "from fetcher.pipeline import mirror\n"
+        "s = mirror(MirrorJob(url=sys.argv[1], dest=Path(sys.argv[2]), index='debian', procs=1))\n"
+        "hwm = int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))\n"
+        "print(repr([why for _, why in s.listing_errors]), hwm)\n"
+    )
+    with FaultServer(root=www) as srv:
+        out = subprocess.run(
+            [sys.executable, "-c", code, srv.url, str(tmp_path / "d")],
+            cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    errors, hwm_kib = out.stdout.rsplit(" ", 1)
+    bound = "a line of over 1048576" if shape == "long-line" else "a paragraph of over 16777216"
+    assert bound in errors, errors
+    assert int(hwm_kib) < 300 * 1024, f"the index grew fetch to {int(hwm_kib) >> 10} MiB"
