@@ -141,10 +141,14 @@ def _package_missing(local: str, href: str, root: str, t: Transfer) -> str | Non
 
 
 def _yum_entries(stream: IO[bytes]) -> Iterator[tuple[str, int | None]]:
+    from fetcher.repo_index import MAX_ENTRY, EntryBound
+
     common = "{http://linux.duke.edu/metadata/common}"
-    for _event, elem in ET.iterparse(stream):
+    bounded = EntryBound(stream, MAX_ENTRY, "primary metadata")
+    for _event, elem in ET.iterparse(bounded):
         if elem.tag != f"{common}package":
             continue
+        bounded.entry_done()
         loc = elem.find(f"{common}location")
         href = loc.get("href") if loc is not None else None
         size = elem.find(f"{common}size")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
-from typing import IO
 from urllib.parse import quote
 
 import msgspec
@@ -21,7 +20,14 @@ import msgspec
 from fetcher.crawl import CrawlItem
 from fetcher.errors import ListingError
 from fetcher.models import CrawlProblem
-from fetcher.repo_index import IndexSource, check_digest, decompressed, normal_algo
+from fetcher.repo_index import (
+    MAX_ENTRY,
+    EntryBound,
+    IndexSource,
+    check_digest,
+    decompressed,
+    normal_algo,
+)
 
 __all__ = ["MetaFile", "parse_repomd", "walk"]
 
@@ -110,7 +116,7 @@ def walk(src: IndexSource, repomd: bytes) -> Iterator[CrawlItem]:
     if primary.checksum is not None:
         check_digest(data, primary.checksum[0], primary.checksum[1], primary.size, purl)
     try:
-        yield from _packages(src, decompressed(data, primary.href))
+        yield from _packages(src, EntryBound(decompressed(data, primary.href), MAX_ENTRY, purl))
     except (ET.ParseError, OSError, EOFError) as exc:
         # A truncated or corrupt stream that still matched its checksum, or had none.
         yield CrawlProblem(purl, f"primary metadata does not parse: {exc}", "listing")
@@ -121,7 +127,7 @@ def walk(src: IndexSource, repomd: bytes) -> Iterator[CrawlItem]:
     yield from src.file(src.url("repodata/repomd.xml"), len(repomd), ("sha256", digest))
 
 
-def _packages(src: IndexSource, stream: IO[bytes]) -> Iterator[CrawlItem]:
+def _packages(src: IndexSource, stream: EntryBound) -> Iterator[CrawlItem]:
     root: ET.Element | None = None
     for event, elem in ET.iterparse(stream, events=("start", "end")):
         if event == "start":
@@ -130,6 +136,7 @@ def _packages(src: IndexSource, stream: IO[bytes]) -> Iterator[CrawlItem]:
             continue
         if elem.tag != f"{_COMMON}package":
             continue
+        stream.entry_done()
         yield from _package(src, elem)
         elem.clear()
         if root is not None:

@@ -629,41 +629,70 @@ def test_a_repomd_xml_outside_its_namespace_is_named_as_such(
     ), r
 
 
-@pytest.mark.parametrize("shape", ["long-line", "long-paragraph"])
-def test_a_hostile_packages_index_is_refused_not_held(tmp_path: Path, shape: str) -> None:
-    """A Packages.gz of ~1 MiB that holds one line of 1 GiB, or one paragraph of 9 million
-    continuation lines: the first was read into memory whole (as a file's lines are), the
-    second added line by line to one string, copying it each time (hours). Each is now a
-    listing error naming the bound, in a fresh process that stays small."""
+_IN_A_FRESH_PROCESS = (
+    "import re, sys\n"
+    "from pathlib import Path\n"
+    "from fetcher.config import MirrorJob\n"
+    "from fetcher.pipeline import mirror\n"
+    "job = MirrorJob(url=sys.argv[1], dest=Path(sys.argv[2]), index=sys.argv[3], procs=1)\n"
+    "s = mirror(job)\n"
+    "hwm = int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))\n"
+    "print(repr([why for _, why in s.listing_errors]), hwm)\n"
+)
+
+
+def _gzip_of(head: bytes, body: bytes, times: int, tail: bytes = b"") -> bytes:
+    """gzip of ``head``, ``body`` ``times`` over and ``tail``, made a piece at a time."""
     import zlib
 
-    from tests.test_churn import _debian
+    z = zlib.compressobj(1, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    parts = [z.compress(head), *(z.compress(body) for _ in range(times)), z.compress(tail)]
+    return b"".join(parts) + z.flush()
+
+
+@pytest.mark.parametrize(
+    "shape", ["debian-long-line", "debian-long-paragraph", "yum-long-text", "yum-wide-package"]
+)
+def test_a_hostile_index_is_refused_not_held(tmp_path: Path, shape: str) -> None:
+    """An index of ~1 MiB, compressed, that holds one huge entry. A Packages.gz with a line
+    of 1 GiB was read into memory whole (as a file's lines are); one with a paragraph of 9
+    million continuation lines was added to one string line by line, copying it each
+    time (still going after two minutes). A primary.xml.gz with a text of 1 GiB, or a
+    package of 9 million elements, was built up whole by the XML parser. Each is now a
+    listing error naming the bound, in a fresh process that stays small."""
+    from tests.test_churn import _debian, _yum
 
     www = tmp_path / "www"
-    (www / "dists" / "stable" / "main" / "binary-amd64").mkdir(parents=True)
-    z = zlib.compressobj(1, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
-    if shape == "long-line":
-        head, body, times = b"Package: a\nDescription: ", b"x" * (64 << 20), 16
+    if shape.startswith("debian"):
+        (www / "dists" / "stable" / "main" / "binary-amd64").mkdir(parents=True)
+        if shape == "debian-long-line":
+            index = _gzip_of(b"Package: a\nDescription: ", b"x" * (64 << 20), 16)
+        else:
+            index = _gzip_of(b"Package: a\nDescription: x\n", b" y\n" * (1 << 20), 9)
+        _debian(www, index)
     else:
-        head, body, times = b"Package: a\nDescription: x\n", b" y\n" * (1 << 20), 9
-    packages = z.compress(head) + b"".join(z.compress(body) for _ in range(times)) + z.flush()
-    _debian(www, packages)
-    code = (
-        "import re, sys\n"
-        "from pathlib import Path\n"
-        "from fetcher.config import MirrorJob\n"
-        "from fetcher.pipeline import mirror\n"
-        "s = mirror(MirrorJob(url=sys.argv[1], dest=Path(sys.argv[2]), index='debian', procs=1))\n"
-        "hwm = int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))\n"
-        "print(repr([why for _, why in s.listing_errors]), hwm)\n"
-    )
+        (www / "repodata").mkdir(parents=True)
+        head = (
+            b'<?xml version="1.0"?><metadata xmlns="http://linux.duke.edu/metadata/common"'
+            b' xmlns:rpm="http://linux.duke.edu/metadata/rpm"><package><name>'
+        )
+        if shape == "yum-long-text":
+            index = _gzip_of(head, b"x" * (64 << 20), 16, b"</name></package></metadata>")
+        else:
+            index = _gzip_of(head + b"a</name><format>", b"<rpm:entry/>" * (1 << 20), 9,
+                             b"</format></package></metadata>")  # fmt: skip
+        _yum(www, index)
     with FaultServer(root=www) as srv:
         out = subprocess.run(
-            [sys.executable, "-c", code, srv.url, str(tmp_path / "d")],
+            [sys.executable, "-c", _IN_A_FRESH_PROCESS, srv.url, str(tmp_path / "d"),
+             shape.split("-")[0].replace("yum", "repodata")],
             cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     errors, hwm_kib = out.stdout.rsplit(" ", 1)
-    bound = "a line of over 1048576" if shape == "long-line" else "a paragraph of over 16777216"
+    bound = {
+        "debian-long-line": "a line of over 1048576",
+        "debian-long-paragraph": "a paragraph of over 16777216",
+    }.get(shape, "an entry of over 16777216 bytes")
     assert bound in errors, errors
     assert int(hwm_kib) < 300 * 1024, f"the index grew fetch to {int(hwm_kib) >> 10} MiB"
