@@ -35,8 +35,8 @@ from fetcher.repo_index import IndexSource, check_digest, decompressed
 __all__ = [
     "Release",
     "Suite",
-    "deb822_lines",
     "find_suites",
+    "index_paragraphs",
     "parse_paragraphs",
     "parse_release",
     "walk",
@@ -79,10 +79,16 @@ MAX_PARAGRAPH = 16 << 20
 """Characters in one paragraph, at most (a package's is a few KiB; Release's, its sums)."""
 
 
-def deb822_lines(text: IO[str]) -> Iterator[str]:
-    """The lines of ``text``, each read no further than :data:`MAX_LINE`: a line longer is
-    a :class:`ListingError`. (Iterating the file read a line whole, however long: a
+def index_paragraphs(stream: IO[bytes]) -> Iterator[dict[str, str]]:
+    """The paragraphs of a decompressed ``Packages`` index, as :func:`parse_paragraphs`
+    gives them, each line read no further than :data:`MAX_LINE`: a line longer is a
+    :class:`ListingError`. (Iterating the file read a line whole, however long: a
     Packages.xz of a few KiB can hold a line of gigabytes.)"""
+    text = io.TextIOWrapper(stream, encoding="utf-8", errors="replace")
+    return parse_paragraphs(_bounded_lines(text))
+
+
+def _bounded_lines(text: IO[str]) -> Iterator[str]:
     while line := text.readline(MAX_LINE + 1):
         if len(line) > MAX_LINE:
             raise ListingError(f"a line of over {MAX_LINE} characters: not a deb822 file")
@@ -280,8 +286,7 @@ def _exists(src: IndexSource, url: str) -> bool:
 
 
 def _packages(src: IndexSource, stream: IO[bytes], seen: set[str]) -> Iterator[CrawlItem]:
-    text = io.TextIOWrapper(stream, encoding="utf-8", errors="replace")
-    for para in parse_paragraphs(deb822_lines(text)):
+    for para in index_paragraphs(stream):
         filename = para.get("Filename")
         if not filename or filename in seen:
             continue

@@ -38,8 +38,6 @@ from fetcher.plan import wanted
 from fetcher.retry import build_retrying, retry_after_seconds
 
 __all__ = [
-    "MAX_ENTRY",
-    "EntryBound",
     "IndexSource",
     "check_digest",
     "decompressed",
@@ -142,34 +140,6 @@ def decompressed(data: bytes, name: str) -> IO[bytes]:
     if name.endswith((".gz", ".xz", ".bz2", ".zst", ".zck")):
         raise ListingError(f"{name}: not in the compression its name says")
     return raw
-
-
-class EntryBound:
-    """A decompressed index as its parser reads it (``read(n)``), with a bound on the bytes
-    read since the parser's last entry ended (:meth:`entry_done`): past ``most``, a
-    :class:`ListingError`. A streaming XML parser builds an element (its text, its
-    children) until its end tag: a primary.xml of a few KiB, compressed, can hold one
-    text of gigabytes, or one package of millions of elements."""
-
-    def __init__(self, stream: IO[bytes], most: int, what: str) -> None:
-        self._stream = stream
-        self._most = most
-        self._what = what
-        self._since = 0
-
-    def read(self, n: int = -1) -> bytes:
-        data = self._stream.read(n if n >= 0 else 1 << 16)
-        self._since += len(data)
-        if self._since > self._most:
-            raise ListingError(f"{self._what}: an entry of over {self._most} bytes")
-        return data
-
-    def entry_done(self) -> None:
-        self._since = 0
-
-
-MAX_ENTRY = 16 << 20
-"""Bytes of one package's entry in an index, at most (a real one is a few KiB)."""
 
 
 class IndexSource:

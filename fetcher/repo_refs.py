@@ -14,7 +14,6 @@ file or a checksum error. :func:`disagreement` says why, so the old copy stays i
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import posixpath
 import re
@@ -141,28 +140,22 @@ def _package_missing(local: str, href: str, root: str, t: Transfer) -> str | Non
 
 
 def _yum_entries(stream: IO[bytes]) -> Iterator[tuple[str, int | None]]:
-    from fetcher.repo_index import MAX_ENTRY, EntryBound
+    from fetcher.repo_yum import package_elements
 
     common = "{http://linux.duke.edu/metadata/common}"
-    bounded = EntryBound(stream, MAX_ENTRY, "primary metadata")
-    for _event, elem in ET.iterparse(bounded):
-        if elem.tag != f"{common}package":
-            continue
-        bounded.entry_done()
+    for elem in package_elements(stream, "primary metadata"):
         loc = elem.find(f"{common}location")
         href = loc.get("href") if loc is not None else None
         size = elem.find(f"{common}size")
         package = size.get("package") if size is not None else None
         if href and (loc is None or not loc.get("{http://www.w3.org/XML/1998/namespace}base")):
             yield href, int(package) if package and package.isdigit() else None
-        elem.clear()
 
 
 def _debian_entries(stream: IO[bytes]) -> Iterator[tuple[str, int | None]]:
-    from fetcher.repo_debian import deb822_lines, parse_paragraphs
+    from fetcher.repo_debian import index_paragraphs
 
-    text = io.TextIOWrapper(stream, encoding="utf-8", errors="replace")
-    for para in parse_paragraphs(deb822_lines(text)):
+    for para in index_paragraphs(stream):
         filename = para.get("Filename")
         size = para.get("Size", "")
         if filename:

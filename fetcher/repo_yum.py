@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
+from typing import IO
 from urllib.parse import quote
 
 import msgspec
@@ -20,16 +21,9 @@ import msgspec
 from fetcher.crawl import CrawlItem
 from fetcher.errors import ListingError
 from fetcher.models import CrawlProblem
-from fetcher.repo_index import (
-    MAX_ENTRY,
-    EntryBound,
-    IndexSource,
-    check_digest,
-    decompressed,
-    normal_algo,
-)
+from fetcher.repo_index import IndexSource, check_digest, decompressed, normal_algo
 
-__all__ = ["MetaFile", "parse_repomd", "walk"]
+__all__ = ["MetaFile", "package_elements", "parse_repomd", "walk"]
 
 _REPO = "{http://linux.duke.edu/metadata/repo}"
 _COMMON = "{http://linux.duke.edu/metadata/common}"
@@ -103,6 +97,28 @@ def parse_repomd(data: bytes) -> list[MetaFile]:
     return out
 
 
+class _EntryBound:
+    """A stream as its parser reads it (``read(n)``), at most ``most`` bytes since
+    ``since`` was last set to 0 (an entry ended): past it, a :class:`ListingError`."""
+
+    def __init__(self, stream: IO[bytes], most: int, what: str) -> None:
+        self._stream = stream
+        self._most = most
+        self._what = what
+        self.since = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._stream.read(n if n >= 0 else 1 << 16)
+        self.since += len(data)
+        if self.since > self._most:
+            raise ListingError(f"{self._what}: an entry of over {self._most} bytes")
+        return data
+
+
+MAX_ENTRY = 16 << 20
+"""Bytes of one package's entry in an index, at most (a real one is a few KiB)."""
+
+
 def walk(src: IndexSource, repomd: bytes) -> Iterator[CrawlItem]:
     """Every package of the repository at ``src.root``, then its metadata files."""
     meta = parse_repomd(repomd)
@@ -116,7 +132,7 @@ def walk(src: IndexSource, repomd: bytes) -> Iterator[CrawlItem]:
     if primary.checksum is not None:
         check_digest(data, primary.checksum[0], primary.checksum[1], primary.size, purl)
     try:
-        yield from _packages(src, EntryBound(decompressed(data, primary.href), MAX_ENTRY, purl))
+        yield from _packages(src, decompressed(data, primary.href), purl)
     except (ET.ParseError, OSError, EOFError) as exc:
         # A truncated or corrupt stream that still matched its checksum, or had none.
         yield CrawlProblem(purl, f"primary metadata does not parse: {exc}", "listing")
@@ -127,20 +143,32 @@ def walk(src: IndexSource, repomd: bytes) -> Iterator[CrawlItem]:
     yield from src.file(src.url("repodata/repomd.xml"), len(repomd), ("sha256", digest))
 
 
-def _packages(src: IndexSource, stream: EntryBound) -> Iterator[CrawlItem]:
+def _packages(src: IndexSource, stream: IO[bytes], url: str) -> Iterator[CrawlItem]:
+    for pkg in package_elements(stream, url):
+        yield from _package(src, pkg)
+
+
+def package_elements(stream: IO[bytes], what: str) -> Iterator[ET.Element]:
+    """The ``<package>`` elements of a decompressed primary.xml, each cleared once the
+    caller is done with it (memory stays flat however many packages there are), and each
+    at most :data:`MAX_ENTRY` bytes of the stream: past it, a :class:`ListingError` that
+    names ``what``. The XML parser builds an element (its text, its children) until its
+    end tag: a primary.xml of a few KiB, compressed, can hold one text of gigabytes, or
+    one package of millions of elements."""
+    bounded = _EntryBound(stream, MAX_ENTRY, what)
     root: ET.Element | None = None
-    for event, elem in ET.iterparse(stream, events=("start", "end")):
+    for event, elem in ET.iterparse(bounded, events=("start", "end")):
         if event == "start":
             if root is None:
                 root = elem
             continue
         if elem.tag != f"{_COMMON}package":
             continue
-        stream.entry_done()
-        yield from _package(src, elem)
+        bounded.since = 0
+        yield elem
         elem.clear()
         if root is not None:
-            root.clear()  # memory stays flat however many packages there are
+            root.clear()
 
 
 def _package(src: IndexSource, pkg: ET.Element) -> Iterator[CrawlItem]:
