@@ -42,7 +42,7 @@ from fetcher.errors import (
     StaleIndex,
     TransferError,
 )
-from fetcher.http1 import NoToken, ThreadConnTransport
+from fetcher.http1 import NoToken, ThreadConnTransport, origin
 from fetcher.limits import SharedLimits
 from fetcher.models import STATE_DIR, Action, Job, Outcome, RelPath, RemoteFile, Scope, Status
 from fetcher.plan import is_top_metadata
@@ -238,8 +238,7 @@ def _for_origin(headers: dict[str, str], url: str, target: str) -> dict[str, str
     server in a mirror network, or plain http. ``headers`` itself when nothing goes."""
     if not any(k.lower() in _CREDENTIALS for k in headers):
         return headers
-    a, b = httpx.URL(url), httpx.URL(target)
-    if (a.scheme, a.host, a.port) == (b.scheme, b.host, b.port):
+    if origin(httpx.URL(url)) == origin(httpx.URL(target)):
         return headers
     return {k: v for k, v in headers.items() if k.lower() not in _CREDENTIALS}
 
@@ -343,12 +342,14 @@ def _attempt_into(ctx: _Ctx, job: Job, where: _Where, look: bool, out: _Out) -> 
         status = resp.status_code
         if status == 304:
             return _unchanged(job, final)
-        whole = status == 416 and offset > 0 and _whole_already(side, got, offset, exact)
-        if status == 416 and offset and not whole:
-            # Our partial is not a prefix of what the server has now: start over.
-            _discard(where)
-            raise RangeMismatch(f"server refused range {offset}- for {f.url}")
-        if status not in (200, 206) and not whole:
+        whole = False
+        if status == 416 and offset:
+            whole = _whole_already(side, got, offset, exact)
+            if not whole:
+                # Our partial is not a prefix of what the server has now: start over.
+                _discard(where)
+                raise RangeMismatch(f"server refused range {offset}- for {f.url}")
+        elif status not in (200, 206):
             if status in (429, 503):
                 ra = retry_after_seconds(got.get("retry-after"))
                 if ra and ctx.limits is not None:

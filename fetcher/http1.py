@@ -85,6 +85,7 @@ __all__ = [
     "Announced",
     "NoToken",
     "ThreadConnTransport",
+    "origin",
     "pipelined_lanes",
 ]
 
@@ -322,7 +323,7 @@ class ThreadConnTransport(httpx.BaseTransport):
         goes on a fresh connection; the answers due on the old one are not wanted.
         """
         announced = Announced(
-            (_origin(r.url), self._head_bytes(r)) for r in requests if r.method == "GET"
+            (origin(r.url), self._head_bytes(r)) for r in requests if r.method == "GET"
         )
         self._local.expect = announced
         conn: Conn | None = getattr(self._local, "conn", None)
@@ -375,7 +376,7 @@ class ThreadConnTransport(httpx.BaseTransport):
         scheme = url.scheme
         if scheme not in ("http", "https"):
             raise httpx.UnsupportedProtocol(f"unsupported URL scheme {scheme!r}")
-        key = _origin(url)
+        key = origin(url)
         head = self._head_bytes(request)
         conn = self._take_own(key)
         sent = False
@@ -479,5 +480,6 @@ class ThreadConnTransport(httpx.BaseTransport):
         )
 
 
-def _origin(url: httpx.URL) -> tuple[str, str, int]:
+def origin(url: httpx.URL) -> tuple[str, str, int]:
+    """``url``'s scheme, host and port (the default one where it names none)."""
     return (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
