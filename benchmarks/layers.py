@@ -10,7 +10,7 @@ directory, the body, the server's time, then its name):
     a bare loop over :mod:`fetcher.wire` (``read_head``, ``framing``, ``Body``)
     and those system calls: the floor for this design in Python;
 ``transport``
-    the prepared ``httpx.Request`` of each file (:func:`fetcher.download.plain_get`)
+    the prepared ``httpx.Request`` of each file (:func:`fetcher.transport.plain_get`)
     through :class:`fetcher.http1.ThreadConnTransport` to an ``httpx.Response``;
 ``fetch_file``
     :func:`fetcher.download.fetch_file` per file (redirects, checks, publish,
@@ -49,12 +49,12 @@ import httpx
 from benchmarks.run import WORK, verify
 from benchmarks.trees import Tree, build_tree
 from fetcher.config import Transfer
-from fetcher.download import fetch_file, plain_get
+from fetcher.download import fetch_file
 from fetcher.http1 import ThreadConnTransport
 from fetcher.models import Action, Job, RelPath, RemoteFile, Scope, Status
 from fetcher.retry import build_retrying
 from fetcher.runner import ShardRunner
-from fetcher.transport import make_transport
+from fetcher.transport import make_transport, plain_get
 from fetcher.wire import Body, Conn, framing, read_head, write_all
 from tests.servers import serve
 

@@ -58,8 +58,8 @@ import msgspec
 from msgspec.structs import replace
 
 from fetcher.config import MirrorJob, Transfer
-from fetcher.download import check_writable
 from fetcher.errors import FatalIOError, UsageError
+from fetcher.landing import check_writable
 from fetcher.limits import SharedLimits, local_limits
 from fetcher.models import (
     STATE_DIR,

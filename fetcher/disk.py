@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from fetcher.download import partial_dir, partial_name
+from fetcher.landing import partial_dir, partial_name
 from fetcher.models import Listing, RelPath, names_digest
 from fetcher.plan import LocalFile, racy
 from fetcher.prune import local_files

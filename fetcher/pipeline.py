@@ -29,17 +29,11 @@ from msgspec.structs import replace
 from fetcher.config import MirrorJob, Transfer
 from fetcher.crawl import CrawlItem, CrawlOptions, Intact, crawl
 from fetcher.disk import Disk
-from fetcher.download import (
-    check_writable,
-    move_into,
-    pipelinable,
-    staged_path,
-    unwritable,
-    write_json,
-)
+from fetcher.download import pipelinable
 from fetcher.errors import FatalIOError, FetchError
 from fetcher.executor import Executor, LocalExecutor
 from fetcher.http1 import ThreadConnTransport, pipelined_lanes
+from fetcher.landing import check_writable, move_into, staged_path, unwritable, write_json
 from fetcher.limits import SharedLimits, local_limits
 from fetcher.models import (
     STATE_DIR,
@@ -738,7 +732,7 @@ def _keep_aside(final: str, kept: str) -> None:
 def _take_name(dest: Path, path: str) -> None:
     """The staged file of ``path`` takes its name in DEST (its directory made if need be):
     a rename, or a copy that then takes the name where the directory is on another
-    filesystem (:func:`~fetcher.download.move_into`)."""
+    filesystem (:func:`~fetcher.landing.move_into`)."""
     final = os.path.join(dest, path)
     os.makedirs(os.path.dirname(final), exist_ok=True)
     move_into(Path(staged_path(str(dest), path)), final)

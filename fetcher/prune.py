@@ -9,8 +9,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence, Set
 from pathlib import Path
 
 from fetcher.config import MirrorJob
-from fetcher.download import partial_dir, partial_name
 from fetcher.errors import UnsafePath
+from fetcher.landing import partial_dir, partial_name
 from fetcher.models import STATE_DIR, RelPath, Summary
 from fetcher.plan import wanted
 from fetcher.state import State

@@ -47,8 +47,8 @@ def disagreement(path: str, body: bytes, t: Transfer, gone: Set[str] = frozenset
     this run fetched is read where it waits to be published with ``path``
     (``staged_path``).
     """
-    from fetcher.download import staged_path
     from fetcher.errors import ListingError
+    from fetcher.landing import staged_path
 
     name = posixpath.basename(path)
     lists: list[str] = []  # the package lists it names: primary, or the Packages indices

@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 
 from fetcher.config import Transfer
-from fetcher.download import Deferred, fetch_file, pipelinable, plain_get
+from fetcher.download import Deferred, fetch_file, pipelinable
 from fetcher.http1 import Announced, ThreadConnTransport, pipelined_lanes
 from fetcher.limits import SharedLimits
 from fetcher.models import (
@@ -39,7 +39,7 @@ from fetcher.models import (
 )
 from fetcher.retry import build_retrying
 from fetcher.shard import Shard
-from fetcher.transport import make_transport
+from fetcher.transport import make_transport, plain_get
 
 __all__ = ["ShardRunner", "run_shard", "worker_main"]
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from fetcher.download import partial_paths
+from fetcher.landing import partial_paths
 from fetcher.models import RelPath
 from fetcher.state import SCHEMA_VERSION
 from tests.faultserver import Fault, FaultServer, nginx_listing

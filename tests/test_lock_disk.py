@@ -304,7 +304,7 @@ def test_a_fat_disk_takes_files_and_reports_without_their_modes(
     """FAT and exFAT keep no modes: ``chmod`` is refused (EPERM) unless the disk was
     mounted ``quiet``. A file copied onto such a disk mounted inside DEST, and a report
     written onto one, failed on it; their modes are the mount's, and they land."""
-    from fetcher.download import move_into
+    from fetcher.landing import move_into
 
     chmod, fchmod = os.chmod, os.fchmod
     refused: list[str] = []
@@ -328,7 +328,7 @@ def test_a_fat_disk_takes_files_and_reports_without_their_modes(
 
     monkeypatch.setattr(os, "chmod", no_chmod)
     monkeypatch.setattr(os, "fchmod", no_fchmod)
-    monkeypatch.setattr("fetcher.download._Out.open_unnamed", lambda self, d: False)
+    monkeypatch.setattr("fetcher.landing.Out.open_unnamed", lambda self, d: False)
     src = tmp_path / "src"
     (src / "pool").mkdir(parents=True)
     (src / "pool" / "p.deb").write_bytes(b"deb" * 100)

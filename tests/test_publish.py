@@ -16,9 +16,11 @@ from pathlib import Path
 
 import pytest
 
-import fetcher.download as download
+import fetcher.exchange as exchange
+import fetcher.landing as landing
 from fetcher.config import Transfer
-from fetcher.download import RESUME_MIN, fetch_file, partial_paths
+from fetcher.download import RESUME_MIN, fetch_file
+from fetcher.landing import partial_paths
 from fetcher.models import Action, Job, Outcome, RelPath, RemoteFile, Status
 from fetcher.retry import build_retrying
 from fetcher.transport import make_transport
@@ -29,7 +31,7 @@ WAIT = 10.0
 OLD = 1_600_000_000
 
 unnamed_files = pytest.mark.skipif(
-    not download._UNNAMED["ok"], reason="no O_TMPFILE or /proc here: always the partial file"
+    not landing.UNNAMED["ok"], reason="no O_TMPFILE or /proc here: always the partial file"
 )
 
 
@@ -310,7 +312,7 @@ def test_without_unnamed_files_the_partial_file_serves(
         return real_open(path, flags, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(os, "open", refusing)
-    monkeypatch.setitem(download._UNNAMED, "ok", download._UNNAMED["ok"])
+    monkeypatch.setitem(landing.UNNAMED, "ok", landing.UNNAMED["ok"])
     (tmp_path / "www").mkdir()
     (tmp_path / "www" / "a.bin").write_bytes(b"a" * 3000)
     (tmp_path / "www" / "b.bin").write_bytes(b"b" * 3000)
@@ -320,7 +322,7 @@ def test_without_unnamed_files_the_partial_file_serves(
     assert [o.status for o in outs] == [Status.FETCHED, Status.FETCHED], outs
     assert (dest / "a.bin").read_bytes() == b"a" * 3000
     assert (dest / "b.bin").read_bytes() == b"b" * 3000
-    assert download._UNNAMED["ok"] is False  # asked once, then not again
+    assert landing.UNNAMED["ok"] is False  # asked once, then not again
 
 
 @pytest.mark.real_server
@@ -363,8 +365,8 @@ def test_last_modified_read_by_position_agrees_with_the_general_parser() -> None
               "Tue, 1x Nov 2026 10:00:00 GMT", "Sunday, 06-Nov-94 08:49:37 GMT",
               "Sun Nov  6 08:49:37 1994", "Tue, 10 Nov 2026 10:00:00 UTC", "", "garbage"]  # fmt: skip
     for v in samples + broken:
-        assert download._parse_last_modified(v) == general(v), v
-    assert download._parse_last_modified("Sun, 06 Nov 1994 08:49:37 GMT") == 784111777.0
+        assert exchange.parse_last_modified(v) == general(v), v
+    assert exchange.parse_last_modified("Sun, 06 Nov 1994 08:49:37 GMT") == 784111777.0
 
 
 def test_a_plain_get_is_the_request_httpx_would_build(tmp_path: Path) -> None:

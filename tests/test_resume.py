@@ -21,7 +21,8 @@ import httpx
 import pytest
 
 from fetcher.config import Transfer
-from fetcher.download import fetch_file, partial_paths
+from fetcher.download import fetch_file
+from fetcher.landing import partial_paths
 from fetcher.models import Action, Job, RelPath, RemoteFile, Status
 from fetcher.retry import build_retrying
 from fetcher.transport import make_transport
@@ -449,7 +450,7 @@ def test_a_partial_file_someone_else_wrote_into_is_not_published(tmp_path: Path)
     body = os.urandom(3 << 20)
     (tmp_path / "www").mkdir()
     (tmp_path / "www" / "big.bin").write_bytes(body)
-    real = download._stream_body
+    real = download.stream_body
     meddled: list[int] = []
 
     def stream_body(ctx: Any, resp: Any, fd: int, mode: str, digest: Any, cap: Any) -> int:
@@ -465,7 +466,7 @@ def test_a_partial_file_someone_else_wrote_into_is_not_published(tmp_path: Path)
         t = Transfer(dest=str(tmp_path / "d"), root=srv.url, backoff_initial=0.0)
         f = RemoteFile(srv.url + "big.bin", RelPath("big.bin"), len(body), True)
         with make_transport(t) as transport, pytest.MonkeyPatch.context() as mp:
-            mp.setattr(download, "_stream_body", stream_body)
+            mp.setattr(download, "stream_body", stream_body)
             out = fetch_file(transport, Job(f, Action.NEW), t,
                              retrying=build_retrying(t, sleep=lambda s: None))  # fmt: skip
     assert meddled == [len(body) - (1 << 20)]  # the resumed attempt's bytes
@@ -483,7 +484,7 @@ def test_a_restart_cut_off_before_its_first_byte_leaves_nothing_to_splice(
     after the partial file has."""
     import errno
 
-    import fetcher.download as download
+    import fetcher.landing as landing
 
     old = random.Random(4).randbytes(SIZE)
     new = random.Random(5).randbytes(SIZE)  # same size and date: only the ETag differs
@@ -505,7 +506,7 @@ def test_a_restart_cut_off_before_its_first_byte_leaves_nothing_to_splice(
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(part))
 
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(download._Out, "open_partial", full)
+            mp.setattr(landing.Out, "open_partial", full)
             assert once().fatal
         out = once()
     assert out.status is Status.FETCHED, out

@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 
 from fetcher.config import Transfer
-from fetcher.download import SEGMENT_MIN, fetch_file, partial_paths
+from fetcher.download import fetch_file
+from fetcher.landing import partial_paths
 from fetcher.models import Action, Job, RelPath, RemoteFile, Status
 from fetcher.retry import build_retrying
+from fetcher.segments import SEGMENT_MIN
 from fetcher.transport import make_transport
 from tests.background import fetch_session
 from tests.faultserver import Fault, FaultServer

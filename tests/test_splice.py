@@ -17,7 +17,8 @@ import msgspec
 import pytest
 
 from fetcher.config import Transfer
-from fetcher.download import fetch_file, partial_paths
+from fetcher.download import fetch_file
+from fetcher.landing import partial_paths
 from fetcher.limits import SharedLimits, local_limits
 from fetcher.models import Action, Job, Outcome, RelPath, RemoteFile, Status
 from fetcher.retry import build_retrying
