@@ -235,6 +235,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--connect-timeout", type=float, metavar="S", help="connect timeout in seconds (default 10)"
     )
+    g.add_argument(
+        "--min-rate",
+        metavar="RATE",
+        help="fail a file or listing whose body comes slower than RATE (e.g. 10k) over"
+        " --min-rate-time seconds, a server that trickles; it is retried, a big file"
+        " resumed (default: off)",
+    )
+    g.add_argument(
+        "--min-rate-time",
+        type=float,
+        metavar="S",
+        help="the stretch of seconds --min-rate is measured over (default 30)",
+    )
 
     g = p.add_argument_group("sync")
     g.add_argument(
@@ -345,6 +358,7 @@ _CLI_KEYS = {
     "mirror": "url", "dest": "dest", "include": "include", "exclude": "exclude", "depth": "depth",
     "aliases": "aliases", "procs": "procs", "max_connections": "max_connections", "threads": "threads",
     "pipeline": "pipeline", "limit_rate": "limit_rate", "listing_rate": "listing_rate", "retries": "retries", "timeout": "timeout",
+    "min_rate": "min_rate", "min_rate_time": "min_rate_time",
     "connect_timeout": "connect_timeout", "dry_run": "dry_run", "delete": "delete", "max_delete": "max_delete",
     "force": "force", "ca_cert": "ca_cert", "insecure": "insecure", "post_dest": "post_dest",
     "post_jobs": "post_jobs", "retry_failed_post": "retry_failed_post", "skip_if_locked": "skip_if_locked", "index": "index", "verify_digests": "verify_digests", "suites": "suites",

@@ -61,6 +61,10 @@ class Transfer(msgspec.Struct, frozen=True):
     aliases: tuple[str, ...] = ()
     limit_rate: float | None = None
     """Bytes per second for the runner's own limits (a Dask task); local workers share one bucket."""
+    min_rate: float | None = None
+    """``--min-rate``: a body slower than this many bytes a second over ``min_rate_time``
+    seconds fails (:class:`fetcher.limits.Pace`); None: no floor."""
+    min_rate_time: float = 30.0
     http2: bool = False
     proxy: str | None = None
     """The HTTP proxy every request goes through (resolved: :func:`proxy_for`), or None."""
@@ -107,6 +111,8 @@ class MirrorJob(msgspec.Struct, frozen=True):
     aliases: tuple[str, ...] = ()
     limit_rate: float | None = None
     listing_rate: float | None = None
+    min_rate: float | None = None
+    min_rate_time: float = 30.0
     ca_cert: Path | None = None
     insecure: bool = False
     http2: bool = False
@@ -163,6 +169,8 @@ class MirrorJob(msgspec.Struct, frozen=True):
             verify=verify,
             aliases=self.aliases,
             limit_rate=self.limit_rate,
+            min_rate=self.min_rate,
+            min_rate_time=self.min_rate_time,
             http2=self.http2,
             pipeline=self.pipeline,
             auth=self.auth or netrc_auth(self.url),
@@ -655,6 +663,8 @@ _FIELDS: dict[str, Callable[[Any], Any]] = {
     "headers": _headers,
     "user_agent": _user_agent,
     "limit_rate": _rate,
+    "min_rate": _rate,
+    "min_rate_time": _float_range(1, MAX_TIMEOUT),
     "listing_rate": _float_range(0.001, 10000),
     "ca_cert": _path,
     "insecure": _bool,

@@ -41,6 +41,7 @@ from fetcher.errors import (
     UnsafePath,
 )
 from fetcher.http1 import pipelined_lanes
+from fetcher.limits import pace
 from fetcher.models import (
     CrawlProblem,
     Listing,
@@ -75,6 +76,10 @@ class CrawlOptions(msgspec.Struct, frozen=True):
     concurrency: int = 4
     listing_rate: float | None = None
     max_listing_bytes: int = 64 << 20
+    min_rate: float | None = None
+    min_rate_time: float = 30.0
+    """``--min-rate``: a listing (or checksum file, or index) slower than ``min_rate``
+    bytes a second over ``min_rate_time`` seconds fails (:class:`~fetcher.limits.Pace`)."""
     verify: bool = False
     """Read SHA256SUMS-style files and give each file its published digest."""
     suites: tuple[str, ...] = ()
@@ -264,7 +269,7 @@ def _read_page(
                     f"listing of {cl} bytes is over the {opts.max_listing_bytes} byte cap: {url}"
                 )
             try:
-                body = _capped_body(resp, opts.max_listing_bytes, "listing", url)
+                body = _capped_body(resp, opts.max_listing_bytes, "listing", url, opts)
             except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
                 raise IncompleteDownload(f"listing cut short: {url}: {exc}") from exc
             ctype = resp.headers.get("content-type", "text/html")
@@ -328,19 +333,22 @@ def _options_key(scope: Scope, opts: CrawlOptions) -> bytes:
     return hashlib.blake2b(what.encode("utf-8", "surrogateescape"), digest_size=32).digest()
 
 
-def _fetch_text(client: httpx.Client, url: str, cap: int) -> str:
+def _fetch_text(client: httpx.Client, url: str, cap: int, opts: CrawlOptions) -> str:
     with client.stream("GET", url, follow_redirects=False) as resp:
         if resp.status_code != 200:
             raise HTTPStatusError(
                 resp.status_code, url, retry_after_seconds(resp.headers.get("retry-after"))
             )
-        body = _capped_body(resp, cap, "checksum file", url)
+        body = _capped_body(resp, cap, "checksum file", url, opts)
     return body.decode("utf-8", "replace")
 
 
-def _capped_body(resp: httpx.Response, cap: int, what: str, url: str) -> bytearray:
+def _capped_body(
+    resp: httpx.Response, cap: int, what: str, url: str, opts: CrawlOptions
+) -> bytearray:
     """The body of a page read whole (a listing, a checksum file): at most ``cap`` bytes
-    once decoded, else :class:`ListingError`.
+    once decoded, else :class:`ListingError`; at ``opts.min_rate`` or faster, else
+    :class:`~fetcher.errors.TooSlow`.
 
     We ask for identity; a server may send gzip or deflate anyway (a misconfigured one),
     which is decoded here, never past the cap: zlib is told how much it may give. Any
@@ -363,7 +371,10 @@ def _capped_body(resp: httpx.Response, cap: int, what: str, url: str) -> bytearr
             f" {url}"
         )
     body = bytearray()
+    floor = pace(opts.min_rate, opts.min_rate_time)
     for chunk in chunks:
+        if floor is not None:
+            floor.add(len(chunk), f"the {what} {url}")
         if decoder is not None:
             try:
                 chunk = decoder.decompress(chunk, cap + 1 - len(body))
@@ -520,7 +531,8 @@ def crawl(
                 name = unquote(e.url.rstrip("/").rsplit("/", 1)[-1])
                 if not e.is_dir and is_sums_file(name) and scope.contains(e.url):
                     text = with_retries(
-                        retrying, functools.partial(_fetch_text, client, e.url, MAX_SUMS_BYTES)
+                        retrying,
+                        functools.partial(_fetch_text, client, e.url, MAX_SUMS_BYTES, opts),
                     )
                     page.sums.update(parse_sums(name, text))
         return page

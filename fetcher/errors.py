@@ -15,6 +15,7 @@ meant for a person, plus an optional hint saying what to do about it::
     └── TransferError ......... one file could not be fetched (recorded, run goes on)
         ├── HTTPStatusError ... an HTTP status we do not accept (``.retryable``)
         ├── IncompleteDownload  fewer bytes than announced, or a connection cut
+        ├── TooSlow ........... a body slower than --min-rate (``--min-rate-time``)
         ├── RangeMismatch ..... a 206 answer for a range we did not ask for
         ├── RedirectRefused ... a redirect off the mirror or too many hops
         ├── ChecksumMismatch .. the bytes do not match the published digest
@@ -42,6 +43,7 @@ __all__ = [
     "RangeMismatch",
     "RedirectRefused",
     "StaleIndex",
+    "TooSlow",
     "TransferError",
     "UnsafePath",
     "UsageError",
@@ -136,6 +138,13 @@ class HTTPStatusError(TransferError):
 
 class IncompleteDownload(TransferError):
     """The body ended before the announced length, or the connection broke."""
+
+    retryable = True
+
+
+class TooSlow(TransferError):
+    """A body that came slower than ``--min-rate`` over ``--min-rate-time`` seconds: a
+    server that trickles. Retried (a big file resumes from its partial file)."""
 
     retryable = True
 

@@ -10,10 +10,12 @@ descriptor as it comes, counted, capped and stopped with the run.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import re
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -25,7 +27,7 @@ import httpx
 from fetcher.config import Transfer
 from fetcher.errors import HTTPStatusError, IncompleteDownload, IsADirectory, RedirectRefused
 from fetcher.http1 import ThreadConnTransport, origin
-from fetcher.limits import SharedLimits
+from fetcher.limits import Pace, SharedLimits, pace
 from fetcher.models import Action, Job, Outcome, Scope, Status
 from fetcher.retry import retry_after_seconds
 from fetcher.transport import file_url, plain_get, request_parts
@@ -284,14 +286,28 @@ class PastListing(Exception):
     """More bytes came than the listing's exact size: not this file (see ``stream_body``)."""
 
 
+def _held_back(consume: Callable[[int], object], floor: Pace, n: int) -> None:
+    """``consume(n)`` (``--limit-rate``), its wait not counted against the server's rate."""
+    start = time.monotonic()
+    consume(n)
+    floor.held(time.monotonic() - start)
+
+
 def stream_body(
     ctx: Ctx, resp: httpx.Response, fd: int, mode: str, digest: Any, cap: int | None = None
 ) -> int:
     """The body into ``fd``: its length. ``cap``: the most it may be (the listing's exact
-    size, less what a resume has); a body past it stops there, as :class:`PastListing`."""
+    size, less what a resume has); a body past it stops there, as :class:`PastListing`.
+    Slower than ``--min-rate``, it stops as :class:`~fetcher.errors.TooSlow`."""
     received = 0
     limits = ctx.limits
-    consume = limits.consume if limits is not None and limits.rate else None
+    consume: Callable[[int], object] | None = None
+    if limits is not None and limits.rate:
+        consume = limits.consume
+    t = ctx.t
+    floor = pace(t.min_rate, t.min_rate_time)
+    if floor is not None and consume is not None:
+        consume = functools.partial(_held_back, consume, floor)
     try:
         # A big body that nothing here needs to see (no digest, no rate limit) goes
         # from the socket to the file in the kernel; append mode cannot (resumes).
@@ -305,6 +321,8 @@ def stream_body(
                     raise Interrupted
                 if cap is not None and received > cap:
                     raise PastListing
+                if floor is not None:
+                    floor.add(n, "the body")
                 ctx.on_bytes(n)
 
             if write_to(fd, moved) is not None:
@@ -319,6 +337,8 @@ def stream_body(
             received += n
             if cap is not None and received > cap:
                 raise PastListing
+            if floor is not None:
+                floor.add(n, "the body")
             write_all(fd, chunk)
             if digest is not None:
                 digest.update(chunk)

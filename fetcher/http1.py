@@ -463,7 +463,8 @@ class ThreadConnTransport(httpx.BaseTransport):
             if timed_out(exc):
                 raise httpx.WriteTimeout("timed out sending the request") from exc
             raise httpx.WriteError(f"sending the request: {exc}") from exc
-        status, reason, headers, version = read_head(conn)  # (interim answers skipped)
+        # (interim answers skipped; a head that trickles is cut off at the read timeout)
+        status, reason, headers, version = read_head(conn, self.read_timeout)
         conn.used = False  # this connection has answered: no longer a stale-reuse suspect
         mode, length = framing(request.method, status, headers)
         reusable = version == b"HTTP/1.1" and not has_token(headers, b"connection", b"close")

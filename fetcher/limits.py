@@ -5,7 +5,10 @@
   ``--max-connections`` holds however many processes and threads there are;
 * a pause gate: a ``429``/``503`` with ``Retry-After`` seen by any thread
   slows the whole run down for that host, not just that thread;
-* a token bucket for ``--limit-rate`` shared by all workers.
+* a token bucket for ``--limit-rate`` shared by all workers;
+* and the other way round, a floor on the server's rate (``--min-rate``,
+  :class:`Pace`): a body that trickles fails, where each byte just inside the
+  read timeout had held its thread, and the run, for as long as the server liked.
 
 :class:`SharedLimits` is built by the coordinator from ``multiprocessing``
 primitives of the workers' context and handed to workers when they start.
@@ -22,7 +25,9 @@ from typing import Any
 
 import msgspec
 
-__all__ = ["SharedLimits", "TokenGate", "local_limits"]
+from fetcher.errors import TooSlow
+
+__all__ = ["Pace", "SharedLimits", "TokenGate", "local_limits", "pace"]
 
 
 class SharedLimits(msgspec.Struct, frozen=True):
@@ -82,6 +87,60 @@ class SharedLimits(msgspec.Struct, frozen=True):
             self.bucket_stamp.value = now
         if tokens < 0:
             sleep(-tokens / self.rate)
+
+
+class Pace:
+    """``--min-rate``: one body's bytes, counted as they come; fewer than ``rate`` a second
+    over a stretch of ``window`` seconds is :class:`~fetcher.errors.TooSlow` (curl's
+    ``--speed-limit``/``--speed-time``, aria2c's ``--lowest-speed-limit``).
+
+    The read timeout alone bounds the wait for each read, not for the body: a server
+    sending a byte every 29 s held a file, and the run with it, for ever. Time this
+    process spent in its own ``--limit-rate`` waits (:meth:`held`) is not the server's
+    and does not count. Looked at as bytes come, so a stall is found by the read
+    timeout, a trickle within a window of its next byte."""
+
+    __slots__ = ("_clock", "_got", "_held", "_since", "rate", "window")
+
+    def __init__(
+        self, rate: float, window: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.rate = rate
+        self.window = window
+        self._clock = clock
+        self._since = clock()
+        self._got = 0
+        self._held = 0.0
+
+    def add(self, n: int, what: str) -> None:
+        """``n`` more bytes of ``what`` (named in the error) came."""
+        self._got += n
+        now = self._clock()
+        span = now - self._since - self._held
+        if span < self.window:
+            return
+        if self._got < self.rate * span:
+            raise TooSlow(
+                f"{what} came at {_per_second(self._got / span)} over {span:.0f} s,"
+                f" under --min-rate {_per_second(self.rate)}"
+            )
+        self._since, self._got, self._held = now, 0, 0.0
+
+    def held(self, seconds: float) -> None:
+        """This process held the body back ``seconds`` itself (``--limit-rate``)."""
+        self._held += seconds
+
+
+def pace(rate: float | None, window: float) -> Pace | None:
+    """A :class:`Pace` for one body, or None without ``--min-rate``."""
+    return Pace(rate, window) if rate else None
+
+
+def _per_second(rate: float) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if rate >= size:
+            return f"{rate / size:.1f} {unit}/s"
+    return f"{rate:.0f} B/s"
 
 
 def local_limits(max_connections: int, rate: float | None = None) -> SharedLimits:

@@ -33,6 +33,7 @@ import httpx
 from fetcher.config import Transfer
 from fetcher.crawl import CrawlItem, CrawlOptions, crawl
 from fetcher.errors import FetchError, HTTPStatusError, IncompleteDownload, ListingError, UnsafePath
+from fetcher.limits import pace
 from fetcher.models import CrawlProblem, RelPath, RemoteDir, RemoteFile, Scope
 from fetcher.plan import wanted
 from fetcher.retry import build_retrying, retry_after_seconds
@@ -210,10 +211,13 @@ class IndexSource:
                     ra = retry_after_seconds(resp.headers.get("retry-after"))
                     raise HTTPStatusError(code, url, ra)
                 body = bytearray()
+                floor = pace(self.opts.min_rate, self.opts.min_rate_time)
                 try:
                     # Raw bytes: a .gz index served with Content-Encoding: gzip stays as stored,
                     # so its digest is the one the metadata publishes.
                     for chunk in resp.iter_raw():
+                        if floor is not None:
+                            floor.add(len(chunk), f"the index {url}")
                         body += chunk
                         if len(body) > cap:
                             raise ListingError(f"index over the {cap} byte cap: {url}")

@@ -494,7 +494,9 @@ class Stale(Exception):
     """A reused keep-alive connection turned out closed before it answered."""
 
 
-def read_head(conn: Conn) -> tuple[int, bytes, list[tuple[bytes, bytes]], bytes]:
+def read_head(
+    conn: Conn, within: float | None = None
+) -> tuple[int, bytes, list[tuple[bytes, bytes]], bytes]:
     """The next final response head on ``conn``: status, reason, headers (names
     lower-cased), version.
 
@@ -503,26 +505,42 @@ def read_head(conn: Conn) -> tuple[int, bytes, list[tuple[bytes, bytes]], bytes]
     over :data:`MAX_HEAD` bytes with the final head, is a ``RemoteProtocolError``,
     like any other malformed answer. Folded lines (obs-fold) are unfolded into the
     value they continue; the limit is on the bytes as sent, folds and all.
+
+    ``within``: seconds a head may take from its first byte to its end (the read
+    timeout), else ``httpx.ReadTimeout``. The read timeout bounds each read; a server
+    sending a byte of its head every 29 s had held the thread for up to 64 KiB of them.
     """
     left = MAX_HEAD
     for _ in range(MAX_INTERIM + 1):
-        status, reason, headers, version, size = _one_head(conn, left)
+        status, reason, headers, version, size = _one_head(conn, left, within)
         if not 100 <= status < 200 or status == 101:
             return status, reason, headers, version
         left -= size
     raise httpx.RemoteProtocolError(f"more than {MAX_INTERIM} interim (1xx) responses")
 
 
-def _one_head(conn: Conn, limit: int) -> tuple[int, bytes, list[tuple[bytes, bytes]], bytes, int]:
-    """The next head on ``conn``, 1xx or not, and its size; over ``limit`` bytes, an error."""
+def _one_head(
+    conn: Conn, limit: int, within: float | None = None
+) -> tuple[int, bytes, list[tuple[bytes, bytes]], bytes, int]:
+    """The next head on ``conn``, 1xx or not, and its size; over ``limit`` bytes, or not
+    whole ``within`` seconds of its first byte, an error."""
     buf, at = conn.rest, conn.at
     start = at
+    began: float | None = None  # when its first byte was there (a head in pieces only)
     while (end := buf.find(b"\r\n\r\n", start)) < 0:
         if (lf := LF_END.search(buf, at)) is not None:
             end, after = lf.span()
             break
         if len(buf) - at > limit:
             raise _too_big(limit)
+        if within is not None and len(buf) > at:
+            now = time.monotonic()
+            if began is None:
+                began = now
+            elif now - began > within:
+                raise httpx.ReadTimeout(
+                    f"the response head did not come whole within {within:g} s of its first byte"
+                )
         start = max(0, len(buf) - at - 3)
         try:
             data = conn.recv()

@@ -716,6 +716,38 @@ def test_endless_interim_responses_fail_at_once(transport: ThreadConnTransport) 
         assert left == [True], "the client kept reading interim answers"
 
 
+def test_a_head_that_trickles_is_cut_off_at_the_read_timeout(
+    transport: ThreadConnTransport,
+) -> None:
+    # A byte of the head every 0.2 s, each well inside the 0.5 s read timeout: the head of
+    # ~40 bytes would take 8 s, and one of 64 KiB (the head limit) took hours. Once it has
+    # begun, a head must be whole within the read timeout.
+    head = ok(b"hello")
+    sent: list[int] = []
+
+    def script(peer: Peer, index: int) -> None:
+        if peer.read_request() is None:
+            return
+        deadline = time.monotonic() + 4 * WAIT
+        try:
+            for i in range(len(head)):
+                if peer.client_gone() or time.monotonic() > deadline:
+                    break
+                peer.send(head[i : i + 1])
+                sent.append(i)
+                time.sleep(0.2)  # (the server's pace, not a wait for the client)
+        except ConnectionError:
+            pass
+
+    with RawServer(script) as srv:
+        start = time.monotonic()
+        with pytest.raises(httpx.ReadTimeout, match=r"head did not come whole within 0\.5 s"):
+            fetch(transport, f"{srv.url}/x")
+        took = time.monotonic() - start
+        assert took < 1.5, took  # the read timeout after the first byte, and one read more
+        assert 2 <= len(sent) < len(head) // 2
+
+
 def test_interim_heads_count_against_the_head_limit(transport: ThreadConnTransport) -> None:
     # Each head under 64 KiB, together over it: the interim heads share the limit with
     # the final one, so what a server may send before its answer stays bounded.
