@@ -341,7 +341,14 @@ def check_writable(dest: Path) -> None:
         partial_dir(dest).mkdir(parents=True, exist_ok=True)
         # unique per thread: a Dask worker checks DEST from several tasks at once
         probe = dest / STATE_DIR / f".probe-{os.getpid()}-{threading.get_ident()}"
-        probe.write_bytes(b"x")
+        # a name anyone can guess: made new (one left by a killed run, or a link planted
+        # in its place, goes first), never opened through a link
+        probe.unlink(missing_ok=True)
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            write_all(fd, b"x")
+        finally:
+            os.close(fd)
         probe.unlink()
     except OSError as exc:
         raise unwritable(dest, exc) from exc

@@ -10,6 +10,7 @@ brings an older file forward, and a newer one is refused with a clear error.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import functools
 import json
@@ -215,12 +216,46 @@ def _forget_locks() -> None:
 os.register_at_fork(after_in_child=_forget_locks)
 
 
+def _own_directory(state_dir: Path) -> int:
+    """``DEST/.fetcher`` opened (a descriptor), once it is seen to hold no symbolic link
+    and to be none itself; else :class:`FatalIOError` naming the link.
+
+    Everything in it is fetch's own, written by a run that may be root's (a cron job)
+    into a DEST that others can write to. A link planted there was written through: the
+    lock file truncated whatever ``lock`` pointed at (``/etc/shadow``) and wrote a line
+    into it; SQLite wrote its journal into what ``state.sqlite-wal`` pointed at; the
+    partial files went wherever ``partial`` pointed."""
+    try:
+        fd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENOTDIR) or not state_dir.is_symlink():
+            raise
+        raise _planted(state_dir) from None
+    try:
+        with os.scandir(fd) as entries:
+            for entry in entries:
+                if entry.is_symlink():
+                    raise _planted(state_dir / entry.name)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _planted(link: Path) -> FatalIOError:
+    return FatalIOError(
+        f"{link} is a symbolic link, where fetch keeps its own files: not followed",
+        "remove it; DEST/.fetcher holds nothing but fetch's state, lock and partial files",
+    )
+
+
 class RunLock:
     """``DEST/.fetcher/lock`` held with ``flock`` for the whole run.
 
     The kernel drops a flock when its holder dies, so a killed run never
     leaves a stale lock behind.  The file names the holder for the message.
-    Forked children do not keep it (:func:`_forget_locks`).
+    Forked children do not keep it (:func:`_forget_locks`). DEST's ``.fetcher``
+    is refused when it, or anything in it, is a symbolic link (:func:`_own_directory`).
     """
 
     def __init__(self, dest: Path) -> None:
@@ -229,7 +264,12 @@ class RunLock:
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        own = _own_directory(self.path.parent)
+        try:
+            flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(self.path.name, flags, 0o644, dir_fd=own)
+        finally:
+            os.close(own)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

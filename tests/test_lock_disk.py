@@ -78,6 +78,59 @@ def test_second_run_exits_3_naming_the_holder_and_first_completes(
     assert tree_manifest(dest) == tree_manifest(src)
 
 
+@pytest.mark.parametrize(
+    "planted",
+    [".fetcher", ".fetcher/lock", ".fetcher/state.sqlite-wal", ".fetcher/partial"],
+)
+def test_a_symbolic_link_in_dests_own_directory_is_refused_untouched(
+    tmp_path: Path, run_fetch: RunFetch, planted: str
+) -> None:
+    """A link planted where fetch keeps its own files (someone who can write DEST; fetch
+    run from root's crontab) was written through: the lock truncated its target and wrote
+    a line into it, SQLite's journal went into ``state.sqlite-wal``'s. Now exit 4, naming
+    the link, and the target as it was."""
+    src, dest, outside = tmp_path / "src", tmp_path / "dest", tmp_path / "outside"
+    _small_tree(src)
+    with _serving(src) as srv:
+        args = ("--mirror", srv.url, "--dest", dest, "--procs", "1")
+        assert run_fetch(*args).code == 0  # a DEST as a run leaves it, then the link
+        (src / "d0" / "f0.txt").write_bytes(b"changed upstream\n")
+        os.utime(src / "d0" / "f0.txt", (2_000_000_000, 2_000_000_000))
+        link = dest / planted
+        if planted in (".fetcher", ".fetcher/partial"):
+            os.rename(link, outside)  # the real directory, moved out: its files the targets
+            os.symlink(outside, link)
+        else:
+            outside.mkdir()
+            (outside / "precious").write_bytes(b"not fetch's\n")
+            link.unlink(missing_ok=True)
+            os.symlink(outside / "precious", link)
+        before = {p: p.read_bytes() for p in outside.rglob("*") if p.is_file()}
+        r = run_fetch(*args)
+    assert r.code == 4, r
+    assert f"{link} is a symbolic link" in r.output and "Traceback" not in r.output, r
+    assert {p: p.read_bytes() for p in outside.rglob("*") if p.is_file()} == before
+    assert (dest / "d0" / "f0.txt").read_bytes() == b"0\n" * 100  # nothing fetched
+
+
+def test_the_writability_probe_is_never_written_through_a_link(tmp_path: Path) -> None:
+    """A Dask worker checks DEST without the lock (the coordinator holds it): its probe's
+    name (PID and thread) can be guessed, and a link planted there was written through."""
+    import threading
+
+    from fetcher.landing import check_writable
+
+    dest = tmp_path / "dest"
+    (dest / ".fetcher").mkdir(parents=True)
+    target = tmp_path / "precious"
+    target.write_bytes(b"not fetch's\n")
+    probe = dest / ".fetcher" / f".probe-{os.getpid()}-{threading.get_ident()}"
+    probe.symlink_to(target)
+    check_writable(dest)
+    assert target.read_bytes() == b"not fetch's\n"
+    assert not os.path.lexists(probe)
+
+
 def test_stale_lock_file_does_not_block(tmp_path: Path, run_fetch: RunFetch) -> None:
     src, dest = tmp_path / "src", tmp_path / "dest"
     _small_tree(src)
