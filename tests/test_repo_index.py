@@ -232,6 +232,26 @@ def test_yum_corrupted_package_is_detected_and_never_lands(tmp_path: Path) -> No
 
 
 @needs_yum
+def test_a_trickled_index_is_a_listing_error_under_min_rate(tmp_path: Path) -> None:
+    """``--min-rate`` holds for the repository's indexes as for listings and files."""
+    from tests.faultserver import Fault
+
+    repo = yum_repo(tmp_path, {"Packages": ["p1"]})
+    primary = next((repo / "repodata").glob("*-primary.xml.gz"))
+    assert primary.stat().st_size > 400  # over 1.5 s at the trickle's rate
+    with FaultServer(root=repo) as srv:
+        srv.persist(f"/repodata/{primary.name}", Fault.trickle(256))
+        s = run_mirror(
+            srv.url, tmp_path / "dest", "repodata", retries=1, min_rate=8192.0, min_rate_time=1.0
+        )
+        asked = srv.count("GET", f"/repodata/{primary.name}")
+    assert s.exit_code == 1
+    assert s.listing_errors and "under --min-rate 8.0 KiB/s" in s.listing_errors[0][1], s
+    assert asked == 1
+    assert not list((tmp_path / "dest").rglob("*.rpm"))
+
+
+@needs_yum
 def test_yum_primary_not_matching_repomd_is_a_listing_error(tmp_path: Path) -> None:
     repo = yum_repo(tmp_path, {"Packages": ["p1"]})
     primary = next((repo / "repodata").glob("*-primary.xml.gz"))
