@@ -123,6 +123,46 @@ def attempt_segmented(ctx: Ctx, job: Job, where: Where) -> Outcome | None:
             resp.close()
 
 
+def _finished(
+    ctx: Ctx, job: Job, where: Where, side: dict[str, Any], held: list[httpx.Response]
+) -> Outcome | None:
+    """Every range of an earlier attempt is in: a run stopped after the last one came and
+    before the file took its name (a big image's fsync). Its last byte, asked with
+    ``If-Range``, says the server still has that version and brings the headers to name
+    it by: the file is named, where it had fetched its last range again (an eighth of a
+    4 GiB image). None, the partial file discarded, when the server has another version."""
+    f = job.file
+    size = f.size
+    assert size is not None
+    last = (size - 1, size - 1)
+    resp, _ = send(
+        ctx, f.url, {**ctx.headers, "Range": f"bytes={size - 1}-", "If-Range": side["validator"]}
+    )
+    held.append(resp)
+    if not _range_answer(resp, last, size, side["validator"]):
+        resp.close()
+        if resp.status_code not in (200, 206):
+            raise status_error(resp, f.url)
+        discard(where)
+        return None
+    got = header_map(resp)
+    byte = resp.read()
+    part, meta = where.partial()
+    with open(part, "rb") as fh:
+        fh.seek(size - 1)
+        if fh.read(1) != byte:  # (a server that ignores If-Range and sends another version)
+            discard(where)
+            return None
+    last_mod = got.get("last-modified")
+    mtime = parse_last_modified(last_mod) or f.mtime
+    name_partial(where, part, mtime, job, ctx.t, ctx.known_dirs)
+    meta.unlink(missing_ok=True)
+    return Outcome(
+        f.path, f.url, Status.FETCHED, size=size, received=0, mtime=mtime,
+        etag=got.get("etag"), last_modified=last_mod, stamp=f.stamp,
+    )  # fmt: skip
+
+
 def _attempt_segmented_into(
     ctx: Ctx, job: Job, where: Where, held: list[httpx.Response]
 ) -> Outcome | None:
@@ -149,9 +189,14 @@ def _attempt_segmented_into(
     part, meta = where.partial()
     side = _segmented_partial(where, f)
     resp: httpx.Response | None = None
+    if side is not None and side["done"] == set(side["ranges"]):
+        named = _finished(ctx, job, where, side, held)
+        if named is not None:
+            return named
+        side = None  # (discarded: another version now)
     if side is not None:
         ranges, done, validator = side["ranges"], side["done"], side["validator"]
-        left = [r for r in ranges if r not in done] or [ranges[-1]]  # (headers for the end)
+        left = [r for r in ranges if r not in done]
         done.discard(left[0])
         a, b = left[0]
         resp, answered_by = send(

@@ -202,6 +202,40 @@ def test_with_no_free_connection_every_range_still_comes_once(
     assert most == 1
 
 
+def _after_a_stopped_run(
+    tmp_path: Path, payload: bytes, served: bytes, server: str, done: int, run_fetch
+) -> tuple[list[str], set[str], int]:
+    """A segmented attempt at version "v1" stopped with its first ``done`` of 5 ranges in
+    (their bytes in the partial file, the sidecar naming them), then a run against a server
+    of ``served`` ("v1" when ``server`` is "same-version", else "v2", honouring If-Range or
+    not), which must land the file: the ranges asked for, in order; the If-Range values
+    sent; the file bytes sent."""
+    dest = tmp_path / "d"
+    ranges = [tuple(int(x) for x in r.removeprefix("bytes=").split("-")) for r in _ranges(SIZE, 4)]
+    part, meta = partial_paths(dest, RelPath("big.img"))
+    part.parent.mkdir(parents=True)
+    kept = bytearray(SIZE)
+    for a, b in ranges[:done]:
+        kept[a : b + 1] = payload[a : b + 1]
+    part.write_bytes(bytes(kept))
+    with FaultServer(root=_www(tmp_path, served)) as srv:
+        srv.set_etag("/iso/big.img", '"v1"' if server == "same-version" else '"v2"')
+        if server == "changed-ignoring-if-range":
+            srv.persist("/iso/big.img", Fault.ignore_if_range())
+        meta.write_text(json.dumps({
+            "url": f"{srv.url}iso/big.img", "size": SIZE, "validator": '"v1"',
+            "ranges": ranges, "done": ranges[:done],
+        }))  # fmt: skip
+        r = run_fetch("--mirror", f"{srv.url}iso/", "--dest", dest, "--segments", "4",
+                      "--procs", "1")  # fmt: skip
+        reqs = [q for q in srv.requests if q.path == "/iso/big.img"]
+        sent = srv.file_bytes_sent
+    assert r.code == 0, r.output
+    assert (dest / "big.img").read_bytes() == served  # never v1's ranges joined to v2's
+    assert not meta.exists() and not part.exists()
+    return [q.headers["range"] for q in reqs], {q.headers.get("if-range") for q in reqs}, sent
+
+
 @pytest.mark.parametrize("server", ["same-version", "changed", "changed-ignoring-if-range"])
 def test_an_interrupted_segmented_file_goes_on_from_its_ranges(
     tmp_path: Path, payload: bytes, run_fetch, server: str
@@ -209,36 +243,32 @@ def test_an_interrupted_segmented_file_goes_on_from_its_ranges(
     # as a run stopped after three of five ranges of version "v1" leaves it (the plan then
     # says resume); a server that ignores If-Range sends the ranges of "v2" all the same,
     # and only their ETag shows that they are not to be joined to the ranges kept
-    dest = tmp_path / "d"
-    ranges = [tuple(int(x) for x in r.removeprefix("bytes=").split("-")) for r in _ranges(SIZE, 4)]
-    part, meta = partial_paths(dest, RelPath("big.img"))
-    part.parent.mkdir(parents=True)
-    kept = bytearray(SIZE)
-    for a, b in ranges[:3]:
-        kept[a : b + 1] = payload[a : b + 1]
-    part.write_bytes(bytes(kept))
     same_version = server == "same-version"
     served = payload if same_version else bytes(b ^ 0xFF for b in payload[:4096]) + payload[4096:]
-    with FaultServer(root=_www(tmp_path, served)) as srv:
-        srv.set_etag("/iso/big.img", '"v1"' if same_version else '"v2"')
-        if server == "changed-ignoring-if-range":
-            srv.persist("/iso/big.img", Fault.ignore_if_range())
-        meta.write_text(json.dumps({
-            "url": f"{srv.url}iso/big.img", "size": SIZE, "validator": '"v1"',
-            "ranges": ranges, "done": ranges[:3],
-        }))  # fmt: skip
-        r = run_fetch("--mirror", f"{srv.url}iso/", "--dest", dest, "--segments", "4",
-                      "--procs", "1")  # fmt: skip
-        reqs = [q for q in srv.requests if q.path == "/iso/big.img"]
-    assert r.code == 0, r.output
-    assert (dest / "big.img").read_bytes() == served  # never v1's ranges joined to v2's
-    asked = sorted(q.headers["range"] for q in reqs)
+    asked, if_range, _ = _after_a_stopped_run(tmp_path, payload, served, server, 3, run_fetch)
     if same_version:
-        assert asked == sorted(_ranges(SIZE, 4)[3:])  # only the two ranges left
-        assert {q.headers["if-range"] for q in reqs} == {'"v1"'}
+        assert sorted(asked) == sorted(_ranges(SIZE, 4)[3:])  # only the two ranges left
+        assert if_range == {'"v1"'}
     else:  # the first range left is of another version: all over again
-        assert asked == sorted([_ranges(SIZE, 4)[3], *_ranges(SIZE, 4)])
-    assert not meta.exists() and not part.exists()
+        assert sorted(asked) == sorted([_ranges(SIZE, 4)[3], *_ranges(SIZE, 4)])
+
+
+@pytest.mark.parametrize("server", ["same-version", "changed", "changed-ignoring-if-range"])
+def test_a_segmented_file_whose_ranges_are_all_in_is_named_after_one_byte(
+    tmp_path: Path, payload: bytes, run_fetch, server: str
+) -> None:
+    # as a run stopped after the last range came and before the file took its name leaves
+    # it: every range in. The last range was fetched again (an eighth of a 4 GiB image);
+    # now its last byte, asked with If-Range, confirms the version and names the file.
+    same_version = server == "same-version"
+    served = payload if same_version else payload[:-4096] + bytes(b ^ 0xFF for b in payload[-4096:])
+    asked, if_range, sent = _after_a_stopped_run(tmp_path, payload, served, server, 5, run_fetch)
+    assert asked[0] == f"bytes={SIZE - 1}-"
+    if same_version:
+        assert asked == [f"bytes={SIZE - 1}-"] and sent < 4096  # the one byte (and small.txt)
+        assert if_range == {'"v1"'}
+    else:  # another version: all its ranges
+        assert sorted(asked[1:]) == sorted(_ranges(SIZE, 4))
 
 
 def test_a_range_answered_with_another_etag_fails_the_attempt(
