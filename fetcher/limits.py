@@ -26,6 +26,7 @@ from typing import Any
 import msgspec
 
 from fetcher.errors import TooSlow
+from fetcher.progress import human_bytes
 
 __all__ = ["Pace", "SharedLimits", "TokenGate", "local_limits", "pace"]
 
@@ -121,8 +122,8 @@ class Pace:
             return
         if self._got < self.rate * span:
             raise TooSlow(
-                f"{what} came at {_per_second(self._got / span)} over {span:.0f} s,"
-                f" under --min-rate {_per_second(self.rate)}"
+                f"{what} came at {human_bytes(self._got / span)}/s over {span:.0f} s,"
+                f" under --min-rate {human_bytes(self.rate)}/s"
             )
         self._since, self._got, self._held = now, 0, 0.0
 
@@ -134,13 +135,6 @@ class Pace:
 def pace(rate: float | None, window: float) -> Pace | None:
     """A :class:`Pace` for one body, or None without ``--min-rate``."""
     return Pace(rate, window) if rate else None
-
-
-def _per_second(rate: float) -> str:
-    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if rate >= size:
-            return f"{rate / size:.1f} {unit}/s"
-    return f"{rate:.0f} B/s"
 
 
 def local_limits(max_connections: int, rate: float | None = None) -> SharedLimits:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Mapping
 from typing import Any
 
 import httpx
@@ -139,26 +140,44 @@ def _finished(
         ctx, f.url, {**ctx.headers, "Range": f"bytes={size - 1}-", "If-Range": side["validator"]}
     )
     held.append(resp)
-    if not _range_answer(resp, last, size, side["validator"]):
-        resp.close()
-        if resp.status_code not in (200, 206):
-            raise status_error(resp, f.url)
-        discard(where)
+    if not _still(resp, last, size, side["validator"], where, f.url):
         return None
     got = header_map(resp)
     byte = resp.read()
-    part, meta = where.partial()
-    with open(part, "rb") as fh:
+    with open(where.partial()[0], "rb") as fh:
         fh.seek(size - 1)
         if fh.read(1) != byte:  # (a server that ignores If-Range and sends another version)
             discard(where)
             return None
+    return _named(ctx, job, where, got, 0)
+
+
+def _still(
+    resp: httpx.Response, r: tuple[int, int], size: int, validator: str, where: Where, url: str
+) -> bool:
+    """``resp`` is bytes ``r`` of the version the partial file holds (see :func:`_range_answer`).
+    Else it is closed, a status that is no answer to a range raised, and the partial file
+    discarded: the server has another version now (or answered the range wrongly)."""
+    if _range_answer(resp, r, size, validator):
+        return True
+    resp.close()
+    if resp.status_code not in (200, 206):
+        raise status_error(resp, url)
+    discard(where)
+    return False
+
+
+def _named(ctx: Ctx, job: Job, where: Where, got: Mapping[str, str], received: int) -> Outcome:
+    """The partial file, all its ranges in, named by the answer's headers ``got``."""
+    f = job.file
+    assert f.size is not None
+    part, meta = where.partial()
     last_mod = got.get("last-modified")
     mtime = parse_last_modified(last_mod) or f.mtime
     name_partial(where, part, mtime, job, ctx.t, ctx.known_dirs)
     meta.unlink(missing_ok=True)
     return Outcome(
-        f.path, f.url, Status.FETCHED, size=size, received=0, mtime=mtime,
+        f.path, f.url, Status.FETCHED, size=f.size, received=received, mtime=mtime,
         etag=got.get("etag"), last_modified=last_mod, stamp=f.stamp,
     )  # fmt: skip
 
@@ -203,12 +222,8 @@ def _attempt_segmented_into(
             ctx, f.url, {**ctx.headers, "Range": f"bytes={a}-{b}", "If-Range": validator}
         )
         held.append(resp)
-        if not _range_answer(resp, left[0], size, validator):
-            resp.close()
-            if resp.status_code not in (200, 206):
-                raise status_error(resp, f.url)
-            discard(where)  # another version now (or a range answered wrongly): over
-            resp = None
+        if not _still(resp, left[0], size, validator, where, f.url):
+            resp = None  # over
     if resp is None:
         done = set()
         # twice as many ranges as connections, so that one slow connection is not the tail
@@ -339,18 +354,6 @@ def _attempt_segmented_into(
         raise failures[0]
     if finished != set(ranges):  # (cannot happen; a hole must never be published)
         raise IncompleteDownload(f"{len(set(ranges) - finished)} ranges of {f.url} missing")
-    last_mod = got.get("last-modified")
-    mtime = parse_last_modified(last_mod) or f.mtime
-    name_partial(where, part, mtime, job, ctx.t, ctx.known_dirs)
-    meta.unlink(missing_ok=True)
-    return Outcome(
-        f.path,
-        f.url,
-        Status.FETCHED,
-        size=size,
-        received=sum(b - a + 1 for a, b in finished - done),  # this attempt's, not a resume's
-        mtime=mtime,
-        etag=got.get("etag"),
-        last_modified=last_mod,
-        stamp=f.stamp,
-    )
+    return _named(
+        ctx, job, where, got, sum(b - a + 1 for a, b in finished - done)
+    )  # (not a resume's)

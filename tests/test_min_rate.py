@@ -18,6 +18,16 @@ from fetcher.limits import Pace
 from tests.faultserver import Fault, FaultServer
 
 
+def _www(tmp_path: Path, **sizes: int) -> dict[str, bytes]:
+    """Files of random bytes of these sizes in ``tmp_path/www`` (the names with ``_`` for
+    ``.``): their bodies, by file name."""
+    (tmp_path / "www").mkdir()
+    bodies = {name.replace("_", "."): os.urandom(n) for name, n in sizes.items()}
+    for name, body in bodies.items():
+        (tmp_path / "www" / name).write_bytes(body)
+    return bodies
+
+
 class _Clock:
     def __init__(self) -> None:
         self.now = 100.0
@@ -66,13 +76,10 @@ def test_a_trickled_file_fails_under_min_rate_and_the_others_land(
 ) -> None:
     """A 24 KiB file at 8 KiB/s: waited for (3 s) without a floor; with one of 32 KiB/s
     over 1 s, each attempt fails after a second, and the file is not published."""
-    www = tmp_path / "www"
-    www.mkdir()
-    slow, fast = os.urandom(24 << 10), os.urandom(100 << 10)
-    (www / "slow.bin").write_bytes(slow)
-    (www / "fast.bin").write_bytes(fast)
+    bodies = _www(tmp_path, slow_bin=24 << 10, fast_bin=100 << 10)
+    slow, fast = bodies["slow.bin"], bodies["fast.bin"]
     dest = tmp_path / "d"
-    with FaultServer(root=www) as srv:
+    with FaultServer(root=tmp_path / "www") as srv:
         srv.persist("/slow.bin", Fault.trickle(8 << 10))
         argv = ["--mirror", srv.url, "--dest", dest, "--procs", "1", "--retries", "2"]
         if floor is not None:
@@ -118,12 +125,9 @@ def test_a_trickled_listing_is_a_listing_error_and_blocks_delete(tmp_path: Path,
 def test_our_own_limit_rate_is_not_the_servers_slowness(tmp_path: Path, run_fetch) -> None:
     """``--limit-rate 256k`` below ``--min-rate 512k``: the body comes from the server at
     once and waits here; the file lands. Counted as the server's time, the floor failed it."""
-    www = tmp_path / "www"
-    www.mkdir()
-    body = os.urandom(768 << 10)
-    (www / "big.bin").write_bytes(body)
+    body = _www(tmp_path, big_bin=768 << 10)["big.bin"]
     dest = tmp_path / "d"
-    with FaultServer(root=www) as srv:
+    with FaultServer(root=tmp_path / "www") as srv:
         r = run_fetch(
             "--mirror", srv.url, "--dest", dest, "--procs", "1", "--retries", "1",
             "--limit-rate", "256k", "--min-rate", "512k", "--min-rate-time", "1",
@@ -135,12 +139,9 @@ def test_our_own_limit_rate_is_not_the_servers_slowness(tmp_path: Path, run_fetc
 def test_a_big_file_cut_off_for_trickling_resumes_on_its_retry(tmp_path: Path, run_fetch) -> None:
     """2 MiB at 128 KiB/s, the first time only: the body goes from the socket to the file
     in the kernel (splice), where the floor is looked at too; the retry asks for the rest."""
-    www = tmp_path / "www"
-    www.mkdir()
-    body = os.urandom(2 << 20)
-    (www / "big.iso").write_bytes(body)
+    body = _www(tmp_path, big_iso=2 << 20)["big.iso"]
     dest = tmp_path / "d"
-    with FaultServer(root=www) as srv:
+    with FaultServer(root=tmp_path / "www") as srv:
         srv.script("/big.iso", [Fault.trickle(128 << 10)])
         r = run_fetch(
             "--mirror", srv.url, "--dest", dest, "--procs", "1", "--retries", "2",
