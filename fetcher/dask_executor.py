@@ -40,6 +40,7 @@ Failures
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import logging
 import os
@@ -50,6 +51,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -81,6 +83,8 @@ TASK_RETRIES = 2
 NO_WORKERS_WAIT = 10.0
 """Seconds a run's tasks wait at a scheduler with no worker before the run says so."""
 _WORKERS_POLL = 1.0  # seconds between the coordinator's looks at the scheduler's workers
+_ASK_TIMEOUT = 5.0
+"""Seconds the coordinator waits for its scheduler to answer one request (:meth:`DaskExecutor._ask`)."""
 
 
 def require_distributed() -> ModuleType:
@@ -229,12 +233,14 @@ class _SharedPause:
         """Write this process's pause if it is the newer, else (``read``) take the run's."""
         mine = float(self._limits.pause_until.value)
         if mine > self._known:
-            self._var.set(mine)
+            self._var.set(mine, callback_timeout=_ASK_TIMEOUT)
             self._known = mine
             return
         if not read:
             return
-        theirs = float(self._var.get(timeout=_PAUSE_POLL))
+        theirs = float(
+            self._var.get(timeout=_PAUSE_POLL, callback_timeout=_PAUSE_POLL + _ASK_TIMEOUT)
+        )
         self._known = max(self._known, theirs)
         if theirs > mine:
             with self._limits.lock:
@@ -319,6 +325,7 @@ class DaskExecutor:
         self._stopped = False
         self._address = job.scheduler or "its address"
         self._lost = False  # the client lost its scheduler (see _check_scheduler)
+        self._unanswered = False  # the scheduler let the last request time out (_ask)
         self._workers_due = 0.0  # next look at the scheduler's workers (_check_workers)
         self._no_workers_since: float | None = None  # seen with none since then
         self._told_no_workers = False
@@ -345,6 +352,7 @@ class DaskExecutor:
         self._finished = True
 
     def events(self, timeout: float) -> list[Event]:
+        self._check_scheduler()  # (before asking it anything)
         self._sync_pause()
         self._check_workers()
         self._dispatch()
@@ -374,12 +382,16 @@ class DaskExecutor:
         waits for that)."""
         # (also at a run's end: a task cancelled from outside was reported as such while
         # its thread ran on)
-        if not self._stopped and self._seq and self._client.status == "running":
+        if not self._stopped and self._seq and self._answering():
             try:
-                require_distributed().Event(self._stop_name, client=self._client).set()
+                self._ask(self._client.scheduler.event_set, name=self._stop_name)
                 self._drop_unstarted()
             except Exception:  # noqa: BLE001 - the scheduler is gone: so are its tasks' orders
                 pass
+        if not self._stopped and self._unanswered:
+            # a hung scheduler: the tasks cannot be told, nor say they stopped; the run
+            # does not wait for them (it waited out its drain, 30 s)
+            self._give_up("interrupted")
         self._stopped = True
         while self._pending:
             self._ready.extend(_events(-1, failed_outcomes(self._pending.popleft(), "interrupted")))
@@ -389,35 +401,34 @@ class DaskExecutor:
         one with no worker): they would see the stop Event only once started, and a
         stopped run waited for them (Ctrl-C: 30 s, then :meth:`join`'s 10 s). Those
         running are left to stop and report what they did."""
-        taken = {key for keys in self._client.processing().values() for key in keys}
+        taken = {
+            key for keys in self._ask(self._client.scheduler.processing).values() for key in keys
+        }
         idle = [t.future for t in self._running.values() if t.future.key not in taken]
         if idle:
-            self._client.cancel(idle)
+            self._cancel(idle)
 
     def kill(self) -> None:
         """Stop, and give up on the tasks still running (cancelled at the scheduler)."""
         self.stop()
-        tasks = list(self._running.values())
-        self._running.clear()
-        if tasks:
+        tasks = self._give_up("interrupted")
+        if tasks and self._answering():
             with contextlib.suppress(Exception):  # (the scheduler may be gone)
-                self._client.cancel([task.future for task in tasks])
-        for task in tasks:
-            self._release(task.tokens)
-            self._ready.extend(_events(task.seq, failed_outcomes(task.shard, "interrupted")))
-        if not self._lost:
+                self._cancel([task.future for task in tasks])
+        if self._answering():
             # (the stop Event stays: a task that has not seen it yet must; the Variable
             # would only pile up at a scheduler that outlives many runs)
             with contextlib.suppress(Exception):
                 self._pause_var.delete()
         if self._own_client:
             self._own_client = False
-            if not self._lost:
+            if self._answering():
                 self._client.close(timeout=10)
                 return
             # Closing a client that is still trying to reach its lost scheduler cancels
             # that attempt, and distributed logs the cancellation, traceback and all, over
-            # the run's summary: the run has said why it stopped.
+            # the run's summary: the run has said why it stopped. (A hung one: the close
+            # times out.)
             log = logging.getLogger("distributed.client")
             level = log.level
             log.setLevel(logging.CRITICAL)
@@ -436,12 +447,45 @@ class DaskExecutor:
         on a busy or workerless cluster, slow to stop); it also raises for a cancelled
         future."""
         deadline = time.monotonic() + timeout
-        while self._client.status == "running" and time.monotonic() < deadline:
+        while self._answering() and time.monotonic() < deadline:
             if all(task.future.done() for task in self._running.values()):
                 return
             time.sleep(0.05)
 
     # -- inside ------------------------------------------------------------
+    def _ask(self, call: Callable[..., Awaitable[Any]], /, **kwargs: Any) -> Any:
+        """``call(**kwargs)``, a request to the scheduler, on the client's loop, waited for
+        at most :data:`_ASK_TIMEOUT` (then ``TimeoutError``). Without a bound a request
+        made as the scheduler died (before the client had seen it go: a second on a
+        loaded machine) waited for the client's connect timeout and its retries, and one
+        to a hung scheduler for ever: the run's loop stood still, and its Ctrl-C too."""
+        try:
+            answer = self._client.sync(call, callback_timeout=_ASK_TIMEOUT, **kwargs)
+        except TimeoutError:
+            self._unanswered = True
+            raise
+        self._unanswered = False
+        return answer
+
+    def _cancel(self, futures: list[Any]) -> None:
+        # (``asynchronous`` is the inner call's: ``cancel`` gives the coroutine to await)
+        self._ask(functools.partial(self._client.cancel, futures, asynchronous=True))
+
+    def _give_up(self, reason: str) -> list[_Task]:
+        """The tasks out, their files reported failed for ``reason``, forgotten here."""
+        tasks = list(self._running.values())
+        self._running.clear()
+        for task in tasks:
+            self._release(task.tokens)
+            self._ready.extend(_events(task.seq, failed_outcomes(task.shard, reason)))
+        return tasks
+
+    def _answering(self) -> bool:
+        """Is the scheduler worth a request as the run stops? Not once lost, nor when it
+        let the last one time out: the stop goes on without it (its tasks see the
+        scheduler gone, or the run's Event, and stop)."""
+        return not self._lost and not self._unanswered and self._client.status == "running"
+
     def _sync_pause(self) -> None:
         now = time.monotonic()
         if self._pause is None or self._stopped or now < self._pause_due:
@@ -462,7 +506,7 @@ class DaskExecutor:
             return
         self._workers_due = now + _WORKERS_POLL
         try:
-            workers = len(self._client.nthreads())
+            workers = len(self._ask(self._client.scheduler.ncores))
         except Exception:  # noqa: BLE001 - the scheduler gone: _check_scheduler says so
             return
         if workers:
@@ -488,11 +532,7 @@ class DaskExecutor:
         self._ready.append(
             WorkerFatal(-1, f"lost the Dask scheduler at {self._address}; run again to resume")
         )
-        tasks = list(self._running.values())
-        self._running.clear()
-        for task in tasks:
-            self._release(task.tokens)
-            self._ready.extend(_events(task.seq, failed_outcomes(task.shard, _LOST)))
+        self._give_up(_LOST)
         while self._pending:
             self._ready.extend(_events(-1, failed_outcomes(self._pending.popleft(), _LOST)))
         self._stopped = True

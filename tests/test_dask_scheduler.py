@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 
@@ -110,7 +110,7 @@ def test_scheduler_lost_mid_run_stops_the_run_with_a_clear_error(
                 try:
                     out, _ = proc.communicate(timeout=8)
                 except subprocess.TimeoutExpired:
-                    pytest.fail("the run did not end after its scheduler had gone")
+                    _fail_with_output(proc, "the run did not end after its scheduler had gone")
         finally:
             gate.set()
     text = out.decode(errors="replace")
@@ -120,6 +120,53 @@ def test_scheduler_lost_mid_run_stops_the_run_with_a_clear_error(
     (job,) = json.loads(report.read_text())["jobs"]
     assert job["exit_code"] == 4 and "lost the Dask scheduler" in job["fatal"], job
     assert not [p for p in dest.rglob("f*.bin") if p.stat().st_size != 1 << 20]
+
+
+def test_a_hung_scheduler_does_not_hold_a_stopped_run(
+    tmp_path: Path, scheduler: tuple[str, subprocess.Popen[bytes]]
+) -> None:
+    """A scheduler that stops answering (its machine hung; here SIGSTOP) held the run's
+    loop in a request to it for ever, and the stop that a SIGTERM began too: the run's
+    look at the workers each second, its stop Event and its cancel had no time limit
+    (and a request made just as a scheduler died waited out the client's reconnecting,
+    which failed a run in CI), and the stop then waited 30 s for tasks that could not
+    say they had stopped. Each request now waits a few seconds at most, and the tasks
+    are given up: the stopped run ends, exit 130, without a traceback."""
+    address, sched = scheduler
+    www = tmp_path / "www"
+    (www / "m").mkdir(parents=True)
+    for i in range(4):
+        (www / "m" / f"f{i}.bin").write_bytes(os.urandom(1 << 20))
+    dest = tmp_path / "o"
+    argv_tail = ["--dest", str(dest), "--threads", "2", "--max-connections", "4",
+                 "--executor", "dask", "--scheduler", address, "--log-format", "text"]  # fmt: skip
+    with FaultServer(root=www) as srv:
+        srv.persist("/m/f*", Fault.trickle(200_000))
+        with fetch_session(["--mirror", srv.url + "m/", *argv_tail]) as proc:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and srv.file_bytes_sent < 100_000:
+                time.sleep(0.05)
+            assert srv.file_bytes_sent >= 100_000, "no download started"
+            sched.send_signal(signal.SIGSTOP)  # (the fixture's SIGKILL ends it still)
+            os.kill(proc.pid, signal.SIGTERM)
+            began = time.monotonic()
+            try:
+                out, _ = proc.communicate(timeout=40)
+            except subprocess.TimeoutExpired:
+                _fail_with_output(proc, "the stopped run waited on its hung scheduler")
+            took = time.monotonic() - began
+    text = out.decode(errors="replace")
+    assert proc.returncode == 130, text
+    assert "Traceback" not in text, text
+    assert took < 20, f"{took:.1f} s from SIGTERM to exit"
+    assert not [p for p in dest.rglob("f*.bin") if p.stat().st_size != 1 << 20]
+
+
+def _fail_with_output(proc: subprocess.Popen[bytes], why: str) -> NoReturn:
+    """Kill the run's process group and fail with what it printed."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    out, _ = proc.communicate(timeout=10)
+    pytest.fail(f"{why}:\n{out.decode(errors='replace')}")
 
 
 def test_join_waits_for_a_task_that_has_not_ended(tmp_path: Path) -> None:
