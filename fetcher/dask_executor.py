@@ -157,7 +157,8 @@ class _RunWatch:
     scheduler, which the coordinator sets when it stops. Dask's cancel() does not
     interrupt a task that is running: without this, a stopped run's tasks went on
     downloading into DEST after it had ended and let go of the lock, beside the next
-    run's. The scheduler gone counts as stopped as well, and so does this task no longer
+    run's. The scheduler gone counts as stopped as well, and so does one silent for
+    :data:`_SILENT_SCHEDULER` (hung: its run gives up its tasks), and this task no longer
     wanted there: a coordinator that dies (kill -9, OOM) sets no Event, and its tasks
     went on with their shards, beside the next run's (local workers watch their
     parent); the scheduler forgets a lost client's tasks, and tells their workers.
@@ -169,7 +170,8 @@ class _RunWatch:
         dist = require_distributed()
         # the worker's client, taken in the task's thread: the watching thread has none
         client = dist.get_client()
-        self._event = dist.Event(name, client=client)
+        self._client = client
+        self._name = name
         self._pause = _SharedPause(dist.Variable(_pause_name(name), client=client), limits)
         with contextlib.suppress(Exception):  # a task started during a pause keeps it
             self._pause.sync()
@@ -192,9 +194,14 @@ class _RunWatch:
     def _watch(self) -> None:
         while not self._done.is_set():
             try:
-                if self._event.wait(timeout=_PAUSE_POLL):
+                # (Event.wait, with a bound: one at a hung scheduler waited for ever, and the
+                # task went on into DEST after its run had given it up and ended)
+                if self._client.sync(
+                    self._client.scheduler.event_wait, name=self._name, timeout=_PAUSE_POLL,
+                    callback_timeout=_PAUSE_POLL + _SILENT_SCHEDULER,
+                ):  # fmt: skip
                     break
-            except Exception:  # noqa: BLE001 - the scheduler is gone (whatever distributed raises)
+            except Exception:  # noqa: BLE001 - the scheduler gone or silent (whatever distributed raises)
                 break
             with contextlib.suppress(Exception):  # (the scheduler gone: the Event says so)
                 self._pause.sync()
@@ -206,6 +213,8 @@ class _RunWatch:
 
 
 _PAUSE_POLL = 0.5  # seconds between a task's looks at the run's Event and pause
+_SILENT_SCHEDULER = 10.0
+"""Seconds of a scheduler's silence after which a task takes its run as stopped."""
 
 
 def _pause_name(stop: str) -> str:

@@ -131,12 +131,14 @@ def test_a_hung_scheduler_does_not_hold_a_stopped_run(
     (and a request made just as a scheduler died waited out the client's reconnecting,
     which failed a run in CI), and the stop then waited 30 s for tasks that could not
     say they had stopped. Each request now waits a few seconds at most, and the tasks
-    are given up: the stopped run ends, exit 130, without a traceback."""
+    are given up: the stopped run ends, exit 130, without a traceback. The tasks, which
+    cannot hear the stop, take a scheduler silent for 10 s as one (before, they went on
+    and published their files in DEST after their run had ended)."""
     address, sched = scheduler
     www = tmp_path / "www"
     (www / "m").mkdir(parents=True)
     for i in range(4):
-        (www / "m" / f"f{i}.bin").write_bytes(os.urandom(1 << 20))
+        (www / "m" / f"f{i}.bin").write_bytes(os.urandom(4 << 20))  # ~20 s each
     dest = tmp_path / "o"
     argv_tail = ["--dest", str(dest), "--threads", "2", "--max-connections", "4",
                  "--executor", "dask", "--scheduler", address, "--log-format", "text"]  # fmt: skip
@@ -155,11 +157,16 @@ def test_a_hung_scheduler_does_not_hold_a_stopped_run(
             except subprocess.TimeoutExpired:
                 _fail_with_output(proc, "the stopped run waited on its hung scheduler")
             took = time.monotonic() - began
+            while time.monotonic() < began + 30 and srv.open_connections:
+                time.sleep(0.1)
+            tasks_ran = time.monotonic() - began
+            assert not srv.open_connections, "the run's tasks are still downloading"
     text = out.decode(errors="replace")
     assert proc.returncode == 130, text
     assert "Traceback" not in text, text
     assert took < 20, f"{took:.1f} s from SIGTERM to exit"
-    assert not [p for p in dest.rglob("f*.bin") if p.stat().st_size != 1 << 20]
+    assert tasks_ran < 25, f"the tasks ran {tasks_ran:.1f} s after the SIGTERM"
+    assert not list(dest.rglob("f*.bin")), "a file was published after the run ended"
 
 
 def _fail_with_output(proc: subprocess.Popen[bytes], why: str) -> NoReturn:
